@@ -1,0 +1,168 @@
+"""The one settings object, built once from SLUICE_* variables and passed down.
+
+Each setting is a row of SETTINGS: name, variable, default, help, parser. Nothing else in
+sluice reads os.environ; the README lists every variable (a test checks it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .errors import SettingsError
+
+BUNDLED_POLICY = Path(__file__).resolve().parent / "data" / "default-policy.json"
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _path(raw: str) -> Path:
+    if not raw.strip():
+        raise ValueError("must not be empty")
+    return Path(raw.strip())
+
+
+def _optional_path(raw: str) -> Path | None:
+    return Path(raw.strip()) if raw.strip() else None
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _log_level(raw: str) -> str:
+    value = raw.strip().upper()
+    if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    variable: str
+    default: str
+    help: str
+    parse: Callable[[str], Any]
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("mode", "SLUICE_MODE", "audit",
+            "audit (report what would be blocked) or enforce (drop it)", _choice("audit", "enforce")),
+    Setting("policy", "SLUICE_POLICY", str(BUNDLED_POLICY),
+            "policy JSON file (cargowall's config.json schema); default: the bundled example", _path),
+    Setting("interface", "SLUICE_INTERFACE", "",
+            "egress interface to filter; empty = the interface of the default route", _text),
+    Setting("run_dir", "SLUICE_RUN_DIR", "/run/sluice",
+            "directory for ipc sockets, ready markers and counters (created mode 0700)", _path),
+    Setting("bpf_dir", "SLUICE_BPF_DIR", "/sys/fs/bpf/sluice",
+            "bpffs directory where this instance pins its maps (bpffs is mounted if missing)", _path),
+    Setting("cgroup", "SLUICE_CGROUP", "",
+            "cgroup v2 directory for the socket hooks; empty = the cgroup2 mount root", _text),
+    Setting("db", "SLUICE_DB", "sqlite:////var/lib/sluice/audit.db",
+            "SQLAlchemy URL of the audit store (SQLite file by default, PostgreSQL for a fleet)", _text),
+    Setting("audit_log", "SLUICE_AUDIT_LOG", "/var/lib/sluice/audit.jsonl",
+            "JSONL audit log, one cargowall-compatible record per line; empty = none", _optional_path),
+    Setting("log_level", "SLUICE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR", _log_level),
+    Setting("host", "SLUICE_HOST", "",
+            "host name stored with every audit row; empty = this machine's host name", _text),
+    Setting("counter_interval", "SLUICE_COUNTER_INTERVAL", "10",
+            "seconds between counter log lines of each stage", _positive_float),
+    Setting("batch_max", "SLUICE_BATCH_MAX", "512",
+            "most records per pipeline message (stages batch to keep up with floods)", _positive_int),
+    Setting("flush_interval", "SLUICE_FLUSH_INTERVAL", "0.2",
+            "seconds persist may hold records before committing them", _positive_float),
+    Setting("record", "SLUICE_RECORD", "",
+            "record everything that enters enrich to this file (for replay); empty = off", _optional_path),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    mode: str
+    policy: Path
+    interface: str
+    run_dir: Path
+    bpf_dir: Path
+    cgroup: str
+    db: str
+    audit_log: Path | None
+    log_level: str
+    host: str
+    counter_interval: float
+    batch_max: int
+    flush_interval: float
+    record: Path | None
+
+    @property
+    def audit_mode(self) -> bool:
+        return self.mode == "audit"
+
+    @property
+    def host_name(self) -> str:
+        return self.host or socket.gethostname()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> "Settings":
+        """Parse every SLUICE_* variable; a bad one raises SettingsError naming it."""
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw = environ.get(setting.variable, setting.default)
+            try:
+                values[setting.name] = setting.parse(raw)
+            except ValueError as err:
+                raise SettingsError(f"{setting.variable}={raw!r}: {err}") from None
+        for name, raw in overrides.items():
+            if raw is None:
+                continue
+            setting = _BY_NAME[name]
+            try:
+                values[name] = setting.parse(str(raw)) if isinstance(raw, str) else raw
+            except ValueError as err:
+                raise SettingsError(f"--{name.replace('_', '-')} {raw!r}: {err}") from None
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def configure_logging(settings: Settings, name: str) -> logging.Logger:
+    """Short format: honcho already prefixes the time and the process name."""
+    logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
+    return logging.getLogger(name)
