@@ -108,6 +108,23 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds persist may hold records before committing them", _positive_float),
     Setting("record", "SLUICE_RECORD", "",
             "record everything that enters enrich to this file (for replay); empty = off", _optional_path),
+    # The policy in environment form (cargowall's CARGOWALL_* grammar); see README "Policy".
+    Setting("default_action", "SLUICE_DEFAULT_ACTION", "",
+            "environment policy: allow or deny when no rule matches (empty = deny)", _text),
+    Setting("allowed_hosts", "SLUICE_ALLOWED_HOSTS", "",
+            "environment policy: comma-separated host[:port;port] entries to allow", _text),
+    Setting("allowed_cidrs", "SLUICE_ALLOWED_CIDRS", "",
+            "environment policy: comma-separated CIDR[:port;port] entries to allow", _text),
+    Setting("blocked_hosts", "SLUICE_BLOCKED_HOSTS", "",
+            "environment policy: comma-separated host[:port;port] entries to deny", _text),
+    Setting("blocked_cidrs", "SLUICE_BLOCKED_CIDRS", "",
+            "environment policy: comma-separated CIDR[:port;port] entries to deny", _text),
+    Setting("search_domains", "SLUICE_SEARCH_DOMAINS", "",
+            "environment policy: comma-separated search domains stripped before matching", _text),
+    Setting("auto_allow_cloud_metadata", "SLUICE_AUTO_ALLOW_CLOUD_METADATA", "false",
+            "allow 169.254.169.254:80/tcp and the cloud's resolvers at start-up", _flag),
+    Setting("allow_existing_connections", "SLUICE_ALLOW_EXISTING_CONNECTIONS", "true",
+            "allow connections already open when sluice starts (scanned before attach)", _flag),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -129,6 +146,14 @@ class Settings:
     batch_max: int
     flush_interval: float
     record: Path | None
+    default_action: str
+    allowed_hosts: str
+    allowed_cidrs: str
+    blocked_hosts: str
+    blocked_cidrs: str
+    search_domains: str
+    auto_allow_cloud_metadata: bool
+    allow_existing_connections: bool
 
     @property
     def audit_mode(self) -> bool:
