@@ -258,11 +258,11 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
     try:
         try:
             stage.setup(io)
+            _loop(stage, io, signals, ready)
         except SluiceError as err:
             write_atomic(failed, f"{err}\n")
             log.error("%s", err)
             return err.exit_code
-        _loop(stage, io, signals, ready)
         return 0
     finally:
         try:

@@ -1,0 +1,156 @@
+"""The `sluice` command: run a stage, wait for the pipeline, detach, check the machine."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import __version__
+from .errors import SluiceError
+from .settings import SETTINGS, Settings, configure_logging
+from .topology import STAGES
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="sluice: an egress firewall for CI runners and servers.")
+
+
+def settings_from_env(**overrides) -> Settings:
+    return Settings.from_env(os.environ, **overrides)
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.echo(f"sluice: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sluice {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Each stage is one process; `honcho start` runs them all from the Procfile."""
+
+
+@app.command()
+def run(stage: str = typer.Argument(..., help=f"one of: {', '.join(STAGES)}")) -> None:
+    """Run one pipeline stage in the foreground until SIGTERM/SIGINT."""
+    if stage not in STAGES:
+        fail(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}", 2)
+    settings = settings_from_env()
+    configure_logging(settings, f"sluice.{stage}")
+    module = importlib.import_module(f"pipeline.stages.{stage}")
+    raise typer.Exit(module.run(settings))
+
+
+@app.command("wait-ready")
+def wait_ready(
+    timeout: float = typer.Option(60.0, help="seconds to wait before giving up"),
+    stages: Optional[str] = typer.Option(None, help="comma-separated stages (default: all)"),
+) -> None:
+    """Exit 0 once every stage is up and the classifier is attached."""
+    settings = settings_from_env()
+    wanted = stages.split(",") if stages else list(STAGES)
+    deadline = time.monotonic() + timeout
+    while True:
+        failed = [(s, settings.run_dir / f"{s}.failed") for s in wanted]
+        for stage, marker in failed:
+            if marker.exists():
+                fail(f"stage {stage} failed: {marker.read_text().strip()}", 3)
+        missing = [s for s in wanted if not _ready(settings.run_dir, s)]
+        if not missing:
+            typer.echo(f"ready: {', '.join(wanted)}")
+            return
+        if time.monotonic() >= deadline:
+            fail(f"timed out after {timeout:g}s waiting for: {', '.join(missing)}", 4)
+        time.sleep(0.1)
+
+
+def _ready(run_dir: Path, stage: str) -> bool:
+    try:
+        text = (run_dir / f"{stage}.ready").read_text()
+        pid = int(text.strip().split("=", 1)[1])
+        os.kill(pid, 0)
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+@app.command()
+def detach() -> None:
+    """Remove this instance's filter, cgroup hooks and pinned maps (also with no stage running)."""
+    from .kernel.loader import detach_instance
+
+    settings = settings_from_env()
+    removed = detach_instance(settings)
+    typer.echo("removed: " + "; ".join(removed) if removed else "nothing attached")
+
+
+@app.command()
+def status() -> None:
+    """Show each stage's readiness and latest counters."""
+    settings = settings_from_env()
+    for stage in STAGES:
+        state = "ready" if _ready(settings.run_dir, stage) else "down"
+        counters = {}
+        try:
+            counters = json.loads((settings.run_dir / f"{stage}.counters.json").read_text())
+        except (OSError, ValueError):
+            pass
+        text = " ".join(f"{k}={v}" for k, v in counters.get("counters", {}).items())
+        typer.echo(f"{stage:8} {state:5} {text}")
+
+
+@app.command()
+def doctor() -> None:
+    """Check every kernel and system requirement; one line each, with how to fix."""
+    from .kernel.doctor import run_checks
+
+    settings = settings_from_env()
+    problems = 0
+    for check in run_checks(settings):
+        typer.echo(check.line())
+        problems += not check.ok
+    raise typer.Exit(1 if problems else 0)
+
+
+@app.command("print-bpf")
+def print_bpf() -> None:
+    """Print the BPF source and flags capture would load (needs no root)."""
+    from .kernel.loader import printable_source
+
+    typer.echo(printable_source(settings_from_env()))
+
+
+@app.command()
+def settings() -> None:
+    """List every SLUICE_* setting with its value, default and meaning."""
+    current = settings_from_env()
+    for setting in SETTINGS:
+        value = getattr(current, setting.name)
+        typer.echo(f"{setting.variable}={'' if value is None else value}  "
+                   f"# {setting.help} (default {setting.default!r})")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except SluiceError as err:
+        typer.echo(f"sluice: {err}", err=True)
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Thin ctypes bindings to the system libbpf (libbpf1, a dependency of python3-bpfcc).
+
+Only what userspace needs without loading programs: open pinned maps, read and write them,
+and find or detach attached programs. Programs are compiled and loaded by bcc in capture.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from functools import lru_cache
+
+from ..errors import KernelError
+
+
+@lru_cache(maxsize=1)
+def lib() -> ctypes.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        handle = ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        raise KernelError("libbpf is missing: install libbpf1 (./bootstrap does)") from None
+    vp, u32, i32 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int
+    signatures = {
+        "bpf_obj_get": ([ctypes.c_char_p], i32),
+        "bpf_obj_pin": ([i32, ctypes.c_char_p], i32),
+        "bpf_map_update_elem": ([i32, vp, vp, ctypes.c_uint64], i32),
+        "bpf_map_lookup_elem": ([i32, vp, vp], i32),
+        "bpf_map_delete_elem": ([i32, vp], i32),
+        "bpf_map_get_next_key": ([i32, vp, vp], i32),
+        "bpf_prog_get_fd_by_id": ([u32], i32),
+        "bpf_prog_detach2": ([i32, i32, i32], i32),
+        "bpf_prog_query": ([i32, i32, u32, ctypes.POINTER(u32), ctypes.POINTER(u32),
+                            ctypes.POINTER(u32)], i32),
+        "libbpf_num_possible_cpus": ([], i32),
+        "ring_buffer__epoll_fd": ([vp], i32),
+        "bpf_obj_get_info_by_fd": ([i32, vp, ctypes.POINTER(u32)], i32),
+    }
+    for fn, (args, res) in signatures.items():
+        getattr(handle, fn).argtypes = args
+        getattr(handle, fn).restype = res
+    return handle
+
+
+def _errno(rc: int) -> int:
+    return -rc if rc < 0 else ctypes.get_errno()
+
+
+def obj_get(path: str) -> int:
+    fd = lib().bpf_obj_get(path.encode())
+    if fd < 0:
+        err = _errno(fd)
+        raise FileNotFoundError(err, f"cannot open pinned object {path}: {os.strerror(err)}")
+    return fd
+
+
+def update(fd: int, key: ctypes.Structure | ctypes._SimpleCData, value) -> None:
+    rc = lib().bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0)
+    if rc < 0:
+        err = _errno(rc)
+        raise OSError(err, f"map update failed: {os.strerror(err)}")
+
+
+def lookup(fd: int, key, value) -> bool:
+    """Fill value for key; False when the key is absent."""
+    rc = lib().bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value))
+    return rc == 0
+
+
+def delete(fd: int, key) -> bool:
+    return lib().bpf_map_delete_elem(fd, ctypes.byref(key)) == 0
+
+
+def keys(fd: int, key_type):
+    """Every key of a map (a snapshot; entries may change meanwhile)."""
+    found = []
+    current, following = None, key_type()
+    while lib().bpf_map_get_next_key(fd, None if current is None else ctypes.byref(current),
+                                     ctypes.byref(following)) == 0:
+        found.append(following)
+        current, following = following, key_type()
+    return found
+
+
+def possible_cpus() -> int:
+    return lib().libbpf_num_possible_cpus()
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    fd = lib().bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        raise ProcessLookupError(f"no BPF program with id {prog_id}")
+    return fd
+
+
+def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> bool:
+    return lib().bpf_prog_detach2(prog_fd, target_fd, attach_type) == 0
+
+
+def attached_prog_ids(target_fd: int, attach_type: int) -> list[int]:
+    ids = (ctypes.c_uint32 * 64)()
+    count = ctypes.c_uint32(64)
+    flags = ctypes.c_uint32(0)
+    if lib().bpf_prog_query(target_fd, attach_type, 0, ctypes.byref(flags), ids,
+                            ctypes.byref(count)) < 0:
+        return []
+    return list(ids[: count.value])
+
+
+def prog_id(prog_fd: int) -> int:
+    """The kernel's id of a loaded program (struct bpf_prog_info.id, at offset 4)."""
+    info = (ctypes.c_uint32 * 64)()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    if lib().bpf_obj_get_info_by_fd(prog_fd, info, ctypes.byref(size)) < 0:
+        raise OSError(ctypes.get_errno(), "cannot read program info")
+    return info[1]

@@ -1,0 +1,335 @@
+"""Compile, load, pin, attach and detach the kernel side (bcc + pyroute2 + libbpf).
+
+bcc is imported only here, only when a classifier is loaded. What one instance attached is
+written to <run_dir>/attachment.json, so `sluice detach` can undo it after the stage is gone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import libbpf
+from ..errors import KernelError
+from ..settings import Settings
+
+log = logging.getLogger("sluice.capture")
+
+BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
+BPF_SOURCE = BPF_SOURCE_DIR / "sluice.c"
+
+FILTER_PRIO = 0x51CE        # distinctive, so teardown removes exactly our filter
+FILTER_HANDLE = 1
+FILTER_NAME = "sluice_egress"
+CLSACT_EGRESS = "ffff:fff3"
+BPF_F_ALLOW_MULTI = 2       # never displace other cgroup programs (systemd's)
+BPF_FS_MAGIC = 0xCAFE4A11
+
+# (function in bpf/sluice.c, kernel attach type): connect4, connect6, udp sendmsg4/6.
+HOOKS = (("sluice_connect4", 10), ("sluice_connect6", 11),
+         ("sluice_sendmsg4", 14), ("sluice_sendmsg6", 15))
+
+AGG_WINDOW_NS = 1_000_000_000
+MIDSTREAM_WINDOW_NS = 10_000_000_000
+
+
+def cflags(bpf_dir: Path) -> list[str]:
+    """Knobs for bpf/sluice.c, all as -D flags (never string replacement of the source)."""
+    return [
+        f"-I{BPF_SOURCE_DIR}",
+        f'-DSLUICE_PIN_DIR="{bpf_dir}"',
+        f"-DSLUICE_AGG_WINDOW_NS={AGG_WINDOW_NS}ULL",
+        f"-DSLUICE_MIDSTREAM_WINDOW_NS={MIDSTREAM_WINDOW_NS}ULL",
+        "-w",  # kernel headers are noisy under bcc's clang; our own code compiles clean
+    ]
+
+
+def printable_source(settings: Settings) -> str:
+    """The exact source and flags capture would load (for `sluice print-bpf`)."""
+    header = "\n".join(f"// cflag: {flag}" for flag in cflags(settings.bpf_dir))
+    return f"{header}\n// file: {BPF_SOURCE}\n{BPF_SOURCE.read_text()}"
+
+
+# ---------------------------------------------------------------- filesystems
+
+def _statfs_type(path: Path) -> int | None:
+    class StatFs(ctypes.Structure):
+        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]
+
+    buf = StatFs()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(str(path).encode(), ctypes.byref(buf)) != 0:
+        return None
+    return buf.f_type & 0xFFFFFFFF
+
+
+def ensure_bpffs(bpf_dir: Path) -> None:
+    """Make bpf_dir a directory on bpffs, mounting bpffs where it is missing (ip netns exec)."""
+    mount_point = bpf_dir.parent
+    mount_point.mkdir(parents=True, exist_ok=True)
+    if _statfs_type(mount_point) != BPF_FS_MAGIC:
+        run_quiet(["mount", "-t", "bpf", "bpf", str(mount_point)],
+                  f"cannot mount bpffs on {mount_point}")
+        log.info("mounted bpffs on %s", mount_point)
+    bpf_dir.mkdir(mode=0o700, exist_ok=True)
+
+
+def cgroup2_mounts() -> list[Path]:
+    mounts = []
+    with open("/proc/self/mountinfo") as info:
+        for line in info:
+            parts = line.split(" - ")
+            if len(parts) == 2 and parts[1].split()[0] == "cgroup2":
+                mounts.append(Path(parts[0].split()[4]))
+    return mounts
+
+
+def cgroup_dir(settings: Settings) -> Path:
+    """SLUICE_CGROUP, else the cgroup2 mount root (mounted under the run dir if absent)."""
+    if settings.cgroup:
+        return Path(settings.cgroup)
+    mounts = cgroup2_mounts()
+    if mounts:
+        return mounts[0]
+    private = settings.run_dir / "cgroup2"
+    private.mkdir(parents=True, exist_ok=True)
+    run_quiet(["mount", "-t", "cgroup2", "none", str(private)], "cannot mount cgroup2")
+    return private
+
+
+def run_quiet(cmd: list[str], what: str) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise KernelError(f"{what}: {result.stderr.strip() or result.returncode}")
+
+
+# ---------------------------------------------------------------- interface
+
+def default_route_interface(route_table: str) -> str:
+    """Interface of the IPv4 default route, from /proc/net/route text."""
+    for line in route_table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 7 and fields[1] == "00000000" and fields[7] == "00000000":
+            return fields[0]
+    return ""
+
+
+def egress_interface(settings: Settings) -> str:
+    if settings.interface:
+        return settings.interface
+    name = default_route_interface(Path("/proc/net/route").read_text())
+    if not name:
+        raise KernelError("no default route: set SLUICE_INTERFACE to the egress interface")
+    return name
+
+
+# ---------------------------------------------------------------- attachment record
+
+@dataclass
+class Attachment:
+    interface: str = ""
+    qdisc_created: bool = False
+    filter_attached: bool = False
+    cgroup: str = ""
+    hooks: list[dict] = field(default_factory=list)  # {"prog_id": int, "attach_type": int}
+    bpf_dir: str = ""
+
+    @staticmethod
+    def path(run_dir: Path) -> Path:
+        return run_dir / "attachment.json"
+
+    def save(self, run_dir: Path) -> None:
+        tmp = self.path(run_dir).with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self)))
+        os.replace(tmp, self.path(run_dir))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "Attachment | None":
+        try:
+            return cls(**json.loads(cls.path(run_dir).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+# ---------------------------------------------------------------- load
+
+class Classifier:
+    """The loaded bcc module: the egress program, the hook programs and the maps."""
+
+    def __init__(self, bpf_dir: Path) -> None:
+        try:
+            from bcc import BPF
+        except ImportError:
+            raise KernelError("bcc is missing: install python3-bpfcc (./bootstrap does)") from None
+        self.BPF = BPF
+        try:
+            self.bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags(bpf_dir))
+            self.egress = self.bpf.load_func(b"sluice_egress", BPF.SCHED_CLS)
+            self.hooks = [(self.bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR,
+                                              attach_type=kind), kind) for name, kind in HOOKS]
+        except Exception as err:  # bcc raises bare Exception for compile and verifier errors
+            raise KernelError(f"cannot load {BPF_SOURCE.name}: {err} "
+                              "(run `sluice doctor`; a stale SLUICE_BPF_DIR from an older "
+                              "build is removed by `sluice detach`)") from None
+
+    def map_fd(self, name: str) -> int:
+        return self.bpf[name.encode()].map_fd
+
+    def cleanup(self) -> None:
+        self.bpf.cleanup()
+
+
+def load_classifier(bpf_dir: Path) -> Classifier:
+    ensure_bpffs(bpf_dir)
+    return Classifier(bpf_dir)
+
+
+# ---------------------------------------------------------------- tc filter
+
+def attach_filter(interface: str, prog_fd: int) -> bool:
+    """Put the classifier on egress (direct-action); returns whether we created clsact."""
+    with IPRoute() as ipr:
+        index = _ifindex(ipr, interface)
+        created = True
+        try:
+            ipr.tc("add", "clsact", index)
+        except NetlinkError as err:
+            if err.code != errno.EEXIST:
+                raise KernelError(f"cannot add clsact on {interface}: {err}") from None
+            created = False
+        # Without direct-action a drop verdict would be read as a class id: silent fail-open.
+        ipr.tc("replace-filter", "bpf", index, f":{FILTER_HANDLE}", fd=prog_fd, name=FILTER_NAME,
+               parent=CLSACT_EGRESS, classid=1, direct_action=True, prio=FILTER_PRIO)
+    return created
+
+
+def detach_filter(interface: str, remove_qdisc: bool) -> bool:
+    """Remove our filter (and clsact if we created it); False when it was not there."""
+    with IPRoute() as ipr:
+        try:
+            index = _ifindex(ipr, interface)
+        except KernelError:
+            return False
+        removed = True
+        try:
+            ipr.tc("del-filter", "bpf", index, f":{FILTER_HANDLE}", parent=CLSACT_EGRESS,
+                   prio=FILTER_PRIO)
+        except NetlinkError:
+            removed = False
+        if remove_qdisc:
+            try:
+                ipr.tc("del", "clsact", index)
+            except NetlinkError:
+                pass
+    return removed
+
+
+def filter_present(interface: str) -> bool:
+    with IPRoute() as ipr:
+        try:
+            index = _ifindex(ipr, interface)
+        except KernelError:
+            return False
+        try:
+            filters = ipr.get_filters(index=index, parent=CLSACT_EGRESS)
+        except NetlinkError:
+            return False
+        return any(f.get_attr("TCA_OPTIONS") and _filter_name(f) == FILTER_NAME for f in filters)
+
+
+def _filter_name(msg) -> str:
+    options = msg.get_attr("TCA_OPTIONS")
+    return options.get_attr("TCA_BPF_NAME") or "" if options else ""
+
+
+def _ifindex(ipr: IPRoute, interface: str) -> int:
+    found = ipr.link_lookup(ifname=interface)
+    if not found:
+        raise KernelError(f"no interface named {interface!r} (SLUICE_INTERFACE)")
+    return found[0]
+
+
+# ---------------------------------------------------------------- cgroup hooks
+
+def attach_hooks(classifier: Classifier, cgroup: Path) -> list[dict]:
+    """Attach the socket-owner hooks; failures only cost process names (logged)."""
+    attached = []
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for fn, kind in classifier.hooks:
+            try:
+                classifier.BPF.attach_func(fn, fd, kind, flags=BPF_F_ALLOW_MULTI)
+                attached.append({"prog_id": libbpf.prog_id(fn.fd), "attach_type": kind})
+            except Exception as err:  # bcc raises bare Exception
+                log.warning("cgroup hook %s not attached (%s): events carry no process", kind, err)
+    finally:
+        os.close(fd)
+    return attached
+
+
+def detach_hooks(cgroup: str, hooks: list[dict]) -> int:
+    """Detach hooks by program id; works after the loading process is gone."""
+    if not hooks:
+        return 0
+    try:
+        cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return 0
+    detached = 0
+    try:
+        for hook in hooks:
+            try:
+                prog_fd = libbpf.prog_fd_by_id(hook["prog_id"])
+            except ProcessLookupError:
+                continue
+            try:
+                detached += libbpf.prog_detach(prog_fd, cg_fd, hook["attach_type"])
+            finally:
+                os.close(prog_fd)
+    finally:
+        os.close(cg_fd)
+    return detached
+
+
+# ---------------------------------------------------------------- whole instance
+
+def remove_pins(bpf_dir: Path) -> int:
+    if not bpf_dir.is_dir():
+        return 0
+    removed = 0
+    for pin in bpf_dir.iterdir():
+        pin.unlink()
+        removed += 1
+    bpf_dir.rmdir()
+    return removed
+
+
+def detach_instance(settings: Settings) -> list[str]:
+    """Remove this instance's filter, hooks and pins; say what was removed."""
+    done = []
+    record = Attachment.load(settings.run_dir)
+    interface = record.interface if record else settings.interface
+    if interface and detach_filter(interface, record.qdisc_created if record else False):
+        done.append(f"filter {FILTER_NAME} on {interface}")
+    if record and (count := detach_hooks(record.cgroup, record.hooks)):
+        done.append(f"{count} cgroup hook(s) on {record.cgroup}")
+    bpf_dir = Path(record.bpf_dir) if record and record.bpf_dir else settings.bpf_dir
+    if count := remove_pins(bpf_dir):
+        done.append(f"{count} pinned map(s) in {bpf_dir}")
+    if record:
+        Attachment.path(settings.run_dir).unlink(missing_ok=True)
+    private_cgroup = settings.run_dir / "cgroup2"
+    if private_cgroup.is_dir():
+        subprocess.run(["umount", str(private_cgroup)], capture_output=True)
+        shutil.rmtree(private_cgroup, ignore_errors=True)
+    return done

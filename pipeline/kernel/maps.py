@@ -1,0 +1,138 @@
+"""The one adapter through which userspace writes the pinned firewall maps.
+
+KernelRuleMaps implements pipeline.rulemaps.RuleMaps on the maps capture pinned under
+SLUICE_BPF_DIR; DictRuleMaps (pipeline/rulemaps.py) is its twin for tests. Keys are built
+here and only here: addresses as network-order bytes, ports host order, pads zero.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+from pathlib import Path
+from typing import Iterator
+
+from . import libbpf
+from .structs import (COUNTER_SLOTS, KERNEL_COUNTERS, CidrValue, Config, LpmV4, LpmV6,
+                      PortLpmV4, PortLpmV6, PortValue)
+from ..errors import KernelError
+from ..rulemaps import Network
+
+RULE_MAPS = ("map_config", "map_cidrs", "map_cidrs_v6", "map_ports", "map_ports_v6")
+PORT_KEY_BITS = 32  # proto + pad + port precede the address in port keys
+
+
+def pins_present(bpf_dir: Path) -> bool:
+    return all((bpf_dir / name).exists() for name in RULE_MAPS)
+
+
+class PinnedMaps:
+    """Open file descriptors of this instance's pinned maps."""
+
+    def __init__(self, bpf_dir: Path, names: tuple[str, ...]) -> None:
+        self.fds: dict[str, int] = {}
+        try:
+            for name in names:
+                self.fds[name] = libbpf.obj_get(str(bpf_dir / name))
+        except FileNotFoundError as err:
+            self.close()
+            raise KernelError(f"{err.strerror}: is capture running with SLUICE_BPF_DIR={bpf_dir}?")
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _cidr_key(network: Network):
+    key = LpmV4() if network.version == 4 else LpmV6()
+    key.prefixlen = network.prefixlen
+    ctypes.memmove(key.addr, network.network_address.packed, len(key.addr))
+    return key
+
+
+def _port_key(network: Network, port: int, proto: int):
+    key = PortLpmV4() if network.version == 4 else PortLpmV6()
+    key.prefixlen = PORT_KEY_BITS + network.prefixlen
+    key.proto, key.port = proto, port
+    ctypes.memmove(key.addr, network.network_address.packed, len(key.addr))
+    return key
+
+
+def _network(key) -> Network:
+    packed = bytes(key.addr)
+    bits = key.prefixlen - (PORT_KEY_BITS if hasattr(key, "port") else 0)
+    return ipaddress.ip_network((packed, bits))
+
+
+class KernelRuleMaps(PinnedMaps):
+    """RuleMaps on the real pinned BPF maps."""
+
+    def __init__(self, bpf_dir: Path) -> None:
+        super().__init__(bpf_dir, RULE_MAPS)
+
+    def _fd(self, name: str, network: Network) -> int:
+        return self.fds[name if network.version == 4 else f"{name}_v6"]
+
+    def set_config(self, default_action: int, audit_mode: bool, generation: int) -> None:
+        value = Config(default_action=default_action, audit_mode=int(audit_mode),
+                       generation=generation)
+        libbpf.update(self.fds["map_config"], ctypes.c_uint32(0), value)
+
+    def get_config(self) -> tuple[int, bool, int]:
+        value = Config()
+        libbpf.lookup(self.fds["map_config"], ctypes.c_uint32(0), value)
+        return value.default_action, bool(value.audit_mode), value.generation
+
+    def put_cidr(self, network: Network, action: int, port_specific: bool) -> None:
+        libbpf.update(self._fd("map_cidrs", network), _cidr_key(network),
+                      CidrValue(action=action, port_specific=int(port_specific)))
+
+    def get_cidr(self, network: Network) -> tuple[int, bool] | None:
+        value = CidrValue()
+        if not libbpf.lookup(self._fd("map_cidrs", network), _cidr_key(network), value):
+            return None
+        return value.action, bool(value.port_specific)
+
+    def delete_cidr(self, network: Network) -> None:
+        libbpf.delete(self._fd("map_cidrs", network), _cidr_key(network))
+
+    def cidrs(self) -> Iterator[tuple[Network, int, bool]]:
+        for name, key_type in (("map_cidrs", LpmV4), ("map_cidrs_v6", LpmV6)):
+            for key in libbpf.keys(self.fds[name], key_type):
+                value = CidrValue()
+                if libbpf.lookup(self.fds[name], key, value):
+                    yield _network(key), value.action, bool(value.port_specific)
+
+    def put_port(self, network: Network, port: int, proto: int, action: int) -> None:
+        libbpf.update(self._fd("map_ports", network), _port_key(network, port, proto),
+                      PortValue(action=action))
+
+    def get_port(self, network: Network, port: int, proto: int) -> int | None:
+        value = PortValue()
+        if not libbpf.lookup(self._fd("map_ports", network), _port_key(network, port, proto),
+                             value):
+            return None
+        return value.action
+
+    def delete_port(self, network: Network, port: int, proto: int) -> None:
+        libbpf.delete(self._fd("map_ports", network), _port_key(network, port, proto))
+
+    def ports(self) -> Iterator[tuple[Network, int, int, int]]:
+        for name, key_type in (("map_ports", PortLpmV4), ("map_ports_v6", PortLpmV6)):
+            for key in libbpf.keys(self.fds[name], key_type):
+                value = PortValue()
+                if libbpf.lookup(self.fds[name], key, value):
+                    yield _network(key), key.port, key.proto, value.action
+
+
+def read_counters(fd: int) -> dict[str, int]:
+    """Sum the per-CPU counters of map_counters."""
+    cpus = libbpf.possible_cpus()
+    totals = {}
+    for index, name in enumerate(KERNEL_COUNTERS[:COUNTER_SLOTS]):
+        values = (ctypes.c_uint64 * cpus)()
+        libbpf.lookup(fd, ctypes.c_uint32(index), values)
+        totals[name] = sum(values)
+    return totals
