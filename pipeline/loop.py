@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Protocol
 
 import zmq
 
-from . import wire
+from . import messages as wire
 from .errors import MessageError, SluiceError
 from .settings import Settings
 from .topology import STAGES, Inbox, inbox_address

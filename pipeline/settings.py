@@ -108,6 +108,8 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds persist may hold records before committing them", _positive_float),
     Setting("record", "SLUICE_RECORD", "",
             "record everything that enters enrich to this file (for replay); empty = off", _optional_path),
+    Setting("ringbuf_pages", "SLUICE_RINGBUF_PAGES", "256",
+            "kernel ring-buffer size in 4 KiB pages (a power of two)", _positive_int),
     # The policy in environment form (cargowall's CARGOWALL_* grammar); see README "Policy".
     Setting("default_action", "SLUICE_DEFAULT_ACTION", "",
             "environment policy: allow or deny when no rule matches (empty = deny)", _text),
@@ -146,6 +148,7 @@ class Settings:
     batch_max: int
     flush_interval: float
     record: Path | None
+    ringbuf_pages: int
     default_action: str
     allowed_hosts: str
     allowed_cidrs: str

@@ -43,11 +43,12 @@ AGG_WINDOW_NS = 1_000_000_000
 MIDSTREAM_WINDOW_NS = 10_000_000_000
 
 
-def cflags(bpf_dir: Path) -> list[str]:
+def cflags(bpf_dir: Path, ringbuf_pages: int) -> list[str]:
     """Knobs for bpf/sluice.c, all as -D flags (never string replacement of the source)."""
     return [
         f"-I{BPF_SOURCE_DIR}",
         f'-DSLUICE_PIN_DIR="{bpf_dir}"',
+        f"-DSLUICE_RINGBUF_PAGES={ringbuf_pages}",
         f"-DSLUICE_AGG_WINDOW_NS={AGG_WINDOW_NS}ULL",
         f"-DSLUICE_MIDSTREAM_WINDOW_NS={MIDSTREAM_WINDOW_NS}ULL",
         "-w",  # kernel headers are noisy under bcc's clang; our own code compiles clean
@@ -56,7 +57,7 @@ def cflags(bpf_dir: Path) -> list[str]:
 
 def printable_source(settings: Settings) -> str:
     """The exact source and flags capture would load (for `sluice print-bpf`)."""
-    header = "\n".join(f"// cflag: {flag}" for flag in cflags(settings.bpf_dir))
+    header = "\n".join(f"// cflag: {flag}" for flag in cflags(settings.bpf_dir, settings.ringbuf_pages))
     return f"{header}\n// file: {BPF_SOURCE}\n{BPF_SOURCE.read_text()}"
 
 
@@ -166,14 +167,16 @@ class Attachment:
 class Classifier:
     """The loaded bcc module: the egress program, the hook programs and the maps."""
 
-    def __init__(self, bpf_dir: Path) -> None:
+    def __init__(self, bpf_dir: Path, ringbuf_pages: int) -> None:
+        if ringbuf_pages & (ringbuf_pages - 1):
+            raise KernelError(f"SLUICE_RINGBUF_PAGES={ringbuf_pages}: must be a power of two")
         try:
             from bcc import BPF
         except ImportError:
             raise KernelError("bcc is missing: install python3-bpfcc (./bootstrap does)") from None
         self.BPF = BPF
         try:
-            self.bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags(bpf_dir))
+            self.bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags(bpf_dir, ringbuf_pages))
             self.egress = self.bpf.load_func(b"sluice_egress", BPF.SCHED_CLS)
             self.hooks = [(self.bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR,
                                               attach_type=kind), kind) for name, kind in HOOKS]
@@ -189,9 +192,9 @@ class Classifier:
         self.bpf.cleanup()
 
 
-def load_classifier(bpf_dir: Path) -> Classifier:
-    ensure_bpffs(bpf_dir)
-    return Classifier(bpf_dir)
+def load_classifier(settings: Settings) -> Classifier:
+    ensure_bpffs(settings.bpf_dir)
+    return Classifier(settings.bpf_dir, settings.ringbuf_pages)
 
 
 # ---------------------------------------------------------------- tc filter

@@ -59,7 +59,7 @@ class CaptureStage(BaseStage):
         for failure in blocking_failures(settings):
             raise KernelError(failure.line())
         self.interface = egress_interface(settings)
-        self.classifier = load_classifier(settings.bpf_dir)
+        self.classifier = load_classifier(settings)
         self.attachment = Attachment(interface=self.interface, bpf_dir=str(settings.bpf_dir))
         cgroup = cgroup_dir(settings)
         self.attachment.cgroup = str(cgroup)

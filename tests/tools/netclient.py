@@ -59,21 +59,57 @@ def raw(host: str, proto: int, count: int) -> dict:
     return {"ok": True, "sent": sent}
 
 
+def frame(host: str, port: int, interface: str, tags: list[int], count: int) -> dict:
+    """Hand-built Ethernet frames carrying a TCP SYN behind 802.1Q/802.1ad tags."""
+    import struct
+
+    src_mac = bytes.fromhex(open(f"/sys/class/net/{interface}/address").read().strip()
+                            .replace(":", ""))
+    src_ip = socket.inet_aton("0.0.0.0")  # the classifier judges destinations only
+    dst_ip = socket.inet_aton(host)
+    tcp = struct.pack("!HHIIBBHHH", 40000, port, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0, src_ip, dst_ip)
+    checksum = 0
+    for (word,) in struct.iter_unpack("!H", header):
+        checksum += word
+    checksum = (checksum & 0xFFFF) + (checksum >> 16)
+    header = header[:10] + struct.pack("!H", ~checksum & 0xFFFF) + header[12:]
+    ethertypes = [0x88A8, 0x8100][-len(tags):]  # one tag: 802.1Q; two: 802.1ad outside
+    eth = b"\xff" * 6 + src_mac
+    for ethertype, vid in zip(ethertypes, tags):
+        eth += struct.pack("!HH", ethertype, vid)
+    eth += struct.pack("!H", 0x0800)
+    dropped = 0
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+        sock.bind((interface, 0))
+        for _ in range(count):
+            try:
+                sock.send(eth + header + tcp)
+            except OSError:  # ENOBUFS: egress TC dropped the frame
+                dropped += 1
+    return {"ok": dropped == 0, "sent": count, "dropped": dropped}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["tcp", "udp", "raw"])
+    parser.add_argument("mode", choices=["tcp", "udp", "raw", "frame"])
     parser.add_argument("host")
     parser.add_argument("port", type=int, help="port, or protocol number for raw")
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--spread", type=int, default=1, help="udp: cycle over this many ports")
     parser.add_argument("--timeout", type=float, default=2.0)
     parser.add_argument("--name", default="sl-client")
+    parser.add_argument("--interface", help="frame: the interface to send on")
+    parser.add_argument("--vlan", type=int, action="append", default=[],
+                        help="frame: VLAN ids, outermost first (two = QinQ)")
     args = parser.parse_args()
     set_name(args.name)
     if args.mode == "tcp":
         result = tcp(args.host, args.port, args.timeout)
     elif args.mode == "udp":
         result = udp(args.host, args.port, args.count, args.spread)
+    elif args.mode == "frame":
+        result = frame(args.host, args.port, args.interface, args.vlan, args.count)
     else:
         result = raw(args.host, args.port, args.count)
     print(json.dumps({"pid": os.getpid(), **result}), flush=True)

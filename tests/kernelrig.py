@@ -1,0 +1,93 @@
+"""A capture stage on a Lab's client veth, with the test playing the policy stage.
+
+The test binds enrich's inbox itself to read raw_events, and programs the pinned maps
+through KernelRuleMaps, as the policy stage would.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import zmq
+
+from pipeline import messages as wire
+from pipeline.kernel.loader import Attachment, detach_instance
+from pipeline.kernel.maps import KernelRuleMaps, pins_present
+from pipeline.rulemaps import ALLOW, DENY
+from pipeline.settings import Settings
+from tests.netns import Lab, base_env, wait_for
+
+
+class CaptureRig:
+    def __init__(self, lab: Lab, tmp_path: Path, mode: str = "enforce", **settings: str) -> None:
+        self.lab = lab
+        self.run_dir = tmp_path / "run"
+        self.bpf_dir = Path(f"/sys/fs/bpf/sluice-t{lab.tag}")
+        self.env = base_env(SLUICE_INTERFACE=lab.client_if, SLUICE_RUN_DIR=str(self.run_dir),
+                            SLUICE_BPF_DIR=str(self.bpf_dir), SLUICE_MODE=mode,
+                            SLUICE_COUNTER_INTERVAL="0.5", **settings)
+        self.settings = Settings.from_env(self.env)
+        self.ctx = zmq.Context()
+        self.inbox = None
+        self.proc = None
+        self.maps = None
+        self.events: list = []
+
+    def start(self, default_action: int = DENY, program=None) -> "CaptureRig":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.inbox = self.ctx.socket(zmq.PULL)
+        self.inbox.bind(f"ipc://{self.run_dir}/enrich.sock")
+        self.proc = self.lab.spawn_in_client_net(
+            [sys.executable, "-m", "pipeline.cli", "run", "capture"], self.env,
+            stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: pins_present(self.bpf_dir) or self.proc.poll() is not None,
+                 30, "pinned maps")
+        assert self.proc.poll() is None, self.proc.stderr.read()
+        self.maps = KernelRuleMaps(self.bpf_dir)
+        if program:
+            program(self.maps)
+        self.maps.set_config(default_action, self.settings.audit_mode, 1)
+        wait_for(lambda: (self.run_dir / "capture.ready").exists(), 10, "capture ready")
+        return self
+
+    def receive(self, predicate, timeout: float = 5.0, what: str = "events"):
+        """Collect raw events until predicate(all events so far) is true."""
+        def poll():
+            while self.inbox.poll(50):
+                kind, records, bad = wire.decode(self.inbox.recv())
+                assert kind == "raw_events" and bad == 0
+                self.events.extend(records)
+            return predicate(self.events)
+        return wait_for(poll, timeout, what, interval=0)
+
+    def counters(self) -> dict:
+        return json.loads((self.run_dir / "capture.counters.json").read_text())["counters"]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(10)
+        if self.maps:
+            self.maps.close()
+            self.maps = None
+        return rc
+
+    def close(self) -> None:
+        try:
+            if self.proc and self.proc.poll() is None:
+                self.stop()
+        finally:
+            if self.maps:
+                self.maps.close()
+            if self.inbox is not None:
+                self.inbox.close(0)
+            self.ctx.term()
+            detach_instance(self.settings)
+            assert not self.bpf_dir.exists()
+
+
+__all__ = ["CaptureRig", "ALLOW", "DENY", "Attachment"]

@@ -1,0 +1,110 @@
+"""Network namespaces for kernel and end-to-end tests: a client and a server joined by a veth.
+
+The classifier only ever runs on the client's veth, inside a namespace the test created;
+never on this machine's own interfaces. Everything is removed on close.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(args, check=check, capture_output=True, text=True)
+
+
+class Lab:
+    """client ns --(veth c<tag> / s<tag>)-- server ns, IPv4 and IPv6."""
+
+    CLIENT_V4, SERVER_V4 = "10.201.0.1", "10.201.0.2"
+    SUBNET = "10.202.0.0/24"          # extra server addresses, routed via the server
+    CLIENT_V6, SERVER_V6 = "fd51::1", "fd51::2"
+
+    def __init__(self) -> None:
+        tag = secrets.token_hex(3)
+        self.tag = tag
+        self.client, self.server = f"slc{tag}", f"sls{tag}"
+        self.client_if, self.server_if = f"c{tag}", f"s{tag}"
+        self.processes: list[subprocess.Popen] = []
+
+    def create(self) -> "Lab":
+        c, s = self.client, self.server
+        sh("ip", "netns", "add", c)
+        sh("ip", "netns", "add", s)
+        sh("ip", "-n", c, "link", "add", self.client_if, "type", "veth", "peer", "name",
+           self.server_if, "netns", s)
+        for ns, dev, v4, v6 in ((c, self.client_if, self.CLIENT_V4, self.CLIENT_V6),
+                                (s, self.server_if, self.SERVER_V4, self.SERVER_V6)):
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
+            sh("ip", "-n", ns, "addr", "add", f"{v6}/64", "dev", dev, "nodad")
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        for host in range(1, 6):
+            sh("ip", "-n", s, "addr", "add", f"10.202.0.{host}/32", "dev", "lo")
+        sh("ip", "-n", c, "route", "add", self.SUBNET, "via", self.SERVER_V4)
+        return self
+
+    def close(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        sh("ip", "netns", "del", self.client, check=False)
+        sh("ip", "netns", "del", self.server, check=False)
+
+    def exec_args(self, ns: str) -> list[str]:
+        return ["ip", "netns", "exec", ns]
+
+    def start_server(self, *ports: int) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            self.exec_args(self.server) + [PYTHON, "-m", "tests.tools.netserver",
+                                           *map(str, ports)],
+            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        self.processes.append(proc)
+        assert proc.stdout.readline().strip() == "ready"
+        return proc
+
+    def client_run(self, *args: str, timeout: float = 15) -> dict:
+        """Run tests/tools/netclient.py in the client namespace; its JSON result."""
+        result = subprocess.run(
+            self.exec_args(self.client) + [PYTHON, "-m", "tests.tools.netclient", *args],
+            cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def spawn_in_client_net(self, args: list[str], env: dict, **kw) -> subprocess.Popen:
+        """A process in the client's network namespace but this mount namespace, so its
+        pins under /sys/fs/bpf are visible to the test."""
+        proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.client}", *args],
+                                cwd=ROOT, env=env, **kw)
+        self.processes.append(proc)
+        return proc
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition", interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def base_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    env.update(extra)
+    return env
