@@ -1,0 +1,32 @@
+"""One policy rule, normalized: what the loader produces and every matcher consumes."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+
+from .verdict import PortSpec
+
+ACTIONS = ("allow", "deny")
+RULE_TYPES = ("hostname", "cidr")
+
+# Tags of rules sluice adds itself (reference §3.9); audit records carry them.
+AUTO_TYPES = ("dns", "cloud_metadata", "azure_infrastructure", "github_service",
+              "gitlab_service", "codecargo_service", "loopback")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rule:
+    type: str                         # hostname | cidr
+    value: str                        # lowercased name or glob; canonical CIDR text
+    action: str                       # allow | deny
+    ports: tuple[PortSpec, ...] = ()  # empty = every port on every protocol
+    auto_added_type: str = ""
+
+    @property
+    def is_pattern(self) -> bool:
+        return self.type == "hostname" and "*" in self.value
+
+    @property
+    def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        return ipaddress.ip_network(self.value)
