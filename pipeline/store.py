@@ -1,0 +1,301 @@
+"""The SQL audit store: its tables, its migrations, the one writer and read-only readers.
+
+SQLAlchemy Core only, on SQLite (the default; WAL, so readers never block the writer) or
+PostgreSQL (a fleet writing to one database). Table `audit_events` holds one row per audit
+record, columns named after the JSON fields:
+
+* `timestamp` is text in the fixed-width form of audit.sql_timestamp, which sorts as time on
+  both databases and reads the same in every client.
+* Empty values are stored as the record has them, never as NULL: "" for text, 0 for numbers,
+  and "" for an empty `cname_chain` (a JSON array otherwise), so queries never need IS NULL.
+* `event_id` is unique: writing a batch again inserts nothing twice.
+
+Schema changes are MIGRATIONS: named, applied in order, each in its own transaction (SQLite
+DDL included), recorded in `schema_migrations`; a failure stops the caller with StoreError.
+Append new ones at the end (views come later); never edit or reorder applied ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Callable, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+from .audit import AuditEvent, sql_timestamp
+from .errors import StoreError
+
+metadata = sa.MetaData()
+
+audit_events = sa.Table(
+    "audit_events", metadata,
+    # SQLite makes only an INTEGER PRIMARY KEY the rowid; PostgreSQL gets a 64-bit key.
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("event_id", sa.Text, nullable=False),
+    sa.Column("host", sa.Text, nullable=False),
+    sa.Column("timestamp", sa.Text, nullable=False),
+    sa.Column("event_type", sa.Text, nullable=False),
+    sa.Column("src_ip", sa.Text, nullable=False),
+    sa.Column("dst_ip", sa.Text, nullable=False),
+    sa.Column("dst_hostname", sa.Text, nullable=False),
+    sa.Column("dst_port", sa.Integer, nullable=False),
+    sa.Column("protocol", sa.Text, nullable=False),
+    sa.Column("process", sa.Text, nullable=False),
+    sa.Column("pid", sa.BigInteger, nullable=False),
+    sa.Column("matched_rule", sa.Text, nullable=False),
+    sa.Column("auto_allowed_type", sa.Text, nullable=False),
+    sa.Column("cname_chain", sa.Text, nullable=False),
+    sa.Column("mid_stream", sa.Boolean, nullable=False),
+    sa.Column("would_deny", sa.Boolean, nullable=False),
+    sa.Column("blocked", sa.Boolean, nullable=False),
+    sa.Column("packets", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("event_id", name="uq_audit_events_event_id"),
+    sa.Index("ix_audit_events_timestamp", "timestamp"),
+    sa.Index("ix_audit_events_event_type", "event_type"),
+    sa.Index("ix_audit_events_dst_ip", "dst_ip"),
+)
+
+schema_migrations = sa.Table(
+    "schema_migrations", metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("applied_at", sa.Text, nullable=False),
+)
+
+# The insert's columns, in the order _row builds its tuples.
+COLUMNS = tuple(c.name for c in audit_events.columns if c.name != "id")
+
+
+def _create_audit_events(conn: sa.Connection) -> None:
+    # A later migration that alters this table must give this one a frozen copy of the
+    # table as first defined, so a new database still replays every step in order.
+    audit_events.create(conn)
+
+
+MIGRATIONS: tuple[tuple[str, Callable[[sa.Connection], None]], ...] = (
+    ("0001_audit_events", _create_audit_events),
+)
+
+BUSY_TIMEOUT_MS = 1000  # short: a stopping persist must finish within honcho's 5 seconds
+_INSERTS = {"sqlite": sqlite_dialect.insert, "postgresql": pg_dialect.insert}
+_ID_CHUNK = 500  # ids per IN (...) when looking for already stored records
+
+
+class StoreRejected(StoreError):
+    """The database refuses the data itself: retrying the same rows cannot help."""
+
+
+def _one_line(err: BaseException) -> str:
+    inner = getattr(err, "orig", None) or err  # the driver's message, without SQL and links
+    return " ".join(str(inner).split()) or type(inner).__name__
+
+
+# ---------------------------------------------------------------- engines
+
+def _sqlite_file(url: sa.URL) -> Path | None:
+    """The database file of a SQLite URL, or None for memory and URI forms."""
+    database = url.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def _sqlite_events(engine: sa.Engine, *, begin: str, pragmas: Sequence[str]) -> None:
+    @sa_event.listens_for(engine, "connect")
+    def on_connect(dbapi_conn, _record) -> None:
+        # Let SQLAlchemy's BEGIN below, not the driver, start transactions: the driver
+        # would leave DDL outside them and migrations would not be atomic.
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        try:
+            for pragma in pragmas:
+                cursor.execute(pragma)
+        finally:
+            cursor.close()
+
+    @sa_event.listens_for(engine, "begin")
+    def on_begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql(begin)
+
+
+def _engine(url_text: str, *, readonly: bool, busy_timeout_ms: int) -> tuple[sa.Engine, str]:
+    """Create an engine and connect once, so every open problem surfaces here as StoreError."""
+    try:
+        url = sa.make_url(url_text)
+    except sa.exc.ArgumentError:
+        raise StoreError(f"not a database URL: {url_text!r}") from None
+    shown = url.render_as_string(hide_password=True)
+    backend = url.get_backend_name()
+    if backend not in _INSERTS:
+        raise StoreError(f"{shown}: unsupported database {backend!r} (use sqlite or postgresql)")
+    path = _sqlite_file(url) if backend == "sqlite" else None
+    if path is not None:
+        url = _prepare_sqlite_path(url, path, readonly, shown)
+    try:
+        engine = sa.create_engine(url, pool_pre_ping=backend != "sqlite")
+    except ImportError as err:
+        raise StoreError(f"{shown}: database driver not installed ({err})") from None
+    except sa.exc.ArgumentError as err:
+        raise StoreError(f"{shown}: {_one_line(err)}") from None
+    if backend == "sqlite":
+        pragmas = [f"PRAGMA busy_timeout={int(busy_timeout_ms)}"]
+        if not readonly:
+            pragmas += ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL"]
+        _sqlite_events(engine, begin="BEGIN" if readonly else "BEGIN IMMEDIATE", pragmas=pragmas)
+    elif readonly:
+        engine = engine.execution_options(postgresql_readonly=True)
+    _check(engine, backend, path, readonly, shown)
+    return engine, shown
+
+
+def _prepare_sqlite_path(url: sa.URL, path: Path, readonly: bool, shown: str) -> sa.URL:
+    if readonly:
+        # mode=ro: the driver itself refuses writes, and a missing file is an error.
+        uri = "file:" + urllib.parse.quote(os.path.abspath(path))
+        return url.set(database=uri, query={"mode": "ro", "uri": "true"})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StoreError(f"{shown}: cannot create {path.parent}: {err.strerror or err}") from None
+    return url
+
+
+def _check(engine: sa.Engine, backend: str, path: Path | None, readonly: bool,
+           shown: str) -> None:
+    try:
+        with engine.connect() as conn:
+            if backend != "sqlite":
+                conn.exec_driver_sql("SELECT 1")
+                return
+            # Reading the schema is what finds a file that is not a database.
+            conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar()
+            mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+    except (sa.exc.SQLAlchemyError, sqlite3.Error) as err:
+        engine.dispose()
+        raise StoreError(f"cannot open {shown}: {_one_line(err)}") from None
+    if path is not None and not readonly and mode != "wal":
+        engine.dispose()
+        raise StoreError(f"cannot open {shown}: journal mode is {mode}, WAL is needed")
+
+
+def open_readonly(url: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sa.Engine:
+    """An engine for query tools; the database refuses any write through it."""
+    return _engine(url, readonly=True, busy_timeout_ms=busy_timeout_ms)[0]
+
+
+# ---------------------------------------------------------------- the writer
+
+def _row(e: AuditEvent) -> tuple:
+    # Values are already what every driver takes (str, int, bool): passing them through
+    # Connection.execute's per-value bind processing halves the insert rate.
+    return (e.event_id, e.host, sql_timestamp(e.timestamp), e.event_type, e.src_ip, e.dst_ip,
+            e.dst_hostname, e.dst_port, e.protocol, e.process, e.pid, e.matched_rule,
+            e.auto_allowed_type,
+            json.dumps(e.cname_chain, ensure_ascii=False, separators=(",", ":"))
+            if e.cname_chain else "",
+            e.mid_stream, e.would_deny, e.blocked, e.packets)
+
+
+class AuditStore:
+    """The single writer of audit_events: batched inserts, one transaction per batch."""
+
+    def __init__(self, url: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+        self.engine, self.url = _engine(url, readonly=False, busy_timeout_ms=busy_timeout_ms)
+        dialect = self.engine.dialect
+        insert = _INSERTS[dialect.name](audit_events).on_conflict_do_nothing(
+            index_elements=["event_id"])
+        compiled = insert.compile(dialect=dialect, column_keys=list(COLUMNS))
+        if compiled.positional and list(compiled.positiontup) != list(COLUMNS):
+            raise StoreError(f"{self.url}: unexpected parameter order from {dialect.name}")
+        self._insert_sql = compiled.string
+        self._positional = compiled.positional
+
+    def migrate(self) -> list[str]:
+        """Apply the migrations this database lacks, in order; returns their names."""
+        try:
+            with self.engine.begin() as conn:
+                schema_migrations.create(conn, checkfirst=True)
+                applied = set(conn.execute(sa.select(schema_migrations.c.name)).scalars())
+        except sa.exc.SQLAlchemyError as err:
+            raise StoreError(f"{self.url}: cannot read schema_migrations: {_one_line(err)}") from None
+        unknown = applied - {name for name, _ in MIGRATIONS}
+        if unknown:
+            raise StoreError(f"{self.url} has migrations this sluice does not know "
+                             f"({', '.join(sorted(unknown))}): upgrade sluice")
+        done = []
+        for name, step in MIGRATIONS:
+            if name not in applied:
+                self._apply(name, step)
+                done.append(name)
+        return done
+
+    def _apply(self, name: str, step: Callable[[sa.Connection], None]) -> None:
+        try:
+            with self.engine.begin() as conn:
+                step(conn)
+                conn.execute(schema_migrations.insert().values(
+                    name=name, applied_at=sql_timestamp(time.time_ns())))
+        except sa.exc.SQLAlchemyError as err:
+            raise StoreError(f"{self.url}: migration {name} failed: {_one_line(err)}") from None
+
+    def write(self, events: Sequence[AuditEvent]) -> int:
+        """Insert a batch; returns the number of rows inserted (duplicates are skipped)."""
+        return len(self.insert(events))
+
+    def insert(self, events: Sequence[AuditEvent]) -> list[AuditEvent]:
+        """Insert a batch in one transaction; returns the events that became new rows.
+
+        StoreRejected if the database refuses a value, StoreError if it is unavailable
+        (locked, disk full, connection lost): nothing of the batch is stored then.
+        """
+        if not events:
+            return []
+        try:
+            with self.engine.connect() as conn:
+                with conn.begin() as tx:
+                    if self._execute(conn, list(map(_row, events))) == len(events):
+                        return list(events)
+                    tx.rollback()
+                # Some ids are stored already (a batch written again): insert only the
+                # others, so the caller learns exactly which records are new rows.
+                with conn.begin():
+                    fresh = self._unstored(conn, events)
+                    self._execute(conn, list(map(_row, fresh)))
+                    return fresh
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as err:
+            raise StoreError(f"{self.url}: {_one_line(err)}") from None
+        except (sa.exc.SQLAlchemyError, ValueError, OverflowError) as err:
+            # Integrity and data errors, and values the driver cannot bind.
+            raise StoreRejected(f"{self.url}: {_one_line(err)}") from None
+
+    def _execute(self, conn: sa.Connection, rows: list[tuple]) -> int:
+        if not rows:
+            return 0
+        params = rows if self._positional else [dict(zip(COLUMNS, row)) for row in rows]
+        return conn.exec_driver_sql(self._insert_sql, params).rowcount
+
+    @staticmethod
+    def _unstored(conn: sa.Connection, events: Sequence[AuditEvent]) -> list[AuditEvent]:
+        ids = [e.event_id for e in events]
+        seen: set[str] = set()
+        column = audit_events.c.event_id
+        for start in range(0, len(ids), _ID_CHUNK):
+            chunk = ids[start:start + _ID_CHUNK]
+            seen.update(conn.execute(sa.select(column).where(column.in_(chunk))).scalars())
+        fresh = []
+        for e in events:
+            if e.event_id not in seen:  # also drops a repeat of an id within the batch
+                seen.add(e.event_id)
+                fresh.append(e)
+        return fresh
+
+    def close(self) -> None:
+        self.engine.dispose()
