@@ -106,8 +106,6 @@ SETTINGS: tuple[Setting, ...] = (
             "most records per pipeline message (stages batch to keep up with floods)", _positive_int),
     Setting("flush_interval", "SLUICE_FLUSH_INTERVAL", "0.2",
             "seconds persist may hold records before committing them", _positive_float),
-    Setting("record", "SLUICE_RECORD", "",
-            "record everything that enters enrich to this file (for replay); empty = off", _optional_path),
     Setting("ringbuf_pages", "SLUICE_RINGBUF_PAGES", "256",
             "kernel ring-buffer size in 4 KiB pages (a power of two)", _positive_int),
     # The policy in environment form (cargowall's CARGOWALL_* grammar); see README "Policy".
@@ -147,7 +145,6 @@ class Settings:
     counter_interval: float
     batch_max: int
     flush_interval: float
-    record: Path | None
     ringbuf_pages: int
     default_action: str
     allowed_hosts: str

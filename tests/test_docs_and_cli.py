@@ -1,0 +1,91 @@
+"""The README, the Procfile and the CLI agree with the code they describe."""
+
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline import __version__
+from pipeline.cli import app
+from pipeline.settings import SETTINGS, Settings
+from pipeline.errors import SettingsError
+from pipeline.topology import STAGES
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+runner = CliRunner()
+
+
+def test_readme_opens_with_exactly_the_two_commands():
+    block = re.search(r"```sh\n(.*?)```", README, re.S).group(1).strip().splitlines()
+    assert [line.split("#")[0].strip() for line in block] == [
+        "sudo ./bootstrap run", "sudo ./bootstrap test"]
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "./bootstrap test" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.variable)
+def test_every_setting_is_in_the_readme(setting):
+    assert f"`{setting.variable}`" in README
+
+
+def test_procfile_runs_every_stage_of_the_topology_once():
+    lines = [l for l in (ROOT / "Procfile").read_text().splitlines() if l.strip()]
+    labels = {l.split(":", 1)[0]: l.split(":", 1)[1].strip() for l in lines}
+    assert set(labels) == set(STAGES)
+    assert all(cmd == f"sluice run {label}" for label, cmd in labels.items())
+
+
+def test_readme_stage_table_matches_the_topology():
+    rows = re.findall(r"^\| (\w+) \| ([\w.]+|\(none\)) \| ([\w, ]+|\(none\)) \|", README, re.M)
+    table = {stage: (binds, feeds) for stage, binds, feeds in rows if stage in STAGES}
+    assert set(table) == set(STAGES)
+    for stage, wiring in STAGES.items():
+        binds = ", ".join(f"{i.name}.sock" for i in wiring.inboxes) or "(none)"
+        feeds = ", ".join(wiring.feeds) or "(none)"
+        assert table[stage] == (binds, feeds), stage
+
+
+@pytest.mark.parametrize("command", [c.name or c.callback.__name__ for c in app.registered_commands])
+def test_every_command_has_help_and_is_in_the_readme(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+    assert f"`sluice {command}" in README
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"sluice {__version__}"
+
+
+def test_unknown_stage_is_one_line_and_exit_2():
+    result = runner.invoke(app, ["run", "nonsense"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "sluice: unknown stage 'nonsense'; stages are " + ", ".join(STAGES)]
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("SLUICE_MODE", "sometimes"), ("SLUICE_BATCH_MAX", "0"), ("SLUICE_LOG_LEVEL", "loud"),
+    ("SLUICE_FLUSH_INTERVAL", "soon"), ("SLUICE_RUN_DIR", ""),
+])
+def test_a_bad_setting_names_the_variable(variable, value):
+    with pytest.raises(SettingsError, match=f"^{variable}="):
+        Settings.from_env({variable: value})
+
+
+def test_wait_ready_reports_a_failed_stage(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLUICE_RUN_DIR", str(tmp_path))
+    (tmp_path / "policy.failed").write_text("policy.json:3:1: Expecting value\n")
+    result = runner.invoke(app, ["wait-ready", "--timeout", "1"])
+    assert result.exit_code == 3
+    assert "stage policy failed: policy.json:3:1: Expecting value" in result.output
+
+
+def test_wait_ready_times_out_naming_missing_stages(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLUICE_RUN_DIR", str(tmp_path))
+    result = runner.invoke(app, ["wait-ready", "--timeout", "0.2", "--stages", "enrich"])
+    assert result.exit_code == 4 and "enrich" in result.output
