@@ -1,0 +1,131 @@
+"""End to end: the real Procfile under `honcho start` inside a network namespace."""
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.topology import STAGES
+from tests.netns import ROOT, Lab, base_env, sh, wait_for
+
+pytestmark = pytest.mark.e2e
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+class Pipeline:
+    """honcho start of the real Procfile in the lab's client namespace."""
+
+    def __init__(self, lab: Lab, tmp_path: Path, policy: dict, mode: str = "enforce") -> None:
+        self.lab = lab
+        self.tmp = tmp_path
+        (tmp_path / "policy.json").write_text(json.dumps(policy))
+        (tmp_path / "empty.env").write_text("")
+        self.env = base_env(
+            PATH=f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin", SLUICE_MODE=mode,
+            SLUICE_INTERFACE=lab.client_if, SLUICE_RUN_DIR=str(tmp_path / "run"),
+            SLUICE_BPF_DIR=f"/sys/fs/bpf/sluice-e{lab.tag}",
+            SLUICE_DB=f"sqlite:///{tmp_path}/audit.db",
+            SLUICE_AUDIT_LOG=str(tmp_path / "audit.jsonl"),
+            SLUICE_POLICY=str(tmp_path / "policy.json"), SLUICE_COUNTER_INTERVAL="1",
+            SLUICE_HOST="e2e-host")
+        self.proc = None
+
+    def sluice(self, *args: str, netns: bool = False, timeout: float = 60):
+        prefix = lab_exec = self.lab.exec_args(self.lab.client) if netns else []
+        return subprocess.run([*prefix, f"{VENV_BIN}/sluice", *args], env=self.env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start(self) -> "Pipeline":
+        self.log = open(self.tmp / "honcho.log", "w")
+        self.proc = subprocess.Popen(
+            [*self.lab.exec_args(self.lab.client), f"{VENV_BIN}/honcho", "start",
+             "-f", str(ROOT / "Procfile"), "-e", str(self.tmp / "empty.env")],
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.lab.processes.append(self.proc)
+        ready = self.sluice("wait-ready", "--timeout", "60", timeout=70)
+        assert ready.returncode == 0, ready.stderr + self.output()
+        return self
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+        rc = self.proc.wait(15)
+        self.log.close()
+        return rc
+
+    def output(self) -> str:
+        return (self.tmp / "honcho.log").read_text()
+
+    def jsonl(self) -> list[dict]:
+        path = self.tmp / "audit.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def rows(self) -> list[dict]:
+        db = sqlite3.connect(f"file:{self.tmp}/audit.db?mode=ro", uri=True)
+        db.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in db.execute("SELECT * FROM audit_events ORDER BY id")]
+        finally:
+            db.close()
+
+
+def find(records, **fields):
+    return [r for r in records if all(r.get(k) == v for k, v in fields.items())]
+
+
+def test_pipeline_judges_real_connections_and_stores_agreeing_jsonl_and_sql(lab, tmp_path):
+    lab.start_server(80, 443)
+    policy = {"defaultAction": "deny", "rules": [
+        {"type": "cidr", "value": f"{Lab.SERVER_V4}/32", "action": "allow",
+         "ports": [{"port": 80, "protocol": "tcp"}]}]}
+    pipeline = Pipeline(lab, tmp_path, policy).start()
+
+    allowed = lab.client_run("tcp", Lab.SERVER_V4, "80", "--name", "sl-e2e")
+    blocked = lab.client_run("tcp", Lab.SERVER_V4, "443", "--timeout", "1", "--name", "sl-e2e")
+    lab.client_run("raw", Lab.SERVER_V4, "47")
+    assert allowed["ok"] and not blocked["ok"]
+
+    wait_for(lambda: find(pipeline.jsonl(), event_type="protocol_blocked")
+             and find(pipeline.jsonl(), dst_port=443), 15, "records in the JSONL file")
+    assert pipeline.stop() == 0
+    lines, rows = pipeline.jsonl(), pipeline.rows()
+
+    [ok] = find(lines, event_type="connection_allowed", dst_port=80)
+    assert (ok["dst_ip"], ok["protocol"], ok["process"], ok["pid"]) == (
+        Lab.SERVER_V4, "TCP", "sl-e2e", allowed["pid"])
+    assert ok["would_deny"] is False and ok["blocked"] is False and ok["host"] == "e2e-host"
+    block = find(lines, event_type="connection_blocked", dst_port=443)[0]
+    assert (block["blocked"], block["would_deny"], block["pid"]) == (True, False, blocked["pid"])
+    [gre] = find(lines, event_type="protocol_blocked")[:1]
+    assert gre["protocol"] == "GRE" and "dst_port" not in gre and gre["blocked"] is True
+
+    # Every JSONL line has its row, field by field, and nothing else is stored.
+    assert len(rows) == len(lines)
+    by_id = {r["event_id"]: r for r in rows}
+    for line in lines:
+        row = by_id[line["event_id"]]
+        for field in ("event_type", "src_ip", "dst_ip", "dst_hostname", "protocol", "process",
+                      "matched_rule", "auto_allowed_type", "host"):
+            assert (row[field] or "") == line.get(field, ""), field
+        for field in ("dst_port", "pid"):
+            assert (row[field] or 0) == line.get(field, 0), field
+        for field in ("would_deny", "blocked", "mid_stream"):
+            assert bool(row[field]) == line.get(field, False), field
+
+    # Enforce mode: the filter stays after a stop (fail closed) until `sluice detach`.
+    filters = sh(*lab.exec_args(lab.client), "tc", "filter", "show", "dev", lab.client_if,
+                 "egress").stdout
+    assert "sluice_egress" in filters
+    detached = pipeline.sluice("detach", netns=True)
+    assert detached.returncode == 0, detached.stderr
+    assert "sluice_egress" not in sh(*lab.exec_args(lab.client), "tc", "filter", "show", "dev",
+                                     lab.client_if, "egress").stdout
+    run_dir = tmp_path / "run"
+    assert not list(run_dir.glob("*.sock")), "sockets left behind"
+    assert not list(run_dir.glob("*.ready"))
+    assert not (run_dir / "attachment.json").exists()
+    assert not Path(f"/sys/fs/bpf/sluice-e{lab.tag}").exists()
+    assert "sluice" not in sh("bpftool", "cgroup", "tree", check=False).stdout
