@@ -1,0 +1,244 @@
+"""persist: the single writer of the audit trail, as SQL rows and JSONL lines.
+
+Consumes: `audit_records` batches on its inbox ipc://<run_dir>/persist.sock (PULL), from
+          policy, dns and the start-up scan of existing connections.
+Produces: one row per record in `audit_events` of SLUICE_DB (SQLite in WAL mode by default,
+          migrated at start) and one cargowall-compatible line per record in
+          SLUICE_AUDIT_LOG (appended, never truncated; none when the setting is empty).
+Binds:    persist.sock. Connects: nothing.
+Order:    records are committed to SQL in batches (SLUICE_BATCH_MAX x 4 records, or what
+          arrived within SLUICE_FLUSH_INTERVAL), and only then appended to the JSONL file, so
+          the file never holds a record the database lacks. A record whose event_id is
+          already stored is skipped in both (duplicates_skipped).
+Bad input: a frame that is not an audit_records message is counted (malformed_messages) and
+          skipped; so is a record with bad fields (malformed_records) or out-of-range values
+          (records_rejected), each reason logged once. A record without timestamp, host or
+          event_id gets now, this host's name (SLUICE_HOST) or a fresh id.
+Failures: an unusable database or log file at start stops the stage with one line (exit 5).
+          Later, a failing SQL or JSONL write (database locked, disk full) keeps the records,
+          is counted (store_errors, jsonl_errors), logged once per distinct error and retried
+          with backoff; beyond MAX_HELD records held, new ones are dropped and counted
+          (records_dropped). SIGHUP reopens the JSONL file (logrotate). SIGTERM stores
+          everything received before the stop, then exits.
+
+Example:  SLUICE_DB=sqlite:////var/lib/sluice/audit.db sluice run persist
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Callable
+
+import zmq
+
+from ..audit import AuditEvent, AuditLogger, invalid_reason, new_event_id
+from ..errors import StoreError
+from ..loop import BaseStage, StageIO, run_stage
+from ..settings import Settings
+from ..store import AuditStore, StoreRejected
+
+# About 4 s of a 50,000 records/s flood, about 100 MB: a database locked for longer than
+# that loses records (counted) rather than the host its memory.
+MAX_HELD = 200_000
+RETRY_FIRST_S = 0.1
+RETRY_MAX_S = 5.0
+
+
+class _Retry:
+    """Backoff for one kind of write; logs each distinct error once, and the recovery."""
+
+    def __init__(self, what: str, counter: str, io: StageIO) -> None:
+        self.what, self.counter, self.io = what, counter, io
+        self.next_at = 0.0
+        self.delay = 0.0
+        self.failures = 0
+        self.logged: set[str] = set()
+
+    def failed(self, now: float, err: StoreError) -> None:
+        self.io.counters.add(self.counter)
+        self.failures += 1
+        if str(err) not in self.logged:
+            self.logged.add(str(err))
+            self.io.log.warning("%s failed, records kept and retried: %s", self.what, err)
+        self.delay = min(RETRY_MAX_S, max(RETRY_FIRST_S, self.delay * 2))
+        self.next_at = now + self.delay
+
+    def succeeded(self) -> None:
+        if self.failures:
+            self.io.log.info("%s works again after %d failed attempt(s)", self.what, self.failures)
+        self.next_at, self.delay, self.failures = 0.0, 0.0, 0
+        self.logged.clear()
+
+
+@dataclasses.dataclass
+class _Progress:
+    handled: int = 0  # a prefix of the batch: stored, skipped as duplicates or rejected
+    stored: list[AuditEvent] = dataclasses.field(default_factory=list)
+
+
+class PersistStage(BaseStage):
+    name = "persist"
+
+    def __init__(self, *, clock: Callable[[], int] = time.time_ns) -> None:
+        self.clock = clock
+        self.store: AuditStore | None = None
+        self.logger: AuditLogger | None = None
+        self.pending: list[AuditEvent] = []      # received, not yet committed to SQL
+        self.unjournaled: list[AuditEvent] = []  # committed to SQL, not yet in the JSONL file
+        self.pending_since: float | None = None
+        self.complaints: set[str] = set()
+        self.dropping = False
+
+    def setup(self, io: StageIO) -> None:
+        self.io = io
+        settings = io.settings
+        self.host = settings.host_name
+        self.commit_rows = settings.batch_max * 4
+        self.sql_retry = _Retry("SQL write", "store_errors", io)
+        self.jsonl_retry = _Retry("JSONL write", "jsonl_errors", io)
+        self.store = AuditStore(settings.db)
+        applied = self.store.migrate()
+        self.logger = AuditLogger(settings.audit_log, settings.audit_mode, clock=self.clock)
+        io.bind_inboxes()
+        io.ready = True
+        io.log.info("storing audit records in %s (%s), JSONL %s; inbox %s",
+                    self.store.url,
+                    f"applied {', '.join(applied)}" if applied else "schema up to date",
+                    settings.audit_log or "off", settings.run_dir / "persist.sock")
+
+    # ------------------------------------------------------------- receiving
+
+    def handle(self, inbox: str, kind: str, records: list) -> None:
+        now_ns = self.clock()
+        room = MAX_HELD - len(self.pending) - len(self.unjournaled)
+        for record in records:
+            reason = invalid_reason(record)
+            if reason is not None:
+                self._reject(reason)
+                continue
+            if room <= 0:
+                self._drop(1)
+                continue
+            room -= 1
+            if not record.timestamp:
+                record.timestamp = now_ns
+            if not record.host:
+                record.host = self.host
+            if not record.event_id:
+                record.event_id = new_event_id(now_ns)
+            self.pending.append(record)
+
+    def _reject(self, reason: str) -> None:
+        self.io.counters.add("records_rejected")
+        if reason not in self.complaints:
+            self.complaints.add(reason)
+            self.io.log.warning("skipping audit record: %s (counted, logged once)", reason)
+
+    def _drop(self, count: int) -> None:
+        self.io.counters.add("records_dropped", count)
+        if not self.dropping:
+            self.dropping = True
+            self.io.log.error("holding %d unstored records: dropping new ones until the "
+                              "store catches up (counted as records_dropped)", MAX_HELD)
+
+    # ------------------------------------------------------------- storing
+
+    def tick(self, now: float) -> None:
+        if self.pending and self.pending_since is None:
+            self.pending_since = now
+        if self._commit_due(now):
+            self._commit_all(now)
+        if self.unjournaled and now >= self.jsonl_retry.next_at:
+            self._journal(now)
+        self.io.counters.set("records_held", len(self.pending) + len(self.unjournaled))
+
+    def _commit_due(self, now: float) -> bool:
+        if not self.pending or now < self.sql_retry.next_at:
+            return False
+        return (len(self.pending) >= self.commit_rows
+                or now - self.pending_since >= self.io.settings.flush_interval)
+
+    def _commit_all(self, now: float) -> None:
+        """Commit everything pending, in batches, until the database fails."""
+        while self.pending:
+            progress = _Progress()
+            try:
+                self._store(self.pending[:self.commit_rows], progress)
+            except StoreError as err:
+                self.sql_retry.failed(now, err)
+                return
+            finally:
+                del self.pending[:progress.handled]
+                self.unjournaled.extend(progress.stored)
+        self.sql_retry.succeeded()
+        self.pending_since = None
+        self.dropping = False
+
+    def _store(self, batch: list[AuditEvent], progress: _Progress) -> None:
+        """Insert batch; a row the database refuses is found by halving and rejected alone."""
+        try:
+            stored = self.store.insert(batch)
+        except StoreRejected as err:
+            if len(batch) == 1:
+                self._reject(f"refused by the database: {err}")
+                progress.handled += 1
+                return
+            middle = len(batch) // 2
+            self._store(batch[:middle], progress)  # left first: handled stays a prefix
+            self._store(batch[middle:], progress)
+            return
+        progress.handled += len(batch)
+        progress.stored.extend(stored)
+        self.io.counters.add("rows_inserted", len(stored))
+        self.io.counters.add("duplicates_skipped", len(batch) - len(stored))
+
+    def _journal(self, now: float) -> None:
+        """Append what SQL holds and the file lacks, until the file fails."""
+        while self.unjournaled:
+            chunk = self.unjournaled[:self.commit_rows]
+            try:
+                self.logger.write(chunk)
+            except StoreError as err:
+                self.jsonl_retry.failed(now, err)
+                return
+            del self.unjournaled[:len(chunk)]
+            self.io.counters.add("records_stored", len(chunk))
+        self.jsonl_retry.succeeded()
+
+    # ------------------------------------------------------------- signals and stop
+
+    def hangup(self) -> None:
+        if self.logger is None:
+            return
+        try:
+            self.logger.reopen()
+            self.io.log.info("reopened %s", self.logger.path)
+        except StoreError as err:
+            # write() opens it again on its next attempt; until then records wait.
+            self.io.counters.add("jsonl_errors")
+            self.io.log.warning("%s", err)
+
+    def teardown(self) -> None:
+        """Store what was received before the stop: one last attempt, losses counted."""
+        try:
+            if self.store is not None and self.logger is not None:
+                now = time.monotonic()
+                self._commit_all(now)
+                self._journal(now)
+                lost = len(self.pending) + len(self.unjournaled)
+                if lost:
+                    self.io.counters.add("records_dropped", lost)
+                    self.io.log.error("%d record(s) could not be stored before the stop "
+                                      "(counted as records_dropped)", lost)
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+            if self.store is not None:
+                self.store.close()
+
+
+def run(settings: Settings, *, ctx: zmq.Context | None = None,
+        stop: threading.Event | None = None) -> int:
+    return run_stage(PersistStage(), settings, ctx=ctx, stop=stop)

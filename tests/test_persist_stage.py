@@ -1,0 +1,269 @@
+"""The persist stage on real ZeroMQ sockets, a real SQLite file and a real JSONL file."""
+
+import dataclasses
+import json
+import sqlite3
+import threading
+import time
+
+import msgpack
+import pytest
+import sqlalchemy as sa
+import zmq
+
+from pipeline import wire
+from pipeline.audit import AuditEvent, parse_timestamp
+from pipeline.settings import Settings
+from pipeline.stages import persist
+from pipeline.store import audit_events, open_readonly
+
+T0 = 1_767_225_600_123_456_789  # 2026-01-01T00:00:00.123456789Z
+
+
+def wait_for(predicate, what, timeout=10.0):
+    """Poll until predicate() is truthy; fail (never hang) after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def make_settings(tmp_path, **env):
+    values = {
+        "SLUICE_RUN_DIR": str(tmp_path / "run"),
+        "SLUICE_DB": f"sqlite:///{tmp_path / 'db' / 'audit.db'}",
+        "SLUICE_AUDIT_LOG": str(tmp_path / "audit.jsonl"),
+        "SLUICE_HOST": "test-host",
+        "SLUICE_FLUSH_INTERVAL": "0.05",
+        "SLUICE_COUNTER_INTERVAL": "0.1",
+    }
+    values.update(env)
+    return Settings.from_env(values)
+
+
+class StageThread:
+    """persist.run in a thread, stopped through its stop event."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.stop = threading.Event()
+        self.exit_code = None
+        self.thread = threading.Thread(target=self._run, name="persist-under-test")
+
+    def _run(self):
+        self.exit_code = persist.run(self.settings, stop=self.stop)
+
+    def start(self):
+        (self.settings.run_dir / "persist.counters.json").unlink(missing_ok=True)
+        self.thread.start()
+        ready = self.settings.run_dir / "persist.ready"
+        wait_for(lambda: ready.exists() or not self.thread.is_alive(), "persist.ready")
+        assert self.thread.is_alive(), f"persist exited early with {self.exit_code}"
+        return self
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive(), "persist did not stop within 10 s"
+        return self.exit_code
+
+    def counters(self):
+        path = self.settings.run_dir / "persist.counters.json"
+        return json.loads(path.read_text())["counters"] if path.exists() else {}
+
+
+@pytest.fixture
+def zctx():
+    threads_before = set(threading.enumerate())
+    ctx = zmq.Context()
+    yield ctx
+    # term() blocks while a socket is open: a leaked socket fails here instead of hanging.
+    closer = threading.Thread(target=ctx.term, daemon=True)
+    closer.start()
+    closer.join(timeout=5)
+    assert not closer.is_alive(), "a ZeroMQ socket was left open"
+    leaked = set(threading.enumerate()) - threads_before
+    assert not [t for t in leaked if t.is_alive()], f"threads left running: {leaked}"
+
+
+@pytest.fixture
+def pusher(zctx, tmp_path):
+    sockets = []
+
+    def push(settings, *frames):
+        if not sockets:
+            sock = zctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 5000)
+            sock.connect(f"ipc://{settings.run_dir}/persist.sock")
+            sockets.append(sock)
+        for frame in frames:
+            sockets[0].send(frame)
+
+    yield push
+    for sock in sockets:
+        sock.close()
+
+
+def record(n, **fields):
+    base = dict(timestamp=T0 + n, event_type="connection_blocked", src_ip="10.0.0.2",
+                dst_ip=f"93.184.216.{n % 250}", dst_hostname="example.com", dst_port=443,
+                protocol="TCP", process="curl", pid=4000 + n, would_deny=True,
+                event_id=f"id-{n:06d}")
+    base.update(fields)
+    return AuditEvent(**base)
+
+
+def jsonl_fields(path):
+    """Each line as a dict of every AuditEvent field, defaults filled in."""
+    if not path.exists():
+        return []
+    defaults = dataclasses.asdict(AuditEvent(0, ""))
+    text = path.read_text()
+    out = []
+    for line in text[:text.rfind("\n") + 1].splitlines():  # a line being written is not yet one
+        data = {**defaults, **json.loads(line)}
+        data["timestamp"] = parse_timestamp(data["timestamp"])
+        out.append(data)
+    return out
+
+
+def sql_fields(settings):
+    engine = open_readonly(settings.db)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(audit_events).order_by(audit_events.c.id)).mappings()
+            out = []
+            for row in rows:
+                data = {k: v for k, v in row.items() if k != "id"}
+                data["timestamp"] = parse_timestamp(data["timestamp"])
+                data["cname_chain"] = json.loads(data["cname_chain"] or "[]")
+                out.append(data)
+            return out
+    finally:
+        engine.dispose()
+
+
+def expected_fields(records):
+    """What persist stores for records sent without a host: this host's name."""
+    return [{**dataclasses.asdict(r), "host": r.host or "test-host"} for r in records]
+
+
+def test_records_become_agreeing_jsonl_lines_and_sql_rows(tmp_path, pusher):
+    settings = make_settings(tmp_path)
+    sent = [record(n) for n in range(300)]
+    sent[1] = record(1, event_type="connection_allowed", would_deny=False,
+                     auto_allowed_type="dns", protocol="UDP", dst_port=53)
+    sent[2] = record(2, event_type="dns_blocked", src_ip="", dst_ip="", dst_port=0,
+                     protocol="", process="", pid=0, dst_hostname="evil.example")
+    sent[3] = record(3, cname_chain=["a.example", "b.cdn.example"], mid_stream=True, packets=9)
+    sent[4] = record(4, dst_hostname="<b>&co\u2028", host="other-host")
+    stage = StageThread(settings).start()
+    try:
+        for start in range(0, len(sent), 64):
+            pusher(settings, wire.encode(sent[start:start + 64]))
+        wait_for(lambda: len(jsonl_fields(settings.audit_log)) == len(sent), "300 JSONL lines")
+    finally:
+        assert stage.finish() == 0
+
+    expected = expected_fields(sent)
+    assert jsonl_fields(settings.audit_log) == expected
+    assert sql_fields(settings) == expected
+    counters = stage.counters()
+    assert counters["rows_inserted"] == counters["records_stored"] == len(sent)
+    assert counters.get("records_dropped", 0) == 0
+
+
+def test_missing_id_host_and_time_are_filled_the_same_in_both(tmp_path, pusher):
+    settings = make_settings(tmp_path)
+    stage = StageThread(settings).start()
+    try:
+        pusher(settings, wire.encode([record(0, event_id="", host="", timestamp=0)]))
+        wait_for(lambda: jsonl_fields(settings.audit_log), "a JSONL line")
+    finally:
+        stage.finish()
+    [line] = jsonl_fields(settings.audit_log)
+    assert line["event_id"] and line["host"] == "test-host" and line["timestamp"] > T0
+    assert sql_fields(settings) == [line]
+
+
+def test_garbage_and_bad_records_are_counted_and_the_stage_keeps_working(tmp_path, pusher):
+    settings = make_settings(tmp_path)
+    good = record(1)
+    bad_types = msgpack.packb({"kind": "audit_records", "v": 1,
+                               "records": [[1, 2, 3], record(2).to_wire()]})
+    out_of_range = wire.encode([record(3, dst_port=70_000)])
+    stage = StageThread(settings).start()
+    try:
+        pusher(settings, b"\xc1 not msgpack", bad_types, out_of_range,
+               wire.encode([record(4)], kind="audit_records")[:5])
+        pusher(settings, wire.encode([good]))
+        wait_for(lambda: len(jsonl_fields(settings.audit_log)) == 2, "the two good records")
+    finally:
+        assert stage.finish() == 0
+    assert [f["event_id"] for f in jsonl_fields(settings.audit_log)] == ["id-000002", "id-000001"]
+    assert len(sql_fields(settings)) == 2
+    counters = stage.counters()
+    assert counters["malformed_messages"] == 2
+    assert counters["malformed_records"] == 1
+    assert counters["records_rejected"] == 1
+
+
+def test_stop_stores_everything_pushed_before_it(tmp_path, pusher):
+    # Nothing is due by count or time while running: only the stop path stores.
+    settings = make_settings(tmp_path, SLUICE_FLUSH_INTERVAL="3600", SLUICE_BATCH_MAX="100000")
+    sent = [record(n) for n in range(1000)]
+    stage = StageThread(settings).start()
+    pusher(settings, *(wire.encode(sent[i:i + 100]) for i in range(0, 1000, 100)))
+    assert stage.finish() == 0
+    assert len(jsonl_fields(settings.audit_log)) == 1000
+    assert sql_fields(settings) == expected_fields(sent)
+
+
+def test_a_restarted_stage_appends_and_skips_what_is_stored(tmp_path, pusher):
+    settings = make_settings(tmp_path)
+    first, second = [record(n) for n in range(10)], [record(n) for n in range(10, 20)]
+    for batch in (first, first[5:] + second):  # the second run also gets five old ids
+        stage = StageThread(settings).start()
+        try:
+            pusher(settings, wire.encode(batch))
+            wait_for(lambda: stage.counters().get("records_stored", 0)
+                     + stage.counters().get("duplicates_skipped", 0) >= len(batch),
+                     "the batch to be handled")
+        finally:
+            stage.finish()
+    assert stage.counters()["duplicates_skipped"] == 5
+    assert jsonl_fields(settings.audit_log) == expected_fields(first + second)
+    assert sql_fields(settings) == expected_fields(first + second)
+
+
+def test_a_locked_database_delays_records_but_loses_none(tmp_path, pusher):
+    settings = make_settings(tmp_path)
+    stage = StageThread(settings).start()
+    locker = sqlite3.connect(settings.db.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")  # holds the write lock the stage needs
+        pusher(settings, wire.encode([record(n) for n in range(50)]))
+        wait_for(lambda: stage.counters().get("store_errors", 0) >= 1, "a failed SQL write")
+        assert not settings.audit_log.exists() or jsonl_fields(settings.audit_log) == []
+        locker.execute("ROLLBACK")
+        wait_for(lambda: len(jsonl_fields(settings.audit_log)) == 50, "the delayed records")
+    finally:
+        locker.close()
+        stage.finish()
+    assert sql_fields(settings) == expected_fields([record(n) for n in range(50)])
+
+
+def test_an_unusable_database_stops_the_stage_at_start_with_one_line(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    settings = make_settings(tmp_path, SLUICE_DB=f"sqlite:///{blocker}/audit.db")
+    stage = StageThread(settings)
+    stage.thread.start()
+    stage.thread.join(timeout=10)
+    assert stage.exit_code == 5
+    failed = (settings.run_dir / "persist.failed").read_text()
+    assert failed.count("\n") == 1 and str(blocker) in failed
