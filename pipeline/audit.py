@@ -165,14 +165,15 @@ def parse_timestamp(text: str) -> int:
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 # What Go's encoder writes differently from Python's: HTML-sensitive characters and the JS
-# line separators are escaped; lone surrogates (Python's stand-in for invalid UTF-8) -> U+FFFD.
+# line separators are escaped, and so is each lone surrogate (what Python makes of an invalid
+# UTF-8 byte), as Go writes an invalid byte: the escape of U+FFFD.
 _GO_SPECIAL = re.compile("[<>&\u2028\u2029\ud800-\udfff]")
 _GO_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026",
                "\u2028": "\\u2028", "\u2029": "\\u2029"}
 
 
 def _go_escape(match: re.Match) -> str:
-    return _GO_ESCAPES.get(match.group(), "\ufffd")
+    return _GO_ESCAPES.get(match.group(), "\\ufffd")
 
 
 def to_json_line(event: AuditEvent) -> str:
