@@ -1,0 +1,111 @@
+"""enrich and policy on real ipc:// sockets, each in a thread, fed and read by the test."""
+
+import json
+
+import msgpack
+import pytest
+
+from pipeline import messages
+from pipeline.events import RawEvent
+from pipeline.rulemaps import ALLOW, DENY, DictRuleMaps
+from pipeline.stages.enrich import EnrichStage
+from pipeline.stages.policy import PolicyStage
+from tests.stagekit import Peer, StageThread, stage_settings, wait_for
+
+T0 = 1_764_000_000_000_000_000
+
+
+def raw(dst="93.184.216.34", port=443, allowed=False, proto=6, src_port=40000):
+    return RawEvent(4, allowed, proto, 0, "10.0.0.2", dst, src_port, port, T0, 77, "curl", 1)
+
+
+@pytest.fixture
+def peer(tmp_path):
+    peer = Peer(tmp_path / "run")
+    yield peer
+    peer.close()
+
+
+def test_enrich_forwards_every_event_and_survives_garbage(tmp_path, peer):
+    settings = stage_settings(tmp_path)
+    out = peer.inbox("policy")
+    stage = StageThread(EnrichStage(), settings).start()
+    push = peer.pusher("enrich")
+    push.send(b"\x00garbage")
+    push.send(msgpack.packb({"kind": "raw_events", "v": 1, "records": [[1, 2, 3]]}))
+    push.send(messages.encode([raw(port=p) for p in range(1, 1201)]))
+    got = Peer.receive(out, 1200)
+    assert stage.finish() == 0
+    assert [e.dst_port for e in got] == list(range(1, 1201))
+    assert got[0].protocol == "TCP" and got[0].comm == "curl" and got[0].dst_hostname == ""
+    counters = stage.counters()
+    assert counters["malformed_messages"] == 1 and counters["malformed_records"] == 1
+    assert counters["raw_events_received"] == 1200 and counters["policy_sent"] == 1200
+
+
+def write_policy(tmp_path, policy):
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(policy))
+    return str(path)
+
+
+def test_policy_programs_the_maps_then_decides_outcomes(tmp_path, peer):
+    maps = DictRuleMaps()
+    policy = {"defaultAction": "deny", "rules": [
+        {"type": "cidr", "value": "10.1.0.0/16", "action": "allow",
+         "ports": [{"port": 443, "protocol": "tcp"}]}]}
+    settings = stage_settings(tmp_path, SLUICE_POLICY=write_policy(tmp_path, policy),
+                              SLUICE_MODE="enforce")
+    out = peer.inbox("persist")
+    stage = StageThread(PolicyStage(open_maps=lambda s: maps), settings).start()
+    assert maps.get_config() == (DENY, False, 1)
+    assert maps.verdict("10.1.7.9", 443, 6) == ALLOW
+    assert maps.verdict("10.1.7.9", 80, 6) == DENY
+    push = peer.pusher("policy")
+    push.send(messages.encode(
+        [messages.REGISTRY["enriched_events"].from_raw(e) for e in
+         (raw(dst="10.1.7.9", allowed=True), raw(port=80), raw(proto=47, src_port=0, port=47))]))
+    records = Peer.receive(out, 3)
+    assert stage.finish() == 0
+    assert [r.event_type for r in records] == [
+        "connection_allowed", "connection_blocked", "protocol_blocked"]
+    assert [(r.would_deny, r.blocked) for r in records] == [(False, False), (False, True), (False, True)]
+    assert len({r.event_id for r in records}) == 3 and records[0].host == "test-host"
+
+
+def test_policy_waits_for_the_maps_before_it_is_ready(tmp_path, peer):
+    maps = DictRuleMaps()
+    available = []
+    settings = stage_settings(tmp_path, SLUICE_POLICY=write_policy(tmp_path, {}))
+    stage = StageThread(PolicyStage(open_maps=lambda s: maps if available else None), settings)
+    stage.start(wait_ready=False)
+    ready = settings.run_dir / "policy.ready"
+    assert not wait_for_nothing(lambda: ready.exists(), 0.5)
+    available.append(True)
+    wait_for(ready.exists, "policy ready once the maps appear")
+    assert maps.get_config()[2] == 1
+    assert stage.finish() == 0
+
+
+def wait_for_nothing(predicate, seconds):
+    try:
+        return wait_for(predicate, "", seconds)
+    except AssertionError:
+        return False
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "policy.json:1:2"),
+    ('{"rules": [{"type": "cidr", "value": "10.0.0.0/33", "action": "allow"}]}', "rules[0]"),
+    ('{"rules": [{"type": "hostname", "value": "x.com", "action": "permit"}]}', "rules[0].action"),
+])
+def test_a_bad_policy_stops_the_stage_with_one_line(tmp_path, text, message):
+    path = tmp_path / "policy.json"
+    path.write_text(text)
+    settings = stage_settings(tmp_path, SLUICE_POLICY=str(path))
+    stage = StageThread(PolicyStage(open_maps=lambda s: DictRuleMaps()), settings)
+    stage.start(wait_ready=False)
+    stage.thread.join(10)
+    assert stage.exit_code == 3
+    failed = (settings.run_dir / "policy.failed").read_text()
+    assert failed.count("\n") == 1 and message in failed
