@@ -80,7 +80,8 @@ def _create_audit_events(conn: sa.Connection) -> None:
     audit_events.create(conn)
 
 
-MIGRATIONS: tuple[tuple[str, Callable[[sa.Connection], None]], ...] = (
+Migration = tuple[str, Callable[[sa.Connection], None]]
+MIGRATIONS: tuple[Migration, ...] = (
     ("0001_audit_events", _create_audit_events),
 )
 
@@ -218,20 +219,21 @@ class AuditStore:
         self._insert_sql = compiled.string
         self._positional = compiled.positional
 
-    def migrate(self) -> list[str]:
+    def migrate(self, migrations: Sequence[Migration] = MIGRATIONS) -> list[str]:
         """Apply the migrations this database lacks, in order; returns their names."""
         try:
             with self.engine.begin() as conn:
                 schema_migrations.create(conn, checkfirst=True)
                 applied = set(conn.execute(sa.select(schema_migrations.c.name)).scalars())
         except sa.exc.SQLAlchemyError as err:
-            raise StoreError(f"{self.url}: cannot read schema_migrations: {_one_line(err)}") from None
-        unknown = applied - {name for name, _ in MIGRATIONS}
+            raise StoreError(f"{self.url}: cannot read schema_migrations: "
+                             f"{_one_line(err)}") from None
+        unknown = applied - {name for name, _ in migrations}
         if unknown:
             raise StoreError(f"{self.url} has migrations this sluice does not know "
                              f"({', '.join(sorted(unknown))}): upgrade sluice")
         done = []
-        for name, step in MIGRATIONS:
+        for name, step in migrations:
             if name not in applied:
                 self._apply(name, step)
                 done.append(name)

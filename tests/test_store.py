@@ -1,0 +1,233 @@
+"""The SQL store on real SQLite files: migrations, rows, duplicates, WAL, read-only, errors."""
+
+import dataclasses
+import json
+import sqlite3
+
+import pytest
+import sqlalchemy as sa
+
+from pipeline.audit import AuditEvent, new_event_id, parse_timestamp
+from pipeline.errors import StoreError
+from pipeline.store import (MIGRATIONS, AuditStore, StoreRejected, audit_events, open_readonly,
+                            schema_migrations)
+
+T0 = 1_767_225_600_123_456_789
+
+
+def url(path):
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "data" / "audit.db"
+
+
+@pytest.fixture
+def store(db):
+    s = AuditStore(url(db))
+    s.migrate()
+    yield s
+    s.close()
+
+
+def events(n, start=0, **fields):
+    return [AuditEvent(**{"timestamp": T0 + i, "event_type": "connection_blocked",
+                          "src_ip": "10.0.0.2", "dst_ip": f"1.2.3.{i % 250}", "dst_port": 443,
+                          "protocol": "TCP", "process": "curl", "pid": 100 + i,
+                          "event_id": new_event_id(T0 + i), "host": "h", **fields})
+            for i in range(start, start + n)]
+
+
+def stored(db):
+    """Every row as a dict of AuditEvent fields, read through the read-only opener."""
+    engine = open_readonly(url(db))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(audit_events).order_by(audit_events.c.id)).mappings()
+            return [{**{k: v for k, v in row.items() if k != "id"},
+                     "timestamp": parse_timestamp(row["timestamp"]),
+                     "cname_chain": json.loads(row["cname_chain"] or "[]")} for row in rows]
+    finally:
+        engine.dispose()
+
+
+# ---------------------------------------------------------------- migrations
+
+def test_migrations_are_applied_once(db):
+    first = AuditStore(url(db))
+    assert first.migrate() == [name for name, _ in MIGRATIONS]
+    assert first.migrate() == []
+    first.close()
+    again = AuditStore(url(db))
+    assert again.migrate() == []
+    with again.engine.connect() as conn:
+        names = conn.execute(sa.select(schema_migrations.c.name)).scalars().all()
+    again.close()
+    assert names == [name for name, _ in MIGRATIONS]
+
+
+def test_a_failing_migration_is_rolled_back_and_stops_loudly(store, db):
+    def broken(conn):
+        conn.exec_driver_sql("CREATE TABLE half_done (x INTEGER)")
+        conn.exec_driver_sql("INSERT INTO no_such_table VALUES (1)")
+
+    with pytest.raises(StoreError, match="migration 0002_broken failed"):
+        store.migrate([*MIGRATIONS, ("0002_broken", broken)])
+    with sqlite3.connect(db) as raw:
+        tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master")}
+        names = [r[0] for r in raw.execute("SELECT name FROM schema_migrations")]
+    assert "half_done" not in tables
+    assert names == ["0001_audit_events"]
+
+
+def test_a_database_from_a_newer_sluice_is_refused(store):
+    store.migrate([*MIGRATIONS, ("0099_future", lambda conn: None)])
+    with pytest.raises(StoreError, match="0099_future.*upgrade sluice"):
+        store.migrate()
+
+
+def test_later_migrations_are_appended_in_order(store):
+    def add_view(conn):
+        conn.exec_driver_sql("CREATE VIEW blocked AS SELECT * FROM audit_events WHERE blocked")
+
+    assert store.migrate([*MIGRATIONS, ("0002_view", add_view)]) == ["0002_view"]
+    store.write(events(3, blocked=True) + events(2, start=3))
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM blocked").scalar() == 3
+
+
+# ---------------------------------------------------------------- rows
+
+def test_rows_equal_the_records_field_by_field(store, db):
+    batch = events(4)
+    batch[1] = dataclasses.replace(batch[1], cname_chain=["a.example", "ü.example"],
+                                   mid_stream=True, packets=12, matched_rule="*.example",
+                                   auto_allowed_type="dns", event_type="connection_allowed")
+    batch[2] = dataclasses.replace(batch[2], src_ip="", dst_ip="", dst_port=0, protocol="",
+                                   process="", pid=0, event_type="dns_blocked",
+                                   dst_hostname="evil.example", would_deny=True)
+    batch[3] = dataclasses.replace(batch[3], blocked=True, pid=2**32 - 1, dst_port=65535)
+    assert store.write(batch) == 4
+    assert stored(db) == [dataclasses.asdict(e) for e in batch]
+
+
+def test_empty_chain_is_empty_text_and_times_are_fixed_width_text(store, db):
+    store.write(events(1) + events(1, start=1, cname_chain=["x"]))
+    with sqlite3.connect(db) as raw:
+        rows = raw.execute("SELECT cname_chain, timestamp FROM audit_events ORDER BY id").fetchall()
+    assert rows == [("", "2026-01-01T00:00:00.123456789Z"),
+                    ('["x"]', "2026-01-01T00:00:00.123456790Z")]
+
+
+def test_a_batch_written_again_adds_nothing(store, db):
+    batch = events(10)
+    assert store.write(batch) == 10
+    assert store.write(batch) == 0
+    assert len(stored(db)) == 10
+
+
+def test_insert_returns_exactly_the_new_records_in_order(store, db):
+    old, new = events(5), events(5, start=5)
+    store.write(old[:3])
+    mixed = [new[0], old[0], new[1], old[2], new[1], old[3], old[4]]
+    assert store.insert(mixed) == [new[0], new[1], old[3], old[4]]
+    assert [r["event_id"] for r in stored(db)] == [e.event_id for e in
+                                                   old[:3] + [new[0], new[1], old[3], old[4]]]
+
+
+def test_a_value_the_database_cannot_hold_is_rejected_not_retried(store, db):
+    with pytest.raises(StoreRejected):
+        store.write(events(2) + events(1, start=2, packets=2**64))
+    assert stored(db) == []
+
+
+def test_a_locked_database_is_an_error_to_retry_and_stores_nothing(tmp_path, db):
+    store = AuditStore(url(db), busy_timeout_ms=50)
+    store.migrate()
+    locker = sqlite3.connect(db, isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreError, match="locked") as err:
+            store.write(events(3))
+        assert not isinstance(err.value, StoreRejected)
+        locker.execute("ROLLBACK")
+        assert store.write(events(3)) == 3
+    finally:
+        locker.close()
+        store.close()
+
+
+# ---------------------------------------------------------------- connections
+
+def test_writer_uses_wal_normal_sync_and_a_busy_timeout(store, db):
+    with store.engine.connect() as conn:
+        settings = [conn.exec_driver_sql(f"PRAGMA {p}").scalar()
+                    for p in ("journal_mode", "synchronous", "busy_timeout")]
+    assert settings == ["wal", 1, 1000]
+    with sqlite3.connect(db) as raw:  # WAL is a property of the file, seen by any client
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_the_read_only_opener_reads_but_refuses_writes(store, db):
+    store.write(events(2))
+    engine = open_readonly(url(db))
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(audit_events)).scalar() == 2
+            with pytest.raises(sa.exc.OperationalError, match="readonly"):
+                conn.execute(audit_events.delete())
+    finally:
+        engine.dispose()
+    assert len(stored(db)) == 2
+
+
+def test_the_read_only_opener_does_not_create_a_database(tmp_path):
+    with pytest.raises(StoreError, match="cannot open"):
+        open_readonly(url(tmp_path / "missing.db"))
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_memory_database_works_without_wal():
+    store = AuditStore("sqlite://")
+    store.migrate()
+    assert store.write(events(2)) == 2
+    store.close()
+
+
+def make_locked(tmp_path):
+    path = tmp_path / "locked.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")  # rollback-journal mode: the lock blocks readers
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("INSERT INTO t VALUES (1)")
+    return path, holder
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not a url", "not a database URL"),
+    ("mysql://u@localhost/db", "unsupported database 'mysql'"),
+    ("postgresql://u:hunter2@localhost/db", "postgresql://u:\\*\\*\\*@localhost/db"),
+    ("parent-is-a-file", "cannot create"),
+    ("corrupt", "file is not a database"),
+    ("locked", "database is locked"),
+])
+def test_open_problems_are_one_line_store_errors(tmp_path, case, message):
+    holder = None
+    if case == "parent-is-a-file":
+        (tmp_path / "f").write_text("")
+        case = url(tmp_path / "f" / "audit.db")
+    elif case == "corrupt":
+        (tmp_path / "c.db").write_bytes(b"this is not a database file at all" * 200)
+        case = url(tmp_path / "c.db")
+    elif case == "locked":
+        path, holder = make_locked(tmp_path)
+        case = url(path)
+    try:
+        with pytest.raises(StoreError, match=message) as err:
+            AuditStore(case, busy_timeout_ms=50)
+    finally:
+        if holder is not None:
+            holder.close()
+    assert "\n" not in str(err.value) and "hunter2" not in str(err.value)
