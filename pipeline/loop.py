@@ -118,6 +118,7 @@ class StageIO:
         self.feeds: list[Feed] = []
         self.fds: dict[int, Callable[[], None]] = {}
         self.sockets: list[zmq.Socket] = []
+        self.bound_paths: list[Path] = []
         self.ready = False
 
     def bind_inboxes(self) -> dict[str, zmq.Socket]:
@@ -131,6 +132,7 @@ class StageIO:
             if path.exists():
                 path.unlink()  # a stale socket file from a stage that died
             sock.bind(inbox_address(self.settings.run_dir, inbox.name))
+            self.bound_paths.append(path)
             self.sockets.append(sock)
             self.inboxes[sock] = inbox
             bound[inbox.name] = sock
@@ -206,23 +208,20 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 class _Signals:
-    """Signal handlers only set flags; restored on exit (tests run stages in threads)."""
+    """Signal handlers only set flags. They stay installed after the loop ends: honcho may
+    signal a stage more than once, and a late SIGTERM must not kill a stage mid-teardown.
+    (Stages run in test threads get none; their stop event is set directly.)"""
 
     def __init__(self, stop: threading.Event) -> None:
         self.stop = stop
         self.hup = threading.Event()
-        self.previous: dict[int, object] = {}
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in (signal.SIGTERM, signal.SIGINT):
-            self.previous[signum] = signal.signal(signum, lambda *_: self.stop.set())
-        self.previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: self.hup.set())
-
-    def restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, lambda *_: self.stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.hup.set())
 
 
 class _OncePerKind:
@@ -275,10 +274,11 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
             _log_counters(io, log, final=True)
             for sock in io.sockets:
                 sock.close()
+            for path in io.bound_paths:  # libzmq leaves ipc socket files behind
+                path.unlink(missing_ok=True)
             if own_ctx:
                 ctx.term()
             ready.unlink(missing_ok=True)
-            signals.restore()
 
 
 def _loop(stage: Stage, io: StageIO, signals: _Signals, ready_marker: Path) -> None:

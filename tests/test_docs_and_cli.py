@@ -36,7 +36,9 @@ def test_procfile_runs_every_stage_of_the_topology_once():
     lines = [l for l in (ROOT / "Procfile").read_text().splitlines() if l.strip()]
     labels = {l.split(":", 1)[0]: l.split(":", 1)[1].strip() for l in lines}
     assert set(labels) == set(STAGES)
-    assert all(cmd == f"sluice run {label}" for label, cmd in labels.items())
+    # exec: honcho runs each line under sh; the stage itself must get the signal and report
+    # its own exit code.
+    assert all(cmd == f"exec sluice run {label}" for label, cmd in labels.items())
 
 
 def test_readme_stage_table_matches_the_topology():

@@ -1,6 +1,7 @@
 """End to end: the real Procfile under `honcho start` inside a network namespace."""
 
 import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -35,7 +36,7 @@ class Pipeline:
         self.proc = None
 
     def sluice(self, *args: str, netns: bool = False, timeout: float = 60):
-        prefix = lab_exec = self.lab.exec_args(self.lab.client) if netns else []
+        prefix = self.lab.exec_args(self.lab.client) if netns else []
         return subprocess.run([*prefix, f"{VENV_BIN}/sluice", *args], env=self.env, cwd=ROOT,
                               capture_output=True, text=True, timeout=timeout)
 
@@ -50,11 +51,12 @@ class Pipeline:
         assert ready.returncode == 0, ready.stderr + self.output()
         return self
 
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGINT)  # what Ctrl-C does
-        rc = self.proc.wait(15)
+    def stop(self) -> dict[str, str]:
+        """Ctrl-C; returns each stage's exit status as honcho reports it."""
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(15)
         self.log.close()
-        return rc
+        return dict(re.findall(r"(\w+)\.1 stopped \((rc=-?\d+)\)", self.output()))
 
     def output(self) -> str:
         return (self.tmp / "honcho.log").read_text()
@@ -90,7 +92,7 @@ def test_pipeline_judges_real_connections_and_stores_agreeing_jsonl_and_sql(lab,
 
     wait_for(lambda: find(pipeline.jsonl(), event_type="protocol_blocked")
              and find(pipeline.jsonl(), dst_port=443), 15, "records in the JSONL file")
-    assert pipeline.stop() == 0
+    assert pipeline.stop() == {stage: "rc=0" for stage in STAGES}
     lines, rows = pipeline.jsonl(), pipeline.rows()
 
     [ok] = find(lines, event_type="connection_allowed", dst_port=80)
