@@ -23,6 +23,8 @@ class Policy:
         self.source = source
         self.hostnames = HostnameMatcher(self.rules, self.search_domains)
         self.cidrs = CidrMatcher(self.rules)
+        # Deny rules never tag a connection, so only auto-added allows are asked.
+        self.auto_rules = tuple(r for r in self.rules if r.auto_added_type and r.action == "allow")
 
     def __repr__(self) -> str:
         return (f"Policy({self.source or 'inline'}: default {self.default_action}, "
