@@ -61,8 +61,9 @@ class Firewall:
         """Bump the generation: capture attaches the classifier once it is non-zero, so call
         this after the policy, the auto-allows and the existing connections are written."""
         default_action, audit_mode, generation = self.maps.get_config()
-        self.maps.set_config(default_action, audit_mode, generation + 1)
-        return generation + 1
+        generation = generation % 0xFFFFFFFF + 1  # a u32 in the kernel, never 0 again
+        self.maps.set_config(default_action, audit_mode, generation)
+        return generation
 
     # ------------------------------------------------------------ per address
 

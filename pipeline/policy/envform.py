@@ -31,7 +31,7 @@ def split_entry(entry: str) -> tuple[str, list[int]]:
 def _bracketed(entry: str) -> tuple[str, list[int]]:
     close = entry.find("]")
     if close == -1:
-        raise ValueError("'[' without a closing ']'")
+        raise ValueError('"[" without a closing "]"')
     host, rest = entry[1:close], entry[close + 1:]
     if not rest:
         return host, []
@@ -47,7 +47,7 @@ def parse_port_list(text: str) -> list[int]:
         if not token:
             continue
         if not (token.isascii() and token.isdigit()):
-            raise ValueError(f"port {token!r} is not a number")
+            raise ValueError(f'port "{token}" is not a number')
         if int(token) > 65535:
             raise ValueError(f"port {token} is outside 0-65535")
         ports.append(int(token))
