@@ -131,3 +131,48 @@ def test_pipeline_judges_real_connections_and_stores_agreeing_jsonl_and_sql(lab,
     assert not (run_dir / "attachment.json").exists()
     assert not Path(f"/sys/fs/bpf/sluice-e{lab.tag}").exists()
     assert "sluice" not in sh("bpftool", "cgroup", "tree", check=False).stdout
+
+
+def test_audit_mode_reports_would_deny_and_a_clean_stop_detaches(lab, tmp_path):
+    lab.start_server(443)
+    pipeline = Pipeline(lab, tmp_path, {"defaultAction": "deny"}, mode="audit").start()
+    result = lab.client_run("tcp", Lab.SERVER_V4, "443", "--name", "sl-audit")
+    assert result["ok"], "audit mode must not drop"
+    wait_for(lambda: find(pipeline.jsonl(), dst_port=443), 15, "the would-deny record")
+    assert pipeline.stop() == {stage: "rc=0" for stage in STAGES}
+    records = find(pipeline.jsonl(), event_type="connection_blocked", dst_port=443)
+    # The SYN, then (the connection proceeding) its would-be-dropped mid-stream segments.
+    assert [r.get("mid_stream", False) for r in records][:1] == [False]
+    for record in records:
+        assert (record["would_deny"], record["blocked"], record["process"]) == (
+            True, False, "sl-audit")
+    # No `sluice detach`: in audit mode the stop itself leaves the host as it was.
+    assert "sluice_egress" not in sh(*lab.exec_args(lab.client), "tc", "filter", "show", "dev",
+                                     lab.client_if, "egress").stdout
+    assert "clsact" not in sh(*lab.exec_args(lab.client), "tc", "qdisc", "show", "dev",
+                              lab.client_if).stdout
+    assert not (tmp_path / "run" / "attachment.json").exists()
+    assert "sluice" not in sh("bpftool", "cgroup", "tree", check=False).stdout
+
+
+def test_two_instances_run_side_by_side(tmp_path, kernel):
+    labs = [Lab(), Lab()]
+    try:
+        pipelines = []
+        for index, lab in enumerate(labs):
+            lab.create()
+            lab.start_server(80)
+            policy = {"defaultAction": "deny", "rules": [
+                {"type": "cidr", "value": f"{Lab.SERVER_V4}/32", "action": "allow"}]}
+            (tmp_path / str(index)).mkdir()
+            pipelines.append(Pipeline(lab, tmp_path / str(index), policy).start())
+        for lab in labs:
+            assert lab.client_run("tcp", Lab.SERVER_V4, "80")["ok"]
+        for pipeline in pipelines:
+            wait_for(lambda: find(pipeline.jsonl(), dst_port=80), 15, "each instance's record")
+            assert pipeline.stop() == {stage: "rc=0" for stage in STAGES}
+            assert pipeline.sluice("detach", netns=True).returncode == 0
+            assert len(find(pipeline.jsonl(), event_type="connection_allowed")) == 1
+    finally:
+        for lab in labs:
+            lab.close()
