@@ -71,9 +71,7 @@ class PolicyStage(BaseStage):
     def _program(self, maps: RuleMaps) -> None:
         firewall = Firewall(maps)
         firewall.program(self.policy, self.settings.audit_mode)
-        _, _, generation = maps.get_config()
-        default = 1 if self.policy.default_action == "allow" else 0
-        maps.set_config(default, self.settings.audit_mode, (generation % 0xFFFFFFFF) + 1)
+        firewall.mark_programmed()
         self.firewall = firewall
         self.io.ready = True
         self.io.log.info("maps programmed: default %s, %d rule(s), %s mode",
