@@ -4,10 +4,8 @@ The policy stage owns a Firewall. Static rules come from a Policy; the DNS path,
 and the start-up scan of existing connections add addresses at run time with add_ip, and the
 per-address accumulator remembers each request (a Grant) so that a reload can carry them over.
 
-program() moves the maps to a new policy by diff, in an order chosen so that a connection
-both policies allow is never denied in between: entries that allow are written first, stale
-entries are deleted last (denies before allows, most specific first), and the default
-action and audit flag relax before the entries change and tighten after. Runtime grants
+program() moves the maps to a new policy by diff, in an order chosen (policy/mapdiff.py) so
+that a connection both policies allow is never denied in between. Runtime grants
 survive a reload when the new policy still justifies them: a hostname's grants are re-derived
 from its new verdict (and vanish when it no longer matches); grants without a hostname
 (existing connections, entries adopted from pinned maps after a restart) stay unless a CIDR
@@ -22,8 +20,9 @@ import logging
 from typing import Mapping, Protocol, Sequence
 
 from .policy.existing import ExistingConnection
-from .policy.mapstate import (ACTION_CODES, CidrValue, Grant, MapState, PortEntry,
-                              adopted_grants, desired_state, host_network, rejudge)
+from .policy.mapdiff import plan_move
+from .policy.mapstate import (ACTION_CODES, CidrValue, Grant, PortEntry, adopted_grants,
+                              desired_state, host_network, rejudge)
 from .policy.model import Policy
 from .policy.verdict import PortSpec
 from .rulemaps import ALLOW, DENY, Network, RuleMaps
@@ -92,11 +91,9 @@ class Firewall:
         self.runtime.pop(network, None)
         self.state.networks.pop(network, None)
         if network in self.cidrs:
-            self.maps.delete_cidr(network)
-            del self.cidrs[network]
+            self._delete_cidr(network)
         for entry in [e for e in self.ports if e[0] == network]:
-            self.maps.delete_port(*entry)
-            del self.ports[entry]
+            self._delete_port(entry)
 
     # ------------------------------------------------------------ whole policy
 
@@ -104,7 +101,7 @@ class Firewall:
         """Write what policy needs, keeping every entry already there (add-only)."""
         self.policy = policy
         self.state = desired_state(policy, self.runtime)
-        self._write(self.state.cidr_entries(), self.state.port_entries())
+        self._move(self.state.cidr_entries(), self.state.port_entries(), delete=False)
 
     def program(self, policy: Policy, audit_mode: bool) -> None:
         """Move the maps from what they hold to what policy needs, by diff (see module doc)."""
@@ -113,11 +110,10 @@ class Firewall:
         state = desired_state(policy, runtime)
         final_config = ACTION_CODES[policy.default_action], audit_mode
         old_default, old_audit, generation = self.maps.get_config()
-        relaxed_default = ALLOW if ALLOW in (old_default, final_config[0]) else DENY
-        self._set_config(relaxed_default, old_audit or audit_mode, generation)
-        cidrs, ports = state.cidr_entries(), state.port_entries()
-        self._write(cidrs, ports)
-        self._delete_stale(cidrs, ports)
+        relaxed = (ALLOW if ALLOW in (old_default, final_config[0]) else DENY,
+                   old_audit or audit_mode, generation)
+        self._move(state.cidr_entries(), state.port_entries(), delete=True,
+                   relaxed_config=relaxed)
         self._set_config(*final_config, generation)
         self.policy, self.runtime, self.state = policy, runtime, state
 
@@ -127,30 +123,21 @@ class Firewall:
         if self.maps.get_config() != (default_action, audit_mode, generation):
             self.maps.set_config(default_action, audit_mode, generation)
 
-    def _write(self, cidrs: Mapping[Network, CidrValue], ports: Mapping[PortEntry, int]) -> None:
-        """Allows first; a port-specific LPM entry once its port entries are in; denies last."""
-        new_ports = {e: a for e, a in ports.items() if self.ports.get(e) != a}
-        new_cidrs = {n: v for n, v in cidrs.items() if self.cidrs.get(n) != v}
-        for entry in [e for e, a in new_ports.items() if a == ALLOW]:
-            self._put_port(entry, ALLOW)
-        for network in sorted(new_cidrs, key=lambda n: _write_order(new_cidrs[n])):
-            self._put_cidr(network, new_cidrs[network])
-        for entry in [e for e, a in new_ports.items() if a == DENY]:
-            self._put_port(entry, DENY)
-
-    def _delete_stale(self, cidrs: Mapping[Network, CidrValue],
-                      ports: Mapping[PortEntry, int]) -> None:
-        """Stale denies go first; stale allows most specific first, so each lookup falls back
-        to a broader entry that is already in its final state."""
-        stale_cidrs = [n for n in self.cidrs if n not in cidrs]
-        for network in sorted(stale_cidrs, key=lambda n: (self.cidrs[n] != (DENY, False),
-                                                          -n.prefixlen)):
-            self.maps.delete_cidr(network)
-            del self.cidrs[network]
-        stale_ports = [e for e in self.ports if e not in ports]
-        for entry in sorted(stale_ports, key=lambda e: (self.ports[e] != DENY, -e[0].prefixlen)):
-            self.maps.delete_port(*entry)
-            del self.ports[entry]
+    def _move(self, cidrs: Mapping[Network, CidrValue], ports: Mapping[PortEntry, int],
+              delete: bool, relaxed_config: tuple[int, bool, int] | None = None) -> None:
+        """Write (and, if delete, remove) entries in the order of plan_move."""
+        for operation in plan_move(self.cidrs, self.ports, cidrs, ports, delete):
+            kind, *args = operation
+            if kind == "put_cidr":
+                self._put_cidr(*args)
+            elif kind == "delete_cidr":
+                self._delete_cidr(*args)
+            elif kind == "put_port":
+                self._put_port(*args)
+            elif kind == "delete_port":
+                self._delete_port(*args)
+            elif relaxed_config is not None:
+                self._set_config(*relaxed_config)
 
     def _put_cidr(self, network: Network, value: CidrValue) -> bool:
         if self.cidrs.get(network) == value:
@@ -164,11 +151,13 @@ class Firewall:
             self.maps.put_port(*entry, action)
             self.ports[entry] = action
 
+    def _delete_cidr(self, network: Network) -> None:
+        self.maps.delete_cidr(network)
+        del self.cidrs[network]
 
-def _write_order(value: CidrValue) -> int:
-    """All-ports allows first, then port-specific entries, all-ports denies last."""
-    action, port_specific = value
-    return 1 if port_specific else 0 if action == ALLOW else 2
+    def _delete_port(self, entry: PortEntry) -> None:
+        self.maps.delete_port(*entry)
+        del self.ports[entry]
 
 
 def apply_existing_connection(updater: FirewallUpdater, plan: ExistingConnection) -> bool:
