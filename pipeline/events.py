@@ -89,3 +89,63 @@ class EnrichedEvent(WireRecord):
     @property
     def mid_stream(self) -> bool:
         return bool(self.flags & FLAG_MID_STREAM)
+
+
+@register
+@dataclasses.dataclass(slots=True)
+class DnsMapping(WireRecord):
+    """dns -> enrich: a name resolved through the proxy (what enrich names addresses by)."""
+
+    KIND = "dns_mappings"
+
+    name: str               # queried name, lowercased, no trailing dot
+    ips: list[str]          # A/AAAA answers, address text
+    ttl: int                # seconds
+    cname_chain: list[str]  # origin first when the name came through a CNAME chain
+    timestamp_ns: int
+
+
+@register
+@dataclasses.dataclass(slots=True)
+class AllowRequest(WireRecord):
+    """dns -> policy (REQ/REP): open the maps for a resolved name before its answer is sent."""
+
+    KIND = "allow_requests"
+
+    request_id: str
+    name: str               # the name whose rules apply: the query, or a CNAME chain's origin
+    ips: list[str]
+    ttl: int
+    cname_chain: list[str]
+    timestamp_ns: int
+
+
+@register
+@dataclasses.dataclass(slots=True)
+class AllowReply(WireRecord):
+    """policy -> dns: the answer may be released once ok is true."""
+
+    KIND = "allow_replies"
+
+    request_id: str
+    ok: bool                # the maps hold what the rules say for every address
+    allowed_ips: list[str]  # addresses the maps now allow for this name
+    error: str              # why ok is false ("" when ok)
+
+
+@register
+@dataclasses.dataclass(slots=True)
+class Notice(WireRecord):
+    """policy -> notify: one blocked attempt (notify keeps one per destination)."""
+
+    KIND = "notices"
+
+    event_type: str         # connection_blocked or protocol_blocked
+    hostname: str
+    ip: str
+    port: int               # destination port; the protocol number for protocol blocks
+    protocol: str
+    process: str
+    pid: int
+    timestamp_ns: int
+    mode: str               # audit or enforce
