@@ -140,6 +140,8 @@ def settings() -> None:
     current = settings_from_env()
     for setting in SETTINGS:
         value = getattr(current, setting.name)
+        if setting.name == "notify_token" and value:
+            value = "<hidden>"
         typer.echo(f"{setting.variable}={'' if value is None else value}  "
                    f"# {setting.help} (default {setting.default!r})")
 

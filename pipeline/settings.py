@@ -108,6 +108,25 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds persist may hold records before committing them", _positive_float),
     Setting("ringbuf_pages", "SLUICE_RINGBUF_PAGES", "256",
             "kernel ring-buffer size in 4 KiB pages (a power of two)", _positive_int),
+    Setting("dns_listen", "SLUICE_DNS_LISTEN", "127.0.0.1:53",
+            "comma-separated addresses (host:port) the DNS proxy answers on", _text),
+    Setting("dns_upstream", "SLUICE_DNS_UPSTREAM", "",
+            "upstream resolver host[:port]; empty = the first /etc/resolv.conf nameserver "
+            "that is not this proxy", _text),
+    Setting("dns_filter", "SLUICE_DNS_FILTER", "true",
+            "judge queries by the hostname rules: REFUSED in enforce mode, recorded in audit mode",
+            _flag),
+    Setting("dns_timeout", "SLUICE_DNS_TIMEOUT", "5",
+            "seconds to wait for the upstream resolver before answering SERVFAIL", _positive_float),
+    Setting("notify_url", "SLUICE_NOTIFY_URL", "",
+            "webhook that receives one POST per new blocked destination; empty = log only", _text),
+    Setting("notify_token", "SLUICE_NOTIFY_TOKEN", "",
+            "bearer token for the webhook (never logged)", _text),
+    Setting("record", "SLUICE_RECORD", "",
+            "record everything that enters enrich to this file, for replay; empty = off",
+            _optional_path),
+    Setting("record_max_bytes", "SLUICE_RECORD_MAX_BYTES", "268435456",
+            "rotate the recording when it reaches this size", _positive_int),
     # The policy in environment form (cargowall's CARGOWALL_* grammar); see README "Policy".
     Setting("default_action", "SLUICE_DEFAULT_ACTION", "",
             "environment policy: allow or deny when no rule matches (empty = deny)", _text),
@@ -146,6 +165,14 @@ class Settings:
     batch_max: int
     flush_interval: float
     ringbuf_pages: int
+    dns_listen: str
+    dns_upstream: str
+    dns_filter: bool
+    dns_timeout: float
+    notify_url: str
+    notify_token: str
+    record: Path | None
+    record_max_bytes: int
     default_action: str
     allowed_hosts: str
     allowed_cidrs: str
@@ -182,6 +209,13 @@ class Settings:
             except ValueError as err:
                 raise SettingsError(f"--{name.replace('_', '-')} {raw!r}: {err}") from None
         return cls(**values)
+
+    def __repr__(self) -> str:
+        # Secrets never reach a log line, even through a repr.
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if shown["notify_token"]:
+            shown["notify_token"] = "<hidden>"
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
