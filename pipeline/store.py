@@ -70,7 +70,7 @@ schema_migrations = sa.Table(
     sa.Column("applied_at", sa.Text, nullable=False),
 )
 
-# The insert's columns, in the order _row builds its tuples.
+# The insert's columns, in the order as_row builds its tuples.
 COLUMNS = tuple(c.name for c in audit_events.columns if c.name != "id")
 
 
@@ -194,7 +194,8 @@ def open_readonly(url: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sa.Eng
 
 # ---------------------------------------------------------------- the writer
 
-def _row(e: AuditEvent) -> tuple:
+def as_row(e: AuditEvent) -> tuple:
+    """The audit_events values of one record, in COLUMNS order."""
     # Values are already what every driver takes (str, int, bool): passing them through
     # Connection.execute's per-value bind processing halves the insert rate.
     return (e.event_id, e.host, sql_timestamp(e.timestamp), e.event_type, e.src_ip, e.dst_ip,
@@ -263,14 +264,14 @@ class AuditStore:
         try:
             with self.engine.connect() as conn:
                 with conn.begin() as tx:
-                    if self._execute(conn, list(map(_row, events))) == len(events):
+                    if self._execute(conn, list(map(as_row, events))) == len(events):
                         return list(events)
                     tx.rollback()
                 # Some ids are stored already (a batch written again): insert only the
                 # others, so the caller learns exactly which records are new rows.
                 with conn.begin():
                     fresh = self._unstored(conn, events)
-                    self._execute(conn, list(map(_row, fresh)))
+                    self._execute(conn, list(map(as_row, fresh)))
                     return fresh
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as err:
             raise StoreError(f"{self.url}: {_one_line(err)}") from None

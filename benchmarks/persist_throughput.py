@@ -1,0 +1,132 @@
+"""Records/s that persist can store: AuditStore.write + AuditLogger.write, against a baseline.
+
+The baseline, measured in the same run on the same machine, is the least any writer must do:
+plain sqlite3 executemany of ready-made tuples into the same schema (WAL, synchronous=NORMAL,
+same indexes) and a plain file write of json.dumps lines. The ratio is what sluice's layers
+(SQLAlchemy, timestamp and Go-compatible JSON formatting) cost on top. Each variant runs
+several times into fresh files and keeps its best: the machine's noise only ever adds time.
+
+Usage: .venv/bin/python benchmarks/persist_throughput.py [--records 200000] [--batch 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.audit import AuditEvent, AuditLogger, new_event_id  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
+from pipeline.stages.persist import COMMIT_FACTOR  # noqa: E402
+from pipeline.store import COLUMNS, AuditStore, as_row  # noqa: E402
+
+T0 = 1_767_225_600_000_000_000
+INSERT = (f"INSERT INTO audit_events ({', '.join(COLUMNS)}) VALUES "
+          f"({', '.join('?' * len(COLUMNS))}) ON CONFLICT (event_id) DO NOTHING")
+
+
+def make_records(n: int) -> list[AuditEvent]:
+    """A flood: blocked TCP to 1,000 destinations, some allowed DNS, some CNAME chains."""
+    records = []
+    for i in range(n):
+        ns = T0 + i * 20_000  # 50,000 records/s
+        record = AuditEvent(ns, "connection_blocked", "10.0.0.2", f"93.184.{i % 200}.{i % 250}",
+                            f"host{i % 5000}.example.com", 443, "TCP", "curl", 4000 + i % 300,
+                            would_deny=True, event_id=new_event_id(ns), host="runner-17")
+        if i % 10 == 0:
+            record.event_type, record.would_deny = "connection_allowed", False
+            record.auto_allowed_type, record.protocol, record.dst_port = "dns", "UDP", 53
+        if i % 7 == 0:
+            record.cname_chain = [f"alias{i % 50}.example.net", "edge.cdn.example"]
+        records.append(record)
+    return records
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def sluice_run(batches: list[list[AuditEvent]], workdir: Path) -> tuple[float, float]:
+    store = AuditStore(f"sqlite:///{workdir / 'audit.db'}")
+    store.migrate()
+    logger = AuditLogger(workdir / "audit.jsonl", audit_mode=True)
+    sql = jsonl = 0.0
+    for batch in batches:  # persist's order: SQL commit, then the same records' lines
+        start = time.perf_counter()
+        store.write(batch)
+        middle = time.perf_counter()
+        logger.write(batch)
+        sql, jsonl = sql + middle - start, jsonl + time.perf_counter() - middle
+    logger.close()
+    store.close()
+    return sql, jsonl
+
+
+def baseline_run(batches: list[tuple[list[tuple], list[dict]]],
+                 workdir: Path) -> tuple[float, float]:
+    AuditStore(f"sqlite:///{workdir / 'audit.db'}").migrate()  # the same schema and indexes
+    conn = sqlite3.connect(workdir / "audit.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    sql = jsonl = 0.0
+    with open(workdir / "audit.jsonl", "a", encoding="utf-8") as out:
+        for rows, dicts in batches:
+            start = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(INSERT, rows)
+            conn.execute("COMMIT")
+            middle = time.perf_counter()
+            out.write("".join(json.dumps(d) + "\n" for d in dicts))
+            out.flush()
+            sql, jsonl = sql + middle - start, jsonl + time.perf_counter() - middle
+    conn.close()
+    return sql, jsonl
+
+
+def baseline_batches(records: list[AuditEvent],
+                     size: int) -> list[tuple[list[tuple], list[dict]]]:
+    """The same tuples sluice inserts and plain dicts, made before timing."""
+    rows = [as_row(r) for r in records]
+    dicts = [dataclasses.asdict(r) for r in records]
+    return list(zip(chunks(rows, size), chunks(dicts, size)))
+
+
+def best(run, batches, repeat: int) -> tuple[float, float]:
+    times = []
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory(prefix="sluice-bench-") as workdir:
+            times.append(run(batches, Path(workdir)))
+    return min(t[0] for t in times), min(t[1] for t in times)
+
+
+def main() -> None:
+    default_batch = Settings.from_env({}).batch_max * COMMIT_FACTOR
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=default_batch,
+                        help=f"records per commit (persist's default: {default_batch})")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per variant; best is kept")
+    args = parser.parse_args()
+    records = make_records(args.records)
+    print(f"{args.records:,} records, {args.batch:,} per commit, best of {args.repeat} runs")
+    results = {"sluice": best(sluice_run, chunks(records, args.batch), args.repeat),
+               "baseline": best(baseline_run, baseline_batches(records, args.batch), args.repeat)}
+    rates = {}
+    for name, (sql, jsonl) in results.items():
+        rates[name] = [args.records / t for t in (sql, jsonl, sql + jsonl)]
+        print(f"{name:>9}: SQL {rates[name][0]:>9,.0f}/s   JSONL {rates[name][1]:>9,.0f}/s   "
+              f"both {rates[name][2]:>9,.0f}/s")
+    ratios = [s / b for s, b in zip(rates["sluice"], rates["baseline"])]
+    print(f"    ratio: SQL {ratios[0]:>9.2f}     JSONL {ratios[1]:>9.2f}     "
+          f"both {ratios[2]:>9.2f}     (sluice / baseline, higher is better)")
+
+
+if __name__ == "__main__":
+    main()
