@@ -257,6 +257,20 @@ def test_a_locked_database_delays_records_but_loses_none(tmp_path, pusher):
     assert sql_fields(settings) == expected_fields([record(n) for n in range(50)])
 
 
+def test_a_failing_jsonl_file_is_counted_and_keeps_sql_ahead_of_it(tmp_path, pusher):
+    settings = make_settings(tmp_path, SLUICE_AUDIT_LOG="/dev/full")  # every write: ENOSPC
+    stage = StageThread(settings).start()
+    try:
+        pusher(settings, wire.encode([record(n) for n in range(5)]))
+        wait_for(lambda: stage.counters().get("jsonl_errors", 0) >= 2, "retried JSONL writes")
+    finally:
+        stage.finish()
+    assert len(sql_fields(settings)) == 5
+    counters = stage.counters()
+    assert counters["rows_inserted"] == 5 and counters.get("records_stored", 0) == 0
+    assert counters["records_dropped"] == 5  # the lines the file never took, at the stop
+
+
 def test_an_unusable_database_stops_the_stage_at_start_with_one_line(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")

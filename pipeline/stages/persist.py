@@ -215,7 +215,7 @@ class PersistStage(BaseStage):
     # ------------------------------------------------------------- signals and stop
 
     def hangup(self) -> None:
-        if self.logger is None:
+        if self.logger is None or self.logger.path is None:
             return
         try:
             self.logger.reopen()
