@@ -4,7 +4,6 @@ import dataclasses
 import json
 import sqlite3
 import threading
-import time
 
 import msgpack
 import pytest
@@ -13,40 +12,21 @@ import zmq
 
 from pipeline import wire
 from pipeline.audit import AuditEvent, parse_timestamp
-from pipeline.settings import Settings
 from pipeline.stages import persist
 from pipeline.store import audit_events, open_readonly
+from tests.stagekit import stage_settings, wait_for
 
 T0 = 1_767_225_600_123_456_789  # 2026-01-01T00:00:00.123456789Z
 
 
-def wait_for(predicate, what, timeout=10.0):
-    """Poll until predicate() is truthy; fail (never hang) after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.02)
-
-
 def make_settings(tmp_path, **env):
-    values = {
-        "SLUICE_RUN_DIR": str(tmp_path / "run"),
-        "SLUICE_DB": f"sqlite:///{tmp_path / 'db' / 'audit.db'}",
-        "SLUICE_AUDIT_LOG": str(tmp_path / "audit.jsonl"),
-        "SLUICE_HOST": "test-host",
-        "SLUICE_FLUSH_INTERVAL": "0.05",
-        "SLUICE_COUNTER_INTERVAL": "0.1",
-    }
-    values.update(env)
-    return Settings.from_env(values)
+    # The database one directory down: persist creates it.
+    return stage_settings(tmp_path, **{"SLUICE_DB": f"sqlite:///{tmp_path / 'db' / 'audit.db'}",
+                                       **env})
 
 
 class StageThread:
-    """persist.run in a thread, stopped through its stop event."""
+    """persist.run itself in a thread, stopped through its stop event."""
 
     def __init__(self, settings):
         self.settings = settings
