@@ -1,13 +1,22 @@
 """policy: program the firewall maps from the policy, and decide each event's outcome.
 
-Consumes: `enriched_events` batches on ipc://<run_dir>/policy.sock.
-Produces: `audit_records` batches (one per event, normalized here, once) to persist.
-Binds:    policy.sock. Connects: persist.
+Consumes: `enriched_events` batches on ipc://<run_dir>/policy.sock; `allow_requests` from
+          the dns stage on the REP socket policy-allow.sock (when the topology has it),
+          served ahead of the event backlog.
+Produces: `audit_records` (one per event, normalized here, once; existing_connection and
+          reconciled connection_late_allowed records too) to persist.
+Binds:    policy.sock (and policy-allow.sock). Connects: persist.
 Kernel:   the single writer of the firewall maps. Once capture has pinned them under
-          SLUICE_BPF_DIR, writes the default action, the mode and the static rules, then
-          bumps map_config.generation: the signal capture waits for before it attaches. A
-          restarted policy re-adopts the pinned maps and moves them to the policy by a diff,
-          with no moment of an empty allowlist.
+          SLUICE_BPF_DIR it writes the default action, the mode, the static rules, the
+          start-up auto-allows (the DNS upstream on 53/udp and 53/tcp; cloud metadata when
+          SLUICE_AUTO_ALLOW_CLOUD_METADATA) and the connections already open, then bumps
+          map_config.generation: the signal capture waits for before attaching. A restarted
+          policy re-adopts the pinned maps and moves them by a diff (no empty-allowlist window).
+Late-allow: a blocked TCP/UDP event whose hostname an allow rule matches gets its address
+          written for exactly that rule's ports (deny side first, CIDR conflicts respected)
+          and is recorded connection_late_allowed when its own port is covered.
+Reload:   when the policy file changes, or on SIGHUP: a valid policy replaces the old one by
+          a diff of the maps; an invalid one is logged in one line and changes nothing.
 Start:    a policy that does not load stops the stage with one line naming the file, the
           place and the problem.
 Bad input: a malformed message or record is counted and skipped (logged once per kind).
@@ -19,17 +28,33 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
+from pathlib import Path
 from typing import Callable
 
 import zmq
 
+from .. import messages
+from ..audit import AuditEvent, normalize
+from ..errors import PolicyError
+from ..events import AllowReply, AllowRequest
+from ..firewall import Firewall
+from ..jit import allow_answer, late_allow
 from ..kernel.maps import KernelRuleMaps, pins_present
 from ..loop import BaseStage, StageIO, batched, run_stage
 from ..outcome import decide
+from ..policy.autoallow import (cloud_metadata_allows, ensure_infra_allowed,
+                                get_auto_allowed_type, resolvers_from_resolv_conf)
+from ..policy.existing import gate_existing_connection, scan_connections
 from ..policy.load import load_policy
-from ..firewall import Firewall
+from ..policy.model import Policy
+from ..policy.verdict import PortSpec
+from ..recentblocks import RecentBlocks, late_allowed_record
 from ..rulemaps import RuleMaps
 from ..settings import Settings
+
+RELOAD_CHECK_S = 1.0
+DNS_PORTS = (PortSpec(53, "udp"), PortSpec(53, "tcp"))  # the proxy retries over TCP
 
 
 class EventIds:
@@ -44,44 +69,172 @@ class EventIds:
         return f"{self.prefix}-{self.count:x}"
 
 
+class HostFiles:
+    """What policy reads from the host at start-up; a seam for tests."""
+
+    def read(self, path: str) -> str:
+        try:
+            return Path(path).read_text()
+        except OSError:
+            return ""
+
+
+def dns_upstreams(settings: Settings, resolv_conf: str) -> list[str]:
+    """Addresses of the resolvers the DNS proxy forwards to (auto-allowed on port 53)."""
+    if settings.dns_upstream:
+        host = settings.dns_upstream
+        if host.startswith("["):
+            return [host[1:].split("]", 1)[0]]
+        return [host.rsplit(":", 1)[0] if host.count(":") == 1 else host]
+    return resolvers_from_resolv_conf(resolv_conf)[:1]
+
+
+def startup_policy(policy: Policy, settings: Settings, files: HostFiles) -> Policy:
+    """The loaded policy plus the infrastructure sluice itself needs."""
+    policy = ensure_infra_allowed(policy, dns_upstreams(settings, files.read("/etc/resolv.conf")),
+                                  DNS_PORTS, "dns")
+    if settings.auto_allow_cloud_metadata:
+        policy = cloud_metadata_allows(
+            policy, files.read("/run/systemd/resolve/resolv.conf"),
+            files.read("/sys/class/dmi/id/sys_vendor"),
+            files.read("/sys/class/dmi/id/chassis_asset_tag"))
+    return policy
+
+
 class PolicyStage(BaseStage):
     name = "policy"
 
-    def __init__(self, open_maps: Callable[[Settings], RuleMaps | None] | None = None) -> None:
+    def __init__(self, open_maps: Callable[[Settings], RuleMaps | None] | None = None,
+                 files: HostFiles | None = None, clock: Callable[[], int] = time.time_ns) -> None:
         self.open_maps = open_maps or _open_kernel_maps
+        self.files = files or HostFiles()
+        self.clock = clock
         self.firewall: Firewall | None = None
         self.ids = EventIds()
+        self.recent = RecentBlocks()
+        self.next_reload_check = 0.0
 
     def setup(self, io: StageIO) -> None:
         self.io = io
         self.settings = io.settings
-        self.policy = load_policy(self.settings)
+        self.policy = startup_policy(load_policy(self.settings), self.settings, self.files)
+        self.policy_mtime = self._policy_mtime()
         self.host = self.settings.host_name
         io.bind_inboxes()
         self.persist = io.connect_feed("persist", backlog=1024)
         io.log.info("loaded %r (%s mode); waiting for capture's maps in %s", self.policy,
                     self.settings.mode, self.settings.bpf_dir)
 
+    # ------------------------------------------------------------- maps
+
     def tick(self, now: float) -> None:
         if self.firewall is None:
             maps = self.open_maps(self.settings)
             if maps is not None:
                 self._program(maps)
+        if now >= self.next_reload_check:
+            self.next_reload_check = now + RELOAD_CHECK_S
+            if self._policy_mtime() != self.policy_mtime:
+                self.reload("the policy file changed")
 
     def _program(self, maps: RuleMaps) -> None:
         firewall = Firewall(maps)
         firewall.program(self.policy, self.settings.audit_mode)
-        firewall.mark_programmed()
         self.firewall = firewall
+        if self.settings.allow_existing_connections:
+            self._allow_existing_connections()
+        firewall.mark_programmed()
         self.io.ready = True
         self.io.log.info("maps programmed: default %s, %d rule(s), %s mode",
                          self.policy.default_action, len(self.policy.rules), self.settings.mode)
 
+    def _allow_existing_connections(self) -> None:
+        """Keep connections opened before sluice started (reference §6.3)."""
+        read = self.files.read
+        remotes = scan_connections(read("/proc/net/tcp"), read("/proc/net/tcp6"),
+                                   read("/proc/net/udp"), read("/proc/net/udp6"))
+        records = []
+        for ip, observed in remotes.items():
+            gate = gate_existing_connection(self.policy, ip, observed)
+            changed = False
+            for action, ports in gate.writes:
+                changed = self.firewall.add_ip(ip, action, ports)
+            if not gate.allowed or changed:
+                records.append(self._record(AuditEvent(
+                    timestamp=0, event_type="existing_connection", dst_ip=ip,
+                    dst_hostname=gate.dst_hostname, matched_rule=gate.matched_rule,
+                    auto_allowed_type=gate.auto_allowed_type, would_deny=not gate.allowed,
+                    blocked=not gate.allowed)))
+        self._send(records)
+        self.io.counters.add("existing_connections", len(remotes))
+
+    def reload(self, why: str) -> None:
+        try:
+            policy = startup_policy(load_policy(self.settings), self.settings, self.files)
+        except PolicyError as err:
+            self.io.log.error("policy not reloaded (%s), the old one stays in force: %s", why, err)
+            self.io.counters.add("reload_failures")
+            self.policy_mtime = self._policy_mtime()
+            return
+        if self.firewall is not None:
+            self.firewall.program(policy, self.settings.audit_mode)
+        self.policy, self.policy_mtime = policy, self._policy_mtime()
+        self.io.counters.add("reloads")
+        self.io.log.info("policy reloaded (%s): %r", why, policy)
+
+    def hangup(self) -> None:
+        self.reload("SIGHUP")
+
+    def _policy_mtime(self) -> float:
+        try:
+            return self.settings.policy.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    # ------------------------------------------------------------- events
+
     def handle(self, inbox: str, kind: str, records: list) -> None:
         audit_mode = self.settings.audit_mode
-        outcomes = [decide(event, audit_mode=audit_mode, event_id=self.ids.next(), host=self.host)
-                    for event in records]
-        for batch in batched((o.record for o in outcomes), self.settings.batch_max):
+        policy, firewall = self.policy, self.firewall
+        out = []
+        for event in records:
+            outcome = decide(
+                event, audit_mode=audit_mode, event_id=self.ids.next(), host=self.host,
+                auto_allowed_type=lambda ip, port, proto, name: get_auto_allowed_type(
+                    policy, ip, port, proto, name),
+                late_allow=lambda e: late_allow(policy, firewall, e))
+            self.recent.record(outcome.record, self.clock())
+            out.append(outcome.record)
+        self._send(out)
+
+    def reply(self, inbox: str, kind: str, records: list) -> bytes:
+        """An allow request from dns: the maps first, then the answer may be released."""
+        if len(records) != 1:
+            return b""  # one request per message; an empty frame means "rejected"
+        return messages.encode([self._allow(records[0])])
+
+    def _allow(self, request: AllowRequest) -> AllowReply:
+        if self.firewall is None:
+            return AllowReply(request.request_id, False, [], "the maps are not programmed yet")
+        writes = allow_answer(self.policy, self.firewall, request.name, request.ips)
+        verdict, now = writes.verdict, self.clock()
+        reconciled = []
+        for ip in writes.allowed_ips:
+            for block in self.recent.take(ip, verdict.allow_ports, verdict.deny_ports,
+                                          verdict.has_deny, now):
+                reconciled.append(self._record(late_allowed_record(
+                    block, request.name, verdict.allow_rule, request.cname_chain)))
+        self._send(reconciled)
+        self.io.counters.add("allow_requests")
+        self.io.counters.add("late_allowed_by_dns", len(reconciled))
+        return AllowReply(request.request_id, True, writes.allowed_ips, "")
+
+    def _record(self, record: AuditEvent) -> AuditEvent:
+        record.event_id, record.host = self.ids.next(), self.host
+        return normalize(record, self.settings.audit_mode, self.clock())
+
+    def _send(self, records: list[AuditEvent]) -> None:
+        for batch in batched(records, self.settings.batch_max):
             self.persist.send(batch)
 
     def teardown(self) -> None:
@@ -100,4 +253,3 @@ def _open_kernel_maps(settings: Settings) -> RuleMaps | None:
 def run(settings: Settings, *, ctx: zmq.Context | None = None,
         stop: threading.Event | None = None) -> int:
     return run_stage(PolicyStage(), settings, ctx=ctx, stop=stop)
-

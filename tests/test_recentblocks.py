@@ -1,0 +1,87 @@
+"""RecentBlocks: reconciling earlier blocks when a DNS answer opens the firewall (§2.8)."""
+
+import pytest
+
+from pipeline.audit import AuditEvent
+from pipeline.policy.verdict import PortSpec
+from pipeline.recentblocks import RecentBlocks, late_allowed_record
+
+S = 1_000_000_000
+TCP443 = (PortSpec(443, "tcp"),)
+
+
+def block(ip="192.0.2.1", port=443, protocol="TCP", at=10 * S, src="10.0.0.2", process="curl",
+          pid=7, event_type="connection_blocked"):
+    return AuditEvent(timestamp=at, event_type=event_type, src_ip=src, dst_ip=ip, dst_port=port,
+                      protocol=protocol, process=process, pid=pid)
+
+
+@pytest.mark.parametrize("event", [
+    block(event_type="connection_allowed"), block(event_type="protocol_blocked"),
+    block(protocol="ICMP"), block(ip=""),
+])
+def test_only_tcp_udp_connection_blocks_are_kept(event):
+    recent = RecentBlocks()
+    recent.record(event, 10 * S)
+    assert recent.size == 0
+
+
+@pytest.mark.parametrize("allow, deny, has_deny, taken", [
+    ((), (), False, 1),                     # all ports
+    (TCP443, (), False, 1),
+    ((PortSpec(443, "udp"),), (), False, 0),
+    ((PortSpec(443, "all"),), (), False, 1),
+    (TCP443, (), True, 0),                  # has_deny with an empty list denies all ports
+    (TCP443, (PortSpec(80, "tcp"),), True, 1),
+    (TCP443, (PortSpec(443, "all"),), True, 0),
+])
+def test_take_by_port_coverage(allow, deny, has_deny, taken):
+    recent = RecentBlocks()
+    recent.record(block(), 10 * S)
+    assert len(recent.take("192.0.2.1", allow, deny, has_deny, 11 * S)) == taken
+
+
+def test_covered_entries_are_removed_even_when_denied():
+    recent = RecentBlocks()
+    recent.record(block(), 10 * S)
+    recent.take("192.0.2.1", TCP443, (), True, 11 * S)
+    assert recent.size == 0 and recent.by_ip == {}
+
+
+def test_expired_blocks_are_not_reconciled():
+    recent = RecentBlocks(ttl_ns=5 * S)
+    recent.record(block(at=10 * S), 10 * S)
+    assert recent.take("192.0.2.1", (), (), False, 16 * S) == []
+    assert recent.size == 0
+
+
+def test_repeated_attempts_keep_the_latest_time_and_blank_disagreements():
+    recent = RecentBlocks()
+    recent.record(block(at=10 * S, pid=7, process="curl"), 10 * S)
+    recent.record(block(at=12 * S, pid=8, process="curl"), 12 * S)
+    recent.record(block(at=11 * S, pid=7, process="wget"), 12 * S)
+    [entry] = recent.take("192.0.2.1", (), (), False, 13 * S)
+    assert (entry.at, entry.pid, entry.process, entry.src_ip) == (12 * S, 0, "", "10.0.0.2")
+
+
+def test_capacity_prunes_expired_then_drops_new_keys():
+    recent = RecentBlocks(ttl_ns=5 * S, capacity=2)
+    recent.record(block(port=1, at=1 * S), 1 * S)
+    recent.record(block(port=2, at=9 * S), 9 * S)
+    recent.record(block(port=3, at=9 * S), 9 * S)   # prunes port 1 (expired)
+    recent.record(block(port=4, at=9 * S), 9 * S)   # full of live entries: dropped
+    assert recent.size == 2 and recent.dropped == 1
+    recent.record(block(port=2, at=10 * S), 10 * S)  # refreshing a key always works
+    ports = [b.dst_port for b in recent.take("192.0.2.1", (), (), False, 10 * S)]
+    assert ports == [3, 2]
+
+
+def test_late_allowed_record_is_dated_at_the_block():
+    recent = RecentBlocks()
+    recent.record(block(at=10 * S), 10 * S)
+    [entry] = recent.take("192.0.2.1", (), (), False, 20 * S)
+    record = late_allowed_record(entry, "api.example.com", "*.example.com", ["a", "b"])
+    assert (record.timestamp, record.event_type, record.dst_hostname, record.matched_rule) == (
+        10 * S, "connection_late_allowed", "api.example.com", "*.example.com")
+    assert (record.dst_port, record.protocol, record.process, record.cname_chain) == (
+        443, "TCP", "curl", ["a", "b"])
