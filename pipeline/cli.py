@@ -146,6 +146,56 @@ def settings() -> None:
                    f"# {setting.help} (default {setting.default!r})")
 
 
+policy_app = typer.Typer(no_args_is_help=True, help="Check a policy and explain its verdicts.")
+app.add_typer(policy_app, name="policy")
+
+
+def _load(file: Optional[Path]):
+    from .policy.load import InvalidPolicy, load_policy, load_policy_file
+
+    try:
+        return load_policy_file(file) if file else load_policy(settings_from_env())
+    except InvalidPolicy as err:
+        for line in err.lines:
+            typer.echo(line, err=True)
+        raise typer.Exit(1)
+
+
+@policy_app.command("check")
+def policy_check(file: Optional[Path] = typer.Argument(
+        None, help="policy JSON file (default: SLUICE_POLICY or the SLUICE_* environment form)")) -> None:
+    """Validate a policy and print its resolved rules; exit 1 with every problem otherwise."""
+    from .policy.explain import render_table
+
+    typer.echo(render_table(_load(file)), nl=False)
+
+
+@policy_app.command("explain")
+def policy_explain(
+    target: str = typer.Argument(..., help="a hostname or an IP address"),
+    port: Optional[int] = typer.Option(None, min=0, max=65535, help="destination port"),
+    protocol: Optional[str] = typer.Option(None, help="tcp, udp or icmp"),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="policy file to judge by"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Say which rule decides NAME_OR_IP (for a port and protocol when given) and why."""
+    from .policy.explain import explain
+
+    try:
+        result = explain(_load(policy), target, port, protocol)
+    except ValueError as err:
+        fail(str(err), 2)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"{result['target']}: {result['decision']}")
+    for side in ("allow", "deny"):
+        if result[f"{side}_rule"]:
+            ports = ", ".join(f"{p['port']}/{p['protocol']}" for p in result[f"{side}_ports"])
+            typer.echo(f"  {side} rule: {result[f'{side}_rule']} ({ports or 'all ports'})")
+    typer.echo(f"  why: {result['reason']}")
+
+
 def main() -> None:
     try:
         app(standalone_mode=True)

@@ -91,3 +91,45 @@ def test_wait_ready_times_out_naming_missing_stages(tmp_path, monkeypatch):
     monkeypatch.setenv("SLUICE_RUN_DIR", str(tmp_path))
     result = runner.invoke(app, ["wait-ready", "--timeout", "0.2", "--stages", "enrich"])
     assert result.exit_code == 4 and "enrich" in result.output
+
+
+POLICY = ('{"defaultAction": "deny", "rules": [{"type": "hostname", "value": "*.github.com", '
+          '"action": "allow", "ports": [{"port": 443, "protocol": "tcp"}]}]}')
+
+
+def test_policy_check_prints_the_rules_and_exits_0(tmp_path):
+    path = tmp_path / "policy.json"
+    path.write_text(POLICY)
+    result = runner.invoke(app, ["policy", "check", str(path)])
+    assert result.exit_code == 0 and "*.github.com" in result.output
+
+
+def test_policy_check_lists_every_problem_and_exits_1(tmp_path):
+    path = tmp_path / "policy.json"
+    path.write_text('{"rules": [{"type": "cidr", "value": "10.0.0.0/8", "action": "allow", '
+                    '"ports": [{"port": 70000, "protocol": "TCP"}]}]}')
+    result = runner.invoke(app, ["policy", "check", str(path)])
+    assert result.exit_code == 1
+    assert "rules[0].ports[0].protocol" in result.output and "70000" in result.output
+
+
+def test_policy_explain_json_has_exactly_the_documented_keys(tmp_path):
+    path = tmp_path / "policy.json"
+    path.write_text(POLICY)
+    result = runner.invoke(app, ["policy", "explain", "api.github.com", "--port", "443",
+                                 "--protocol", "tcp", "--policy", str(path), "--json"])
+    assert result.exit_code == 0
+    data = __import__("json").loads(result.output)
+    assert set(data) == {"target", "allow_rule", "allow_ports", "deny_rule", "deny_ports",
+                         "decision", "reason"}
+    assert (data["allow_rule"], data["allow_ports"], data["decision"]) == (
+        "*.github.com", [{"port": 443, "protocol": "tcp"}], "allow")
+    denied = runner.invoke(app, ["policy", "explain", "api.github.com", "--port", "80",
+                                 "--policy", str(path), "--json"])
+    assert __import__("json").loads(denied.output)["decision"] == "deny"
+
+
+@pytest.mark.parametrize("sub", ["check", "explain"])
+def test_policy_subcommands_have_help_and_are_in_the_readme(sub):
+    assert runner.invoke(app, ["policy", sub, "--help"]).exit_code == 0
+    assert f"`sluice policy {sub}" in README
