@@ -3,6 +3,7 @@
 import pytest
 
 from pipeline.policy.cidrs import canonical_cidr
+from pipeline.policy.hostnames import Glob, compile_glob
 from pipeline.policy.load import policy_from_document
 from pipeline.policy.ports import (expand_ports, ports_cover, protocols_overlap, union_ports)
 from pipeline.policy.verdict import PortSpec
@@ -254,3 +255,10 @@ def test_ports_cover(ports, port, protocol, covered):
 ])
 def test_port_expansion(ports, keys):
     assert expand_ports(specs(ports)) == keys
+
+
+@pytest.mark.parametrize("pattern", ["*.x.com", "**.x.com", "api.*.x.com", "*", "**", "x.**"])
+@pytest.mark.parametrize("name", ["a.x.com", "a.b.x.com", "x.com", ".x.com", "a..x.com",
+                                  "a.x.com.", "api.eu.x.com", "ax.com", "x.y", "a"])
+def test_glob_shortcuts_agree_with_the_regular_expression(pattern, name):
+    assert Glob(pattern).matches(name) is bool(compile_glob(pattern).fullmatch(name))

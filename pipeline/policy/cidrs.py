@@ -7,7 +7,7 @@ import ipaddress
 from typing import Iterable, Sequence, Union
 
 from .ports import protocols_overlap
-from .rules import Rule
+from .rules import Rule, network_of
 from .verdict import PortSpec
 
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -24,8 +24,14 @@ def parse_address(text: str) -> Address:
 
 def canonical_cidr(text: str) -> str | None:
     """CIDR text with host bits masked and IPv6 compressed; a bare IP becomes /32 or /128."""
+    text = text.strip()
     try:
-        return str(ipaddress.ip_network(text.strip(), strict=False))
+        # Through the rules' parse cache: most values are canonical already.
+        return str(network_of(text))
+    except ValueError:
+        pass
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
     except ValueError:
         return None
 

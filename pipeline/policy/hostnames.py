@@ -59,6 +59,33 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
                                  for label in pattern.split(".")))
 
 
+class Glob:
+    """A hostname glob. The usual shapes, `*.tail` and `**.tail`, are matched with string
+    operations; others with a regular expression compiled on first use (compiling is the
+    slow part of loading a policy full of globs)."""
+
+    __slots__ = ("pattern", "tail", "head", "_regex")
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        self.tail = literal_tail(pattern)
+        head = pattern[:-len(self.tail) - 1] if self.tail else ""
+        self.head = head if head in ("*", "**") else ""
+        self._regex: re.Pattern[str] | None = None
+
+    def matches(self, name: str) -> bool:
+        if not self.head:
+            if self._regex is None:
+                self._regex = compile_glob(self.pattern)
+            return self._regex.fullmatch(name) is not None
+        prefix = name[:-len(self.tail) - 1]
+        if not prefix or not name.endswith("." + self.tail):
+            return False
+        if self.head == "*":
+            return "." not in prefix
+        return prefix[0] != "." and prefix[-1] != "." and ".." not in prefix
+
+
 def literal_tail(pattern: str) -> str:
     """The literal labels a glob ends with; a matching name ends with '.' + this."""
     labels = pattern.split(".")
@@ -98,11 +125,10 @@ class _Globs:
     """Globs of one action, bucketed by literal tail, each remembering its rule position."""
 
     def __init__(self) -> None:
-        self.by_tail: dict[str, list[tuple[int, re.Pattern[str], Rule]]] = {}
+        self.by_tail: dict[str, list[tuple[int, Glob, Rule]]] = {}
 
-    def add(self, position: int, rule: Rule) -> None:
-        entry = (position, compile_glob(rule.value), rule)
-        self.by_tail.setdefault(literal_tail(rule.value), []).append(entry)
+    def add(self, position: int, rule: Rule, glob: Glob) -> None:
+        self.by_tail.setdefault(glob.tail, []).append((position, glob, rule))
 
     def first_match(self, name: str, suffixes: Sequence[str]) -> Rule | None:
         if not self.by_tail:
@@ -110,8 +136,8 @@ class _Globs:
         buckets = [self.by_tail[s] for s in (*suffixes, "") if s in self.by_tail]
         candidates = buckets[0] if len(buckets) == 1 else sorted(
             (entry for bucket in buckets for entry in bucket), key=lambda entry: entry[0])
-        for _, regex, rule in candidates:
-            if regex.fullmatch(name):
+        for _, glob, rule in candidates:
+            if glob.matches(name):
                 return rule
         return None
 
@@ -123,12 +149,12 @@ class HostnameMatcher:
         self.exact: dict[str, Rule] = {}
         self.parents: dict[str, Rule] = {}
         self.deny_globs, self.allow_globs = _Globs(), _Globs()
-        self.patterns: dict[Rule, re.Pattern[str]] = {}
+        self.patterns: dict[Rule, Glob] = {}
         for position, rule in enumerate(r for r in rules if r.type == "hostname"):
             if rule.is_pattern:
                 globs = self.deny_globs if rule.action == "deny" else self.allow_globs
-                globs.add(position, rule)
-                self.patterns[rule] = compile_glob(rule.value)
+                self.patterns[rule] = Glob(rule.value)
+                globs.add(position, rule, self.patterns[rule])
             else:
                 self.exact[rule.value] = rule
                 self.parents.setdefault(rule.value, rule)
@@ -206,7 +232,7 @@ class HostnameMatcher:
     def rule_matches(self, rule: Rule, name: str) -> bool:
         """Whether one hostname rule applies to name: exact, parent domain or glob."""
         if rule.is_pattern:
-            return self.patterns[rule].fullmatch(name) is not None
+            return self.patterns[rule].matches(name)
         return name == rule.value or name.endswith("." + rule.value)
 
     def under_user_search_domain(self, name: str) -> bool:

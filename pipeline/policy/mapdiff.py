@@ -22,7 +22,7 @@ tests/test_firewall.py checks the promise after every single operation of random
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from ..rulemaps import ALLOW, DENY, Network
 from .mapstate import CidrValue, PortEntry
@@ -46,12 +46,12 @@ def plan_move(cidrs_now: Mapping[Network, CidrValue], ports_now: Mapping[PortEnt
     stale_cidrs = longest_first(n for n in cidrs_now if delete and n not in cidrs)
     stale_port_denies = [e for e in stale_ports if ports_now[e] == DENY]
     stale_port_allows = [e for e in stale_ports if ports_now[e] == ALLOW]
-    exposing = NetworkIndex([*(n for n, v in put_cidrs.items() if v[1]), *stale_cidrs,
-                             *(e[0] for e in stale_port_allows)])
-    early_port_denies = {e: None for e in stale_port_denies if exposing.overlaps(e[0])}
-    landing = NetworkIndex(n for n in stale_cidrs if cidrs_now[n] != ALL_PORTS_DENY)
     stale_denies = [n for n in stale_cidrs if cidrs_now[n] == ALL_PORTS_DENY]
-    early_denies = {n: None for n in stale_denies if landing.overlaps(n)}
+    early_port_denies = _overlapping(stale_port_denies, lambda: [
+        *(n for n, v in put_cidrs.items() if v[1]), *stale_cidrs,
+        *(e[0] for e in stale_port_allows)])
+    early_denies = _overlapping(stale_denies, lambda: [
+        n for n in stale_cidrs if cidrs_now[n] != ALL_PORTS_DENY])
     return [
         *(("put_port", e, ALLOW) for e, a in put_ports.items() if a == ALLOW),
         *(("delete_port", e) for e in early_port_denies),
@@ -65,6 +65,15 @@ def plan_move(cidrs_now: Mapping[Network, CidrValue], ports_now: Mapping[PortEnt
         *(("delete_cidr", n) for n in stale_denies if n not in early_denies),
         *(("delete_port", e) for e in stale_port_denies if e not in early_port_denies),
     ]
+
+
+def _overlapping(entries: list, networks: Callable[[], list[Network]]) -> dict:
+    """The entries (networks or port entries) overlapping any of networks(), in order;
+    networks() is only asked for when there are entries to check."""
+    if not entries:
+        return {}
+    index = NetworkIndex(networks())
+    return {e: None for e in entries if index.overlaps(e[0] if isinstance(e, tuple) else e)}
 
 
 def longest_first(entries: Iterable) -> list:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 
 from .verdict import PortSpec
@@ -29,4 +30,10 @@ class Rule:
 
     @property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-        return ipaddress.ip_network(self.value)
+        return network_of(self.value)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def network_of(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    # Matchers, the map state and reloads all ask; parsing is the slow part of ipaddress.
+    return ipaddress.ip_network(value)
