@@ -309,8 +309,8 @@ def settings(**values):
      'SLUICE_ALLOWED_HOSTS: "github.com:70000": port 70000 is outside 0-65535'),
     ({"allowed_hosts": "github.com:-1"},
      'SLUICE_ALLOWED_HOSTS: "github.com:-1": port "-1" is not a number'),
-    ({"allowed_cidrs": "2001:db8::1:443:80"},
-     'SLUICE_ALLOWED_CIDRS: "2001:db8::1:443:80": an IPv6 address with ports needs brackets, '
+    ({"allowed_cidrs": "2001:db8::zz:443"},
+     'SLUICE_ALLOWED_CIDRS: "2001:db8::zz:443": an IPv6 address with ports needs brackets, '
      "e.g. [2001:db8::1]:443"),
     ({"allowed_cidrs": "[2001:db8::1:443"},
      'SLUICE_ALLOWED_CIDRS: "[2001:db8::1:443": "[" without a closing "]"'),
