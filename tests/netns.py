@@ -108,3 +108,20 @@ def base_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
     env.update(extra)
     return env
+
+
+class Session:
+    """A TCP connection held open by netclient in the client namespace."""
+
+    def __init__(self, lab: Lab, host: str, port: int) -> None:
+        self.proc = subprocess.Popen(
+            lab.exec_args(lab.client) + [PYTHON, "-m", "tests.tools.netclient", "session", host,
+                                         str(port), "--timeout", "2"],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        lab.processes.append(self.proc)
+        self.opened = json.loads(self.proc.stdout.readline() or '{"ok": false}')
+
+    def ping(self) -> bool:
+        self.proc.stdin.write("ping\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["ok"]

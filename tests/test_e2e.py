@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.topology import STAGES
-from tests.netns import ROOT, Lab, base_env, sh, wait_for
+from tests.netns import ROOT, Lab, Session, base_env, sh, wait_for
 
 pytestmark = pytest.mark.e2e
 VENV_BIN = str(Path(sys.executable).parent)
@@ -176,3 +176,43 @@ def test_two_instances_run_side_by_side(tmp_path, kernel):
     finally:
         for lab in labs:
             lab.close()
+
+
+def test_policy_reload_by_diff_cuts_removed_rules_and_keeps_the_rest(lab, tmp_path):
+    lab.start_server(80, 443)
+    keep = {"type": "cidr", "value": f"{Lab.SERVER_V4}/32", "action": "allow",
+            "ports": [{"port": 80, "protocol": "tcp"}]}
+    dropped = {"type": "cidr", "value": Lab.SUBNET, "action": "allow",
+               "ports": [{"port": 443, "protocol": "tcp"}]}
+    pipeline = Pipeline(lab, tmp_path, {"defaultAction": "deny", "rules": [keep, dropped]}).start()
+    held = Session(lab, Lab.SERVER_V4, 80)
+    assert held.opened["ok"] and held.ping()
+    assert lab.client_run("tcp", "10.202.0.3", "443")["ok"]
+
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(json.dumps({"defaultAction": "deny", "rules": [keep]}))
+    wait_for(lambda: "policy reloaded" in pipeline.output(), 10, "the reload")
+    assert not lab.client_run("tcp", "10.202.0.3", "443", "--timeout", "1")["ok"]
+    assert held.ping(), "a connection allowed by both policies must keep working"
+    assert lab.client_run("tcp", Lab.SERVER_V4, "80")["ok"]
+
+    policy_file.write_text("{ this is not json")
+    wait_for(lambda: "policy not reloaded" in pipeline.output(), 10, "the refused reload")
+    assert held.ping() and lab.client_run("tcp", Lab.SERVER_V4, "80")["ok"]
+    assert not lab.client_run("tcp", "10.202.0.3", "443", "--timeout", "1")["ok"]
+    assert pipeline.stop() == {stage: "rc=0" for stage in STAGES}
+    assert pipeline.sluice("detach", netns=True).returncode == 0
+
+
+def test_connections_open_before_start_keep_working_and_are_recorded(lab, tmp_path):
+    lab.start_server(80)
+    held = Session(lab, Lab.SERVER_V4, 80)
+    assert held.opened["ok"]
+    pipeline = Pipeline(lab, tmp_path, {"defaultAction": "deny"}).start()
+    assert held.ping(), "an existing connection must not be cut at attach"
+    assert not lab.client_run("tcp", Lab.SERVER_V4, "81", "--timeout", "1")["ok"]
+    wait_for(lambda: find(pipeline.jsonl(), event_type="existing_connection"), 10, "the record")
+    assert pipeline.stop() == {stage: "rc=0" for stage in STAGES}
+    [record] = find(pipeline.jsonl(), event_type="existing_connection", dst_ip=Lab.SERVER_V4)
+    assert (record["would_deny"], record["blocked"]) == (False, False)
+    assert pipeline.sluice("detach", netns=True).returncode == 0

@@ -32,6 +32,22 @@ def tcp(host: str, port: int, timeout: float) -> dict:
             return {"ok": False, "error": str(err), "seconds": time.monotonic() - start}
 
 
+def session(host: str, port: int, timeout: float) -> None:
+    """One connection kept open: a ping per line read on stdin, a JSON result line each."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+        print(json.dumps({"pid": os.getpid(), "ok": True}), flush=True)
+        for _ in iter(input, "quit"):
+            try:
+                sock.sendall(b"ping\n")
+                reply = sock.recv(64).decode()
+                print(json.dumps({"ok": bool(reply), "reply": reply}), flush=True)
+            except OSError as err:
+                print(json.dumps({"ok": False, "error": str(err)}), flush=True)
+
+
 def udp(host: str, port: int, count: int, spread: int) -> dict:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sent = 0
@@ -92,7 +108,7 @@ def frame(host: str, port: int, interface: str, tags: list[int], count: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["tcp", "udp", "raw", "frame"])
+    parser.add_argument("mode", choices=["tcp", "udp", "raw", "frame", "session"])
     parser.add_argument("host")
     parser.add_argument("port", type=int, help="port, or protocol number for raw")
     parser.add_argument("--count", type=int, default=1)
@@ -104,6 +120,8 @@ def main() -> None:
                         help="frame: VLAN ids, outermost first (two = QinQ)")
     args = parser.parse_args()
     set_name(args.name)
+    if args.mode == "session":
+        return session(args.host, args.port, args.timeout)
     if args.mode == "tcp":
         result = tcp(args.host, args.port, args.timeout)
     elif args.mode == "udp":
