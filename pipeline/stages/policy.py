@@ -66,7 +66,7 @@ class EventIds:
 
     def next(self) -> str:
         self.count += 1
-        return f"{self.prefix}-{self.count:x}"
+        return f"{self.prefix}-{self.count:012x}"  # sorts in creation order: sequential index inserts
 
 
 class HostFiles:
