@@ -48,9 +48,11 @@ def _address(target: str) -> Address | None:
 
 def _result(target: str, allow: tuple[str, Sequence[PortSpec]] | None,
             deny: tuple[str, Sequence[PortSpec]] | None, decision: str, reason: str) -> dict:
+    allow_rule, allow_ports = allow or ("", ())
+    deny_rule, deny_ports = deny or ("", ())
     return {"target": target,
-            "allow_rule": allow[0] if allow else "", "allow_ports": ports_json(allow[1]) if allow else [],
-            "deny_rule": deny[0] if deny else "", "deny_ports": ports_json(deny[1]) if deny else [],
+            "allow_rule": allow_rule, "allow_ports": ports_json(allow_ports),
+            "deny_rule": deny_rule, "deny_ports": ports_json(deny_ports),
             "decision": decision, "reason": reason}
 
 
@@ -159,7 +161,8 @@ def _explain_address(policy: Policy, addr: Address, port: int | None,
     deny = next(((r.value, r.ports) for r in port_rules if r.action == "deny"), None)
     if port is None:
         decision = "allow" if allow or policy.default_action == "allow" else "deny"
-        return _result(target, allow, deny, decision, _port_rules_reason(policy, target, port_rules))
+        reason = _port_rules_reason(policy, target, port_rules)
+        return _result(target, allow, deny, decision, reason)
     decision, reason = _address_port_decision(policy, state, addr, port_rules, port, protocol)
     return _result(target, allow, deny, decision, reason)
 
