@@ -15,65 +15,30 @@ from typing import Sequence
 
 from .events import IPPROTO_TCP, IPPROTO_UDP, EnrichedEvent
 from .firewall import Firewall
+from .policy.mapstate import side_grants
 from .policy.model import Policy
 from .policy.ports import ports_cover
-from .policy.verdict import HostnameVerdict, PortSpec
+from .policy.verdict import HostnameVerdict
 
 log = logging.getLogger("sluice.policy")
 
 _RULE_PROTOCOLS = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
 
 
-def apply_side(policy: Policy, firewall: Firewall, ip: str, action: str,
-               ports: Sequence[PortSpec], hostname: str) -> bool:
-    """Write one side of a verdict for ip; True when the maps now allow it for these ports."""
-    final = policy.ip_write_action(ip, action, ports)
-    if final is None:
-        return False
-    try:
-        firewall.add_ip(ip, final, ports, hostname)
-    except OSError as err:
-        log.warning("map write for %s failed: %s", ip, err)
-        return False
-    return final == "allow"
-
-
 def apply_verdict(policy: Policy, firewall: Firewall, ip: str, verdict: HostnameVerdict,
                   hostname: str) -> bool:
-    """Deny side first, then allow side; True when the allow side was written."""
-    allow_ports = verdict.allow_ports
-    if verdict.has_deny:
-        apply_side(policy, firewall, ip, "deny", verdict.deny_ports, hostname)
-        allow_ports = without_denied(allow_ports, verdict.deny_ports)
-        if allow_ports is None:
+    """Deny side first, then allow side (side_grants: conflict-checked, nothing equal to the
+    default); True when the maps now allow ip for the allow side's ports. A port the deny
+    side names stays denied: the firewall keeps port denies sticky."""
+    allowed = False
+    for grant in side_grants(policy, ip, verdict, hostname):
+        try:
+            firewall.add_ip(ip, grant.action, grant.ports, hostname)
+        except OSError as err:
+            log.warning("map write for %s failed: %s", ip, err)
             return False
-    if verdict.has_allow:
-        return apply_side(policy, firewall, ip, "allow", allow_ports, hostname)
-    return False
-
-
-def without_denied(allow: Sequence[PortSpec],
-                   deny: Sequence[PortSpec]) -> tuple[PortSpec, ...] | None:
-    """The allow side of a mixed verdict minus what its deny side names, so the allow write
-    cannot overwrite the deny entries just written (cargowall let `all 443` reopen a denied
-    `udp 443`). None when nothing is left. An all-ports allow stays all ports: the maps
-    cannot say "all but", so a port-specific deny beside it is inert, as in cargowall."""
-    if not allow:
-        return ()
-    if not deny:
-        return None  # a deny side with no ports denies every port
-    kept: list[PortSpec] = []
-    for spec in allow:
-        parts = [(spec.port, p) for p in ("tcp", "udp")] if spec.protocol == "all" else [
-            (spec.port, spec.protocol)]
-        if spec.protocol == "all":
-            parts.append((0, "icmp"))
-        left = [(port, p) for port, p in parts if not ports_cover(deny, port, p)]
-        if len(left) == len(parts):
-            kept.append(spec)
-        else:
-            kept.extend(PortSpec(port, p) for port, p in left)
-    return tuple(kept) or None
+        allowed = grant.action == "allow"
+    return allowed
 
 
 def late_allow(policy: Policy, firewall: Firewall | None, event: EnrichedEvent) -> str | None:

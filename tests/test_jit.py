@@ -109,6 +109,7 @@ def test_allow_equal_to_the_default_is_not_written():
     assert maps.cidr_entries == {}
 
 
+
 def P(port, protocol="all"):
     from pipeline.policy.verdict import PortSpec
     return PortSpec(port, protocol)
@@ -123,5 +124,5 @@ def P(port, protocol="all"):
     ((P(443),), (), None),           # an all-ports deny leaves nothing to allow
 ])
 def test_allow_ports_minus_the_deny_side(allow, deny, left):
-    from pipeline.jit import without_denied
+    from pipeline.policy.ports import without_denied
     assert without_denied(allow, deny) == left

@@ -55,7 +55,7 @@ def test_policy_programs_the_maps_then_decides_outcomes(tmp_path, peer):
         {"type": "cidr", "value": "10.1.0.0/16", "action": "allow",
          "ports": [{"port": 443, "protocol": "tcp"}]}]}
     settings = stage_settings(tmp_path, SLUICE_POLICY=write_policy(tmp_path, policy),
-                              SLUICE_MODE="enforce")
+                              SLUICE_MODE="enforce", SLUICE_ALLOW_EXISTING_CONNECTIONS="false")
     out = peer.inbox("persist")
     stage = StageThread(PolicyStage(open_maps=lambda s: maps), settings).start()
     assert maps.get_config() == (DENY, False, 1)

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping, Sequence
 from ..rulemaps import ALLOW, DENY, Network
 from .cidrs import parse_address
 from .model import Policy
-from .ports import IPPROTO_ICMP, PROTOCOL_NAMES, PortKey, expand_ports
+from .ports import IPPROTO_ICMP, PROTOCOL_NAMES, PortKey, expand_ports, without_denied
 from .verdict import HostnameVerdict, PortSpec
 
 ACTION_CODES = {"allow": ALLOW, "deny": DENY}
@@ -128,8 +128,12 @@ def side_grants(policy: Policy, ip: str, verdict: HostnameVerdict,
     side first, then the allow side, each after the CIDR conflict check, and nothing where
     the outcome equals the default action."""
     grants = []
+    allow_ports = verdict.allow_ports
+    if verdict.has_deny and verdict.has_allow:
+        allow_ports = without_denied(allow_ports, verdict.deny_ports)
+    allow_rule = verdict.allow_rule if allow_ports is not None else ""
     for action, rule, ports in (("deny", verdict.deny_rule, verdict.deny_ports),
-                                ("allow", verdict.allow_rule, verdict.allow_ports)):
+                                ("allow", allow_rule, allow_ports)):
         final = policy.ip_write_action(ip, action, ports) if rule else None
         if final is not None:
             grants.append(Grant(final, ports, hostname))

@@ -66,3 +66,27 @@ def format_ports(ports: Sequence[PortSpec]) -> str:
 
 def ports_json(ports: Sequence[PortSpec]) -> list[dict]:
     return [{"port": spec.port, "protocol": spec.protocol} for spec in ports]
+
+
+def without_denied(allow: Sequence[PortSpec],
+                   deny: Sequence[PortSpec]) -> tuple[PortSpec, ...] | None:
+    """The allow side of a mixed verdict minus what its deny side names. Under a default
+    deny the deny side writes nothing, so without this an `all 443` allow would open the
+    `udp 443` the same verdict denies (as cargowall does). None when nothing is left. An
+    all-ports allow stays all ports: the maps cannot say "all but", so a port-specific deny
+    beside it is inert, as in cargowall."""
+    if not allow:
+        return ()
+    if not deny:
+        return None  # a deny side without ports denies every port
+    kept: list[PortSpec] = []
+    for spec in allow:
+        parts = [(spec.port, spec.protocol)]
+        if spec.protocol == "all":
+            parts = [(spec.port, "tcp"), (spec.port, "udp"), (0, "icmp")]
+        left = [(port, proto) for port, proto in parts if not ports_cover(deny, port, proto)]
+        if len(left) == len(parts):
+            kept.append(spec)
+        else:
+            kept.extend(PortSpec(port, proto) for port, proto in left)
+    return tuple(kept) or None

@@ -38,7 +38,7 @@ from .. import messages
 from ..audit import AuditEvent, normalize
 from ..errors import PolicyError
 from ..events import AllowReply, AllowRequest
-from ..firewall import Firewall
+from ..firewall import Firewall, apply_existing_connection
 from ..jit import allow_answer, late_allow
 from ..kernel.maps import KernelRuleMaps, pins_present
 from ..loop import BaseStage, StageIO, batched, run_stage
@@ -156,10 +156,7 @@ class PolicyStage(BaseStage):
         records = []
         for ip, observed in remotes.items():
             gate = gate_existing_connection(self.policy, ip, observed)
-            changed = False
-            for action, ports in gate.writes:
-                changed = self.firewall.add_ip(ip, action, ports)
-            if not gate.allowed or changed:
+            if apply_existing_connection(self.firewall, gate):
                 records.append(self._record(AuditEvent(
                     timestamp=0, event_type="existing_connection", dst_ip=ip,
                     dst_hostname=gate.dst_hostname, matched_rule=gate.matched_rule,
