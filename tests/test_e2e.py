@@ -51,6 +51,11 @@ class Pipeline:
         assert ready.returncode == 0, ready.stderr + self.output()
         return self
 
+    def hook_ids(self) -> set[str]:
+        """Program ids of this instance's cgroup hooks (while it runs)."""
+        record = json.loads((self.tmp / "run" / "attachment.json").read_text())
+        return {str(hook["prog_id"]) for hook in record["hooks"]}
+
     def stop(self) -> dict[str, str]:
         """Ctrl-C; returns each stage's exit status as honcho reports it."""
         self.proc.send_signal(signal.SIGINT)
@@ -74,6 +79,11 @@ class Pipeline:
             db.close()
 
 
+def attached_cgroup_prog_ids() -> set[str]:
+    out = sh("bpftool", "cgroup", "tree", check=False).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()[:1].isdigit()}
+
+
 def find(records, **fields):
     return [r for r in records if all(r.get(k) == v for k, v in fields.items())]
 
@@ -84,6 +94,7 @@ def test_pipeline_judges_real_connections_and_stores_agreeing_jsonl_and_sql(lab,
         {"type": "cidr", "value": f"{Lab.SERVER_V4}/32", "action": "allow",
          "ports": [{"port": 80, "protocol": "tcp"}]}]}
     pipeline = Pipeline(lab, tmp_path, policy).start()
+    hooks = pipeline.hook_ids()
 
     allowed = lab.client_run("tcp", Lab.SERVER_V4, "80", "--name", "sl-e2e")
     blocked = lab.client_run("tcp", Lab.SERVER_V4, "443", "--timeout", "1", "--name", "sl-e2e")
@@ -130,12 +141,14 @@ def test_pipeline_judges_real_connections_and_stores_agreeing_jsonl_and_sql(lab,
     assert not list(run_dir.glob("*.ready"))
     assert not (run_dir / "attachment.json").exists()
     assert not Path(f"/sys/fs/bpf/sluice-e{lab.tag}").exists()
-    assert "sluice" not in sh("bpftool", "cgroup", "tree", check=False).stdout
+    assert not hooks & attached_cgroup_prog_ids()
 
 
 def test_audit_mode_reports_would_deny_and_a_clean_stop_detaches(lab, tmp_path):
     lab.start_server(443)
     pipeline = Pipeline(lab, tmp_path, {"defaultAction": "deny"}, mode="audit").start()
+    hooks = pipeline.hook_ids()
+    assert len(hooks) == 4 and hooks <= attached_cgroup_prog_ids()
     result = lab.client_run("tcp", Lab.SERVER_V4, "443", "--name", "sl-audit")
     assert result["ok"], "audit mode must not drop"
     wait_for(lambda: find(pipeline.jsonl(), dst_port=443), 15, "the would-deny record")
@@ -152,7 +165,7 @@ def test_audit_mode_reports_would_deny_and_a_clean_stop_detaches(lab, tmp_path):
     assert "clsact" not in sh(*lab.exec_args(lab.client), "tc", "qdisc", "show", "dev",
                               lab.client_if).stdout
     assert not (tmp_path / "run" / "attachment.json").exists()
-    assert "sluice" not in sh("bpftool", "cgroup", "tree", check=False).stdout
+    assert not hooks & attached_cgroup_prog_ids()
 
 
 def test_two_instances_run_side_by_side(tmp_path, kernel):
