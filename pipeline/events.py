@@ -59,21 +59,11 @@ class RawEvent(WireRecord):
 
 @register
 @dataclasses.dataclass(slots=True)
-class EnrichedEvent(WireRecord):
+class EnrichedEvent(RawEvent):
+    """A raw event's fields, then what enrich knows of the destination."""
+
     KIND = "enriched_events"
 
-    ip_version: int
-    allowed: bool
-    ip_proto: int
-    flags: int
-    src_ip: str
-    dst_ip: str
-    src_port: int
-    dst_port: int
-    timestamp_ns: int
-    pid: int
-    comm: str
-    packets: int
     protocol: str          # name of ip_proto
     dst_hostname: str      # "" when unknown
     cname_chain: list[str]  # CNAME origin first, when the name came through a chain
@@ -81,14 +71,6 @@ class EnrichedEvent(WireRecord):
     @classmethod
     def from_raw(cls, raw: RawEvent, hostname: str = "", cname_chain: list[str] | None = None):
         return cls(*raw.to_wire(), protocol_name(raw.ip_proto), hostname, cname_chain or [])
-
-    @property
-    def is_protocol_block(self) -> bool:
-        return not self.allowed and self.src_port == 0 and self.dst_port < 256
-
-    @property
-    def mid_stream(self) -> bool:
-        return bool(self.flags & FLAG_MID_STREAM)
 
 
 @register
