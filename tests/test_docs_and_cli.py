@@ -133,3 +133,10 @@ def test_policy_explain_json_has_exactly_the_documented_keys(tmp_path):
 def test_policy_subcommands_have_help_and_are_in_the_readme(sub):
     assert runner.invoke(app, ["policy", sub, "--help"]).exit_code == 0
     assert f"`sluice policy {sub}" in README
+
+
+def test_the_bundled_example_policy_is_valid():
+    from pipeline.settings import BUNDLED_POLICY
+
+    result = runner.invoke(app, ["policy", "check", str(BUNDLED_POLICY)])
+    assert result.exit_code == 0 and "github.com" in result.output
