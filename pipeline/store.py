@@ -12,7 +12,16 @@ record, columns named after the JSON fields:
 
 Schema changes are MIGRATIONS: named, applied in order, each in its own transaction (SQLite
 DDL included), recorded in `schema_migrations`; a failure stops the caller with StoreError.
-Append new ones at the end (views come later); never edit or reorder applied ones.
+Append new ones at the end; never edit or reorder applied ones.
+
+The same migrations run on PostgreSQL, where many hosts write to one database: `host` tells
+them apart, and every view groups by it. A `postgresql://` URL uses psycopg 3.
+
+Views (README "Views"): `audit_events_classified` is every row plus `destination`,
+`superseded` and `counted_block`; `blocked_destinations`, `process_activity`,
+`dns_blocked_names`, `late_allowed` and `timeline` summarize it. A connection_blocked row is
+superseded, and not counted as a block, when a connection_late_allowed row of the same host,
+dst_ip, dst_port and protocol has a timestamp at or after its own (reference §2.8).
 """
 
 from __future__ import annotations
@@ -80,9 +89,111 @@ def _create_audit_events(conn: sa.Connection) -> None:
     audit_events.create(conn)
 
 
+def _create_fleet_indexes(conn: sa.Connection) -> None:
+    # Per-host questions on a fleet store; and the supersede test of every blocked row, which
+    # looks only among the (few) late-allowed rows: a partial index keeps that a short probe.
+    # Plain DDL: an sa.Index on audit_events would join the table's own definition, which
+    # 0001 creates.
+    conn.exec_driver_sql("CREATE INDEX ix_audit_events_host_timestamp "
+                         "ON audit_events (host, timestamp)")
+    conn.exec_driver_sql("CREATE INDEX ix_audit_events_late_allowed "
+                         "ON audit_events (host, dst_ip, dst_port, protocol, timestamp) "
+                         "WHERE event_type = 'connection_late_allowed'")
+
+
+def _process_list(dialect: str, column: str) -> str:
+    """Distinct non-empty process names of a group, comma-separated and sorted."""
+    if dialect == "postgresql":
+        return f"string_agg(DISTINCT NULLIF({column}, ''), ',' ORDER BY NULLIF({column}, ''))"
+    # SQLite 3.40 has no ORDER BY inside aggregates: the views feed each group its rows
+    # sorted by process (an ordered subquery, which SQLite does not flatten into a GROUP BY).
+    return f"group_concat(DISTINCT NULLIF({column}, ''))"
+
+
+def _view_statements(dialect: str) -> list[str]:
+    # Written once for both databases; `b.*` is expanded when the view is created, so a
+    # migration that adds a column to audit_events recreates these views.
+    processes = _process_list(dialect, "process")
+    allowed = ("CASE WHEN event_type IN ('connection_allowed', 'connection_late_allowed') "
+               "THEN 1 ELSE 0 END")
+    return [
+        """CREATE VIEW audit_events_classified AS
+        SELECT b.*,
+               CASE WHEN b.dst_hostname <> '' THEN b.dst_hostname ELSE b.dst_ip END
+                   AS destination,
+               CASE WHEN b.event_type = 'connection_blocked' AND EXISTS (
+                   SELECT 1 FROM audit_events AS l
+                   WHERE l.event_type = 'connection_late_allowed' AND l.host = b.host
+                     AND l.dst_ip = b.dst_ip AND l.dst_port = b.dst_port
+                     AND l.protocol = b.protocol AND l.timestamp >= b.timestamp)
+                   THEN 1 ELSE 0 END AS superseded
+        FROM audit_events AS b""",
+        # counted_block in a second step, so the EXISTS probe runs once per row.
+        """CREATE VIEW audit_events_counted AS
+        SELECT c.*,
+               CASE WHEN c.event_type = 'protocol_blocked' OR (
+                   c.event_type = 'connection_blocked' AND c.superseded = 0)
+                   THEN 1 ELSE 0 END AS counted_block
+        FROM audit_events_classified AS c""",
+        f"""CREATE VIEW blocked_destinations AS
+        SELECT host, destination, port, protocol, COUNT(*) AS attempts,
+               MIN(timestamp) AS first_seen, MAX(timestamp) AS last_seen,
+               {processes} AS processes
+        FROM (SELECT host, destination, dst_port AS port, protocol, timestamp, process
+              FROM audit_events_counted WHERE counted_block = 1
+              ORDER BY host, destination, dst_port, protocol, process) AS b
+        GROUP BY host, destination, port, protocol""",
+        f"""CREATE VIEW process_activity AS
+        SELECT host, process, COUNT(*) AS events, SUM({allowed}) AS allowed,
+               SUM(counted_block) AS blocked,
+               SUM(CASE WHEN event_type = 'connection_late_allowed' THEN 1 ELSE 0 END)
+                   AS late_allowed,
+               COUNT(DISTINCT destination) AS destinations,
+               MIN(timestamp) AS first_seen, MAX(timestamp) AS last_seen
+        FROM audit_events_counted
+        WHERE event_type IN ('connection_allowed', 'connection_late_allowed',
+                             'connection_blocked', 'protocol_blocked')
+        GROUP BY host, process""",
+        """CREATE VIEW dns_blocked_names AS
+        SELECT host, dst_hostname AS name, COUNT(*) AS attempts,
+               MIN(timestamp) AS first_seen, MAX(timestamp) AS last_seen
+        FROM audit_events WHERE event_type = 'dns_blocked'
+        GROUP BY host, dst_hostname""",
+        f"""CREATE VIEW late_allowed AS
+        SELECT host, destination, dst_ip, port, protocol, matched_rule,
+               COUNT(*) AS late_allows, MIN(timestamp) AS first_seen,
+               MAX(timestamp) AS last_seen, {processes} AS processes
+        FROM (SELECT host, destination, dst_ip, dst_port AS port, protocol, matched_rule,
+                     timestamp, process
+              FROM audit_events_classified WHERE event_type = 'connection_late_allowed'
+              ORDER BY host, destination, dst_ip, dst_port, protocol, matched_rule,
+                       process) AS l
+        GROUP BY host, destination, dst_ip, port, protocol, matched_rule""",
+        f"""CREATE VIEW timeline AS
+        SELECT host, substr(timestamp, 1, 16) || 'Z' AS minute, COUNT(*) AS events,
+               SUM({allowed}) AS allowed, SUM(counted_block) AS blocked,
+               SUM(superseded) AS superseded,
+               SUM(CASE WHEN event_type = 'connection_late_allowed' THEN 1 ELSE 0 END)
+                   AS late_allowed,
+               SUM(CASE WHEN event_type = 'dns_blocked' THEN 1 ELSE 0 END) AS dns_blocked
+        FROM audit_events_counted
+        GROUP BY host, substr(timestamp, 1, 16)""",
+    ]
+
+
+def _create_views(conn: sa.Connection) -> None:
+    for statement in _view_statements(conn.dialect.name):
+        conn.exec_driver_sql(statement)
+
+
+VIEWS = ("audit_events_classified", "audit_events_counted", "blocked_destinations",
+         "process_activity", "dns_blocked_names", "late_allowed", "timeline")
+
 Migration = tuple[str, Callable[[sa.Connection], None]]
 MIGRATIONS: tuple[Migration, ...] = (
     ("0001_audit_events", _create_audit_events),
+    ("0002_fleet_indexes", _create_fleet_indexes),
+    ("0003_views", _create_views),
 )
 
 BUSY_TIMEOUT_MS = 1000  # short: a stopping persist must finish within honcho's 5 seconds
@@ -127,6 +238,16 @@ def _sqlite_events(engine: sa.Engine, *, begin: str, pragmas: Sequence[str]) -> 
         conn.exec_driver_sql(begin)
 
 
+def _postgresql_read_only_sessions(engine: sa.Engine) -> None:
+    @sa_event.listens_for(engine, "connect")
+    def on_connect(dbapi_conn, _record) -> None:
+        # Read-only for the whole session, not only the transaction SQLAlchemy begins: a
+        # statement that commits and goes on ("...; COMMIT; DELETE ...") stays read-only.
+        with dbapi_conn.cursor() as cursor:
+            cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        dbapi_conn.commit()
+
+
 def _engine(url_text: str, *, readonly: bool, busy_timeout_ms: int) -> tuple[sa.Engine, str]:
     """Create an engine and connect once, so every open problem surfaces here as StoreError."""
     try:
@@ -137,6 +258,8 @@ def _engine(url_text: str, *, readonly: bool, busy_timeout_ms: int) -> tuple[sa.
     backend = url.get_backend_name()
     if backend not in _INSERTS:
         raise StoreError(f"{shown}: unsupported database {backend!r} (use sqlite or postgresql)")
+    if url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")  # SQLAlchemy would pick psycopg2
     path = _sqlite_file(url) if backend == "sqlite" else None
     if path is not None:
         url = _prepare_sqlite_path(url, path, readonly, shown)
@@ -148,10 +271,13 @@ def _engine(url_text: str, *, readonly: bool, busy_timeout_ms: int) -> tuple[sa.
         raise StoreError(f"{shown}: {_one_line(err)}") from None
     if backend == "sqlite":
         pragmas = [f"PRAGMA busy_timeout={int(busy_timeout_ms)}"]
-        if not readonly:
+        if readonly:
+            pragmas.append("PRAGMA query_only=ON")  # also refuses writes to attached files
+        else:
             pragmas += ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL"]
         _sqlite_events(engine, begin="BEGIN" if readonly else "BEGIN IMMEDIATE", pragmas=pragmas)
     elif readonly:
+        _postgresql_read_only_sessions(engine)
         engine = engine.execution_options(postgresql_readonly=True)
     _check(engine, backend, path, readonly, shown)
     return engine, shown

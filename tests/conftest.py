@@ -52,3 +52,66 @@ def lab(kernel):
         yield lab
     finally:
         lab.close()
+
+
+# ---------------------------------------------------------------- PostgreSQL for the store tests
+
+POSTGRES_URL_VARIABLE = "SLUICE_TEST_POSTGRES_URL"  # test config, set by ./bootstrap test
+
+
+def _postgres_engine(url: str):
+    import sqlalchemy as sa
+
+    parsed = sa.make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return sa.create_engine(parsed, isolation_level="AUTOCOMMIT")
+
+
+def _postgres_unavailable(url: str) -> str:
+    if not url:
+        return f"needs a PostgreSQL server: set {POSTGRES_URL_VARIABLE} (./bootstrap test does)"
+    try:
+        engine = _postgres_engine(url)
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        engine.dispose()
+    except Exception as err:  # noqa: BLE001 - any failure to connect means "not available"
+        return f"cannot reach PostgreSQL at {POSTGRES_URL_VARIABLE}: {type(err).__name__}"
+    return ""
+
+
+@pytest.fixture(scope="session")
+def postgres_url(request):
+    """The test server's URL: skip where there is none, fail under --require-kernel (CI)."""
+    url = os.environ.get(POSTGRES_URL_VARIABLE, "")
+    reason = _postgres_unavailable(url)
+    if reason:
+        if request.config.getoption("--require-kernel"):
+            pytest.fail(f"PostgreSQL tests required but cannot run: {reason}")
+        pytest.skip(reason)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """An empty database on each backend: a SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/audit.db"
+        return
+    import uuid
+
+    import sqlalchemy as sa
+
+    base = request.getfixturevalue("postgres_url")
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    admin = _postgres_engine(base)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    try:
+        yield sa.make_url(base).update_query_dict({"options": f"-csearch_path={schema}"}) \
+            .render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()

@@ -1,0 +1,126 @@
+"""The store on both backends: the same migrations, rows, duplicates and read-only rules on
+SQLite and PostgreSQL (tests/test_store.py covers what only SQLite files have: WAL, locks)."""
+
+import json
+
+import pytest
+import sqlalchemy as sa
+
+from pipeline.audit import AuditEvent, parse_timestamp
+from pipeline.query import QueryError, run_query
+from pipeline.store import (MIGRATIONS, VIEWS, AuditStore, StoreRejected, audit_events,
+                            open_readonly)
+
+T0 = 1_767_225_600_123_456_789
+
+
+def batch(n, first=0, host="h", **fields):
+    return [AuditEvent(T0 + i, "connection_blocked", src_ip="10.0.0.2", dst_ip=f"1.2.{i // 250}.{i % 250}",
+                       dst_port=443, protocol="TCP", process="curl", pid=100 + i,
+                       event_id=f"{host}-{i:08d}", host=host, **fields)
+            for i in range(first, first + n)]
+
+
+@pytest.fixture
+def store(db_url):
+    s = AuditStore(db_url)
+    s.migrate()
+    yield s
+    s.close()
+
+
+def count(url, where="1=1"):
+    with run_query(url, f"SELECT count(*) FROM audit_events WHERE {where}") as (_, rows):
+        return next(rows)[0]
+
+
+def test_every_migration_runs_once_and_every_view_answers(db_url):
+    first = AuditStore(db_url)
+    assert first.migrate() == [name for name, _ in MIGRATIONS]
+    assert first.migrate() == []
+    first.close()
+    assert AuditStore(db_url).migrate() == []
+    for view in VIEWS:
+        with run_query(db_url, f"SELECT * FROM {view}") as (columns, rows):
+            assert columns and list(rows) == []
+
+
+def test_rows_read_back_equal_the_records(store, db_url):
+    records = batch(3)
+    records[1].cname_chain = ["a.example", "ü.example"]
+    records[1].mid_stream = True
+    records[2].pid = 0xFFFFFFFF
+    records[2].would_deny, records[2].blocked = True, False
+    store.write(records)
+    engine = open_readonly(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(audit_events).order_by(audit_events.c.event_id)).mappings()
+        got = [AuditEvent(**{**{k: v for k, v in r.items() if k != "id"},
+                             "timestamp": parse_timestamp(r["timestamp"]),
+                             "cname_chain": json.loads(r["cname_chain"] or "[]"),
+                             "mid_stream": bool(r["mid_stream"]),
+                             "would_deny": bool(r["would_deny"]), "blocked": bool(r["blocked"])})
+               for r in rows]
+    engine.dispose()
+    assert got == records
+
+
+def test_writes_are_idempotent_by_event_id(store, db_url):
+    assert store.write(batch(5)) == 5
+    assert store.write(batch(5)) == 0
+    again = batch(3, first=4)  # one stored, two new
+    assert [e.event_id for e in store.insert(again + again[1:2])] == ["h-00000005", "h-00000006"]
+    assert count(db_url) == 7
+
+
+def test_hosts_share_one_store_and_batches_are_large(store, db_url):
+    assert store.write(batch(20_000, host="runner-1")) == 20_000
+    assert store.write(batch(300, host="runner-2")) == 300
+    assert count(db_url, "host = 'runner-2'") == 300
+
+
+def test_a_value_the_database_cannot_hold_is_rejected(store, db_url):
+    too_big = batch(1, packets=1 << 64)
+    with pytest.raises(StoreRejected):
+        store.insert(too_big)
+    assert count(db_url) == 0
+
+
+@pytest.mark.parametrize("sql", [
+    "DELETE FROM audit_events",
+    "UPDATE audit_events SET process = 'x'",
+    "DROP VIEW timeline",
+    "SELECT 1; DELETE FROM audit_events",
+    "CREATE TABLE t (x INTEGER)",
+])
+def test_query_refuses_every_write_and_changes_nothing(store, db_url, sql):
+    store.write(batch(2))
+    with pytest.raises(QueryError, match="read-only|one statement"):
+        with run_query(db_url, sql):
+            pass
+    assert count(db_url) == 2
+
+
+def test_the_read_only_connection_refuses_writes_the_statement_check_never_sees(store, db_url):
+    store.write(batch(2))
+    engine = open_readonly(db_url)
+    sneaky = ("SELECT 1; COMMIT; DELETE FROM audit_events" if db_url.startswith("postgresql")
+              else "DELETE FROM audit_events")
+    with pytest.raises(sa.exc.SQLAlchemyError, match="read-only|readonly"):
+        with engine.connect() as conn:
+            conn.exec_driver_sql(sneaky)
+            conn.commit()
+    engine.dispose()
+    assert count(db_url) == 2
+
+
+def test_a_failing_query_is_one_line(store, db_url):
+    with pytest.raises(QueryError, match="^query failed: .*no_such_table"):
+        with run_query(db_url, "SELECT * FROM no_such_table"):
+            pass
+
+
+def test_a_plain_postgresql_url_uses_psycopg_3(postgres_url):
+    engine = open_readonly(postgres_url)
+    assert engine.dialect.driver == "psycopg"
+    engine.dispose()
