@@ -1,12 +1,29 @@
 """enrich: give each kernel event the name of its destination.
 
-Consumes: `raw_events` batches on ipc://<run_dir>/enrich.sock (from capture, or from
-          `sluice replay`).
-Produces: `enriched_events` batches (address text, protocol name, process, hostname when
-          known), pushed to policy (ipc://<run_dir>/policy.sock).
+Consumes: `raw_events` batches (from capture, or from `sluice replay`) and `dns_mappings`
+          (names the dns stage resolved) on ipc://<run_dir>/enrich.sock.
+Produces: `enriched_events` batches (address text, protocol name, the process name the
+          kernel recorded, the hostname wherever it is known, the CNAME chain), pushed to
+          policy (ipc://<run_dir>/policy.sock).
 Binds:    enrich.sock. Connects: policy.
-Names:    what the IP -> name cache knows. Lookups that take time run beside the event flow
-          (never in it), so a slow name never holds back events for other destinations.
+Names:    (pipeline/names.py, reference §2.2) the DNS-derived cache, bounded and aged; for an
+          address it does not know and that was never looked up, one reverse (PTR) lookup
+          against the system resolver (the first nameserver of /etc/resolv.conf), 500 ms at
+          most; a PTR name is reported as the tracked hostname a rule knows it by; without
+          one, the forward match over the policy's tracked hostnames; a recorded CNAME chain
+          names its origin.
+Never stalls: lookups run beside the loop (pipeline/reverse.py). While one is in flight,
+          events for that address wait, in arrival order, for at most its 500 ms; events for
+          every other address go on at once. At most MAX_HELD events wait in all: beyond,
+          the address that has waited longest is sent on unnamed (held_over_limit), and
+          beyond MAX_LOOKUPS lookups in flight a new address goes on unnamed without one
+          (ptr_busy; a later event may look it up). No event is dropped here: at a stop,
+          what still waits is sent unnamed (held_at_stop).
+Policy:   SLUICE_POLICY, for its tracked hostnames; reloaded on SIGHUP and when the file
+          changes (an invalid file keeps the previous policy). A policy that does not load
+          stops the stage at start.
+Counters: ptr_lookups, ptr_named, ptr_no_name, ptr_timeout, ptr_error, ptr_not_sent,
+          names_from_lookups, events_named, held_over_limit, ptr_busy, held_at_stop.
 Bad input: a malformed message or record is counted and skipped (logged once per kind).
 Never blocks: a batch policy cannot take waits in a small backlog, then is dropped and
           counted (policy_dropped).
@@ -20,32 +37,139 @@ import threading
 
 import zmq
 
+from ..errors import PolicyError
 from ..events import EnrichedEvent, RawEvent
 from ..loop import BaseStage, StageIO, batched, run_stage
+from ..names import HeldEvents, Namer
+from ..policy.load import load_policy
+from ..reverse import NOT_SENT, ReverseResolver
 from ..settings import Settings
+
+MAX_HELD = 20_000     # events waiting for lookups: 0.5 s of a 40,000 events/s flood
+MAX_LOOKUPS = 4_096   # lookups in flight at once
+RELOAD_CHECK_S = 1.0
 
 
 class EnrichStage(BaseStage):
     name = "enrich"
 
-    def __init__(self) -> None:
-        self.names: dict[str, str] = {}
+    def __init__(self, reverse: ReverseResolver | None = None, max_held: int = MAX_HELD,
+                 max_lookups: int = MAX_LOOKUPS) -> None:
+        self.reverse = reverse
+        self.held: HeldEvents[RawEvent] = HeldEvents(max_held)
+        self.max_lookups = max_lookups
+        self.lookups: dict[str, int] = {}  # address -> timestamp of the event that asked
+        self.next_reload_check = 0.0
 
     def setup(self, io: StageIO) -> None:
         self.io = io
+        policy = load_policy(io.settings)
+        self.policy_mtime = self._policy_mtime()
+        self.namer = Namer(policy)
+        self.reverse = self.reverse or ReverseResolver.from_resolv_conf()
+        self.reverse.start()
+        io.watch_fd(self.reverse.fd, self._lookups_ended)
         io.bind_inboxes()
         self.feed = io.connect_feed("policy", backlog=1024)
         io.ready = True
-        io.log.info("listening on enrich.sock, feeding policy")
+        io.log.info("listening on enrich.sock, feeding policy; names from %r; reverse lookups "
+                    "via %r", policy, self.reverse)
+
+    # ------------------------------------------------------------- events
 
     def handle(self, inbox: str, kind: str, records: list) -> None:
-        if kind == "raw_events":
-            self.forward(records)
+        if kind == "dns_mappings":
+            for mapping in records:
+                self.namer.learn(mapping)
+        else:
+            self._name(records)
 
-    def forward(self, events: list[RawEvent]) -> None:
-        enriched = [EnrichedEvent.from_raw(e, self.names.get(e.dst_ip, "")) for e in events]
+    def _name(self, events: list[RawEvent]) -> None:
+        ready: list[RawEvent] = []
+        starting: list[str] = []
+        for event in events:
+            ip = event.dst_ip
+            if ip in self.held:
+                ready += self._hold(event)
+            elif self.namer.wants_lookup(ip) and self._may_look_up(event):
+                starting.append(ip)
+                ready += self._hold(event, begin=True)
+            else:
+                ready.append(event)
+        self.reverse.submit(starting)
+        self._send(ready)
+
+    def _may_look_up(self, event: RawEvent) -> bool:
+        if len(self.lookups) >= self.max_lookups:
+            self.io.counters.add("ptr_busy")
+            return False
+        self.lookups[event.dst_ip] = event.timestamp_ns
+        self.namer.attempted.add(event.dst_ip)
+        self.io.counters.add("ptr_lookups")
+        return True
+
+    def _hold(self, event: RawEvent, begin: bool = False) -> list[RawEvent]:
+        let_go = self.held.hold(event.dst_ip, event, begin=begin)
+        self.io.counters.add("held_over_limit", len(let_go))
+        return let_go
+
+    def _lookups_ended(self) -> None:
+        ready: list[RawEvent] = []
+        for lookup in self.reverse.finished():
+            asked_at = self.lookups.pop(lookup.ip)
+            self.io.counters.add(f"ptr_{lookup.outcome}")
+            if lookup.outcome == NOT_SENT:
+                self.namer.attempted.discard(lookup.ip)  # never asked: a later event may
+            elif self.namer.lookup_ended(lookup.ip, lookup.answer, asked_at):
+                self.io.counters.add("names_from_lookups")
+            ready += self.held.release(lookup.ip)
+        self._send(ready)
+
+    def _send(self, events: list[RawEvent]) -> None:
+        enriched = []
+        for event in events:
+            hostname, chain = self.namer.name_of(event.dst_ip, event.timestamp_ns)
+            enriched.append(EnrichedEvent.from_raw(event, hostname, chain))
+        self.io.counters.add("events_named", sum(1 for e in enriched if e.dst_hostname))
         for batch in batched(enriched, self.io.settings.batch_max):
             self.feed.send(batch)
+
+    # ------------------------------------------------------------- policy
+
+    def tick(self, now: float) -> None:
+        if now >= self.next_reload_check:
+            self.next_reload_check = now + RELOAD_CHECK_S
+            if self._policy_mtime() != self.policy_mtime:
+                self.reload("the policy file changed")
+
+    def hangup(self) -> None:
+        self.reload("SIGHUP")
+
+    def reload(self, why: str) -> None:
+        self.policy_mtime = self._policy_mtime()
+        try:
+            policy = load_policy(self.io.settings)
+        except PolicyError as err:
+            # Worded apart from policy's own lines, which tests and people wait for.
+            self.io.log.error("names keep the previous policy (%s): %s", why, err)
+            return
+        self.namer.set_policy(policy)
+        self.io.log.info("names follow the new policy (%s): %r", why, policy)
+
+    def _policy_mtime(self) -> float:
+        try:
+            return self.io.settings.policy.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def teardown(self) -> None:
+        waiting: list[RawEvent] = []
+        for ip in self.held:
+            waiting += self.held.release(ip)
+        self.io.counters.add("held_at_stop", len(waiting))
+        self._send(waiting)
+        if self.reverse is not None:
+            self.reverse.close()
 
 
 def run(settings: Settings, *, ctx: zmq.Context | None = None,

@@ -1,0 +1,157 @@
+"""Reverse (PTR) lookups beside the stage loop, never in it.
+
+Why asyncio in one background thread, with dnspython's asyncio queries:
+* a lookup that takes its whole 500 ms budget costs a coroutine and a socket, not a thread,
+  so hundreds run at once (CONCURRENCY) and a burst of new addresses is worked through at
+  hundreds per second; a thread pool would need as many threads for the same;
+* every query has its own socket (an ephemeral source port chosen by the kernel) and a
+  random id, and answers from elsewhere are ignored: a spoofed PTR answer, which could
+  name an address after an allowed host, has to guess both;
+* the stage loop only hands over addresses (one wakeup of the asyncio loop per batch) and
+  reads finished lookups when an eventfd it polls (StageIO.watch_fd) becomes readable.
+
+Each submitted address gets exactly one Lookup back, within `timeout` of its submission:
+the budget covers waiting for a free slot too, so nothing waits longer. A lookup whose
+budget ran out before it could be sent comes back as "not_sent" (no query was made).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import os
+import threading
+from pathlib import Path
+from typing import Iterable
+
+import dns.asyncquery
+import dns.exception
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.reversename
+
+TIMEOUT_S = 0.5     # reference §2.2: the budget of one reverse lookup
+CONCURRENCY = 256   # queries in flight at once (each holds a socket)
+RESOLV_CONF = Path("/etc/resolv.conf")
+DEFAULT_NAMESERVER = "127.0.0.1"  # what the C library uses when resolv.conf names none
+
+# Lookup outcomes
+NAMED, NO_NAME, TIMEOUT, ERROR, NOT_SENT = "named", "no_name", "timeout", "error", "not_sent"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lookup:
+    ip: str
+    outcome: str      # one of NAMED, NO_NAME, TIMEOUT, ERROR, NOT_SENT
+    answer: str = ""  # the first PTR name as the server wrote it (trailing dot included)
+
+
+def system_nameserver(resolv_conf: str) -> str:
+    """The first nameserver of a resolv.conf text: the system resolver."""
+    for line in resolv_conf.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            return fields[1]
+    return DEFAULT_NAMESERVER
+
+
+def first_ptr(response: dns.message.Message) -> str:
+    """The first PTR name of an answer; through a CNAME too (RFC 2317 classless zones)."""
+    for rrset in response.answer:
+        if rrset.rdtype == dns.rdatatype.PTR and len(rrset):
+            return rrset[0].target.to_text()
+    return ""
+
+
+class ReverseResolver:
+    def __init__(self, nameserver: str, port: int = 53, timeout: float = TIMEOUT_S,
+                 concurrency: int = CONCURRENCY) -> None:
+        self.nameserver, self.port, self.timeout = nameserver, port, timeout
+        self.concurrency = concurrency
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._done: collections.deque[Lookup] = collections.deque()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="enrich-ptr", daemon=True)
+
+    @classmethod
+    def from_resolv_conf(cls, path: Path = RESOLV_CONF, **kw) -> "ReverseResolver":
+        try:
+            text = path.read_text()
+        except OSError:
+            text = ""
+        return cls(system_nameserver(text), **kw)
+
+    def __repr__(self) -> str:
+        return f"ReverseResolver({self.nameserver}:{self.port}, {self.timeout:g} s)"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._tasks: set[asyncio.Task] = set()
+        self._loop.run_forever()
+
+    def submit(self, ips: Iterable[str]) -> None:
+        """Start a lookup for each address; safe to call from the stage's thread."""
+        ips = list(ips)
+        if ips:
+            self._loop.call_soon_threadsafe(self._start, ips)
+
+    def _start(self, ips: list[str]) -> None:
+        for ip in ips:
+            task = self._loop.create_task(self._lookup(ip))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _lookup(self, ip: str) -> None:
+        sent = False
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self._slots:
+                    sent = True
+                    lookup = await self._query(ip)
+        except TimeoutError:
+            lookup = Lookup(ip, TIMEOUT if sent else NOT_SENT)
+        self._done.append(lookup)
+        os.eventfd_write(self.fd, 1)
+
+    async def _query(self, ip: str) -> Lookup:
+        try:
+            query = dns.message.make_query(dns.reversename.from_address(ip), dns.rdatatype.PTR)
+            response = await dns.asyncquery.udp(query, self.nameserver, port=self.port,
+                                                ignore_unexpected=True)
+        except (OSError, ValueError, dns.exception.DNSException):
+            return Lookup(ip, ERROR)
+        answer = first_ptr(response) if response.rcode() == dns.rcode.NOERROR else ""
+        return Lookup(ip, NAMED if answer else NO_NAME, answer)
+
+    def finished(self) -> list[Lookup]:
+        """Lookups that ended since the last call (reading resets the eventfd)."""
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+        done = []
+        while self._done:
+            done.append(self._done.popleft())
+        return done
+
+    def close(self) -> None:
+        """Cancel what is in flight and stop the thread; never waits for a lookup."""
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop)
+            self._thread.join(timeout=2)
+        if not self._thread.is_alive():
+            self._loop.close()
+        os.close(self.fd)
+
+    def _stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        # Let the cancelled lookups close their sockets before the loop stops.
+        cancelled = asyncio.gather(*self._tasks, return_exceptions=True)
+        cancelled.add_done_callback(lambda _: self._loop.stop())
