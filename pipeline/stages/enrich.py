@@ -24,6 +24,8 @@ Policy:   SLUICE_POLICY, for its tracked hostnames; reloaded on SIGHUP and when 
           stops the stage at start.
 Counters: ptr_lookups, ptr_named, ptr_no_name, ptr_timeout, ptr_error, ptr_not_sent,
           names_from_lookups, events_named, held_over_limit, ptr_busy, held_at_stop.
+Records: with SLUICE_RECORD, every raw_events and dns_mappings batch, as it arrives, goes to
+          that file for `sluice replay` (pipeline/recording.py), written on each loop tick.
 Bad input: a malformed message or record is counted and skipped (logged once per kind).
 Never blocks: a batch policy cannot take waits in a small backlog, then is dropped and
           counted (policy_dropped).
@@ -42,6 +44,7 @@ from ..events import EnrichedEvent, RawEvent
 from ..loop import BaseStage, StageIO, batched, run_stage
 from ..names import HeldEvents, Namer
 from ..policy.load import load_policy
+from ..recording import NoRecorder, open_recorder
 from ..reverse import NOT_SENT, ReverseResolver
 from ..settings import Settings
 
@@ -60,9 +63,11 @@ class EnrichStage(BaseStage):
         self.max_lookups = max_lookups
         self.lookups: dict[str, int] = {}  # address -> timestamp of the event that asked
         self.next_reload_check = 0.0
+        self.recorder = NoRecorder()
 
     def setup(self, io: StageIO) -> None:
         self.io = io
+        self.recorder = open_recorder(io.settings, io.counters, io.log)
         policy = load_policy(io.settings)
         self.policy_mtime = self._policy_mtime()
         self.namer = Namer(policy)
@@ -78,6 +83,7 @@ class EnrichStage(BaseStage):
     # ------------------------------------------------------------- events
 
     def handle(self, inbox: str, kind: str, records: list) -> None:
+        self.recorder.add(kind, records)
         if kind == "dns_mappings":
             for mapping in records:
                 self.namer.learn(mapping)
@@ -137,6 +143,7 @@ class EnrichStage(BaseStage):
     # ------------------------------------------------------------- policy
 
     def tick(self, now: float) -> None:
+        self.recorder.flush()
         if now >= self.next_reload_check:
             self.next_reload_check = now + RELOAD_CHECK_S
             if self._policy_mtime() != self.policy_mtime:
@@ -170,6 +177,7 @@ class EnrichStage(BaseStage):
         self._send(waiting)
         if self.reverse is not None:
             self.reverse.close()
+        self.recorder.close()
 
 
 def run(settings: Settings, *, ctx: zmq.Context | None = None,
