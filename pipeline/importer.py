@@ -1,0 +1,167 @@
+"""`sluice import`: cargowall or sluice NDJSON audit logs into the store, idempotently.
+
+Each line is one audit record with the seed's JSON field names (reference §2.5): any RFC 3339
+timestamp offset and 0-9 fractional digits, omitted fields meaning empty, fields sluice does
+not store (cargowall's step and container fields) ignored. Flags are kept as written: the
+log's own normalization is the truth about its run.
+
+Importing is idempotent: a line with an `event_id` (sluice's own logs) keeps it; a line
+without one gets an id derived from its bytes and from how many identical lines came before
+it in the file, so the same file imported again, or a copy of it, adds nothing, while two
+identical records of one log both count. Lines without `host` get the host given.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+from .audit import AuditEvent, invalid_reason, parse_timestamp
+from .errors import StoreError
+from .store import AuditStore, StoreRejected
+
+BATCH = 5_000
+ALREADY_STORED = "already stored"
+TEXT_FIELDS = ("event_type", "src_ip", "dst_ip", "dst_hostname", "protocol", "process",
+               "matched_rule", "auto_allowed_type", "event_id", "host")
+NUMBER_FIELDS = ("dst_port", "pid", "packets")
+FLAG_FIELDS = ("mid_stream", "would_deny", "blocked")
+
+
+class Skip(ValueError):
+    """Why one line is not stored; str() is the reason, counted per kind."""
+
+
+@dataclasses.dataclass
+class ImportReport:
+    lines: int = 0
+    stored: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    first_line: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def skip(self, reason: str, line_no: int) -> None:
+        self.skipped[reason] += 1
+        self.first_line.setdefault(reason, line_no)
+
+    def lines_out(self) -> list[str]:
+        out = [f"read {self.lines} line(s): stored {self.stored}, skipped "
+               f"{sum(self.skipped.values())}"]
+        for reason, count in self.skipped.most_common():
+            line_no = self.first_line.get(reason)
+            where = f" (first at line {line_no})" if line_no else ""
+            if count:
+                out.append(f"  skipped {count}: {reason}{where}")
+        return out
+
+
+def _checked(document: dict[str, Any], name: str, kind: type, what: str) -> Any:
+    value = document[name]
+    # bool is an int in Python, but not a number in JSON's sense here.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise Skip(f"{name} is not {what}")
+    return value
+
+
+def event_from(document: Any, derived_id: str, host: str) -> AuditEvent:
+    """The record of one decoded line; Skip with the reason if it cannot be one."""
+    if not isinstance(document, dict):
+        raise Skip("not a JSON object")
+    for required in ("timestamp", "event_type"):
+        if not document.get(required):
+            raise Skip(f"no {required}")
+    try:
+        timestamp = parse_timestamp(_checked(document, "timestamp", str, "text"))
+    except ValueError:
+        raise Skip("timestamp is not RFC 3339") from None
+    fields: dict[str, Any] = {"event_id": derived_id, "host": host}
+    for name in TEXT_FIELDS:
+        if name in document:
+            fields[name] = _checked(document, name, str, "text")
+    for name in NUMBER_FIELDS:
+        if name in document:
+            fields[name] = _checked(document, name, int, "a whole number")
+    for name in FLAG_FIELDS:
+        if name in document:
+            fields[name] = _checked(document, name, bool, "true or false")
+    if "cname_chain" in document:
+        chain = _checked(document, "cname_chain", list, "a list")
+        if not all(isinstance(hop, str) for hop in chain):
+            raise Skip("cname_chain is not a list of names")
+        fields["cname_chain"] = chain
+    event = AuditEvent(timestamp=timestamp, **fields)
+    reason = invalid_reason(event)
+    if reason:
+        raise Skip(reason)
+    return event
+
+
+def read_events(f: BinaryIO, host: str, report: ImportReport) -> Iterator[AuditEvent]:
+    """The records of an NDJSON file; each line that is not one is counted in report."""
+    seen: collections.Counter = collections.Counter()
+    for line_no, raw in enumerate(f, start=1):
+        report.lines += 1
+        line = raw.rstrip(b"\r\n")
+        digest = hashlib.sha256(line).hexdigest()[:32]
+        seen[digest] += 1
+        derived = f"ndjson-{digest}" + (f"-{seen[digest] - 1}" if seen[digest] > 1 else "")
+        try:
+            if not line.strip():
+                raise Skip("blank line")
+            try:
+                document = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                raise Skip("not JSON") from None
+            yield event_from(document, derived, host)
+        except Skip as skip:
+            report.skip(str(skip), line_no)
+
+
+def import_file(path: Path, db: str, host: str) -> ImportReport:
+    report = ImportReport()
+    store = AuditStore(db)
+    try:
+        store.migrate()
+        with _open(path) as f:
+            batch: list[AuditEvent] = []
+            for event in read_events(f, host, report):
+                batch.append(event)
+                if len(batch) >= BATCH:
+                    _store(store, batch, report)
+                    batch = []
+            _store(store, batch, report)
+    finally:
+        store.close()
+    return report
+
+
+def _open(path: Path) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as err:
+        raise StoreError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def _store(store: AuditStore, batch: list[AuditEvent], report: ImportReport) -> None:
+    try:
+        stored = len(store.insert(batch))
+    except StoreRejected:
+        # One record the database refuses would sink the batch: store the others one by one.
+        for event in batch:
+            _store_one(store, event, report)
+        return
+    report.stored += stored
+    report.skipped[ALREADY_STORED] += len(batch) - stored
+
+
+def _store_one(store: AuditStore, event: AuditEvent, report: ImportReport) -> None:
+    try:
+        stored = len(store.insert([event]))
+    except StoreRejected as err:
+        report.skipped[f"refused by the database: {err}"] += 1
+        return
+    report.stored += stored
+    report.skipped[ALREADY_STORED] += 1 - stored
