@@ -140,8 +140,14 @@ def report(sent, send_s, baseline_s, stored_s, rss, stage_counters) -> None:
     losses = {f"{s}.{k}": v for s, c in stage_counters.items() for k, v in c.items()
               if ("dropped" in k or "malformed" in k or "short" in k or "full" in k) and v}
     print(f"loss counters             {losses or 'all zero'}")
-    print(f"records read by capture   {capture.get('records_read', 0)} "
-          f"(+ flow tails {capture.get('flow_tails_reported', 0)})")
+    tails = capture.get("flow_tails_reported", 0)
+    print(f"records read by capture   {capture.get('records_read', 0)} (+ flow tails {tails})")
+    # Every denied packet is a row, or a record the ring buffer refused whose count the flow
+    # sweep did not recover (its flow entry was evicted first): both are counted.
+    unexplained = capture.get("kernel_denied", 0) - rows - (
+        capture.get("kernel_ringbuf_full", 0) - tails)
+    print(f"unexplained loss          {unexplained} (denied packets - rows - unrecovered "
+          f"ring-buffer refusals)")
     print("peak RSS (MiB)            " + ", ".join(f"{s} {v / 1024:.0f}" for s, v in rss.items()))
 
 

@@ -8,6 +8,7 @@ the firewall for it. Pure: time is passed in.
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from typing import Sequence
 
 from .audit import AuditEvent
@@ -34,12 +35,19 @@ Key = tuple[str, int, str]  # (dst_ip, dst_port, protocol)
 
 
 class RecentBlocks:
+    """Blocks by (dst_ip, dst_port, protocol), oldest update first so pruning stops at the
+    first live entry: constant work per record even during a flood of new destinations."""
+
     def __init__(self, ttl_ns: int = TTL_NS, capacity: int = CAPACITY) -> None:
         self.ttl_ns = ttl_ns if ttl_ns > 0 else TTL_NS
         self.capacity = capacity
-        self.by_ip: dict[str, dict[Key, Block]] = {}
-        self.size = 0
+        self.blocks: OrderedDict[Key, Block] = OrderedDict()
+        self.keys_by_ip: dict[str, set[Key]] = {}
         self.dropped = 0  # new keys refused while full of live entries
+
+    @property
+    def size(self) -> int:
+        return len(self.blocks)
 
     def record(self, event: AuditEvent, now: int) -> None:
         """Remember a connection_blocked TCP/UDP record."""
@@ -47,53 +55,51 @@ class RecentBlocks:
                 or event.protocol not in ("TCP", "UDP"):
             return
         key = (event.dst_ip, event.dst_port, event.protocol)
-        entries = self.by_ip.get(event.dst_ip, {})
-        previous = entries.get(key)
+        previous = self.blocks.get(key)
         if previous is not None and now - previous.at < self.ttl_ns:
             _merge(previous, event)
+            self.blocks.move_to_end(key)
             return
-        if previous is None and self.size >= self.capacity:
+        if previous is None and len(self.blocks) >= self.capacity:
             self._prune(now)
-            if self.size >= self.capacity:
+            if len(self.blocks) >= self.capacity:
                 self.dropped += 1
                 return
-            entries = self.by_ip.get(event.dst_ip, {})
-        if previous is None:
-            self.size += 1
-        self.by_ip.setdefault(event.dst_ip, entries)[key] = Block(
-            event.src_ip, event.process, event.pid, list(event.cname_chain), event.timestamp,
-            event.dst_ip, event.dst_port, event.protocol)
+        self.blocks[key] = Block(event.src_ip, event.process, event.pid, list(event.cname_chain),
+                                 event.timestamp, event.dst_ip, event.dst_port, event.protocol)
+        self.blocks.move_to_end(key)
+        self.keys_by_ip.setdefault(event.dst_ip, set()).add(key)
 
     def take(self, ip: str, allow_ports: Sequence[PortSpec], deny_ports: Sequence[PortSpec],
              has_deny: bool, now: int) -> list[Block]:
         """Remove and return the live blocks of ip that the allow ports now cover (and the
-        deny side does not), oldest first."""
-        entries = self.by_ip.get(ip)
-        if not entries:
-            return []
+        deny side does not), oldest first. Expired blocks of ip are dropped on the way."""
         taken = []
-        for key, block in list(entries.items()):
+        for key in list(self.keys_by_ip.get(ip, ())):
+            block = self.blocks[key]
             expired = now - block.at >= self.ttl_ns
             protocol = block.protocol.lower()
             if not expired and not ports_cover(allow_ports, block.dst_port, protocol):
                 continue
-            del entries[key]
-            self.size -= 1
+            self._remove(key)
             denied = has_deny and ports_cover(deny_ports, block.dst_port, protocol)
             if not expired and not denied:
                 taken.append(block)
-        if not entries:
-            del self.by_ip[ip]
         return sorted(taken, key=lambda b: b.at)
 
     def _prune(self, now: int) -> None:
-        for ip in list(self.by_ip):
-            entries = self.by_ip[ip]
-            for key in [k for k, b in entries.items() if now - b.at >= self.ttl_ns]:
-                del entries[key]
-                self.size -= 1
-            if not entries:
-                del self.by_ip[ip]
+        while self.blocks:
+            key, block = next(iter(self.blocks.items()))
+            if now - block.at < self.ttl_ns:
+                return
+            self._remove(key)
+
+    def _remove(self, key: Key) -> None:
+        del self.blocks[key]
+        keys = self.keys_by_ip[key[0]]
+        keys.discard(key)
+        if not keys:
+            del self.keys_by_ip[key[0]]
 
 
 def _merge(block: Block, event: AuditEvent) -> None:

@@ -9,6 +9,7 @@ keeps them in step). Never pickle.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import typing
 from typing import Any, ClassVar, Iterable
 
@@ -25,12 +26,20 @@ class WireRecord:
     KIND: ClassVar[str]
     VERSION: ClassVar[int] = 1
     _checks: ClassVar[tuple[tuple[str, Any], ...]]
+    _types: ClassVar[tuple[type, ...]]      # the exact type of each field, for the fast path
+    _list_fields: ClassVar[tuple[int, ...]]  # positions of list[str] fields
+    _getter: ClassVar[Any]
 
-    def to_wire(self) -> list:
-        return [getattr(self, name) for name, _ in self._checks]
+    def to_wire(self) -> tuple:
+        return self._getter(self)
 
     @classmethod
     def from_wire(cls, values: Any):
+        # Fast path: one C-level comparison of every field's type (records arrive by the
+        # hundred thousand per second); the per-field checks only explain a failure.
+        if type(values) is list and tuple(map(type, values)) == cls._types and all(
+                all(type(x) is str for x in values[i]) for i in cls._list_fields):
+            return cls(*values)
         checks = cls._checks
         if type(values) is not list or len(values) != len(checks):
             raise MessageError(f"{cls.KIND}: expected an array of {len(checks)} fields")
@@ -60,7 +69,11 @@ REGISTRY: dict[str, type] = {}
 def register(cls):
     """Class decorator: index a WireRecord dataclass by its KIND and prepare its checks."""
     hints = typing.get_type_hints(cls)
-    cls._checks = tuple((f.name, _check_for(hints[f.name])) for f in dataclasses.fields(cls))
+    fields = dataclasses.fields(cls)
+    cls._checks = tuple((f.name, _check_for(hints[f.name])) for f in fields)
+    cls._types = tuple(typing.get_origin(hints[f.name]) or hints[f.name] for f in fields)
+    cls._list_fields = tuple(i for i, t in enumerate(cls._types) if t is list)
+    cls._getter = operator.attrgetter(*(f.name for f in fields))
     REGISTRY[cls.KIND] = cls
     return cls
 

@@ -45,7 +45,7 @@ def test_covered_entries_are_removed_even_when_denied():
     recent = RecentBlocks()
     recent.record(block(), 10 * S)
     recent.take("192.0.2.1", TCP443, (), True, 11 * S)
-    assert recent.size == 0 and recent.by_ip == {}
+    assert recent.size == 0 and recent.keys_by_ip == {}
 
 
 def test_expired_blocks_are_not_reconciled():

@@ -73,6 +73,6 @@ def test_broken_frames_are_rejected_with_a_reason(frame, reason):
 def test_a_bad_record_is_skipped_and_counted_while_good_ones_pass():
     good = sample(pipeline.events.RawEvent)
     frame = msgpack.packb({"kind": "raw_events", "v": 1,
-                           "records": [good.to_wire(), [1, 2], good.to_wire()[:-1] + ["nine"]]})
+                           "records": [list(good.to_wire()), [1, 2], list(good.to_wire())[:-1] + ["nine"]]})
     kind, records, bad = wire.decode(frame)
     assert records == [good] and bad == 2
