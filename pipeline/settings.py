@@ -106,7 +106,7 @@ SETTINGS: tuple[Setting, ...] = (
             "most records per pipeline message (stages batch to keep up with floods)", _positive_int),
     Setting("flush_interval", "SLUICE_FLUSH_INTERVAL", "0.2",
             "seconds persist may hold records before committing them", _positive_float),
-    Setting("ringbuf_pages", "SLUICE_RINGBUF_PAGES", "256",
+    Setting("ringbuf_pages", "SLUICE_RINGBUF_PAGES", "1024",
             "kernel ring-buffer size in 4 KiB pages (a power of two)", _positive_int),
     Setting("dns_listen", "SLUICE_DNS_LISTEN", "127.0.0.1:53",
             "comma-separated addresses (host:port) the DNS proxy answers on", _text),
