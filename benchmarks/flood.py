@@ -92,8 +92,7 @@ def main() -> None:
                        SLUICE_INTERFACE=lab.client_if, SLUICE_RUN_DIR=str(run_dir),
                        SLUICE_BPF_DIR=f"/sys/fs/bpf/sluice-b{lab.tag}",
                        SLUICE_DB=f"sqlite:///{tmp}/audit.db", SLUICE_AUDIT_LOG=str(tmp / "audit.jsonl"),
-                       SLUICE_POLICY=str(tmp / "policy.json"), SLUICE_COUNTER_INTERVAL="0.5",
-                       )
+                       SLUICE_POLICY=str(tmp / "policy.json"), SLUICE_COUNTER_INTERVAL="0.5")
         honcho = subprocess.Popen(lab.exec_args(lab.client) + [
             str(VENV_BIN / "honcho"), "start", "-f", str(ROOT / "Procfile"), "-e",
             str(tmp / "empty.env")], cwd=ROOT, env=env, stdout=open(tmp / "honcho.log", "w"),
