@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from . import __version__
+from .cli_data import register as register_data_commands
 from .errors import SluiceError
 from .settings import SETTINGS, Settings, configure_logging
 from .topology import STAGES
@@ -194,6 +195,9 @@ def policy_explain(
             ports = ", ".join(f"{p['port']}/{p['protocol']}" for p in result[f"{side}_ports"])
             typer.echo(f"  {side} rule: {result[f'{side}_rule']} ({ports or 'all ports'})")
     typer.echo(f"  why: {result['reason']}")
+
+
+register_data_commands(app)  # replay, query, import, suggest: pipeline/cli_data.py
 
 
 def main() -> None:

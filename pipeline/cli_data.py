@@ -1,0 +1,176 @@
+"""The data commands: `sluice replay`, `sluice query`, `sluice import`, `sluice suggest`.
+
+Registered on the main typer app by pipeline/cli.py (register). Errors are one line on
+stderr with the error's exit code; results go to stdout, progress and notes to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
+                           TextColumn, TimeRemainingColumn)
+from rich.text import Text
+
+from .errors import SluiceError
+from .settings import Settings
+
+DB_HELP = "database URL (default: SLUICE_DB)"
+
+
+def _settings() -> Settings:
+    from .cli import settings_from_env  # the one place the environment is read
+
+    return settings_from_env()
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    try:
+        yield
+    except SluiceError as err:
+        typer.echo(f"sluice: {err}", err=True)
+        raise typer.Exit(err.exit_code)
+
+
+# ---------------------------------------------------------------- replay
+
+class _Rate(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} events/s")
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int) -> Iterator:
+    """A progress callback drawing events, events/s and time left on stderr."""
+    columns = (TextColumn("replay"), BarColumn(), MofNCompleteColumn(), _Rate(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("replay", total=total)
+        yield lambda done: progress.update(task, completed=done)
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt() -> Iterator[threading.Event]:
+    """Ctrl-C ends the replay between two batches, and the summary is still printed."""
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def replay(
+    files: List[Path] = typer.Argument(..., help="recording files; rotated ones in any order"),
+    pace: str = typer.Option("recorded", help="live: recorded, max, or a speed factor (10 = "
+                             "ten times the recorded pace)"),
+    offline: bool = typer.Option(False, "--offline", help="judge in this process under "
+                                 "--policy and store in --db; no pipeline or kernel needed"),
+    policy: Optional[Path] = typer.Option(None, help="offline: the policy file to judge by"),
+    db: Optional[str] = typer.Option(None, help="offline: database URL for the outcomes"),
+    mode: Optional[str] = typer.Option(None, help="offline: audit or enforce (default: the "
+                                       "recording's)"),
+) -> None:
+    """Replay a SLUICE_RECORD recording into the running pipeline, or --offline under a policy."""
+    from .recording import in_replay_order
+    from .replay import ReplayError, count_records, parse_pace, replay_live, replay_offline
+
+    with _one_line_errors():
+        settings = _settings()
+        if offline and (policy is None or db is None):
+            raise ReplayError("--offline needs --policy FILE and --db URL (keep what-if rows "
+                              "apart from the live store)")
+        if mode not in (None, "audit", "enforce"):
+            raise ReplayError(f"--mode {mode!r}: use audit or enforce")
+        factor = parse_pace(pace)
+        ordered = in_replay_order(files)
+        with _progress_bar(count_records(ordered)) as progress, _stop_on_interrupt() as stop:
+            if offline:
+                summary = replay_offline(ordered, settings, policy, db, mode, progress, stop)
+            else:
+                summary = replay_live(ordered, settings.run_dir, factor, progress, stop)
+        for line in summary.lines():
+            typer.echo(line)
+        if stop.is_set():
+            typer.echo("stopped early (Ctrl-C)", err=True)
+
+
+# ---------------------------------------------------------------- query
+
+def query(
+    sql: str = typer.Argument(..., help="one SELECT statement; the views are in the README"),
+    db: Optional[str] = typer.Option(None, help=DB_HELP),
+    output_format: str = typer.Option("table", "--format", "-f",
+                                      help="table, csv, json or ndjson"),
+) -> None:
+    """Run one read-only SQL query on the audit store; anything that writes is refused."""
+    from .query import FORMATS, QueryError, run_query
+
+    with _one_line_errors():
+        if output_format not in FORMATS:
+            raise QueryError(f"--format {output_format!r}: use {', '.join(FORMATS)}")
+        with run_query(db or _settings().db, sql) as (columns, rows):
+            FORMATS[output_format](columns, rows, sys.stdout)
+
+
+# ---------------------------------------------------------------- import
+
+def import_ndjson(
+    file: Path = typer.Argument(..., help="a cargowall or sluice NDJSON audit log"),
+    db: Optional[str] = typer.Option(None, help=DB_HELP),
+    host: Optional[str] = typer.Option(None, help="host name for lines without one "
+                                       "(default: SLUICE_HOST or this machine's name)"),
+) -> None:
+    """Load an NDJSON audit log into the store; importing it again adds nothing."""
+    from .importer import import_file
+
+    with _one_line_errors():
+        settings = _settings()
+        report = import_file(file, db or settings.db, host or settings.host_name)
+        for line in report.lines_out():
+            typer.echo(line)
+
+
+# ---------------------------------------------------------------- suggest
+
+def suggest(
+    since: Optional[str] = typer.Option(None, help="only rows at or after this RFC 3339 time "
+                                        "or age (24h, 7d); default: all"),
+    db: Optional[str] = typer.Option(None, help=DB_HELP),
+    host: str = typer.Option("", help="only this host's rows (default: every host)"),
+    group_siblings: int = typer.Option(2, min=0, help="names one label below a parent that "
+                                       "become one rule; 0 = never group"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="write the policy here instead of stdout"),
+) -> None:
+    """Draft a policy JSON that would allow what audit-mode runs saw."""
+    from .suggest import draft_policy, parse_since, seen_in
+
+    with _one_line_errors():
+        since_ns = parse_since(since, time.time_ns()) if since else 0
+        seen, left_out = seen_in(db or _settings().db, since_ns, host)
+        text = json.dumps(draft_policy(seen, group_siblings), indent=2) + "\n"
+        if output:
+            output.write_text(text)
+        else:
+            typer.echo(text, nl=False)
+        typer.echo(f"sluice suggest: {len(seen)} destination(s) seen", err=True)
+        for line in left_out:
+            typer.echo(f"sluice suggest: not drafted: {line}", err=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("replay")(replay)
+    app.command("query")(query)
+    app.command("import")(import_ndjson)
+    app.command("suggest")(suggest)
