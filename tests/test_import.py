@@ -54,3 +54,19 @@ def test_importing_the_same_log_twice_adds_nothing(db_url, tmp_path):
     assert (again.stored, again.skipped["already stored"]) == (0, 8)
     assert len(rows(db_url)) == 8
     assert again.lines_out()[0] == "read 15 line(s): stored 0, skipped 15"
+
+
+def test_the_command_reports_lines_stored_and_reasons(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    url = f"sqlite:///{tmp_path}/audit.db"
+    result = CliRunner().invoke(app, ["import", str(FIXTURE), "--db", url, "--host", "ci-1"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "read 15 line(s): stored 8, skipped 7"
+    assert "  skipped 1: not JSON (first at line 13)" in lines
+    assert {r["host"] for r in rows(url)} == {"ci-1", "runner-7"}
+    missing = CliRunner().invoke(app, ["import", str(tmp_path / "none.ndjson"), "--db", url])
+    assert missing.exit_code == 5 and "cannot read" in missing.output

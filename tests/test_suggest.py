@@ -127,3 +127,19 @@ def test_since(text, expected):
 def test_a_bad_since_is_one_line():
     with pytest.raises(SuggestError, match="--since"):
         parse_since("last week", T)
+
+
+def test_policy_check_accepts_what_the_command_writes(store_url, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "draft.json"
+    result = runner.invoke(app, ["suggest", "--db", store_url, "--since",
+                                 "2026-01-01T00:00:00Z", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "not drafted: GRE to 198.51.100.8" in result.output
+    check = runner.invoke(app, ["policy", "check", str(out)])
+    assert check.exit_code == 0, check.output
+    assert "*.cdn.example.com" in check.output
