@@ -24,10 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.replay_throughput import postgres_schema  # noqa: E402
 from pipeline.audit import sql_timestamp  # noqa: E402
 from pipeline.query import run_query  # noqa: E402
 from pipeline.store import COLUMNS, VIEWS, AuditStore, audit_events  # noqa: E402
+from tests.conftest import postgres_schema  # noqa: E402
 
 T0 = 1_767_225_600_000_000_000
 DAY_NS = 86_400 * 1_000_000_000

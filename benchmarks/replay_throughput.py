@@ -23,11 +23,8 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
-from typing import Iterator
 
-import sqlalchemy as sa
 import zmq
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +40,7 @@ from pipeline.settings import Settings  # noqa: E402
 from pipeline.stages.enrich import EnrichStage  # noqa: E402
 from pipeline.stages.persist import PersistStage  # noqa: E402
 from pipeline.stages.policy import PolicyStage  # noqa: E402
+from tests.conftest import postgres_schema  # noqa: E402
 
 BATCH = 512
 DESTINATIONS = 2_000
@@ -172,25 +170,6 @@ def recording_cost(recording: Path) -> tuple[float, float]:
         messages.encode(f.records)
     encoded = time.perf_counter() - started
     return recorded / total * 1000, encoded / total * 1000
-
-
-@contextlib.contextmanager
-def postgres_schema(url: str) -> Iterator[str]:
-    """The URL of a new, empty schema, dropped afterwards."""
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    parsed = sa.make_url(url)
-    if parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    engine = sa.create_engine(parsed, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    try:
-        yield sa.make_url(url).update_query_dict({"options": f"-csearch_path={schema}"}) \
-            .render_as_string(hide_password=False)
-    finally:
-        with engine.connect() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        engine.dispose()
 
 
 def main() -> None:

@@ -118,7 +118,7 @@ class _Pacer:
     def __init__(self, factor: float | None, stop: threading.Event) -> None:
         self.factor, self.stop = factor, stop
         self.first_arrival: int | None = None
-        self.started = time.monotonic()
+        self.started = 0.0  # when the first frame went out
 
     def wait(self, arrival_ns: int) -> None:
         if self.first_arrival is None:

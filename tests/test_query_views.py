@@ -1,4 +1,5 @@
-"""The views shipped with the schema, on SQLite and PostgreSQL, against a fixture with known answers."""
+"""The views shipped with the schema, on SQLite and PostgreSQL, against a fixture with known
+answers."""
 
 import pytest
 

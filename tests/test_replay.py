@@ -91,8 +91,8 @@ def outcomes(url):
 def live_run(tmp_path, policy_path):
     """Stages in threads with SLUICE_RECORD set; a fake kernel judges by the live maps."""
     settings = stage_settings(tmp_path, SLUICE_RECORD=str(tmp_path / "rec"),
-                              SLUICE_POLICY=str(policy_path), SLUICE_DB=f"sqlite:///{tmp_path}/live.db",
-                              **ENV)
+                              SLUICE_POLICY=str(policy_path),
+                              SLUICE_DB=f"sqlite:///{tmp_path}/live.db", **ENV)
     maps = DictRuleMaps()
     policy = PolicyWithDns(maps)
     stages = [StageThread(PersistStage(), settings).start(), StageThread(policy, settings).start(),
@@ -168,7 +168,8 @@ def test_rejudge_reports_what_the_classifier_would(event, verdicts, expected):
 
 
 def test_an_allow_request_is_asked_under_the_chain_origin():
-    chained = DnsMapping("cdn.example.net", ["7.7.7.7"], 30, ["www.example.org", "cdn.example.net"], T0)
+    chained = DnsMapping("cdn.example.net", ["7.7.7.7"], 30,
+                         ["www.example.org", "cdn.example.net"], T0)
     assert allow_request_for(chained).name == "www.example.org"
     plain = allow_request_for(DnsMapping("a.example", ["1.1.1.1"], 30, [], T0))
     assert (plain.name, plain.ips, plain.ttl) == ("a.example", ["1.1.1.1"], 30)

@@ -15,9 +15,9 @@ T0 = 1_767_225_600_123_456_789
 
 
 def batch(n, first=0, host="h", **fields):
-    return [AuditEvent(T0 + i, "connection_blocked", src_ip="10.0.0.2", dst_ip=f"1.2.{i // 250}.{i % 250}",
-                       dst_port=443, protocol="TCP", process="curl", pid=100 + i,
-                       event_id=f"{host}-{i:08d}", host=host, **fields)
+    return [AuditEvent(T0 + i, "connection_blocked", src_ip="10.0.0.2",
+                       dst_ip=f"1.2.{i // 250}.{i % 250}", dst_port=443, protocol="TCP",
+                       process="curl", pid=100 + i, event_id=f"{host}-{i:08d}", host=host, **fields)
             for i in range(first, first + n)]
 
 
