@@ -1,0 +1,191 @@
+"""One notification per blocked destination: the dedup, its clients and the retry schedule.
+
+* NotificationTracker (the seed's name) claims a destination key before anything is sent,
+  so a flood of blocks to one destination is one notification; a send that fails releases
+  the key, so a later block to it tries again (reference §2.7).
+* A StateMachineClient (the seed's name) takes one notification to its sink: WebhookClient
+  POSTs JSON, LogClient writes a log line. Both raise DeliveryError when the sink did not
+  take it; neither ever puts the bearer token in a message, a log line or a repr.
+* retry_delay is the backoff between attempts: exponential, with jitter.
+
+Pure apart from the clients' own I/O: no clock, no thread (the notify stage has those).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import logging
+import random
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Callable, Iterable, Protocol
+
+from . import __version__
+from .audit import AuditEvent, format_timestamp
+from .errors import SettingsError
+from .events import Notice
+
+HTTP_TIMEOUT_S = 5.0
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 60.0
+
+
+class DeliveryError(Exception):
+    """The sink did not take a notification; the text never holds a secret."""
+
+
+def destination_key(hostname: str, ip: str, port: int) -> str:
+    """`<hostname or ip>:<port>` (reference §2.7): one notification per key."""
+    return f"{hostname or ip}:{port}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Notification:
+    key: str
+    hostname: str
+    ip: str
+    port: int            # the protocol number for protocol blocks
+    protocol: str
+    process: str
+    first_seen_ns: int   # the block that created the notification
+    mode: str            # audit or enforce
+    event_type: str      # connection_blocked or protocol_blocked
+
+    def body(self, host: str) -> dict:
+        """The webhook's JSON document."""
+        return {"hostname": self.hostname, "ip": self.ip, "port": self.port,
+                "protocol": self.protocol, "process": self.process,
+                "first_seen": format_timestamp(self.first_seen_ns), "mode": self.mode,
+                "event_type": self.event_type, "host": host}
+
+
+def notice_of(record: AuditEvent, port: int, mode: str) -> Notice:
+    """The notice for policy's audit record of a block; port is the event's own (a
+    protocol block's record has it cleared, its notice carries the protocol number)."""
+    return Notice(record.event_type, record.dst_hostname, record.dst_ip, port, record.protocol,
+                  record.process, record.pid, record.timestamp, mode)
+
+
+class StateMachineClient(Protocol):
+    def send(self, notification: Notification) -> None:
+        """Deliver one notification; raise DeliveryError when the sink did not take it."""
+
+
+class NotificationTracker:
+    """The destinations already notified (or being notified), and the client that sends."""
+
+    def __init__(self, client: StateMachineClient, notified: Iterable[str] = ()) -> None:
+        self.client = client
+        self.claimed: set[str] = set(notified)
+
+    def send_notification(self, hostname: str, ip: str, port: int, *, protocol: str = "",
+                          process: str = "", first_seen_ns: int = 0, mode: str = "",
+                          event_type: str = "") -> bool:
+        """Send a notification unless its destination has one already; True when sent.
+        DeliveryError from the client is passed on, after the key is released."""
+        key = destination_key(hostname, ip, port)
+        if key in self.claimed:
+            return False
+        self.claimed.add(key)  # before sending: duplicates that arrive meanwhile stay quiet
+        try:
+            self.client.send(Notification(key, hostname, ip, port, protocol, process,
+                                          first_seen_ns, mode, event_type))
+        except DeliveryError:
+            self.release(key)
+            raise
+        return True
+
+    def release(self, key: str) -> None:
+        """Forget a key whose notification was not delivered: its next block retries."""
+        self.claimed.discard(key)
+
+
+def retry_delay(attempt: int, rand: Callable[[], float] = random.random,
+                first: float = RETRY_FIRST_S, cap: float = RETRY_MAX_S) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1, 2, ...): doubling from
+    `first` up to `cap`, the upper half jittered, so a dead sink is never hammered and
+    many retries do not fall due together."""
+    ceiling = min(cap, first * 2 ** (attempt - 1))
+    return ceiling / 2 + rand() * ceiling / 2
+
+
+def sink_origin(url: str) -> str:
+    """scheme://host[:port] of a webhook URL: what may be logged. Paths and queries often
+    carry a secret (many chat webhooks are one), and so can user info."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect would carry the bearer token to wherever it points: treat it as a failure."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+class WebhookClient:
+    """POST one JSON document per notification, with an optional bearer token."""
+
+    def __init__(self, url: str, token: str = "", host: str = "",
+                 timeout: float = HTTP_TIMEOUT_S) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            # The URL itself stays out of the message: it may be the secret.
+            raise SettingsError("SLUICE_NOTIFY_URL: must be an http:// or https:// URL")
+        self.url, self.host, self.timeout = url, host, timeout
+        self._headers = {"Content-Type": "application/json",
+                         "User-Agent": f"sluice/{__version__}"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        # No proxy from the environment: settings come from SLUICE_* alone.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                                   _NoRedirects())
+
+    def __repr__(self) -> str:
+        return f"WebhookClient({sink_origin(self.url)})"
+
+    def send(self, notification: Notification) -> None:
+        data = json.dumps(notification.body(self.host)).encode()
+        request = urllib.request.Request(self.url, data=data, headers=self._headers,
+                                         method="POST")
+        # The error is raised outside the except clauses, so that it carries no context:
+        # urllib's exceptions hold the full URL.
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                failure = "" if 200 <= response.status < 300 else f"HTTP {response.status}"
+        except urllib.error.HTTPError as err:
+            failure = f"HTTP {err.code}"
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+            failure = _reason(err)
+        if failure:
+            raise DeliveryError(failure)
+
+
+def _reason(err: Exception) -> str:
+    """Why a request failed, without the URL (urllib puts it in some messages)."""
+    cause = getattr(err, "reason", err)
+    if isinstance(cause, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.lower()
+    return type(cause).__name__ if isinstance(cause, BaseException) else "request failed"
+
+
+class LogClient:
+    """Without a webhook: one log line per new destination."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+
+    def send(self, notification: Notification) -> None:
+        n = notification
+        self.log.warning("blocked destination %s (%s %s, process %s, %s mode, first seen %s)",
+                         n.key, n.ip, n.protocol, n.process or "?", n.mode,
+                         format_timestamp(n.first_seen_ns))
