@@ -3,7 +3,9 @@ enforcement plans, and the /proc/net reading behind a bind failure."""
 
 from __future__ import annotations
 
+import dns.flags
 import dns.message
+import dns.name
 import dns.rrset
 import pytest
 
@@ -285,23 +287,23 @@ def test_cache_keys(query_wire, key):
 
 def test_the_cache_keeps_noerror_answers_with_records_until_they_expire():
     cache = ResponseCache(capacity=2)
-    assert cache.put("a|A|IN", b"a", _facts(), now=0)
-    assert not cache.put("b|A|IN", b"b", _facts(rcode=3), now=0)     # NXDOMAIN
-    assert not cache.put("c|A|IN", b"c", _facts(records=0), now=0)   # NODATA
-    assert not cache.put("", b"d", _facts(), now=0)                  # no question
-    assert cache.get("a|A|IN", now=59.9).wire == b"a"
-    assert cache.get("a|A|IN", now=60) is None and len(cache) == 0   # lazy expiry
-    cache.put("zero|A|IN", b"z", _facts(smallest=0), now=0)
-    assert cache.get("zero|A|IN", now=MAX_LIFETIME - 1) is not None
+    assert cache.store("a|A|IN", b"a", _facts(), now=0)
+    assert not cache.store("b|A|IN", b"b", _facts(rcode=3), now=0)     # NXDOMAIN
+    assert not cache.store("c|A|IN", b"c", _facts(records=0), now=0)   # NODATA
+    assert not cache.store("", b"d", _facts(), now=0)                  # no question
+    assert cache.live("a|A|IN", now=59.9).wire == b"a"
+    assert cache.live("a|A|IN", now=60) is None and len(cache) == 0   # lazy expiry
+    cache.store("zero|A|IN", b"z", _facts(smallest=0), now=0)
+    assert cache.live("zero|A|IN", now=MAX_LIFETIME - 1) is not None
 
 
 def test_the_cache_evicts_the_least_recently_used():
     cache = ResponseCache(capacity=2)
-    cache.put("a", b"a", _facts(), 0)
-    cache.put("b", b"b", _facts(), 0)
-    cache.get("a", 1)
-    cache.put("c", b"c", _facts(), 1)
-    assert cache.get("b", 1) is None and cache.get("a", 1) and cache.get("c", 1)
+    cache.store("a", b"a", _facts(), 0)
+    cache.store("b", b"b", _facts(), 0)
+    cache.live("a", 1)
+    cache.store("c", b"c", _facts(), 1)
+    assert cache.live("b", 1) is None and cache.live("a", 1) and cache.live("c", 1)
 
 
 # ------------------------------------------------------------------ CNAME chains

@@ -6,9 +6,10 @@ facts enforcement needs, because a cached answer opens the firewall like a fresh
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+
 from .answers import AnswerFacts
+from .lru import ExpiringLru
 
 CAPACITY = 10_000
 MAX_LIFETIME = 300   # seconds; also the lifetime of an answer whose TTLs are all zero
@@ -26,30 +27,13 @@ def lifetime(smallest_positive_ttl: int) -> int:
     return min(MAX_LIFETIME, smallest_positive_ttl) if smallest_positive_ttl > 0 else MAX_LIFETIME
 
 
-class ResponseCache:
+class ResponseCache(ExpiringLru[CachedAnswer]):
     def __init__(self, capacity: int = CAPACITY) -> None:
-        self.capacity = capacity
-        self.entries: collections.OrderedDict[str, CachedAnswer] = collections.OrderedDict()
+        super().__init__(capacity)
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def get(self, key: str, now: float) -> CachedAnswer | None:
-        entry = self.entries.get(key)
-        if entry is None:
-            return None
-        if entry.expires <= now:
-            del self.entries[key]
-            return None
-        self.entries.move_to_end(key)
-        return entry
-
-    def put(self, key: str, wire: bytes, facts: AnswerFacts, now: float) -> bool:
+    def store(self, key: str, wire: bytes, facts: AnswerFacts, now: float) -> bool:
         """Keep a cacheable answer; returns whether it was kept."""
         if not key or not facts.cacheable:
             return False
-        self.entries[key] = CachedAnswer(wire, facts, now + lifetime(facts.smallest_positive_ttl))
-        self.entries.move_to_end(key)
-        if len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
+        self.put(key, CachedAnswer(wire, facts, now + lifetime(facts.smallest_positive_ttl)))
         return True

@@ -9,13 +9,13 @@ and only ever get longer lives.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from typing import Iterable, Sequence
 
 from ..policy.ports import union_ports
 from ..policy.verdict import PortSpec
 from .answers import CnameRecord
+from .lru import ExpiringLru
 
 CAPACITY = 10_000
 MAX_REACH = 86_400       # a learned target never lives longer than a day
@@ -63,22 +63,11 @@ def walk_chain(name: str, cnames: Iterable[CnameRecord]) -> list[Hop]:
     return hops
 
 
-class LearnedTargets:
-    """An LRU of CNAME targets reached from allowed names, time passed in."""
+class LearnedTargets(ExpiringLru[LearnedTarget]):
+    """CNAME targets reached from allowed names, time passed in."""
 
     def __init__(self, capacity: int = CAPACITY) -> None:
-        self.capacity = capacity
-        self.entries: collections.OrderedDict[str, LearnedTarget] = collections.OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def live(self, name: str, now: float) -> LearnedTarget | None:
-        entry = self.entries.get(name)
-        if entry is None or entry.expires <= now:
-            return None
-        self.entries.move_to_end(name)
-        return entry
+        super().__init__(capacity)
 
     def derive(self, name: str, now: float) -> Derived | None:
         entry = self.live(name, now)
@@ -100,10 +89,7 @@ class LearnedTargets:
                expires: float, now: float) -> None:
         entry = self.live(target, now)
         if entry is None:
-            self.entries[target] = LearnedTarget(ports, chain, expires)
-            self.entries.move_to_end(target)
-            if len(self.entries) > self.capacity:
-                self.entries.popitem(last=False)
+            self.put(target, LearnedTarget(ports, chain, expires))
             return
         entry.ports = union_ports(entry.ports, ports)
         entry.chain = chain or entry.chain

@@ -41,7 +41,7 @@ def parse_endpoint(text: str, default_port: int = DNS_PORT) -> Endpoint:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError(f"{text!r} is not an IP address (host names are not resolved here)") from None
+        raise ValueError(f"{text!r} is not an IP address (names are not resolved here)") from None
     return Endpoint(str(address), port)
 
 
@@ -54,7 +54,8 @@ def _port(raw: str, text: str) -> int:
 def parse_listen(text: str) -> tuple[Endpoint, ...]:
     """SLUICE_DNS_LISTEN: one or more specific addresses. A wildcard would answer on every
     interface, which makes an open resolver of the host, so it is refused."""
-    endpoints = tuple(dict.fromkeys(parse_endpoint(part) for part in text.split(",") if part.strip()))
+    parts = [part for part in text.split(",") if part.strip()]
+    endpoints = tuple(dict.fromkeys(parse_endpoint(part) for part in parts))
     if not endpoints:
         raise ValueError("at least one address is needed")
     for endpoint in endpoints:

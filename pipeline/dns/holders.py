@@ -14,7 +14,8 @@ TCP_LISTEN = "0A"
 
 def _address(hex_text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """The kernel prints each 32-bit word of the address in host byte order."""
-    words = [int(hex_text[i:i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(hex_text), 8)]
+    words = [int(hex_text[i:i + 8], 16).to_bytes(4, sys.byteorder)
+             for i in range(0, len(hex_text), 8)]
     return ipaddress.ip_address(b"".join(words))
 
 

@@ -8,6 +8,7 @@ dnspython parse costs ten times as much; answers from the upstream are parsed by
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import struct
 
@@ -65,8 +66,13 @@ class Query:
         """Reference §5.3: lowercased name with its dot, TYPE and CLASS mnemonics."""
         if not self.question:
             return ""
-        return (f"{self.qname.lower()}|{dns.rdatatype.to_text(self.qtype)}"
-                f"|{dns.rdataclass.to_text(self.qclass)}")
+        return f"{self.qname.lower()}|{_mnemonics(self.qtype, self.qclass)}"
+
+
+@functools.lru_cache(maxsize=256)
+def _mnemonics(qtype: int, qclass: int) -> str:
+    # dnspython's enum lookups cost more than the rest of a cache hit's key.
+    return f"{dns.rdatatype.to_text(qtype)}|{dns.rdataclass.to_text(qclass)}"
 
 
 def parse_query(data: bytes) -> Query:
