@@ -49,17 +49,20 @@ class BpfBlockedEvent:
 
     def to_raw(self, mono_to_wall_ns: int) -> RawEvent:
         """Decode addresses and name; mono_to_wall_ns converts the kernel's monotonic time."""
-        if self.ip_version == 6:
-            src, dst = ipv6_text(self.src_ip6), ipv6_text(self.dst_ip6)
-        else:  # cargowall treats anything but 6 as IPv4
-            src, dst = ipv4_text(self.src_ip), ipv4_text(self.dst_ip)
-        comm = self.comm.split(b"\0", 1)[0].decode("utf-8", "replace")
-        return RawEvent(
-            6 if self.ip_version == 6 else 4, bool(self.allowed), self.ip_proto, self.flags,
-            src, dst, self.src_port, self.dst_port, self.timestamp + mono_to_wall_ns,
-            self.pid, comm, max(self.packets, 1),
-        )
+        return decode_record(self.pack(), mono_to_wall_ns)
 
 
 def decode_record(data: bytes, mono_to_wall_ns: int) -> RawEvent:
-    return BpfBlockedEvent.unpack(data).to_raw(mono_to_wall_ns)
+    """BpfBlockedEvent.unpack(data).to_raw(...) without the intermediate object: this runs
+    for every record the ring buffer delivers."""
+    if len(data) < RECORD_SIZE:
+        raise ShortRecord(f"kernel record of {len(data)} bytes, expected {RECORD_SIZE}")
+    (version, allowed, proto, flags, src4, dst4, sport, dport, src6, dst6, ts, pid, packets,
+     comm) = RECORD.unpack_from(data)
+    if version == 6:
+        src, dst = ipv6_text(src6), ipv6_text(dst6)
+    else:
+        version, src, dst = 4, ipv4_text(src4), ipv4_text(dst4)
+    name = comm.split(b"\0", 1)[0].decode("utf-8", "replace") if comm[0] else ""
+    return RawEvent(version, allowed == 1, proto, flags, src, dst, sport, dport,
+                    ts + mono_to_wall_ns, pid, name, packets or 1)
