@@ -22,6 +22,7 @@ class Inbox:
 class StageWiring:
     inboxes: tuple[Inbox, ...]
     feeds: tuple[str, ...]  # inbox names this stage connects to
+    requests: tuple[str, ...] = ()  # REP inboxes this stage sends requests to and awaits
 
 
 STAGES: dict[str, StageWiring] = {
@@ -31,13 +32,15 @@ STAGES: dict[str, StageWiring] = {
         feeds=("policy",),
     ),
     "policy": StageWiring(
-        inboxes=(Inbox("policy", "pull", ("enriched_events",)),),
+        inboxes=(Inbox("policy", "pull", ("enriched_events",)),
+                 Inbox("policy-allow", "rep", ("allow_requests",))),
         feeds=("persist",),
     ),
     "persist": StageWiring(
         inboxes=(Inbox("persist", "pull", ("audit_records",)),),
         feeds=(),
     ),
+    "dns": StageWiring(inboxes=(), feeds=("enrich", "persist"), requests=("policy-allow",)),
 }
 
 

@@ -1,0 +1,222 @@
+"""End to end, enforce mode: the whole Procfile with the DNS proxy in the client namespace,
+the client's resolver pointed at it, and a local authoritative upstream in the server namespace.
+
+Run as `python -m tests.test_dns_e2e resolve-connect|query ...` inside the client namespace,
+this module is also the client: it resolves through the namespace's resolv.conf (glibc for
+connections, dnspython for queries whose answer code matters) and connects at once, so the
+SYN follows the answer as closely as a real program's would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.netns import Lab, sh, wait_for
+from tests.test_e2e import Pipeline, find
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+NAMES = 100
+CHAIN = ["www.chain.test", "hop.middle.test", "edge.cdn.test"]
+ZONE = {
+    **{f"n{i}.allowed.test": {"A": [f"10.203.0.{i + 1}"], "ttl": 30} for i in range(NAMES)},
+    "www.chain.test": {"CNAME": "hop.middle.test", "ttl": 300},
+    "hop.middle.test": {"CNAME": "edge.cdn.test", "ttl": 60},
+    "edge.cdn.test": {"A": ["10.203.1.1"], "ttl": 60},
+    "cut.chain.test": {"CNAME": "far.cdn.test", "stop": True, "ttl": 60},
+    "far.cdn.test": {"A": ["10.203.1.2"], "ttl": 60},
+    "late.allowed.test": {"A": ["10.203.2.1"], "ttl": 60},
+    "www.denied.test": {"A": ["10.203.2.2"], "ttl": 60},
+}
+
+
+def _retransmitted_segments() -> int:
+    """TcpRetransSegs of this network namespace (/proc/net/snmp)."""
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()
+             if line.startswith("Tcp:")]
+    header, values = lines[0], lines[1]
+    return int(values[header.index("RetransSegs")])
+
+
+def resolve_connect(names: list[str], port: int) -> dict:
+    before = _retransmitted_segments()
+    results = []
+    for name in names:
+        started = time.monotonic()
+        try:
+            address = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_STREAM)[0][4]
+            resolved = time.monotonic()
+            with socket.create_connection(address, timeout=3):
+                pass
+            results.append({"name": name, "ip": address[0], "ok": True,
+                            "connect_s": time.monotonic() - resolved})
+        except OSError as err:
+            results.append({"name": name, "ok": False, "error": str(err),
+                            "seconds": time.monotonic() - started})
+    return {"results": results, "retransmitted": _retransmitted_segments() - before}
+
+
+def query(name: str, rdtype: str) -> dict:
+    import dns.message
+    import dns.query
+    import dns.rcode
+    import dns.resolver
+
+    server = dns.resolver.Resolver().nameservers[0]   # from this namespace's resolv.conf
+    answer = dns.query.udp(dns.message.make_query(name, rdtype), server, timeout=5)
+    return {"rcode": dns.rcode.to_text(answer.rcode()),
+            "records": [rrset.to_text() for rrset in answer.answer]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="what", required=True)
+    connect = sub.add_parser("resolve-connect")
+    connect.add_argument("port", type=int)
+    connect.add_argument("names", nargs="+")
+    ask = sub.add_parser("query")
+    ask.add_argument("name")
+    ask.add_argument("rdtype", nargs="?", default="A")
+    args = parser.parse_args()
+    if args.what == "resolve-connect":
+        print(json.dumps(resolve_connect(args.names, args.port)))
+    else:
+        print(json.dumps(query(args.name, args.rdtype)))
+
+
+# ------------------------------------------------------------------ the tests
+
+
+POLICY = {"defaultAction": "deny", "rules": [
+    {"type": "hostname", "value": "allowed.test", "action": "allow",
+     "ports": [{"port": 80, "protocol": "tcp"}]},
+    {"type": "hostname", "value": "chain.test", "action": "allow",
+     "ports": [{"port": 80, "protocol": "tcp"}]},
+    {"type": "hostname", "value": "denied.test", "action": "deny"},
+    {"type": "cidr", "value": f"{Lab.SERVER_V4}/32", "action": "allow",
+     "ports": [{"port": 53, "protocol": "udp"}, {"port": 53, "protocol": "tcp"}]},
+]}
+
+
+class DnsLab:
+    """The lab plus what DNS needs: routes to 10.203/16 served by the server namespace, the
+    upstream there, and the client namespace's resolv.conf naming the proxy."""
+
+    def __init__(self, lab, tmp_path: Path) -> None:
+        self.lab = lab
+        for third in range(3):
+            for host in range(1, NAMES + 1 if third == 0 else 3):
+                sh("ip", "-n", lab.server, "addr", "add", f"10.203.{third}.{host}/32", "dev", "lo")
+        sh("ip", "-n", lab.client, "route", "add", "10.203.0.0/16", "via", Lab.SERVER_V4)
+        zone = tmp_path / "zone.json"
+        zone.write_text(json.dumps(ZONE))
+        upstream = subprocess.Popen(
+            lab.exec_args(lab.server) + [PYTHON, "-m", "tests.tools.dnsserver",
+                                         f"{Lab.SERVER_V4}:53", str(zone)],
+            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        lab.processes.append(upstream)
+        assert upstream.stdout.readline().strip() == "ready"
+        lab.start_server(80)
+        self.netns_etc = Path("/etc/netns") / lab.client
+        self.netns_etc.mkdir(parents=True, exist_ok=True)
+        (self.netns_etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions attempts:1\n")
+
+    def client(self, *args: str) -> dict:
+        result = subprocess.run(
+            self.lab.exec_args(self.lab.client) + [PYTHON, "-m", "tests.test_dns_e2e", *args],
+            cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def close(self) -> None:
+        shutil.rmtree(self.netns_etc, ignore_errors=True)
+
+
+@pytest.fixture
+def dns_pipeline(lab, tmp_path):
+    dns_lab = DnsLab(lab, tmp_path)
+    pipeline = Pipeline(lab, tmp_path, POLICY)
+    pipeline.env["SLUICE_DNS_UPSTREAM"] = f"{Lab.SERVER_V4}:53"
+    try:
+        pipeline.start()
+        yield dns_lab, pipeline
+        assert pipeline.stop()["dns"] == "rc=0"
+        assert pipeline.sluice("detach", netns=True).returncode == 0
+    finally:
+        dns_lab.close()
+
+
+def test_freshly_resolved_allowed_names_connect_first_time_without_retransmission(dns_pipeline):
+    dns_lab, pipeline = dns_pipeline
+    names = [f"n{i}.allowed.test" for i in range(NAMES)]
+    outcome = dns_lab.client("resolve-connect", "80", *names)
+    failed = [r for r in outcome["results"] if not r["ok"]]
+    assert not failed, failed[:3]
+    slowest = max(r["connect_s"] for r in outcome["results"])
+    assert slowest < 1.0, f"a first SYN was retransmitted (slowest connect {slowest:.3f} s)"
+    assert outcome["retransmitted"] == 0
+    wait_for(lambda: len(find(pipeline.jsonl(), event_type="connection_allowed", dst_port=80))
+             >= NAMES, 20, "a connection_allowed record per name")
+    assert not find(pipeline.jsonl(), event_type="connection_blocked")
+
+
+def test_a_denied_name_is_refused_and_stored_as_dns_blocked(dns_pipeline):
+    dns_lab, pipeline = dns_pipeline
+    assert dns_lab.client("query", "www.denied.test")["rcode"] == "REFUSED"
+    assert dns_lab.client("query", "unlisted.example")["rcode"] == "REFUSED"
+    wait_for(lambda: [r for r in pipeline.rows() if r["event_type"] == "dns_blocked"
+                      and r["dst_hostname"] == "www.denied.test"], 15, "the dns_blocked row")
+    [row] = [r for r in pipeline.rows() if r["dst_hostname"] == "www.denied.test"]
+    assert (bool(row["blocked"]), bool(row["would_deny"]), row["host"]) == (True, False, "e2e-host")
+
+
+def test_names_reached_through_a_cname_chain_are_allowed_and_carry_the_chain(dns_pipeline):
+    dns_lab, pipeline = dns_pipeline
+    [whole] = dns_lab.client("resolve-connect", "80", "www.chain.test")["results"]
+    assert whole["ok"] and whole["ip"] == "10.203.1.1"
+    # An answer that stops at a CNAME: the client asks for the target itself, which the
+    # proxy learned from the allowed name (and had already opened by resolving it ahead).
+    assert dns_lab.client("query", "cut.chain.test")["rcode"] == "NOERROR"
+    [target] = dns_lab.client("resolve-connect", "80", "far.cdn.test")["results"]
+    assert target["ok"] and target["ip"] == "10.203.1.2"
+    assert dns_lab.client("query", "other.cdn.test")["rcode"] == "REFUSED"
+
+    def allowed(ip):
+        return find(pipeline.jsonl(), event_type="connection_allowed", dst_ip=ip)
+
+    wait_for(lambda: allowed("10.203.1.1") and allowed("10.203.1.2"), 15, "the records")
+    # Names and chains on connection records come from enrich's use of the dns mappings.
+    [via_chain] = allowed("10.203.1.1")
+    assert (via_chain.get("dst_hostname"), via_chain.get("cname_chain")) == (
+        "www.chain.test", CHAIN)
+    [via_target] = allowed("10.203.1.2")
+    assert via_target.get("cname_chain") == ["cut.chain.test", "far.cdn.test"]
+
+
+def test_a_blocked_address_resolved_later_ends_late_allowed(dns_pipeline):
+    dns_lab, pipeline = dns_pipeline
+    blocked = dns_lab.lab.client_run("tcp", "10.203.2.1", "80", "--timeout", "1")
+    assert not blocked["ok"]
+    wait_for(lambda: find(pipeline.jsonl(), event_type="connection_blocked", dst_ip="10.203.2.1"),
+             15, "the blocked attempt")
+    [late] = dns_lab.client("resolve-connect", "80", "late.allowed.test")["results"]
+    assert late["ok"]
+    wait_for(lambda: find(pipeline.jsonl(), event_type="connection_late_allowed",
+                          dst_ip="10.203.2.1"), 15, "the late-allowed record")
+    [record] = find(pipeline.jsonl(), event_type="connection_late_allowed", dst_ip="10.203.2.1")
+    assert (record["dst_hostname"], record["matched_rule"], record["dst_port"]) == (
+        "late.allowed.test", "allowed.test", 80)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,538 @@
+"""The dns stage in a thread, on real sockets: real DNS clients (dnspython, dig), a local
+authoritative upstream, and the test standing in for the policy stage's REP inbox."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.resolver
+import pytest
+import zmq
+
+from pipeline import messages
+from pipeline.events import AllowReply
+from pipeline.stages.dns import ALLOW_WAIT_S, DnsStage
+from tests.stagekit import Peer, StageThread, stage_settings, wait_for
+from tests.tools.dnsserver import AuthoritativeServer
+
+MANY = [f"10.9.{i // 250}.{i % 250 + 1}" for i in range(120)]  # too many for 512 bytes
+ZONE = {
+    "www.allowed.test": {"A": ["10.0.0.1", "10.0.0.2"], "AAAA": ["fd00::1"], "ttl": 120},
+    "zero.allowed.test": {"A": ["10.0.0.3"], "ttl": 0},
+    "short.allowed.test": {"A": ["10.0.0.4"], "ttl": 1},
+    "chain.allowed.test": {"CNAME": "hop.middle.test", "ttl": 600},
+    "hop.middle.test": {"CNAME": "edge.cdn.test", "ttl": 20},
+    "edge.cdn.test": {"A": ["10.0.1.1"], "ttl": 300},
+    "cut.allowed.test": {"CNAME": "far.cdn.test", "stop": True, "ttl": 60},
+    "far.cdn.test": {"A": ["10.0.2.2"], "AAAA": ["fd00::22"], "ttl": 60},
+    "big.allowed.test": {"A": MANY, "truncate": True},
+    "slow.allowed.test": {"A": ["10.0.0.5"], "slow": 3},
+    "forged.allowed.test": {"A": ["10.0.0.6"], "forge": True},
+    "www.denied.test": {"A": ["10.0.0.7"]},
+    "free.other.test": {"A": ["10.0.0.8"]},
+}
+POLICY = {"defaultAction": "deny", "rules": [
+    {"type": "hostname", "value": "allowed.test", "action": "allow",
+     "ports": [{"port": 443, "protocol": "tcp"}]},
+    {"type": "hostname", "value": "denied.test", "action": "deny"},
+]}
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            with socket.socket() as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+
+
+@dataclasses.dataclass
+class Verdict:
+    """How the fake policy answers one request."""
+
+    ok: bool = True
+    delay: float = 0.0
+    error: str = ""
+
+
+OK = Verdict()
+
+
+class FakePolicy:
+    """The policy stage's REP inbox, played by a ROUTER so that a test can answer late,
+    fail, or stay silent (answer returns None) per request. Keeps every request it got."""
+
+    def __init__(self, run_dir, answer=lambda request: OK) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.sock.bind(f"ipc://{run_dir}/policy-allow.sock")
+        self.answer = answer
+        self.requests: list = []
+        self.replied_at: dict[str, float] = {}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        due: list = []   # (when, identity, request, verdict)
+        while not self.stopping.is_set():
+            if self.sock.poll(10):
+                identity, _, frame = self.sock.recv_multipart()
+                _, [request], _ = messages.decode(frame)
+                self.requests.append(request)
+                verdict = self.answer(request)
+                if verdict is not None:
+                    due.append((time.monotonic() + verdict.delay, identity, request, verdict))
+            for item in [d for d in due if d[0] <= time.monotonic()]:
+                due.remove(item)
+                _, identity, request, verdict = item
+                reply = AllowReply(request.request_id, verdict.ok,
+                                   request.ips if verdict.ok else [], verdict.error)
+                self.replied_at[request.name] = time.monotonic()
+                self.sock.send_multipart([identity, b"", messages.encode([reply])])
+
+    def names(self) -> list[str]:
+        return [r.name for r in self.requests]
+
+    def close(self) -> None:
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        self.thread.join(5)
+        self.sock.close()
+        self.ctx.term()
+
+
+@pytest.fixture
+def upstream():
+    server = AuthoritativeServer(ZONE).start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def peer(tmp_path):
+    peer = Peer(tmp_path / "run")
+    yield peer
+    peer.close()
+
+
+class Proxy:
+    """The stage under test with everything it talks to."""
+
+    def __init__(self, tmp_path, upstream, peer, policy=POLICY, answer=None, **env) -> None:
+        self.port = free_port()
+        policy_path = tmp_path / "policy.json"
+        policy_path.write_text(json.dumps(policy))
+        values = {"SLUICE_DNS_LISTEN": f"127.0.0.1:{self.port}",
+                  "SLUICE_DNS_UPSTREAM": f"127.0.0.1:{upstream.port}",
+                  "SLUICE_POLICY": str(policy_path), "SLUICE_MODE": "enforce",
+                  "SLUICE_DNS_TIMEOUT": "1"}
+        values.update(env)
+        self.settings = stage_settings(tmp_path, **values)
+        self.policy_path = policy_path
+        self.enrich = peer.inbox("enrich")
+        self.persist = peer.inbox("persist")
+        self.policy = FakePolicy(self.settings.run_dir,
+                                 answer or (lambda request: OK))
+        self.stage = StageThread(DnsStage(), self.settings)
+
+    def start(self) -> "Proxy":
+        self.stage.start()
+        return self
+
+    def ask(self, name: str, rdtype: str = "A", tcp: bool = False, timeout: float = 5,
+            **make) -> dns.message.Message:
+        query = dns.message.make_query(name, rdtype, **make)
+        send = dns.query.tcp if tcp else dns.query.udp
+        return send(query, "127.0.0.1", port=self.port, timeout=timeout)
+
+    def resolver(self) -> dns.resolver.Resolver:
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers, resolver.port = ["127.0.0.1"], self.port
+        resolver.lifetime = 5
+        return resolver
+
+    def finish(self) -> int:
+        code = self.stage.finish()
+        self.policy.close()
+        return code
+
+
+@pytest.fixture
+def proxy(tmp_path, upstream, peer):
+    made = []
+
+    def make(**kwargs) -> Proxy:
+        made.append(Proxy(tmp_path, upstream, peer, **kwargs).start())
+        return made[-1]
+
+    yield make
+    for p in made:
+        if p.stage.thread.is_alive():
+            assert p.finish() == 0
+        p.policy.close()
+
+
+def addresses(answer: dns.message.Message) -> list[str]:
+    return sorted(rd.address for rrset in answer.answer if rrset.rdtype in (1, 28) for rd in rrset)
+
+
+# ------------------------------------------------------------------ forwarding and opening
+
+
+def test_an_allowed_answer_opens_the_maps_and_names_the_addresses(proxy):
+    p = proxy()
+    answer = p.resolver().resolve("www.allowed.test", "A")
+    assert sorted(a.address for a in answer) == ["10.0.0.1", "10.0.0.2"]
+    [request] = p.policy.requests
+    assert (request.name, sorted(request.ips), request.ttl, request.cname_chain) == (
+        "www.allowed.test", ["10.0.0.1", "10.0.0.2"], 120, [])
+    [mapping] = Peer.receive(p.enrich, 1)
+    assert (mapping.name, sorted(mapping.ips), mapping.ttl, mapping.cname_chain) == (
+        "www.allowed.test", ["10.0.0.1", "10.0.0.2"], 120, [])
+    six = p.ask("www.allowed.test", "AAAA", tcp=True)
+    assert addresses(six) == ["fd00::1"] and p.policy.requests[-1].ips == ["fd00::1"]
+
+
+def test_the_answer_waits_for_the_policy_and_other_queries_do_not(proxy):
+    hold = 0.8
+    p = proxy(answer=lambda r: Verdict(delay=hold) if r.name == "www.allowed.test" else OK)
+    results = {}
+
+    def slow_one():
+        p.ask("www.allowed.test")
+        results["slow"] = time.monotonic()
+
+    waiter = threading.Thread(target=slow_one)
+    started = time.monotonic()
+    waiter.start()
+    wait_for(lambda: p.policy.requests, "the first allow request")
+    assert addresses(p.ask("zero.allowed.test")) == ["10.0.0.3"]
+    quick = time.monotonic()
+    waiter.join(5)
+    assert quick < results["slow"], "a query waiting on the policy held up another one"
+    assert results["slow"] - started >= hold
+    assert results["slow"] >= p.policy.replied_at["www.allowed.test"], "released before ok"
+
+
+def test_enforce_mode_answers_servfail_when_the_policy_cannot_write(proxy):
+    p = proxy(answer=lambda r: Verdict(ok=False, error="map write failed"))
+    assert p.ask("www.allowed.test").rcode() == dns.rcode.SERVFAIL
+    counters = wait_for(lambda: p.stage.counters().get("allow_failures") and p.stage.counters(),
+                        "counters")
+    assert counters["servfail"] == 1 and counters["allow_requests"] == 1
+
+
+def test_enforce_mode_never_releases_on_a_timeout(proxy):
+    p = proxy(answer=lambda r: None if r.name == "www.allowed.test" else OK)
+    started = time.monotonic()
+    assert p.ask("www.allowed.test", timeout=ALLOW_WAIT_S + 3).rcode() == dns.rcode.SERVFAIL
+    assert time.monotonic() - started >= ALLOW_WAIT_S * 0.9
+
+
+def test_audit_mode_answers_even_when_the_policy_fails(proxy):
+    p = proxy(answer=lambda r: Verdict(ok=False, error="the maps are not programmed yet"),
+              SLUICE_MODE="audit")
+    assert addresses(p.ask("www.allowed.test")) == ["10.0.0.1", "10.0.0.2"]
+    assert p.policy.names() == ["www.allowed.test"]
+
+
+def test_a_name_no_rule_matches_is_answered_without_asking_the_policy(proxy, upstream):
+    open_policy = {"defaultAction": "allow", "rules": []}
+    p = proxy(policy=open_policy)
+    assert addresses(p.ask("free.other.test")) == ["10.0.0.8"]
+    [mapping] = Peer.receive(p.enrich, 1)
+    assert mapping.name == "free.other.test" and p.policy.requests == []
+
+
+# ------------------------------------------------------------------ filter
+
+
+def test_a_denied_name_is_refused_recorded_and_never_forwarded(proxy, upstream):
+    p = proxy()
+    assert p.ask("www.denied.test").rcode() == dns.rcode.REFUSED
+    assert p.ask("nothing.matches.test").rcode() == dns.rcode.REFUSED
+    first, second = Peer.receive(p.persist, 2)
+    assert (first.event_type, first.dst_hostname, first.blocked, first.would_deny,
+            first.host) == ("dns_blocked", "www.denied.test", True, False, "test-host")
+    assert first.event_id and first.event_id != second.event_id and first.timestamp > 0
+    assert upstream.asked[("www.denied.test", "A")] == 0
+    assert p.policy.requests == []
+
+
+def test_audit_mode_records_a_denied_name_and_forwards_it(proxy, upstream):
+    p = proxy(SLUICE_MODE="audit")
+    assert addresses(p.ask("www.denied.test")) == ["10.0.0.7"]
+    [record] = Peer.receive(p.persist, 1)
+    assert (record.event_type, record.would_deny, record.blocked) == ("dns_blocked", True, False)
+    assert upstream.asked[("www.denied.test", "A")] == 1
+
+
+def test_without_the_filter_every_name_is_forwarded(proxy):
+    p = proxy(SLUICE_DNS_FILTER="false")
+    assert addresses(p.ask("free.other.test")) == ["10.0.0.8"]
+
+
+@pytest.mark.parametrize("name, rcode", [
+    ("4.3.2.1.in-addr.arpa", dns.rcode.NXDOMAIN),           # canonical: asked upstream
+    ("1." * 32 + "ip6.arpa", dns.rcode.NXDOMAIN),
+    ("04.3.2.1.in-addr.arpa", dns.rcode.REFUSED),           # leading zero
+    ("secret-data.in-addr.arpa", dns.rcode.REFUSED),        # tunnelling attempt
+    ("4.3.2.1.in-addr.arpa.evil.test", dns.rcode.REFUSED),
+])
+def test_reverse_lookups_pass_only_in_canonical_shape(proxy, name, rcode):
+    p = proxy()
+    assert p.ask(name, "PTR").rcode() == rcode
+
+
+# ------------------------------------------------------------------ cache
+
+
+def test_a_cached_answer_opens_the_maps_again_and_carries_the_client_id(proxy, upstream):
+    p = proxy()
+    first = p.ask("www.allowed.test")
+    second_query = dns.message.make_query("WWW.Allowed.Test", "A")
+    second = dns.query.udp(second_query, "127.0.0.1", port=p.port, timeout=5)
+    assert second.id == second_query.id and addresses(second) == addresses(first)
+    assert upstream.asked[("www.allowed.test", "A")] == 1
+    assert p.policy.names() == ["www.allowed.test", "www.allowed.test"]
+    counters = wait_for(lambda: p.stage.counters().get("cache_hits") and p.stage.counters(),
+                        "counters")
+    assert counters["cache_hits"] == 1 and counters["queries"] == 2
+
+
+def test_negative_and_expired_answers_are_asked_again(proxy, upstream):
+    p = proxy()
+    for _ in range(2):
+        assert p.ask("gone.allowed.test").rcode() == dns.rcode.NXDOMAIN
+        p.ask("short.allowed.test")
+    assert upstream.asked[("gone.allowed.test", "A")] == 2
+    time.sleep(1.1)
+    p.ask("short.allowed.test")
+    assert upstream.asked[("short.allowed.test", "A")] == 2
+
+
+# ------------------------------------------------------------------ transports
+
+
+def test_a_truncated_upstream_answer_is_fetched_again_over_tcp(proxy, upstream):
+    p = proxy()
+    over_udp = p.ask("big.allowed.test")
+    assert over_udp.flags & dns.flags.TC and not over_udp.answer  # too big for 512 bytes
+    over_tcp = p.ask("big.allowed.test", tcp=True)
+    assert addresses(over_tcp) == sorted(MANY)
+    assert sorted(p.policy.requests[0].ips) == sorted(MANY)
+    counters = wait_for(lambda: p.stage.counters().get("tcp_retries") and p.stage.counters(),
+                        "counters")
+    assert counters["tcp_retries"] == 1 and counters["cache_hits"] == 1
+
+
+@pytest.mark.skipif(shutil.which("dig") is None, reason="dig (dnsutils) is not installed")
+def test_dig_follows_tc_to_tcp_and_gets_every_record(proxy):
+    p = proxy()
+    out = subprocess.run(["dig", "@127.0.0.1", "-p", str(p.port), "+short", "+tries=1",
+                          "+time=5", "+noedns", "big.allowed.test", "A"],
+                         capture_output=True, text=True, timeout=20).stdout.split()
+    assert sorted(out) == sorted(MANY)
+    refused = subprocess.run(["dig", "@127.0.0.1", "-p", str(p.port), "+tcp", "+tries=1",
+                              "www.denied.test"], capture_output=True, text=True, timeout=20)
+    assert "status: REFUSED" in refused.stdout
+
+
+def test_pipelined_tcp_queries_on_one_connection_all_get_answers(proxy):
+    p = proxy()
+    names = ["www.allowed.test", "zero.allowed.test", "www.denied.test", "short.allowed.test"]
+    queries = [dns.message.make_query(n, "A") for n in names]
+    with socket.create_connection(("127.0.0.1", p.port), timeout=5) as conn:
+        conn.sendall(b"".join(len(w).to_bytes(2, "big") + w for w in
+                              (q.to_wire() for q in queries)))
+        answers = {}
+        for _ in names:
+            length = int.from_bytes(_read(conn, 2), "big")
+            answer = dns.message.from_wire(_read(conn, length))
+            answers[answer.id] = answer
+    by_name = {q.question[0].name.to_text(True): answers[q.id] for q in queries}
+    assert by_name["www.denied.test"].rcode() == dns.rcode.REFUSED
+    assert addresses(by_name["zero.allowed.test"]) == ["10.0.0.3"]
+
+
+def _read(conn: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = conn.recv(count - len(data))
+        assert chunk, "the proxy closed the connection"
+        data += chunk
+    return data
+
+
+def test_a_slow_upstream_gives_servfail_without_stalling_others(proxy):
+    p = proxy()
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(slow=p.ask("slow.allowed.test")))
+    waiter.start()
+    time.sleep(0.1)
+    assert addresses(p.ask("www.allowed.test", timeout=0.9)) == ["10.0.0.1", "10.0.0.2"]
+    waiter.join(5)
+    assert result["slow"].rcode() == dns.rcode.SERVFAIL
+    counters = wait_for(lambda: p.stage.counters().get("upstream_timeouts") and
+                        p.stage.counters(), "counters")
+    assert counters["upstream_timeouts"] == 1
+
+
+def test_answers_that_do_not_match_the_question_are_discarded(proxy):
+    p = proxy()
+    assert addresses(p.ask("forged.allowed.test")) == ["10.0.0.6"]
+    counters = wait_for(lambda: p.stage.counters().get("mismatched_answers", 0) >= 3 and
+                        p.stage.counters(), "counters")
+    assert counters["mismatched_answers"] == 3
+
+
+def test_malformed_truncated_and_oversized_packets_are_counted_and_dropped(proxy):
+    p = proxy()
+    good = dns.message.make_query("www.allowed.test", "A").to_wire()
+    response = dns.message.make_response(dns.message.make_query("x.test", "A")).to_wire()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.5)
+        for junk in (b"\x01", good[:-3], good + b"\x00", response, good + b"\x00" * 5000):
+            sock.sendto(junk, ("127.0.0.1", p.port))
+            with pytest.raises(socket.timeout):
+                sock.recv(512)
+    with socket.create_connection(("127.0.0.1", p.port), timeout=5) as conn:
+        conn.sendall(b"\xff\xff" + b"\x00" * 100)  # a length no query has
+        assert conn.recv(10) == b""
+    assert addresses(p.ask("www.allowed.test")) == ["10.0.0.1", "10.0.0.2"]
+    counters = wait_for(lambda: p.stage.counters().get("malformed", 0) >= 6 and
+                        p.stage.counters(), "counters")
+    assert counters["malformed"] == 6
+
+
+def test_it_answers_only_on_the_configured_address(proxy):
+    p = proxy()
+    query = dns.message.make_query("www.allowed.test", "A")
+    with pytest.raises(dns.exception.Timeout):
+        dns.query.udp(query, "127.0.0.2", port=p.port, timeout=0.5)
+    with pytest.raises(ConnectionRefusedError):
+        dns.query.tcp(query, "127.0.0.2", port=p.port, timeout=0.5)
+
+
+# ------------------------------------------------------------------ CNAME chains
+
+
+def test_a_cname_chain_of_an_allowed_name_carries_its_chain(proxy):
+    p = proxy()
+    answer = p.ask("chain.allowed.test")
+    assert addresses(answer) == ["10.0.1.1"]
+    [request] = p.policy.requests
+    chain = ["chain.allowed.test", "hop.middle.test", "edge.cdn.test"]
+    assert (request.name, request.ips, request.cname_chain, request.ttl) == (
+        "chain.allowed.test", ["10.0.1.1"], chain, 20)
+    [mapping] = Peer.receive(p.enrich, 1)
+    assert mapping.cname_chain == chain
+    # The target itself is now let through, attributed to the chain's origin.
+    assert addresses(p.ask("edge.cdn.test")) == ["10.0.1.1"]
+    assert (p.policy.requests[-1].name, p.policy.requests[-1].cname_chain) == (
+        "chain.allowed.test", chain)
+    assert p.ask("unrelated.cdn.test").rcode() == dns.rcode.REFUSED
+
+
+def test_an_answer_that_stops_at_a_cname_has_its_target_resolved_ahead(proxy, upstream):
+    p = proxy()
+    answer = p.ask("cut.allowed.test")
+    assert [r.rdtype for r in answer.answer] == [5] and not addresses(answer)
+    wait_for(lambda: len(p.policy.requests) == 2, "the pre-resolved target's allow requests")
+    by_ips = sorted(tuple(r.ips) for r in p.policy.requests)
+    assert by_ips == [("10.0.2.2",), ("fd00::22",)]
+    assert {r.name for r in p.policy.requests} == {"cut.allowed.test"}
+    assert p.policy.requests[0].cname_chain == ["cut.allowed.test", "far.cdn.test"]
+    # Asked again within 30 s: no second pre-resolution.
+    p.ask("cut.allowed.test")
+    time.sleep(0.3)
+    assert upstream.asked[("far.cdn.test", "A")] == 1
+
+
+# ------------------------------------------------------------------ reload, start, stop
+
+
+def test_a_changed_policy_applies_and_a_broken_one_is_ignored(proxy):
+    p = proxy()
+    assert p.ask("free.other.test").rcode() == dns.rcode.REFUSED
+    p.policy_path.write_text("{ not json")
+    wait_for(lambda: p.stage.counters().get("reload_failures"), "the failed reload", 5)
+    assert addresses(p.ask("www.allowed.test")) == ["10.0.0.1", "10.0.0.2"]
+    time.sleep(0.05)  # a new mtime for the next write
+    p.policy_path.write_text(json.dumps({"defaultAction": "allow", "rules": [
+        {"type": "hostname", "value": "allowed.test", "action": "deny"}]}))
+    wait_for(lambda: p.stage.counters().get("reloads"), "the reload", 5)
+    assert p.ask("www.allowed.test").rcode() == dns.rcode.REFUSED
+    assert addresses(p.ask("free.other.test")) == ["10.0.0.8"]
+
+
+def test_hangup_reloads_the_policy(tmp_path, upstream, peer):
+    p = Proxy(tmp_path, upstream, peer)
+    stage = p.stage.stage
+    p.start()
+    try:
+        p.policy_path.write_text(json.dumps({"defaultAction": "allow"}))
+        stage.hangup()  # what the loop calls on SIGHUP
+        assert addresses(p.ask("free.other.test")) == ["10.0.0.8"]
+    finally:
+        assert p.finish() == 0
+
+
+def test_a_taken_address_stops_the_stage_naming_it_and_its_holder(tmp_path, upstream, peer):
+    p = Proxy(tmp_path, upstream, peer)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
+        squatter.bind(("127.0.0.1", p.port))
+        p.stage.start(wait_ready=False)
+        p.stage.thread.join(10)
+    p.policy.close()
+    assert p.stage.exit_code == 6
+    failed = (p.settings.run_dir / "dns.failed").read_text()
+    assert failed.startswith(f"cannot listen on 127.0.0.1:{p.port}/udp: Address already in use")
+    assert "held by" in failed and "pid" in failed
+
+
+def test_a_wildcard_listen_address_is_refused(tmp_path, upstream, peer):
+    p = Proxy(tmp_path, upstream, peer, SLUICE_DNS_LISTEN="0.0.0.0:5300")
+    p.stage.start(wait_ready=False)
+    p.stage.thread.join(10)
+    p.policy.close()
+    assert p.stage.exit_code == 2
+    assert "SLUICE_DNS_LISTEN" in (p.settings.run_dir / "dns.failed").read_text()
+
+
+def test_it_stops_quickly_with_queries_in_flight(proxy):
+    p = proxy()
+    threading.Thread(target=lambda: _swallow(p.ask, "slow.allowed.test"), daemon=True).start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    assert p.finish() == 0
+    assert time.monotonic() - started < 5
+    assert not list(p.settings.run_dir.glob("*.ready"))
+
+
+def _swallow(call, *args):
+    try:
+        call(*args)
+    except Exception:  # noqa: BLE001 - the stage stopped under this query, as intended
+        pass
