@@ -79,6 +79,20 @@ schema_migrations = sa.Table(
     sa.Column("applied_at", sa.Text, nullable=False),
 )
 
+# notify's memory of the destinations it has alerted on, per host (a fleet shares one
+# store); notify is the only writer of this table and reads nothing else.
+notified_destinations = sa.Table(
+    "notified_destinations", metadata,
+    sa.Column("host", sa.Text, primary_key=True),
+    sa.Column("destination", sa.Text, primary_key=True),  # `<hostname or ip>:<port>`
+    sa.Column("hostname", sa.Text, nullable=False),
+    sa.Column("ip", sa.Text, nullable=False),
+    sa.Column("port", sa.Integer, nullable=False),
+    sa.Column("protocol", sa.Text, nullable=False),
+    sa.Column("first_seen", sa.Text, nullable=False),
+    sa.Column("delivered_at", sa.Text, nullable=False),
+)
+
 # The insert's columns, in the order as_row builds its tuples.
 COLUMNS = tuple(c.name for c in audit_events.columns if c.name != "id")
 
@@ -197,6 +211,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ("0001_audit_events", _create_audit_events),
     ("0002_fleet_indexes", _create_fleet_indexes),
     ("0003_views", _create_views),
+    ("0004_notified_destinations", lambda conn: notified_destinations.create(conn)),
 )
 
 BUSY_TIMEOUT_MS = 1000  # short: a stopping persist must finish within honcho's 5 seconds

@@ -34,10 +34,14 @@ STAGES: dict[str, StageWiring] = {
     "policy": StageWiring(
         inboxes=(Inbox("policy", "pull", ("enriched_events",)),
                  Inbox("policy-allow", "rep", ("allow_requests",))),
-        feeds=("persist",),
+        feeds=("persist", "notify"),
     ),
     "persist": StageWiring(
         inboxes=(Inbox("persist", "pull", ("audit_records",)),),
+        feeds=(),
+    ),
+    "notify": StageWiring(
+        inboxes=(Inbox("notify", "pull", ("notices",)),),
         feeds=(),
     ),
     "dns": StageWiring(inboxes=(), feeds=("enrich", "persist"), requests=("policy-allow",)),

@@ -4,8 +4,9 @@ Consumes: `enriched_events` batches on ipc://<run_dir>/policy.sock; `allow_reque
           the dns stage on the REP socket policy-allow.sock (when the topology has it),
           served ahead of the event backlog.
 Produces: `audit_records` (one per event, normalized here, once; existing_connection and
-          reconciled connection_late_allowed records too) to persist.
-Binds:    policy.sock (and policy-allow.sock). Connects: persist.
+          reconciled connection_late_allowed records too) to persist; a `notices` record
+          per connection_blocked and protocol_blocked outcome to notify, never waiting for it.
+Binds:    policy.sock (and policy-allow.sock). Connects: persist, notify.
 Kernel:   the single writer of the firewall maps. Once capture has pinned them under
           SLUICE_BPF_DIR it writes the default action, the mode, the static rules, the
           start-up auto-allows (the DNS upstream on 53/udp and 53/tcp; cloud metadata when
@@ -42,6 +43,7 @@ from ..firewall import Firewall, apply_existing_connection
 from ..jit import allow_answer, late_allow
 from ..kernel.maps import KernelRuleMaps, pins_present
 from ..loop import BaseStage, StageIO, batched, run_stage
+from ..notify import notice_of
 from ..outcome import decide
 from ..policy.autoallow import (cloud_metadata_allows, ensure_infra_allowed,
                                 get_auto_allowed_type, resolvers_from_resolv_conf)
@@ -122,6 +124,7 @@ class PolicyStage(BaseStage):
         self.host = self.settings.host_name
         io.bind_inboxes()
         self.persist = io.connect_feed("persist", backlog=1024)
+        self.notify = io.connect_feed("notify")
         io.log.info("loaded %r (%s mode); waiting for capture's maps in %s", self.policy,
                     self.settings.mode, self.settings.bpf_dir)
 
@@ -193,7 +196,7 @@ class PolicyStage(BaseStage):
     def handle(self, inbox: str, kind: str, records: list) -> None:
         audit_mode = self.settings.audit_mode
         policy, firewall = self.policy, self.firewall
-        out = []
+        out, notices = [], []
         for event in records:
             outcome = decide(
                 event, audit_mode=audit_mode, event_id=self.ids.next(), host=self.host,
@@ -202,7 +205,10 @@ class PolicyStage(BaseStage):
                 late_allow=lambda e: late_allow(policy, firewall, e))
             self.recent.record(outcome.record, self.clock())
             out.append(outcome.record)
+            if outcome.notify:
+                notices.append(notice_of(outcome.record, event.dst_port, self.settings.mode))
         self._send(out)
+        self.notify.send(notices)
 
     def reply(self, inbox: str, kind: str, records: list) -> bytes:
         """An allow request from dns: the maps first, then the answer may be released."""
