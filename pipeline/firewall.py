@@ -42,7 +42,11 @@ class Firewall:
         # What the maps hold, so diffs and add_ip never read the kernel back.
         self.cidrs: dict[Network, CidrValue] = {n: (a, ps) for n, a, ps in maps.cidrs()}
         self.ports: dict[PortEntry, int] = {(n, p, pr): a for n, p, pr, a in maps.ports()}
-        self.runtime: dict[Network, list[Grant]] = adopted_grants(self.cidrs, self.ports)
+        # Per address, its grants in order (a dict as an ordered set: a CDN address can carry
+        # thousands of names, and every DNS answer adds to it).
+        self.runtime: dict[Network, dict[Grant, None]] = {
+            network: dict.fromkeys(grants)
+            for network, grants in adopted_grants(self.cidrs, self.ports).items()}
         self.policy = Policy()
         self.state = desired_state(self.policy, self.runtime)
 
@@ -79,9 +83,7 @@ class Firewall:
         if grant.ports and not state.lpm[1] and state.lpm[0] != ACTION_CODES[action]:
             log.warning("%s already has an all-ports %s; %s for %s not written", ip,
                         "deny" if state.all_deny else "allow", action, list(ports))
-        grants = self.runtime.setdefault(network, [])
-        if grant not in grants:
-            grants.append(grant)
+        self.runtime.setdefault(network, {})[grant] = None
         for (port, proto), code in state.ports.items():
             self._put_port((network, port, proto), code)
         return self._put_cidr(network, state.lpm) or ports_changed
@@ -105,7 +107,7 @@ class Firewall:
 
     def program(self, policy: Policy, audit_mode: bool) -> None:
         """Move the maps from what they hold to what policy needs, by diff (see module doc)."""
-        runtime = {network: kept for network, grants in self.runtime.items()
+        runtime = {network: dict.fromkeys(kept) for network, grants in self.runtime.items()
                    if (kept := rejudge(policy, network, grants))}
         state = desired_state(policy, runtime)
         final_config = ACTION_CODES[policy.default_action], audit_mode

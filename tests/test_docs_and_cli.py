@@ -42,7 +42,7 @@ def test_procfile_runs_every_stage_of_the_topology_once():
 
 
 def test_readme_stage_table_matches_the_topology():
-    rows = re.findall(r"^\| (\w+) \| ([\w.]+|\(none\)) \| ([\w, ]+|\(none\)) \|", README, re.M)
+    rows = re.findall(r"^\| (\w+) \| ([\w.\-, ]+|\(none\)) \| ([\w, ]+|\(none\)) \|", README, re.M)
     table = {stage: (binds, feeds) for stage, binds, feeds in rows if stage in STAGES}
     assert set(table) == set(STAGES)
     for stage, wiring in STAGES.items():
