@@ -75,10 +75,9 @@ from ..dns.queryfilter import REFUSE, judge_query
 from ..errors import MessageError, PolicyError, SettingsError, SluiceError
 from ..events import AllowReply, AllowRequest, DnsMapping
 from ..loop import HIGH_WATER_MARK, BaseStage, StageIO, batched, run_stage
-from ..policy.load import load_policy
 from ..settings import Settings
 from ..topology import STAGES, inbox_address
-from .policy import HostFiles, startup_policy
+from ..policy.startup import HostFiles, load_startup_policy
 
 [ALLOW_INBOX] = STAGES["dns"].requests
 ALLOW_WAIT_S = 2.0        # well inside a stub resolver's 5 s retry; the policy answers in ~1 ms
@@ -530,7 +529,7 @@ class DnsStage(BaseStage):
                                             self.files.read("/etc/resolv.conf"), self.listen)
         except ValueError as err:
             raise SettingsError(f"SLUICE_DNS_UPSTREAM={settings.dns_upstream!r}: {err}") from None
-        self.policy = startup_policy(load_policy(settings), settings, self.files)
+        self.policy = load_startup_policy(settings, self.files)
         self.policy_mtime = self._policy_mtime()
         self.host = settings.host_name
         self.enrich = io.connect_feed("enrich", backlog=1024)
@@ -598,7 +597,7 @@ class DnsStage(BaseStage):
     def reload(self, why: str) -> None:
         self.policy_mtime = self._policy_mtime()
         try:
-            policy = startup_policy(load_policy(self.settings), self.settings, self.files)
+            policy = load_startup_policy(self.settings, self.files)
         except PolicyError as err:
             self.io.log.error("reloaded policy rejected (%s), filtering with the old one: %s",
                               why, err)

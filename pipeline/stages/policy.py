@@ -30,7 +30,6 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 import zmq
@@ -45,18 +44,14 @@ from ..kernel.maps import KernelRuleMaps, pins_present
 from ..loop import BaseStage, StageIO, batched, run_stage
 from ..notify import notice_of
 from ..outcome import decide
-from ..policy.autoallow import (cloud_metadata_allows, ensure_infra_allowed,
-                                get_auto_allowed_type, resolvers_from_resolv_conf)
+from ..policy.autoallow import get_auto_allowed_type
 from ..policy.existing import gate_existing_connection, scan_connections
-from ..policy.load import load_policy
-from ..policy.model import Policy
-from ..policy.verdict import PortSpec
+from ..policy.startup import HostFiles, load_startup_policy
 from ..recentblocks import RecentBlocks, late_allowed_record
 from ..rulemaps import RuleMaps
 from ..settings import Settings
 
 RELOAD_CHECK_S = 1.0
-DNS_PORTS = (PortSpec(53, "udp"), PortSpec(53, "tcp"))  # the proxy retries over TCP
 
 
 class EventIds:
@@ -69,38 +64,6 @@ class EventIds:
     def next(self) -> str:
         self.count += 1
         return f"{self.prefix}-{self.count:012x}"  # sorts in creation order: sequential index inserts
-
-
-class HostFiles:
-    """What policy reads from the host at start-up; a seam for tests."""
-
-    def read(self, path: str) -> str:
-        try:
-            return Path(path).read_text()
-        except OSError:
-            return ""
-
-
-def dns_upstreams(settings: Settings, resolv_conf: str) -> list[str]:
-    """Addresses of the resolvers the DNS proxy forwards to (auto-allowed on port 53)."""
-    if settings.dns_upstream:
-        host = settings.dns_upstream
-        if host.startswith("["):
-            return [host[1:].split("]", 1)[0]]
-        return [host.rsplit(":", 1)[0] if host.count(":") == 1 else host]
-    return resolvers_from_resolv_conf(resolv_conf)[:1]
-
-
-def startup_policy(policy: Policy, settings: Settings, files: HostFiles) -> Policy:
-    """The loaded policy plus the infrastructure sluice itself needs."""
-    policy = ensure_infra_allowed(policy, dns_upstreams(settings, files.read("/etc/resolv.conf")),
-                                  DNS_PORTS, "dns")
-    if settings.auto_allow_cloud_metadata:
-        policy = cloud_metadata_allows(
-            policy, files.read("/run/systemd/resolve/resolv.conf"),
-            files.read("/sys/class/dmi/id/sys_vendor"),
-            files.read("/sys/class/dmi/id/chassis_asset_tag"))
-    return policy
 
 
 class PolicyStage(BaseStage):
@@ -119,7 +82,7 @@ class PolicyStage(BaseStage):
     def setup(self, io: StageIO) -> None:
         self.io = io
         self.settings = io.settings
-        self.policy = startup_policy(load_policy(self.settings), self.settings, self.files)
+        self.policy = load_startup_policy(self.settings, self.files)
         self.policy_mtime = self._policy_mtime()
         self.host = self.settings.host_name
         io.bind_inboxes()
@@ -170,7 +133,7 @@ class PolicyStage(BaseStage):
 
     def reload(self, why: str) -> None:
         try:
-            policy = startup_policy(load_policy(self.settings), self.settings, self.files)
+            policy = load_startup_policy(self.settings, self.files)
         except PolicyError as err:
             self.io.log.error("policy not reloaded (%s), the old one stays in force: %s", why, err)
             self.io.counters.add("reload_failures")

@@ -1,0 +1,53 @@
+"""The policy every stage judges by: the loaded one plus what sluice itself needs.
+
+The policy, dns and enrich stages all call startup_policy, so the DNS filter, the map writer
+and the namer agree on the same rules, including the auto-allowed DNS upstream (the one the
+proxy really forwards to).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..dns.endpoints import choose_upstream, parse_listen
+from .autoallow import cloud_metadata_allows, ensure_infra_allowed
+from .load import load_policy
+from .model import Policy
+from .verdict import PortSpec
+
+DNS_PORTS = (PortSpec(53, "udp"), PortSpec(53, "tcp"))  # the proxy retries over TCP
+
+
+class HostFiles:
+    """What the stages read from the host (resolv.conf, /proc/net, DMI); a seam for tests."""
+
+    def read(self, path: str) -> str:
+        try:
+            return Path(path).read_text()
+        except OSError:
+            return ""
+
+
+def dns_upstreams(settings, resolv_conf: str) -> list[str]:
+    """The address the DNS proxy forwards to, or none when it has none to use."""
+    try:
+        listen = parse_listen(settings.dns_listen)
+        return [choose_upstream(settings.dns_upstream, resolv_conf, listen).host]
+    except ValueError:
+        return []
+
+
+def startup_policy(policy: Policy, settings, files: HostFiles) -> Policy:
+    """The loaded policy plus the infrastructure sluice itself needs."""
+    policy = ensure_infra_allowed(policy, dns_upstreams(settings, files.read("/etc/resolv.conf")),
+                                  DNS_PORTS, "dns")
+    if settings.auto_allow_cloud_metadata:
+        policy = cloud_metadata_allows(
+            policy, files.read("/run/systemd/resolve/resolv.conf"),
+            files.read("/sys/class/dmi/id/sys_vendor"),
+            files.read("/sys/class/dmi/id/chassis_asset_tag"))
+    return policy
+
+
+def load_startup_policy(settings, files: HostFiles) -> Policy:
+    return startup_policy(load_policy(settings), settings, files)
