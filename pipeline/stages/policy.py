@@ -141,6 +141,9 @@ class PolicyStage(BaseStage):
             return
         if self.firewall is not None:
             self.firewall.program(policy, self.settings.audit_mode)
+            # A new generation tells readers of the maps (the DNS proxy's record of what it
+            # already had opened) that entries may have been removed.
+            self.firewall.mark_programmed()
         self.policy, self.policy_mtime = policy, self._policy_mtime()
         self.io.counters.add("reloads")
         self.io.log.info("policy reloaded (%s): %r", why, policy)
