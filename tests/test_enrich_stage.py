@@ -45,7 +45,7 @@ def test_known_names_flow_past_slow_lookups_and_every_slow_event_still_arrives(
     known = [f"10.9.0.{i + 1}" for i in range(20)]
     with PtrServer({ip: f"slow-{n}.example." for n, ip in enumerate(slow)}, delay=2.0) as dns:
         out = peer.inbox("policy")
-        stage = start(settings, dns)
+        stage = start(settings, dns, max_lookups=1000)  # every slow address is looked up
         push = peer.pusher("enrich")
         push.send(messages.encode([DnsMapping(f"known-{n}.example", [ip], 60, [], T0)
                                    for n, ip in enumerate(known)]))

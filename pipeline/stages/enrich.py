@@ -45,11 +45,11 @@ from ..loop import BaseStage, StageIO, batched, run_stage
 from ..names import HeldEvents, Namer
 from ..policy.load import load_policy
 from ..recording import NoRecorder, open_recorder
-from ..reverse import NOT_SENT, ReverseResolver
+from ..reverse import CONCURRENCY, NOT_SENT, ReverseResolver
 from ..settings import Settings
 
 MAX_HELD = 20_000     # events waiting for lookups: 0.5 s of a 40,000 events/s flood
-MAX_LOOKUPS = 4_096   # lookups in flight at once
+MAX_LOOKUPS = CONCURRENCY  # more in flight than can be sent would only hold events longer
 RELOAD_CHECK_S = 1.0
 
 
