@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import logging
 import os
 import threading
 from pathlib import Path
@@ -31,6 +32,8 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import dns.reversename
+
+log = logging.getLogger("sluice.enrich")
 
 TIMEOUT_S = 0.5     # reference §2.2: the budget of one reverse lookup
 CONCURRENCY = 256   # queries in flight at once (each holds a socket)
@@ -116,6 +119,9 @@ class ReverseResolver:
                     lookup = await self._query(ip)
         except TimeoutError:
             lookup = Lookup(ip, TIMEOUT if sent else NOT_SENT)
+        except Exception:  # noqa: BLE001 - a surprise from the library must not strand events
+            log.exception("reverse lookup of %s failed unexpectedly", ip)
+            lookup = Lookup(ip, ERROR)
         self._done.append(lookup)
         os.eventfd_write(self.fd, 1)
 
@@ -145,9 +151,9 @@ class ReverseResolver:
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop)
             self._thread.join(timeout=2)
-        if not self._thread.is_alive():
+        if not self._thread.is_alive():  # a loop still running may yet write the fd
             self._loop.close()
-        os.close(self.fd)
+            os.close(self.fd)
 
     def _stop(self) -> None:
         for task in self._tasks:

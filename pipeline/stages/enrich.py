@@ -6,12 +6,12 @@ Produces: `enriched_events` batches (address text, protocol name, the process na
           kernel recorded, the hostname wherever it is known, the CNAME chain), pushed to
           policy (ipc://<run_dir>/policy.sock).
 Binds:    enrich.sock. Connects: policy.
-Names:    (pipeline/names.py, reference §2.2) the DNS-derived cache, bounded and aged; for an
+Names:    (pipeline/names.py, reference §2.2) the DNS-derived cache, bounded and aged: the
+          exact address, else the forward match over the policy's tracked hostnames; for an
           address it does not know and that was never looked up, one reverse (PTR) lookup
           against the system resolver (the first nameserver of /etc/resolv.conf), 500 ms at
-          most; a PTR name is reported as the tracked hostname a rule knows it by; without
-          one, the forward match over the policy's tracked hostnames; a recorded CNAME chain
-          names its origin.
+          most, whose name is reported as the tracked hostname a rule knows it by; a
+          recorded CNAME chain names its origin.
 Never stalls: lookups run beside the loop (pipeline/reverse.py). While one is in flight,
           events for that address wait, in arrival order, for at most its 500 ms; events for
           every other address go on at once. At most MAX_HELD events wait in all: beyond,
