@@ -353,6 +353,34 @@ def as_row(e: AuditEvent) -> tuple:
             e.mid_stream, e.would_deny, e.blocked, e.packets)
 
 
+# PostgreSQL takes a batch fastest as COPY into a scratch table that every commit empties,
+# then one INSERT ... SELECT that skips stored ids: about 1.8x the rows/s of executemany with
+# 8,192-row batches (benchmarks/replay_throughput.py shows the end-to-end effect).
+_QUOTED = ", ".join(f'"{c}"' for c in COLUMNS)
+_SCRATCH_SQL = ("CREATE TEMP TABLE IF NOT EXISTS incoming_audit_events ON COMMIT DELETE ROWS "
+                f"AS SELECT {_QUOTED} FROM audit_events WITH NO DATA")
+_COPY_SQL = f"COPY incoming_audit_events ({_QUOTED}) FROM STDIN"
+_MOVE_SQL = (f"INSERT INTO audit_events ({_QUOTED}) SELECT {_QUOTED} FROM incoming_audit_events "
+             "ON CONFLICT (event_id) DO NOTHING")
+
+
+def _copy_insert(conn: sa.Connection, rows: list[tuple]) -> int:
+    """Insert rows on PostgreSQL in the connection's transaction; returns the rows inserted."""
+    import psycopg
+
+    conn.exec_driver_sql(_SCRATCH_SQL)
+    try:
+        with conn.connection.dbapi_connection.cursor() as cursor:
+            with cursor.copy(_COPY_SQL) as copy:
+                for row in rows:
+                    copy.write_row(row)
+    except psycopg.OperationalError as err:
+        raise StoreError(f"PostgreSQL: {_one_line(err)}") from None
+    except psycopg.Error as err:  # raw driver errors: SQLAlchemy does not wrap a COPY
+        raise StoreRejected(f"PostgreSQL: {_one_line(err)}") from None
+    return conn.exec_driver_sql(_MOVE_SQL).rowcount
+
+
 class AuditStore:
     """The single writer of audit_events: batched inserts, one transaction per batch."""
 
@@ -366,6 +394,7 @@ class AuditStore:
             raise StoreError(f"{self.url}: unexpected parameter order from {dialect.name}")
         self._insert_sql = compiled.string
         self._positional = compiled.positional
+        self._copy = dialect.name == "postgresql"
 
     def migrate(self, migrations: Sequence[Migration] = MIGRATIONS) -> list[str]:
         """Apply the migrations this database lacks, in order; returns their names."""
@@ -429,6 +458,8 @@ class AuditStore:
     def _execute(self, conn: sa.Connection, rows: list[tuple]) -> int:
         if not rows:
             return 0
+        if self._copy:
+            return _copy_insert(conn, rows)
         params = rows if self._positional else [dict(zip(COLUMNS, row)) for row in rows]
         return conn.exec_driver_sql(self._insert_sql, params).rowcount
 
