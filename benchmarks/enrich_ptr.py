@@ -10,11 +10,11 @@ lookup). Baseline: the 0% case, measured in the same run.
     of known-name throughput 50% / 0% (target: at least 0.9).
   * max: --events known-name events pushed as fast as enrich takes them; capacity in
     events/s, and the same known-name ratio.
-Part 2, with --kernel as well (root and bcc): the real Procfile under honcho in a namespace pair, the
-PTR server in the server namespace as the client's resolver, and a paced UDP flood through
-the classifier to distinct flows (known addresses named by DNS mappings pushed into enrich;
-in the 50% case as many datagrams to new addresses). Reports capture's drop counters
-(target: zero) and enrich's named events/s.
+Part 2, with --kernel as well (root and bcc): the real Procfile under honcho in a namespace
+pair, the PTR server in the server namespace as the client's resolver, and paced UDP floods
+through the classifier to distinct flows (known addresses named by DNS mappings pushed into
+enrich; in the 50% case a second sender as fast to new addresses). Reports capture's drop
+counters (target: zero) and enrich's named events/s against the senders' real pace.
 
     .venv/bin/python benchmarks/enrich_ptr.py [--rate 20000] [--seconds 5] [--events 200000]
     sudo .venv/bin/python benchmarks/enrich_ptr.py --kernel [--rate 20000] [--seconds 5]

@@ -59,7 +59,7 @@ from ..notify import (DeliveryError, LogClient, Notification, NotificationTracke
 from ..settings import Settings
 from ..store import AuditStore, notified_destinations
 
-MAX_ATTEMPTS = 8      # about two minutes of a dead sink before a key is released
+MAX_ATTEMPTS = 8      # one to three minutes of a dead sink before a key is released
 MAX_PENDING = 1_000   # keys in delivery at once
 STORE_WAIT_S = 30.0   # how long to wait at start for persist to create the table
 STOP_WAIT_S = 1.0     # a post in progress at a stop is abandoned after this
@@ -86,8 +86,12 @@ class DeliveredKeys:
         self.host = host
 
     def ready(self) -> bool:
-        """Whether persist's migrations have created the table yet."""
-        return sa.inspect(self.store.engine).has_table(notified_destinations.name)
+        """Whether persist's migrations have created the table yet (a database that is
+        down for now is not ready either)."""
+        try:
+            return sa.inspect(self.store.engine).has_table(notified_destinations.name)
+        except sa.exc.SQLAlchemyError:
+            return False
 
     def load(self) -> set[str]:
         column = notified_destinations.c
@@ -102,7 +106,8 @@ class DeliveredKeys:
     def remember(self, n: Notification) -> bool:
         """Store a delivered key; False when the database refused (logged by the stage)."""
         row = {"host": self.host, "destination": n.key, "hostname": n.hostname, "ip": n.ip,
-               "port": n.port, "protocol": n.protocol, "first_seen": sql_timestamp(n.first_seen_ns),
+               "port": n.port, "protocol": n.protocol,
+               "first_seen": sql_timestamp(n.first_seen_ns),
                "delivered_at": sql_timestamp(time.time_ns())}
         try:
             with self.store.engine.begin() as conn:
