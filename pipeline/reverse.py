@@ -13,6 +13,11 @@ Why asyncio in one background thread, with dnspython's asyncio queries:
 Each submitted address gets exactly one Lookup back, within `timeout` of its submission:
 the budget covers waiting for a free slot too, so nothing waits longer. A lookup whose
 budget ran out before it could be sent comes back as "not_sent" (no query was made).
+
+Forward-confirmed (a deviation from cargowall): whoever controls an address's reverse zone
+chooses its PTR name, so a PTR answer alone would let anyone name their server after an
+allowed host and be late-allowed. A name is used only when its own A/AAAA records, asked
+within the same budget, include the address; otherwise the lookup is "unconfirmed".
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import dns.rcode
 import dns.rdatatype
 import dns.reversename
 
+from .addresses import canonical
+
 log = logging.getLogger("sluice.enrich")
 
 TIMEOUT_S = 0.5     # reference §2.2: the budget of one reverse lookup
@@ -42,12 +49,13 @@ DEFAULT_NAMESERVER = "127.0.0.1"  # what the C library uses when resolv.conf nam
 
 # Lookup outcomes
 NAMED, NO_NAME, TIMEOUT, ERROR, NOT_SENT = "named", "no_name", "timeout", "error", "not_sent"
+UNCONFIRMED = "unconfirmed"  # a PTR name whose forward records do not include the address
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Lookup:
     ip: str
-    outcome: str      # one of NAMED, NO_NAME, TIMEOUT, ERROR, NOT_SENT
+    outcome: str      # one of NAMED, NO_NAME, TIMEOUT, ERROR, NOT_SENT, UNCONFIRMED
     answer: str = ""  # the first PTR name as the server wrote it (trailing dot included)
 
 
@@ -58,6 +66,18 @@ def system_nameserver(resolv_conf: str) -> str:
         if len(fields) >= 2 and fields[0] == "nameserver":
             return fields[1]
     return DEFAULT_NAMESERVER
+
+
+def forward_type(ip: str) -> dns.rdatatype.RdataType:
+    return dns.rdatatype.AAAA if ":" in ip else dns.rdatatype.A
+
+
+def forward_addresses(response: dns.message.Message) -> set[str]:
+    """Every A/AAAA address of an answer (through CNAMEs), in canonical text."""
+    if response.rcode() != dns.rcode.NOERROR:
+        return set()
+    return {canonical(rdata.address) for rrset in response.answer
+            if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA) for rdata in rrset}
 
 
 def first_ptr(response: dns.message.Message) -> str:
@@ -127,13 +147,21 @@ class ReverseResolver:
 
     async def _query(self, ip: str) -> Lookup:
         try:
-            query = dns.message.make_query(dns.reversename.from_address(ip), dns.rdatatype.PTR)
-            response = await dns.asyncquery.udp(query, self.nameserver, port=self.port,
-                                                ignore_unexpected=True)
+            response = await self._ask(dns.reversename.from_address(ip), dns.rdatatype.PTR)
+            answer = first_ptr(response) if response.rcode() == dns.rcode.NOERROR else ""
+            if not answer:
+                return Lookup(ip, NO_NAME)
+            forward = await self._ask(answer, forward_type(ip))
         except (OSError, ValueError, dns.exception.DNSException):
             return Lookup(ip, ERROR)
-        answer = first_ptr(response) if response.rcode() == dns.rcode.NOERROR else ""
-        return Lookup(ip, NAMED if answer else NO_NAME, answer)
+        if canonical(ip) not in forward_addresses(forward):
+            return Lookup(ip, UNCONFIRMED, answer)
+        return Lookup(ip, NAMED, answer)
+
+    async def _ask(self, name, rdtype) -> dns.message.Message:
+        query = dns.message.make_query(name, rdtype)
+        return await dns.asyncquery.udp(query, self.nameserver, port=self.port,
+                                        ignore_unexpected=True)
 
     def finished(self) -> list[Lookup]:
         """Lookups that ended since the last call (reading resets the eventfd)."""

@@ -45,7 +45,7 @@ from ..loop import BaseStage, StageIO, batched, run_stage
 from ..names import HeldEvents, Namer
 from ..policy.load import load_policy
 from ..recording import NoRecorder, open_recorder
-from ..reverse import CONCURRENCY, NOT_SENT, ReverseResolver
+from ..reverse import CONCURRENCY, NAMED, NOT_SENT, ReverseResolver
 from ..settings import Settings
 
 MAX_HELD = 20_000     # events waiting for lookups: 0.5 s of a 40,000 events/s flood
@@ -126,7 +126,9 @@ class EnrichStage(BaseStage):
             self.io.counters.add(f"ptr_{lookup.outcome}")
             if lookup.outcome == NOT_SENT:
                 self.namer.attempted.discard(lookup.ip)  # never asked: a later event may
-            elif self.namer.lookup_ended(lookup.ip, lookup.answer, asked_at):
+            # Only a forward-confirmed name is trusted (pipeline/reverse.py says why).
+            elif self.namer.lookup_ended(lookup.ip, lookup.answer if lookup.outcome == NAMED
+                                         else "", asked_at):
                 self.io.counters.add("names_from_lookups")
             ready += self.held.release(lookup.ip)
         self._send(ready)

@@ -1,11 +1,14 @@
 """A DNS server for tests that answers PTR queries from a table, each after a delay.
 
-Addresses in the table get their name (NOERROR); any other question gets NXDOMAIN. The
-delay is per answer, not per server: a thousand slow questions are all answered about
-`delay` seconds after each arrived, as a slow upstream would.
+Addresses in the table get their name (NOERROR), and the name's A/AAAA question gets the
+address back (forward-confirmed), unless the address is in `spoofed`: a PTR record someone
+set on an address they control, with no forward record to match. Any other question gets
+NXDOMAIN. The delay is per answer, not per server: a thousand slow questions are all
+answered about `delay` seconds after each arrived, as a slow upstream would.
 
 In a test:       with PtrServer({"10.1.0.7": "web.example."}, delay=2.0) as server: server.port
 In a namespace:  python -m tests.tools.ptrserver 10.201.0.2 53 --ptr 10.202.0.3=web.example.
+                 [--spoof 10.202.0.4=web.example.]
                  (prints "ready" once listening)
 """
 
@@ -25,8 +28,11 @@ import dns.reversename
 
 class PtrServer:
     def __init__(self, names: dict[str, str], delay: float = 0.0, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
-        self.names, self.delay = names, delay
+                 port: int = 0, spoofed: dict[str, str] | None = None) -> None:
+        self.names, self.delay = {**names, **(spoofed or {})}, delay
+        self.forward: dict[str, list[str]] = {}
+        for address, name in names.items():
+            self.forward.setdefault(name.lower().rstrip("."), []).append(address)
         self.host, self.port = host, port
         self.questions: list[str] = []  # every PTR question asked, as its address
         self.loop = asyncio.new_event_loop()
@@ -35,6 +41,8 @@ class PtrServer:
     def answer(self, query: dns.message.Message) -> dns.message.Message:
         response = dns.message.make_response(query)
         question = query.question[0]
+        if question.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            return self._forward(response, question)
         name = None
         if question.rdtype == dns.rdatatype.PTR:
             address = dns.reversename.to_address(question.name)
@@ -45,6 +53,15 @@ class PtrServer:
         else:
             response.answer.append(dns.rrset.from_text(
                 question.name, 300, dns.rdataclass.IN, dns.rdatatype.PTR, name))
+        return response
+
+    def _forward(self, response: dns.message.Message, question) -> dns.message.Message:
+        family = ":" if question.rdtype == dns.rdatatype.AAAA else "."
+        addresses = [a for a in self.forward.get(question.name.to_text().lower().rstrip("."), [])
+                     if family in a]
+        if addresses:
+            response.answer.append(dns.rrset.from_text_list(
+                question.name, 300, dns.rdataclass.IN, question.rdtype, addresses))
         return response
 
     async def listen(self) -> None:
@@ -88,10 +105,12 @@ def main() -> None:
     parser.add_argument("host")
     parser.add_argument("port", type=int)
     parser.add_argument("--ptr", action="append", default=[], help="ADDRESS=NAME")
+    parser.add_argument("--spoof", action="append", default=[],
+                        help="ADDRESS=NAME without a matching forward record")
     parser.add_argument("--delay", type=float, default=0.0)
     args = parser.parse_args()
     server = PtrServer(dict(entry.split("=", 1) for entry in args.ptr), args.delay, args.host,
-                       args.port)
+                       args.port, dict(entry.split("=", 1) for entry in args.spoof))
     server.loop.run_until_complete(server.listen())
     print("ready", flush=True)
     server.loop.run_forever()
