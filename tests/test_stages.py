@@ -8,9 +8,11 @@ import pytest
 from pipeline import messages
 from pipeline.events import RawEvent
 from pipeline.rulemaps import ALLOW, DENY, DictRuleMaps
+from pipeline.reverse import ReverseResolver
 from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.policy import PolicyStage
 from tests.stagekit import Peer, StageThread, stage_settings, wait_for
+from tests.tools.ptrserver import PtrServer
 
 T0 = 1_764_000_000_000_000_000
 
@@ -29,7 +31,13 @@ def peer(tmp_path):
 def test_enrich_forwards_every_event_and_survives_garbage(tmp_path, peer):
     settings = stage_settings(tmp_path)
     out = peer.inbox("policy")
-    stage = StageThread(EnrichStage(), settings).start()
+    with PtrServer({}) as names:  # answers NXDOMAIN: no names, and no host resolver asked
+        stage = StageThread(EnrichStage(ReverseResolver("127.0.0.1", port=names.port)),
+                            settings).start()
+        _push_and_check(stage, peer, out)
+
+
+def _push_and_check(stage, peer, out):
     push = peer.pusher("enrich")
     push.send(b"\x00garbage")
     push.send(msgpack.packb({"kind": "raw_events", "v": 1, "records": [[1, 2, 3]]}))
