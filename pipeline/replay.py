@@ -315,6 +315,7 @@ class OfflinePipeline:
             self.policy.handle("policy", "enriched_events", enriched)
         self.policy.tick(now)
         records = self.io["policy"].outputs["persist"].take()
+        self.io["policy"].outputs["notify"].take()  # a what-if run alerts nobody
         self.outcomes.update(r.event_type for r in records)
         if records:
             self.persist.handle("persist", "audit_records", records)

@@ -341,8 +341,8 @@ def test_a_truncated_upstream_answer_is_fetched_again_over_tcp(proxy, upstream):
     over_tcp = p.ask("big.allowed.test", tcp=True)
     assert addresses(over_tcp) == sorted(MANY)
     assert sorted(p.policy.requests[0].ips) == sorted(MANY)
-    counters = wait_for(lambda: p.stage.counters().get("tcp_retries") and p.stage.counters(),
-                        "counters")
+    counters = wait_for(lambda: (c := p.stage.counters()).get("tcp_retries")
+                        and c.get("cache_hits") and c, "counters")
     assert counters["tcp_retries"] == 1 and counters["cache_hits"] == 1
 
 
