@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def pytest_addoption(parser):
     parser.addoption("--require-kernel", action="store_true", default=False,
-                     help="turn skips of kernel and end-to-end tests into failures (CI sets this)")
+                     help="turn skips of kernel, end-to-end and PostgreSQL tests into failures "
+                          "(CI sets this)")
 
 
 def pytest_report_header(config):
