@@ -251,6 +251,7 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
     ready = marker_path(settings.run_dir, stage.name, "ready")
     failed.unlink(missing_ok=True)
     ready.unlink(missing_ok=True)
+    marker_path(settings.run_dir, stage.name, "counters.json").unlink(missing_ok=True)
     io = StageIO(stage.name, settings, ctx, stop, log)
     signals = _Signals(stop)
     signals.install()
