@@ -51,3 +51,32 @@ def startup_policy(policy: Policy, settings, files: HostFiles) -> Policy:
 
 def load_startup_policy(settings, files: HostFiles) -> Policy:
     return startup_policy(load_policy(settings), settings, files)
+
+
+class PolicyWatch:
+    """Tells a stage when its policy file changed; looks at most once per interval."""
+
+    def __init__(self, path: Path, interval: float = 1.0) -> None:
+        self.path, self.interval = path, interval
+        self.mtime = self._mtime()
+        self.next_check = 0.0
+
+    def changed(self, now: float) -> bool:
+        if now < self.next_check:
+            return False
+        self.next_check = now + self.interval
+        mtime = self._mtime()
+        if mtime == self.mtime:
+            return False
+        self.mtime = mtime
+        return True
+
+    def seen(self) -> None:
+        """The current file has been read (a reload on SIGHUP): no change to report."""
+        self.mtime = self._mtime()
+
+    def _mtime(self) -> float:
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return 0.0

@@ -44,13 +44,13 @@ from ..events import EnrichedEvent, RawEvent
 from ..loop import BaseStage, StageIO, batched, run_stage
 from ..names import HeldEvents, Namer
 from ..policy.load import load_policy
+from ..policy.startup import PolicyWatch
 from ..recording import NoRecorder, open_recorder
 from ..reverse import CONCURRENCY, NAMED, NOT_SENT, ReverseResolver
 from ..settings import Settings
 
 MAX_HELD = 20_000     # events waiting for lookups: 0.5 s of a 40,000 events/s flood
 MAX_LOOKUPS = CONCURRENCY  # more in flight than can be sent would only hold events longer
-RELOAD_CHECK_S = 1.0
 
 
 class EnrichStage(BaseStage):
@@ -62,14 +62,13 @@ class EnrichStage(BaseStage):
         self.held: HeldEvents[RawEvent] = HeldEvents(max_held)
         self.max_lookups = max_lookups
         self.lookups: dict[str, int] = {}  # address -> timestamp of the event that asked
-        self.next_reload_check = 0.0
         self.recorder = NoRecorder()
 
     def setup(self, io: StageIO) -> None:
         self.io = io
         self.recorder = open_recorder(io.settings, io.counters, io.log)
         policy = load_policy(io.settings)
-        self.policy_mtime = self._policy_mtime()
+        self.watch = PolicyWatch(io.settings.policy)
         self.namer = Namer(policy)
         self.reverse = self.reverse or ReverseResolver.from_resolv_conf()
         self.reverse.start()
@@ -146,16 +145,14 @@ class EnrichStage(BaseStage):
 
     def tick(self, now: float) -> None:
         self.recorder.flush()
-        if now >= self.next_reload_check:
-            self.next_reload_check = now + RELOAD_CHECK_S
-            if self._policy_mtime() != self.policy_mtime:
-                self.reload("the policy file changed")
+        if self.watch.changed(now):
+            self.reload("the policy file changed")
 
     def hangup(self) -> None:
         self.reload("SIGHUP")
 
     def reload(self, why: str) -> None:
-        self.policy_mtime = self._policy_mtime()
+        self.watch.seen()
         try:
             policy = load_policy(self.io.settings)
         except PolicyError as err:
@@ -165,11 +162,6 @@ class EnrichStage(BaseStage):
         self.namer.set_policy(policy)
         self.io.log.info("names follow the new policy (%s): %r", why, policy)
 
-    def _policy_mtime(self) -> float:
-        try:
-            return self.io.settings.policy.stat().st_mtime
-        except OSError:
-            return 0.0
 
     def teardown(self) -> None:
         waiting: list[RawEvent] = []

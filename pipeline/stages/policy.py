@@ -46,12 +46,11 @@ from ..notify import notice_of
 from ..outcome import decide
 from ..policy.autoallow import get_auto_allowed_type
 from ..policy.existing import gate_existing_connection, scan_connections
-from ..policy.startup import HostFiles, load_startup_policy
+from ..policy.startup import HostFiles, PolicyWatch, load_startup_policy
 from ..recentblocks import RecentBlocks, late_allowed_record
 from ..rulemaps import RuleMaps
 from ..settings import Settings
 
-RELOAD_CHECK_S = 1.0
 
 
 class EventIds:
@@ -77,13 +76,12 @@ class PolicyStage(BaseStage):
         self.firewall: Firewall | None = None
         self.ids = EventIds()
         self.recent = RecentBlocks()
-        self.next_reload_check = 0.0
 
     def setup(self, io: StageIO) -> None:
         self.io = io
         self.settings = io.settings
         self.policy = load_startup_policy(self.settings, self.files)
-        self.policy_mtime = self._policy_mtime()
+        self.watch = PolicyWatch(self.settings.policy)
         self.host = self.settings.host_name
         io.bind_inboxes()
         self.persist = io.connect_feed("persist", backlog=1024)
@@ -98,10 +96,8 @@ class PolicyStage(BaseStage):
             maps = self.open_maps(self.settings)
             if maps is not None:
                 self._program(maps)
-        if now >= self.next_reload_check:
-            self.next_reload_check = now + RELOAD_CHECK_S
-            if self._policy_mtime() != self.policy_mtime:
-                self.reload("the policy file changed")
+        if self.watch.changed(now):
+            self.reload("the policy file changed")
 
     def _program(self, maps: RuleMaps) -> None:
         firewall = Firewall(maps)
@@ -132,30 +128,25 @@ class PolicyStage(BaseStage):
         self.io.counters.add("existing_connections", len(remotes))
 
     def reload(self, why: str) -> None:
+        self.watch.seen()
         try:
             policy = load_startup_policy(self.settings, self.files)
         except PolicyError as err:
             self.io.log.error("policy not reloaded (%s), the old one stays in force: %s", why, err)
             self.io.counters.add("reload_failures")
-            self.policy_mtime = self._policy_mtime()
             return
         if self.firewall is not None:
             self.firewall.program(policy, self.settings.audit_mode)
             # A new generation tells readers of the maps (the DNS proxy's record of what it
             # already had opened) that entries may have been removed.
             self.firewall.mark_programmed()
-        self.policy, self.policy_mtime = policy, self._policy_mtime()
+        self.policy = policy
         self.io.counters.add("reloads")
         self.io.log.info("policy reloaded (%s): %r", why, policy)
 
     def hangup(self) -> None:
         self.reload("SIGHUP")
 
-    def _policy_mtime(self) -> float:
-        try:
-            return self.settings.policy.stat().st_mtime
-        except OSError:
-            return 0.0
 
     # ------------------------------------------------------------- events
 
