@@ -13,12 +13,14 @@ from pipeline.dns import packets
 from pipeline.dns.answers import AnswerFacts, CnameRecord, answer_facts
 from pipeline.dns.cache import MAX_LIFETIME, ResponseCache, lifetime
 from pipeline.dns.cnames import MAX_REACH, Hop, LearnedTargets, effective_ttl, walk_chain
+from pipeline.dns.confirmed import ConfirmedOpen
 from pipeline.dns.endpoints import (Endpoint, choose_upstream, default_upstream, nameservers,
                                     parse_endpoint, parse_listen)
 from pipeline.dns.enforce import AllowAsk, PreResolveMemory, plan_answer
 from pipeline.dns.holders import holder_inodes
 from pipeline.dns.queryfilter import (DEFAULT_ALLOW, LEARNED, PTR, REFUSE, RULE, SEARCH_DOMAIN,
-                                      is_canonical_reverse_name, judge_query)
+                                      PassingNames, is_canonical_reverse_name, judge_query,
+                                      passes_by_policy)
 from pipeline.policy.load import policy_from_text
 from pipeline.policy.verdict import PortSpec
 
@@ -109,7 +111,8 @@ def test_a_query_parses_to_its_question_and_udp_limit():
     query = packets.parse_query(wire(use_edns=0, payload=1232))
     assert (query.qname, query.name, query.qtype, query.qclass) == (
         "www.Example.test.", "www.example.test", 1, 1)
-    assert query.udp_limit == 1232 and query.cache_key == "www.example.test.|A|IN"
+    assert query.udp_limit == 1232
+    assert query.cache_key == b"\x03www\x07example\x04test\x00\x00\x01\x00\x01"
     assert packets.parse_query(wire()).udp_limit == 512
     assert packets.parse_query(wire(use_edns=0, payload=100)).udp_limit == 512
 
@@ -122,6 +125,51 @@ def test_odd_label_bytes_are_escaped_not_trusted():
 
 def _with_count(data: bytes, index: int, value: int) -> bytes:
     return data[:4 + 2 * index] + value.to_bytes(2, "big") + data[6 + 2 * index:]
+
+
+def _with_flags(data: bytes, flags: int) -> bytes:
+    return data[:2] + flags.to_bytes(2, "big") + data[4:]
+
+
+@pytest.mark.parametrize("data", [
+    wire(),
+    wire(use_edns=0, payload=1232),
+    wire(use_edns=0, payload=100),
+    wire("a.test", "AAAA", want_dnssec=True),
+    wire(dns.name.Name([b"a.b", b"\x00x", b"test", b""])),   # odd bytes: still simple
+    wire("."),
+    wire("a.test", "TXT", rdclass="CH"),
+])
+def test_a_simple_query_gives_what_the_full_parse_gives(data):
+    question, udp_limit = packets.simple_question(data)
+    parsed = packets.parse_query(data)
+    assert packets.known_query(data, question, parsed.qname, udp_limit) == parsed
+
+
+def _with_tsig_like_record(data: bytes) -> bytes:
+    record = b"\x00" + (250).to_bytes(2, "big") + b"\x00\xff" + b"\x00" * 4 + b"\x00\x00"
+    return _with_count(data, 3, 1) + record
+
+
+@pytest.mark.parametrize("data", [
+    b"\x00" * 12,                                       # a header only
+    b"\x00" * 5,
+    _with_count(wire(), 0, 0),                           # no question
+    _with_count(wire(), 0, 2),
+    _with_flags(wire(), 0x8100),                         # a response
+    _with_flags(wire(), 0x2100),                         # opcode 4 (NOTIFY)
+    wire()[:12] + b"\xc0\x0c" + wire()[-4:],             # compressed name
+    wire()[:-2],                                         # cut short
+    wire() + b"\x00",                                   # trailing byte
+    _with_tsig_like_record(wire()),                      # an additional record but OPT
+    _with_count(wire(use_edns=0), 3, 2),                 # two additional records
+    wire(use_edns=0)[:-1],                               # OPT cut short
+    wire(use_edns=0) + b"\x00",
+    wire(use_edns=0)[:-11] + b"\x01a" + wire(use_edns=0)[-10:],  # OPT not owned by root
+    wire() + b"\x00" * 5000,                            # oversized
+])
+def test_anything_unusual_is_left_to_the_full_parse(data):
+    assert packets.simple_question(data) is None
 
 
 @pytest.mark.parametrize("data, why", [
@@ -228,11 +276,11 @@ def test_canonical_reverse_names(name, canonical):
     assert is_canonical_reverse_name(name) is canonical
 
 
-FILTER_POLICY = policy(rules=[host("allowed.test"), host("denied.test", "deny"),
-                              host("mixed.test", ports=[(443, "tcp")]),
-                              host("www.mixed.test.corp.example", "deny", [(80, "tcp")]),
-                              host("*.glob.test", "deny")],
-                       search_domains=["corp.example"])
+FILTER_RULES = [host("allowed.test"), host("denied.test", "deny"),
+                host("mixed.test", ports=[(443, "tcp")]),
+                host("www.mixed.test.corp.example", "deny", [(80, "tcp")]),
+                host("*.glob.test", "deny")]
+FILTER_POLICY = policy(rules=FILTER_RULES, search_domains=["corp.example"])
 
 
 @pytest.mark.parametrize("name, qtype, reason", [
@@ -262,6 +310,44 @@ def test_default_allow_lets_unmatched_names_through_but_not_denied_ones():
     assert judge_query(open_policy, LearnedTargets(), "a.denied.test", 1, 0) == REFUSE
 
 
+@pytest.mark.parametrize("name, default, passes", [
+    ("www.allowed.test", "deny", True),
+    ("www.mixed.test.corp.example", "deny", True),
+    ("host.corp.example", "deny", True),
+    ("www.denied.test", "deny", False),
+    ("host.denied.test.corp.example", "deny", False),
+    ("x.glob.test", "allow", False),
+    ("learned.cdn.test", "deny", False),       # only a learned target could let it by
+    ("4.3.2.1.in-addr.arpa", "deny", False),   # only the PTR exemption could
+    ("unknown.test", "deny", False),
+    ("unknown.test", "allow", True),
+])
+def test_passing_by_policy_alone_never_lets_by_what_judge_query_refuses(name, default, passes):
+    rules = policy(default, FILTER_RULES, ["corp.example"])
+    assert passes_by_policy(rules, name) is passes
+    for qtype in (1, 12, 28):
+        for learned in (LearnedTargets(), _learned("learned.cdn.test", "x.glob.test")):
+            refused = judge_query(rules, learned, name, qtype, now=1) == REFUSE
+            assert not (passes and refused)
+
+
+def _learned(*targets: str) -> LearnedTargets:
+    learned = LearnedTargets()
+    learned.learn((), ["allowed.test"], 0, [Hop(t, 60) for t in targets], now=0)
+    return learned
+
+
+def test_passing_names_are_remembered_for_one_policy_object_in_bounded_memory():
+    memory = PassingNames(capacity=2)
+    strict, lenient = policy("deny"), policy("allow")
+    assert not memory.passes(strict, "a.test")
+    assert memory.passes(lenient, "a.test")      # a new policy object: judged again
+    assert memory.names == {"a.test": True}
+    memory.passes(lenient, "b.test")
+    memory.passes(lenient, "c.test")
+    assert list(memory.names) == ["b.test", "c.test"]
+
+
 # ------------------------------------------------------------------ cache
 
 
@@ -275,35 +361,95 @@ def _facts(rcode=0, records=1, smallest=60) -> AnswerFacts:
     return AnswerFacts(rcode, ("10.0.0.1",), smallest, smallest, (), records)
 
 
-@pytest.mark.parametrize("query_wire, key", [
-    (wire("WWW.Example.TEST", "A"), "www.example.test.|A|IN"),
-    (wire("a.test", "AAAA"), "a.test.|AAAA|IN"),
-    (wire("a.test", "TXT", rdclass="CH"), "a.test.|TXT|CH"),
-    (wire("a.test", "TYPE65280"), "a.test.|TYPE65280|IN"),
+@pytest.mark.parametrize("first, second, same", [
+    (wire("WWW.Example.TEST", "A"), wire("www.example.test", "A"), True),
+    (wire("a.test", "A"), wire("a.test", "AAAA"), False),
+    (wire("a.test", "TXT"), wire("a.test", "TXT", rdclass="CH"), False),
+    (wire("a.test", "TYPE65"), wire("a.test", "TYPE97"), False),   # 0x41 is not 'A' there
+    (wire("a.test", "A", use_edns=0), wire("A.test", "A"), True),  # EDNS is not in the key
+    (wire(dns.name.Name([b"\xc1", b"test", b""])), wire(dns.name.Name([b"\xe1", b"test", b""])),
+     False),                                                       # only ASCII letters fold
 ])
-def test_cache_keys(query_wire, key):
-    assert packets.parse_query(query_wire).cache_key == key
+def test_cache_keys_fold_the_name_case_only(first, second, same):
+    keys = [packets.parse_query(data).cache_key for data in (first, second)]
+    assert (keys[0] == keys[1]) is same
+    assert keys[0] == packets.question_key(packets.simple_question(first)[0])
 
 
 def test_the_cache_keeps_noerror_answers_with_records_until_they_expire():
     cache = ResponseCache(capacity=2)
-    assert cache.store("a|A|IN", b"a", _facts(), now=0)
-    assert not cache.store("b|A|IN", b"b", _facts(rcode=3), now=0)     # NXDOMAIN
-    assert not cache.store("c|A|IN", b"c", _facts(records=0), now=0)   # NODATA
-    assert not cache.store("", b"d", _facts(), now=0)                  # no question
-    assert cache.live("a|A|IN", now=59.9).wire == b"a"
-    assert cache.live("a|A|IN", now=60) is None and len(cache) == 0   # lazy expiry
-    cache.store("zero|A|IN", b"z", _facts(smallest=0), now=0)
-    assert cache.live("zero|A|IN", now=MAX_LIFETIME - 1) is not None
+    assert cache.store(b"a", "A.", b"a", _facts(), now=0)
+    assert not cache.store(b"b", "b.", b"b", _facts(rcode=3), now=0)     # NXDOMAIN
+    assert not cache.store(b"c", "c.", b"c", _facts(records=0), now=0)   # NODATA
+    assert not cache.store(b"", ".", b"d", _facts(), now=0)              # no question
+    assert (cache.live(b"a", now=59.9).wire, cache.live(b"a", now=59.9).qname) == (b"a", "A.")
+    assert cache.live(b"a", now=60) is None and len(cache) == 0         # lazy expiry
+    cache.store(b"zero", "zero.", b"z", _facts(smallest=0), now=0)
+    assert cache.live(b"zero", now=MAX_LIFETIME - 1) is not None
 
 
 def test_the_cache_evicts_the_least_recently_used():
     cache = ResponseCache(capacity=2)
-    cache.store("a", b"a", _facts(), 0)
-    cache.store("b", b"b", _facts(), 0)
-    cache.live("a", 1)
-    cache.store("c", b"c", _facts(), 1)
-    assert cache.live("b", 1) is None and cache.live("a", 1) and cache.live("c", 1)
+    cache.store(b"a", "a.", b"a", _facts(), 0)
+    cache.store(b"b", "b.", b"b", _facts(), 0)
+    cache.live(b"a", 1)
+    cache.store(b"c", "c.", b"c", _facts(), 1)
+    assert cache.live(b"b", 1) is None and cache.live(b"a", 1) and cache.live(b"c", 1)
+
+
+# ------------------------------------------------------------------ confirmed open
+
+
+A, B, C = "10.0.0.1", "10.0.0.2", "fd00::1"
+
+
+@pytest.mark.parametrize("confirmations, asked, expected", [
+    ([("n", [A, B], 1)], ("n", [A, B], 1), True),
+    ([("n", [A, B], 1)], ("n", [B], 1), True),          # fewer addresses
+    ([("n", [A], 1)], ("n", [A, C], 1), False),         # another address
+    ([("n", [A], 1)], ("m", [A], 1), False),            # another name
+    ([("n", [A], 1), ("n", [C], 1)], ("n", [A, C], 1), True),
+    ([("n", [A], 1)], ("n", [A], 2), False),            # the maps moved on
+    ([("n", [A], None)], ("n", [A], None), False),      # no generation: never
+    ([("n", [A], (7, 1))], ("n", [A], (7, 1)), True),   # any comparable token will do
+    ([("n", [A], (7, 1))], ("n", [A], (8, 1)), False),
+])
+def test_an_answer_is_open_when_all_its_pairs_were_confirmed_at_this_generation(
+        confirmations, asked, expected):
+    memory = ConfirmedOpen()
+    for name, ips, generation in confirmations:
+        memory.covers(name, ips, generation)   # what the stage checks before asking
+        memory.confirm(name, ips, generation)
+    assert memory.covers(*asked) is expected
+
+
+def test_a_generation_change_forgets_everything_even_a_return_to_the_old_one():
+    memory = ConfirmedOpen()
+    memory.covers("n", [A], 1)
+    memory.confirm("n", [A], 1)
+    assert not memory.covers("n", [A], 2) and len(memory) == 0
+    assert not memory.covers("n", [A], 1)
+    memory.covers("n", [A], None)
+    assert len(memory) == 0
+
+
+def test_a_confirmation_of_a_request_sent_before_the_maps_moved_on_is_dropped():
+    memory = ConfirmedOpen()
+    memory.covers("n", [A], 1)      # asked at 1 ...
+    memory.covers("m", [B], 2)      # ... another answer meanwhile sees 2
+    memory.confirm("n", [A], 1)     # the ok of the request sent at 1
+    assert not memory.covers("n", [A], 2) and len(memory) == 0
+
+
+def test_confirmed_pairs_are_a_bounded_lru():
+    memory = ConfirmedOpen(capacity=3)
+    memory.covers("n", [], 1)
+    memory.confirm("n", [A, B], 1)
+    memory.confirm("m", [A], 1)
+    assert memory.covers("n", [A], 1)            # touches (n, A)
+    memory.confirm("m", [C], 1)                  # evicts (n, B), the least recently used
+    assert len(memory) == 3 and not memory.covers("n", [B], 1)
+    assert memory.covers("n", [A], 1) and memory.covers("m", [A, C], 1)
 
 
 # ------------------------------------------------------------------ CNAME chains

@@ -16,6 +16,7 @@ import dns.message
 import dns.query
 import dns.rcode
 import dns.resolver
+import dns.rrset
 import pytest
 import zmq
 
@@ -138,14 +139,17 @@ def peer(tmp_path):
 class Proxy:
     """The stage under test with everything it talks to."""
 
-    def __init__(self, tmp_path, upstream, peer, policy=POLICY, answer=None, **env) -> None:
+    def __init__(self, tmp_path, upstream, peer, policy=POLICY, answer=None, generation=None,
+                 **env) -> None:
+        """generation: the maps' generation as the stage reads it; by default the stage's
+        own reader, on a bpf dir without pins (so there is none)."""
         self.port = free_port()
         policy_path = tmp_path / "policy.json"
         policy_path.write_text(json.dumps(policy))
         values = {"SLUICE_DNS_LISTEN": f"127.0.0.1:{self.port}",
                   "SLUICE_DNS_UPSTREAM": f"127.0.0.1:{upstream.port}",
                   "SLUICE_POLICY": str(policy_path), "SLUICE_MODE": "enforce",
-                  "SLUICE_DNS_TIMEOUT": "1"}
+                  "SLUICE_DNS_TIMEOUT": "1", "SLUICE_BPF_DIR": str(tmp_path / "bpf")}
         values.update(env)
         self.settings = stage_settings(tmp_path, **values)
         self.policy_path = policy_path
@@ -153,7 +157,7 @@ class Proxy:
         self.persist = peer.inbox("persist")
         self.policy = FakePolicy(self.settings.run_dir,
                                  answer or (lambda request: OK))
-        self.stage = StageThread(DnsStage(), self.settings)
+        self.stage = StageThread(DnsStage(generation=generation), self.settings)
 
     def start(self) -> "Proxy":
         self.stage.start()
@@ -318,6 +322,89 @@ def test_a_cached_answer_opens_the_maps_again_and_carries_the_client_id(proxy, u
     counters = wait_for(lambda: p.stage.counters().get("cache_hits") and p.stage.counters(),
                         "counters")
     assert counters["cache_hits"] == 1 and counters["queries"] == 2
+
+
+def test_cache_hits_of_any_query_shape_are_counted_and_carry_the_id(proxy, upstream):
+    p = proxy()
+    p.ask("www.allowed.test", use_edns=0, payload=1232)
+    unusual = dns.message.make_query("www.allowed.test", "A", use_edns=0)
+    unusual.additional.append(dns.rrset.from_text("x.test.", 60, "IN", "A", "10.9.9.9"))
+    answer = dns.query.udp(unusual, "127.0.0.1", port=p.port, timeout=5)   # the full parse
+    assert answer.id == unusual.id and addresses(answer) == ["10.0.0.1", "10.0.0.2"]
+    assert addresses(p.ask("www.allowed.test")) == ["10.0.0.1", "10.0.0.2"]  # the short way
+    assert upstream.asked[("www.allowed.test", "A")] == 1
+    counters = wait_for(lambda: p.stage.counters().get("cache_hits") == 2 and p.stage.counters(),
+                        "counters")
+    assert (counters["queries"], counters["allow_requests"]) == (3, 3)
+
+
+def test_a_cache_hit_of_a_name_a_reload_denies_is_refused_and_recorded(proxy):
+    p = proxy()
+    p.ask("www.allowed.test")
+    p.ask("www.allowed.test")
+    p.policy_path.write_text(json.dumps({"defaultAction": "deny", "rules": [
+        {"type": "hostname", "value": "allowed.test", "action": "deny"}]}))
+    p.stage.stage.hangup()
+    assert p.ask("www.allowed.test").rcode() == dns.rcode.REFUSED
+    [record] = Peer.receive(p.persist, 1)
+    assert (record.event_type, record.dst_hostname) == ("dns_blocked", "www.allowed.test")
+    counters = wait_for(lambda: p.stage.counters().get("refused") and p.stage.counters(),
+                        "counters")
+    assert (counters["queries"], counters["cache_hits"], counters["dns_blocked"]) == (3, 1, 1)
+
+
+def test_an_oversized_cached_answer_is_truncated_for_a_udp_client(proxy):
+    p = proxy()
+    assert addresses(p.ask("big.allowed.test", tcp=True)) == sorted(MANY)
+    over_udp = p.ask("big.allowed.test")
+    assert over_udp.flags & dns.flags.TC and not over_udp.answer
+    counters = wait_for(lambda: p.stage.counters().get("truncated_replies") and
+                        p.stage.counters(), "counters")
+    assert counters["cache_hits"] == 1
+
+
+# ------------------------------------------------------------------ confirmed open
+
+
+def test_an_answer_the_policy_confirmed_at_this_generation_leaves_without_asking(proxy):
+    maps = {"generation": 1}
+    p = proxy(generation=lambda: maps["generation"])
+    first = addresses(p.ask("www.allowed.test"))
+    assert addresses(p.ask("WWW.allowed.test")) == first
+    assert p.policy.names() == ["www.allowed.test"]
+    counters = wait_for(lambda: p.stage.counters().get("already_open") and p.stage.counters(),
+                        "counters")
+    assert (counters["cache_hits"], counters["allow_requests"]) == (1, 1)
+    maps["generation"] = 2           # a reload: entries may be gone
+    assert addresses(p.ask("www.allowed.test")) == first
+    assert p.policy.names() == ["www.allowed.test"] * 2
+    p.ask("www.allowed.test")
+    assert len(p.policy.requests) == 2
+
+
+def test_another_address_set_for_the_same_name_asks_again(proxy):
+    p = proxy(generation=lambda: 1)
+    p.ask("www.allowed.test")
+    assert addresses(p.ask("www.allowed.test", "AAAA")) == ["fd00::1"]
+    assert [r.ips for r in p.policy.requests][-1] == ["fd00::1"]
+    p.ask("www.allowed.test", "AAAA")
+    assert len(p.policy.requests) == 2
+
+
+def test_a_refused_allow_is_not_remembered(proxy):
+    p = proxy(generation=lambda: 1, answer=lambda r: Verdict(ok=False, error="write failed"))
+    for _ in range(2):
+        assert p.ask("www.allowed.test").rcode() == dns.rcode.SERVFAIL
+    assert len(p.policy.requests) == 2
+
+
+@pytest.mark.parametrize("generation", [None, lambda: None],
+                         ids=["no pinned maps in SLUICE_BPF_DIR", "no generation"])
+def test_without_a_generation_every_answer_asks(proxy, generation):
+    p = proxy(generation=generation)
+    for _ in range(3):
+        p.ask("www.allowed.test")
+    assert p.policy.names() == ["www.allowed.test"] * 3
 
 
 def test_negative_and_expired_answers_are_asked_again(proxy, upstream):

@@ -1,7 +1,9 @@
 """The response cache (reference §5.3): LRU, lazy expiry, time passed in.
 
-An entry keeps the answer's wire form (the id is rewritten per client; TTLs are not) and the
-facts enforcement needs, because a cached answer opens the firewall like a fresh one.
+An entry keeps the answer's wire form (the id is rewritten per client; TTLs are not), the
+facts enforcement needs, because a cached answer opens the firewall like a fresh one, and the
+question's name text, so that a hit found by the question's bytes never makes it again. Keys
+are packets.question_key bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ MAX_LIFETIME = 300   # seconds; also the lifetime of an answer whose TTLs are al
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CachedAnswer:
+    qname: str    # the name as the storing query had it (packets.Query.qname)
     wire: bytes
     facts: AnswerFacts
     expires: float
@@ -31,9 +34,10 @@ class ResponseCache(ExpiringLru[CachedAnswer]):
     def __init__(self, capacity: int = CAPACITY) -> None:
         super().__init__(capacity)
 
-    def store(self, key: str, wire: bytes, facts: AnswerFacts, now: float) -> bool:
+    def store(self, key: bytes, qname: str, wire: bytes, facts: AnswerFacts, now: float) -> bool:
         """Keep a cacheable answer; returns whether it was kept."""
         if not key or not facts.cacheable:
             return False
-        self.put(key, CachedAnswer(wire, facts, now + lifetime(facts.smallest_positive_ttl)))
+        expires = now + lifetime(facts.smallest_positive_ttl)
+        self.put(key, CachedAnswer(qname, wire, facts, expires))
         return True

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Hashable, Protocol, TypeVar
 
 
 class Expiring(Protocol):
@@ -19,12 +19,12 @@ class ExpiringLru(Generic[E]):
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.entries: collections.OrderedDict[str, E] = collections.OrderedDict()
+        self.entries: collections.OrderedDict[Hashable, E] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def live(self, key: str, now: float) -> E | None:
+    def live(self, key: Hashable, now: float) -> E | None:
         entry = self.entries.get(key)
         if entry is None:
             return None
@@ -34,7 +34,7 @@ class ExpiringLru(Generic[E]):
         self.entries.move_to_end(key)
         return entry
 
-    def put(self, key: str, entry: E) -> None:
+    def put(self, key: Hashable, entry: E) -> None:
         self.entries[key] = entry
         self.entries.move_to_end(key)
         if len(self.entries) > self.capacity:

@@ -1,21 +1,21 @@
 """DNS messages as bytes: a strict query parser and the small replies the proxy makes itself.
 
 Queries are parsed by hand because every query takes this path, cached or not, and a full
-dnspython parse costs ten times as much; answers from the upstream are parsed by dnspython
+dnspython parse costs ten times as much; the common shape is first only measured
+(simple_question), so that a cache hit finds its answer by the question's bytes and never
+makes the name text. Answers from the upstream are parsed by dnspython
 (pipeline.dns.answers) once, when they arrive. Everything here takes and returns bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 import struct
 
-import dns.rdataclass
-import dns.rdatatype
-
 HEADER = struct.Struct("!HHHHHH")
+_FLAGS_COUNTS = struct.Struct("!2xHHHHH")
+_OPT_RECORD = struct.Struct("!BHHIH")  # root name, type, payload size, ttl, rdlength
 _TYPE_CLASS = struct.Struct("!HH")
 _RECORD_TAIL = struct.Struct("!HHIH")  # type, class, ttl, rdlength
 
@@ -47,7 +47,8 @@ class Query:
     id: int
     flags: int
     question: bytes     # the question section as received ("" when there is none)
-    qname: str          # presentation form with the trailing dot, case as received
+    qname: str          # presentation form with the trailing dot, case as received (as the
+                        # cached answer's query had it, from known_query: `name` lowercases)
     qtype: int
     qclass: int
     udp_limit: int      # the largest UDP answer the client takes
@@ -62,17 +63,16 @@ class Query:
         return self.qname.rstrip(".").lower()
 
     @property
-    def cache_key(self) -> str:
-        """Reference §5.3: lowercased name with its dot, TYPE and CLASS mnemonics."""
-        if not self.question:
-            return ""
-        return f"{self.qname.lower()}|{_mnemonics(self.qtype, self.qclass)}"
+    def cache_key(self) -> bytes:
+        return question_key(self.question) if self.question else b""
 
 
-@functools.lru_cache(maxsize=256)
-def _mnemonics(qtype: int, qclass: int) -> str:
-    # dnspython's enum lookups cost more than the rest of a cache hit's key.
-    return f"{dns.rdatatype.to_text(qtype)}|{dns.rdataclass.to_text(qclass)}"
+def question_key(question: bytes) -> bytes:
+    """The response cache's key (reference §5.3) in wire form: the question's name bytes
+    lowercased, its type and class as they are. The reference's `name.|TYPE|CLASS` text
+    maps one to one onto it (presentation form escapes every byte but printable ASCII, and
+    lowercases only A-Z, as bytes.lower() does; length bytes never reach 'A')."""
+    return question[:-4].lower() + question[-4:]
 
 
 def parse_query(data: bytes) -> Query:
@@ -101,6 +101,40 @@ def parse_query(data: bytes) -> Query:
             udp_limit = max(MIN_UDP_PAYLOAD, rclass)  # OPT's class is the payload size
     if pos != len(data):
         raise Malformed("bytes after the last record")
+    return Query(data, qid, flags, question, qname, qtype, qclass, udp_limit)
+
+
+def simple_question(data: bytes) -> tuple[bytes, int] | None:
+    """(question section, UDP limit) of the query nearly every stub sends: a standard query,
+    one question with an uncompressed name, nothing more than one EDNS OPT record. It reads
+    only label lengths, so a cache hit costs no name text. None for anything else, even when
+    well formed: parse_query decides those."""
+    if not HEADER.size < len(data) <= MAX_QUERY_BYTES:
+        return None
+    flags, qdcount, ancount, nscount, arcount = _FLAGS_COUNTS.unpack_from(data)
+    if flags & 0xF800 or qdcount != 1 or ancount or nscount or arcount > 1:
+        return None   # a response, another opcode, or more than a question and an OPT
+    pos, end = HEADER.size, len(data)
+    while pos < end and 0 < data[pos] <= 63:
+        pos += 1 + data[pos]
+    if pos >= end or data[pos] or pos - HEADER.size > MAX_NAME_BYTES:
+        return None   # cut short, a pointer or extended label, or too long
+    question_end = pos + 5
+    if not arcount:
+        return (data[HEADER.size:question_end], MIN_UDP_PAYLOAD) if question_end == end else None
+    if question_end + _OPT_RECORD.size > end:
+        return None
+    root, rtype, payload, _, rdlength = _OPT_RECORD.unpack_from(data, question_end)
+    if root or rtype != TYPE_OPT or question_end + _OPT_RECORD.size + rdlength != end:
+        return None
+    return data[HEADER.size:question_end], max(MIN_UDP_PAYLOAD, payload)
+
+
+def known_query(data: bytes, question: bytes, qname: str, udp_limit: int) -> Query:
+    """The Query of a simple_question whose name text is already known (a cached answer
+    keeps it): what parse_query would give, without making the text again."""
+    qid, flags = struct.unpack_from("!HH", data)
+    qtype, qclass = _TYPE_CLASS.unpack_from(question, len(question) - 4)
     return Query(data, qid, flags, question, qname, qtype, qclass, udp_limit)
 
 

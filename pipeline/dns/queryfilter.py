@@ -3,6 +3,9 @@
 The strict PTR exemption lets reverse lookups of any address through, but only for names of
 the exact canonical shape, so `1.2.3.4.in-addr.arpa.evil.example` or a PTR query for
 `exfil-data.in-addr.arpa` cannot tunnel through it.
+
+Every query is judged, cached answers included, so the part that depends on the policy alone
+is remembered per name (PassingNames) until the policy object changes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from .packets import TYPE_PTR
 _V4_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9][0-9]|[0-9])"
 _REVERSE_V4 = re.compile(rf"(?:{_V4_OCTET}\.){{4}}in-addr\.arpa")
 _REVERSE_V6 = re.compile(r"(?:[0-9a-f]\.){32}ip6\.arpa")
+
+PASSING_CAPACITY = 10_000   # names, as many as the response cache holds answers
 
 # Why a question was let through, or that it is refused.
 PTR, RULE, LEARNED, SEARCH_DOMAIN, DEFAULT_ALLOW, REFUSE = (
@@ -34,15 +39,53 @@ def judge_query(policy: Policy, learned: LearnedTargets, name: str, qtype: int,
     CNAME target and the search-domain bypass."""
     if qtype == TYPE_PTR and is_canonical_reverse_name(name):
         return PTR
+    reason = _by_rules(policy, name)
+    if reason:
+        return reason
+    if learned.live(name, now) is not None:
+        return LEARNED
+    return _by_default(policy, name) or REFUSE
+
+
+def passes_by_policy(policy: Policy, name: str) -> bool:
+    """True when name passes on the policy alone (an allow rule, a user search domain, a
+    default allow), which holds whatever the qtype and the learned targets: a learned target
+    is looked at before the last two but only changes the reason given. False when it is
+    refused, or when only a learned target or the PTR exemption could let it through:
+    judge_query decides those."""
+    reason = _by_rules(policy, name) or _by_default(policy, name)
+    return reason is not None and reason != REFUSE
+
+
+def _by_rules(policy: Policy, name: str) -> str | None:
     verdict = policy.match_hostname(name)
     if verdict.has_allow:
         return RULE   # mixed verdicts too: their deny side is enforced per port in the maps
-    if verdict.has_deny:
-        return REFUSE
-    if learned.live(name, now) is not None:
-        return LEARNED
+    return REFUSE if verdict.has_deny else None
+
+
+def _by_default(policy: Policy, name: str) -> str | None:
     if policy.under_user_search_domain(name):
         return SEARCH_DOMAIN
-    if policy.default_action == "allow":
-        return DEFAULT_ALLOW
-    return REFUSE
+    return DEFAULT_ALLOW if policy.default_action == "allow" else None
+
+
+class PassingNames:
+    """passes_by_policy per name, for one policy object: a reload brings a new object, and
+    with it an empty memory. At most `capacity` names (the response cache's size); the
+    oldest leaves first."""
+
+    def __init__(self, capacity: int = PASSING_CAPACITY) -> None:
+        self.capacity = capacity
+        self.policy: Policy | None = None
+        self.names: dict[str, bool] = {}
+
+    def passes(self, policy: Policy, name: str) -> bool:
+        if policy is not self.policy:
+            self.policy, self.names = policy, {}
+        known = self.names.get(name)
+        if known is None:
+            if len(self.names) >= self.capacity:
+                del self.names[next(iter(self.names))]
+            known = self.names[name] = passes_by_policy(policy, name)
+        return known

@@ -15,13 +15,22 @@ Opens:    before any NOERROR answer with addresses (cached or fresh) leaves, the
           policy-allow.sock; the answer is released only when the `allow_replies` record says
           ok. Not ok, a rejected request or no reply within ALLOW_WAIT_S: enforce mode answers
           SERVFAIL (an address the firewall would drop is worse than no address), audit mode
-          answers normally. Nothing is ever released on a timeout in enforce mode.
+          answers normally. Nothing is ever released on a timeout in enforce mode. An ok is
+          remembered under the maps' generation (map_config.generation of the maps pinned in
+          SLUICE_BPF_DIR, one lookup per answer): a later answer for the same name whose every
+          address was confirmed at the current generation is already open and leaves at once
+          (pipeline/dns/confirmed.py). Without readable pinned maps every answer asks.
           CNAME targets of allowed names are learned, derive their origin's allow, and are
           resolved ahead of the client when an answer stops at a CNAME (reference §5.4).
 Produces: `dns_mappings` (name, addresses, TTL, CNAME chain) to enrich for every answer with
           addresses (but a name let through only by the search-domain bypass);
           `audit_records` (dns_blocked) to persist.
 Binds:    the DNS listeners (no ZeroMQ inbox). Connects: enrich, persist, policy-allow.
+Cache hits: a query of the usual shape (one question, standard query, at most an EDNS OPT)
+          finds its cached answer by the question's bytes, is judged by the filter's memory
+          of the policy (pipeline/dns/queryfilter.py) and is answered from the cached wire
+          form with its id; anything else, and any name the filter might refuse, takes the
+          full parse.
 Bad input: malformed, truncated or oversized queries are counted (`malformed`) and dropped;
           each query holds bounded memory (MAX_QUERY_BYTES in, one answer out, at most
           MAX_IN_FLIGHT queries and MAX_TCP_CLIENTS connections at once).
@@ -44,6 +53,7 @@ Example:  SLUICE_MODE=enforce SLUICE_DNS_UPSTREAM=1.1.1.1 sluice run dns
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import errno
 import heapq
@@ -54,7 +64,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Hashable
 
 import dns.exception
 import dns.message
@@ -67,13 +77,17 @@ from ..dns import packets
 from ..dns.answers import AnswerFacts, answer_facts
 from ..dns.cache import ResponseCache
 from ..dns.cnames import LearnedTargets
+from ..dns.confirmed import ConfirmedOpen
 from ..dns.endpoints import Endpoint, choose_upstream, parse_listen
 from ..dns.enforce import AllowAsk, PreResolveMemory, plan_answer
 from ..dns.holders import holder_inodes
 from ..dns.packets import Malformed, Query
-from ..dns.queryfilter import REFUSE, judge_query
-from ..errors import MessageError, PolicyError, SettingsError, SluiceError
+from ..dns.queryfilter import REFUSE, PassingNames, judge_query
+from ..errors import KernelError, MessageError, PolicyError, SettingsError, SluiceError
 from ..events import AllowReply, AllowRequest, DnsMapping
+from ..kernel import libbpf
+from ..kernel.maps import PinnedMaps
+from ..kernel.structs import Config
 from ..loop import HIGH_WATER_MARK, BaseStage, StageIO, batched, run_stage
 from ..settings import Settings
 from ..topology import STAGES, inbox_address
@@ -89,6 +103,7 @@ MAX_MESSAGE = 65_535
 UDP_BURST = 64            # datagrams read from one socket before looking at the others
 MAX_PRE_RESOLVING = 64
 RELOAD_CHECK_S = 1.0
+PIN_CHECK_S = 1.0           # how soon maps pinned anew (after a detach) are followed
 PRE_RESOLVE_PAYLOAD = 1232  # EDNS size of our own queries (the DNS flag day's safe value)
 
 
@@ -492,6 +507,52 @@ class AllowClient:
         done(False)
 
 
+# ------------------------------------------------------------------ map generation
+
+
+class PinnedGeneration:
+    """map_config.generation of this instance's pinned maps, with the pin's inode, so that
+    maps pinned anew never pass for the old ones even at an equal generation. None while
+    there is no pin (capture not started, or detached), it cannot be opened, or the maps are
+    not programmed yet (generation 0). The pin is looked at again every PIN_CHECK_S."""
+
+    def __init__(self, bpf_dir: Path) -> None:
+        self.path = bpf_dir / "map_config"
+        self.maps: PinnedMaps | None = None
+        self.inode = 0
+        self.next_check = 0.0
+        self.key, self.value = ctypes.c_uint32(0), Config()
+
+    def read(self) -> tuple[int, int] | None:
+        now = time.monotonic()
+        if now >= self.next_check:
+            self.next_check = now + PIN_CHECK_S
+            self._follow_pin()
+        if self.maps is None or not libbpf.lookup(self.maps.fds["map_config"], self.key,
+                                                  self.value):
+            return None
+        return (self.inode, self.value.generation) if self.value.generation else None
+
+    def _follow_pin(self) -> None:
+        try:
+            inode = os.stat(self.path).st_ino
+        except OSError:
+            inode = 0
+        if inode == self.inode:
+            return
+        self.close()
+        try:
+            self.maps = PinnedMaps(self.path.parent, ("map_config",)) if inode else None
+            self.inode = inode
+        except KernelError:
+            pass  # gone again, or no libbpf: no generation, so every answer asks
+
+    def close(self) -> None:
+        if self.maps is not None:
+            self.maps.close()
+        self.maps, self.inode = None, 0
+
+
 # ------------------------------------------------------------------ the stage
 
 
@@ -499,9 +560,16 @@ class DnsStage(BaseStage):
     name = "dns"
 
     def __init__(self, files: HostFiles | None = None,
-                 clock: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], int] = time.time_ns,
+                 generation: Callable[[], Hashable | None] | None = None) -> None:
+        """generation: the maps' current generation, None when unknown; by default
+        PinnedGeneration on SLUICE_BPF_DIR, opened at setup."""
         self.files = files or HostFiles()
         self.clock = clock
+        self.generation = generation
+        self.pinned: PinnedGeneration | None = None
+        self.confirmed = ConfirmedOpen()
+        self.passing = PassingNames()
         self.cache = ResponseCache()
         self.learned = LearnedTargets()
         self.pre_resolved = PreResolveMemory()
@@ -535,6 +603,9 @@ class DnsStage(BaseStage):
         self.enrich = io.connect_feed("enrich", backlog=1024)
         self.persist = io.connect_feed("persist", backlog=1024)
         self.allow = AllowClient(io, self.selector, self.timers, self.clock)
+        if self.generation is None:
+            self.pinned = PinnedGeneration(settings.bpf_dir)
+            self.generation = self.pinned.read
         for endpoint in self.listen:
             self._bind(endpoint)
         io.watch_fd(self.selector.fileno(), self._on_ready)
@@ -573,6 +644,8 @@ class DnsStage(BaseStage):
         for sock in self.listeners:
             sock.close()
         self.selector.close()
+        if self.pinned is not None:
+            self.pinned.close()
 
     # ------------------------------------------------------------- the loop's hooks
 
@@ -642,8 +715,35 @@ class DnsStage(BaseStage):
         self.tcp_clients.add(TcpClient(self, sock))
 
     def on_query(self, data: bytes, client) -> None:
+        self.io.counters.add("queries")
+        if not self._answered_from_cache(data, client):
+            self._on_full_query(data, client)
+
+    def _answered_from_cache(self, data: bytes, client) -> bool:
+        """The cache-hit path: a simple query, a live answer, a name the policy lets through
+        whatever the learned targets hold, room in flight. False leaves the query to the
+        full path, which decides (and counts) everything else the same way."""
+        simple = packets.simple_question(data)
+        if simple is None:
+            return False
+        question, udp_limit = simple
+        cached = self.cache.live(packets.question_key(question), time.monotonic())
+        if cached is None:
+            return False
+        query = packets.known_query(data, question, cached.qname, udp_limit)
+        if self.settings.dns_filter and not self.passing.passes(self.policy, query.name):
+            return False
+        if self._overloaded():
+            return False
+        self.io.counters.add("cache_hits")
+        self._answer(query, client, cached.wire, cached.facts)
+        return True
+
+    def _overloaded(self) -> bool:
+        return len(self.exchanges) + self.allow_in_flight >= MAX_IN_FLIGHT
+
+    def _on_full_query(self, data: bytes, client) -> None:
         counters = self.io.counters
-        counters.add("queries")
         try:
             query = packets.parse_query(data)
         except Malformed as err:
@@ -659,7 +759,7 @@ class DnsStage(BaseStage):
             counters.add("refused")
             client.send(packets.reply(query, packets.REFUSED), query)
             return
-        if len(self.exchanges) + self.allow_in_flight >= MAX_IN_FLIGHT:
+        if self._overloaded():
             counters.add("overloaded")
             self._servfail(query, client)
             return
@@ -673,7 +773,8 @@ class DnsStage(BaseStage):
     def _refused(self, query: Query) -> bool:
         """Judge the question; a refused one is recorded. True when it must not be asked."""
         name = query.name
-        if judge_query(self.policy, self.learned, name, query.qtype, time.monotonic()) != REFUSE:
+        if self.passing.passes(self.policy, name) or judge_query(
+                self.policy, self.learned, name, query.qtype, time.monotonic()) != REFUSE:
             return False
         now_ns = self.clock()
         self.audits.append(normalize(AuditEvent(
@@ -706,7 +807,7 @@ class DnsStage(BaseStage):
             self.io.counters.add("malformed_answers")
             self._servfail(query, client)
             return
-        self.cache.store(query.cache_key, wire, facts, time.monotonic())
+        self.cache.store(query.cache_key, query.qname, wire, facts, time.monotonic())
         self._answer(query, client, wire, facts)
 
     def _answer(self, query: Query, client, wire: bytes, facts: AnswerFacts) -> None:
@@ -734,7 +835,23 @@ class DnsStage(BaseStage):
         if plan.ask is None:
             done(True)
         else:
-            self.allow.request(plan.ask, facts, done)
+            self._open(plan.ask, facts, done)
+
+    def _open(self, ask: AllowAsk, facts: AnswerFacts, done: Callable[[bool], None]) -> None:
+        """Have the policy stage open the answer's addresses, unless it already confirmed
+        them all for this name at the maps' current generation."""
+        generation = self.generation()
+        if self.confirmed.covers(ask.name, facts.ips, generation):
+            self.io.counters.add("already_open")
+            done(True)
+            return
+
+        def answered(ok: bool) -> None:
+            if ok:
+                self.confirmed.confirm(ask.name, facts.ips, generation)
+            done(ok)
+
+        self.allow.request(ask, facts, answered)
 
     def _pre_resolve(self, target: str, depth: int) -> None:
         """Resolve a CNAME target the answer stopped at, so its addresses are open before
