@@ -19,7 +19,7 @@ from pipeline.dns.endpoints import (Endpoint, choose_upstream, default_upstream,
 from pipeline.dns.enforce import AllowAsk, PreResolveMemory, plan_answer
 from pipeline.dns.holders import holder_inodes
 from pipeline.dns.queryfilter import (DEFAULT_ALLOW, LEARNED, PTR, REFUSE, RULE, SEARCH_DOMAIN,
-                                      PassingNames, is_canonical_reverse_name, judge_query,
+                                      PolicyMemory, is_canonical_reverse_name, judge_query,
                                       passes_by_policy)
 from pipeline.policy.load import policy_from_text
 from pipeline.policy.verdict import PortSpec
@@ -337,15 +337,16 @@ def _learned(*targets: str) -> LearnedTargets:
     return learned
 
 
-def test_passing_names_are_remembered_for_one_policy_object_in_bounded_memory():
-    memory = PassingNames(capacity=2)
-    strict, lenient = policy("deny"), policy("allow")
-    assert not memory.passes(strict, "a.test")
-    assert memory.passes(lenient, "a.test")      # a new policy object: judged again
-    assert memory.names == {"a.test": True}
-    memory.passes(lenient, "b.test")
-    memory.passes(lenient, "c.test")
-    assert list(memory.names) == ["b.test", "c.test"]
+def test_the_policy_memory_holds_verdicts_for_one_policy_object_in_bounded_memory():
+    memory = PolicyMemory(capacity=2)
+    strict, lenient = policy("deny", [host("a.test")]), policy("allow")
+    verdict, passes = memory.of(strict, "a.test")
+    assert verdict == strict.match_hostname("a.test") and verdict.has_allow and passes
+    assert memory.of(lenient, "a.test") == (lenient.match_hostname("a.test"), True)
+    assert not memory.of(strict, "b.test")[1]    # a new policy object: judged again
+    memory.of(strict, "c.test")
+    memory.of(strict, "d.test")
+    assert list(memory.names) == ["c.test", "d.test"]
 
 
 # ------------------------------------------------------------------ cache
@@ -533,6 +534,9 @@ def test_an_allowed_answer_asks_for_its_addresses_and_maps_them():
     plan = plan_answer(PLAN_POLICY, LearnedTargets(), "www.allowed.test", facts(["10.0.0.1"]), 0)
     assert plan.ask == AllowAsk("www.allowed.test", ())
     assert plan.mapping_chain == () and plan.pre_resolve == ""
+    remembered = PLAN_POLICY.match_hostname("www.allowed.test")
+    assert plan_answer(PLAN_POLICY, LearnedTargets(), "www.allowed.test", facts(["10.0.0.1"]), 0,
+                       verdict=remembered) == plan
 
 
 def test_an_allowed_chain_teaches_its_targets_and_carries_the_chain():

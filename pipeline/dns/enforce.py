@@ -11,6 +11,7 @@ import collections
 import dataclasses
 
 from ..policy.model import Policy
+from ..policy.verdict import HostnameVerdict
 from .answers import AnswerFacts
 from .cnames import LearnedTargets, walk_chain
 
@@ -39,8 +40,10 @@ NOTHING = AnswerPlan(None, None, "")
 
 
 def plan_answer(policy: Policy, learned: LearnedTargets, name: str, facts: AnswerFacts,
-                now: float, depth: int = 0) -> AnswerPlan:
-    verdict = policy.match_hostname(name)
+                now: float, depth: int = 0, verdict: HostnameVerdict | None = None) -> AnswerPlan:
+    """verdict: policy.match_hostname(name), when the caller remembers it."""
+    if verdict is None:
+        verdict = policy.match_hostname(name)
     derived = None if verdict.matched else learned.derive(name, now)
     hops = walk_chain(name, facts.cnames)
     if verdict.has_allow:

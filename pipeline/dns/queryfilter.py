@@ -5,7 +5,7 @@ the exact canonical shape, so `1.2.3.4.in-addr.arpa.evil.example` or a PTR query
 `exfil-data.in-addr.arpa` cannot tunnel through it.
 
 Every query is judged, cached answers included, so the part that depends on the policy alone
-is remembered per name (PassingNames) until the policy object changes.
+is remembered per name (PolicyMemory) until the policy object changes.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from ..policy.model import Policy
+from ..policy.verdict import HostnameVerdict
 from .cnames import LearnedTargets
 from .packets import TYPE_PTR
 
@@ -20,7 +21,7 @@ _V4_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9][0-9]|[0-9])"
 _REVERSE_V4 = re.compile(rf"(?:{_V4_OCTET}\.){{4}}in-addr\.arpa")
 _REVERSE_V6 = re.compile(r"(?:[0-9a-f]\.){32}ip6\.arpa")
 
-PASSING_CAPACITY = 10_000   # names, as many as the response cache holds answers
+MEMORY_CAPACITY = 10_000   # names, as many as the response cache holds answers
 
 # Why a question was let through, or that it is refused.
 PTR, RULE, LEARNED, SEARCH_DOMAIN, DEFAULT_ALLOW, REFUSE = (
@@ -70,22 +71,23 @@ def _by_default(policy: Policy, name: str) -> str | None:
     return DEFAULT_ALLOW if policy.default_action == "allow" else None
 
 
-class PassingNames:
-    """passes_by_policy per name, for one policy object: a reload brings a new object, and
-    with it an empty memory. At most `capacity` names (the response cache's size); the
-    oldest leaves first."""
+class PolicyMemory:
+    """Per name, the policy object's hostname verdict and passes_by_policy: every query and
+    every answer needs them, cache hits included. A reload brings a new policy object, and
+    with it an empty memory. At most `capacity` names; the oldest leaves first."""
 
-    def __init__(self, capacity: int = PASSING_CAPACITY) -> None:
+    def __init__(self, capacity: int = MEMORY_CAPACITY) -> None:
         self.capacity = capacity
         self.policy: Policy | None = None
-        self.names: dict[str, bool] = {}
+        self.names: dict[str, tuple[HostnameVerdict, bool]] = {}
 
-    def passes(self, policy: Policy, name: str) -> bool:
+    def of(self, policy: Policy, name: str) -> tuple[HostnameVerdict, bool]:
         if policy is not self.policy:
             self.policy, self.names = policy, {}
         known = self.names.get(name)
         if known is None:
             if len(self.names) >= self.capacity:
                 del self.names[next(iter(self.names))]
-            known = self.names[name] = passes_by_policy(policy, name)
+            known = (policy.match_hostname(name), passes_by_policy(policy, name))
+            self.names[name] = known
         return known

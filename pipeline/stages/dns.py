@@ -82,7 +82,7 @@ from ..dns.endpoints import Endpoint, choose_upstream, parse_listen
 from ..dns.enforce import AllowAsk, PreResolveMemory, plan_answer
 from ..dns.holders import holder_inodes
 from ..dns.packets import Malformed, Query
-from ..dns.queryfilter import REFUSE, PassingNames, judge_query
+from ..dns.queryfilter import REFUSE, PolicyMemory, judge_query
 from ..errors import KernelError, MessageError, PolicyError, SettingsError, SluiceError
 from ..events import AllowReply, AllowRequest, DnsMapping
 from ..kernel import libbpf
@@ -569,7 +569,7 @@ class DnsStage(BaseStage):
         self.generation = generation
         self.pinned: PinnedGeneration | None = None
         self.confirmed = ConfirmedOpen()
-        self.passing = PassingNames()
+        self.names = PolicyMemory()
         self.cache = ResponseCache()
         self.learned = LearnedTargets()
         self.pre_resolved = PreResolveMemory()
@@ -731,7 +731,7 @@ class DnsStage(BaseStage):
         if cached is None:
             return False
         query = packets.known_query(data, question, cached.qname, udp_limit)
-        if self.settings.dns_filter and not self.passing.passes(self.policy, query.name):
+        if self.settings.dns_filter and not self.names.of(self.policy, query.name)[1]:
             return False
         if self._overloaded():
             return False
@@ -773,7 +773,7 @@ class DnsStage(BaseStage):
     def _refused(self, query: Query) -> bool:
         """Judge the question; a refused one is recorded. True when it must not be asked."""
         name = query.name
-        if self.passing.passes(self.policy, name) or judge_query(
+        if self.names.of(self.policy, name)[1] or judge_query(
                 self.policy, self.learned, name, query.qtype, time.monotonic()) != REFUSE:
             return False
         now_ns = self.clock()
@@ -825,7 +825,8 @@ class DnsStage(BaseStage):
     def _enforce(self, name: str, facts: AnswerFacts, depth: int,
                  done: Callable[[bool], None]) -> None:
         now = time.monotonic()
-        plan = plan_answer(self.policy, self.learned, name, facts, now, depth)
+        verdict = self.names.of(self.policy, name)[0]
+        plan = plan_answer(self.policy, self.learned, name, facts, now, depth, verdict)
         if plan.mapping_chain is not None:
             self.mappings.append(DnsMapping(name, list(facts.ips), facts.ttl,
                                             list(plan.mapping_chain), self.clock()))
