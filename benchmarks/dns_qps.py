@@ -5,9 +5,11 @@ Both proxies forward to the same upstream, measured in the same run with dnsperf
   upstream   dnsmasq answering every name under bench.test itself (fast, C, TTL 300), so
              neither proxy waits on a slow authority and the comparison is of the proxies;
   dnsmasq    a second dnsmasq forwarding to it with a 10,000-entry cache: the baseline;
-  sluice     `sluice run dns` in enforce mode, the real policy stage beside it (on the
-             dict-backed maps, so no BPF is needed) opening every answer before release:
-             every query, cached or not, costs a round trip to the policy stage.
+  sluice     `sluice run dns` in enforce mode and `sluice run policy` beside it, on real
+             BPF maps that this script loads and pins (bcc) but attaches nowhere: the policy
+             stage writes every new answer's addresses into them before it is released, and
+             the proxy releases a cached answer whose addresses it already saw opened at the
+             maps' current generation without asking again.
 
 Added latency = a proxy's percentile minus the upstream's own (dnsperf straight at it).
 Latency runs are rate-limited (no queueing); throughput runs keep QUERIES_OUTSTANDING queries
@@ -17,6 +19,10 @@ a system service) and are installed with apt-get when missing.
 With --without-allow the policy is "allow everything, no rules": no answer needs the policy
 stage, which shows what the just-in-time round trip costs.
 
+The stages run from this script's tree (PYTHONPATH), so a copy of the script in a worktree of
+another commit measures that commit under the same conditions.
+
+Needs root, bcc (python3-bpfcc) and a bpffs, as the capture stage does.
 Usage: sudo .venv/bin/python benchmarks/dns_qps.py [--seconds 5] [--without-allow]
 """
 
@@ -38,6 +44,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from pipeline.kernel.loader import load_classifier, remove_pins  # noqa: E402 - needs the path
+from pipeline.settings import Settings  # noqa: E402
 
 BIN = Path(sys.executable).parent
 ZONE = "bench.test"
@@ -157,32 +166,29 @@ class Bench:
                 "uncached_p99": percentile(miss_latency, 0.99)}
 
 
-def start_sluice(work: Path, upstream_port: int, port: int,
-                 policy: dict) -> list[subprocess.Popen]:
-    (work / "policy.json").write_text(json.dumps(policy))
+def sluice_env(work: Path, upstream_port: int, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
     env.update(SLUICE_RUN_DIR=str(work / "run"), SLUICE_POLICY=str(work / "policy.json"),
+               SLUICE_BPF_DIR=f"/sys/fs/bpf/sluice-dns-bench-{os.getpid()}",
                SLUICE_MODE="enforce", SLUICE_LOG_LEVEL="WARNING", SLUICE_AUDIT_LOG="",
                SLUICE_DNS_LISTEN=f"127.0.0.1:{port}",
-               SLUICE_DNS_UPSTREAM=f"127.0.0.1:{upstream_port}")
-    policy = subprocess.Popen([sys.executable, __file__, "--policy-stage"], env=env, cwd=ROOT)
-    proxy = subprocess.Popen([str(BIN / "sluice"), "run", "dns"], env=env, cwd=ROOT)
+               SLUICE_DNS_UPSTREAM=f"127.0.0.1:{upstream_port}", PYTHONPATH=str(ROOT))
+    return env
+
+
+def start_sluice(work: Path, env: dict[str, str], policy: dict) -> list[subprocess.Popen]:
+    (work / "policy.json").write_text(json.dumps(policy))
+    stages = [subprocess.Popen([str(BIN / "sluice"), "run", stage], env=env, cwd=ROOT)
+              for stage in ("policy", "dns")]
     for stage in ("policy", "dns"):
         wait_until(lambda: (work / "run" / f"{stage}.ready").exists(), f"the {stage} stage")
-    return [policy, proxy]
+    return stages
 
 
-def serve_policy() -> int:
-    """The real policy stage over the dict-backed maps (the benchmark's allow side)."""
-    from pipeline.loop import run_stage
-    from pipeline.rulemaps import DictRuleMaps
-    from pipeline.settings import Settings, configure_logging
-    from pipeline.stages.policy import PolicyStage
-
-    settings = Settings.from_env(os.environ)
-    configure_logging(settings, "sluice.policy")
-    maps = DictRuleMaps()
-    return run_stage(PolicyStage(open_maps=lambda s: maps), settings)
+def round_trips(work: Path) -> str:
+    counters = json.loads((work / "run" / "dns.counters.json").read_text())["counters"]
+    return (f"sluice answers: {counters.get('allow_requests', 0)} asked the policy stage, "
+            f"{counters.get('already_open', 0)} were already open")
 
 
 def report(results: dict[str, dict]) -> None:
@@ -212,10 +218,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5, help="length of each throughput run")
     parser.add_argument("--without-allow", action="store_true",
                         help="a policy under which no answer needs the policy stage")
-    parser.add_argument("--policy-stage", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.policy_stage:
-        return serve_policy()
     ensure_tools()
     ports = {label: free_port() for label in ("upstream", "dnsmasq", "sluice")}
     with tempfile.TemporaryDirectory(prefix="sluice-dns-bench-") as tmp:
@@ -223,9 +226,10 @@ def main() -> int:
         processes = [dnsmasq(ports["upstream"], f"--address=/{ZONE}/10.1.2.3", "--local-ttl=300"),
                      dnsmasq(ports["dnsmasq"], f"--server=127.0.0.1#{ports['upstream']}",
                              "--cache-size=10000")]
+        env = sluice_env(work, ports["upstream"], ports["sluice"])
+        classifier = load_classifier(Settings.from_env(env))  # pins the maps, attaches nothing
         try:
-            processes += start_sluice(work, ports["upstream"], ports["sluice"],
-                                      NO_ALLOW_POLICY if args.without_allow else POLICY)
+            processes += start_sluice(work, env, NO_ALLOW_POLICY if args.without_allow else POLICY)
             for label, port in ports.items():
                 wait_until(lambda: ask(port, f"ready.{ZONE}"), label)
             bench = Bench(work, args.seconds)
@@ -239,6 +243,9 @@ def main() -> int:
                 proc.send_signal(signal.SIGTERM)
             for proc in processes:
                 proc.wait(10)
+            classifier.cleanup()
+            remove_pins(Path(env["SLUICE_BPF_DIR"]))
+        print(round_trips(work))
     return 0
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import dns.exception
 import dns.flags
@@ -22,7 +24,10 @@ import zmq
 
 from pipeline import messages
 from pipeline.events import AllowReply
-from pipeline.stages.dns import ALLOW_WAIT_S, DnsStage
+from pipeline.kernel.loader import load_classifier, remove_pins
+from pipeline.kernel.maps import KernelRuleMaps
+from pipeline.rulemaps import DENY
+from pipeline.stages.dns import ALLOW_WAIT_S, DnsStage, PinnedGeneration
 from tests.stagekit import Peer, StageThread, stage_settings, wait_for
 from tests.tools.dnsserver import AuthoritativeServer
 
@@ -396,6 +401,31 @@ def test_a_refused_allow_is_not_remembered(proxy):
     for _ in range(2):
         assert p.ask("www.allowed.test").rcode() == dns.rcode.SERVFAIL
     assert len(p.policy.requests) == 2
+
+
+@pytest.mark.kernel
+def test_the_pinned_generation_is_read_from_map_config_and_follows_a_new_pin(kernel, tmp_path):
+    bpf_dir = Path(f"/sys/fs/bpf/sluice-dns-t{os.getpid()}")
+    settings = stage_settings(tmp_path, SLUICE_BPF_DIR=str(bpf_dir))
+    reader = PinnedGeneration(bpf_dir, check_every=0)
+    inodes = []
+    try:
+        assert reader.read() is None                       # nothing pinned
+        for _ in range(2):
+            classifier = load_classifier(settings)
+            assert reader.read() is None                   # pinned, not programmed
+            maps = KernelRuleMaps(bpf_dir)
+            maps.set_config(DENY, False, 3)
+            maps.close()
+            inodes.append((bpf_dir / "map_config").stat().st_ino)
+            assert reader.read() == (inodes[-1], 3)
+            classifier.cleanup()
+            remove_pins(bpf_dir)                           # a detach
+            assert reader.read() is None
+        assert inodes[0] != inodes[1]   # the same generation of new maps is another token
+    finally:
+        reader.close()
+        remove_pins(bpf_dir)
 
 
 @pytest.mark.parametrize("generation", [None, lambda: None],

@@ -514,10 +514,11 @@ class PinnedGeneration:
     """map_config.generation of this instance's pinned maps, with the pin's inode, so that
     maps pinned anew never pass for the old ones even at an equal generation. None while
     there is no pin (capture not started, or detached), it cannot be opened, or the maps are
-    not programmed yet (generation 0). The pin is looked at again every PIN_CHECK_S."""
+    not programmed yet (generation 0). The pin is looked at again every check_every s."""
 
-    def __init__(self, bpf_dir: Path) -> None:
+    def __init__(self, bpf_dir: Path, check_every: float = PIN_CHECK_S) -> None:
         self.path = bpf_dir / "map_config"
+        self.check_every = check_every
         self.maps: PinnedMaps | None = None
         self.inode = 0
         self.next_check = 0.0
@@ -526,7 +527,7 @@ class PinnedGeneration:
     def read(self) -> tuple[int, int] | None:
         now = time.monotonic()
         if now >= self.next_check:
-            self.next_check = now + PIN_CHECK_S
+            self.next_check = now + self.check_every
             self._follow_pin()
         if self.maps is None or not libbpf.lookup(self.maps.fds["map_config"], self.key,
                                                   self.value):
