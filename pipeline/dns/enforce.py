@@ -44,11 +44,13 @@ def plan_answer(policy: Policy, learned: LearnedTargets, name: str, facts: Answe
     """verdict: policy.match_hostname(name), when the caller remembers it."""
     if verdict is None:
         verdict = policy.match_hostname(name)
-    derived = None if verdict.matched else learned.derive(name, now)
-    hops = walk_chain(name, facts.cnames)
-    if verdict.has_allow:
+    matched = verdict.matched
+    derived = None if matched else learned.derive(name, now)
+    # Most answers have no CNAME: nothing to walk or learn (every cache hit comes here).
+    hops = walk_chain(name, facts.cnames) if facts.cnames else []
+    if hops and verdict.has_allow:
         learned.learn(verdict.allow_ports, [name], 0, hops, now)
-    elif derived is not None:
+    elif hops and derived is not None:
         learned.learn(derived.ports, derived.chain, derived.reach, hops, now)
     targets = tuple(hop.target for hop in hops)
     if not facts.ips:
@@ -58,10 +60,10 @@ def plan_answer(policy: Policy, learned: LearnedTargets, name: str, facts: Answe
     if derived is not None:
         chain = derived.chain + targets
         return AnswerPlan(AllowAsk(chain[0], chain), chain, "")
-    if not verdict.matched and policy.under_user_search_domain(name):
+    if not matched and policy.under_user_search_domain(name):
         return NOTHING   # the search-domain bypass lets the query through, nothing more
     chain = (name, *targets) if targets else ()
-    ask = AllowAsk(name, chain) if verdict.matched else None
+    ask = AllowAsk(name, chain) if matched else None
     return AnswerPlan(ask, chain, "")
 
 
