@@ -218,5 +218,43 @@ def test_a_blocked_address_resolved_later_ends_late_allowed(dns_pipeline):
         "late.allowed.test", "allowed.test", 80)
 
 
+def test_a_cached_answer_leaves_at_once_while_open_and_asks_again_after_a_reload(dns_pipeline):
+    dns_lab, pipeline = dns_pipeline
+    names = ["n0.allowed.test", "n1.allowed.test", "n2.allowed.test"]
+    for _ in range(2):   # fresh, then cached: already open, so released without asking
+        _resolve_and_connect(dns_lab, names)
+    wait_for(lambda: _counters(pipeline, "dns").get("already_open", 0) >= len(names), 10,
+             "cached answers released as already open")
+    # Dropping the rule removes the names' addresses from the maps; bringing it back does
+    # not put them back: only a new round trip for each answer can.
+    _reload(pipeline, {**POLICY, "rules": [r for r in POLICY["rules"]
+                                           if r["value"] != "allowed.test"]}, 1)
+    assert not dns_lab.lab.client_run("tcp", "10.203.0.3", "80", "--timeout", "1")["ok"]
+    _reload(pipeline, POLICY, 2)
+    before = _counters(pipeline, "dns")
+    _resolve_and_connect(dns_lab, names[:2])   # n2's blocked try might be late-allowed
+    after = wait_for(lambda: (c := _counters(pipeline, "dns"))["allow_requests"] >=
+                     before["allow_requests"] + 2 and c, 10, "a round trip per answer")
+    assert after["cache_hits"] >= before["cache_hits"] + 2
+
+
+def _resolve_and_connect(dns_lab: DnsLab, names: list[str]) -> None:
+    outcome = dns_lab.client("resolve-connect", "80", *names)
+    assert all(r["ok"] for r in outcome["results"]), outcome["results"]
+    assert outcome["retransmitted"] == 0
+
+
+def _counters(pipeline: Pipeline, stage: str) -> dict:
+    path = pipeline.tmp / "run" / f"{stage}.counters.json"
+    return json.loads(path.read_text())["counters"] if path.exists() else {}
+
+
+def _reload(pipeline: Pipeline, policy: dict, count: int) -> None:
+    """Write the policy file and wait until both the policy and the dns stage took it."""
+    (pipeline.tmp / "policy.json").write_text(json.dumps(policy))
+    wait_for(lambda: all(_counters(pipeline, stage).get("reloads", 0) >= count
+                         for stage in ("policy", "dns")), 15, f"reload {count}")
+
+
 if __name__ == "__main__":
     main()
