@@ -11,7 +11,10 @@ forgets every pair.
 A confirmation counts under the generation read when its request was sent, not when the ok
 came back: a reload that ran in between may have undone the write, and reading later would
 file the pair under the new generation as if it had survived. No generation (no pinned maps,
-or maps not programmed yet) confirms nothing, so every answer then asks.
+or maps not programmed yet) confirms nothing, so every answer then asks. A reload still
+under way (entries moved, generation not yet bumped) can only have removed what the new
+policy no longer allows (the firewall moves by a diff that never closes what both policies
+allow): the same race a round trip has with a reload right after its ok.
 
 The pairs sit in a bounded LRU (CAPACITY); the generation is opaque here, compared only.
 """
