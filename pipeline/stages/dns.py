@@ -91,7 +91,7 @@ from ..kernel.structs import Config
 from ..loop import HIGH_WATER_MARK, BaseStage, StageIO, batched, run_stage
 from ..settings import Settings
 from ..topology import STAGES, inbox_address
-from ..policy.startup import HostFiles, load_startup_policy
+from ..policy.startup import HostFiles, PolicyWatch, load_startup_policy
 
 [ALLOW_INBOX] = STAGES["dns"].requests
 ALLOW_WAIT_S = 2.0        # well inside a stub resolver's 5 s retry; the policy answers in ~1 ms
@@ -102,7 +102,6 @@ TCP_IDLE_S = 10.0         # RFC 7766 suggests closing idle client connections af
 MAX_MESSAGE = 65_535
 UDP_BURST = 64            # datagrams read from one socket before looking at the others
 MAX_PRE_RESOLVING = 64
-RELOAD_CHECK_S = 1.0
 PIN_CHECK_S = 1.0           # how soon maps pinned anew (after a detach) are followed
 PRE_RESOLVE_PAYLOAD = 1232  # EDNS size of our own queries (the DNS flag day's safe value)
 
@@ -582,7 +581,6 @@ class DnsStage(BaseStage):
         self.mappings: list[DnsMapping] = []
         self.audits: list[AuditEvent] = []
         self.allow_in_flight = self.pre_resolving = 0
-        self.next_reload_check = 0.0
 
     # ------------------------------------------------------------- start and stop
 
@@ -599,7 +597,7 @@ class DnsStage(BaseStage):
         except ValueError as err:
             raise SettingsError(f"SLUICE_DNS_UPSTREAM={settings.dns_upstream!r}: {err}") from None
         self.policy = load_startup_policy(settings, self.files)
-        self.policy_mtime = self._policy_mtime()
+        self.watch = PolicyWatch(settings.policy)
         self.host = settings.host_name
         self.enrich = io.connect_feed("enrich", backlog=1024)
         self.persist = io.connect_feed("persist", backlog=1024)
@@ -660,16 +658,14 @@ class DnsStage(BaseStage):
         self.timers.run_due(now)
         self.allow.drain()
         self._flush_records()
-        if now >= self.next_reload_check:
-            self.next_reload_check = now + RELOAD_CHECK_S
-            if self._policy_mtime() != self.policy_mtime:
-                self.reload("the policy file changed")
+        if self.watch.changed(now):
+            self.reload("the policy file changed")
 
     def hangup(self) -> None:
         self.reload("SIGHUP")
 
     def reload(self, why: str) -> None:
-        self.policy_mtime = self._policy_mtime()
+        self.watch.seen()
         try:
             policy = load_startup_policy(self.settings, self.files)
         except PolicyError as err:
@@ -681,11 +677,6 @@ class DnsStage(BaseStage):
         self.io.counters.add("reloads")
         self.io.log.info("filtering with the reloaded policy (%s): %r", why, policy)
 
-    def _policy_mtime(self) -> float:
-        try:
-            return self.settings.policy.stat().st_mtime
-        except OSError:
-            return 0.0
 
     def _flush_records(self) -> None:
         for batch in batched(self.mappings, self.settings.batch_max):
