@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import socket
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -179,12 +180,27 @@ def _reason(err: Exception) -> str:
 
 
 class LogClient:
-    """Without a webhook: one log line per new destination."""
+    """Without a webhook: one log line per new destination, at most `per_second` lines a
+    second; a flood to many destinations is summarized rather than drowning the log (every
+    destination is still in the audit store)."""
 
-    def __init__(self, log: logging.Logger) -> None:
-        self.log = log
+    def __init__(self, log: logging.Logger, per_second: int = 20,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.log, self.per_second, self.clock = log, per_second, clock
+        self.window = 0.0
+        self.logged = self.suppressed = 0
 
     def send(self, notification: Notification) -> None:
+        now = self.clock()
+        if now - self.window >= 1.0:
+            if self.suppressed:
+                self.log.warning("%d more new blocked destinations were not logged one by one "
+                                 "(see the audit store)", self.suppressed)
+            self.window, self.logged, self.suppressed = now, 0, 0
+        if self.logged >= self.per_second:
+            self.suppressed += 1
+            return
+        self.logged += 1
         n = notification
         self.log.warning("blocked destination %s (%s %s, process %s, %s mode, first seen %s)",
                          n.key, n.ip, n.protocol, n.process or "?", n.mode,

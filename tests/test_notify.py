@@ -155,3 +155,23 @@ def test_without_a_webhook_each_notification_is_one_log_line(caplog):
     assert caplog.messages == [
         "blocked destination a.example:443 (1.1.1.1 TCP, process curl, enforce mode, "
         "first seen 2025-11-24T16:00:00.123Z)"]
+
+
+def test_log_client_summarizes_a_flood_of_new_destinations(caplog):
+    import logging
+
+    from pipeline.notify import LogClient, Notification
+
+    now = [100.0]
+    client = LogClient(logging.getLogger("notify-test"), per_second=3, clock=lambda: now[0])
+    sample = Notification(key="x:1", hostname="", ip="192.0.2.1", port=1, protocol="UDP",
+                          process="p", first_seen_ns=1, mode="audit",
+                          event_type="connection_blocked")
+    with caplog.at_level(logging.WARNING, logger="notify-test"):
+        for _ in range(10):
+            client.send(sample)
+        now[0] += 1.5
+        client.send(sample)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([l for l in lines if l.startswith("blocked destination")]) == 4
+    assert "7 more new blocked destinations were not logged" in lines[3]
