@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from tests.netns import Lab, base_env  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
-STAGES = ("capture", "enrich", "policy", "persist")
+STAGES = ("capture", "enrich", "policy", "persist", "notify")
 SENDER = r"""
 import socket, sys, time
 n, spread = int(sys.argv[1]), int(sys.argv[2])
@@ -58,6 +59,11 @@ def peak_rss_kib(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stage_pids(run_dir: Path) -> dict[str, int]:
@@ -101,6 +107,7 @@ def main() -> None:
         subprocess.run([str(VENV_BIN / "sluice"), "wait-ready", "--timeout", "60"], env=env,
                        check=True, capture_output=True)
         pids = stage_pids(run_dir)
+        cpu_before = {s: cpu_seconds(pid) for s, pid in pids.items()}
 
         start = time.perf_counter()
         sent, send_s = send(lab, args.packets, spread)
@@ -112,16 +119,18 @@ def main() -> None:
             time.sleep(0.05)
         stored_s = last_change - start
         rss = {s: peak_rss_kib(pid) for s, pid in pids.items()}
+        cpu = {s: cpu_seconds(pid) - cpu_before[s] for s, pid in pids.items()}
         honcho.send_signal(signal.SIGINT)
         honcho.wait(30)
         subprocess.run(lab.exec_args(lab.client) + [str(VENV_BIN / "sluice"), "detach"], env=env,
                        capture_output=True)
-        report(sent, send_s, baseline_s, stored_s, rss, {s: counters(run_dir, s) for s in STAGES})
+        report(sent, send_s, baseline_s, stored_s, rss, cpu,
+               {s: counters(run_dir, s) for s in STAGES})
     finally:
         lab.close()
 
 
-def report(sent, send_s, baseline_s, stored_s, rss, stage_counters) -> None:
+def report(sent, send_s, baseline_s, stored_s, rss, cpu, stage_counters) -> None:
     capture, persist = stage_counters["capture"], stage_counters["persist"]
     events = capture.get("kernel_events", 0)
     rows = persist.get("rows_inserted", 0)
@@ -148,6 +157,7 @@ def report(sent, send_s, baseline_s, stored_s, rss, stage_counters) -> None:
     print(f"unexplained loss          {unexplained} (denied packets - rows - unrecovered "
           f"ring-buffer refusals)")
     print("peak RSS (MiB)            " + ", ".join(f"{s} {v / 1024:.0f}" for s, v in rss.items()))
+    print("CPU seconds (flood)       " + ", ".join(f"{s} {v:.1f}" for s, v in cpu.items()))
 
 
 if __name__ == "__main__":
