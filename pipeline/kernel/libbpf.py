@@ -24,15 +24,12 @@ def lib() -> ctypes.CDLL:
     vp, u32, i32 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int
     signatures = {
         "bpf_obj_get": ([ctypes.c_char_p], i32),
-        "bpf_obj_pin": ([i32, ctypes.c_char_p], i32),
         "bpf_map_update_elem": ([i32, vp, vp, ctypes.c_uint64], i32),
         "bpf_map_lookup_elem": ([i32, vp, vp], i32),
         "bpf_map_delete_elem": ([i32, vp], i32),
         "bpf_map_get_next_key": ([i32, vp, vp], i32),
         "bpf_prog_get_fd_by_id": ([u32], i32),
         "bpf_prog_detach2": ([i32, i32, i32], i32),
-        "bpf_prog_query": ([i32, i32, u32, ctypes.POINTER(u32), ctypes.POINTER(u32),
-                            ctypes.POINTER(u32)], i32),
         "libbpf_num_possible_cpus": ([], i32),
         "ring_buffer__epoll_fd": ([vp], i32),
         "bpf_obj_get_info_by_fd": ([i32, vp, ctypes.POINTER(u32)], i32),
@@ -96,16 +93,6 @@ def prog_fd_by_id(prog_id: int) -> int:
 
 def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> bool:
     return lib().bpf_prog_detach2(prog_fd, target_fd, attach_type) == 0
-
-
-def attached_prog_ids(target_fd: int, attach_type: int) -> list[int]:
-    ids = (ctypes.c_uint32 * 64)()
-    count = ctypes.c_uint32(64)
-    flags = ctypes.c_uint32(0)
-    if lib().bpf_prog_query(target_fd, attach_type, 0, ctypes.byref(flags), ids,
-                            ctypes.byref(count)) < 0:
-        return []
-    return list(ids[: count.value])
 
 
 def prog_id(prog_fd: int) -> int:

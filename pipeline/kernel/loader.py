@@ -237,24 +237,6 @@ def detach_filter(interface: str, remove_qdisc: bool) -> bool:
     return removed
 
 
-def filter_present(interface: str) -> bool:
-    with IPRoute() as ipr:
-        try:
-            index = _ifindex(ipr, interface)
-        except KernelError:
-            return False
-        try:
-            filters = ipr.get_filters(index=index, parent=CLSACT_EGRESS)
-        except NetlinkError:
-            return False
-        return any(f.get_attr("TCA_OPTIONS") and _filter_name(f) == FILTER_NAME for f in filters)
-
-
-def _filter_name(msg) -> str:
-    options = msg.get_attr("TCA_OPTIONS")
-    return options.get_attr("TCA_BPF_NAME") or "" if options else ""
-
-
 def _ifindex(ipr: IPRoute, interface: str) -> int:
     found = ipr.link_lookup(ifname=interface)
     if not found:
