@@ -34,14 +34,18 @@ def _kernel_unavailable() -> str:
     return ""
 
 
-@pytest.fixture(scope="session")
-def kernel(request):
-    """Gate for kernel and end-to-end tests: skip where they cannot run, fail in CI."""
-    reason = _kernel_unavailable()
+def skip_or_fail(request, what: str, reason: str) -> None:
+    """Skip where a test cannot run; under --require-kernel (CI) that is a failure."""
     if reason:
         if request.config.getoption("--require-kernel"):
-            pytest.fail(f"kernel tests required but cannot run: {reason}")
+            pytest.fail(f"{what} tests required but cannot run: {reason}")
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def kernel(request):
+    """Gate for kernel and end-to-end tests."""
+    skip_or_fail(request, "kernel", _kernel_unavailable())
 
 
 @pytest.fixture
@@ -87,11 +91,7 @@ def _postgres_unavailable(url: str) -> str:
 def postgres_url(request):
     """The test server's URL: skip where there is none, fail under --require-kernel (CI)."""
     url = os.environ.get(POSTGRES_URL_VARIABLE, "")
-    reason = _postgres_unavailable(url)
-    if reason:
-        if request.config.getoption("--require-kernel"):
-            pytest.fail(f"PostgreSQL tests required but cannot run: {reason}")
-        pytest.skip(reason)
+    skip_or_fail(request, "PostgreSQL", _postgres_unavailable(url))
     return url
 
 
