@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -246,13 +244,7 @@ def pipeline_case(lab: Lab, tmp: Path, share: float, args) -> dict:
                    SLUICE_BPF_DIR=f"/sys/fs/bpf/sluice-p{lab.tag}",
                    SLUICE_DB=f"sqlite:///{tmp}/audit-{share:.1f}.db", SLUICE_AUDIT_LOG="",
                    SLUICE_POLICY=str(tmp / "policy.json"), SLUICE_COUNTER_INTERVAL="0.1")
-    honcho = subprocess.Popen(lab.exec_args(lab.client) + [
-        str(VENV_BIN / "honcho"), "start", "-f", str(ROOT / "Procfile"), "-e",
-        str(tmp / "empty.env")], cwd=ROOT, env=env, stdout=open(tmp / "honcho.log", "a"),
-        stderr=subprocess.STDOUT)
-    lab.processes.append(honcho)
-    subprocess.run([str(VENV_BIN / "sluice"), "wait-ready", "--timeout", "60"], env=env,
-                   check=True, capture_output=True)
+    honcho = lab.start_pipeline(env, open(tmp / "honcho.log", "a"))
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.connect(f"ipc://{run_dir}/enrich.sock")
@@ -300,7 +292,6 @@ def part_two(args) -> None:
         netns_etc.mkdir(parents=True)
         (netns_etc / "resolv.conf").write_text(f"nameserver {Lab.SERVER_V4}\n")
         (tmp / "policy.json").write_text('{"defaultAction": "deny"}')
-        (tmp / "empty.env").write_text("")
         results = {share: pipeline_case(lab, tmp, share, args) for share in (0.0, 0.5)}
         report_pipeline(results, args)
     finally:

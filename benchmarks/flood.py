@@ -93,19 +93,12 @@ def main() -> None:
         _, baseline_s = send(lab, args.packets, spread)
 
         (tmp / "policy.json").write_text('{"defaultAction": "deny"}')
-        (tmp / "empty.env").write_text("")
         env = base_env(PATH=f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin", SLUICE_MODE="enforce",
                        SLUICE_INTERFACE=lab.client_if, SLUICE_RUN_DIR=str(run_dir),
                        SLUICE_BPF_DIR=f"/sys/fs/bpf/sluice-b{lab.tag}",
                        SLUICE_DB=f"sqlite:///{tmp}/audit.db", SLUICE_AUDIT_LOG=str(tmp / "audit.jsonl"),
                        SLUICE_POLICY=str(tmp / "policy.json"), SLUICE_COUNTER_INTERVAL="0.5")
-        honcho = subprocess.Popen(lab.exec_args(lab.client) + [
-            str(VENV_BIN / "honcho"), "start", "-f", str(ROOT / "Procfile"), "-e",
-            str(tmp / "empty.env")], cwd=ROOT, env=env, stdout=open(tmp / "honcho.log", "w"),
-            stderr=subprocess.STDOUT)
-        lab.processes.append(honcho)
-        subprocess.run([str(VENV_BIN / "sluice"), "wait-ready", "--timeout", "60"], env=env,
-                       check=True, capture_output=True)
+        honcho = lab.start_pipeline(env, open(tmp / "honcho.log", "w"))
         pids = stage_pids(run_dir)
         cpu_before = {s: cpu_seconds(pid) for s, pid in pids.items()}
 

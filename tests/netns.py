@@ -85,6 +85,23 @@ class Lab:
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
+    def start_pipeline(self, env: dict, log) -> subprocess.Popen:
+        """`honcho start` of the real Procfile in the client namespace (no .env read), then
+        `sluice wait-ready`; raises with the wait's complaint if the pipeline never gets up."""
+        empty_env = Path(env["SLUICE_RUN_DIR"]).parent / "empty.env"
+        empty_env.write_text("")
+        bin_dir = Path(PYTHON).parent
+        proc = subprocess.Popen(
+            self.exec_args(self.client) + [str(bin_dir / "honcho"), "start", "-f",
+                                           str(ROOT / "Procfile"), "-e", str(empty_env)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.processes.append(proc)
+        ready = subprocess.run([str(bin_dir / "sluice"), "wait-ready", "--timeout", "60"],
+                               env=env, cwd=ROOT, capture_output=True, text=True, timeout=70)
+        if ready.returncode != 0:
+            raise RuntimeError(f"pipeline not ready: {ready.stderr.strip()}")
+        return proc
+
     def spawn_in_client_net(self, args: list[str], env: dict, **kw) -> subprocess.Popen:
         """A process in the client's network namespace but this mount namespace, so its
         pins under /sys/fs/bpf are visible to the test."""

@@ -24,7 +24,6 @@ class Pipeline:
         self.lab = lab
         self.tmp = tmp_path
         (tmp_path / "policy.json").write_text(json.dumps(policy))
-        (tmp_path / "empty.env").write_text("")
         self.env = base_env(
             PATH=f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin", SLUICE_MODE=mode,
             SLUICE_INTERFACE=lab.client_if, SLUICE_RUN_DIR=str(tmp_path / "run"),
@@ -42,13 +41,10 @@ class Pipeline:
 
     def start(self) -> "Pipeline":
         self.log = open(self.tmp / "honcho.log", "w")
-        self.proc = subprocess.Popen(
-            [*self.lab.exec_args(self.lab.client), f"{VENV_BIN}/honcho", "start",
-             "-f", str(ROOT / "Procfile"), "-e", str(self.tmp / "empty.env")],
-            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.lab.processes.append(self.proc)
-        ready = self.sluice("wait-ready", "--timeout", "60", timeout=70)
-        assert ready.returncode == 0, ready.stderr + self.output()
+        try:
+            self.proc = self.lab.start_pipeline(self.env, self.log)
+        except RuntimeError as err:
+            raise AssertionError(f"{err}\n{self.output()}") from None
         return self
 
     def hook_ids(self) -> set[str]:
