@@ -31,6 +31,7 @@ import os
 import sqlite3
 import time
 import urllib.parse
+from operator import itemgetter
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -41,6 +42,8 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from .audit import AuditEvent, sql_timestamp
 from .errors import StoreError
+from .rollups import (GROUP_KEY, TIMELINE_COUNTS, Deltas, Flip, Row, aggregate, block_keys,
+                      flip, latest_late_allows, total_key)
 
 metadata = sa.MetaData()
 
@@ -68,9 +71,9 @@ audit_events = sa.Table(
     sa.Column("blocked", sa.Boolean, nullable=False),
     sa.Column("packets", sa.BigInteger, nullable=False),
     sa.UniqueConstraint("event_id", name="uq_audit_events_event_id"),
+    # Time windows and retention. The summary views read the rollups, so since 0005 this,
+    # the event_id key and ix_audit_events_blocks (created there) are all a row must update.
     sa.Index("ix_audit_events_timestamp", "timestamp"),
-    sa.Index("ix_audit_events_event_type", "event_type"),
-    sa.Index("ix_audit_events_dst_ip", "dst_ip"),
 )
 
 schema_migrations = sa.Table(
@@ -93,14 +96,71 @@ notified_destinations = sa.Table(
     sa.Column("delivered_at", sa.Text, nullable=False),
 )
 
+# The rollups (pipeline/rollups.py says what each holds); persist and `sluice import` keep
+# them in step with audit_events in the same transaction. Counts are 64-bit; the views cast
+# their sums back to BIGINT, which PostgreSQL would otherwise widen to numeric.
+_NO_ROWID = {"sqlite_with_rowid": False}  # SQLite: one B-tree per table, keyed like the PK
+
+
+def _counts() -> list[sa.Column]:
+    return [sa.Column(name, sa.BigInteger, nullable=False) for name in TIMELINE_COUNTS]
+
+
+late_keys = sa.Table(
+    "late_keys", metadata,
+    sa.Column("host", sa.Text, primary_key=True),
+    sa.Column("dst_ip", sa.Text, primary_key=True),
+    sa.Column("dst_port", sa.Integer, primary_key=True),
+    sa.Column("protocol", sa.Text, primary_key=True),
+    sa.Column("last_late", sa.Text, nullable=False),
+    **_NO_ROWID,
+)
+activity_minutes = sa.Table(
+    "activity_minutes", metadata,
+    sa.Column("host", sa.Text, primary_key=True),
+    sa.Column("minute", sa.Text, primary_key=True),  # 2026-01-01T10:00Z
+    *_counts(), **_NO_ROWID,
+)
+activity_days = sa.Table(
+    "activity_days", metadata,
+    sa.Column("host", sa.Text, primary_key=True),
+    sa.Column("day", sa.Text, primary_key=True),  # 2026-01-01
+    *_counts(), **_NO_ROWID,
+)
+destination_days = sa.Table(
+    "destination_days", metadata,
+    *(sa.Column(name, sa.Integer if name == "dst_port" else sa.Text, primary_key=True)
+      for name in GROUP_KEY),
+    sa.Column("events", sa.BigInteger, nullable=False),
+    sa.Column("first_seen", sa.Text, nullable=False),
+    sa.Column("last_seen", sa.Text, nullable=False),
+    sa.Column("counted", sa.BigInteger, nullable=False),
+    sa.Column("counted_first", sa.Text),  # NULL when every row of the group is superseded
+    sa.Column("counted_last", sa.Text),
+    **_NO_ROWID,
+)
+destinations = sa.Table(
+    "destinations", metadata,
+    *(sa.Column(c.name, c.type, primary_key=True) for c in destination_days.primary_key
+      if c.name != "day"),
+    *(sa.Column(c.name, c.type, nullable=c.nullable) for c in destination_days.columns
+      if not c.primary_key),
+    **_NO_ROWID,
+)
+_TOTAL_KEY = tuple(c.name for c in destinations.primary_key)
+ROLLUPS = (late_keys, activity_minutes, activity_days, destination_days, destinations)
+
 # The insert's columns, in the order as_row builds its tuples.
 COLUMNS = tuple(c.name for c in audit_events.columns if c.name != "id")
 
 
 def _create_audit_events(conn: sa.Connection) -> None:
-    # A later migration that alters this table must give this one a frozen copy of the
-    # table as first defined, so a new database still replays every step in order.
-    audit_events.create(conn)
+    # The table as first defined (0005 dropped two of its indexes), so a new database
+    # replays every step in order.
+    frozen = audit_events.to_metadata(sa.MetaData())
+    sa.Index("ix_audit_events_event_type", frozen.c.event_type)
+    sa.Index("ix_audit_events_dst_ip", frozen.c.dst_ip)
+    frozen.create(conn)
 
 
 def _create_fleet_indexes(conn: sa.Connection) -> None:
@@ -124,9 +184,9 @@ def _process_list(dialect: str, column: str) -> str:
     return f"group_concat(DISTINCT NULLIF({column}, ''))"
 
 
-def _view_statements(dialect: str) -> list[str]:
-    # Written once for both databases; `b.*` is expanded when the view is created, so a
-    # migration that adds a column to audit_events recreates these views.
+def views_0003(dialect: str) -> list[str]:
+    """The views as 0003 created them: each a scan of audit_events (0005 replaced them; the
+    tests keep these as the plain recomputation the rollup-backed views must agree with)."""
     processes = _process_list(dialect, "process")
     allowed = ("CASE WHEN event_type IN ('connection_allowed', 'connection_late_allowed') "
                "THEN 1 ELSE 0 END")
@@ -198,20 +258,152 @@ def _view_statements(dialect: str) -> list[str]:
     ]
 
 
-def _create_views(conn: sa.Connection) -> None:
-    for statement in _view_statements(conn.dialect.name):
+def _create_views_0003(conn: sa.Connection) -> None:
+    for statement in views_0003(conn.dialect.name):
         conn.exec_driver_sql(statement)
 
 
-VIEWS = ("audit_events_classified", "audit_events_counted", "blocked_destinations",
-         "process_activity", "dns_blocked_names", "late_allowed", "timeline")
+_BLOCK_TYPES = "('connection_blocked', 'protocol_blocked')"
+_ACTIVITY_TYPES = ("('connection_allowed', 'connection_late_allowed', 'connection_blocked', "
+                   "'protocol_blocked')")
+
+
+def _total(column: str, when: str = "") -> str:
+    value = f"CASE WHEN {when} THEN {column} ELSE 0 END" if when else column
+    return f"CAST(SUM({value}) AS BIGINT)"
+
+
+def _timeline(name: str, source: str, bucket: str) -> str:
+    return f"""CREATE VIEW {name} AS
+        SELECT host, {bucket}, events, connection_allowed + connection_late_allowed AS allowed,
+               connection_blocked - superseded + protocol_blocked AS blocked, superseded,
+               connection_late_allowed AS late_allowed, dns_blocked
+        FROM {source}"""
+
+
+def _view_statements(dialect: str) -> list[str]:
+    """The views since 0005: the per-row ones join late_keys, the summaries read rollups."""
+    processes = _process_list(dialect, "process")
+    return [
+        # `b.*` is expanded when the view is created: a migration that adds a column to
+        # audit_events recreates these views.
+        """CREATE VIEW audit_events_classified AS
+        SELECT b.*,
+               CASE WHEN b.dst_hostname <> '' THEN b.dst_hostname ELSE b.dst_ip END
+                   AS destination,
+               CASE WHEN b.event_type = 'connection_blocked' AND l.last_late >= b.timestamp
+                   THEN 1 ELSE 0 END AS superseded
+        FROM audit_events AS b
+        LEFT JOIN late_keys AS l
+          ON l.host = b.host AND l.dst_ip = b.dst_ip AND l.dst_port = b.dst_port
+             AND l.protocol = b.protocol""",
+        """CREATE VIEW audit_events_counted AS
+        SELECT c.*,
+               CASE WHEN c.event_type = 'protocol_blocked' OR (
+                   c.event_type = 'connection_blocked' AND c.superseded = 0)
+                   THEN 1 ELSE 0 END AS counted_block
+        FROM audit_events_classified AS c""",
+        f"""CREATE VIEW blocked_destinations AS
+        SELECT host, destination, port, protocol, {_total("counted")} AS attempts,
+               MIN(counted_first) AS first_seen, MAX(counted_last) AS last_seen,
+               {processes} AS processes
+        FROM (SELECT host, destination, dst_port AS port, protocol, counted, counted_first,
+                     counted_last, process
+              FROM destinations WHERE event_type IN {_BLOCK_TYPES} AND counted > 0
+              ORDER BY host, destination, dst_port, protocol, process) AS b
+        GROUP BY host, destination, port, protocol""",
+        f"""CREATE VIEW process_activity AS
+        SELECT host, process, {_total("events")} AS events,
+               {_total("events", "event_type IN ('connection_allowed', "
+                                 "'connection_late_allowed')")} AS allowed,
+               {_total("counted", f"event_type IN {_BLOCK_TYPES}")} AS blocked,
+               {_total("events", "event_type = 'connection_late_allowed'")} AS late_allowed,
+               COUNT(DISTINCT destination) AS destinations,
+               MIN(first_seen) AS first_seen, MAX(last_seen) AS last_seen
+        FROM destinations WHERE event_type IN {_ACTIVITY_TYPES}
+        GROUP BY host, process""",
+        f"""CREATE VIEW dns_blocked_names AS
+        SELECT host, destination AS name, {_total("events")} AS attempts,
+               MIN(first_seen) AS first_seen, MAX(last_seen) AS last_seen
+        FROM destinations WHERE event_type = 'dns_blocked'
+        GROUP BY host, destination""",
+        f"""CREATE VIEW late_allowed AS
+        SELECT host, destination, dst_ip, port, protocol, matched_rule,
+               {_total("events")} AS late_allows, MIN(first_seen) AS first_seen,
+               MAX(last_seen) AS last_seen, {processes} AS processes
+        FROM (SELECT host, destination, dst_ip, dst_port AS port, protocol, matched_rule,
+                     events, first_seen, last_seen, process
+              FROM destinations WHERE event_type = 'connection_late_allowed'
+              ORDER BY host, destination, dst_ip, dst_port, protocol, matched_rule,
+                       process) AS l
+        GROUP BY host, destination, dst_ip, port, protocol, matched_rule""",
+        _timeline("timeline", "activity_minutes", "minute"),
+        _timeline("timeline_daily", "activity_days", "day"),
+    ]
+
+
+def _fill_statements() -> list[str]:
+    """Build the rollups from the rows (0005: existing stores), through audit_events_classified."""
+    types = ", ".join(f"SUM(CASE WHEN event_type = '{t}' THEN 1 ELSE 0 END)"
+                      if t != "superseded" else "SUM(superseded)"
+                      for t in TIMELINE_COUNTS[1:])
+    counts = ", ".join(TIMELINE_COUNTS)
+    return [
+        """INSERT INTO late_keys (host, dst_ip, dst_port, protocol, last_late)
+        SELECT host, dst_ip, dst_port, protocol, MAX(timestamp) FROM audit_events
+        WHERE event_type = 'connection_late_allowed'
+        GROUP BY host, dst_ip, dst_port, protocol""",
+        f"""INSERT INTO activity_minutes (host, minute, {counts})
+        SELECT host, substr(timestamp, 1, 16) || 'Z', COUNT(*), {types}
+        FROM audit_events_classified GROUP BY host, substr(timestamp, 1, 16)""",
+        f"""INSERT INTO activity_days (host, day, {counts})
+        SELECT host, substr(timestamp, 1, 10), COUNT(*), {types}
+        FROM audit_events_classified GROUP BY host, substr(timestamp, 1, 10)""",
+        *(f"""INSERT INTO {table} ({", ".join(key)}, events, first_seen, last_seen, counted,
+                                      counted_first, counted_last)
+        SELECT {", ".join(key)}, COUNT(*), MIN(timestamp), MAX(timestamp), SUM(1 - superseded),
+               MIN(CASE WHEN superseded = 0 THEN timestamp END),
+               MAX(CASE WHEN superseded = 0 THEN timestamp END)
+        FROM (SELECT substr(timestamp, 1, 10) AS day, c.* FROM audit_events_classified AS c) AS r
+        GROUP BY {", ".join(key)}""" for table, key in (("destination_days", GROUP_KEY),
+                                                        ("destinations", _TOTAL_KEY))),
+    ]
+
+
+def _rollups_0005(conn: sa.Connection) -> None:
+    """Rollup tables built from the rows; the views read them; fewer indexes per row."""
+    for view in reversed(VIEWS_0003):  # dependents first
+        conn.exec_driver_sql(f"DROP VIEW {view}")
+    for index in ("ix_audit_events_event_type", "ix_audit_events_dst_ip",
+                  "ix_audit_events_host_timestamp", "ix_audit_events_late_allowed"):
+        conn.exec_driver_sql(f"DROP INDEX {index}")
+    # Finds the stored blocks a new late-allow supersedes (and only those rows: blocks are
+    # the one kind whose counting changes after they are stored).
+    conn.exec_driver_sql("CREATE INDEX ix_audit_events_blocks ON audit_events "
+                         "(host, dst_ip, dst_port, protocol, timestamp) "
+                         "WHERE event_type = 'connection_blocked'")
+    for table in ROLLUPS:
+        table.create(conn)
+    statements = _view_statements(conn.dialect.name)
+    conn.exec_driver_sql(statements[0])  # audit_events_classified, which the fill reads
+    for statement in _fill_statements():
+        conn.exec_driver_sql(statement)
+    for statement in statements[1:]:
+        conn.exec_driver_sql(statement)
+
+
+VIEWS_0003 = ("audit_events_classified", "audit_events_counted", "blocked_destinations",
+              "process_activity", "dns_blocked_names", "late_allowed", "timeline")
+VIEWS = (*VIEWS_0003, "timeline_daily")
+ROLLUP_VIEWS = VIEWS[2:]  # the views that read rollups, not rows
 
 Migration = tuple[str, Callable[[sa.Connection], None]]
 MIGRATIONS: tuple[Migration, ...] = (
     ("0001_audit_events", _create_audit_events),
     ("0002_fleet_indexes", _create_fleet_indexes),
-    ("0003_views", _create_views),
+    ("0003_views", _create_views_0003),
     ("0004_notified_destinations", lambda conn: notified_destinations.create(conn)),
+    ("0005_rollups", _rollups_0005),
 )
 
 BUSY_TIMEOUT_MS = 1000  # short: a stopping persist must finish within honcho's 5 seconds
@@ -383,6 +575,149 @@ def _copy_insert(conn: sa.Connection, rows: list[tuple]) -> int:
     return conn.exec_driver_sql(_MOVE_SQL).rowcount
 
 
+# ---------------------------------------------------------------- rollup maintenance
+
+_ROW_FIELDS = itemgetter(*(COLUMNS.index(f) for f in Row._fields))
+_LATE_CHUNK = 200  # keys per lookup: four parameters each
+_FLIPPED_SQL = (f"SELECT event_id, {', '.join(Row._fields)} FROM audit_events "
+                "WHERE event_type = 'connection_blocked' AND host = ? AND dst_ip = ? "
+                "AND dst_port = ? AND protocol = ? AND timestamp > ? AND timestamp <= ?")
+# The counted rows of one destination group (those after its key's latest late-allow), on
+# one day (between two bounds) or on all.
+_COUNTED_SQL = ("SELECT MIN(timestamp), MAX(timestamp) FROM audit_events "
+                "WHERE event_type = 'connection_blocked' AND host = ? AND dst_ip = ? "
+                "AND dst_port = ? AND protocol = ? AND timestamp > ? AND timestamp >= ? "
+                "AND timestamp < ? AND process = ? AND matched_rule = ? "
+                "AND CASE WHEN dst_hostname <> '' THEN dst_hostname ELSE dst_ip END = ?")
+
+
+def _set_counted_sql(table: str, keys: Sequence[str]) -> str:
+    where = " AND ".join(f"{c} = ?" for c in keys)
+    return f"UPDATE {table} SET counted_first = ?, counted_last = ? WHERE {where}"
+
+
+def _upsert_sql(table: str, keys: Sequence[str], sums: Sequence[str],
+                firsts: Sequence[str] = (), lasts: Sequence[str] = ()) -> str:
+    """Add to a rollup row, creating it when new; NULL times never replace a value."""
+    columns = (*keys, *sums, *firsts, *lasts)
+    sets = [f"{c} = {table}.{c} + excluded.{c}" for c in sums]
+    for names, op in ((firsts, "<"), (lasts, ">")):
+        sets += [f"{c} = CASE WHEN {table}.{c} IS NULL OR excluded.{c} {op} {table}.{c} "
+                 f"THEN excluded.{c} ELSE {table}.{c} END" for c in names]
+    return (f"INSERT INTO {table} ({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' * len(columns))}) "
+            f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {', '.join(sets)}")
+
+
+_UPSERTS = {
+    "late": _upsert_sql("late_keys", ("host", "dst_ip", "dst_port", "protocol"), (), (),
+                        ("last_late",)),
+    "minutes": _upsert_sql("activity_minutes", ("host", "minute"), TIMELINE_COUNTS),
+    "days": _upsert_sql("activity_days", ("host", "day"), TIMELINE_COUNTS),
+    "groups": _upsert_sql("destination_days", GROUP_KEY, ("events", "counted"),
+                          ("first_seen", "counted_first"), ("last_seen", "counted_last")),
+    "totals": _upsert_sql("destinations", _TOTAL_KEY, ("events", "counted"),
+                          ("first_seen", "counted_first"), ("last_seen", "counted_last")),
+}
+
+
+class _Rollups:
+    """Keeps the rollup tables in step with the rows a transaction inserts."""
+
+    def __init__(self, dialect: str) -> None:
+        self.postgresql = dialect == "postgresql"
+        # One text per statement, in the driver's placeholder style.
+        self.sql = {name: self._driver(text) for name, text in
+                    {**_UPSERTS, "flipped": _FLIPPED_SQL, "counted": _COUNTED_SQL,
+                     "set_groups": _set_counted_sql("destination_days", GROUP_KEY),
+                     "set_totals": _set_counted_sql("destinations", _TOTAL_KEY)}.items()}
+
+    def _driver(self, text: str) -> str:
+        return text.replace("?", "%s") if self.postgresql else text
+
+    def apply(self, conn: sa.Connection, rows: Sequence[tuple]) -> None:
+        """Add rows (audit_events tuples just inserted, none of them stored before)."""
+        new = list(map(_ROW_FIELDS, rows))
+        if self.postgresql:
+            # Writers of the same host (persist and an import) take turns: each must see the
+            # other's late-allows and blocks. SQLite's BEGIN IMMEDIATE already serializes.
+            for host in sorted({r[0] for r in new}):
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(1936484707, hashtext(%s))",
+                                     (host,))
+        batch_late = latest_late_allows(new)
+        keys = block_keys(new) | batch_late.keys()
+        stored = self._late_of(conn, keys) if keys else {}
+        late = {**stored}
+        moved = {k: ts for k, ts in batch_late.items() if ts > stored.get(k, "")}
+        late.update(moved)
+        deltas = aggregate(new, late)
+        if moved:
+            fresh = {r[0] for r in rows}
+            flip(deltas, self._flipped(conn, moved, stored, fresh))
+        self._write(conn, deltas, moved)
+        if deltas.refresh:
+            self._recount(conn, deltas.refresh, late)
+
+    def _late_of(self, conn: sa.Connection, keys: set[tuple]) -> dict[tuple, str]:
+        found: dict[tuple, str] = {}
+        ordered = sorted(keys)
+        for start in range(0, len(ordered), _LATE_CHUNK):
+            chunk = ordered[start:start + _LATE_CHUNK]
+            values = ", ".join([self._driver("(?, ?, ?, ?)")] * len(chunk))
+            sql = ("SELECT host, dst_ip, dst_port, protocol, last_late FROM late_keys "
+                   f"WHERE (host, dst_ip, dst_port, protocol) IN (VALUES {values})")
+            params = tuple(v for key in chunk for v in key)
+            for host, ip, port, protocol, last in conn.exec_driver_sql(sql, params):
+                found[(host, ip, port, protocol)] = last
+        return found
+
+    def _flipped(self, conn: sa.Connection, moved: dict[tuple, str], stored: dict[tuple, str],
+                 fresh: set[str]) -> list[Flip]:
+        """Stored blocks that the batch's late-allows supersede (they were counted)."""
+        flipped = []
+        for key, last in sorted(moved.items()):
+            for event_id, *fields in conn.exec_driver_sql(
+                    self.sql["flipped"], (*key, stored.get(key, ""), last)):
+                if event_id not in fresh:  # the batch's own blocks are classified already
+                    flipped.append(Flip(*fields))
+        return flipped
+
+    def _write(self, conn: sa.Connection, deltas: Deltas, moved: dict[tuple, str]) -> None:
+        # Concurrent writers on PostgreSQL lock rows in one order (no deadlock); SQLite has
+        # one writer at a time and is spared the sort.
+        order = sorted if self.postgresql else list
+        batches = {
+            "late": [(*k, ts) for k, ts in order(moved.items())],
+            "minutes": [(*k, *v) for k, v in order(deltas.minutes.items())],
+            "days": [(*k, *v) for k, v in order(deltas.days.items())],
+            "groups": [(*k, v[0], v[3], v[1], v[4], v[2], v[5])
+                       for k, v in order(deltas.groups.items())],
+            "totals": [(*k, v[0], v[3], v[1], v[4], v[2], v[5])
+                       for k, v in order(deltas.totals.items())],
+        }
+        for name, params in batches.items():
+            if params:
+                conn.exec_driver_sql(self.sql[name], params)
+
+    def _recount(self, conn: sa.Connection, groups: set[tuple], late: dict[tuple, str]) -> None:
+        """First and last counted time of groups whose earlier counted rows were superseded."""
+        days, totals = [], {}
+        for key in sorted(groups):
+            host, day, destination, port, protocol, process, _, ip, rule = key
+            after = late[(host, ip, port, protocol)]
+            # A day's rows lie between "YYYY-MM-DD" and "YYYY-MM-DDU" ("T" < "U").
+            first, last = conn.exec_driver_sql(self.sql["counted"], (
+                host, ip, port, protocol, after, day, day + "U", process, rule,
+                destination)).one()
+            days.append((first, last, *key))
+            totals[total_key(key)] = (host, ip, port, protocol, after, "", "~", process, rule,
+                                      destination)
+        conn.exec_driver_sql(self.sql["set_groups"], days)
+        conn.exec_driver_sql(self.sql["set_totals"], [
+            (*conn.exec_driver_sql(self.sql["counted"], bounds).one(), *key)
+            for key, bounds in sorted(totals.items())])
+
+
 class AuditStore:
     """The single writer of audit_events: batched inserts, one transaction per batch."""
 
@@ -397,6 +732,7 @@ class AuditStore:
         self._insert_sql = compiled.string
         self._positional = compiled.positional
         self._copy = dialect.name == "postgresql"
+        self._rollups = _Rollups(dialect.name)
 
     def migrate(self, migrations: Sequence[Migration] = MIGRATIONS) -> list[str]:
         """Apply the migrations this database lacks, in order; returns their names."""
@@ -442,14 +778,19 @@ class AuditStore:
         try:
             with self.engine.connect() as conn:
                 with conn.begin() as tx:
-                    if self._execute(conn, list(map(as_row, events))) == len(events):
+                    rows = list(map(as_row, events))
+                    if self._execute(conn, rows) == len(events):
+                        self._rollups.apply(conn, rows)
                         return list(events)
                     tx.rollback()
                 # Some ids are stored already (a batch written again): insert only the
-                # others, so the caller learns exactly which records are new rows.
+                # others, so the caller learns exactly which records are new rows and the
+                # rollups count each row once.
                 with conn.begin():
                     fresh = self._unstored(conn, events)
-                    self._execute(conn, list(map(as_row, fresh)))
+                    rows = list(map(as_row, fresh))
+                    self._execute(conn, rows)
+                    self._rollups.apply(conn, rows)
                     return fresh
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as err:
             raise StoreError(f"{self.url}: {_one_line(err)}") from None
