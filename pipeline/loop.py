@@ -120,6 +120,22 @@ class StageIO:
         self.sockets: list[zmq.Socket] = []
         self.bound_paths: list[Path] = []
         self.ready = False
+        self.layers: dict[str, dict] = {}
+
+    def report_layer(self, name: str, state: str, detail: str, *, requested: bool = True,
+                     **facts) -> None:
+        """Say how a protection layer stands (pipeline/posture.py): written to
+        <run_dir>/<stage>.layers.json at once, when it changed."""
+        entry = {"state": state, "requested": requested, "detail": detail, **facts}
+        if self.layers.get(name) == entry:
+            return
+        self.layers[name] = entry
+        try:
+            write_atomic(marker_path(self.settings.run_dir, self.name, "layers.json"),
+                         json.dumps({"stage": self.name, "pid": os.getpid(),
+                                     "time": time.time(), "layers": self.layers}))
+        except OSError as err:  # the posture then says the layer is unreported: not on
+            self.log.warning("cannot write the layers file: %s", err)
 
     def bind_inboxes(self) -> dict[str, zmq.Socket]:
         """Bind every inbox the topology gives this stage; returns them by name."""
@@ -249,9 +265,9 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
     prepare_run_dir(settings.run_dir)
     failed = marker_path(settings.run_dir, stage.name, "failed")
     ready = marker_path(settings.run_dir, stage.name, "ready")
-    failed.unlink(missing_ok=True)
-    ready.unlink(missing_ok=True)
-    marker_path(settings.run_dir, stage.name, "counters.json").unlink(missing_ok=True)
+    layers = marker_path(settings.run_dir, stage.name, "layers.json")
+    for stale in (failed, ready, layers, marker_path(settings.run_dir, stage.name, "counters.json")):
+        stale.unlink(missing_ok=True)
     io = StageIO(stage.name, settings, ctx, stop, log)
     signals = _Signals(stop)
     signals.install()
@@ -280,6 +296,7 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
             if own_ctx:
                 ctx.term()
             ready.unlink(missing_ok=True)
+            layers.unlink(missing_ok=True)  # a stopped stage vouches for no layer
 
 
 def _loop(stage: Stage, io: StageIO, signals: _Signals, ready_marker: Path) -> None:

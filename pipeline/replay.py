@@ -263,6 +263,9 @@ class _LocalIO(StageIO):
     def connect_feeds(self) -> dict[str, _Collector]:
         return {inbox: self.connect_feed(inbox) for inbox in STAGES[self.name].feeds}
 
+    def report_layer(self, *args, **kwargs) -> None:
+        """A what-if run protects nothing: it must not show in the live posture."""
+
 
 class OfflinePipeline:
     """enrich -> policy -> persist in this process, over a DictRuleMaps."""

@@ -38,6 +38,7 @@ BPF_FS_MAGIC = 0xCAFE4A11
 # (function in bpf/sluice.c, kernel attach type): connect4, connect6, udp sendmsg4/6.
 HOOKS = (("sluice_connect4", 10), ("sluice_connect6", 11),
          ("sluice_sendmsg4", 14), ("sluice_sendmsg6", 15))
+V6_HOOKS = (11, 15)
 
 AGG_WINDOW_NS = 1_000_000_000
 MIDSTREAM_WINDOW_NS = 10_000_000_000
@@ -123,6 +124,14 @@ def default_route_interface(route_table: str) -> str:
         if len(fields) > 7 and fields[1] == "00000000" and fields[7] == "00000000":
             return fields[0]
     return ""
+
+
+def ipv6_disabled(interface: str) -> bool | None:
+    """Whether IPv6 is switched off on the interface; None where the host has no IPv6."""
+    try:
+        return Path(f"/proc/sys/net/ipv6/conf/{interface}/disable_ipv6").read_text().strip() == "1"
+    except OSError:
+        return None if not Path("/proc/sys/net/ipv6").exists() else False
 
 
 def egress_interface(settings: Settings) -> str:

@@ -30,13 +30,16 @@ import zmq
 from ..errors import KernelError
 from ..kernel import libbpf
 from ..kernel.doctor import blocking_failures
-from ..kernel.loader import (Attachment, attach_filter, attach_hooks, cgroup_dir,
-                             detach_filter, detach_hooks, egress_interface, load_classifier,
-                             remove_pins, AGG_WINDOW_NS, MIDSTREAM_WINDOW_NS)
+from ..kernel.loader import (HOOKS, V6_HOOKS, Attachment, attach_filter, attach_hooks,
+                             cgroup_dir, detach_filter, detach_hooks, egress_interface,
+                             ipv6_disabled, load_classifier, remove_pins, AGG_WINDOW_NS,
+                             MIDSTREAM_WINDOW_NS)
 from ..kernel.maps import read_counters
 from ..kernel.structs import Config, FlowKey, FlowState
 from ..loop import BaseStage, StageIO, run_stage
+from ..posture import classifier_report, hooks_report, ipv6_report, ring_buffer_report
 from ..record import ShortRecord, decode_record
+from ..rulemaps import ALLOW
 from ..settings import Settings
 
 SWEEP_INTERVAL_S = 1.0
@@ -73,6 +76,7 @@ class CaptureStage(BaseStage):
         self.config_fd = self.classifier.map_fd("map_config")
         self.counters_fd = self.classifier.map_fd("map_counters")
         self.flows_fd = self.classifier.map_fd("map_flows")
+        self._report_layers()
         io.log.info("loaded classifier, maps pinned in %s, %d cgroup hook(s) on %s; "
                     "waiting for policy to program the maps before attaching to %s",
                     settings.bpf_dir, len(self.attachment.hooks), cgroup, self.interface)
@@ -117,6 +121,7 @@ class CaptureStage(BaseStage):
             self.next_counters = now + COUNTER_POLL_S
             for name, value in read_counters(self.counters_fd).items():
                 self.io.counters.set(f"kernel_{name}", value)
+            self._report_layers()
 
     def _maps_programmed(self) -> bool:
         config = Config()
@@ -126,9 +131,28 @@ class CaptureStage(BaseStage):
         self.attachment.qdisc_created = attach_filter(self.interface, self.classifier.egress.fd)
         self.attachment.filter_attached = True
         self.attachment.save(self.io.settings.run_dir)
+        self._report_layers()
         self.io.ready = True
         self.io.log.info("classifier attached to %s egress (%s mode)", self.interface,
                          self.io.settings.mode)
+
+    def _report_layers(self) -> None:
+        """The posture as the kernel has it: mode and default action read back from the maps."""
+        config = Config()
+        kernel = None
+        if libbpf.lookup(self.config_fd, ctypes.c_uint32(0), config):
+            kernel = ("allow" if config.default_action == ALLOW else "deny",
+                      "audit" if config.audit_mode else "enforce", config.generation)
+        attached = self.attachment.filter_attached
+        hooks = self.attachment.hooks
+        for name, report in (
+                ("classifier", classifier_report(self.interface, self.io.settings.mode,
+                                                 attached, kernel)),
+                ("cgroup_hooks", hooks_report(self.attachment.cgroup, len(hooks), len(HOOKS))),
+                ("ipv6", ipv6_report(self.interface, ipv6_disabled(self.interface),
+                                     sum(h["attach_type"] in V6_HOOKS for h in hooks))),
+                ("ring_buffer", ring_buffer_report(self.io.counters.get("kernel_ringbuf_full")))):
+            self.io.report_layer(name, **report)
 
     def _sweep_flows(self) -> None:
         """Report packets still pending in flows that went quiet inside their window."""

@@ -608,6 +608,10 @@ class DnsStage(BaseStage):
         for endpoint in self.listen:
             self._bind(endpoint)
         io.watch_fd(self.selector.fileno(), self._on_ready)
+        listening = [str(endpoint) for endpoint in self.listen]
+        io.report_layer("dns_proxy", "on", f"answering on {', '.join(listening)} (udp, tcp), "
+                        f"forwarding to {self.upstream}", listen=listening,
+                        upstream=str(self.upstream), filter=settings.dns_filter)
         io.ready = True
         io.log.info("answering on %s (udp, tcp), forwarding to %s; %r; filter %s, %s mode",
                     ", ".join(map(str, self.listen)), self.upstream, self.policy,

@@ -27,6 +27,7 @@ Example:  SLUICE_POLICY=/etc/sluice/policy.json sluice run policy
 
 from __future__ import annotations
 
+import collections
 import secrets
 import threading
 import time
@@ -86,6 +87,8 @@ class PolicyStage(BaseStage):
         io.bind_inboxes()
         self.persist = io.connect_feed("persist", backlog=1024)
         self.notify = io.connect_feed("notify")
+        io.report_layer("policy", "pending", f"{self.policy.source}: loaded, waiting for "
+                        f"capture's maps in {self.settings.bpf_dir}", **policy_facts(self.policy))
         io.log.info("loaded %r (%s mode); waiting for capture's maps in %s", self.policy,
                     self.settings.mode, self.settings.bpf_dir)
 
@@ -105,7 +108,7 @@ class PolicyStage(BaseStage):
         self.firewall = firewall
         if self.settings.allow_existing_connections:
             self._allow_existing_connections()
-        firewall.mark_programmed()
+        self._report_programmed(self.policy, firewall.mark_programmed())
         self.io.ready = True
         self.io.log.info("maps programmed: default %s, %d rule(s), %s mode",
                          self.policy.default_action, len(self.policy.rules), self.settings.mode)
@@ -139,13 +142,21 @@ class PolicyStage(BaseStage):
             self.firewall.program(policy, self.settings.audit_mode)
             # A new generation tells readers of the maps (the DNS proxy's record of what it
             # already had opened) that entries may have been removed.
-            self.firewall.mark_programmed()
+            self._report_programmed(policy, self.firewall.mark_programmed())
         self.policy = policy
         self.io.counters.add("reloads")
         self.io.log.info("policy reloaded (%s): %r", why, policy)
 
     def hangup(self) -> None:
         self.reload("SIGHUP")
+
+    def _report_programmed(self, policy, generation: int) -> None:
+        facts = policy_facts(policy)
+        auto = ", ".join(f"{n} {kind}" for kind, n in facts["auto_allowed"].items())
+        self.io.report_layer(
+            "policy", "on", f"{policy.source}: {len(policy.rules)} rule(s), default "
+            f"{policy.default_action}{f' (auto-allowed: {auto})' if auto else ''}, "
+            f"generation {generation}", generation=generation, **facts)
 
 
     # ------------------------------------------------------------- events
@@ -202,6 +213,13 @@ class PolicyStage(BaseStage):
             close = getattr(self.firewall.maps, "close", None)
             if close:
                 close()
+
+
+def policy_facts(policy) -> dict:
+    """What the posture shows of a policy: its source, size and the rules sluice added."""
+    auto = collections.Counter(rule.auto_added_type for rule in policy.auto_rules)
+    return {"source": policy.source, "rules": len(policy.rules),
+            "default_action": policy.default_action, "auto_allowed": dict(sorted(auto.items()))}
 
 
 def _open_kernel_maps(settings: Settings) -> RuleMaps | None:
