@@ -15,6 +15,16 @@ from typing import Any, Callable, Mapping
 from .errors import SettingsError
 
 BUNDLED_POLICY = Path(__file__).resolve().parent / "data" / "default-policy.json"
+GITHUB_SERVICE_HOSTS = ("github.com", "api.github.com", "githubapp.com",
+                        "actions.githubusercontent.com", "github.githubassets.com")
+GITLAB_SERVICE_HOSTS = ("gitlab.com", "registry.gitlab.com")
+# Variables the CI system sets (not sluice settings): which CI runs the job, where its
+# services are, where a step's summary and outputs go. Settings keeps only these.
+CI_VARIABLES = ("GITHUB_ACTIONS", "GITLAB_CI", "ACTIONS_RUNTIME_URL", "ACTIONS_RESULTS_URL",
+                "ACTIONS_CACHE_URL", "ACTIONS_ID_TOKEN_REQUEST_URL", "CI_SERVER_URL",
+                "CI_API_V4_URL", "CI_REGISTRY", "CI_REPOSITORY_URL", "CI_PAGES_URL",
+                "CI_DEPENDENCY_PROXY_SERVER", "CI_PROJECT_URL", "GITHUB_STEP_SUMMARY",
+                "GITHUB_OUTPUT")
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -144,6 +154,24 @@ SETTINGS: tuple[Setting, ...] = (
             "allow 169.254.169.254:80/tcp and the cloud's resolvers at start-up", _flag),
     Setting("allow_existing_connections", "SLUICE_ALLOW_EXISTING_CONNECTIONS", "true",
             "allow connections already open when sluice starts (scanned before attach)", _flag),
+    # CI presets (README "CI"): the services the CI job itself needs, auto-allowed and tagged.
+    Setting("ci", "SLUICE_CI", "auto",
+            "CI preset: github, gitlab, off, or auto (github when GITHUB_ACTIONS=true, gitlab "
+            "when GITLAB_CI=true)", _choice("auto", "github", "gitlab", "off")),
+    Setting("github_service_hosts", "SLUICE_GITHUB_SERVICE_HOSTS", ",".join(GITHUB_SERVICE_HOSTS),
+            "github preset: comma-separated hosts allowed on 443/tcp (plus the hosts of "
+            "ACTIONS_RUNTIME_URL, ACTIONS_RESULTS_URL, ACTIONS_CACHE_URL, "
+            "ACTIONS_ID_TOKEN_REQUEST_URL)", _text),
+    Setting("gitlab_service_hosts", "SLUICE_GITLAB_SERVICE_HOSTS", ",".join(GITLAB_SERVICE_HOSTS),
+            "gitlab preset: comma-separated hosts allowed on 443/tcp (plus the hosts of the "
+            "job's CI_* URLs)", _text),
+    # The gate (`sluice down`, `sluice report`); their flags override these.
+    Setting("fail_on_block", "SLUICE_FAIL_ON_BLOCK", "false",
+            "exit non-zero when a destination was blocked (would be, in audit mode) that "
+            "the expected-blocks file does not list", _flag),
+    Setting("expected_blocks", "SLUICE_EXPECTED_BLOCKS", "",
+            "file of destinations expected to be blocked, one `name:port` per line; "
+            "empty = none", _optional_path),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -181,6 +209,12 @@ class Settings:
     search_domains: str
     auto_allow_cloud_metadata: bool
     allow_existing_connections: bool
+    ci: str
+    github_service_hosts: str
+    gitlab_service_hosts: str
+    fail_on_block: bool
+    expected_blocks: Path | None
+    ci_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def audit_mode(self) -> bool:
@@ -193,7 +227,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> "Settings":
         """Parse every SLUICE_* variable; a bad one raises SettingsError naming it."""
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = {"ci_env": ci_environment(environ)}
         for setting in SETTINGS:
             raw = environ.get(setting.variable, setting.default)
             try:
@@ -217,8 +251,34 @@ class Settings:
             shown["notify_token"] = "<hidden>"
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
+    @property
+    def ci_preset(self) -> str:
+        """github, gitlab or "" (none): SLUICE_CI, or detected from the CI's own variables."""
+        if self.ci in ("github", "gitlab"):
+            return self.ci
+        if self.ci == "auto":
+            if self.ci_env.get("GITHUB_ACTIONS", "").lower() == "true":
+                return "github"
+            if self.ci_env.get("GITLAB_CI", "").lower() == "true":
+                return "gitlab"
+        return ""
+
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
+
+
+def without_credentials(value: str) -> str:
+    """A URL without user and password (CI_REPOSITORY_URL carries a job token)."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return value
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
+
+
+def ci_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    return {name: without_credentials(environ[name].strip()) for name in CI_VARIABLES
+            if environ.get(name, "").strip()}
 
 
 def configure_logging(settings: Settings, name: str) -> logging.Logger:

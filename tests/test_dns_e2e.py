@@ -112,17 +112,17 @@ class DnsLab:
     """The lab plus what DNS needs: routes to 10.203/16 served by the server namespace, the
     upstream there, and the client namespace's resolv.conf naming the proxy."""
 
-    def __init__(self, lab, tmp_path: Path) -> None:
+    def __init__(self, lab, tmp_path: Path, zone: dict = ZONE) -> None:
         self.lab = lab
         for third in range(3):
             for host in range(1, NAMES + 1 if third == 0 else 3):
                 sh("ip", "-n", lab.server, "addr", "add", f"10.203.{third}.{host}/32", "dev", "lo")
         sh("ip", "-n", lab.client, "route", "add", "10.203.0.0/16", "via", Lab.SERVER_V4)
-        zone = tmp_path / "zone.json"
-        zone.write_text(json.dumps(ZONE))
+        zone_file = tmp_path / "zone.json"
+        zone_file.write_text(json.dumps(zone))
         upstream = subprocess.Popen(
             lab.exec_args(lab.server) + [PYTHON, "-m", "tests.tools.dnsserver",
-                                         f"{Lab.SERVER_V4}:53", str(zone)],
+                                         f"{Lab.SERVER_V4}:53", str(zone_file)],
             cwd=ROOT, stdout=subprocess.PIPE, text=True)
         lab.processes.append(upstream)
         assert upstream.stdout.readline().strip() == "ready"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..dns.endpoints import choose_upstream, parse_listen
 from .autoallow import cloud_metadata_allows, ensure_infra_allowed
+from .cipresets import ci_service_allows
 from .load import load_policy
 from .model import Policy
 from .verdict import PortSpec
@@ -46,7 +47,7 @@ def startup_policy(policy: Policy, settings, files: HostFiles) -> Policy:
             policy, files.read("/run/systemd/resolve/resolv.conf"),
             files.read("/sys/class/dmi/id/sys_vendor"),
             files.read("/sys/class/dmi/id/chassis_asset_tag"))
-    return policy
+    return ci_service_allows(policy, settings)
 
 
 def load_startup_policy(settings, files: HostFiles) -> Policy:
