@@ -14,6 +14,7 @@ import typer
 
 from . import __version__
 from .cli_data import register as register_data_commands
+from .cli_service import register as register_service_commands
 from .errors import SluiceError
 from .settings import SETTINGS, Settings, configure_logging
 from .topology import STAGES
@@ -61,32 +62,19 @@ def wait_ready(
     timeout: float = typer.Option(60.0, help="seconds to wait before giving up"),
     stages: Optional[str] = typer.Option(None, help="comma-separated stages (default: all)"),
 ) -> None:
-    """Exit 0 once every stage is up and the classifier is attached."""
+    """Exit 0 once every stage is up and every requested protection layer is on."""
+    from .service import NotReady, wait_until_ready
+
     settings = settings_from_env()
     wanted = stages.split(",") if stages else list(STAGES)
-    deadline = time.monotonic() + timeout
-    while True:
-        failed = [(s, settings.run_dir / f"{s}.failed") for s in wanted]
-        for stage, marker in failed:
-            if marker.exists():
-                fail(f"stage {stage} failed: {marker.read_text().strip()}", 3)
-        missing = [s for s in wanted if not _ready(settings.run_dir, s)]
-        if not missing:
-            typer.echo(f"ready: {', '.join(wanted)}")
-            return
-        if time.monotonic() >= deadline:
-            fail(f"timed out after {timeout:g}s waiting for: {', '.join(missing)}", 4)
-        time.sleep(0.1)
-
-
-def _ready(run_dir: Path, stage: str) -> bool:
+    unknown = [s for s in wanted if s not in STAGES]
+    if unknown:
+        fail(f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGES)}", 2)
     try:
-        text = (run_dir / f"{stage}.ready").read_text()
-        pid = int(text.strip().split("=", 1)[1])
-        os.kill(pid, 0)
-        return True
-    except (OSError, ValueError, IndexError):
-        return False
+        wait_until_ready(settings, wanted, timeout)
+    except NotReady as err:
+        fail(str(err), err.exit_code)
+    typer.echo(f"ready: {', '.join(wanted)}")
 
 
 @app.command()
@@ -100,18 +88,18 @@ def detach() -> None:
 
 
 @app.command()
-def status() -> None:
-    """Show each stage's readiness and latest counters."""
-    settings = settings_from_env()
-    for stage in STAGES:
-        state = "ready" if _ready(settings.run_dir, stage) else "down"
-        counters = {}
-        try:
-            counters = json.loads((settings.run_dir / f"{stage}.counters.json").read_text())
-        except (OSError, ValueError):
-            pass
-        text = " ".join(f"{k}={v}" for k, v in counters.get("counters", {}).items())
-        typer.echo(f"{stage:8} {state:5} {text}")
+def status(as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """Show every protection layer and every stage: state, detail, latest counters.
+
+    Exits 0 when every requested layer is on, 1 otherwise."""
+    from .posture import read_posture, table
+
+    posture = read_posture(settings_from_env(), STAGES)
+    if as_json:
+        typer.echo(json.dumps(posture.as_json(), indent=2))
+    else:
+        typer.echo(table(posture), nl=False)
+    raise typer.Exit(1 if posture.problems() else 0)
 
 
 @app.command()
@@ -198,6 +186,7 @@ def policy_explain(
 
 
 register_data_commands(app)  # replay, query, import, suggest: pipeline/cli_data.py
+register_service_commands(app)  # up, down, report, systemd-units: pipeline/cli_service.py
 
 
 def main() -> None:

@@ -1,0 +1,88 @@
+"""The service's pure parts: the Procfile up writes, the systemd units, the service record
+and the settings `down` stops with. (Starting and stopping for real: test_service_e2e.py.)"""
+
+import configparser
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.service import Record, procfile_text, process_start, recorded_settings
+from pipeline.topology import STAGES
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def test_the_procfile_up_writes_is_the_repositorys_with_this_installs_sluice():
+    ours = procfile_text("/opt/sluice/.venv/bin/sluice")
+    theirs = (ROOT / "Procfile").read_text()
+    assert sorted(ours.splitlines()) == sorted(
+        theirs.replace("exec sluice ", "exec /opt/sluice/.venv/bin/sluice ").splitlines())
+    assert "exec '/a dir/sluice' run capture" in procfile_text("/a dir/sluice")
+
+
+def read_unit(path: Path) -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read(path)
+    return unit
+
+
+def test_systemd_units_name_the_commands_and_the_environment_file(tmp_path):
+    result = runner.invoke(app, ["systemd-units", str(tmp_path), "--env-file",
+                                 "/etc/sluice/prod.env"])
+    assert result.exit_code == 0, result.output
+    sluice = str(Path(sys.executable).parent / "sluice")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["sluice.target", *(f"sluice-{s}.service" for s in STAGES)])
+    target = read_unit(tmp_path / "sluice.target")
+    assert set(target["Unit"]["Wants"].split()) == {f"sluice-{s}.service" for s in STAGES}
+    assert target["Install"]["WantedBy"] == "multi-user.target"
+    for stage in STAGES:
+        unit = read_unit(tmp_path / f"sluice-{stage}.service")
+        service = unit["Service"]
+        assert service["ExecStart"] == f"{sluice} run {stage}"
+        assert service["EnvironmentFile"] == "/etc/sluice/prod.env"
+        assert service["User"] == "root" and service["Restart"] == "on-failure"
+        assert unit["Unit"]["PartOf"] == "sluice.target"
+        assert unit["Install"]["WantedBy"] == "sluice.target"
+    # The command the unit names really is sluice, and really has that stage.
+    check = subprocess.run([sluice, "run", "--help"], capture_output=True, text=True)
+    assert check.returncode == 0 and "capture" in check.stdout
+
+
+def test_the_record_round_trips_and_knows_a_reused_pid(tmp_path):
+    me = os.getpid()
+    record = Record(me, process_start(me), 1, "log", "pid", "enforce", {"SLUICE_MODE": "enforce"},
+                    {"capture": 5})
+    record.save(tmp_path)
+    assert Record.load(tmp_path) == record and record.running()
+    assert not Record(me, "12", 1, "", "", "audit", {}, {}).running(), "another start time"
+    (tmp_path / "sluice.json").write_text("{not json")
+    assert Record.load(tmp_path) is None
+
+
+def test_a_zombie_counts_as_gone():
+    child = subprocess.Popen(["true"])
+    while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        pass
+    assert process_start(child.pid) == ""
+    child.wait()
+
+
+def test_down_stops_with_the_recorded_settings_and_todays_gate(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    Record(1, "", 1, "", "", "enforce", {"SLUICE_RUN_DIR": str(run_dir), "SLUICE_MODE": "enforce",
+                                         "SLUICE_DB": "sqlite:///recorded.db"}, {}).save(run_dir)
+    settings, record = recorded_settings({"SLUICE_RUN_DIR": str(run_dir),
+                                          "SLUICE_DB": "sqlite:///other.db",
+                                          "SLUICE_FAIL_ON_BLOCK": "true"})
+    assert record is not None
+    assert (settings.mode, settings.db, settings.fail_on_block) == (
+        "enforce", "sqlite:///recorded.db", True)
+    assert recorded_settings({"SLUICE_RUN_DIR": str(tmp_path)})[1] is None
