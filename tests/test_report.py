@@ -121,6 +121,37 @@ def test_all_time_reads_the_summary_views_and_agrees_with_a_window_over_everythi
     assert {r.name for r in everything.refused} == {"exfil.example", "old.example"}
 
 
+def test_a_window_takes_whole_days_from_the_rollups_and_its_first_day_from_rows(db_url):
+    day8 = 1_767_830_400 * S  # 2026-01-08T00:00:00Z
+    hour = 3600 * S
+    x = dict(dst_ip="192.0.2.44", port=443, protocol="TCP")
+    audit = AuditStore(db_url)
+    audit.migrate()
+    audit.write([
+        row(1, 0, "connection_blocked", process="curl", base=day8 + 6 * hour, **EVIL),  # before
+        row(2, 0, "connection_blocked", process="curl", base=day8 + 13 * hour, **EVIL),
+        row(3, 0, "connection_blocked", process="wget", base=day8 + 34 * hour, **EVIL),
+        row(4, 0, "connection_blocked", process="curl", base=day8 + 57 * hour, **EVIL),
+        # Blocked on the first day, late-allowed two days later: superseded, never counted.
+        row(5, 0, "connection_blocked", process="git", base=day8 + 14 * hour, **x),
+        row(6, 0, "connection_late_allowed", process="git", rule="x.example",
+            base=day8 + 56 * hour, name="x.example", **x),
+        row(7, 0, "connection_blocked", process="git", base=day8 + 57 * hour, **x),
+        row(8, 0, "dns_blocked", name="exfil.example", base=day8 + 11 * hour),  # before
+        row(9, 0, "dns_blocked", name="exfil.example", base=day8 + 15 * hour),
+        row(10, 0, "dns_blocked", name="exfil.example", base=day8 + 40 * hour)])
+    audit.close()
+    facts = read_facts(db_url, "runner-1", day8 + 12 * hour)
+    assert [(b.key, b.attempts, b.processes, b.first_seen, b.last_seen) for b in facts.blocked] \
+        == [("evil.example:443", 3, ("curl", "wget"), sql_timestamp(day8 + 13 * hour),
+             sql_timestamp(day8 + 57 * hour)),
+            ("192.0.2.44:443", 1, ("git",), sql_timestamp(day8 + 57 * hour),
+             sql_timestamp(day8 + 57 * hour))]
+    assert [(l.key, l.count) for l in facts.late_allowed] == [("x.example:443", 1)]
+    assert [(r.name, r.attempts, r.first_seen) for r in facts.refused] == [
+        ("exfil.example", 2, sql_timestamp(day8 + 15 * hour))]
+
+
 def test_since_24h_on_a_long_running_store(db_url, tmp_path):
     """A month of history, a day in the window: counts and times are the window's."""
     audit = AuditStore(db_url)

@@ -1,17 +1,20 @@
-"""The report's facts, read from the store's views (README "Queries").
+"""The report's facts, read from the store's views and rollups (README "Queries").
 
 Without a window every section is one read of a summary view (`blocked_destinations`,
-`late_allowed`, `dns_blocked_names`, `timeline`), so the report gets as fast as the views
-do. With a window (`--since`, or the run `sluice down` ends) the counts and first/last
-times must be those of the window alone: the per-record views (`audit_events_counted`,
-`audit_events_classified`) are read for the window's rows only (the timestamp indexes keep
-that to the window), and `timeline` by its minute column.
+`late_allowed`, `dns_blocked_names`, `timeline`), which read the rollups. With a window
+(`--since`, or the run `sluice down` ends) counts and first/last times must be the window's
+alone: whole UTC days after the window's first day come from the `destination_days` rollup,
+and the first, partial day from the per-record views (`audit_events_counted`,
+`audit_events_classified`) for its rows at or after the start only (the timestamp index keeps
+that to those rows); `timeline` is read by its minute. So a report of the last week reads six
+days of rollups and one day of rows, and a CI run's report only the run's rows.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import datetime
 from typing import Iterable
 
 import sqlalchemy as sa
@@ -83,42 +86,65 @@ def destination_key(destination: str, port: int) -> str:
     return f"[{destination}]:{port}" if ":" in destination else f"{destination}:{port}"
 
 
+_BLOCK_TYPES = "('connection_blocked', 'protocol_blocked')"
 _BLOCKED_VIEW = """SELECT destination, port, protocol, attempts, first_seen, last_seen, processes
 FROM blocked_destinations WHERE host = :host"""
-_BLOCKED_WINDOW = """SELECT destination, dst_port, protocol, process, COUNT(*),
+_BLOCKED_ROWS = """SELECT destination, dst_port, protocol, process, COUNT(*),
        MIN(timestamp), MAX(timestamp)
 FROM audit_events_counted
-WHERE counted_block = 1 AND host = :host AND timestamp >= :since
+WHERE counted_block = 1 AND host = :host AND timestamp >= :since AND timestamp < :next_day
+GROUP BY destination, dst_port, protocol, process"""
+_BLOCKED_DAYS = f"""SELECT destination, dst_port, protocol, process, SUM(counted),
+       MIN(counted_first), MAX(counted_last)
+FROM destination_days
+WHERE host = :host AND day > :day AND event_type IN {_BLOCK_TYPES} AND counted > 0
 GROUP BY destination, dst_port, protocol, process"""
 _LATE_VIEW = """SELECT destination, dst_ip, port, protocol, matched_rule, late_allows,
        first_seen, last_seen, processes
 FROM late_allowed WHERE host = :host"""
-_LATE_WINDOW = """SELECT destination, dst_ip, dst_port, protocol, matched_rule, process,
+_LATE_ROWS = """SELECT destination, dst_ip, dst_port, protocol, matched_rule, process,
        COUNT(*), MIN(timestamp), MAX(timestamp)
 FROM audit_events_classified
 WHERE event_type = 'connection_late_allowed' AND host = :host AND timestamp >= :since
+  AND timestamp < :next_day
+GROUP BY destination, dst_ip, dst_port, protocol, matched_rule, process"""
+_LATE_DAYS = """SELECT destination, dst_ip, dst_port, protocol, matched_rule, process,
+       SUM(events), MIN(first_seen), MAX(last_seen)
+FROM destination_days
+WHERE host = :host AND day > :day AND event_type = 'connection_late_allowed'
 GROUP BY destination, dst_ip, dst_port, protocol, matched_rule, process"""
 _REFUSED_VIEW = """SELECT name, attempts, first_seen, last_seen
 FROM dns_blocked_names WHERE host = :host"""
-_REFUSED_WINDOW = """SELECT dst_hostname, COUNT(*), MIN(timestamp), MAX(timestamp)
+_REFUSED_ROWS = """SELECT destination, '', COUNT(*), MIN(timestamp), MAX(timestamp)
 FROM audit_events_classified
 WHERE event_type = 'dns_blocked' AND host = :host AND timestamp >= :since
-GROUP BY dst_hostname"""
+  AND timestamp < :next_day
+GROUP BY destination"""
+_REFUSED_DAYS = """SELECT destination, '', SUM(events), MIN(first_seen), MAX(last_seen)
+FROM destination_days
+WHERE host = :host AND day > :day AND event_type = 'dns_blocked'
+GROUP BY destination"""
 _TIMELINE = """SELECT minute, allowed, blocked, late_allowed, dns_blocked
 FROM timeline WHERE host = :host AND minute >= :minute ORDER BY minute"""
+
+
+def _window(since_ns: int) -> dict[str, str]:
+    """The query parameters of a window starting at since_ns: its first (partial) day."""
+    since = sql_timestamp(since_ns)
+    day = datetime.date.fromisoformat(since[:10])
+    return {"since": since, "day": since[:10], "minute": since[:16] + "Z",
+            "next_day": f"{day + datetime.timedelta(days=1)}T00:00:00.000000000Z"}
 
 
 def read_facts(url: str, host: str, since_ns: int | None) -> Facts:
     """Every section of the report for host, over all its rows or those at or after since."""
     engine = open_readonly(url)
-    params = {"host": host}
-    if since_ns is not None:
-        params["since"] = sql_timestamp(since_ns)
-    params["minute"] = params["since"][:16] + "Z" if since_ns is not None else ""
+    params = {"host": host, **(_window(since_ns) if since_ns is not None else {"minute": ""})}
     try:
         with engine.connect() as conn:
-            def rows(sql: str) -> list:
-                return conn.execute(sa.text(sql), params).fetchall()
+            def rows(*statements: str) -> list:
+                return [row for sql in statements
+                        for row in conn.execute(sa.text(sql), params).fetchall()]
 
             if since_ns is None:
                 blocked = [Blocked(d, p, proto, n, first, last, _split(processes))
@@ -128,10 +154,11 @@ def read_facts(url: str, host: str, since_ns: int | None) -> Facts:
                 refused = [Refused(*row) for row in rows(_REFUSED_VIEW)]
             else:
                 blocked = [Blocked(*key, n, first, last, procs) for key, n, first, last, procs
-                           in _fold(rows(_BLOCKED_WINDOW), 3)]
+                           in _fold(rows(_BLOCKED_ROWS, _BLOCKED_DAYS), 3)]
                 late = [LateAllowed(*key, n, first, last, procs) for key, n, first, last, procs
-                        in _fold(rows(_LATE_WINDOW), 5)]
-                refused = [Refused(*row) for row in rows(_REFUSED_WINDOW)]
+                        in _fold(rows(_LATE_ROWS, _LATE_DAYS), 5)]
+                refused = [Refused(*key, n, first, last) for key, n, first, last, _
+                           in _fold(rows(_REFUSED_ROWS, _REFUSED_DAYS), 1)]
             timeline = [Minute(*row) for row in rows(_TIMELINE)]
     except sa.exc.SQLAlchemyError as err:
         raise StoreError(f"cannot read the report from the store: "
@@ -156,7 +183,7 @@ def _fold(rows: Iterable, width: int) -> list[tuple]:
         key, process, count, first, last = (tuple(row[:width]), row[width], row[width + 1],
                                             row[width + 2], row[width + 3])
         group = groups.setdefault(key, [0, first, last, set()])
-        group[0] += count
+        group[0] += int(count)
         group[1], group[2] = min(group[1], first), max(group[2], last)
         if process:
             group[3].add(process)
