@@ -45,7 +45,8 @@ LAYERS: tuple[LayerSpec, ...] = (
     LayerSpec("ipv6", "capture", True, "IPv6 traffic filtered like IPv4"),
     LayerSpec("policy", "policy", True, "the rules programmed into the maps, and their source"),
     LayerSpec("dns_proxy", "dns", True, "the DNS proxy that opens allowed names just in time"),
-    LayerSpec("dns_redirect", "dns", True,
+    # Programmed by capture with the cgroup hooks (SLUICE_DNS_REDIRECT).
+    LayerSpec("dns_redirect", "capture", True,
               "DNS sent to any resolver is answered by the proxy"),
     LayerSpec("ring_buffer", "capture", False,
               "events lost so far: in the kernel ring buffer and between stages"),
@@ -294,8 +295,9 @@ def live_reports(run_dir: Path) -> dict[str, tuple[str, dict]]:
 
 
 def requested_layers(settings) -> dict[str, bool]:
-    """What the settings ask for, for layers no live stage reports."""
-    return {"dns_redirect": bool(getattr(settings, "dns_redirect", False))}
+    """What the settings ask for, for layers no live stage reports (every other layer is
+    always requested). SLUICE_DNS_REDIRECT is a flag; before it exists, nothing asks."""
+    return {"dns_redirect": getattr(settings, "dns_redirect", False) is True}
 
 
 def read_posture(settings, stage_names) -> Posture:

@@ -86,3 +86,33 @@ def test_down_stops_with_the_recorded_settings_and_todays_gate(tmp_path):
     assert (settings.mode, settings.db, settings.fail_on_block) == (
         "enforce", "sqlite:///recorded.db", True)
     assert recorded_settings({"SLUICE_RUN_DIR": str(tmp_path)})[1] is None
+
+
+def test_wait_gives_up_at_the_deadline_naming_what_it_waited_for(tmp_path):
+    from pipeline.service import TimedOut, wait_until_ready
+    from pipeline.settings import Settings
+
+    settings = Settings.from_env({"SLUICE_RUN_DIR": str(tmp_path)})
+    now = [0.0]
+    try:
+        wait_until_ready(settings, ["enrich", "dns"], 5, clock=lambda: now[0],
+                         sleep=lambda s: now.__setitem__(0, now[0] + s))
+    except TimedOut as err:
+        assert str(err) == ("timed out after 5s waiting for: stages enrich, dns; layer "
+                            "dns_proxy is down: stage dns is not running")
+        assert err.exit_code == 4
+    else:
+        raise AssertionError("no timeout")
+
+
+def test_wait_stops_at_once_when_the_pipeline_is_gone(tmp_path):
+    from pipeline.service import NotReady, wait_until_ready
+    from pipeline.settings import Settings
+
+    settings = Settings.from_env({"SLUICE_RUN_DIR": str(tmp_path)})
+    try:
+        wait_until_ready(settings, list(STAGES), 60, exited=lambda: "honcho exited with status 1")
+    except NotReady as err:
+        assert str(err) == "honcho exited with status 1" and err.exit_code == 3
+    else:
+        raise AssertionError("kept waiting")

@@ -329,3 +329,23 @@ def test_bad_gate_input_leaves_the_pipeline_running(lab, tmp_path):
     finally:
         assert service.sluice("down").returncode == 0
     assert_nothing_left(service, set())
+
+
+def test_down_after_the_pipeline_died_fails_loudly_and_still_cleans_up(lab, tmp_path):
+    lab.start_server(443)
+    service = Service(lab, tmp_path, ALLOW_80)
+    assert service.sluice("up").returncode == 0
+    hooks = hook_ids(service.run_dir)
+    assert not lab.client_run("tcp", Lab.SERVER_V4, "443", "--timeout", "1")["ok"]
+    wait_for(lambda: any(r.get("dst_port") == 443 for r in service.jsonl()), 15, "the block")
+    record = json.loads((service.run_dir / "sluice.json").read_text())
+    os.kill(record["stages"]["dns"], 9)  # one stage dies: honcho takes the others down
+    wait_for(lambda: processes_of(service.run_dir) == [], 20, "the pipeline to go down")
+    status = service.sluice("status")
+    assert status.returncode == 1 and "classifier    stale" in status.stdout
+    down = service.sluice("down")
+    assert down.returncode == 3, down.stderr
+    assert (f"sluice: the pipeline (pid {record['pid']}) had stopped before `sluice down`: "
+            "protection ended early") in down.stderr
+    assert "report: 1 destination(s) blocked" in down.stderr, "the run is still reported"
+    assert_nothing_left(service, hooks)
