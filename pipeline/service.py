@@ -214,6 +214,11 @@ def up(environ: Mapping[str, str], *, log: Path | None, pid_file: Path | None,
             raise ServiceError(
                 f"already running (pid {previous.pid}, {previous.mode} mode, log "
                 f"{previous.log}); `sluice down` stops it")
+        others = _stage_pids(settings)
+        if others:
+            running = ", ".join(f"{name} pid {pid}" for name, pid in others.items())
+            raise ServiceError(f"stages started otherwise (honcho start?) are running in "
+                               f"{run_dir} ({running}); stop them first")
         _clear_markers(run_dir)
         log = log or run_dir / "sluice.log"
         pid_file = pid_file or run_dir / "sluice.pid"

@@ -116,3 +116,14 @@ def test_wait_stops_at_once_when_the_pipeline_is_gone(tmp_path):
         assert str(err) == "honcho exited with status 1" and err.exit_code == 3
     else:
         raise AssertionError("kept waiting")
+
+
+def test_up_refuses_a_run_dir_whose_stages_run_without_it(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "persist.ready").write_text(f"pid={os.getpid()}\n")
+    result = runner.invoke(app, ["up", "--timeout", "1"], env={"SLUICE_RUN_DIR": str(run_dir)})
+    assert result.exit_code == 1
+    assert result.output == (f"sluice: stages started otherwise (honcho start?) are running in "
+                             f"{run_dir} (persist pid {os.getpid()}); stop them first\n")
+    assert not (run_dir / "sluice.json").exists()
