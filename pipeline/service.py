@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Mapping
 
 from .errors import SluiceError
 from .loop import prepare_run_dir, write_atomic
-from .posture import BY_NAME, LAYERS, Posture, pid_alive, read_posture
+from .posture import LAYERS, Posture, pid_alive, read_posture
 from .settings import Settings
 from .topology import STAGES
 
@@ -292,12 +292,6 @@ class Stopped:
     exit_codes: dict[str, str]    # stage -> "rc=0" as honcho reported it
     left_over: list[str]          # stage processes that had to be killed
     removed: list[str]            # what detach removed
-
-    @property
-    def clean(self) -> bool:
-        return (self.was_running and not self.left_over
-                and all(code == "rc=0" for code in self.exit_codes.values())
-                and set(self.exit_codes) == set(STAGES))
 
     def problems(self) -> list[str]:
         lines = []

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.topology import STAGES
 from tests.netns import ROOT, Lab, base_env, sh, wait_for
 
 pytestmark = pytest.mark.e2e
