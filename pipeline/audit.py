@@ -13,9 +13,7 @@ it appends (a restart never wipes the previous log) and repairs a line cut short
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import enum
-import functools
 import json
 import logging
 import os
@@ -23,9 +21,12 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Sequence
+
+import msgspec
 
 from .errors import StoreError
+from .timestamps import format_timestamp, parse_timestamp, sql_timestamp  # noqa: F401
 from .wire import WireRecord, register
 
 log = logging.getLogger("sluice.audit")
@@ -109,64 +110,65 @@ def invalid_reason(event: AuditEvent) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------- timestamps
-
-_NS = 1_000_000_000
-
-
-@functools.lru_cache(maxsize=4096)
-def _second_text(seconds: int) -> str:
-    # Records come in bursts within the same second: format each second once.
-    t = time.gmtime(seconds)
-    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
-            f"T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}")
-
-
-def format_timestamp(ns: int) -> str:
-    """RFC 3339 UTC with nanoseconds, trailing fractional zeros trimmed (Go's RFC3339Nano)."""
-    seconds, fraction = divmod(ns, _NS)
-    if not fraction:
-        return _second_text(seconds) + "Z"
-    # The fraction is non-zero, so the strip stops at one of its digits.
-    return f"{_second_text(seconds)}.{fraction:09d}".rstrip("0") + "Z"
-
-
-def sql_timestamp(ns: int) -> str:
-    """Fixed width, 9 fractional digits: sorts as text in SQLite and PostgreSQL."""
-    seconds, fraction = divmod(ns, _NS)
-    return f"{_second_text(seconds)}.{fraction:09d}Z"
-
-
-_RFC3339 = re.compile(
-    r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(?:[Zz]|([+-])(\d\d):(\d\d))")
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-
-
-def parse_timestamp(text: str) -> int:
-    """RFC 3339 with any offset and 0-9 fractional digits -> UTC nanoseconds."""
-    match = _RFC3339.fullmatch(text)
-    if match is None:
-        raise ValueError(f"not an RFC 3339 timestamp: {text!r:.60}")
-    year, month, day, hour, minute, second, fraction, sign, off_h, off_m = match.groups()
-    offset = datetime.timedelta(0)
-    if sign:
-        offset = datetime.timedelta(hours=int(off_h), minutes=int(off_m))
-        offset = -offset if sign == "-" else offset
-    try:
-        moment = datetime.datetime(int(year), int(month), int(day), int(hour), int(minute),
-                                   int(second), tzinfo=datetime.timezone(offset))
-    except ValueError as err:
-        raise ValueError(f"bad RFC 3339 timestamp {text!r:.60}: {err}") from None
-    delta = moment - _EPOCH
-    return (delta.days * 86400 + delta.seconds) * _NS + int((fraction or "0").ljust(9, "0"))
-
-
 # ---------------------------------------------------------------- JSONL form
 
+class _JsonLine(msgspec.Struct, omit_defaults=True):
+    """The JSON object of one record: the seed's field order and omit-empty rules."""
+
+    timestamp: str
+    event_type: str
+    src_ip: str = ""
+    dst_ip: str = ""
+    dst_hostname: str = ""
+    dst_port: int = 0
+    protocol: str = ""
+    process: str = ""
+    pid: int = 0
+    matched_rule: str = ""
+    auto_allowed_type: str = ""
+    cname_chain: list[str] = []
+    mid_stream: bool = False
+    would_deny: bool | None = None  # never None: always written, like Go's plain bools
+    blocked: bool | None = None
+    packets: int = 1                # written only above 1
+    event_id: str = ""
+    host: str = ""
+
+
+_encoder = msgspec.json.Encoder()
+# What Go's encoder escapes and msgspec does not. These characters only ever occur inside
+# JSON strings, so replacing them in the encoded bytes is exact.
+_GO_BYTES = ((b"<", b"\\u003c"), (b">", b"\\u003e"), (b"&", b"\\u0026"),
+             ("\u2028".encode(), b"\\u2028"), ("\u2029".encode(), b"\\u2029"))
+
+
+def _line(e: AuditEvent) -> _JsonLine:
+    return _JsonLine(format_timestamp(e.timestamp), e.event_type, e.src_ip, e.dst_ip,
+                     e.dst_hostname, e.dst_port, e.protocol, e.process, e.pid, e.matched_rule,
+                     e.auto_allowed_type, e.cname_chain, e.mid_stream, e.would_deny, e.blocked,
+                     e.packets if e.packets > 1 else 1, e.event_id, e.host)
+
+
+def json_lines(events: Sequence[AuditEvent]) -> bytes:
+    """One compact JSON object and a newline per record, as cargowall's encoder writes them."""
+    try:
+        data = _encoder.encode_lines([_line(e) for e in events])
+    except UnicodeEncodeError:
+        # A lone surrogate (an undecodable byte in a process name): Go writes U+FFFD's
+        # escape there. Rare enough for the plain encoder, record by record.
+        return "".join(map(_slow_line, events)).encode()
+    if not data.isascii() or b"<" in data or b">" in data or b"&" in data:
+        for special, escape in _GO_BYTES:
+            data = data.replace(special, escape)
+    return data
+
+
+def to_json_line(event: AuditEvent) -> str:
+    """One record's line (json_lines of one)."""
+    return json_lines([event]).decode()
+
+
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-# What Go's encoder writes differently from Python's: HTML-sensitive characters and the JS
-# line separators are escaped, and so is each lone surrogate (what Python makes of an invalid
-# UTF-8 byte), as Go writes an invalid byte: the escape of U+FFFD.
 _GO_SPECIAL = re.compile("[<>&\u2028\u2029\ud800-\udfff]")
 _GO_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026",
                "\u2028": "\\u2028", "\u2029": "\\u2029"}
@@ -176,46 +178,15 @@ def _go_escape(match: re.Match) -> str:
     return _GO_ESCAPES.get(match.group(), "\\ufffd")
 
 
-def to_json_line(event: AuditEvent) -> str:
-    """One compact JSON object and a newline, as cargowall's encoder writes it."""
-    e = event
-    # Key order is insertion order; the seed's omitempty decides which keys exist.
-    d = {"timestamp": format_timestamp(e.timestamp), "event_type": e.event_type}
-    if e.src_ip:
-        d["src_ip"] = e.src_ip
-    if e.dst_ip:
-        d["dst_ip"] = e.dst_ip
-    if e.dst_hostname:
-        d["dst_hostname"] = e.dst_hostname
-    if e.dst_port:
-        d["dst_port"] = e.dst_port
-    if e.protocol:
-        d["protocol"] = e.protocol
-    if e.process:
-        d["process"] = e.process
-    if e.pid:
-        d["pid"] = e.pid
-    if e.matched_rule:
-        d["matched_rule"] = e.matched_rule
-    if e.auto_allowed_type:
-        d["auto_allowed_type"] = e.auto_allowed_type
-    if e.cname_chain:
-        d["cname_chain"] = e.cname_chain
-    if e.mid_stream:
-        d["mid_stream"] = True
-    d["would_deny"] = e.would_deny
-    d["blocked"] = e.blocked
-    if e.packets > 1:
-        d["packets"] = e.packets
-    if e.event_id:
-        d["event_id"] = e.event_id
-    if e.host:
-        d["host"] = e.host
-    line = _encode(d)
-    # Plain substring tests are far cheaper than the regex on the usual all-ASCII line.
-    if "<" in line or ">" in line or "&" in line or not line.isascii():
-        line = _GO_SPECIAL.sub(_go_escape, line)
-    return line + "\n"
+def _slow_line(e: AuditEvent) -> str:
+    """The same line through the json module, which tolerates lone surrogates."""
+    line = _encode({k: v for k, v in msgspec.structs.asdict(_line(e)).items()
+                    if k in _ALWAYS or v != _DEFAULTS[k]})
+    return _GO_SPECIAL.sub(_go_escape, line) + "\n"
+
+
+_DEFAULTS = msgspec.structs.asdict(_JsonLine("", ""))
+_ALWAYS = ("timestamp", "event_type", "would_deny", "blocked")
 
 
 # ---------------------------------------------------------------- the writer
@@ -290,11 +261,11 @@ class AuditLogger:
             # The lines are written (in the page cache); writing them again would duplicate them.
             log.warning("cannot sync audit log %s: %s", self.path, err.strerror or err)
 
-    def write(self, events: Iterable[AuditEvent]) -> None:
+    def write(self, events: Sequence[AuditEvent]) -> None:
         """Append already-normalized events with one write; StoreError if that fails."""
         if self.path is None:
             return
-        data = "".join(map(to_json_line, events)).encode()
+        data = json_lines(events)
         if not data:
             return
         with self._lock:

@@ -22,13 +22,12 @@ import collections
 import dataclasses
 import ipaddress
 import json
-import re
 from typing import Iterable
 
 import sqlalchemy as sa
 from publicsuffixlist import PublicSuffixList
 
-from .audit import parse_timestamp, sql_timestamp
+from .timestamps import TimeError, parse_moment, sql_timestamp
 from .errors import SluiceError
 from .policy.hostnames import hostname_problem
 from .policy.load import policy_from_text
@@ -45,7 +44,6 @@ WHERE ((event_type IN ('connection_allowed', 'connection_late_allowed')
        OR (event_type IN ('connection_blocked', 'protocol_blocked') AND would_deny))
   AND timestamp >= :since AND (:host = '' OR host = :host)
 """
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class SuggestError(SluiceError):
@@ -63,15 +61,11 @@ class Seen:
 
 
 def parse_since(text: str, now_ns: int) -> int:
-    """An RFC 3339 time, or an age such as 90m, 24h or 7d -> UTC nanoseconds."""
-    age = re.fullmatch(r"(\d+)([smhd])", text.strip())
-    if age:
-        return now_ns - int(age.group(1)) * _UNITS[age.group(2)] * 1_000_000_000
+    """An RFC 3339 time, a date, or an age such as 90m, 24h or 7d -> UTC nanoseconds."""
     try:
-        return parse_timestamp(text.strip())
-    except ValueError:
-        raise SuggestError(f"--since {text!r}: use an RFC 3339 time or an age such as 24h or "
-                           "7d") from None
+        return parse_moment(text, "--since", now_ns)
+    except TimeError as err:
+        raise SuggestError(str(err)) from None
 
 
 def seen_in(url: str, since_ns: int, host: str) -> tuple[list[Seen], list[str]]:

@@ -3,13 +3,15 @@
 import json
 import logging
 import os
+import random
+import re
 import stat
 
 import pytest
 
 from pipeline.audit import (FLAG_EXEMPT_TYPES, AuditEvent, AuditEventType, AuditLogger,
-                            format_timestamp, invalid_reason, new_event_id, normalize,
-                            parse_timestamp, sql_timestamp, to_json_line)
+                            format_timestamp, invalid_reason, json_lines, new_event_id,
+                            normalize, parse_timestamp, sql_timestamp, to_json_line)
 from pipeline.errors import StoreError
 
 T0 = 1_767_225_600_123_456_789  # 2026-01-01T00:00:00.123456789Z
@@ -338,3 +340,39 @@ def test_an_unwritable_path_fails_at_construction_naming_it(tmp_path, make_path)
     with pytest.raises(StoreError) as err:
         AuditLogger(path, True)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def go_line(e):
+    """The Go encoder's line, written out with the json module: the oracle for json_lines."""
+    d = {"timestamp": format_timestamp(e.timestamp), "event_type": e.event_type}
+    for name in ("src_ip", "dst_ip", "dst_hostname", "dst_port", "protocol", "process", "pid",
+                 "matched_rule", "auto_allowed_type", "cname_chain", "mid_stream"):
+        if getattr(e, name):
+            d[name] = getattr(e, name)
+    d["would_deny"], d["blocked"] = e.would_deny, e.blocked
+    if e.packets > 1:
+        d["packets"] = e.packets
+    for name in ("event_id", "host"):
+        if getattr(e, name):
+            d[name] = getattr(e, name)
+    line = json.dumps(d, ensure_ascii=False, separators=(",", ":"))
+    escapes = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028",
+               "\u2029": "\\u2029"}
+    return re.sub("[<>&\u2028\u2029\ud800-\udfff]",
+                  lambda m: escapes.get(m.group(), "\\ufffd"), line) + "\n"
+
+
+def test_json_lines_of_random_records_match_the_go_encoder():
+    rng = random.Random(7)
+    alphabet = [chr(c) for c in range(0x80)] + ["é", "例", "\u2028", "\u2029", "\ufffd",
+                                                 "\U0001F600", "\ud83d"]
+    text = lambda: "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))  # noqa: E731
+    events = [AuditEvent(rng.randrange(1 << 62), text(), text(), text(), text(),
+                         rng.choice([0, 443]), text(), text(), rng.choice([0, 7]), text(),
+                         text(), [text() for _ in range(rng.randint(0, 2))],
+                         rng.random() < 0.5, rng.random() < 0.5, rng.random() < 0.5,
+                         rng.choice([0, 1, 2, 9]), text(), text())
+              for _ in range(3000)]
+    for start in range(0, len(events), 100):  # batches, some holding a lone surrogate
+        batch = events[start:start + 100]
+        assert json_lines(batch).decode() == "".join(map(go_line, batch))
