@@ -1,4 +1,4 @@
-"""The data commands: `sluice replay`, `sluice query`, `sluice import`, `sluice suggest`.
+"""The data commands: replay, query, import, suggest, prune and browse.
 
 Registered on the main typer app by pipeline/cli.py (register). Errors are one line on
 stderr with the error's exit code; results go to stdout, progress and notes to stderr.
@@ -112,15 +112,16 @@ def query(
     db: Optional[str] = typer.Option(None, help=DB_HELP),
     output_format: str = typer.Option("table", "--format", "-f",
                                       help="table, csv, json or ndjson"),
+    since: Optional[str] = typer.Option(None, help="bound to :since in the SQL (RFC 3339 time, "
+                                        "date, or an age such as 24h or 7d)"),
+    until: Optional[str] = typer.Option(None, help="bound to :until in the SQL (as --since)"),
 ) -> None:
     """Run one read-only SQL query on the audit store; anything that writes is refused."""
-    from .query import FORMATS, QueryError, run_query
+    from .query import answer
 
     with _one_line_errors():
-        if output_format not in FORMATS:
-            raise QueryError(f"--format {output_format!r}: use {', '.join(FORMATS)}")
-        with run_query(db or _settings().db, sql) as (columns, rows):
-            FORMATS[output_format](columns, rows, sys.stdout)
+        answer(sql, db=db or _settings().db, out=sys.stdout, now_ns=time.time_ns(),
+               output_format=output_format, since=since, until=until)
 
 
 # ---------------------------------------------------------------- import
@@ -169,8 +170,44 @@ def suggest(
             typer.echo(f"sluice suggest: not drafted: {line}", err=True)
 
 
+# ---------------------------------------------------------------- prune and browse
+
+def prune(
+    before: str = typer.Option(..., help="delete audit rows older than this date (UTC "
+                               "midnight) or RFC 3339 time"),
+    db: Optional[str] = typer.Option(None, help=DB_HELP),
+) -> None:
+    """Delete old audit rows in small batches; the daily rollups keep counting them."""
+    from .store import AuditStore
+    from .timestamps import parse_moment, sql_timestamp
+
+    with _one_line_errors():
+        cutoff = sql_timestamp(parse_moment(before, "--before"))
+        store = AuditStore(db or _settings().db)
+        try:
+            store.migrate()
+            pruned = store.prune(cutoff)
+        finally:
+            store.close()
+        typer.echo(f"pruned {pruned.rows} audit row(s) and {pruned.minutes} timeline minute(s) "
+                   f"older than {cutoff}; the daily rollups keep counting them")
+
+
+def browse(
+    db: Optional[str] = typer.Option(None, help="SQLite store URL (default: SLUICE_DB)"),
+    port: int = typer.Option(8001, min=0, max=65535, help="port on 127.0.0.1"),
+) -> None:
+    """Open the store read-only in Datasette on 127.0.0.1, with the views described."""
+    from .browse import serve
+
+    with _one_line_errors():
+        serve(db or _settings().db, port)
+
+
 def register(app: typer.Typer) -> None:
     app.command("replay")(replay)
     app.command("query")(query)
     app.command("import")(import_ndjson)
     app.command("suggest")(suggest)
+    app.command("prune")(prune)
+    app.command("browse")(browse)

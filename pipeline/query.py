@@ -4,6 +4,11 @@ Two locks keep a query from changing the store: only one SELECT (or WITH ... SEL
 VALUES) statement is accepted, and it runs on a read-only connection (SQLite opened
 mode=ro with query_only; PostgreSQL in a read-only session), so whatever the first check
 misses the database itself refuses.
+
+A query imports only its database's driver (sqlite3, or psycopg for PostgreSQL), not the
+writer's SQLAlchemy: `sluice query` over a rollup view answers in a fraction of a second,
+start-up included (benchmarks/query_views.py). `:since` and `:until` in the SQL are bound to
+the fixed-width text of --since/--until, which compares with `timestamp` columns.
 """
 
 from __future__ import annotations
@@ -13,17 +18,17 @@ import csv
 import datetime
 import decimal
 import json
+import os
 import re
-from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
-
-import sqlalchemy as sa
+import urllib.parse
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence, TextIO
 
 from .errors import StoreError
-from .store import open_readonly
 
 READING_KEYWORDS = ("select", "with", "values")
-# What may hide a semicolon or a keyword: string literals, quoted names and comments.
+# What may hide a semicolon, a keyword or a parameter: string literals, quoted names, comments.
 _NOT_CODE = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/", re.S)
+_PARAMETER = re.compile(r"(?<![:\w]):(since|until)\b")
 
 
 class QueryError(StoreError):
@@ -43,35 +48,114 @@ def check_read_only(sql: str) -> None:
                          "(WITH ... SELECT, VALUES) statements; nothing was changed")
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def shown_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+# ---------------------------------------------------------------- read-only connections
+
+class Connection(NamedTuple):
+    conn: Any                 # a DB-API connection that refuses writes
+    error: type[Exception]    # its driver's error class
+    postgresql: bool
+
+
+def _sqlite(url: str, rest: str) -> Connection:
+    import sqlite3
+
+    path = urllib.parse.unquote(rest.split("?", 1)[0])
+    if path in ("", ":memory:"):
+        target, uri = ":memory:", False
+    else:
+        # mode=ro: the driver itself refuses writes, and a missing file is an error.
+        target, uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro", True
+    try:
+        conn = sqlite3.connect(target, uri=uri, isolation_level=None)
+        conn.execute("PRAGMA query_only=ON")  # also refuses writes to attached files
+        conn.execute("PRAGMA busy_timeout=1000")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # finds a non-database
+    except sqlite3.Error as err:
+        raise QueryError(f"cannot open {shown_url(url)}: {_one_line(err)}") from None
+    return Connection(conn, sqlite3.Error, False)
+
+
+def _postgresql(url: str, rest: str) -> Connection:
+    import psycopg
+
+    try:
+        conn = psycopg.connect("postgresql://" + rest, connect_timeout=10)
+        with conn.cursor() as cursor:
+            # Read-only for the whole session, not only the transaction: a statement that
+            # commits and goes on ("...; COMMIT; DELETE ...") stays read-only. JIT compiling
+            # would take longer than the views' queries (benchmarks/query_views.py).
+            cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            cursor.execute("SET jit = off")
+        conn.commit()
+    except psycopg.Error as err:
+        raise QueryError(f"cannot open {shown_url(url)}: {_one_line(err)}") from None
+    return Connection(conn, psycopg.Error, True)
+
+
+def connect_readonly(url: str) -> Connection:
+    """A read-only connection to the store at url (a SQLAlchemy-style URL)."""
+    scheme, sep, rest = url.partition("://")
+    backend = scheme.split("+", 1)[0]
+    if not sep:
+        raise QueryError(f"not a database URL: {url!r}")
+    if backend == "sqlite":
+        return _sqlite(url, rest.removeprefix("/"))
+    if backend in ("postgresql", "postgres"):
+        return _postgresql(url, rest)
+    raise QueryError(f"{shown_url(url)}: unsupported database {backend!r} (use sqlite or "
+                     "postgresql)")
+
+
+def _bind(sql: str, postgresql: bool, params: dict[str, str]) -> str:
+    """The statement in the driver's parameter style (psycopg: %(name)s, % doubled)."""
+    if not postgresql or not params:
+        return sql
+    out, last = [], 0
+    for literal in _NOT_CODE.finditer(sql):
+        code = sql[last:literal.start()].replace("%", "%%")
+        out += [_PARAMETER.sub(r"%(\1)s", code), literal.group().replace("%", "%%")]
+        last = literal.end()
+    out.append(_PARAMETER.sub(r"%(\1)s", sql[last:].replace("%", "%%")))
+    return "".join(out)
+
+
 @contextlib.contextmanager
-def run_query(url: str, sql: str) -> Iterator[tuple[list[str], Iterator[Sequence[Any]]]]:
+def run_query(url: str, sql: str, params: dict[str, str] | None = None
+              ) -> Iterator[tuple[list[str], Iterator[Sequence[Any]]]]:
     """(column names, rows) of one read-only statement; rows stream while the block runs."""
     check_read_only(sql)
-    engine = open_readonly(url)
+    conn, error, postgresql = connect_readonly(url)
     try:
-        with engine.connect() as conn:
-            try:
-                result = conn.exec_driver_sql(sql)
-            except sa.exc.SQLAlchemyError as err:
-                raise QueryError(f"query failed: {_one_line(err)}") from None
-            if not result.returns_rows:
-                raise QueryError("the statement returned no rows to show")
-            yield list(result.keys()), _fetching(result)
+        cursor = conn.cursor()
+        try:
+            if params:
+                cursor.execute(_bind(sql, postgresql, params), params)
+            else:
+                cursor.execute(sql)
+        except error as err:
+            raise QueryError(f"query failed: {_one_line(err)}") from None
+        if cursor.description is None:
+            raise QueryError("the statement returned no rows to show")
+        yield [d[0] for d in cursor.description], _fetching(cursor, error)
     finally:
-        engine.dispose()
+        conn.close()
 
 
-def _fetching(result: sa.CursorResult) -> Iterator[Sequence[Any]]:
+def _fetching(cursor, error: type[Exception]) -> Iterator[Sequence[Any]]:
     try:
-        while batch := result.fetchmany(1000):
+        while batch := cursor.fetchmany(1000):
             yield from batch
-    except sa.exc.SQLAlchemyError as err:
+    except error as err:
         raise QueryError(f"query failed: {_one_line(err)}") from None
-
-
-def _one_line(err: BaseException) -> str:
-    inner = getattr(err, "orig", None) or err
-    return " ".join(str(inner).split()) or type(inner).__name__
 
 
 # ---------------------------------------------------------------- formats
@@ -133,3 +217,18 @@ def write_ndjson(columns: list[str], rows: Iterable[Sequence[Any]], out: TextIO)
 Writer = Callable[[list[str], Iterable[Sequence[Any]], TextIO], None]
 FORMATS: dict[str, Writer] = {"table": write_table, "csv": write_csv, "json": write_json,
                               "ndjson": write_ndjson}
+
+
+# ---------------------------------------------------------------- the command
+
+def answer(sql: str, *, db: str, out: TextIO, now_ns: int, output_format: str = "table",
+           since: str | None = None, until: str | None = None) -> None:
+    """`sluice query`: print the rows of one read-only statement in a format."""
+    from .timestamps import parse_moment, sql_timestamp
+
+    if output_format not in FORMATS:
+        raise QueryError(f"--format {output_format!r}: use {', '.join(FORMATS)}")
+    params = {name: sql_timestamp(parse_moment(text, f"--{name}", now_ns))
+              for name, text in (("since", since), ("until", until)) if text}
+    with run_query(db, sql, params) as (columns, rows):
+        FORMATS[output_format](columns, rows, out)

@@ -58,6 +58,10 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _optional_positive_int(raw: str) -> int | None:
+    return _positive_int(raw) if raw.strip() else None
+
+
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if value <= 0:
@@ -116,6 +120,9 @@ SETTINGS: tuple[Setting, ...] = (
             "most records per pipeline message (stages batch to keep up with floods)", _positive_int),
     Setting("flush_interval", "SLUICE_FLUSH_INTERVAL", "0.2",
             "seconds persist may hold records before committing them", _positive_float),
+    Setting("retention_days", "SLUICE_RETENTION_DAYS", "",
+            "persist deletes audit rows older than this many days, in small batches (daily "
+            "rollups keep counting them); empty = keep everything", _optional_positive_int),
     Setting("ringbuf_pages", "SLUICE_RINGBUF_PAGES", "1024",
             "kernel ring-buffer size in 4 KiB pages (a power of two)", _positive_int),
     Setting("dns_listen", "SLUICE_DNS_LISTEN", "127.0.0.1:53",
@@ -192,6 +199,7 @@ class Settings:
     counter_interval: float
     batch_max: int
     flush_interval: float
+    retention_days: int | None
     ringbuf_pages: int
     dns_listen: str
     dns_upstream: str

@@ -33,8 +33,9 @@ import time
 import urllib.parse
 from operator import itemgetter
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
+import msgspec
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import postgresql as pg_dialect
@@ -406,6 +407,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ("0005_rollups", _rollups_0005),
 )
 
+_encode_json = msgspec.json.encode
 BUSY_TIMEOUT_MS = 1000  # short: a stopping persist must finish within honcho's 5 seconds
 _INSERTS = {"sqlite": sqlite_dialect.insert, "postgresql": pg_dialect.insert}
 _ID_CHUNK = 500  # ids per IN (...) when looking for already stored records
@@ -535,15 +537,20 @@ def open_readonly(url: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sa.Eng
 
 # ---------------------------------------------------------------- the writer
 
+def _chain_text(chain: list[str]) -> str:
+    try:
+        return _encode_json(chain).decode()
+    except UnicodeEncodeError:  # a lone surrogate: the json module writes it escaped
+        return json.dumps(chain, ensure_ascii=False, separators=(",", ":"))
+
+
 def as_row(e: AuditEvent) -> tuple:
     """The audit_events values of one record, in COLUMNS order."""
     # Values are already what every driver takes (str, int, bool): passing them through
     # Connection.execute's per-value bind processing halves the insert rate.
     return (e.event_id, e.host, sql_timestamp(e.timestamp), e.event_type, e.src_ip, e.dst_ip,
             e.dst_hostname, e.dst_port, e.protocol, e.process, e.pid, e.matched_rule,
-            e.auto_allowed_type,
-            json.dumps(e.cname_chain, ensure_ascii=False, separators=(",", ":"))
-            if e.cname_chain else "",
+            e.auto_allowed_type, _chain_text(e.cname_chain) if e.cname_chain else "",
             e.mid_stream, e.would_deny, e.blocked, e.packets)
 
 
@@ -718,6 +725,20 @@ class _Rollups:
             for key, bounds in sorted(totals.items())])
 
 
+# Retention: each batch is one short transaction, so a writer waits for at most one.
+PRUNE_BATCH = 5_000
+
+
+class Pruned(NamedTuple):
+    rows: int     # audit_events rows deleted
+    minutes: int  # activity_minutes rows deleted (the timeline's buckets before the cutoff)
+    done: bool    # no older row is left
+
+_PRUNE_ROWS = sa.text("DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events "
+                      "WHERE timestamp < :before ORDER BY timestamp LIMIT :limit)")
+_PRUNE_MINUTES = sa.text("DELETE FROM activity_minutes WHERE minute < :minute")
+
+
 class AuditStore:
     """The single writer of audit_events: batched inserts, one transaction per batch."""
 
@@ -820,6 +841,32 @@ class AuditStore:
                 seen.add(e.event_id)
                 fresh.append(e)
         return fresh
+
+    def prune_batch(self, before: str, limit: int = PRUNE_BATCH) -> Pruned:
+        """Delete up to limit audit rows older than before (fixed-width text) in one short
+        transaction; with the last of them, also the timeline minutes before it.
+
+        The daily and all-time rollups, and late_keys, are kept: they go on counting the
+        pruned past.
+        """
+        try:
+            with self.engine.begin() as conn:
+                rows = conn.execute(_PRUNE_ROWS, {"before": before, "limit": limit}).rowcount
+                if rows == limit:
+                    return Pruned(rows, 0, False)
+                minutes = conn.execute(_PRUNE_MINUTES, {"minute": before[:16] + "Z"}).rowcount
+                return Pruned(rows, minutes, True)
+        except sa.exc.SQLAlchemyError as err:
+            raise StoreError(f"{self.url}: pruning failed: {_one_line(err)}") from None
+
+    def prune(self, before: str, limit: int = PRUNE_BATCH) -> Pruned:
+        """Every audit row older than before, in batches of limit; what was deleted."""
+        rows = 0
+        while True:
+            batch = self.prune_batch(before, limit)
+            rows += batch.rows
+            if batch.done:
+                return batch._replace(rows=rows)
 
     def close(self) -> None:
         self.engine.dispose()

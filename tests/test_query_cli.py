@@ -3,6 +3,8 @@
 import csv
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -75,3 +77,48 @@ def test_mistakes_are_one_line(url, args, message):
     result = query(*args, "--db", url)
     assert result.exit_code == 5 and message in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_since_and_until_are_bound_as_fixed_width_times(url):
+    sql = ("SELECT process FROM audit_events WHERE timestamp >= :since AND timestamp < :until "
+           "ORDER BY process")
+    result = query(sql, "--db", url, "--since", "2026-01-01", "--until",
+                   "2026-01-01T00:00:00.000000001Z", "-f", "csv")
+    assert result.output.splitlines() == ["process", "curl"]
+    assert query(sql.replace(":until", "'2027'"), "--db", url, "--since", "1h",
+                 "-f", "csv").output.splitlines() == ["process"]
+
+
+@pytest.mark.parametrize("option", ["--since", "--until"])
+def test_a_time_that_is_not_one_is_one_line_and_exit_2(url, option):
+    result = query("SELECT 1", "--db", url, option, "yesterday-ish")
+    assert result.exit_code == 2
+    assert result.stderr == (f"sluice: {option} 'yesterday-ish': use an RFC 3339 time, a date "
+                             "or an age such as 24h or 7d\n")
+
+
+def sluice_process(*args):
+    """The `sluice` entry point in a fresh interpreter, as a user's shell runs it."""
+    return subprocess.run([sys.executable, "-c", "from pipeline.entry import main; main()",
+                           "query", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args", [
+    [SQL, "-f", "json"], ["SELECT * FROM timeline", "--format=csv"],
+    ["DELETE FROM audit_events"], ["SELECT :since AS s", "--since", "2026-01-01"],
+])
+def test_the_quick_path_answers_as_the_full_command_line(url, args):
+    quick = sluice_process(*args, "--db", url)
+    full = query(*args, "--db", url)
+    assert (quick.returncode, quick.stdout, quick.stderr) == (
+        full.exit_code, full.stdout, full.stderr)
+
+
+def test_the_quick_path_loads_neither_typer_nor_sqlalchemy(url):
+    probe = ("import sys; from pipeline.entry import quick_query; "
+             "code = quick_query(sys.argv[2:]); "
+             "print(code, 'typer' in sys.modules, 'sqlalchemy' in sys.modules, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", probe, "query", "SELECT 1 AS one", "--db",
+                             url], capture_output=True, text=True, timeout=60)
+    assert result.stdout.startswith("one")
+    assert result.stderr == "0 False False\n"

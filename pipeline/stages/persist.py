@@ -20,6 +20,8 @@ Failures: an unusable database or log file at start stops the stage with one lin
           with backoff; beyond MAX_HELD records held, new ones are dropped and counted
           (records_dropped). SIGHUP reopens the JSONL file (logrotate). SIGTERM stores
           everything received before the stop, then exits.
+Retention: with SLUICE_RETENTION_DAYS, rows older than that are deleted in small batches
+          while nothing waits to be committed (rows_pruned; pipeline/retention.py).
 
 Example:  SLUICE_DB=sqlite:////var/lib/sluice/audit.db sluice run persist
 """
@@ -36,6 +38,7 @@ import zmq
 from ..audit import AuditEvent, AuditLogger, invalid_reason, new_event_id
 from ..errors import StoreError
 from ..loop import BaseStage, StageIO, run_stage
+from ..retention import Retention
 from ..settings import Settings
 from ..store import AuditStore, StoreRejected
 
@@ -90,6 +93,7 @@ class PersistStage(BaseStage):
         self.clock = clock
         self.store: AuditStore | None = None
         self.logger: AuditLogger | None = None
+        self.retention: Retention | None = None
         self.pending: list[AuditEvent] = []      # received, not yet committed to SQL
         self.unjournaled: list[AuditEvent] = []  # committed to SQL, not yet in the JSONL file
         self.pending_since: float | None = None
@@ -106,6 +110,8 @@ class PersistStage(BaseStage):
         self.store = AuditStore(settings.db)
         applied = self.store.migrate()
         self.logger = AuditLogger(settings.audit_log, settings.audit_mode, clock=self.clock)
+        self.retention = (Retention(settings.retention_days, self.clock)
+                          if settings.retention_days else None)
         io.bind_inboxes()
         io.ready = True
         io.log.info("storing audit records in %s (%s), JSONL %s; inbox %s",
@@ -157,6 +163,8 @@ class PersistStage(BaseStage):
             self._commit_all(now)
         if self.unjournaled and now >= self.jsonl_retry.next_at:
             self._journal(now)
+        if self.retention is not None and not self.pending:
+            self._retain(now)
         self.io.counters.set("records_held", len(self.pending) + len(self.unjournaled))
 
     def _commit_due(self, now: float) -> bool:
@@ -198,6 +206,16 @@ class PersistStage(BaseStage):
         progress.stored.extend(stored)
         self.io.counters.add("rows_inserted", len(stored))
         self.io.counters.add("duplicates_skipped", len(batch) - len(stored))
+
+    def _retain(self, now: float) -> None:
+        try:
+            rows, summary = self.retention.step(self.store, now)
+        except StoreError as err:
+            self.io.log.warning("%s (retention tries again in an hour)", err)
+            return
+        self.io.counters.add("rows_pruned", rows)
+        if summary:
+            self.io.log.info("%s", summary)
 
     def _journal(self, now: float) -> None:
         """Append what SQL holds and the file lacks, until the file fails."""

@@ -1,0 +1,66 @@
+"""The `sluice` executable.
+
+`sluice query` takes a short path that loads neither the command framework nor the writer's
+SQLAlchemy, only the database driver: a question over a rollup view is answered in a fraction
+of a second, start-up included. Anything the short path does not parse (help, a mistake) goes
+to the full command line in pipeline/cli.py, which runs the same query code.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+_QUERY_OPTIONS = {"--db": "db", "--format": "output_format", "-f": "output_format",
+                  "--since": "since", "--until": "until"}
+
+
+def quick_query(args: list[str]) -> int | None:
+    """Run `sluice query ARGS`; None when the full command line should handle them."""
+    values: dict[str, str] = {}
+    sql: list[str] = []
+    rest = iter(args)
+    for arg in rest:
+        name, eq, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if name in _QUERY_OPTIONS:
+            if not eq:
+                value = next(rest, None)
+                if value is None:
+                    return None
+            values[_QUERY_OPTIONS[name]] = value
+        elif arg.startswith("-"):
+            return None  # --help, or an option the full command line explains
+        else:
+            sql.append(arg)
+    if len(sql) != 1:
+        return None
+    from .errors import SluiceError
+    from .query import answer
+
+    try:
+        if "db" not in values:
+            from .settings import Settings
+
+            values["db"] = Settings.from_env(os.environ).db
+        answer(sql[0], out=sys.stdout, now_ns=time.time_ns(), **values)
+    except SluiceError as err:
+        print(f"sluice: {err}", file=sys.stderr)
+        return err.exit_code
+    except BrokenPipeError:  # `sluice query ... | head`
+        sys.stderr.close()
+    return 0
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["query"]:
+        code = quick_query(sys.argv[2:])
+        if code is not None:
+            sys.exit(code)
+    from .cli import main as full
+
+    full()
+
+
+if __name__ == "__main__":
+    main()
