@@ -34,9 +34,10 @@ DESCRIPTIONS = {
     "timeline_daily": "The timeline per UTC day, kept when rows are pruned.",
     "activity_minutes": "Rollup behind timeline: a count per event type per host and minute.",
     "activity_days": "Rollup behind timeline_daily: a count per event type per host and day.",
-    "destination_days": "Rollup per host, day, destination, port, protocol, process, event "
-                        "type, address and rule: events and counted rows, first and last.",
-    "destinations": "The same as destination_days over all time.",
+    "destination_minutes": "Rollup per host, address, port, protocol, event type, UTC minute, "
+                           "destination, process and rule: events and counted rows, first "
+                           "and last (pruned with the rows).",
+    "destinations": "The same as destination_minutes over all time, kept when rows are pruned.",
     "late_keys": "The latest late-allow per host, address, port and protocol.",
 }
 QUERIES = {
@@ -44,10 +45,10 @@ QUERIES = {
         "title": "Blocked in the last 24 hours, per process",
         "sql": "SELECT host, destination, dst_ip, dst_port, protocol, process, "
                "SUM(counted) AS attempts, MIN(counted_first) AS first_seen, "
-               "MAX(counted_last) AS last_seen FROM destination_days "
+               "MAX(counted_last) AS last_seen FROM destination_minutes "
                "WHERE event_type IN ('connection_blocked', 'protocol_blocked') "
-               "AND counted > 0 AND counted_last >= strftime('%Y-%m-%dT%H:%M:%S', 'now', "
-               "'-1 day') GROUP BY host, destination, dst_ip, dst_port, protocol, process "
+               "AND counted > 0 AND minute >= strftime('%Y-%m-%dT%H:%M', 'now', '-1 day') "
+               "GROUP BY host, destination, dst_ip, dst_port, protocol, process "
                "ORDER BY attempts DESC",
     },
     "top_blocked": {

@@ -6,23 +6,27 @@ same transaction as the rows, so the summary views read them instead of scanning
 * `late_keys`: per host and (dst_ip, dst_port, protocol), the latest late-allow's timestamp.
 * `activity_minutes` / `activity_days`: per host and UTC minute / day, a count per event type
   and of superseded blocks (TIMELINE_COUNTS).
-* `destination_days`: per host, UTC day, event type, address, port, protocol, destination,
-  process and matched rule: events, first and last seen, and the same three for the rows
-  that are counted (every row but a superseded block). `destinations` holds the same over
-  all time (no day), so the all-time views read one row per destination, not one a day.
+* `destination_minutes`: per host, UTC minute, address, port, protocol, event type,
+  destination, process and matched rule (MINUTE_KEY): events, first and last seen, and the
+  same three over the rows that are counted (every row but a superseded block).
+  `destinations` holds the same over all time (TOTAL_KEY, no minute), so the all-time views
+  read one row per destination.
 
 A `connection_blocked` row is superseded when the latest late-allow of its host and key is at
 or after it (README "Queries"). So the writer classifies each new block against the latest
-late-allow known after the batch, and a late-allow that moves that time forward supersedes
-stored blocks: the store finds those rows (Flip) and `flip` turns them from counted into
-superseded in the same deltas. Rows arrive in any order and a row stored twice is never seen
-here twice (the store passes only rows that became new).
+late-allow known after its batch, and a late-allow that moves that time forward supersedes
+counted blocks already stored. Those are found in destination_minutes (an index leads from
+host, dst_ip, dst_port and protocol to them): a minute group whose counted rows all lie at or before
+the late-allow flips whole; only the group of the late-allow's own minute can straddle it,
+and the store counts that one's rows (Straddle). `flip` turns what was found into deltas.
+Rows arrive in any order, and a row stored twice is never seen here twice (the store passes
+only rows that became new).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from typing import Iterable, Mapping, NamedTuple
 
 BLOCKED = "connection_blocked"
 LATE_ALLOWED = "connection_late_allowed"
@@ -34,11 +38,15 @@ _SUPERSEDED = TIMELINE_COUNTS.index("superseded")
 # The event types with a column of their own; any other type counts only in events.
 TYPE_SLOTS = {name: i for i, name in enumerate(TIMELINE_COUNTS)
               if name not in ("events", "superseded")}
-# destination_days key columns, then its value columns.
-# In the order the all-time views group by: blocked_destinations reads in key order.
-GROUP_KEY = ("host", "day", "destination", "dst_port", "protocol", "process", "event_type",
-             "dst_ip", "matched_rule")
-GROUP_VALUES = ("events", "first_seen", "last_seen", "counted", "counted_first",
+# destination_minutes: minute first, so a window is one range and new groups are appended.
+MINUTE_KEY = ("host", "minute", "dst_ip", "dst_port", "protocol", "event_type", "destination",
+              "process", "matched_rule")
+# destinations: in the order the all-time views group by (blocked_destinations reads it in
+# key order).
+TOTAL_KEY = ("host", "destination", "dst_port", "protocol", "process", "event_type", "dst_ip",
+             "matched_rule")
+# Their values, in this order in Deltas.groups and Deltas.totals (the upserts' order too).
+GROUP_VALUES = ("events", "counted", "first_seen", "counted_first", "last_seen",
                 "counted_last")
 
 LateKey = tuple  # (host, dst_ip, dst_port, protocol)
@@ -58,7 +66,13 @@ class Row(NamedTuple):
     matched_rule: str
 
 
-Flip = Row  # a stored block that a new late-allow supersedes
+class Flipped(NamedTuple):
+    """A stored minute group of blocks, some or all of whose counted rows are superseded now."""
+
+    key: tuple                # its MINUTE_KEY values
+    rows: int                 # counted rows that are superseded now
+    counted_first: str | None  # what stays counted (None: nothing)
+    counted_last: str | None
 
 
 @dataclasses.dataclass
@@ -67,11 +81,11 @@ class Deltas:
 
     minutes: dict[tuple, list[int]] = dataclasses.field(default_factory=dict)
     days: dict[tuple, list[int]] = dataclasses.field(default_factory=dict)
-    # destination_days (keyed by GROUP_KEY) and destinations (the same without day):
-    # [events, first, last, counted, counted_first, counted_last]; counted times may be None.
+    # destination_minutes and destinations: GROUP_VALUES; the counted times may be None.
     groups: dict[tuple, list] = dataclasses.field(default_factory=dict)
     totals: dict[tuple, list] = dataclasses.field(default_factory=dict)
-    # Groups that lost counted rows: their counted_first/last are read again from the rows.
+    # destinations groups that lost counted rows: their counted first and last are read
+    # again from destination_minutes once it is written.
     refresh: set[tuple] = dataclasses.field(default_factory=set)
 
 
@@ -89,20 +103,22 @@ def block_keys(rows: Iterable[Row]) -> set[LateKey]:
             for host, _, kind, ip, _, port, protocol, *_ in rows if kind == BLOCKED}
 
 
+def total_key(minute_key: tuple) -> tuple:
+    """The destinations key of a destination_minutes key."""
+    host, _, ip, port, protocol, kind, destination, process, rule = minute_key
+    return (host, destination, port, protocol, process, kind, ip, rule)
+
+
 def aggregate(rows: Iterable[Row], late: Mapping[LateKey, str]) -> Deltas:
     """The deltas of new rows, given the latest late-allow of each key after the batch."""
-    # Two dict operations per row; rows of a flood share few groups, so everything after
-    # this loop works on groups, not rows.
-    minutes: dict[tuple, int] = {}
+    # One dict operation per row; rows of a flood share few groups, so everything after this
+    # loop works on groups, not rows.
     fine: dict[tuple, list] = {}
-    for row in rows:
-        host, ts, kind, ip, name, port, protocol, process, rule = row
+    for host, ts, kind, ip, name, port, protocol, process, rule in rows:
         superseded = False
         if kind == BLOCKED and late:
             superseded = late.get((host, ip, port, protocol), "") >= ts
-        bucket = (host, ts[:16], kind, superseded)
-        minutes[bucket] = minutes.get(bucket, 0) + 1
-        key = (host, ts[:10], name or ip, port, protocol, process, kind, ip, rule, superseded)
+        key = (host, ts[:16], ip, port, protocol, kind, name or ip, process, rule, superseded)
         group = fine.get(key)
         if group is None:
             fine[key] = [1, ts, ts]
@@ -113,10 +129,12 @@ def aggregate(rows: Iterable[Row], late: Mapping[LateKey, str]) -> Deltas:
             elif ts > group[2]:
                 group[2] = ts
     deltas = Deltas()
-    for (host, minute, kind, superseded), n in minutes.items():
+    groups, totals = deltas.groups, deltas.totals
+    for (*key, superseded), (n, first, last) in fine.items():
+        host, minute, kind = key[0], key[1], key[5]
+        key[1] = minute + "Z"
         slot = TYPE_SLOTS.get(kind)
-        for table, bucket in ((deltas.minutes, (host, minute + "Z")),
-                              (deltas.days, (host, minute[:10]))):
+        for table, bucket in ((deltas.minutes, (host, key[1])), (deltas.days, (host, minute[:10]))):
             counts = table.get(bucket)
             if counts is None:
                 counts = table[bucket] = [0] * len(TIMELINE_COUNTS)
@@ -125,41 +143,44 @@ def aggregate(rows: Iterable[Row], late: Mapping[LateKey, str]) -> Deltas:
                 counts[slot] += n
             if superseded:
                 counts[_SUPERSEDED] += n
-    for (*key, superseded), (n, first, last) in fine.items():
-        value = [n, first, last, 0, None, None] if superseded else [n, first, last, n, first, last]
-        _merge(deltas.groups, tuple(key), value)
-        _merge(deltas.totals, total_key(key), value)
+        value = [n, 0, first, None, last, None] if superseded else [n, n, first, first, last, last]
+        key = tuple(key)
+        if key in groups:  # the same minute with superseded and counted rows
+            _merge(groups[key], value)
+        else:
+            groups[key] = value
+        total = total_key(key)
+        if total in totals:
+            _merge(totals[total], value)
+        else:
+            totals[total] = value.copy()
     return deltas
 
 
-def _merge(table: dict[tuple, list], key: tuple, value: list) -> None:
-    old = table.get(key)
-    if old is None:
-        table[key] = value.copy()
-        return
+def _merge(old: list, value: list) -> None:
     old[0] += value[0]
-    old[3] += value[3]
-    for i, later in ((1, False), (2, True), (4, False), (5, True)):
+    old[1] += value[1]
+    for i, later in ((2, False), (3, False), (4, True), (5, True)):
         if value[i] is not None and (old[i] is None or (value[i] > old[i]) == later):
             old[i] = value[i]
 
 
-def total_key(group: Sequence) -> tuple:
-    """The destinations key of a destination_days key (the same without the day)."""
-    return (group[0], *group[2:])
+def flip(deltas: Deltas, flipped: Iterable[Flipped]) -> None:
+    """Count stored blocks that a new late-allow supersedes as superseded, not as blocks.
 
-
-def flip(deltas: Deltas, flipped: Iterable[Flip]) -> None:
-    """Turn stored blocks that a new late-allow supersedes from counted into superseded."""
+    The minute groups themselves are set by the store (their counted first and last are
+    known only there); this adds what follows for the other tables.
+    """
     for f in flipped:
-        for table, bucket in ((deltas.minutes, (f.host, f.timestamp[:16] + "Z")),
-                              (deltas.days, (f.host, f.timestamp[:10]))):
+        host, minute = f.key[:2]
+        for table, bucket in ((deltas.minutes, (host, minute)), (deltas.days, (host, minute[:10]))):
             counts = table.setdefault(bucket, [0] * len(TIMELINE_COUNTS))
-            counts[_SUPERSEDED] += 1
-        key = (f.host, f.timestamp[:10], f.dst_hostname or f.dst_ip, f.dst_port, f.protocol,
-               f.process, BLOCKED, f.dst_ip, f.matched_rule)
-        # The row is stored in these groups already: its time moves neither first nor last.
-        value = [0, f.timestamp, f.timestamp, -1, None, None]
-        _merge(deltas.groups, key, value)
-        _merge(deltas.totals, total_key(key), value)
-        deltas.refresh.add(key)
+            counts[_SUPERSEDED] += f.rows
+        total = total_key(f.key)
+        # The group is stored already; "~" and "" never win its first/last comparisons.
+        value = [0, -f.rows, "~", None, "", None]
+        if total in deltas.totals:
+            _merge(deltas.totals[total], value)
+        else:
+            deltas.totals[total] = value
+        deltas.refresh.add(total)

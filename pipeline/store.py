@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 import urllib.parse
 from operator import itemgetter
@@ -43,8 +44,8 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from .audit import AuditEvent, sql_timestamp
 from .errors import StoreError
-from .rollups import (GROUP_KEY, TIMELINE_COUNTS, Deltas, Flip, Row, aggregate, block_keys,
-                      flip, latest_late_allows, total_key)
+from .rollups import (GROUP_VALUES, MINUTE_KEY, TIMELINE_COUNTS, TOTAL_KEY, Deltas, Flipped,
+                      Row, aggregate, block_keys, flip, latest_late_allows)
 
 metadata = sa.MetaData()
 
@@ -72,8 +73,8 @@ audit_events = sa.Table(
     sa.Column("blocked", sa.Boolean, nullable=False),
     sa.Column("packets", sa.BigInteger, nullable=False),
     sa.UniqueConstraint("event_id", name="uq_audit_events_event_id"),
-    # Time windows and retention. The summary views read the rollups, so since 0005 this,
-    # the event_id key and ix_audit_events_blocks (created there) are all a row must update.
+    # Time windows and retention. The summary views read the rollups, so since 0005 this and
+    # the event_id key are all a row must update.
     sa.Index("ix_audit_events_timestamp", "timestamp"),
 )
 
@@ -128,28 +129,33 @@ activity_days = sa.Table(
     sa.Column("day", sa.Text, primary_key=True),  # 2026-01-01
     *_counts(), **_NO_ROWID,
 )
-destination_days = sa.Table(
-    "destination_days", metadata,
-    *(sa.Column(name, sa.Integer if name == "dst_port" else sa.Text, primary_key=True)
-      for name in GROUP_KEY),
-    sa.Column("events", sa.BigInteger, nullable=False),
-    sa.Column("first_seen", sa.Text, nullable=False),
-    sa.Column("last_seen", sa.Text, nullable=False),
-    sa.Column("counted", sa.BigInteger, nullable=False),
-    sa.Column("counted_first", sa.Text),  # NULL when every row of the group is superseded
-    sa.Column("counted_last", sa.Text),
-    **_NO_ROWID,
-)
-destinations = sa.Table(
-    "destinations", metadata,
-    *(sa.Column(c.name, c.type, primary_key=True) for c in destination_days.primary_key
-      if c.name != "day"),
-    *(sa.Column(c.name, c.type, nullable=c.nullable) for c in destination_days.columns
-      if not c.primary_key),
-    **_NO_ROWID,
-)
-_TOTAL_KEY = tuple(c.name for c in destinations.primary_key)
-ROLLUPS = (late_keys, activity_minutes, activity_days, destination_days, destinations)
+
+
+def _groups(name: str, key: Sequence[str], meta: sa.MetaData = metadata) -> sa.Table:
+    """A table of destination groups keyed by key (rollups.py: MINUTE_KEY, TOTAL_KEY)."""
+    return sa.Table(
+        name, meta,
+        *(sa.Column(c, sa.Integer if c == "dst_port" else sa.Text, primary_key=True)
+          for c in key),
+        sa.Column("events", sa.BigInteger, nullable=False),
+        sa.Column("first_seen", sa.Text, nullable=False),
+        sa.Column("last_seen", sa.Text, nullable=False),
+        sa.Column("counted", sa.BigInteger, nullable=False),
+        sa.Column("counted_first", sa.Text),  # NULL when every row of the group is superseded
+        sa.Column("counted_last", sa.Text),
+        **_NO_ROWID,
+    )
+
+
+destination_minutes = _groups("destination_minutes", MINUTE_KEY)
+# From a late-allow's key to the minute groups of blocks it may supersede.
+sa.Index("ix_destination_minutes_key", *(destination_minutes.c[c] for c in
+                                         ("host", "dst_ip", "dst_port", "protocol", "event_type")))
+destinations = _groups("destinations", TOTAL_KEY)
+ROLLUPS = (late_keys, activity_minutes, activity_days, destination_minutes, destinations)
+# 0005 kept groups per day; 0006 replaced them with destination_minutes.
+_DAY_KEY_0005 = ("host", "day", "destination", "dst_port", "protocol", "process", "event_type",
+                 "dst_ip", "matched_rule")
 
 # The insert's columns, in the order as_row builds its tuples.
 COLUMNS = tuple(c.name for c in audit_events.columns if c.name != "id")
@@ -343,8 +349,19 @@ def _view_statements(dialect: str) -> list[str]:
     ]
 
 
-def _fill_statements() -> list[str]:
-    """Build the rollups from the rows (0005: existing stores), through audit_events_classified."""
+def _fill_groups(table: str, key: Sequence[str]) -> str:
+    """Fill a table of destination groups from the rows, through audit_events_classified."""
+    return f"""INSERT INTO {table} ({", ".join(key)}, events, first_seen, last_seen, counted,
+                                    counted_first, counted_last)
+        SELECT {", ".join(key)}, COUNT(*), MIN(timestamp), MAX(timestamp), SUM(1 - superseded),
+               MIN(CASE WHEN superseded = 0 THEN timestamp END),
+               MAX(CASE WHEN superseded = 0 THEN timestamp END)
+        FROM (SELECT substr(timestamp, 1, 10) AS day, substr(timestamp, 1, 16) || 'Z' AS minute,
+                     c.* FROM audit_events_classified AS c) AS r
+        GROUP BY {", ".join(key)}"""
+
+
+def _fill_statements_0005() -> list[str]:
     types = ", ".join(f"SUM(CASE WHEN event_type = '{t}' THEN 1 ELSE 0 END)"
                       if t != "superseded" else "SUM(superseded)"
                       for t in TIMELINE_COUNTS[1:])
@@ -360,14 +377,8 @@ def _fill_statements() -> list[str]:
         f"""INSERT INTO activity_days (host, day, {counts})
         SELECT host, substr(timestamp, 1, 10), COUNT(*), {types}
         FROM audit_events_classified GROUP BY host, substr(timestamp, 1, 10)""",
-        *(f"""INSERT INTO {table} ({", ".join(key)}, events, first_seen, last_seen, counted,
-                                      counted_first, counted_last)
-        SELECT {", ".join(key)}, COUNT(*), MIN(timestamp), MAX(timestamp), SUM(1 - superseded),
-               MIN(CASE WHEN superseded = 0 THEN timestamp END),
-               MAX(CASE WHEN superseded = 0 THEN timestamp END)
-        FROM (SELECT substr(timestamp, 1, 10) AS day, c.* FROM audit_events_classified AS c) AS r
-        GROUP BY {", ".join(key)}""" for table, key in (("destination_days", GROUP_KEY),
-                                                        ("destinations", _TOTAL_KEY))),
+        _fill_groups("destination_days", _DAY_KEY_0005),
+        _fill_groups("destinations", TOTAL_KEY),
     ]
 
 
@@ -378,19 +389,28 @@ def _rollups_0005(conn: sa.Connection) -> None:
     for index in ("ix_audit_events_event_type", "ix_audit_events_dst_ip",
                   "ix_audit_events_host_timestamp", "ix_audit_events_late_allowed"):
         conn.exec_driver_sql(f"DROP INDEX {index}")
-    # Finds the stored blocks a new late-allow supersedes (and only those rows: blocks are
-    # the one kind whose counting changes after they are stored).
     conn.exec_driver_sql("CREATE INDEX ix_audit_events_blocks ON audit_events "
                          "(host, dst_ip, dst_port, protocol, timestamp) "
                          "WHERE event_type = 'connection_blocked'")
-    for table in ROLLUPS:
+    for table in (late_keys, activity_minutes, activity_days, destinations):
         table.create(conn)
+    _groups("destination_days", _DAY_KEY_0005, sa.MetaData()).create(conn)
     statements = _view_statements(conn.dialect.name)
     conn.exec_driver_sql(statements[0])  # audit_events_classified, which the fill reads
-    for statement in _fill_statements():
+    for statement in _fill_statements_0005():
         conn.exec_driver_sql(statement)
     for statement in statements[1:]:
         conn.exec_driver_sql(statement)
+
+
+def _minute_groups_0006(conn: sa.Connection) -> None:
+    """Per-minute destination groups find the blocks a late-allow supersedes: cheaper for the
+    writer than the index on blocked rows (one entry per destination and minute, not one per
+    row), and a grain fine enough for time windows (a window is a range of their key)."""
+    conn.exec_driver_sql("DROP INDEX ix_audit_events_blocks")
+    conn.exec_driver_sql("DROP TABLE destination_days")
+    destination_minutes.create(conn)
+    conn.exec_driver_sql(_fill_groups("destination_minutes", MINUTE_KEY))
 
 
 VIEWS_0003 = ("audit_events_classified", "audit_events_counted", "blocked_destinations",
@@ -405,6 +425,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ("0003_views", _create_views_0003),
     ("0004_notified_destinations", lambda conn: notified_destinations.create(conn)),
     ("0005_rollups", _rollups_0005),
+    ("0006_minute_groups", _minute_groups_0006),
 )
 
 _encode_json = msgspec.json.encode
@@ -463,7 +484,8 @@ def _postgresql_read_only_sessions(engine: sa.Engine) -> None:
         dbapi_conn.commit()
 
 
-def _engine(url_text: str, *, readonly: bool, busy_timeout_ms: int) -> tuple[sa.Engine, str]:
+def _engine(url_text: str, *, readonly: bool, busy_timeout_ms: int,
+            autocheckpoint: bool = True) -> tuple[sa.Engine, str]:
     """Create an engine and connect once, so every open problem surfaces here as StoreError."""
     try:
         url = sa.make_url(url_text)
@@ -492,6 +514,8 @@ def _engine(url_text: str, *, readonly: bool, busy_timeout_ms: int) -> tuple[sa.
             # A 64 MiB page cache keeps the indexes' hot pages in memory under a flood.
             pragmas += ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL",
                         "PRAGMA cache_size=-65536"]
+            if not autocheckpoint:
+                pragmas.append("PRAGMA wal_autocheckpoint=0")
         _sqlite_events(engine, begin="BEGIN" if readonly else "BEGIN IMMEDIATE", pragmas=pragmas)
     elif readonly:
         _postgresql_read_only_sessions(engine)
@@ -586,21 +610,31 @@ def _copy_insert(conn: sa.Connection, rows: list[tuple]) -> int:
 
 _ROW_FIELDS = itemgetter(*(COLUMNS.index(f) for f in Row._fields))
 _LATE_CHUNK = 200  # keys per lookup: four parameters each
-_FLIPPED_SQL = (f"SELECT event_id, {', '.join(Row._fields)} FROM audit_events "
-                "WHERE event_type = 'connection_blocked' AND host = ? AND dst_ip = ? "
-                "AND dst_port = ? AND protocol = ? AND timestamp > ? AND timestamp <= ?")
-# The counted rows of one destination group (those after its key's latest late-allow), on
-# one day (between two bounds) or on all.
-_COUNTED_SQL = ("SELECT MIN(timestamp), MAX(timestamp) FROM audit_events "
-                "WHERE event_type = 'connection_blocked' AND host = ? AND dst_ip = ? "
-                "AND dst_port = ? AND protocol = ? AND timestamp > ? AND timestamp >= ? "
-                "AND timestamp < ? AND process = ? AND matched_rule = ? "
-                "AND CASE WHEN dst_hostname <> '' THEN dst_hostname ELSE dst_ip END = ?")
-
-
-def _set_counted_sql(table: str, keys: Sequence[str]) -> str:
-    where = " AND ".join(f"{c} = ?" for c in keys)
-    return f"UPDATE {table} SET counted_first = ?, counted_last = ? WHERE {where}"
+_KEY_WHERE = "host = ? AND dst_ip = ? AND dst_port = ? AND protocol = ?"
+# The minute groups of blocks with counted rows at or before a late-allow (a range of the
+# table's key).
+_COUNTED_GROUPS_SQL = ("SELECT minute, destination, process, matched_rule, counted_first, "
+                       "counted_last, counted FROM destination_minutes{by_key} "
+                       f"WHERE {_KEY_WHERE} AND event_type = 'connection_blocked' "
+                       "AND counted > 0 AND counted_first <= ?")
+# The rows of one minute group between two times (the timestamp index, within a minute).
+_GROUP_ROWS_SQL = ("SELECT event_id, timestamp FROM audit_events "
+                   "WHERE timestamp >= ? AND timestamp <= ? "
+                   f"AND event_type = 'connection_blocked' AND {_KEY_WHERE} "
+                   "AND process = ? AND matched_rule = ? "
+                   "AND CASE WHEN dst_hostname <> '' THEN dst_hostname ELSE dst_ip END = ?")
+_SET_GROUP_SQL = ("UPDATE destination_minutes SET counted = counted - ?, counted_first = ?, "
+                  "counted_last = ? WHERE " + " AND ".join(f"{c} = ?" for c in MINUTE_KEY))
+# An all-time group's counted span from its minute groups; with none left, a group that
+# still counts pruned rows keeps the times it had.
+_TOTAL_SPAN_SQL = ("SELECT MIN(counted_first), MAX(counted_last) FROM destination_minutes"
+                   f"{{by_key}} WHERE {_KEY_WHERE} AND event_type = ? AND destination = ? "
+                   "AND process = ? "
+                   "AND matched_rule = ? AND counted > 0")
+_SET_TOTAL_SQL = ("UPDATE destinations SET "
+                  "counted_first = CASE WHEN counted > 0 THEN COALESCE(?, counted_first) END, "
+                  "counted_last = CASE WHEN counted > 0 THEN COALESCE(?, counted_last) END "
+                  "WHERE " + " AND ".join(f"{c} = ?" for c in TOTAL_KEY))
 
 
 def _upsert_sql(table: str, keys: Sequence[str], sums: Sequence[str],
@@ -616,15 +650,15 @@ def _upsert_sql(table: str, keys: Sequence[str], sums: Sequence[str],
             f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {', '.join(sets)}")
 
 
+# Summed, then the earliest, then the latest: GROUP_VALUES is in this order.
+_GROUP_SUMS = (GROUP_VALUES[:2], GROUP_VALUES[2:4], GROUP_VALUES[4:])
 _UPSERTS = {
     "late": _upsert_sql("late_keys", ("host", "dst_ip", "dst_port", "protocol"), (), (),
                         ("last_late",)),
     "minutes": _upsert_sql("activity_minutes", ("host", "minute"), TIMELINE_COUNTS),
     "days": _upsert_sql("activity_days", ("host", "day"), TIMELINE_COUNTS),
-    "groups": _upsert_sql("destination_days", GROUP_KEY, ("events", "counted"),
-                          ("first_seen", "counted_first"), ("last_seen", "counted_last")),
-    "totals": _upsert_sql("destinations", _TOTAL_KEY, ("events", "counted"),
-                          ("first_seen", "counted_first"), ("last_seen", "counted_last")),
+    "groups": _upsert_sql("destination_minutes", MINUTE_KEY, *_GROUP_SUMS),
+    "totals": _upsert_sql("destinations", TOTAL_KEY, *_GROUP_SUMS),
 }
 
 
@@ -635,12 +669,15 @@ class _Rollups:
         self.postgresql = dialect == "postgresql"
         # One text per statement, in the driver's placeholder style.
         self.sql = {name: self._driver(text) for name, text in
-                    {**_UPSERTS, "flipped": _FLIPPED_SQL, "counted": _COUNTED_SQL,
-                     "set_groups": _set_counted_sql("destination_days", GROUP_KEY),
-                     "set_totals": _set_counted_sql("destinations", _TOTAL_KEY)}.items()}
+                    {**_UPSERTS, "counted_groups": _COUNTED_GROUPS_SQL,
+                     "group_rows": _GROUP_ROWS_SQL, "set_group": _SET_GROUP_SQL,
+                     "total_span": _TOTAL_SPAN_SQL, "set_total": _SET_TOTAL_SQL}.items()}
 
     def _driver(self, text: str) -> str:
-        return text.replace("?", "%s") if self.postgresql else text
+        if self.postgresql:
+            return text.replace("?", "%s").replace("{by_key}", "")
+        # Without statistics SQLite would rather scan the host's part of the primary key.
+        return text.replace("{by_key}", " INDEXED BY ix_destination_minutes_key")
 
     def apply(self, conn: sa.Connection, rows: Sequence[tuple]) -> None:
         """Add rows (audit_events tuples just inserted, none of them stored before)."""
@@ -654,16 +691,16 @@ class _Rollups:
         batch_late = latest_late_allows(new)
         keys = block_keys(new) | batch_late.keys()
         stored = self._late_of(conn, keys) if keys else {}
-        late = {**stored}
         moved = {k: ts for k, ts in batch_late.items() if ts > stored.get(k, "")}
-        late.update(moved)
-        deltas = aggregate(new, late)
+        deltas = aggregate(new, {**stored, **moved})
         if moved:
+            # Before the batch's own groups are written: what is found is stored rows only.
             fresh = {r[0] for r in rows}
-            flip(deltas, self._flipped(conn, moved, stored, fresh))
+            flip(deltas, [f for key, last in sorted(moved.items())
+                          for f in self._supersede(conn, key, last, fresh)])
         self._write(conn, deltas, moved)
         if deltas.refresh:
-            self._recount(conn, deltas.refresh, late)
+            self._respan(conn, deltas.refresh)
 
     def _late_of(self, conn: sa.Connection, keys: set[tuple]) -> dict[tuple, str]:
         found: dict[tuple, str] = {}
@@ -671,22 +708,41 @@ class _Rollups:
         for start in range(0, len(ordered), _LATE_CHUNK):
             chunk = ordered[start:start + _LATE_CHUNK]
             values = ", ".join([self._driver("(?, ?, ?, ?)")] * len(chunk))
-            sql = ("SELECT host, dst_ip, dst_port, protocol, last_late FROM late_keys "
-                   f"WHERE (host, dst_ip, dst_port, protocol) IN (VALUES {values})")
+            # A join from the keys, so each is one lookup of late_keys' primary key.
+            sql = (f"WITH k (host, dst_ip, dst_port, protocol) AS (VALUES {values}) "
+                   "SELECT l.host, l.dst_ip, l.dst_port, l.protocol, l.last_late "
+                   "FROM k JOIN late_keys AS l ON l.host = k.host AND l.dst_ip = k.dst_ip "
+                   "AND l.dst_port = k.dst_port AND l.protocol = k.protocol")
             params = tuple(v for key in chunk for v in key)
             for host, ip, port, protocol, last in conn.exec_driver_sql(sql, params):
                 found[(host, ip, port, protocol)] = last
         return found
 
-    def _flipped(self, conn: sa.Connection, moved: dict[tuple, str], stored: dict[tuple, str],
-                 fresh: set[str]) -> list[Flip]:
-        """Stored blocks that the batch's late-allows supersede (they were counted)."""
-        flipped = []
-        for key, last in sorted(moved.items()):
-            for event_id, *fields in conn.exec_driver_sql(
-                    self.sql["flipped"], (*key, stored.get(key, ""), last)):
-                if event_id not in fresh:  # the batch's own blocks are classified already
-                    flipped.append(Flip(*fields))
+    def _supersede(self, conn: sa.Connection, key: tuple, late: str,
+                   fresh: set[str]) -> list[Flipped]:
+        """Mark the stored counted blocks of key at or before late superseded, minute group
+        by minute group; what changed, for the other rollups."""
+        flipped, updates = [], []
+        for minute, destination, process, rule, first, last, counted in conn.exec_driver_sql(
+                self.sql["counted_groups"], (*key, late)).fetchall():
+            group = (key[0], minute, *key[1:], "connection_blocked", destination, process, rule)
+            if last <= late:
+                change = Flipped(group, counted, None, None)
+            else:
+                # Counted rows on both sides of the late-allow: only its own minute's group
+                # can be so; its rows (stored before this batch) are counted one by one.
+                times = sorted(ts for event_id, ts in conn.exec_driver_sql(
+                    self.sql["group_rows"], (first, last, *key, process, rule, destination))
+                    if event_id not in fresh)
+                after = [ts for ts in times if ts > late]
+                change = Flipped(group, len(times) - len(after), after[0] if after else None,
+                                 after[-1] if after else None)
+            if change.rows:
+                flipped.append(change)
+                updates.append((change.rows, change.counted_first, change.counted_last,
+                                *group))
+        if updates:
+            conn.exec_driver_sql(self.sql["set_group"], updates)
         return flipped
 
     def _write(self, conn: sa.Connection, deltas: Deltas, moved: dict[tuple, str]) -> None:
@@ -697,32 +753,22 @@ class _Rollups:
             "late": [(*k, ts) for k, ts in order(moved.items())],
             "minutes": [(*k, *v) for k, v in order(deltas.minutes.items())],
             "days": [(*k, *v) for k, v in order(deltas.days.items())],
-            "groups": [(*k, v[0], v[3], v[1], v[4], v[2], v[5])
-                       for k, v in order(deltas.groups.items())],
-            "totals": [(*k, v[0], v[3], v[1], v[4], v[2], v[5])
-                       for k, v in order(deltas.totals.items())],
+            "groups": [(*k, *v) for k, v in order(deltas.groups.items())],
+            "totals": [(*k, *v) for k, v in order(deltas.totals.items())],
         }
         for name, params in batches.items():
             if params:
                 conn.exec_driver_sql(self.sql[name], params)
 
-    def _recount(self, conn: sa.Connection, groups: set[tuple], late: dict[tuple, str]) -> None:
-        """First and last counted time of groups whose earlier counted rows were superseded."""
-        days, totals = [], {}
-        for key in sorted(groups):
-            host, day, destination, port, protocol, process, _, ip, rule = key
-            after = late[(host, ip, port, protocol)]
-            # A day's rows lie between "YYYY-MM-DD" and "YYYY-MM-DDU" ("T" < "U").
-            first, last = conn.exec_driver_sql(self.sql["counted"], (
-                host, ip, port, protocol, after, day, day + "U", process, rule,
-                destination)).one()
-            days.append((first, last, *key))
-            totals[total_key(key)] = (host, ip, port, protocol, after, "", "~", process, rule,
-                                      destination)
-        conn.exec_driver_sql(self.sql["set_groups"], days)
-        conn.exec_driver_sql(self.sql["set_totals"], [
-            (*conn.exec_driver_sql(self.sql["counted"], bounds).one(), *key)
-            for key, bounds in sorted(totals.items())])
+    def _respan(self, conn: sa.Connection, totals: set[tuple]) -> None:
+        """Counted first and last of all-time groups that lost counted rows."""
+        updates = []
+        for key in sorted(totals):
+            host, destination, port, protocol, process, kind, ip, rule = key
+            span = conn.exec_driver_sql(self.sql["total_span"], (
+                host, ip, port, protocol, kind, destination, process, rule)).one()
+            updates.append((*span, *key))
+        conn.exec_driver_sql(self.sql["set_total"], updates)
 
 
 # Retention: each batch is one short transaction, so a writer waits for at most one.
@@ -736,14 +782,69 @@ class Pruned(NamedTuple):
 
 _PRUNE_ROWS = sa.text("DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events "
                       "WHERE timestamp < :before ORDER BY timestamp LIMIT :limit)")
-_PRUNE_MINUTES = sa.text("DELETE FROM activity_minutes WHERE minute < :minute")
+_PRUNE_MINUTES = (sa.text("DELETE FROM activity_minutes WHERE minute < :minute"),
+                  sa.text("DELETE FROM destination_minutes WHERE minute < :minute"))
+
+
+# The checkpointer copies the WAL into the database file right after each commit; if it falls
+# behind and the WAL outgrows this, the writer checkpoints too.
+WAL_LIMIT_BYTES = 64 * 1024 * 1024
+
+
+class _Checkpointer:
+    """Checkpoints a SQLite file's WAL on a connection and thread of its own.
+
+    SQLite would otherwise do it inside the writer's commit every 1,000 pages: copying the
+    pages and syncing the file then holds up the next batch. Here the copying runs in
+    SQLite's C code beside the writer (no GIL held) and never blocks it (PASSIVE).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sluice-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            while not self._stop.is_set():
+                self._wake.wait(1.0)
+                self._wake.clear()
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error:
+                    pass  # busy or failing: the writer's own checkpoint bounds the WAL
+        finally:
+            conn.close()
+
+    def committed(self, writer: sqlite3.Connection) -> None:
+        """After each commit: wake the thread; checkpoint on the writer if it fell behind."""
+        self._wake.set()
+        try:
+            oversized = os.stat(f"{self.path}-wal").st_size > WAL_LIMIT_BYTES
+        except OSError:
+            return
+        if oversized:
+            writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
 
 
 class AuditStore:
     """The single writer of audit_events: batched inserts, one transaction per batch."""
 
     def __init__(self, url: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
-        self.engine, self.url = _engine(url, readonly=False, busy_timeout_ms=busy_timeout_ms)
+        path = _sqlite_file(sa.make_url(url)) if url.startswith("sqlite") else None
+        self.engine, self.url = _engine(url, readonly=False, busy_timeout_ms=busy_timeout_ms,
+                                        autocheckpoint=path is None)
+        self._checkpointer = _Checkpointer(path) if path is not None else None
         dialect = self.engine.dialect
         insert = _INSERTS[dialect.name](audit_events).on_conflict_do_nothing(
             index_elements=["event_id"])
@@ -798,26 +899,32 @@ class AuditStore:
             return []
         try:
             with self.engine.connect() as conn:
-                with conn.begin() as tx:
-                    rows = list(map(as_row, events))
-                    if self._execute(conn, rows) == len(events):
-                        self._rollups.apply(conn, rows)
-                        return list(events)
-                    tx.rollback()
-                # Some ids are stored already (a batch written again): insert only the
-                # others, so the caller learns exactly which records are new rows and the
-                # rollups count each row once.
-                with conn.begin():
-                    fresh = self._unstored(conn, events)
-                    rows = list(map(as_row, fresh))
-                    self._execute(conn, rows)
-                    self._rollups.apply(conn, rows)
-                    return fresh
+                stored = self._insert(conn, events)
+                if self._checkpointer is not None:
+                    self._checkpointer.committed(conn.connection.driver_connection)
+                return stored
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as err:
             raise StoreError(f"{self.url}: {_one_line(err)}") from None
         except (sa.exc.SQLAlchemyError, ValueError, OverflowError) as err:
             # Integrity and data errors, and values the driver cannot bind.
             raise StoreRejected(f"{self.url}: {_one_line(err)}") from None
+
+    def _insert(self, conn: sa.Connection, events: Sequence[AuditEvent]) -> list[AuditEvent]:
+        with conn.begin() as tx:
+            rows = list(map(as_row, events))
+            if self._execute(conn, rows) == len(events):
+                self._rollups.apply(conn, rows)
+                return list(events)
+            tx.rollback()
+        # Some ids are stored already (a batch written again): insert only the others, so
+        # the caller learns exactly which records are new rows and the rollups count each
+        # row once.
+        with conn.begin():
+            fresh = self._unstored(conn, events)
+            rows = list(map(as_row, fresh))
+            self._execute(conn, rows)
+            self._rollups.apply(conn, rows)
+            return fresh
 
     def _execute(self, conn: sa.Connection, rows: list[tuple]) -> int:
         if not rows:
@@ -844,7 +951,7 @@ class AuditStore:
 
     def prune_batch(self, before: str, limit: int = PRUNE_BATCH) -> Pruned:
         """Delete up to limit audit rows older than before (fixed-width text) in one short
-        transaction; with the last of them, also the timeline minutes before it.
+        transaction; with the last of them, also the per-minute rollups before it.
 
         The daily and all-time rollups, and late_keys, are kept: they go on counting the
         pruned past.
@@ -854,8 +961,9 @@ class AuditStore:
                 rows = conn.execute(_PRUNE_ROWS, {"before": before, "limit": limit}).rowcount
                 if rows == limit:
                     return Pruned(rows, 0, False)
-                minutes = conn.execute(_PRUNE_MINUTES, {"minute": before[:16] + "Z"}).rowcount
-                return Pruned(rows, minutes, True)
+                minute = {"minute": before[:16] + "Z"}
+                conn.execute(_PRUNE_MINUTES[1], minute)
+                return Pruned(rows, conn.execute(_PRUNE_MINUTES[0], minute).rowcount, True)
         except sa.exc.SQLAlchemyError as err:
             raise StoreError(f"{self.url}: pruning failed: {_one_line(err)}") from None
 
@@ -869,4 +977,6 @@ class AuditStore:
                 return batch._replace(rows=rows)
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self.engine.dispose()

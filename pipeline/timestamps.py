@@ -87,6 +87,6 @@ def parse_moment(text: str, option: str, now_ns: int | None = None) -> int:
             return parse_timestamp(text + "T00:00:00Z")
         return parse_timestamp(text)
     except ValueError:
-        forms = "an RFC 3339 time, a date" + (" or an age such as 24h or 7d"
-                                               if now_ns is not None else "")
+        forms = ("an RFC 3339 time or an age such as 24h or 7d, or a date"
+                 if now_ns is not None else "an RFC 3339 time or a date")
         raise TimeError(f"{option} {text!r}: use {forms}") from None

@@ -93,8 +93,8 @@ def test_since_and_until_are_bound_as_fixed_width_times(url):
 def test_a_time_that_is_not_one_is_one_line_and_exit_2(url, option):
     result = query("SELECT 1", "--db", url, option, "yesterday-ish")
     assert result.exit_code == 2
-    assert result.stderr == (f"sluice: {option} 'yesterday-ish': use an RFC 3339 time, a date "
-                             "or an age such as 24h or 7d\n")
+    assert result.stderr == (f"sluice: {option} 'yesterday-ish': use an RFC 3339 time or an "
+                             "age such as 24h or 7d, or a date\n")
 
 
 def sluice_process(*args):

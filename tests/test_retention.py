@@ -74,7 +74,7 @@ def test_a_bad_date_or_a_newer_store_is_one_line_and_changes_nothing(db_url):
     url = filled(db_url)
     result = runner.invoke(app, ["prune", "--before", "last tuesday", "--db", url])
     assert result.exit_code == 2
-    assert result.stderr == ("sluice: --before 'last tuesday': use an RFC 3339 time, "
+    assert result.stderr == ("sluice: --before 'last tuesday': use an RFC 3339 time or "
                              "a date\n")
     store = AuditStore(url)
     with store.engine.begin() as conn:

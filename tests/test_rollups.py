@@ -126,9 +126,12 @@ def test_every_rollup_view_answers_as_a_plain_recomputation(db_url, tmp_path, se
     assert sum(r["events"] for r in answers(db_url, "timeline")) == len(records)
 
 
-def test_a_store_filled_before_the_rollups_is_migrated_to_the_same_answers(db_url, tmp_path):
+@pytest.mark.parametrize("written_at", ["0004_notified_destinations", "0005_rollups"])
+def test_a_store_of_an_earlier_version_is_migrated_to_the_same_answers(db_url, tmp_path,
+                                                                        written_at):
     rng = random.Random(42)
     records = random_history(rng, 300)
+    names = [name for name, _ in MIGRATIONS]
     store = AuditStore(db_url)
     store.migrate(MIGRATIONS[:4])  # before 0005_rollups: rows only, as the old writer left them
     quoted = ", ".join(f'"{c}"' for c in COLUMNS)
@@ -137,7 +140,8 @@ def test_a_store_filled_before_the_rollups_is_migrated_to_the_same_answers(db_ur
     with store.engine.begin() as conn:
         conn.exec_driver_sql(f"INSERT INTO audit_events ({quoted}) VALUES ({placeholders})",
                              [as_row(r) for r in records[:200]])
-    assert store.migrate() == ["0005_rollups"]
+    store.migrate(MIGRATIONS[:names.index(written_at) + 1])
+    assert store.migrate() == names[names.index(written_at) + 1:]
     store.close()
     add_oracle(db_url)
     assert_same_answers(db_url)

@@ -3,18 +3,17 @@
 Without a window every section is one read of a summary view (`blocked_destinations`,
 `late_allowed`, `dns_blocked_names`, `timeline`), which read the rollups. With a window
 (`--since`, or the run `sluice down` ends) counts and first/last times must be the window's
-alone: whole UTC days after the window's first day come from the `destination_days` rollup,
-and the first, partial day from the per-record views (`audit_events_counted`,
-`audit_events_classified`) for its rows at or after the start only (the timestamp index keeps
-that to those rows); `timeline` is read by its minute. So a report of the last week reads six
-days of rollups and one day of rows, and a CI run's report only the run's rows.
+alone: whole UTC minutes after the window's first minute come from the `destination_minutes`
+rollup (a range of its key), and the first, partial minute from the per-record views
+(`audit_events_counted`, `audit_events_classified`) for its rows at or after the start only
+(the timestamp index keeps that to those rows); `timeline` is read by its minute. So a report
+of the last week reads a week of rollup minutes and at most a minute of rows.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import datetime
 from typing import Iterable
 
 import sqlalchemy as sa
@@ -87,17 +86,18 @@ def destination_key(destination: str, port: int) -> str:
 
 
 _BLOCK_TYPES = "('connection_blocked', 'protocol_blocked')"
+_MINUTE_NS = 60_000_000_000
 _BLOCKED_VIEW = """SELECT destination, port, protocol, attempts, first_seen, last_seen, processes
 FROM blocked_destinations WHERE host = :host"""
 _BLOCKED_ROWS = """SELECT destination, dst_port, protocol, process, COUNT(*),
        MIN(timestamp), MAX(timestamp)
 FROM audit_events_counted
-WHERE counted_block = 1 AND host = :host AND timestamp >= :since AND timestamp < :next_day
+WHERE counted_block = 1 AND host = :host AND timestamp >= :since AND timestamp < :next_minute
 GROUP BY destination, dst_port, protocol, process"""
-_BLOCKED_DAYS = f"""SELECT destination, dst_port, protocol, process, SUM(counted),
+_BLOCKED_MINUTES = f"""SELECT destination, dst_port, protocol, process, SUM(counted),
        MIN(counted_first), MAX(counted_last)
-FROM destination_days
-WHERE host = :host AND day > :day AND event_type IN {_BLOCK_TYPES} AND counted > 0
+FROM destination_minutes
+WHERE host = :host AND minute > :minute AND event_type IN {_BLOCK_TYPES} AND counted > 0
 GROUP BY destination, dst_port, protocol, process"""
 _LATE_VIEW = """SELECT destination, dst_ip, port, protocol, matched_rule, late_allows,
        first_seen, last_seen, processes
@@ -106,34 +106,33 @@ _LATE_ROWS = """SELECT destination, dst_ip, dst_port, protocol, matched_rule, pr
        COUNT(*), MIN(timestamp), MAX(timestamp)
 FROM audit_events_classified
 WHERE event_type = 'connection_late_allowed' AND host = :host AND timestamp >= :since
-  AND timestamp < :next_day
+  AND timestamp < :next_minute
 GROUP BY destination, dst_ip, dst_port, protocol, matched_rule, process"""
-_LATE_DAYS = """SELECT destination, dst_ip, dst_port, protocol, matched_rule, process,
+_LATE_MINUTES = """SELECT destination, dst_ip, dst_port, protocol, matched_rule, process,
        SUM(events), MIN(first_seen), MAX(last_seen)
-FROM destination_days
-WHERE host = :host AND day > :day AND event_type = 'connection_late_allowed'
+FROM destination_minutes
+WHERE host = :host AND minute > :minute AND event_type = 'connection_late_allowed'
 GROUP BY destination, dst_ip, dst_port, protocol, matched_rule, process"""
 _REFUSED_VIEW = """SELECT name, attempts, first_seen, last_seen
 FROM dns_blocked_names WHERE host = :host"""
 _REFUSED_ROWS = """SELECT destination, '', COUNT(*), MIN(timestamp), MAX(timestamp)
 FROM audit_events_classified
 WHERE event_type = 'dns_blocked' AND host = :host AND timestamp >= :since
-  AND timestamp < :next_day
+  AND timestamp < :next_minute
 GROUP BY destination"""
-_REFUSED_DAYS = """SELECT destination, '', SUM(events), MIN(first_seen), MAX(last_seen)
-FROM destination_days
-WHERE host = :host AND day > :day AND event_type = 'dns_blocked'
+_REFUSED_MINUTES = """SELECT destination, '', SUM(events), MIN(first_seen), MAX(last_seen)
+FROM destination_minutes
+WHERE host = :host AND minute > :minute AND event_type = 'dns_blocked'
 GROUP BY destination"""
 _TIMELINE = """SELECT minute, allowed, blocked, late_allowed, dns_blocked
 FROM timeline WHERE host = :host AND minute >= :minute ORDER BY minute"""
 
 
 def _window(since_ns: int) -> dict[str, str]:
-    """The query parameters of a window starting at since_ns: its first (partial) day."""
+    """The query parameters of a window starting at since_ns: its first (partial) minute."""
     since = sql_timestamp(since_ns)
-    day = datetime.date.fromisoformat(since[:10])
-    return {"since": since, "day": since[:10], "minute": since[:16] + "Z",
-            "next_day": f"{day + datetime.timedelta(days=1)}T00:00:00.000000000Z"}
+    return {"since": since, "minute": since[:16] + "Z",
+            "next_minute": sql_timestamp((since_ns // _MINUTE_NS + 1) * _MINUTE_NS)}
 
 
 def read_facts(url: str, host: str, since_ns: int | None) -> Facts:
@@ -154,11 +153,11 @@ def read_facts(url: str, host: str, since_ns: int | None) -> Facts:
                 refused = [Refused(*row) for row in rows(_REFUSED_VIEW)]
             else:
                 blocked = [Blocked(*key, n, first, last, procs) for key, n, first, last, procs
-                           in _fold(rows(_BLOCKED_ROWS, _BLOCKED_DAYS), 3)]
+                           in _fold(rows(_BLOCKED_ROWS, _BLOCKED_MINUTES), 3)]
                 late = [LateAllowed(*key, n, first, last, procs) for key, n, first, last, procs
-                        in _fold(rows(_LATE_ROWS, _LATE_DAYS), 5)]
+                        in _fold(rows(_LATE_ROWS, _LATE_MINUTES), 5)]
                 refused = [Refused(*key, n, first, last) for key, n, first, last, _
-                           in _fold(rows(_REFUSED_ROWS, _REFUSED_DAYS), 1)]
+                           in _fold(rows(_REFUSED_ROWS, _REFUSED_MINUTES), 1)]
             timeline = [Minute(*row) for row in rows(_TIMELINE)]
     except sa.exc.SQLAlchemyError as err:
         raise StoreError(f"cannot read the report from the store: "
