@@ -12,13 +12,16 @@ same transaction as the rows, so the summary views read them instead of scanning
   `destinations` holds the same over all time (TOTAL_KEY, no minute), so the all-time views
   read one row per destination.
 
-A `connection_blocked` row is superseded when the latest late-allow of its host and key is at
-or after it (README "Queries"). So the writer classifies each new block against the latest
-late-allow known after its batch, and a late-allow that moves that time forward supersedes
-counted blocks already stored. Those are found in destination_minutes (an index leads from
-host, dst_ip, dst_port and protocol to them): a minute group whose counted rows all lie at or before
-the late-allow flips whole; only the group of the late-allow's own minute can straddle it,
-and the store counts that one's rows (Straddle). `flip` turns what was found into deltas.
+`gather` passes over a batch once, grouping its rows per minute group (a flood has few);
+`aggregate` works on those groups. A `connection_blocked` row is superseded when the latest
+late-allow of its host and key is at or after it (README "Queries"). So the writer classifies
+each new block against the latest late-allow known after its batch (a group that the
+late-allow falls within is split row by row), and a late-allow that moves that time forward
+supersedes counted blocks already stored. The store finds those in destination_minutes (an
+index leads from host, dst_ip, dst_port and protocol to them): a minute group whose counted
+rows all lie at or before the late-allow flips whole; only the group of the late-allow's own
+minute can straddle it, and the store counts that one's rows. `flip` turns what was found
+into deltas.
 Rows arrive in any order, and a row stored twice is never seen here twice (the store passes
 only rows that became new).
 """
@@ -89,66 +92,83 @@ class Deltas:
     refresh: set[tuple] = dataclasses.field(default_factory=set)
 
 
-def latest_late_allows(rows: Iterable[Row]) -> dict[LateKey, str]:
-    """The latest late-allow of each key in rows."""
-    latest: dict[LateKey, str] = {}
-    for host, ts, kind, ip, _, port, protocol, *_ in rows:
-        if kind == LATE_ALLOWED and ts > latest.get((host, ip, port, protocol), ""):
-            latest[(host, ip, port, protocol)] = ts
-    return latest
-
-
-def block_keys(rows: Iterable[Row]) -> set[LateKey]:
-    return {(host, ip, port, protocol)
-            for host, _, kind, ip, _, port, protocol, *_ in rows if kind == BLOCKED}
-
-
 def total_key(minute_key: tuple) -> tuple:
     """The destinations key of a destination_minutes key."""
     host, _, ip, port, protocol, kind, destination, process, rule = minute_key
     return (host, destination, port, protocol, process, kind, ip, rule)
 
 
-def aggregate(rows: Iterable[Row], late: Mapping[LateKey, str]) -> Deltas:
-    """The deltas of new rows, given the latest late-allow of each key after the batch."""
+@dataclasses.dataclass
+class Batch:
+    """New rows in one pass: their groups, and what classifying their blocks needs."""
+
+    rows: list[Row]
+    groups: dict[tuple, list]  # MINUTE_KEY (minute without its "Z") -> [rows, first, last]
+    late: dict[LateKey, str]   # the latest late-allow of each key among the rows
+    blocks: set[LateKey]       # the keys of the rows' blocks
+
+
+def gather(rows: list[Row]) -> Batch:
     # One dict operation per row; rows of a flood share few groups, so everything after this
     # loop works on groups, not rows.
-    fine: dict[tuple, list] = {}
+    groups: dict[tuple, list] = {}
+    late: dict[LateKey, str] = {}
     for host, ts, kind, ip, name, port, protocol, process, rule in rows:
-        superseded = False
-        if kind == BLOCKED and late:
-            superseded = late.get((host, ip, port, protocol), "") >= ts
-        key = (host, ts[:16], ip, port, protocol, kind, name or ip, process, rule, superseded)
-        group = fine.get(key)
+        key = (host, ts[:16], ip, port, protocol, kind, name or ip, process, rule)
+        group = groups.get(key)
         if group is None:
-            fine[key] = [1, ts, ts]
+            groups[key] = [1, ts, ts]
         else:
             group[0] += 1
             if ts < group[1]:
                 group[1] = ts
             elif ts > group[2]:
                 group[2] = ts
+        if kind == LATE_ALLOWED and ts > late.get((host, ip, port, protocol), ""):
+            late[(host, ip, port, protocol)] = ts
+    blocks = {(k[0], k[2], k[3], k[4]) for k in groups if k[5] == BLOCKED}
+    return Batch(rows, groups, late, blocks)
+
+
+def _split(batch: Batch, key: tuple, late: str) -> tuple[int, str | None, str | None]:
+    """(superseded rows, first and last counted time) of a group of blocks that a late-allow
+    falls within: its rows are looked at one by one."""
+    host, minute, ip, port, protocol, kind, destination, process, rule = key
+    counted = sorted(ts for h, ts, k, i, name, p, proto, proc, r in batch.rows
+                     if ts > late and ts[:16] == minute and k == kind and (h, i, p, proto) ==
+                     (host, ip, port, protocol) and (proc, r, name or i) ==
+                     (process, rule, destination))
+    rows = batch.groups[key][0]
+    return rows - len(counted), (counted[0] if counted else None), (counted[-1] if counted else None)
+
+
+def aggregate(batch: Batch, late: Mapping[LateKey, str]) -> Deltas:
+    """The deltas of new rows, given the latest late-allow of each key after the batch."""
     deltas = Deltas()
     groups, totals = deltas.groups, deltas.totals
-    for (*key, superseded), (n, first, last) in fine.items():
+    for key, (n, first, last) in batch.groups.items():
         host, minute, kind = key[0], key[1], key[5]
-        key[1] = minute + "Z"
+        superseded, counted_first, counted_last = 0, first, last
+        if kind == BLOCKED and late:
+            latest = late.get((host, key[2], key[3], key[4]))
+            if latest is not None and latest >= first:
+                if latest >= last:
+                    superseded, counted_first, counted_last = n, None, None
+                else:
+                    superseded, counted_first, counted_last = _split(batch, key, latest)
+        minute_z = minute + "Z"
         slot = TYPE_SLOTS.get(kind)
-        for table, bucket in ((deltas.minutes, (host, key[1])), (deltas.days, (host, minute[:10]))):
+        for table, bucket in ((deltas.minutes, (host, minute_z)), (deltas.days, (host, minute[:10]))):
             counts = table.get(bucket)
             if counts is None:
                 counts = table[bucket] = [0] * len(TIMELINE_COUNTS)
             counts[0] += n
             if slot:
                 counts[slot] += n
-            if superseded:
-                counts[_SUPERSEDED] += n
-        value = [n, 0, first, None, last, None] if superseded else [n, n, first, first, last, last]
-        key = tuple(key)
-        if key in groups:  # the same minute with superseded and counted rows
-            _merge(groups[key], value)
-        else:
-            groups[key] = value
+            counts[_SUPERSEDED] += superseded
+        value = [n, n - superseded, first, counted_first, last, counted_last]
+        key = (host, minute_z, *key[2:])
+        groups[key] = value
         total = total_key(key)
         if total in totals:
             _merge(totals[total], value)
