@@ -168,7 +168,7 @@ class Bench:
 
 def sluice_env(work: Path, upstream_port: int, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    env.update(SLUICE_RUN_DIR=str(work / "run"), SLUICE_POLICY=str(work / "policy.json"),
+    env.update(SLUICE_RUN_DIR=str(work / "run"), SLUICE_JOURNAL_DIR=str(work / "journal"), SLUICE_POLICY=str(work / "policy.json"),
                SLUICE_BPF_DIR=f"/sys/fs/bpf/sluice-dns-bench-{os.getpid()}",
                SLUICE_MODE="enforce", SLUICE_LOG_LEVEL="WARNING", SLUICE_AUDIT_LOG="",
                SLUICE_DNS_LISTEN=f"127.0.0.1:{port}",

@@ -70,7 +70,7 @@ def mappings() -> list[DnsMapping]:
 
 def event(dst: str, now_ns: int, n: int) -> RawEvent:
     return RawEvent(4, False, 17, 0, "10.201.0.1", dst, 40000, 10000 + n % 50000, now_ns,
-                    4242, "bench", 1)
+                    4242, "bench", 1, "", 0)
 
 
 def stream(share: float, count: int, now_ns: int, start: int) -> list[RawEvent]:
@@ -240,7 +240,7 @@ def flood(lab: Lab, args, share: float) -> list[float]:
 def pipeline_case(lab: Lab, tmp: Path, share: float, args) -> dict:
     run_dir = tmp / f"run-{share:.1f}"
     env = base_env(PATH=f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin", SLUICE_MODE="enforce",
-                   SLUICE_INTERFACE=lab.client_if, SLUICE_RUN_DIR=str(run_dir),
+                   SLUICE_INTERFACE=lab.client_if, SLUICE_RUN_DIR=str(run_dir), SLUICE_JOURNAL_DIR=str(run_dir.parent / "journal"),
                    SLUICE_BPF_DIR=f"/sys/fs/bpf/sluice-p{lab.tag}",
                    SLUICE_DB=f"sqlite:///{tmp}/audit-{share:.1f}.db", SLUICE_AUDIT_LOG="",
                    SLUICE_POLICY=str(tmp / "policy.json"), SLUICE_COUNTER_INTERVAL="0.1")

@@ -94,7 +94,7 @@ def main() -> None:
 
         (tmp / "policy.json").write_text('{"defaultAction": "deny"}')
         env = base_env(PATH=f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin", SLUICE_MODE="enforce",
-                       SLUICE_INTERFACE=lab.client_if, SLUICE_RUN_DIR=str(run_dir),
+                       SLUICE_INTERFACE=lab.client_if, SLUICE_RUN_DIR=str(run_dir), SLUICE_JOURNAL_DIR=str(tmp / "journal"),
                        SLUICE_BPF_DIR=f"/sys/fs/bpf/sluice-b{lab.tag}",
                        SLUICE_DB=f"sqlite:///{tmp}/audit.db", SLUICE_AUDIT_LOG=str(tmp / "audit.jsonl"),
                        SLUICE_POLICY=str(tmp / "policy.json"), SLUICE_COUNTER_INTERVAL="0.5")

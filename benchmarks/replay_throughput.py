@@ -61,7 +61,7 @@ def write_recording(path: Path, events: int) -> None:
     for n in range(events):
         i = n % DESTINATIONS
         batch.append(RawEvent(4, i % 4 != 0, 6, 0, "10.0.0.2", address(i), 30000 + n % 30000,
-                              443, T0 + n * 1000, 1000 + i % 50, f"proc{i % 50}", 1))
+                              443, T0 + n * 1000, 1000 + i % 50, f"proc{i % 50}", 1, "", 0))
         if len(batch) == BATCH:
             recorder.add("raw_events", batch)
             batch = []
@@ -75,7 +75,7 @@ def settings_for(tmp: Path, db: str) -> Settings:
         {"type": "hostname", "value": "*.example.com", "action": "allow",
          "ports": [{"port": 443, "protocol": "tcp"}]}]}))
     return Settings.from_env({
-        "SLUICE_RUN_DIR": str(tmp / "run"), "SLUICE_DB": db, "SLUICE_AUDIT_LOG": "",
+        "SLUICE_RUN_DIR": str(tmp / "run"), "SLUICE_JOURNAL_DIR": str(tmp / "journal"), "SLUICE_DB": db, "SLUICE_AUDIT_LOG": "",
         "SLUICE_POLICY": str(policy), "SLUICE_HOST": "bench", "SLUICE_COUNTER_INTERVAL": "0.1",
         "SLUICE_DNS_UPSTREAM": "127.0.0.53", "SLUICE_ALLOW_EXISTING_CONNECTIONS": "false",
         "SLUICE_LOG_LEVEL": "WARNING"})

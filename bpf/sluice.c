@@ -6,6 +6,7 @@
  *   SLUICE_MIDSTREAM_WINDOW_NS the same for denied mid-stream TCP segments, per destination
  *   SLUICE_RINGBUF_PAGES       ring-buffer size in pages
  *   SLUICE_FLOW_ENTRIES        size of the flow-aggregation LRU
+ *   SLUICE_OVERFLOW_ENTRIES    records the ring buffer refused that wait for capture's sweep
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -33,6 +34,9 @@
 #ifndef SLUICE_FLOW_ENTRIES
 #define SLUICE_FLOW_ENTRIES 16384
 #endif
+#ifndef SLUICE_OVERFLOW_ENTRIES
+#define SLUICE_OVERFLOW_ENTRIES 65536
+#endif
 #define SLUICE_RULE_ENTRIES 16384
 
 #define PIN(name) SLUICE_PIN_DIR "/" #name
@@ -51,6 +55,11 @@ BPF_TABLE_PINNED("lru_hash", u64, struct sluice_sock_owner, map_sock_owner, 6553
 BPF_TABLE_PINNED("lru_hash", struct sluice_flow_key, struct sluice_flow_state, map_flows,
 		 SLUICE_FLOW_ENTRIES, PIN(map_flows));
 BPF_TABLE_PINNED("percpu_array", u32, u64, map_counters, SLUICE_CNT_MAX, PIN(map_counters));
+/* A plain hash, not an LRU: when it is full an insert fails and the loss is counted, where an
+ * LRU would evict a parked record without a trace. */
+BPF_TABLE_PINNED("hash", struct sluice_flow_key, struct sluice_flow_state, map_overflow,
+		 SLUICE_OVERFLOW_ENTRIES, PIN(map_overflow));
+BPF_PERCPU_ARRAY(map_scratch, struct sluice_flow_state, 1); /* too big for the stack */
 
 /* bcc's BPF_RINGBUF_OUTPUT cannot be pinned; this is the same table with a pin path. */
 struct map_events_table_t {
@@ -132,9 +141,33 @@ static __always_inline void fill_owner(struct __sk_buff *skb, struct sluice_even
 	__builtin_memcpy(ev->comm, owner->comm, SLUICE_COMM_LEN);
 }
 
+/* The ring buffer refused a record: park it in map_overflow (per flow, packets added up),
+ * where capture's sweep turns it into a record; counted as lost only if that map is full. */
+static __always_inline void park(struct sluice_flow_key *key, struct sluice_event *ev, u32 packets)
+{
+	struct sluice_flow_state *parked = map_overflow.lookup(key);
+	if (!parked) {
+		u32 zero = 0;
+		struct sluice_flow_state *fresh = map_scratch.lookup(&zero);
+		if (fresh) {
+			fresh->last_emit = ev->timestamp;
+			fresh->pending = 0;
+			__builtin_memcpy(&fresh->last, ev, sizeof(*ev));
+			/* Fails when full, or when another CPU parked this flow first. */
+			map_overflow.insert(key, fresh);
+			parked = map_overflow.lookup(key);
+		}
+	}
+	if (!parked) {
+		count(SLUICE_CNT_LOST, packets);
+		return;
+	}
+	__sync_fetch_and_add(&parked->pending, packets);
+	count(SLUICE_CNT_PARKED, packets);
+}
+
 /* Emit one record for this packet, or fold it into its flow's pending count when the
- * flow already emitted within its window. A record that cannot be reserved keeps its
- * packets pending, so the count reaches userspace with a later record (or the sweep). */
+ * flow already emitted within its window. A record that cannot be reserved is parked. */
 static __always_inline void emit(struct __sk_buff *skb, struct sluice_event *ev, u16 key_src_port,
 				 u64 window)
 {
@@ -182,8 +215,7 @@ static __always_inline void emit(struct __sk_buff *skb, struct sluice_event *ev,
 	struct sluice_event *slot = map_events.ringbuf_reserve(sizeof(struct sluice_event));
 	if (!slot) {
 		count(SLUICE_CNT_RINGBUF_FULL, 1);
-		if (state)
-			__sync_fetch_and_add(&state->pending, packets);
+		park(&key, ev, packets);
 		return;
 	}
 	__builtin_memcpy(slot, ev, sizeof(*ev));

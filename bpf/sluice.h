@@ -88,7 +88,8 @@ struct sluice_sock_owner {
 	char comm[SLUICE_COMM_LEN];
 };
 
-/* Flood aggregation: one entry per flow that recently emitted an event. */
+/* Flood aggregation: one entry per flow that recently emitted an event. The same key and
+ * value hold a record the ring buffer refused, in map_overflow, until capture sweeps it. */
 struct sluice_flow_key {
 	__u8 ip_version;
 	__u8 ip_proto;
@@ -112,8 +113,10 @@ struct sluice_flow_state {
 #define SLUICE_CNT_DENIED         2
 #define SLUICE_CNT_EVENTS         3  /* records submitted to the ring buffer */
 #define SLUICE_CNT_AGGREGATED     4  /* packets folded into a pending count instead */
-#define SLUICE_CNT_RINGBUF_FULL   5  /* ring-buffer reserve failures: records lost */
+#define SLUICE_CNT_RINGBUF_FULL   5  /* ring-buffer reserve failures (the record is parked) */
 #define SLUICE_CNT_MALFORMED      6  /* headers that could not be read */
-#define SLUICE_CNT_MAX            8
+#define SLUICE_CNT_PARKED         7  /* packets of refused records kept in map_overflow */
+#define SLUICE_CNT_LOST           8  /* packets of refused records map_overflow had no room for */
+#define SLUICE_CNT_MAX            10
 
 #endif

@@ -56,6 +56,7 @@ FLAG_EXEMPT_TYPES = frozenset({
 @dataclasses.dataclass(slots=True)
 class AuditEvent(WireRecord):
     KIND = "audit_records"
+    VERSION = 2
 
     timestamp: int            # UTC nanoseconds since the epoch; 0 = "now" at normalization
     event_type: str
@@ -75,6 +76,7 @@ class AuditEvent(WireRecord):
     packets: int = 1          # packets this record stands for (kernel flood aggregation)
     event_id: str = ""        # unique: a retried write never duplicates a row
     host: str = ""
+    seq: int = 0              # capture's journal number of the kernel record, 0 if none
 
 
 def normalize(event: AuditEvent, audit_mode: bool, now_ns: int) -> AuditEvent:
@@ -283,6 +285,19 @@ class AuditLogger:
                 raise StoreError(f"cannot write audit log {self.path}: "
                                  f"{err.strerror or err}") from None
             self._sync()
+
+    def last_event_id(self) -> str:
+        """The event id of the file's last line ("" when empty, unreadable or without one)."""
+        if self.path is None or self._fd is None:
+            return ""
+        size = os.fstat(self._fd).st_size
+        tail = os.pread(self._fd, min(size, _TAIL_CHUNK), max(0, size - _TAIL_CHUNK))
+        lines = tail.rstrip(b"\n").rsplit(b"\n", 1)
+        try:
+            value = json.loads(lines[-1]).get("event_id", "")
+        except (ValueError, AttributeError):
+            return ""
+        return value if isinstance(value, str) else ""
 
     def reopen(self) -> None:
         """Start a new file at path (SIGHUP after logrotate moved the old one away)."""

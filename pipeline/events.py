@@ -33,6 +33,7 @@ def protocol_name(number: int) -> str:
 @dataclasses.dataclass(slots=True)
 class RawEvent(WireRecord):
     KIND = "raw_events"
+    VERSION = 2
 
     ip_version: int
     allowed: bool
@@ -46,6 +47,8 @@ class RawEvent(WireRecord):
     pid: int
     comm: str
     packets: int
+    event_id: str       # "<journal id>-<seq>" for a journaled kernel record, else ""
+    seq: int            # its number in capture's journal, 0 when not journaled
 
     @property
     def is_protocol_block(self) -> bool:

@@ -5,9 +5,17 @@ module owns the ZeroMQ context, the poller with a short timeout, the stop flag s
 handlers, periodic counter logs (also written to <run_dir>/<stage>.counters.json so
 `sluice status` can show them), the ready/failed markers and clean teardown.
 
-Back-pressure: every send is non-blocking. A batch that finds the peer's queue full waits in
-a small local backlog and is retried; when the backlog is full the batch is dropped and
-counted (<feed>_dropped). Capture and the enforcement path never wait on an observer.
+Back-pressure: every send is non-blocking, and queues are short (QUEUE_MESSAGES batches a
+socket), so no stage holds a flood in memory. A batch that finds the peer's queue full waits
+in a local backlog and is retried. On the audit path (a feed connected with
+`backpressure=True`) a waiting batch makes the stage stop taking new messages from its event
+inboxes until the peer takes it: the backlog travels upstream to capture, whose on-disk
+journal holds it. Feeds to observers drop a batch when their backlog is full and count it
+(<feed>_dropped): capture and the enforcement path never wait on an observer.
+
+Priority: request/reply inboxes (policy-allow) are served before event inboxes on every turn,
+between any two event batches, and whenever a stage calls `io.serve_requests()` in the middle
+of a long batch, so a flood of events never holds back a DNS answer.
 """
 
 from __future__ import annotations
@@ -30,11 +38,12 @@ from .settings import Settings
 from .topology import STAGES, Inbox, inbox_address
 
 POLL_MS = 100
-RECV_BURST = 256          # messages taken from one socket before looking at the others
-HIGH_WATER_MARK = 10_000  # messages (batches) queued per socket
+RECV_BURST = 64           # event batches taken from one inbox before the loop looks around
+HIGH_WATER_MARK = 10_000  # messages queued per socket on paths that are not the audit flow
+QUEUE_MESSAGES = 16       # batches queued per audit-path socket (each side): memory stays flat
 LINGER_MS = 2000          # a closing PUSH socket may take this long to hand over its queue
 DRAIN_QUIET_S = 0.3       # after a stop: keep receiving until inboxes are quiet this long
-DRAIN_DEADLINE_S = 3.0    # ... but never longer than this (honcho allows 5 s in all)
+DRAIN_DEADLINE_S = 1.5    # ... but no longer: what is left is in capture's journal
 
 
 class Counters:
@@ -57,14 +66,20 @@ class Counters:
 
 
 class Feed:
-    """A PUSH socket to another stage's inbox that never blocks its caller."""
+    """A PUSH socket to another stage's inbox that never blocks its caller.
 
-    def __init__(self, socket: zmq.Socket, name: str, counters: Counters, backlog: int) -> None:
+    With backpressure the backlog is never dropped: the loop stops taking new work while it
+    is not empty. Without, a batch beyond the backlog limit is dropped and counted.
+    """
+
+    def __init__(self, socket: zmq.Socket, name: str, counters: Counters, backlog: int,
+                 backpressure: bool = False) -> None:
         self.socket = socket
         self.name = name
         self.counters = counters
         self.backlog: collections.deque[tuple[bytes, int]] = collections.deque()
         self.backlog_limit = backlog
+        self.backpressure = backpressure
 
     def send(self, records: list, kind: str | None = None) -> None:
         if not records:
@@ -78,7 +93,7 @@ class Feed:
         if not self.backlog and self._try(frame):
             self.counters.add(f"{self.name}_sent", count)
             return
-        if len(self.backlog) >= self.backlog_limit:
+        if not self.backpressure and len(self.backlog) >= self.backlog_limit:
             self.counters.add(f"{self.name}_dropped", count)
             return
         self.backlog.append((frame, count))
@@ -99,8 +114,19 @@ class Feed:
             self.backlog.popleft()
             self.counters.add(f"{self.name}_sent", count)
 
+    def try_send_frame(self, frame: bytes, count: int) -> bool:
+        """Send now or not at all (the caller keeps the frame): capture's journal sender."""
+        if self.backlog or not self._try(frame):
+            return False
+        self.counters.add(f"{self.name}_sent", count)
+        return True
+
     def pending(self) -> int:
         return sum(count for _, count in self.backlog)
+
+    @property
+    def holding_back(self) -> bool:
+        return self.backpressure and bool(self.backlog)
 
 
 class StageIO:
@@ -120,6 +146,7 @@ class StageIO:
         self.sockets: list[zmq.Socket] = []
         self.bound_paths: list[Path] = []
         self.ready = False
+        self.serve_requests: Callable[[], int] = lambda: 0  # set by the loop
         self.layers: dict[str, dict] = {}
 
     def report_layer(self, name: str, state: str, detail: str, *, requested: bool = True,
@@ -142,7 +169,8 @@ class StageIO:
         bound = {}
         for inbox in STAGES[self.name].inboxes:
             sock = self.ctx.socket(zmq.PULL if inbox.pattern == "pull" else zmq.REP)
-            sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+            sock.setsockopt(zmq.RCVHWM, QUEUE_MESSAGES if inbox.pattern == "pull"
+                            else HIGH_WATER_MARK)
             sock.setsockopt(zmq.LINGER, 0)
             path = self.settings.run_dir / f"{inbox.name}.sock"
             if path.exists():
@@ -154,13 +182,15 @@ class StageIO:
             bound[inbox.name] = sock
         return bound
 
-    def connect_feed(self, inbox: str, backlog: int = 64) -> Feed:
+    def connect_feed(self, inbox: str, backlog: int = 64, backpressure: bool = False) -> Feed:
+        """A PUSH to inbox. backpressure: the audit path, whose batches are never dropped
+        (the loop pauses this stage's event inboxes while the peer is full)."""
         sock = self.ctx.socket(zmq.PUSH)
-        sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+        sock.setsockopt(zmq.SNDHWM, QUEUE_MESSAGES)
         sock.setsockopt(zmq.LINGER, LINGER_MS)
         sock.connect(inbox_address(self.settings.run_dir, inbox))
         self.sockets.append(sock)
-        feed = Feed(sock, inbox, self.counters, backlog)
+        feed = Feed(sock, inbox, self.counters, backlog, backpressure)
         self.feeds.append(feed)
         return feed
 
@@ -171,6 +201,10 @@ class StageIO:
         """Poll a plain file descriptor (the ring buffer's epoll fd) with the sockets."""
         self.fds[fd] = on_readable
 
+    def holding_back(self) -> bool:
+        """A feed on the audit path is full: take no new events until it drains."""
+        return any(feed.holding_back for feed in self.feeds)
+
 
 class Stage(Protocol):
     name: str
@@ -178,6 +212,7 @@ class Stage(Protocol):
     def setup(self, io: StageIO) -> None: ...
     def handle(self, inbox: str, kind: str, records: list) -> None: ...
     def tick(self, now: float) -> None: ...
+    def accepting(self) -> bool: ...
     def hangup(self) -> None: ...
     def teardown(self) -> None: ...
 
@@ -199,6 +234,10 @@ class BaseStage:
 
     def tick(self, now: float) -> None:
         pass
+
+    def accepting(self) -> bool:
+        """False while the stage holds as much as it should: the loop takes no new events."""
+        return True
 
     def hangup(self) -> None:
         pass
@@ -287,7 +326,9 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
             for feed in io.feeds:
                 feed.flush()
                 if feed.pending():
-                    io.counters.add(f"{feed.name}_dropped", feed.pending())
+                    # On the audit path capture's journal still holds them: counted apart.
+                    lost = "unsent_at_stop" if feed.backpressure else "dropped"
+                    io.counters.add(f"{feed.name}_{lost}", feed.pending())
             _log_counters(io, log, final=True)
             for sock in io.sockets:
                 sock.close()
@@ -300,12 +341,10 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
 
 
 def _loop(stage: Stage, io: StageIO, signals: _Signals, ready_marker: Path) -> None:
-    poller = zmq.Poller()
-    for sock in io.inboxes:
-        poller.register(sock, zmq.POLLIN)
-    for fd in io.fds:
-        poller.register(fd, zmq.POLLIN)
+    requests = [(sock, inbox) for sock, inbox in io.inboxes.items() if inbox.pattern == "rep"]
+    events_in = [(sock, inbox) for sock, inbox in io.inboxes.items() if inbox.pattern == "pull"]
     complain = _OncePerKind(io.log)
+    io.serve_requests = lambda: _serve_requests(stage, requests, io, complain)
     interval = io.settings.counter_interval
     next_counters = time.monotonic() + interval
     marked_ready = False
@@ -315,10 +354,25 @@ def _loop(stage: Stage, io: StageIO, signals: _Signals, ready_marker: Path) -> N
         if io.ready and not marked_ready:
             write_atomic(ready_marker, f"pid={os.getpid()}\n")
             marked_ready = True
-        events = dict(poller.poll(POLL_MS if drain_started is None else 50))
+        taking = _taking(stage, io)
+        poller = zmq.Poller()
+        for sock, _ in requests:
+            poller.register(sock, zmq.POLLIN)
+        if taking:
+            for sock, _ in events_in:
+                poller.register(sock, zmq.POLLIN)
+        for feed in io.feeds:
+            if feed.holding_back:
+                poller.register(feed.socket, zmq.POLLOUT)  # wake as soon as the peer has room
+        for fd in io.fds:
+            poller.register(fd, zmq.POLLIN)
+        # A stage that holds a full batch gets its tick at once; otherwise wait for input.
+        timeout = 0 if not stage.accepting() else POLL_MS if drain_started is None else 50
+        events = dict(poller.poll(timeout))
+        io.serve_requests()
         received = False
-        for sock, inbox in io.inboxes.items():
-            if events.get(sock):
+        for sock, inbox in events_in:
+            if events.get(sock) and _taking(stage, io):
                 received |= _receive(stage, sock, inbox, io, complain)
         for fd, on_readable in io.fds.items():
             if events.get(fd):
@@ -334,7 +388,8 @@ def _loop(stage: Stage, io: StageIO, signals: _Signals, ready_marker: Path) -> N
             _log_counters(io, io.log)
             next_counters = now + interval
         if io.stop.is_set():
-            # Keep taking what upstream stages already sent, then stop.
+            # Keep taking what upstream stages already sent, then stop: anything from the
+            # kernel that is still on its way is in capture's journal and comes back later.
             if drain_started is None:
                 drain_started = quiet_since = now
             if received:
@@ -343,33 +398,58 @@ def _loop(stage: Stage, io: StageIO, signals: _Signals, ready_marker: Path) -> N
                 return
 
 
+def _taking(stage: Stage, io: StageIO) -> bool:
+    return stage.accepting() and not io.holding_back()
+
+
+def _decode(sock: zmq.Socket, inbox: Inbox, io: StageIO, complain) -> tuple[str, list] | None:
+    """One message from sock, validated for this inbox; None when it was rejected."""
+    frame = sock.recv(zmq.NOBLOCK)
+    try:
+        kind, records, bad = wire.decode(frame)
+        if kind not in inbox.kinds:
+            raise MessageError(f"kind {kind} is not accepted here")
+    except MessageError as err:
+        io.counters.add("malformed_messages")
+        complain(inbox.name, err)
+        return None
+    if bad:
+        io.counters.add("malformed_records", bad)
+        complain(inbox.name, MessageError(f"{kind}: {bad} record(s) with bad fields"))
+    io.counters.add(f"{kind}_received", len(records))
+    return kind, records
+
+
 def _receive(stage: Stage, sock: zmq.Socket, inbox: Inbox, io: StageIO, complain) -> bool:
+    """Event batches from one inbox, requests served between them; stops when held back."""
     received = False
     for _ in range(RECV_BURST):
         try:
-            frame = sock.recv(zmq.NOBLOCK)
+            message = _decode(sock, inbox, io, complain)
         except zmq.Again:
             break
         received = True
-        try:
-            kind, records, bad = wire.decode(frame)
-            if kind not in inbox.kinds:
-                raise MessageError(f"kind {kind} is not accepted here")
-        except MessageError as err:
-            io.counters.add("malformed_messages")
-            complain(inbox.name, err)
-            if inbox.pattern == "rep":
-                sock.send(b"")  # a REP socket must answer; an empty frame means "rejected"
-            continue
-        if bad:
-            io.counters.add("malformed_records", bad)
-            complain(inbox.name, MessageError(f"{kind}: {bad} record(s) with bad fields"))
-        io.counters.add(f"{kind}_received", len(records))
-        if inbox.pattern == "rep":
-            sock.send(stage.reply(inbox.name, kind, records))
-        else:
-            stage.handle(inbox.name, kind, records)
+        if message is not None:
+            stage.handle(inbox.name, *message)
+        io.serve_requests()
+        if not _taking(stage, io):
+            break
     return received
+
+
+def _serve_requests(stage: Stage, requests, io: StageIO, complain) -> int:
+    """Answer every request waiting now; returns how many."""
+    served = 0
+    for sock, inbox in requests:
+        while True:
+            try:
+                message = _decode(sock, inbox, io, complain)
+            except zmq.Again:
+                break
+            served += 1
+            # A REP socket must answer; an empty frame means "rejected".
+            sock.send(b"" if message is None else stage.reply(inbox.name, *message))
+    return served
 
 
 def _log_counters(io: StageIO, log: logging.Logger, final: bool = False) -> None:

@@ -206,10 +206,12 @@ def _unreported(spec: LayerSpec, stage: StageState | None, requested: Mapping[st
     return Layer(spec.name, "down", True, f"stage {spec.stage} is not running", spec.stage)
 
 
-def ring_buffer_report(reserve_failures: int) -> dict:
-    """capture's view: records the kernel could not reserve (their packets are summarized by
-    later records); the reader adds the drops between stages."""
-    return {"state": "on", "detail": "", "kernel_reserve_failures": reserve_failures}
+def ring_buffer_report(reserve_failures: int, kernel_lost: int = 0, records_lost: int = 0) -> dict:
+    """capture's view: records the ring buffer refused (parked by the kernel and swept into
+    the journal, not lost), packets the kernel could not even park, and records capture had
+    to drop (journal full and memory too); the reader adds the drops between stages."""
+    return {"state": "on", "detail": "", "kernel_reserve_failures": reserve_failures,
+            "kernel_lost_packets": kernel_lost, "records_lost": records_lost}
 
 
 def _ring_buffer(report: tuple[str, dict] | None, counters: Mapping[str, Mapping],
@@ -221,14 +223,20 @@ def _ring_buffer(report: tuple[str, dict] | None, counters: Mapping[str, Mapping
         return Layer("ring_buffer", "pending" if running else "down", True,
                      "capture has not reported yet" if running else "capture is not running",
                      "capture", {"dropped_between_stages": dropped})
-    lost = int(report[1].get("kernel_reserve_failures", 0))
-    facts = {"kernel_reserve_failures": lost, "dropped_between_stages": dropped}
+    refused = int(report[1].get("kernel_reserve_failures", 0))
+    lost = int(report[1].get("kernel_lost_packets", 0))
+    records_lost = int(report[1].get("records_lost", 0))
+    facts = {"kernel_reserve_failures": refused, "kernel_lost_packets": lost,
+             "records_lost": records_lost, "dropped_between_stages": dropped}
     total = sum(dropped.values())
-    if not lost and not total:
-        return Layer("ring_buffer", "on", True, "nothing lost so far", "capture", facts)
+    if not lost and not records_lost and not total:
+        detail = "nothing lost so far" + (
+            f" ({refused} record(s) the full ring buffer refused were parked and swept)"
+            if refused else "")
+        return Layer("ring_buffer", "on", True, detail, "capture", facts)
     return Layer("ring_buffer", "partial", True,
-                 f"{lost} kernel reserve failure(s) (their packets are summarized by later "
-                 f"records), {total} event(s) dropped between stages", "capture", facts)
+                 f"{lost} packet(s) the kernel could not park, {records_lost} record(s) "
+                 f"dropped by capture, {total} event(s) dropped between stages", "capture", facts)
 
 
 # ------------------------------------------------------------------ reading a run dir

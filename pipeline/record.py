@@ -12,6 +12,8 @@ import struct
 
 from .addresses import ipv4_text, ipv6_text
 from .events import RawEvent
+from .journal import Frame, event_id as journal_event_id
+from .kernel.structs import Event
 
 RECORD = struct.Struct("<BBBBIIHH16s16sQII16s")
 RECORD_SIZE = RECORD.size  # 80
@@ -52,7 +54,7 @@ class BpfBlockedEvent:
         return decode_record(self.pack(), mono_to_wall_ns)
 
 
-def decode_record(data: bytes, mono_to_wall_ns: int) -> RawEvent:
+def decode_record(data: bytes, mono_to_wall_ns: int, event_id: str = "", seq: int = 0) -> RawEvent:
     """BpfBlockedEvent.unpack(data).to_raw(...) without the intermediate object: this runs
     for every record the ring buffer delivers."""
     if len(data) < RECORD_SIZE:
@@ -65,4 +67,32 @@ def decode_record(data: bytes, mono_to_wall_ns: int) -> RawEvent:
         version, src, dst = 4, ipv4_text(src4), ipv4_text(dst4)
     name = comm.split(b"\0", 1)[0].decode("utf-8", "replace") if comm[0] else ""
     return RawEvent(version, allowed == 1, proto, flags, src, dst, sport, dport,
-                    ts + mono_to_wall_ns, pid, name, packets or 1)
+                    ts + mono_to_wall_ns, pid, name, packets or 1, event_id, seq)
+
+
+def decode_frame(frame: Frame, journal_id: str, skip_seq=None) -> list[RawEvent]:
+    """The records of a journal frame, each with its journal number and event id; records
+    of an older, shorter layout are zero-padded (struct sluice_event only grows at its end).
+    skip_seq(seq) -> True leaves a record out (one persist already stored)."""
+    events = []
+    pad = b"\0" * max(0, RECORD_SIZE - frame.record_size)
+    shift = frame.mono_to_wall_ns
+    if not frame.first_seq:  # not journaled (the journal was full or failing)
+        return [decode_record(frame.record(i) + pad, shift) for i in range(frame.count)]
+    for i in range(frame.count):
+        seq = frame.first_seq + i
+        if skip_seq is not None and skip_seq(seq):
+            continue
+        data = frame.record(i)
+        if pad:
+            data += pad
+        events.append(decode_record(data, shift, journal_event_id(journal_id, seq), seq))
+    return events
+
+
+def reported_record(template: Event, timestamp_ns: int, packets: int) -> bytes:
+    """A kernel record made from a flow's template (capture's sweeps): the packets it still
+    has to report, at the given monotonic time."""
+    record = Event.from_buffer_copy(template)
+    record.timestamp, record.packets = timestamp_ns, packets
+    return bytes(record)

@@ -124,12 +124,21 @@ def payloads(f: BinaryIO, name: str) -> Iterator[tuple[int, bytes]]:
         return
 
 
+def _fresh_raw_event(values: list, version: int) -> list:
+    """A recorded kernel event, replayed, is a new event: its journal number and event id
+    (absent before raw_events v2) are cleared, so the stages give it new ones."""
+    return (values[:-2] if version >= 2 else values) + ["", 0]
+
+
 def decode_frame(payload: bytes, name: str) -> Frame:
     try:
         arrival_ns, kind, version, rows = msgpack.unpackb(payload, raw=False)
         cls = messages.REGISTRY[kind]
-        if kind not in RECORDED_KINDS or version != cls.VERSION:
+        oldest = 1 if kind == "raw_events" else cls.VERSION
+        if kind not in RECORDED_KINDS or not oldest <= version <= cls.VERSION:
             raise MessageError(f"{kind} v{version} is not a recorded kind this sluice reads")
+        if kind == "raw_events":
+            rows = [_fresh_raw_event(values, version) for values in rows]
         return Frame(arrival_ns, kind, [cls.from_wire(values) for values in rows])
     except (ValueError, TypeError, KeyError, MessageError) as err:
         raise RecordingError(f"{name}: undecodable frame: {err}") from None

@@ -235,6 +235,8 @@ class NoReverseLookups:
 class _Collector:
     """Stands in for a stage's Feed: keeps what the stage sends, for the next stage."""
 
+    holding_back = False  # takes everything: nothing ever waits
+
     def __init__(self) -> None:
         self.records: list = []
 
@@ -257,7 +259,8 @@ class _LocalIO(StageIO):
     def bind_inboxes(self) -> dict:
         return {}
 
-    def connect_feed(self, inbox: str, backlog: int = 64) -> _Collector:
+    def connect_feed(self, inbox: str, backlog: int = 64,
+                     backpressure: bool = False) -> _Collector:
         return self.outputs.setdefault(inbox, _Collector())
 
     def connect_feeds(self) -> dict[str, _Collector]:

@@ -111,6 +111,12 @@ SETTINGS: tuple[Setting, ...] = (
             "SQLAlchemy URL of the audit store (SQLite file by default, PostgreSQL for a fleet)", _text),
     Setting("audit_log", "SLUICE_AUDIT_LOG", "/var/lib/sluice/audit.jsonl",
             "JSONL audit log, one cargowall-compatible record per line; empty = none", _optional_path),
+    Setting("journal_dir", "SLUICE_JOURNAL_DIR", "/var/lib/sluice/journal",
+            "where capture journals every kernel record before it travels (created mode 0700)",
+            _path),
+    Setting("journal_max_bytes", "SLUICE_JOURNAL_MAX_BYTES", "536870912",
+            "disk the journal may use; records beyond it travel unjournaled (counted)",
+            _positive_int),
     Setting("log_level", "SLUICE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR", _log_level),
     Setting("host", "SLUICE_HOST", "",
             "host name stored with every audit row; empty = this machine's host name", _text),
@@ -194,6 +200,8 @@ class Settings:
     cgroup: str
     db: str
     audit_log: Path | None
+    journal_dir: Path
+    journal_max_bytes: int
     log_level: str
     host: str
     counter_interval: float

@@ -42,7 +42,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from .audit import AuditEvent, sql_timestamp
+from .audit import AuditEvent, parse_timestamp, sql_timestamp
 from .errors import StoreError
 from .rollups import (GROUP_VALUES, MINUTE_KEY, TIMELINE_COUNTS, TOTAL_KEY, Deltas, Flipped,
                       Row, aggregate, flip, gather)
@@ -580,6 +580,17 @@ def as_row(e: AuditEvent) -> tuple:
             e.mid_stream, e.would_deny, e.blocked, e.packets)
 
 
+def from_row(row: Sequence) -> AuditEvent:
+    """The record of an audit_events row in COLUMNS order (as_row's inverse)."""
+    (event_id, host, timestamp, event_type, src_ip, dst_ip, dst_hostname, dst_port, protocol,
+     process, pid, matched_rule, auto_allowed_type, cname_chain, mid_stream, would_deny,
+     blocked, packets) = row
+    return AuditEvent(parse_timestamp(timestamp), event_type, src_ip, dst_ip, dst_hostname,
+                      dst_port, protocol, process, pid, matched_rule, auto_allowed_type,
+                      json.loads(cname_chain) if cname_chain else [], bool(mid_stream),
+                      bool(would_deny), bool(blocked), packets, event_id, host)
+
+
 # PostgreSQL takes a batch fastest as COPY into a scratch table that every commit empties,
 # then one INSERT ... SELECT that skips stored ids: about 1.8x the rows/s of executemany with
 # 8,192-row batches (benchmarks/replay_throughput.py shows the end-to-end effect).
@@ -977,6 +988,24 @@ class AuditStore:
             rows += batch.rows
             if batch.done:
                 return batch._replace(rows=rows)
+
+    def events_after(self, event_id: str, host: str, limit: int = 1_000_000) -> list[AuditEvent]:
+        """This host's rows written after the row of event_id, in the order they were
+        written ([] when event_id is not stored)."""
+        table = audit_events
+        try:
+            with self.engine.connect() as conn:
+                after = conn.execute(sa.select(table.c.id).where(
+                    table.c.event_id == event_id)).scalar()
+                if after is None:
+                    return []
+                rows = conn.execute(
+                    sa.select(*(table.c[name] for name in COLUMNS))
+                    .where(table.c.id > after, table.c.host == host)
+                    .order_by(table.c.id).limit(limit)).all()
+        except sa.exc.SQLAlchemyError as err:
+            raise StoreError(f"{self.url}: {_one_line(err)}") from None
+        return [from_row(row) for row in rows]
 
     def close(self) -> None:
         if self._checkpointer is not None:

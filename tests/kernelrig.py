@@ -28,6 +28,7 @@ class CaptureRig:
         self.run_dir = tmp_path / "run"
         self.bpf_dir = Path(f"/sys/fs/bpf/sluice-t{lab.tag}")
         self.env = base_env(SLUICE_INTERFACE=lab.client_if, SLUICE_RUN_DIR=str(self.run_dir),
+                            SLUICE_JOURNAL_DIR=str(tmp_path / "journal"),
                             SLUICE_BPF_DIR=str(self.bpf_dir), SLUICE_MODE=mode,
                             SLUICE_COUNTER_INTERVAL="0.5", **settings)
         self.settings = Settings.from_env(self.env)

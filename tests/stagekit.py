@@ -30,6 +30,7 @@ def stage_settings(tmp_path: Path, **env: str) -> Settings:
     values = {"SLUICE_RUN_DIR": str(tmp_path / "run"), "SLUICE_HOST": "test-host",
               "SLUICE_DB": f"sqlite:///{tmp_path}/audit.db",
               "SLUICE_AUDIT_LOG": str(tmp_path / "audit.jsonl"),
+              "SLUICE_JOURNAL_DIR": str(tmp_path / "journal"),
               "SLUICE_BPF_DIR": str(tmp_path / "no-bpffs"),
               "SLUICE_COUNTER_INTERVAL": "0.1", "SLUICE_FLUSH_INTERVAL": "0.05"}
     values.update(env)

@@ -30,6 +30,7 @@ class Pipeline:
             SLUICE_BPF_DIR=f"/sys/fs/bpf/sluice-e{lab.tag}",
             SLUICE_DB=f"sqlite:///{tmp_path}/audit.db",
             SLUICE_AUDIT_LOG=str(tmp_path / "audit.jsonl"),
+            SLUICE_JOURNAL_DIR=str(tmp_path / "journal"),
             SLUICE_POLICY=str(tmp_path / "policy.json"), SLUICE_COUNTER_INTERVAL="1",
             SLUICE_HOST="e2e-host")
         self.proc = None

@@ -10,7 +10,7 @@ T0 = 1_764_000_000_123_456_789
 
 def event(allowed=False, proto=6, src_port=40000, dst_port=443, flags=0, host="", **kw):
     raw = RawEvent(4, allowed, proto, flags, "10.0.0.2", "93.184.216.34", src_port, dst_port,
-                   T0, 321, "curl", kw.pop("packets", 1))
+                   T0, 321, "curl", kw.pop("packets", 1), "", 0)
     return EnrichedEvent.from_raw(raw, host, kw.pop("chain", None))
 
 

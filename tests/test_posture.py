@@ -172,3 +172,14 @@ def test_wait_ready_names_the_layers_of_a_failed_stage(tmp_path):
     assert result.output.strip() == (
         "sluice: layer classifier, cgroup_hooks, ipv6 not on: stage capture failed: "
         "no interface named 'nope0' (SLUICE_INTERFACE)")
+
+
+def test_records_the_full_ring_buffer_parked_are_not_a_loss():
+    reports = everything_on()
+    reports["ring_buffer"] = ("capture", {**ON, "kernel_reserve_failures": 40,
+                                          "kernel_lost_packets": 0, "records_lost": 0})
+    layer = combine(reports, stages(), {}, {}, None).layers["ring_buffer"]
+    assert layer.state == "on" and "40 record(s)" in layer.detail and "parked" in layer.detail
+    reports["ring_buffer"][1]["kernel_lost_packets"] = 2
+    layer = combine(reports, stages(), {}, {}, None).layers["ring_buffer"]
+    assert layer.state == "partial" and "2 packet(s) the kernel could not park" in layer.detail

@@ -22,7 +22,7 @@ log = logging.getLogger("test")
 
 def raw(port: int) -> RawEvent:
     return RawEvent(4, False, 6, 0, "10.0.0.2", "93.184.216.34", 40000, port, T0 + port, 7,
-                    "curl", 1)
+                    "curl", 1, "", 0)
 
 
 def mapping(name: str) -> DnsMapping:

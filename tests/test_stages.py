@@ -18,7 +18,7 @@ T0 = 1_764_000_000_000_000_000
 
 
 def raw(dst="93.184.216.34", port=443, allowed=False, proto=6, src_port=40000):
-    return RawEvent(4, allowed, proto, 0, "10.0.0.2", dst, src_port, port, T0, 77, "curl", 1)
+    return RawEvent(4, allowed, proto, 0, "10.0.0.2", dst, src_port, port, T0, 77, "curl", 1, "", 0)
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_enrich_forwards_every_event_and_survives_garbage(tmp_path, peer):
 def _push_and_check(stage, peer, out):
     push = peer.pusher("enrich")
     push.send(b"\x00garbage")
-    push.send(msgpack.packb({"kind": "raw_events", "v": 1, "records": [[1, 2, 3]]}))
+    push.send(msgpack.packb({"kind": "raw_events", "v": 2, "records": [[1, 2, 3]]}))
     push.send(messages.encode([raw(port=p) for p in range(1, 1201)]))
     got = Peer.receive(out, 1200)
     assert stage.finish() == 0

@@ -27,11 +27,11 @@ def lib() -> ctypes.CDLL:
         "bpf_map_update_elem": ([i32, vp, vp, ctypes.c_uint64], i32),
         "bpf_map_lookup_elem": ([i32, vp, vp], i32),
         "bpf_map_delete_elem": ([i32, vp], i32),
+        "bpf_map_lookup_and_delete_elem": ([i32, vp, vp], i32),
         "bpf_map_get_next_key": ([i32, vp, vp], i32),
         "bpf_prog_get_fd_by_id": ([u32], i32),
         "bpf_prog_detach2": ([i32, i32, i32], i32),
         "libbpf_num_possible_cpus": ([], i32),
-        "ring_buffer__epoll_fd": ([vp], i32),
         "bpf_obj_get_info_by_fd": ([i32, vp, ctypes.POINTER(u32)], i32),
     }
     for fn, (args, res) in signatures.items():
@@ -67,6 +67,11 @@ def lookup(fd: int, key, value) -> bool:
 
 def delete(fd: int, key) -> bool:
     return lib().bpf_map_delete_elem(fd, ctypes.byref(key)) == 0
+
+
+def take(fd: int, key, value) -> bool:
+    """Look up and delete in one step (a hash map): nothing added meanwhile is lost."""
+    return lib().bpf_map_lookup_and_delete_elem(fd, ctypes.byref(key), ctypes.byref(value)) == 0
 
 
 def keys(fd: int, key_type):

@@ -9,8 +9,8 @@ COMM_LEN = 16
 
 # Per-CPU counter indexes (SLUICE_CNT_*), by the name capture reports them under.
 KERNEL_COUNTERS = ("packets", "allowed", "denied", "events", "aggregated", "ringbuf_full",
-                   "malformed")
-COUNTER_SLOTS = 8
+                   "malformed", "parked", "lost")
+COUNTER_SLOTS = 10
 
 
 class Config(ctypes.Structure):

@@ -1,50 +1,143 @@
 """capture: load the classifier, attach it once policy has programmed the maps, drain events.
 
-Consumes: the kernel ring buffer (struct sluice_event, bpf/sluice.h).
-Produces: `raw_events` batches, pushed to enrich (ipc://<run_dir>/enrich.sock).
+Consumes: the kernel ring buffer (struct sluice_event, bpf/sluice.h), read straight from its
+          memory mapping (pipeline/kernel/ringbuf.py), and the records the kernel parked in
+          map_overflow when the ring buffer was full.
+Produces: `raw_events` batches, pushed to enrich (ipc://<run_dir>/enrich.sock). Every record
+          is first appended to the journal in SLUICE_JOURNAL_DIR (pipeline/journal.py) and
+          carries its journal number and a stable event id, so persist stores it exactly
+          once whatever stops or crashes in between.
 Binds:    no inbox. Connects: enrich.
 Kernel:   compiles bpf/sluice.c with bcc and pins every map under SLUICE_BPF_DIR (re-adopting
           pins a previous run left); attaches the cgroup socket hooks on SLUICE_CGROUP; puts
           the classifier on SLUICE_INTERFACE's egress only once the policy stage has marked
           the maps programmed (map_config.generation != 0), so there is no start-up window
           of false blocks.
-Never blocks: a batch enrich cannot take is kept in a small backlog, then dropped and
-          counted (enrich_dropped). Short records are counted (short_records) and skipped.
-          Packets of a flow that stops inside its aggregation window are reported by a sweep
-          of the flow map, so packet counts add up.
-Stop:     in audit mode a clean stop detaches everything; in enforce mode the filter and the
-          maps stay (fail closed) until `sluice detach`. The cgroup hooks always go.
+Never blocks: draining the ring buffer only copies it to the journal. Sending reads the
+          journal back as fast as enrich takes it: when enrich is behind, the backlog waits
+          on disk, not in memory. At start, what an earlier run journaled and persist has not
+          marked stored is sent again (records_resent), beside the new records.
+Losses:   a journal that is full (SLUICE_JOURNAL_MAX_BYTES) or failing is one log line and a
+          counter (journal_full, journal_errors); those records travel from memory (not
+          durable), and beyond MAX_UNJOURNALED_BYTES of them the oldest are dropped
+          (records_lost). Short records are counted (short_records) and skipped. Records
+          the ring buffer refused are swept from map_overflow (overflow_swept); packets the
+          kernel could not park at all are counted there (kernel_lost).
+Stop:     drains the ring buffer into the journal and exits without waiting for the backlog
+          to be sent (the next start sends it). In audit mode a clean stop detaches
+          everything; in enforce mode the filter and the maps stay (fail closed) until
+          `sluice detach`. The cgroup hooks always go.
 
 Example:  SLUICE_INTERFACE=eth0 sluice run capture
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
-import struct
 import threading
 import time
 
 import zmq
 
+from .. import messages
 from ..errors import KernelError
+from ..journal import Cursor, Frame, Journal, JournalError, is_marked, read_bitmap, segment_of
 from ..kernel import libbpf
 from ..kernel.doctor import blocking_failures
-from ..kernel.loader import (HOOKS, V6_HOOKS, Attachment, attach_filter, attach_hooks,
-                             cgroup_dir, detach_filter, detach_hooks, egress_interface,
-                             ipv6_disabled, load_classifier, remove_pins, AGG_WINDOW_NS,
-                             MIDSTREAM_WINDOW_NS)
+from ..kernel.loader import (AGG_WINDOW_NS, HOOKS, MIDSTREAM_WINDOW_NS, V6_HOOKS, Attachment,
+                             attach_filter, attach_hooks, cgroup_dir, detach_filter,
+                             detach_hooks, egress_interface, ipv6_disabled, load_classifier,
+                             remove_pins)
 from ..kernel.maps import read_counters
+from ..kernel.ringbuf import RingReader
 from ..kernel.structs import Config, FlowKey, FlowState
 from ..loop import BaseStage, StageIO, run_stage
 from ..posture import classifier_report, hooks_report, ipv6_report, ring_buffer_report
-from ..record import ShortRecord, decode_record
+from ..record import RECORD_SIZE, decode_frame, reported_record
 from ..rulemaps import ALLOW
 from ..settings import Settings
 
 SWEEP_INTERVAL_S = 1.0
 COUNTER_POLL_S = 1.0
+RELEASE_INTERVAL_S = 1.0
+DRAIN_BYTES = 4 << 20          # one journal frame at most: a read of the ring buffer
+SENDS_PER_TURN = 8             # batches sent per loop turn before the ring is drained again
+MAX_UNJOURNALED_BYTES = 64 << 20
 FLAG_MID_STREAM = 0x01
+
+
+class _Sender:
+    """Journal frames on their way to enrich, a batch at a time, never dropped.
+
+    Two cursors: records an earlier run left unstored, and this run's; turns alternate, so
+    a large recovery never delays today's events for long. A batch enrich refuses waits
+    (encoded) and is offered again."""
+
+    def __init__(self, journal: Journal, recovered_until: int) -> None:
+        self.journal = journal
+        self.recovery = Cursor(min(journal.segments, default=recovered_until))
+        self.recovery_until = recovered_until
+        self.live = Cursor(recovered_until)
+        self.unjournaled: collections.deque[Frame] = collections.deque()
+        self.unjournaled_bytes = 0
+        self.current: list = []         # decoded records of the frame being sent
+        self.from_recovery = False
+        self.turn = 0
+        self._bitmap: tuple[int, bytearray] | None = None
+
+    def next_batch(self, size: int) -> tuple[list, bool] | None:
+        """The next records to send (up to size) and whether they are resent ones."""
+        while not self.current:
+            if not self._load():
+                return None
+        batch, self.current = self.current[:size], self.current[size:]
+        return batch, self.from_recovery
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is known to be waiting (new frames wake the loop through the ring fd)."""
+        return (not self.current and not self.unjournaled and not self.recovering
+                and self.journal.at_end(self.live))
+
+    def _load(self) -> bool:
+        self.turn += 1
+        sources = [self._from_live, self._from_recovery]
+        if self.turn % 2:
+            sources.reverse()
+        return any(source() for source in sources)
+
+    def _from_live(self) -> bool:
+        if self.unjournaled:
+            frame = self.unjournaled.popleft()
+            self.unjournaled_bytes -= len(frame.payload)
+            return self._take(frame, recovery=False)
+        frame = self.journal.read(self.live)
+        return frame is not None and self._take(frame, recovery=False)
+
+    def _from_recovery(self) -> bool:
+        if self.recovery.index >= self.recovery_until:
+            return False
+        while True:
+            frame = self.journal.read(self.recovery)
+            if frame is None or segment_of(frame.first_seq) >= self.recovery_until:
+                self.recovery.index = self.recovery_until  # done: this run's frames are live
+                return False
+            index = segment_of(frame.first_seq)
+            if self._bitmap is None or self._bitmap[0] != index:
+                self._bitmap = (index, read_bitmap(self.journal.directory, index))
+            bitmap = self._bitmap[1]
+            if self._take(frame, recovery=True, skip=lambda seq: is_marked(bitmap, seq)):
+                return True
+
+    def _take(self, frame: Frame, recovery: bool, skip=None) -> bool:
+        self.current = decode_frame(frame, self.journal.journal_id, skip)
+        self.from_recovery = recovery
+        return bool(self.current)
+
+    @property
+    def recovering(self) -> bool:
+        return self.recovery.index < self.recovery_until
 
 
 class CaptureStage(BaseStage):
@@ -52,9 +145,11 @@ class CaptureStage(BaseStage):
 
     def __init__(self) -> None:
         self.classifier = None
+        self.ring: RingReader | None = None
+        self.journal: Journal | None = None
         self.attachment = Attachment()
-        self.pending_records: list[bytes] = []
-        self.next_sweep = self.next_counters = 0.0
+        self.next_sweep = self.next_counters = self.next_release = 0.0
+        self.journal_failing = False
 
     def setup(self, io: StageIO) -> None:
         self.io = io
@@ -62,51 +157,106 @@ class CaptureStage(BaseStage):
         for failure in blocking_failures(settings):
             raise KernelError(failure.line())
         self.interface = egress_interface(settings)
+        self.journal = Journal(settings.journal_dir, settings.journal_max_bytes)
+        try:
+            found = self.journal.open()
+        except JournalError as err:
+            raise KernelError(str(err)) from None
+        io.counters.add("journal_damaged_bytes", found.damaged_bytes)
+        self.sender = _Sender(self.journal, self.journal.recovered_until)
         self.classifier = load_classifier(settings)
         self.attachment = Attachment(interface=self.interface, bpf_dir=str(settings.bpf_dir))
         cgroup = cgroup_dir(settings)
         self.attachment.cgroup = str(cgroup)
         self.attachment.hooks = attach_hooks(self.classifier, cgroup)
         self.attachment.save(settings.run_dir)
-        self.feed = io.connect_feed("enrich", backlog=256)
-        ring = self.classifier.bpf[b"map_events"]
-        ring.open_ring_buffer(self._on_record)
-        manager = self.classifier.bpf._ringbuf_manager
-        io.watch_fd(libbpf.lib().ring_buffer__epoll_fd(manager), self.drain)
+        self.feed = io.connect_feed("enrich", backpressure=True)
+        self.ring = RingReader(self.classifier.map_fd("map_events"),
+                               settings.ringbuf_pages * 4096, RECORD_SIZE)
+        io.watch_fd(self.classifier.map_fd("map_events"), self.drain)
         self.config_fd = self.classifier.map_fd("map_config")
         self.counters_fd = self.classifier.map_fd("map_counters")
         self.flows_fd = self.classifier.map_fd("map_flows")
+        self.overflow_fd = self.classifier.map_fd("map_overflow")
         self._report_layers()
-        io.log.info("loaded classifier, maps pinned in %s, %d cgroup hook(s) on %s; "
-                    "waiting for policy to program the maps before attaching to %s",
-                    settings.bpf_dir, len(self.attachment.hooks), cgroup, self.interface)
+        io.log.info("loaded classifier, maps pinned in %s, %d cgroup hook(s) on %s; journal %s "
+                    "(%d unfinished segment(s) from an earlier run); waiting for policy to "
+                    "program the maps before attaching to %s", settings.bpf_dir,
+                    len(self.attachment.hooks), cgroup, settings.journal_dir, found.segments,
+                    self.interface)
 
-    # ------------------------------------------------------------- ring buffer
-
-    def _on_record(self, _ctx, data, size) -> int:
-        self.pending_records.append(ctypes.string_at(data, size))
-        return 0
+    # ------------------------------------------------------------- ring buffer -> journal
 
     def drain(self) -> None:
-        """Consume every record in the ring buffer and push them in batches."""
-        self.classifier.bpf.ring_buffer_consume()
-        if not self.pending_records:
-            return
-        records, self.pending_records = self.pending_records, []
-        offset = time.time_ns() - time.monotonic_ns()
-        events = []
-        for data in records:
-            try:
-                events.append(decode_record(data, offset))
-            except ShortRecord:
-                self.io.counters.add("short_records")
-        self.io.counters.add("records_read", len(records))
-        self._push(events)
+        """Move every finished record from the ring buffer into the journal."""
+        while True:
+            slots, count = self.ring.read(DRAIN_BYTES)
+            if not count:
+                return
+            self.io.counters.add("records_read", count)
+            shift = time.time_ns() - time.monotonic_ns()
+            self._journal(Frame(0, count, self.ring.slot, 8, RECORD_SIZE, shift, slots))
 
-    def _push(self, events: list) -> None:
-        size = self.io.settings.batch_max
-        for start in range(0, len(events), size):
-            self.feed.send(events[start:start + size])
+    def _journal(self, frame: Frame) -> None:
+        """Append frame, split at segment ends; what cannot be journaled goes on from memory."""
+        journal, counters = self.journal, self.io.counters
+        while frame.count:
+            part = frame
+            room = journal.room(frame.count)
+            if room < frame.count:
+                cut = room * frame.stride
+                part = Frame(0, room, frame.stride, frame.skip, frame.record_size,
+                             frame.mono_to_wall_ns, frame.payload[:cut])
+                frame = Frame(0, frame.count - room, frame.stride, frame.skip,
+                              frame.record_size, frame.mono_to_wall_ns, frame.payload[cut:])
+            else:
+                frame = Frame(0, 0, 1, 0, 1, 0, b"")
+            if not journal.fits(len(part.payload)):
+                self._unjournaled(part, "journal_full",
+                                  f"journal {journal.directory} is full "
+                                  f"(SLUICE_JOURNAL_MAX_BYTES={journal.max_bytes})")
+                continue
+            try:
+                journal.append(part)
+            except JournalError as err:
+                part.first_seq = 0
+                self._unjournaled(part, "journal_errors", str(err))
+                continue
+            counters.add("records_journaled", part.count)
+            if self.journal_failing:
+                self.journal_failing = False
+                self.io.log.info("journal writes work again")
+
+    def _unjournaled(self, frame: Frame, counter: str, why: str) -> None:
+        self.io.counters.add(counter, frame.count)
+        if not self.journal_failing:
+            self.journal_failing = True
+            self.io.log.error("%s: records go on from memory, not durable until it has room "
+                              "(counted as %s)", why, counter)
+        sender = self.sender
+        sender.unjournaled.append(frame)
+        sender.unjournaled_bytes += len(frame.payload)
+        while sender.unjournaled_bytes > MAX_UNJOURNALED_BYTES:
+            oldest = sender.unjournaled.popleft()
+            sender.unjournaled_bytes -= len(oldest.payload)
+            self.io.counters.add("records_lost", oldest.count)
+
+    # ------------------------------------------------------------- journal -> enrich
+
+    def send(self) -> None:
+        """Offer enrich the next batches; one it cannot take waits in the feed's backlog
+        (never dropped), and nothing more is read from the journal until it is taken."""
+        sender, size = self.sender, self.io.settings.batch_max
+        for _ in range(SENDS_PER_TURN):
+            if self.feed.holding_back:
+                return
+            taken = sender.next_batch(size)
+            if taken is None:
+                return
+            records, resent = taken
+            if resent:
+                self.io.counters.add("records_resent", len(records))
+            self.feed.send(records)
 
     # ------------------------------------------------------------- periodic work
 
@@ -114,14 +264,26 @@ class CaptureStage(BaseStage):
         if not self.attachment.filter_attached and self._maps_programmed():
             self._attach()
         self.drain()
+        self.send()
         if now >= self.next_sweep:
             self.next_sweep = now + SWEEP_INTERVAL_S
             self._sweep_flows()
+            self._sweep_overflow()
+        if now >= self.next_release:
+            self.next_release = now + RELEASE_INTERVAL_S
+            deleted, unstored = self.journal.release()
+            self.io.counters.add("journal_segments_released", deleted)
+            self.io.counters.set("journal_unstored", unstored)
+            self.io.counters.set("journal_bytes", self.journal.size)
         if now >= self.next_counters:
             self.next_counters = now + COUNTER_POLL_S
             for name, value in read_counters(self.counters_fd).items():
                 self.io.counters.set(f"kernel_{name}", value)
             self._report_layers()
+
+    def accepting(self) -> bool:
+        # More to send and room for it: come back at once rather than after a poll timeout.
+        return self.feed.holding_back or self.sender.idle
 
     def _maps_programmed(self) -> bool:
         config = Config()
@@ -145,19 +307,21 @@ class CaptureStage(BaseStage):
                       "audit" if config.audit_mode else "enforce", config.generation)
         attached = self.attachment.filter_attached
         hooks = self.attachment.hooks
+        counters = self.io.counters
         for name, report in (
                 ("classifier", classifier_report(self.interface, self.io.settings.mode,
                                                  attached, kernel)),
                 ("cgroup_hooks", hooks_report(self.attachment.cgroup, len(hooks), len(HOOKS))),
                 ("ipv6", ipv6_report(self.interface, ipv6_disabled(self.interface),
                                      sum(h["attach_type"] in V6_HOOKS for h in hooks))),
-                ("ring_buffer", ring_buffer_report(self.io.counters.get("kernel_ringbuf_full")))):
+                ("ring_buffer", ring_buffer_report(counters.get("kernel_ringbuf_full"),
+                                                   counters.get("kernel_lost"),
+                                                   counters.get("records_lost")))):
             self.io.report_layer(name, **report)
 
     def _sweep_flows(self) -> None:
         """Report packets still pending in flows that went quiet inside their window."""
         now_ns = time.monotonic_ns()
-        offset = time.time_ns() - now_ns
         tails = []
         state = FlowState()
         for key in libbpf.keys(self.flows_fd, FlowKey):
@@ -168,24 +332,44 @@ class CaptureStage(BaseStage):
                 continue
             packets = state.pending
             libbpf.delete(self.flows_fd, key)  # the flow's next packet starts a fresh record
-            record = bytearray(bytes(state.last))
-            struct.pack_into("<Q", record, 48, now_ns)
-            struct.pack_into("<I", record, 60, packets)
-            tails.append(decode_record(bytes(record), offset))
+            tails.append(reported_record(state.last, now_ns, packets))
         if tails:
             self.io.counters.add("flow_tails_reported", len(tails))
-            self._push(tails)
+            self._journal_records(tails)
+
+    def _sweep_overflow(self) -> None:
+        """Records the ring buffer refused, parked by the kernel: into the journal."""
+        parked = []
+        state = FlowState()
+        for key in libbpf.keys(self.overflow_fd, FlowKey):
+            if libbpf.take(self.overflow_fd, key, state) and state.pending:
+                parked.append(reported_record(state.last, state.last.timestamp, state.pending))
+        if parked:
+            self.io.counters.add("overflow_swept", len(parked))
+            self._journal_records(parked)
+
+    def _journal_records(self, records: list[bytes]) -> None:
+        shift = time.time_ns() - time.monotonic_ns()
+        self.io.counters.add("records_read", len(records))
+        self._journal(Frame(0, len(records), RECORD_SIZE, 0, RECORD_SIZE, shift,
+                            b"".join(records)))
 
     # ------------------------------------------------------------- stop
 
     def teardown(self) -> None:
         if self.classifier is None:
+            if self.journal is not None:
+                self.journal.close()
             return
         settings = self.io.settings
         try:
             self.drain()
             self._sweep_flows()
+            self._sweep_overflow()
+            self.send()
         finally:
+            self.journal.close()
+            self.ring.close()
             detach_hooks(self.attachment.cgroup, self.attachment.hooks)
             self.attachment.hooks = []
             if settings.audit_mode:

@@ -74,7 +74,7 @@ class EnrichStage(BaseStage):
         self.reverse.start()
         io.watch_fd(self.reverse.fd, self._lookups_ended)
         io.bind_inboxes()
-        self.feed = io.connect_feed("policy", backlog=1024)
+        self.feed = io.connect_feed("policy", backpressure=True)
         io.ready = True
         io.log.info("listening on enrich.sock, feeding policy; names from %r; reverse lookups "
                     "via %r", policy, self.reverse)

@@ -10,6 +10,16 @@ Order:    records are committed to SQL in batches (SLUICE_BATCH_MAX x 16 records
           arrived within SLUICE_FLUSH_INTERVAL), and only then appended to the JSONL file, so
           the file never holds a record the database lacks. A record whose event_id is
           already stored is skipped in both (duplicates_skipped).
+Exactly once: records from capture's journal carry a journal number and a stable event id.
+          Once a record is in SQL and JSONL (or was found stored already, or was rejected),
+          persist marks it in the journal's acknowledgement bitmaps (SLUICE_JOURNAL_DIR/acks),
+          and capture deletes a segment when every record of it is marked; at start capture
+          sends the unmarked ones again and the event-id dedup stores each once. At start,
+          rows that a crash left committed to SQL but not yet written to JSONL are appended
+          to the file (jsonl_caught_up), found after the file's last line.
+Back-pressure: persist takes no new messages while it holds a commit's worth of records
+          (SLUICE_BATCH_MAX x 16) or while the database or the file fails; the backlog then
+          waits upstream, in the end in capture's journal, never in memory here.
 Bad input: a frame that is not an audit_records message is counted (malformed_messages) and
           skipped; so is a record with bad fields (malformed_records) or out-of-range values
           (records_rejected), each reason logged once. A record without timestamp, host or
@@ -17,9 +27,9 @@ Bad input: a frame that is not an audit_records message is counted (malformed_me
 Failures: an unusable database or log file at start stops the stage with one line (exit 5).
           Later, a failing SQL or JSONL write (database locked, disk full) keeps the records,
           is counted (store_errors, jsonl_errors), logged once per distinct error and retried
-          with backoff; beyond MAX_HELD records held, new ones are dropped and counted
-          (records_dropped). SIGHUP reopens the JSONL file (logrotate). SIGTERM stores
-          everything received before the stop, then exits.
+          with backoff. SIGHUP reopens the JSONL file (logrotate). A stop stores what is held,
+          then exits; what could not be stored is counted (records_unstored_at_stop) and, when
+          it came from capture, sent again at the next start.
 Retention: with SLUICE_RETENTION_DAYS, rows older than that are deleted in small batches
           while nothing waits to be committed (rows_pruned; pipeline/retention.py).
 
@@ -37,6 +47,7 @@ import zmq
 
 from ..audit import AuditEvent, AuditLogger, invalid_reason, new_event_id
 from ..errors import StoreError
+from ..journal import Acks, JournalError
 from ..loop import BaseStage, StageIO, run_stage
 from ..retention import Retention
 from ..settings import Settings
@@ -47,9 +58,6 @@ from ..store import AuditStore, StoreRejected
 # benchmarks/persist_throughput.py measures about 1.3x the rows/s at 8,192. One such commit
 # takes about 0.1 s, so stop and SIGHUP are still handled promptly.
 COMMIT_FACTOR = 16
-# About 4 s of a 50,000 records/s flood, about 100 MB: a database locked for longer than
-# that loses records (counted) rather than the host its memory.
-MAX_HELD = 200_000
 RETRY_FIRST_S = 0.1
 RETRY_MAX_S = 5.0
 
@@ -98,7 +106,8 @@ class PersistStage(BaseStage):
         self.unjournaled: list[AuditEvent] = []  # committed to SQL, not yet in the JSONL file
         self.pending_since: float | None = None
         self.complaints: set[str] = set()
-        self.dropping = False
+        self.acks: Acks | None = None
+        self.to_ack: list[tuple[str, int]] = []  # handled journal records, marked once on disk
 
     def setup(self, io: StageIO) -> None:
         self.io = io
@@ -112,6 +121,8 @@ class PersistStage(BaseStage):
         self.logger = AuditLogger(settings.audit_log, settings.audit_mode, clock=self.clock)
         self.retention = (Retention(settings.retention_days, self.clock)
                           if settings.retention_days else None)
+        self.ack_retry = _Retry("journal acknowledgement", "ack_errors", io)
+        self._catch_up_jsonl()
         io.bind_inboxes()
         io.ready = True
         io.log.info("storing audit records in %s (%s), JSONL %s; inbox %s",
@@ -123,16 +134,13 @@ class PersistStage(BaseStage):
 
     def handle(self, inbox: str, kind: str, records: list) -> None:
         now_ns = self.clock()
-        room = MAX_HELD - len(self.pending) - len(self.unjournaled)
         for record in records:
             reason = invalid_reason(record)
             if reason is not None:
                 self._reject(reason)
+                if record.seq:
+                    self.to_ack.append((record.event_id, record.seq))  # it will never store
                 continue
-            if room <= 0:
-                self._drop(1)
-                continue
-            room -= 1
             if not record.timestamp:
                 record.timestamp = now_ns
             if not record.host:
@@ -141,18 +149,30 @@ class PersistStage(BaseStage):
                 record.event_id = new_event_id(now_ns)
             self.pending.append(record)
 
+    def accepting(self) -> bool:
+        return len(self.pending) + len(self.unjournaled) < self.commit_rows
+
     def _reject(self, reason: str) -> None:
         self.io.counters.add("records_rejected")
         if reason not in self.complaints:
             self.complaints.add(reason)
             self.io.log.warning("skipping audit record: %s (counted, logged once)", reason)
 
-    def _drop(self, count: int) -> None:
-        self.io.counters.add("records_dropped", count)
-        if not self.dropping:
-            self.dropping = True
-            self.io.log.error("holding %d unstored records: dropping new ones until the "
-                              "store catches up (counted as records_dropped)", MAX_HELD)
+    def _catch_up_jsonl(self) -> None:
+        """Append the rows a crash left in SQL without their JSONL lines."""
+        last = self.logger.last_event_id()
+        if not last:
+            return
+        try:
+            missing = self.store.events_after(last, self.host)
+        except StoreError as err:
+            self.io.log.warning("cannot compare %s with the database: %s", self.logger.path, err)
+            return
+        if missing:
+            self.unjournaled.extend(missing)
+            self.io.counters.add("jsonl_caught_up", len(missing))
+            self.io.log.warning("%d row(s) were in SQL but not in %s (a crash between the two "
+                                "writes): appending them", len(missing), self.logger.path)
 
     # ------------------------------------------------------------- storing
 
@@ -165,6 +185,8 @@ class PersistStage(BaseStage):
             self._journal(now)
         if self.retention is not None and not self.pending:
             self._retain(now)
+        if self.to_ack and not self.unjournaled and now >= self.ack_retry.next_at:
+            self._acknowledge(now)
         self.io.counters.set("records_held", len(self.pending) + len(self.unjournaled))
 
     def _commit_due(self, now: float) -> bool:
@@ -187,7 +209,6 @@ class PersistStage(BaseStage):
                 self.unjournaled.extend(progress.stored)
         self.sql_retry.succeeded()
         self.pending_since = None
-        self.dropping = False
 
     def _store(self, batch: list[AuditEvent], progress: _Progress) -> None:
         """Insert batch; a row the database refuses is found by halving and rejected alone."""
@@ -197,6 +218,8 @@ class PersistStage(BaseStage):
             if len(batch) == 1:
                 self._reject(f"refused by the database: {err}")
                 progress.handled += 1
+                if batch[0].seq:
+                    self.to_ack.append((batch[0].event_id, batch[0].seq))
                 return
             middle = len(batch) // 2
             self._store(batch[:middle], progress)  # left first: handled stays a prefix
@@ -204,6 +227,8 @@ class PersistStage(BaseStage):
             return
         progress.handled += len(batch)
         progress.stored.extend(stored)
+        # Stored now or before (a record sent again): either way done once JSONL has it.
+        self.to_ack.extend((r.event_id, r.seq) for r in batch if r.seq)
         self.io.counters.add("rows_inserted", len(stored))
         self.io.counters.add("duplicates_skipped", len(batch) - len(stored))
 
@@ -230,6 +255,24 @@ class PersistStage(BaseStage):
             self.io.counters.add("records_stored", len(chunk))
         self.jsonl_retry.succeeded()
 
+    def _acknowledge(self, now: float) -> None:
+        """Mark in the journal's bitmaps what SQL and JSONL both hold now."""
+        if self.acks is None:
+            self.acks = Acks.open(self.io.settings.journal_dir)
+            if self.acks is None:
+                return  # no journal yet: capture has not started; try again later
+        for event_id, seq in self.to_ack:
+            self.acks.mark(event_id, seq)
+        try:
+            self.acks.flush()
+        except JournalError as err:
+            self.ack_retry.failed(now, err)  # marked in memory; written on the next try
+            self.to_ack.clear()
+            return
+        self.io.counters.add("records_acknowledged", len(self.to_ack))
+        self.to_ack.clear()
+        self.ack_retry.succeeded()
+
     # ------------------------------------------------------------- signals and stop
 
     def hangup(self) -> None:
@@ -250,11 +293,14 @@ class PersistStage(BaseStage):
                 now = time.monotonic()
                 self._commit_all(now)
                 self._journal(now)
-                lost = len(self.pending) + len(self.unjournaled)
-                if lost:
-                    self.io.counters.add("records_dropped", lost)
+                if not self.unjournaled:
+                    self._acknowledge(now)
+                left = len(self.pending) + len(self.unjournaled)
+                if left:
+                    self.io.counters.add("records_unstored_at_stop", left)
                     self.io.log.error("%d record(s) could not be stored before the stop "
-                                      "(counted as records_dropped)", lost)
+                                      "(counted as records_unstored_at_stop; those from "
+                                      "capture's journal come again at the next start)", left)
         finally:
             if self.logger is not None:
                 self.logger.close()

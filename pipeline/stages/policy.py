@@ -54,6 +54,10 @@ from ..settings import Settings
 
 
 
+# Allow requests waiting on the REP inbox are answered between every this many events.
+REQUEST_CHECK_EVERY = 32
+
+
 class EventIds:
     """Unique audit event ids: a random per-process prefix and a counter."""
 
@@ -85,7 +89,7 @@ class PolicyStage(BaseStage):
         self.watch = PolicyWatch(self.settings.policy)
         self.host = self.settings.host_name
         io.bind_inboxes()
-        self.persist = io.connect_feed("persist", backlog=1024)
+        self.persist = io.connect_feed("persist", backpressure=True)
         self.notify = io.connect_feed("notify")
         io.report_layer("policy", "pending", f"{self.policy.source}: loaded, waiting for "
                         f"capture's maps in {self.settings.bpf_dir}", **policy_facts(self.policy))
@@ -165,9 +169,12 @@ class PolicyStage(BaseStage):
         audit_mode = self.settings.audit_mode
         policy, firewall = self.policy, self.firewall
         out, notices = [], []
-        for event in records:
+        for n, event in enumerate(records, 1):
+            if n % REQUEST_CHECK_EVERY == 0:
+                self.io.serve_requests()  # a DNS answer never waits for a whole batch
             outcome = decide(
-                event, audit_mode=audit_mode, event_id=self.ids.next(), host=self.host,
+                event, audit_mode=audit_mode, event_id=event.event_id or self.ids.next(),
+                host=self.host,
                 auto_allowed_type=lambda ip, port, proto, name: get_auto_allowed_type(
                     policy, ip, port, proto, name),
                 late_allow=lambda e: late_allow(policy, firewall, e))
