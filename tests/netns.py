@@ -85,14 +85,22 @@ class Lab:
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
-    def start_pipeline(self, env: dict, log) -> subprocess.Popen:
+    def in_client_net(self, host_mounts: bool = False) -> list[str]:
+        """The prefix that runs a command in the client's network namespace. `ip netns exec`
+        gives it a mount namespace of its own (a fresh /sys: bpffs pins die with the run);
+        host_mounts keeps this machine's, as on a real host, where pins outlive a crash."""
+        if host_mounts:
+            return ["nsenter", f"--net=/run/netns/{self.client}"]
+        return self.exec_args(self.client)
+
+    def start_pipeline(self, env: dict, log, host_mounts: bool = False) -> subprocess.Popen:
         """`honcho start` of the real Procfile in the client namespace (no .env read), then
         `sluice wait-ready`; raises with the wait's complaint if the pipeline never gets up."""
         empty_env = Path(env["SLUICE_RUN_DIR"]).parent / "empty.env"
         empty_env.write_text("")
         bin_dir = Path(PYTHON).parent
         proc = subprocess.Popen(
-            self.exec_args(self.client) + [str(bin_dir / "honcho"), "start", "-f",
+            self.in_client_net(host_mounts) + [str(bin_dir / "honcho"), "start", "-f",
                                            str(ROOT / "Procfile"), "-e", str(empty_env)],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.processes.append(proc)

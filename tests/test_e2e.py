@@ -34,16 +34,17 @@ class Pipeline:
             SLUICE_POLICY=str(tmp_path / "policy.json"), SLUICE_COUNTER_INTERVAL="1",
             SLUICE_HOST="e2e-host")
         self.proc = None
+        self.host_mounts = False  # see Lab.in_client_net
 
     def sluice(self, *args: str, netns: bool = False, timeout: float = 60):
-        prefix = self.lab.exec_args(self.lab.client) if netns else []
+        prefix = self.lab.in_client_net(self.host_mounts) if netns else []
         return subprocess.run([*prefix, f"{VENV_BIN}/sluice", *args], env=self.env, cwd=ROOT,
                               capture_output=True, text=True, timeout=timeout)
 
     def start(self) -> "Pipeline":
         self.log = open(self.tmp / "honcho.log", "w")
         try:
-            self.proc = self.lab.start_pipeline(self.env, self.log)
+            self.proc = self.lab.start_pipeline(self.env, self.log, self.host_mounts)
         except RuntimeError as err:
             raise AssertionError(f"{err}\n{self.output()}") from None
         return self

@@ -165,7 +165,13 @@ class CaptureStage(BaseStage):
         io.counters.add("journal_damaged_bytes", found.damaged_bytes)
         self.sender = _Sender(self.journal, self.journal.recovered_until)
         self.classifier = load_classifier(settings)
+        crashed = Attachment.load(settings.run_dir)
+        if crashed is not None and crashed.hooks:
+            # A capture killed before its teardown left its hooks: replace them, not add.
+            detach_hooks(crashed.cgroup, crashed.hooks)
         self.attachment = Attachment(interface=self.interface, bpf_dir=str(settings.bpf_dir))
+        if crashed is not None and crashed.interface == self.interface:
+            self.attachment.qdisc_created = crashed.qdisc_created  # so a detach removes it
         cgroup = cgroup_dir(settings)
         self.attachment.cgroup = str(cgroup)
         self.attachment.hooks = attach_hooks(self.classifier, cgroup)
@@ -290,7 +296,8 @@ class CaptureStage(BaseStage):
         return libbpf.lookup(self.config_fd, ctypes.c_uint32(0), config) and config.generation != 0
 
     def _attach(self) -> None:
-        self.attachment.qdisc_created = attach_filter(self.interface, self.classifier.egress.fd)
+        created = attach_filter(self.interface, self.classifier.egress.fd)
+        self.attachment.qdisc_created = created or self.attachment.qdisc_created
         self.attachment.filter_attached = True
         self.attachment.save(self.io.settings.run_dir)
         self._report_layers()

@@ -1,0 +1,177 @@
+"""Nothing capture takes from the kernel is lost: kill -9, a stop with a backlog, a full journal.
+
+Each test floods blocked UDP datagrams, each to its own destination, from the client
+namespace (enforce mode, default deny), breaks the pipeline in one way, starts it again,
+and checks that every destination is stored exactly once, in SQL and JSONL alike.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.netns import ROOT, Lab, wait_for
+from tests.test_e2e import Pipeline
+
+pytestmark = pytest.mark.e2e
+
+TARGETS = ["10.202.0.1", "10.202.0.2", "10.202.0.3"]
+FIRST_PORT = 1024
+
+
+def flooding(lab: Lab, count: int, per_second: float = 0) -> subprocess.Popen:
+    return subprocess.Popen(
+        lab.exec_args(lab.client) + [sys.executable, "-m", "tests.tools.flood", str(count),
+                                     "--to", *TARGETS, "--first-port", str(FIRST_PORT),
+                                     "--per-second", str(per_second)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+
+def flood_done(proc: subprocess.Popen, count: int) -> None:
+    result = json.loads(proc.communicate(timeout=120)[0])
+    assert result == {**result, "judged": count, "errors": {}}, result
+
+
+def counters(pipeline: Pipeline, stage: str) -> dict:
+    try:
+        path = pipeline.tmp / "run" / f"{stage}.counters.json"
+        return json.loads(path.read_text())["counters"]
+    except (OSError, ValueError):
+        return {}
+
+
+def flood_rows(pipeline: Pipeline) -> collections.Counter:
+    """How often each flooded destination is stored (SQL)."""
+    return collections.Counter(
+        (r["dst_ip"], r["dst_port"]) for r in pipeline.rows()
+        if r["dst_ip"] in TARGETS and r["event_type"] == "connection_blocked")
+
+
+def assert_each_stored_once(pipeline: Pipeline, count: int) -> None:
+    stored = flood_rows(pipeline)
+    assert sum(stored.values()) == count and len(stored) == count, (
+        f"{len(stored)} destinations in {sum(stored.values())} rows, {count} sent")
+    rows = {r["event_id"] for r in pipeline.rows() if r["dst_ip"] in TARGETS}
+    lines = [line["event_id"] for line in pipeline.jsonl() if line.get("dst_ip") in TARGETS]
+    assert len(lines) == len(set(lines)) and set(lines) == rows, "JSONL and SQL disagree"
+
+
+def restart_until_stored(pipeline: Pipeline, count: int, timeout: float = 90) -> None:
+    pipeline.start()
+    try:
+        wait_for(lambda: sum(flood_rows(pipeline).values()) >= count, timeout,
+                 f"{count} flooded destinations stored after the restart")
+    except AssertionError as err:
+        state = {s: counters(pipeline, s) for s in ("capture", "enrich", "policy", "persist")}
+        raise AssertionError(f"{err}; {sum(flood_rows(pipeline).values())} stored; {state}")
+    wait_for(lambda: counters(pipeline, "capture").get("journal_unstored") == 0, 15,
+             "the journal to hold nothing unstored")
+
+
+def stage_pid(pipeline: Pipeline, stage: str) -> int:
+    return int((pipeline.tmp / "run" / f"{stage}.ready").read_text().split("=")[1])
+
+
+def finish(pipeline: Pipeline) -> None:
+    pipeline.stop()
+    detached = pipeline.sluice("detach", netns=True)
+    assert detached.returncode == 0, detached.stderr
+
+
+@pytest.fixture
+def pipeline(lab, tmp_path):
+    """Pins on this machine's bpffs, as on a real host: a crashed capture's ring buffer and
+    maps are there for the next one. The socket hooks go on a cgroup of the test's own."""
+    cgroup = Path(f"/sys/fs/cgroup/sluice-t{lab.tag}")
+    cgroup.mkdir()
+    pipeline = Pipeline(lab, tmp_path, {"defaultAction": "deny"})
+    pipeline.host_mounts = True
+    pipeline.env.update(SLUICE_COUNTER_INTERVAL="0.2", SLUICE_CGROUP=str(cgroup))
+    try:
+        yield pipeline
+    finally:
+        if pipeline.proc is not None and pipeline.proc.poll() is None:
+            pipeline.stop()
+        pipeline.sluice("detach", netns=True)
+        cgroup.rmdir()
+        assert not Path(pipeline.env["SLUICE_BPF_DIR"]).exists(), "pins left behind"
+
+
+@pytest.mark.parametrize("stage", ["capture", "enrich", "policy", "persist"])
+def test_kill_9_of_a_stage_in_a_flood_loses_and_repeats_nothing(lab, pipeline, stage):
+    count = 20_000
+    pipeline.start()
+    flood = flooding(lab, count, per_second=8_000)
+    wait_for(lambda: counters(pipeline, "capture").get("records_read", 0) >= 3_000, 30,
+             "the flood to reach capture")
+    os.kill(stage_pid(pipeline, stage), signal.SIGKILL)
+    pipeline.proc.wait(20)  # honcho stops the other stages when one dies
+    pipeline.log.close()
+    assert f"{stage}.1 stopped (rc=-9)" in pipeline.output()
+    flood_done(flood, count)
+
+    restart_until_stored(pipeline, count)
+    assert counters(pipeline, "capture").get("kernel_lost", 0) == 0
+    finish(pipeline)
+    assert_each_stored_once(pipeline, count)
+
+
+def test_a_stop_with_a_backlog_of_100000_records_loses_nothing(lab, pipeline):
+    count = 100_000
+    pipeline.start()
+    flood_done(flooding(lab, count), count)
+    pipeline.proc.send_signal(signal.SIGINT)  # at once, with the backlog still in the pipeline
+    pipeline.proc.wait(15)
+    pipeline.log.close()
+    assert "SIGKILL" not in pipeline.output()
+    first_run = sum(flood_rows(pipeline).values())
+    assert first_run < count, "no backlog at the stop: the test proves nothing"
+
+    restart_until_stored(pipeline, count, timeout=180)
+    capture = counters(pipeline, "capture")
+    assert capture["records_resent"] >= count - first_run
+    finish(pipeline)
+    assert_each_stored_once(pipeline, count)
+
+
+def test_a_full_journal_is_counted_and_the_pipeline_keeps_enforcing(lab, pipeline):
+    lab.start_server(80)
+    pipeline.env["SLUICE_JOURNAL_MAX_BYTES"] = str(64 * 1024)  # about 700 records
+    pipeline.start()
+    count = 5_000
+    flood_done(flooding(lab, count), count)
+    wait_for(lambda: sum(flood_rows(pipeline).values()) >= count, 60, "every record stored")
+    capture = counters(pipeline, "capture")
+    assert capture["journal_full"] > 0 and capture.get("records_lost", 0) == 0
+    assert "journal" in pipeline.output() and "is full" in pipeline.output()
+    assert not lab.client_run("tcp", Lab.SERVER_V4, "80", "--timeout", "1")["ok"]
+    finish(pipeline)
+    assert_each_stored_once(pipeline, count)
+
+
+def test_a_damaged_journal_is_skipped_with_a_warning_and_never_stored_twice(lab, pipeline):
+    count = 3_000
+    pipeline.start()
+    flood_done(flooding(lab, count), count)
+    wait_for(lambda: sum(flood_rows(pipeline).values()) >= count, 60, "every record stored")
+    finish(pipeline)
+    journal = pipeline.tmp / "journal"
+    segment = sorted(journal.glob("*.seg"))[-1]
+    with open(segment, "ab") as f:
+        f.write(b"\x10\x00\x00\x00garbage after the last frame")
+    (journal / "acks").joinpath(f"{segment.stem}.ack").unlink(missing_ok=True)  # all unstored
+
+    pipeline.start()
+    wait_for(lambda: counters(pipeline, "capture").get("journal_unstored") == 0, 30,
+             "the resent records to be acknowledged again")
+    assert counters(pipeline, "capture")["journal_damaged_bytes"] > 0
+    assert "cut or corrupt" in pipeline.output()
+    finish(pipeline)
+    assert_each_stored_once(pipeline, count)

@@ -1,0 +1,195 @@
+"""The journal on its own: append, read back, acknowledge, release, and damaged files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from pipeline.journal import (SEGMENT_HEAD, SEGMENT_RECORDS, Acks, Cursor, Frame, Journal,
+                              JournalError, event_id, read_bitmap, segment_of)
+from pipeline.record import RECORD, RECORD_SIZE, decode_frame
+
+
+def kernel_record(n: int) -> bytes:
+    """A struct sluice_event for a blocked TCP SYN to port n (its number is recognizable)."""
+    return RECORD.pack(4, 0, 6, 0, 0x0A000002, 0x5DB8D822, 40000, n % 65536, b"\0" * 16,
+                       b"\0" * 16, 1000 + n, 77, 1, b"curl".ljust(16, b"\0"))
+
+
+def frame(first: int, count: int, slot: int = RECORD_SIZE + 8) -> Frame:
+    """count records laid out as ring-buffer slots (an 8-byte header before each)."""
+    payload = b"".join(b"\x50\0\0\0\0\0\0\0" + kernel_record(first + i) + b"\0" * (slot - 8 -
+                       RECORD_SIZE) for i in range(count))
+    return Frame(0, count, slot, 8, RECORD_SIZE, 5_000, payload)
+
+
+def opened(path, max_bytes=1 << 30) -> Journal:
+    journal = Journal(path, max_bytes)
+    journal.open()
+    return journal
+
+
+def read_all(journal: Journal, cursor: Cursor) -> list[Frame]:
+    frames = []
+    while (f := journal.read(cursor)) is not None:
+        frames.append(f)
+    return frames
+
+
+def ports(frames: list[Frame], journal_id: str) -> list[int]:
+    return [e.dst_port for f in frames for e in decode_frame(f, journal_id)]
+
+
+def test_records_come_back_in_order_with_stable_numbers_and_ids(tmp_path):
+    journal = opened(tmp_path / "j")
+    for first in (0, 3, 10):
+        journal.append(frame(first, 3 if first < 10 else 5))
+    got = read_all(journal, Cursor(0))
+    events = [e for f in got for e in decode_frame(f, journal.journal_id)]
+    assert [e.dst_port for e in events] == [0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14]
+    assert [e.seq for e in events] == list(range(1, 12))
+    assert events[4].event_id == event_id(journal.journal_id, 5)
+    assert events[0].timestamp_ns == 1000 + 5_000 and events[0].comm == "curl"
+    assert oct(os.stat(tmp_path / "j").st_mode & 0o777) == "0o700"
+    assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in (tmp_path / "j").iterdir())
+
+
+def test_a_restart_keeps_the_id_and_never_reuses_a_number(tmp_path):
+    first = opened(tmp_path / "j")
+    first.append(frame(0, 4))
+    first.close()
+    second = opened(tmp_path / "j")
+    assert second.journal_id == first.journal_id
+    second.append(frame(100, 2))
+    seqs = [e.seq for f in read_all(second, Cursor(0)) for e in decode_frame(f, second.journal_id)]
+    assert seqs == [1, 2, 3, 4, SEGMENT_RECORDS + 1, SEGMENT_RECORDS + 2]
+
+
+def test_frames_never_cross_a_segment_and_room_says_how_many_fit(tmp_path):
+    journal = opened(tmp_path / "j")
+    journal.next_seq = SEGMENT_RECORDS - 1
+    assert journal.room(10) == 2
+    journal.append(frame(0, 2))
+    assert journal.room(10) == 10 and segment_of(journal.next_seq) == 1
+    journal.append(frame(2, 3))
+    assert sorted(journal.segments) == [0, 1]
+    assert ports(read_all(journal, Cursor(0)), journal.journal_id) == [0, 1, 2, 3, 4]
+
+
+def test_a_cut_last_frame_is_skipped_and_counted(tmp_path):
+    journal = opened(tmp_path / "j")
+    journal.append(frame(0, 3))
+    journal.append(frame(3, 3))
+    journal.close()
+    path = next((tmp_path / "j").glob("*.seg"))
+    os.truncate(path, path.stat().st_size - 7)  # a crash in the middle of the second write
+    again = Journal(tmp_path / "j", 1 << 30)
+    found = again.open()
+    assert found.damaged_segments == 1 and found.damaged_bytes > 0
+    assert ports(read_all(again, Cursor(0)), again.journal_id) == [0, 1, 2]
+
+
+def test_a_corrupt_frame_ends_its_segment_but_not_the_next(tmp_path):
+    journal = opened(tmp_path / "j")
+    journal.append(frame(0, 2))
+    journal.append(frame(2, 2))
+    journal.close()
+    journal = opened(tmp_path / "j")  # a second segment
+    journal.append(frame(50, 2))
+    journal.close()
+    first = sorted((tmp_path / "j").glob("*.seg"))[0]
+    data = bytearray(first.read_bytes())
+    data[SEGMENT_HEAD.size + 40] ^= 0xFF  # inside the first frame's payload
+    first.write_bytes(bytes(data))
+    again = Journal(tmp_path / "j", 1 << 30)
+    found = again.open()
+    assert found.damaged_segments == 1
+    assert ports(read_all(again, Cursor(0)), again.journal_id) == [50, 51]
+
+
+@pytest.mark.parametrize("garbage", [b"", b"not a journal at all", b"\0" * 4096])
+def test_a_segment_that_is_not_one_is_skipped(tmp_path, garbage):
+    journal = opened(tmp_path / "j")
+    journal.append(frame(0, 1))
+    journal.close()
+    (tmp_path / "j" / "0000000007.seg").write_bytes(garbage)
+    again = Journal(tmp_path / "j", 1 << 30)
+    assert again.open().damaged_segments == 1
+    assert ports(read_all(again, Cursor(0)), again.journal_id) == [0]
+    assert again.next_seq == 8 * SEGMENT_RECORDS + 1
+
+
+def test_persist_marks_and_capture_releases_only_finished_segments(tmp_path):
+    journal = opened(tmp_path / "j")
+    journal.append(frame(0, 3))
+    journal.close()
+    journal = opened(tmp_path / "j")  # segment 0 is finished now
+    journal.append(frame(10, 2))      # segment 1 is the active one
+    acks = Acks.open(tmp_path / "j")
+    jid = journal.journal_id
+    for seq in (1, 3, SEGMENT_RECORDS + 1, SEGMENT_RECORDS + 2):
+        acks.mark(event_id(jid, seq), seq)
+    acks.mark("someone-else-000000000002", 2)  # not this journal's id: ignored
+    acks.mark(event_id(jid, 2), 0)             # not journaled: ignored
+    acks.flush()
+    assert journal.release() == (0, 1)         # seq 2 is not stored yet
+    acks.mark(event_id(jid, 2), 2)
+    acks.mark(event_id(jid, 2), 2)             # marking twice changes nothing
+    acks.flush()
+    assert journal.release() == (1, 0)         # segment 0 goes; the active one stays
+    assert sorted(journal.segments) == [1]
+    assert not (tmp_path / "j" / "acks" / "0000000000.ack").exists()
+
+
+def test_acks_of_a_released_segment_are_not_written_again(tmp_path):
+    journal = opened(tmp_path / "j")
+    journal.append(frame(0, 1))
+    journal.close()
+    acks = Acks.open(tmp_path / "j")
+    (tmp_path / "j" / "0000000000.seg").unlink()  # capture released it
+    acks.mark(event_id(journal.journal_id, 1), 1)
+    acks.flush()
+    assert not (tmp_path / "j" / "acks" / "0000000000.ack").exists()
+    assert read_bitmap(tmp_path / "j", 0) == bytearray(SEGMENT_RECORDS // 8)
+
+
+def test_a_journal_at_its_limit_refuses_new_frames(tmp_path):
+    journal = opened(tmp_path / "j", max_bytes=4096)
+    assert journal.fits(1000) and not journal.fits(5000)
+
+
+@pytest.fixture
+def small_disk(tmp_path, kernel):
+    """A 64 KiB file system of its own (tmpfs), so the test can fill it."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_raises_and_the_next_numbers_are_not_reused(small_disk):
+    journal = opened(small_disk / "j")
+    with pytest.raises(JournalError, match="cannot write journal .*No space left"):
+        for n in range(1000):
+            journal.append(frame(n, 8))
+    failed_at = journal.next_seq
+    assert segment_of(failed_at) == segment_of(1) + 1  # the rest of that segment is skipped
+    journal.close()
+
+
+def test_an_unusable_directory_is_one_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(JournalError, match="cannot use journal directory"):
+        Journal(tmp_path / "file" / "j", 1 << 20).open()
+
+
+def test_records_of_an_older_shorter_layout_are_padded(tmp_path):
+    short = RECORD_SIZE - 16  # a layout without comm
+    payload = kernel_record(7)[:short]
+    events = decode_frame(Frame(1, 1, short, 0, short, 0, payload), "0123456789abcdef")
+    assert events[0].dst_port == 7 and events[0].comm == "" and events[0].seq == 1
