@@ -89,9 +89,9 @@ def detach() -> None:
 
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
-    """Show every protection layer and every stage: state, detail, latest counters.
-
-    Exits 0 when every requested layer is on, 1 otherwise."""
+    """Show every protection layer and every stage: state, detail, latest counters; then
+    in = out from the kernel to the store (read, journaled, sent, stored, pending, lost and
+    why). Exits 0 when every requested layer is on, 1 otherwise."""
     from .posture import read_posture, table
 
     posture = read_posture(settings_from_env(), STAGES)

@@ -25,6 +25,8 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+from . import accounting
+
 STATES = ("on", "off", "pending", "partial", "failed", "stale", "down")
 SETTLED_BAD = ("partial", "failed")  # reported by a live stage: waiting will not help
 
@@ -111,7 +113,9 @@ class Posture:
                 "layers": {name: layer.as_json() for name, layer in self.layers.items()},
                 "stages": {name: {"state": s.state, "pid": s.pid, "detail": s.detail,
                                   "counters": dict(s.counters)}
-                           for name, s in self.stages.items()}}
+                           for name, s in self.stages.items()},
+                "accounting": accounting.lines({name: s.counters
+                                                for name, s in self.stages.items()})}
 
 
 # ------------------------------------------------------------------ what stages report
@@ -333,6 +337,8 @@ def table(posture: Posture) -> str:
         stage_rows.append((s.name, s.state, text))
     width = [max(len(r[i]) for r in stage_rows) for i in range(2)]
     lines += [f"{r[0]:{width[0]}}  {r[1]:{width[1]}}  {r[2]}".rstrip() for r in stage_rows]
+    lines.append("")
+    lines += accounting.lines({s.name: s.counters for s in posture.stages.values()})
     problems = posture.problems()
     if problems:
         lines.append("")

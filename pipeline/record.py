@@ -70,16 +70,18 @@ def decode_record(data: bytes, mono_to_wall_ns: int, event_id: str = "", seq: in
                     ts + mono_to_wall_ns, pid, name, packets or 1, event_id, seq)
 
 
-def decode_frame(frame: Frame, journal_id: str, skip_seq=None) -> list[RawEvent]:
-    """The records of a journal frame, each with its journal number and event id; records
-    of an older, shorter layout are zero-padded (struct sluice_event only grows at its end).
-    skip_seq(seq) -> True leaves a record out (one persist already stored)."""
-    events = []
+def decode_frame(frame: Frame, journal_id: str, skip_seq=None, start: int = 0,
+                 stop: int | None = None) -> list[RawEvent]:
+    """Records start..stop of a journal frame, each with its journal number and event id;
+    records of an older, shorter layout are zero-padded (struct sluice_event only grows at
+    its end). skip_seq(seq) -> True leaves a record out (one persist already stored)."""
+    stop = frame.count if stop is None else min(stop, frame.count)
     pad = b"\0" * max(0, RECORD_SIZE - frame.record_size)
     shift = frame.mono_to_wall_ns
     if not frame.first_seq:  # not journaled (the journal was full or failing)
-        return [decode_record(frame.record(i) + pad, shift) for i in range(frame.count)]
-    for i in range(frame.count):
+        return [decode_record(frame.record(i) + pad, shift) for i in range(start, stop)]
+    events = []
+    for i in range(start, stop):
         seq = frame.first_seq + i
         if skip_seq is not None and skip_seq(seq):
             continue

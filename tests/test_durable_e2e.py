@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.kernel.loader import cgroup2_mounts
 from tests.netns import ROOT, Lab, wait_for
 from tests.test_e2e import Pipeline
 
@@ -89,7 +90,7 @@ def finish(pipeline: Pipeline) -> None:
 def pipeline(lab, tmp_path):
     """Pins on this machine's bpffs, as on a real host: a crashed capture's ring buffer and
     maps are there for the next one. The socket hooks go on a cgroup of the test's own."""
-    cgroup = Path(f"/sys/fs/cgroup/sluice-t{lab.tag}")
+    cgroup = cgroup2_mounts()[0] / f"sluice-t{lab.tag}"
     cgroup.mkdir()
     pipeline = Pipeline(lab, tmp_path, {"defaultAction": "deny"})
     pipeline.host_mounts = True
@@ -100,7 +101,10 @@ def pipeline(lab, tmp_path):
         if pipeline.proc is not None and pipeline.proc.poll() is None:
             pipeline.stop()
         pipeline.sluice("detach", netns=True)
+        hooks = subprocess.run(["bpftool", "cgroup", "show", str(cgroup)], capture_output=True,
+                               text=True).stdout
         cgroup.rmdir()
+        assert "sluice" not in hooks, f"hooks left behind: {hooks}"
         assert not Path(pipeline.env["SLUICE_BPF_DIR"]).exists(), "pins left behind"
 
 

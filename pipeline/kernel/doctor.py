@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import platform
 from dataclasses import dataclass
@@ -104,12 +105,13 @@ def check_headers() -> Check:
 
 
 def check_bcc() -> Check:
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        return Check("bcc", False, "python module bcc not importable",
+    # Found, not imported: importing maps bcc's compiler into this process for good, and
+    # capture loads the program in a child process precisely so that it never holds it.
+    spec = importlib.util.find_spec("bcc")
+    if spec is None or not spec.submodule_search_locations:
+        return Check("bcc", False, "python module bcc not found",
                      FIX_BOOTSTRAP + " (apt install python3-bpfcc, linked into the venv)")
-    return Check("bcc", True, Path(bcc.__file__).parent.as_posix())
+    return Check("bcc", True, Path(list(spec.submodule_search_locations)[0]).as_posix())
 
 
 def check_privileges() -> Check:

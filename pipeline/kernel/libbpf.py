@@ -31,6 +31,7 @@ def lib() -> ctypes.CDLL:
         "bpf_map_get_next_key": ([i32, vp, vp], i32),
         "bpf_prog_get_fd_by_id": ([u32], i32),
         "bpf_prog_detach2": ([i32, i32, i32], i32),
+        "bpf_prog_attach": ([i32, i32, i32, u32], i32),
         "libbpf_num_possible_cpus": ([], i32),
         "bpf_obj_get_info_by_fd": ([i32, vp, ctypes.POINTER(u32)], i32),
     }
@@ -94,6 +95,13 @@ def prog_fd_by_id(prog_id: int) -> int:
     if fd < 0:
         raise ProcessLookupError(f"no BPF program with id {prog_id}")
     return fd
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int) -> None:
+    rc = lib().bpf_prog_attach(prog_fd, target_fd, attach_type, flags)
+    if rc < 0:
+        err = _errno(rc)
+        raise OSError(err, os.strerror(err))
 
 
 def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> bool:

@@ -1,6 +1,6 @@
 """Compile, load, pin, attach and detach the kernel side (bcc + pyroute2 + libbpf).
 
-bcc is imported only here, only when a classifier is loaded. What one instance attached is
+bcc is imported only in pipeline/kernel/compile.py, a child process load_classifier starts. What one instance attached is
 written to <run_dir>/attachment.json, so `sluice detach` can undo it after the stage is gone.
 """
 
@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -173,37 +175,72 @@ class Attachment:
 
 # ---------------------------------------------------------------- load
 
-class Classifier:
-    """The loaded bcc module: the egress program, the hook programs and the maps."""
+MAPS = ("map_events", "map_config", "map_counters", "map_flows", "map_overflow")
+COMPILE_TIMEOUT_S = 120
+MAX_FDS = 16
 
-    def __init__(self, bpf_dir: Path, ringbuf_pages: int) -> None:
-        if ringbuf_pages & (ringbuf_pages - 1):
-            raise KernelError(f"SLUICE_RINGBUF_PAGES={ringbuf_pages}: must be a power of two")
-        try:
-            from bcc import BPF
-        except ImportError:
-            raise KernelError("bcc is missing: install python3-bpfcc (./bootstrap does)") from None
-        self.BPF = BPF
-        try:
-            self.bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags(bpf_dir, ringbuf_pages))
-            self.egress = self.bpf.load_func(b"sluice_egress", BPF.SCHED_CLS)
-            self.hooks = [(self.bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR,
-                                              attach_type=kind), kind) for name, kind in HOOKS]
-        except Exception as err:  # bcc raises bare Exception for compile and verifier errors
-            raise KernelError(f"cannot load {BPF_SOURCE.name}: {err} "
-                              "(run `sluice doctor`; a stale SLUICE_BPF_DIR from an older "
-                              "build is removed by `sluice detach`)") from None
+
+class Classifier:
+    """The loaded kernel side as file descriptors: the egress program, the hook programs and
+    the maps capture reads. Compiled in a child process (pipeline/kernel/compile.py), so no
+    compiler stays in this one."""
+
+    def __init__(self, fds: dict[str, int]) -> None:
+        self.fds = fds
+        self.egress_fd = fds["sluice_egress"]
+        self.hooks = [(fds[name], kind) for name, kind in HOOKS]
 
     def map_fd(self, name: str) -> int:
-        return self.bpf[name.encode()].map_fd
+        return self.fds[name]
 
     def cleanup(self) -> None:
-        self.bpf.cleanup()
+        """Close every fd: programs the kernel still uses (an attached filter) stay loaded."""
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
 
 
 def load_classifier(settings: Settings) -> Classifier:
     ensure_bpffs(settings.bpf_dir)
-    return Classifier(settings.bpf_dir, settings.ringbuf_pages)
+    if settings.ringbuf_pages & (settings.ringbuf_pages - 1):
+        raise KernelError(f"SLUICE_RINGBUF_PAGES={settings.ringbuf_pages}: must be a power of two")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.kernel.compile", str(theirs.fileno()),
+             str(settings.bpf_dir), str(settings.ringbuf_pages)],
+            pass_fds=[theirs.fileno()], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            cwd=BPF_SOURCE_DIR.parent)
+        theirs.close()
+        ours.settimeout(COMPILE_TIMEOUT_S)
+        try:
+            message, fds, _flags, _addr = socket.recv_fds(ours, 1 << 16, MAX_FDS)
+        except (OSError, socket.timeout) as err:
+            child.kill()
+            raise KernelError(f"cannot load {BPF_SOURCE.name}: no answer from the compiler "
+                              f"({err})") from None
+        _, stderr = child.communicate(timeout=COMPILE_TIMEOUT_S)
+    finally:
+        ours.close()
+    return _classifier(message, fds, stderr.decode(errors="replace"))
+
+
+def _classifier(message: bytes, fds: list[int], stderr: str) -> Classifier:
+    try:
+        names = json.loads(message)
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or len(names) != len(fds):
+        for fd in fds:
+            os.close(fd)
+        detail = names.get("error") if isinstance(names, dict) else (
+            stderr.strip().splitlines()[-1:] or ["the compiler exited without a word"])[0]
+        if "No module named 'bcc'" in str(detail):
+            detail = "bcc is missing: install python3-bpfcc (./bootstrap does)"
+        raise KernelError(f"cannot load {BPF_SOURCE.name}: {detail} (run `sluice doctor`; a "
+                          "stale SLUICE_BPF_DIR from an older build is removed by `sluice "
+                          "detach`)")
+    return Classifier(dict(zip(names, fds)))
 
 
 # ---------------------------------------------------------------- tc filter
@@ -260,11 +297,11 @@ def attach_hooks(classifier: Classifier, cgroup: Path) -> list[dict]:
     attached = []
     fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for fn, kind in classifier.hooks:
+        for prog_fd, kind in classifier.hooks:
             try:
-                classifier.BPF.attach_func(fn, fd, kind, flags=BPF_F_ALLOW_MULTI)
-                attached.append({"prog_id": libbpf.prog_id(fn.fd), "attach_type": kind})
-            except Exception as err:  # bcc raises bare Exception
+                libbpf.prog_attach(prog_fd, fd, kind, BPF_F_ALLOW_MULTI)
+                attached.append({"prog_id": libbpf.prog_id(prog_fd), "attach_type": kind})
+            except OSError as err:
                 log.warning("cgroup hook %s not attached (%s): events carry no process", kind, err)
     finally:
         os.close(fd)

@@ -82,6 +82,9 @@ class _Sender:
         self.unjournaled: collections.deque[Frame] = collections.deque()
         self.unjournaled_bytes = 0
         self.current: list = []         # decoded records of the frame being sent
+        self.frame: Frame | None = None  # that frame, decoded a batch at a time from frame_at
+        self.frame_at = 0
+        self.skip = None
         self.from_recovery = False
         self.turn = 0
         self._bitmap: tuple[int, bytearray] | None = None
@@ -89,16 +92,28 @@ class _Sender:
     def next_batch(self, size: int) -> tuple[list, bool] | None:
         """The next records to send (up to size) and whether they are resent ones."""
         while not self.current:
-            if not self._load():
+            if self.frame is not None:
+                self._decode(size)
+            elif not self._load():
                 return None
         batch, self.current = self.current[:size], self.current[size:]
         return batch, self.from_recovery
 
+    def _decode(self, size: int) -> None:
+        """The frame's next size records: a frame of a whole flood is never all in memory
+        as objects at once."""
+        start = self.frame_at
+        self.frame_at = min(start + size, self.frame.count)
+        self.current = decode_frame(self.frame, self.journal.journal_id, self.skip, start,
+                                    self.frame_at)
+        if self.frame_at == self.frame.count:
+            self.frame = None
+
     @property
     def idle(self) -> bool:
         """Nothing is known to be waiting (new frames wake the loop through the ring fd)."""
-        return (not self.current and not self.unjournaled and not self.recovering
-                and self.journal.at_end(self.live))
+        return (not self.current and self.frame is None and not self.unjournaled
+                and not self.recovering and self.journal.at_end(self.live))
 
     def _load(self) -> bool:
         self.turn += 1
@@ -131,9 +146,8 @@ class _Sender:
                 return True
 
     def _take(self, frame: Frame, recovery: bool, skip=None) -> bool:
-        self.current = decode_frame(frame, self.journal.journal_id, skip)
-        self.from_recovery = recovery
-        return bool(self.current)
+        self.frame, self.frame_at, self.skip, self.from_recovery = frame, 0, skip, recovery
+        return True
 
     @property
     def recovering(self) -> bool:
@@ -296,7 +310,7 @@ class CaptureStage(BaseStage):
         return libbpf.lookup(self.config_fd, ctypes.c_uint32(0), config) and config.generation != 0
 
     def _attach(self) -> None:
-        created = attach_filter(self.interface, self.classifier.egress.fd)
+        created = attach_filter(self.interface, self.classifier.egress_fd)
         self.attachment.qdisc_created = created or self.attachment.qdisc_created
         self.attachment.filter_attached = True
         self.attachment.save(self.io.settings.run_dir)
