@@ -1,14 +1,23 @@
 """Flood benchmark: blocked UDP datagrams to many destinations through the whole pipeline.
 
 Builds a client/server namespace pair, runs the real Procfile under honcho in the client
-namespace (enforce mode, default deny), sends N datagrams each to a distinct flow (so the
-kernel cannot aggregate them away), and reports packets sent, events the kernel emitted,
-rows stored, every loss counter, stored events per second, and each stage's peak RSS.
+namespace (enforce mode, default deny, every stage), sends N datagrams each to a distinct
+flow (so the kernel cannot aggregate them away), and meanwhile resolves fresh allowed names
+through the DNS proxy. It ends when everything the kernel handed over is stored (capture's
+journal holds nothing unstored and persist has a row for every record capture read), or at
+a deadline, which it reports as a failure, never as a rate.
 
-Baseline, measured in the same run: the same flood with no classifier attached (how fast
-the sender alone goes), and the kernel's event rate; ratios are printed against both.
+It prints in = out for the kernel and every stage; rows stored and stored events/s; packets
+unrecoverable (the kernel could not even park them) and any unexplained difference; the peak
+RSS of each stage and their total; whether honcho had to SIGKILL a stage at the stop; and
+the DNS answers' latency during the flood against the same with no flood.
 
-    sudo .venv/bin/python benchmarks/flood.py [--packets 300000]
+Baselines, measured in the same run: the sender alone with no classifier (its packet rate),
+and the DNS latency of the same proxy before the flood.
+
+    sudo .venv/bin/python benchmarks/flood.py [--packets 300000] [--rate 0] [--busy-core]
+
+--busy-core keeps one core busy with an unrelated program for the whole run.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ import argparse
 import json
 import os
 import signal
+import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,22 +40,29 @@ sys.path.insert(0, str(ROOT))
 from tests.netns import Lab, base_env  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
-STAGES = ("capture", "enrich", "policy", "persist", "notify")
+STAGES = ("capture", "enrich", "policy", "persist", "dns", "notify")
+DEADLINE_S = 600
+FRESH_NAMES = 20_000
 SENDER = r"""
 import socket, sys, time
-n, spread = int(sys.argv[1]), int(sys.argv[2])
+n, rate = int(sys.argv[1]), float(sys.argv[2])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setblocking(False)
-addrs = [(f"10.204.{(i % 60000) // 250}.{i % 250 + 1}", 10000 + i // 60000) for i in range(spread)]
+addrs = [(f"10.204.{(i % 60000) // 250}.{i % 250 + 1}", 10000 + i // 60000) for i in range(n)]
 sent = 0
 start = time.perf_counter()
 for i in range(n):
+    if rate and i % 200 == 0:
+        ahead = i / rate - (time.perf_counter() - start)
+        if ahead > 0:
+            time.sleep(ahead)
     try:
-        s.sendto(b"x", addrs[i % spread]); sent += 1
+        s.sendto(b"x", addrs[i]); sent += 1
     except OSError:
         sent += 1  # dropped by the classifier (ENOBUFS/EPERM): still a packet it judged
 print(sent, time.perf_counter() - start)
 """
+BUSY = "import os; os.sched_setaffinity(0, {0})\nwhile True: pass"
 
 
 def counters(run_dir: Path, stage: str) -> dict:
@@ -61,96 +79,172 @@ def peak_rss_kib(pid: int) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def stage_pids(run_dir: Path) -> dict[str, int]:
     return {s: int((run_dir / f"{s}.ready").read_text().split("=")[1]) for s in STAGES}
 
 
-def send(lab: Lab, packets: int, spread: int) -> tuple[int, float]:
+def send(lab: Lab, packets: int, rate: float) -> tuple[int, float]:
     out = subprocess.run(lab.exec_args(lab.client) + [sys.executable, "-c", SENDER, str(packets),
-                                                      str(spread)],
+                                                      str(rate)],
                          check=True, capture_output=True, text=True).stdout.split()
     return int(out[0]), float(out[1])
+
+
+def probe(lab: Lab, stop_file: Path, first: int, count: int = 0) -> subprocess.Popen:
+    args = ["--first", str(first), "--per-second", "20"]
+    args += ["--count", str(count)] if count else ["--stop-file", str(stop_file)]
+    return subprocess.Popen(lab.exec_args(lab.client) + [sys.executable, "-m",
+                                                         "tests.tools.dnsprobe", *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+
+def probed(proc: subprocess.Popen) -> dict:
+    return json.loads(proc.communicate(timeout=60)[0])
+
+
+def upstream(lab: Lab, tmp: Path) -> None:
+    zone = {f"n{i}.fresh.bench.test": {"A": ["10.202.0.4"], "ttl": 60}
+            for i in range(FRESH_NAMES)}
+    (tmp / "zone.json").write_text(json.dumps(zone))
+    proc = subprocess.Popen(lab.exec_args(lab.server) + [sys.executable, "-m",
+                                                         "tests.tools.dnsserver",
+                                                         f"{Lab.SERVER_V4}:53",
+                                                         str(tmp / "zone.json")],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    lab.processes.append(proc)
+    assert proc.stdout.readline().strip() == "ready"
+
+
+def everything_stored(run_dir: Path) -> bool:
+    capture, persist = counters(run_dir, "capture"), counters(run_dir, "persist")
+    read = capture.get("records_read", 0)
+    return (read > 0 and capture.get("journal_unstored", 1) == 0
+            and persist.get("rows_inserted", 0) + persist.get("duplicates_skipped", 0) >= read)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--packets", type=int, default=300_000)
+    parser.add_argument("--rate", type=float, default=0, help="packets/s; 0: as fast as it can")
+    parser.add_argument("--busy-core", action="store_true",
+                        help="keep one core busy with an unrelated program for the whole run")
     args = parser.parse_args()
-    spread = args.packets  # every datagram its own flow: the worst case for aggregation
 
+    busy = subprocess.Popen([sys.executable, "-c", BUSY]) if args.busy_core else None
     lab = Lab().create()
     # Every flooded destination is routed out of the client's veth.
     subprocess.run(["ip", "-n", lab.client, "route", "add", "default", "via", Lab.SERVER_V4],
                    check=True)
     tmp = Path(tempfile.mkdtemp(prefix="sluice-flood-"))
     run_dir = tmp / "run"
+    honcho = None
     try:
-        _, baseline_s = send(lab, args.packets, spread)
+        upstream(lab, tmp)
+        _, baseline_s = send(lab, args.packets, args.rate)
 
-        (tmp / "policy.json").write_text('{"defaultAction": "deny"}')
+        (tmp / "policy.json").write_text(json.dumps({"defaultAction": "deny", "rules": [
+            {"type": "hostname", "value": "*.fresh.bench.test", "action": "allow",
+             "ports": [{"port": 443, "protocol": "tcp"}]}]}))
         env = base_env(PATH=f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin", SLUICE_MODE="enforce",
-                       SLUICE_INTERFACE=lab.client_if, SLUICE_RUN_DIR=str(run_dir), SLUICE_JOURNAL_DIR=str(tmp / "journal"),
+                       SLUICE_INTERFACE=lab.client_if, SLUICE_RUN_DIR=str(run_dir),
+                       SLUICE_JOURNAL_DIR=str(tmp / "journal"),
                        SLUICE_BPF_DIR=f"/sys/fs/bpf/sluice-b{lab.tag}",
                        SLUICE_DB=f"sqlite:///{tmp}/audit.db", SLUICE_AUDIT_LOG=str(tmp / "audit.jsonl"),
-                       SLUICE_POLICY=str(tmp / "policy.json"), SLUICE_COUNTER_INTERVAL="0.5")
-        honcho = lab.start_pipeline(env, open(tmp / "honcho.log", "w"))
+                       SLUICE_POLICY=str(tmp / "policy.json"), SLUICE_COUNTER_INTERVAL="0.5",
+                       SLUICE_DNS_UPSTREAM=f"{Lab.SERVER_V4}:53")
+        log = open(tmp / "honcho.log", "w")
+        honcho = lab.start_pipeline(env, log)
         pids = stage_pids(run_dir)
-        cpu_before = {s: cpu_seconds(pid) for s, pid in pids.items()}
 
+        quiet = probed(probe(lab, tmp / "stop", first=0, count=100))
+        dns_during = probe(lab, tmp / "stop", first=1000)
         start = time.perf_counter()
-        sent, send_s = send(lab, args.packets, spread)
-        last, last_change = -1, time.perf_counter()
-        while time.perf_counter() - last_change < 3.0:
-            stored = counters(run_dir, "persist").get("rows_inserted", 0)
-            if stored != last:
-                last, last_change = stored, time.perf_counter()
+        sent, send_s = send(lab, args.packets, args.rate)
+        deadline = start + DEADLINE_S
+        while not everything_stored(run_dir) and time.perf_counter() < deadline:
             time.sleep(0.05)
-        stored_s = last_change - start
+        stored_s = time.perf_counter() - start
+        complete = everything_stored(run_dir)
+        (tmp / "stop").write_text("")
+        flood = probed(dns_during)
         rss = {s: peak_rss_kib(pid) for s, pid in pids.items()}
-        cpu = {s: cpu_seconds(pid) - cpu_before[s] for s, pid in pids.items()}
         honcho.send_signal(signal.SIGINT)
         honcho.wait(30)
+        log.close()
         subprocess.run(lab.exec_args(lab.client) + [str(VENV_BIN / "sluice"), "detach"], env=env,
                        capture_output=True)
-        report(sent, send_s, baseline_s, stored_s, rss, cpu,
-               {s: counters(run_dir, s) for s in STAGES})
+        report(args, sent, send_s, baseline_s, stored_s, complete, rss,
+               {s: counters(run_dir, s) for s in STAGES}, tmp, quiet, flood)
     finally:
+        if busy is not None:
+            busy.kill()
+        if honcho is not None and honcho.poll() is None:
+            honcho.kill()
         lab.close()
 
 
-def report(sent, send_s, baseline_s, stored_s, rss, cpu, stage_counters) -> None:
-    capture, persist = stage_counters["capture"], stage_counters["persist"]
-    events = capture.get("kernel_events", 0)
-    rows = persist.get("rows_inserted", 0)
-    print(f"packets sent              {sent}")
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 \
+        else (values[0] if values else float("nan"))
+
+
+def report(args, sent, send_s, baseline_s, stored_s, complete, rss, stage_counters, tmp,
+           quiet, flood) -> None:
+    c = stage_counters
+    k = c["capture"]
+    db = sqlite3.connect(f"file:{tmp}/audit.db?mode=ro", uri=True)
+    rows = db.execute("SELECT COUNT(*) FROM audit_events WHERE event_type = "
+                      "'connection_blocked' AND dst_ip LIKE '10.204.%'").fetchone()[0]
+    # Every denied packet, flooded or not (enrich's own reverse lookups are denied too here).
+    row_packets = db.execute("SELECT COALESCE(SUM(packets), 0) FROM audit_events WHERE "
+                             "event_type IN ('connection_blocked', 'protocol_blocked')").fetchone()[0]
+    db.close()
+    print(f"machine                   {os.cpu_count()} cores"
+          f"{', one kept busy by another program' if args.busy_core else ', quiet'}")
+    print(f"packets sent              {sent} in {send_s:.2f} s")
     print(f"sender alone (baseline)   {sent / baseline_s:,.0f} packets/s")
     print(f"sender with sluice        {sent / send_s:,.0f} packets/s "
           f"(ratio {baseline_s / send_s:.2f} of baseline)")
-    print(f"kernel: packets judged    {capture.get('kernel_packets', 0)}, denied "
-          f"{capture.get('kernel_denied', 0)}")
-    print(f"kernel: events emitted    {events}, aggregated {capture.get('kernel_aggregated', 0)}, "
-          f"ring-buffer full {capture.get('kernel_ringbuf_full', 0)}")
-    print(f"rows stored               {rows}")
-    print(f"stored events/s           {rows / stored_s:,.0f} "
-          f"(ratio to sender-alone packet rate {rows / stored_s / (sent / baseline_s):.2f})")
-    losses = {f"{s}.{k}": v for s, c in stage_counters.items() for k, v in c.items()
-              if ("dropped" in k or "malformed" in k or "short" in k or "full" in k) and v}
-    print(f"loss counters             {losses or 'all zero'}")
-    tails = capture.get("flow_tails_reported", 0)
-    print(f"records read by capture   {capture.get('records_read', 0)} (+ flow tails {tails})")
-    # Every denied packet is a row, or a record the ring buffer refused whose count the flow
-    # sweep did not recover (its flow entry was evicted first): both are counted.
-    unexplained = capture.get("kernel_denied", 0) - rows - (
-        capture.get("kernel_ringbuf_full", 0) - tails)
-    print(f"unexplained loss          {unexplained} (denied packets - rows - unrecovered "
-          f"ring-buffer refusals)")
-    print("peak RSS (MiB)            " + ", ".join(f"{s} {v / 1024:.0f}" for s, v in rss.items()))
-    print("CPU seconds (flood)       " + ", ".join(f"{s} {v:.1f}" for s, v in cpu.items()))
+    print(f"kernel                    judged {k.get('kernel_packets', 0)}, denied "
+          f"{k.get('kernel_denied', 0)}, records {k.get('kernel_events', 0)}, ring buffer "
+          f"full {k.get('kernel_ringbuf_full', 0)} -> parked {k.get('kernel_parked', 0)} "
+          f"packets, unrecoverable {k.get('kernel_lost', 0)}")
+    print(f"capture                   read {k.get('records_read', 0)} (swept from the "
+          f"overflow map {k.get('overflow_swept', 0)}, flow tails "
+          f"{k.get('flow_tails_reported', 0)}), journaled {k.get('records_journaled', 0)}, "
+          f"sent {k.get('enrich_sent', 0)}")
+    print(f"enrich                    in {c['enrich'].get('raw_events_received', 0)}, out "
+          f"{c['enrich'].get('policy_sent', 0)}")
+    print(f"policy                    in {c['policy'].get('enriched_events_received', 0)}, out "
+          f"{c['policy'].get('persist_sent', 0)} (notices {c['policy'].get('notify_sent', 0)} "
+          f"sent, {c['policy'].get('notify_dropped', 0)} dropped); allow requests "
+          f"{c['policy'].get('allow_requests_received', 0)}")
+    print(f"persist                   in {c['persist'].get('audit_records_received', 0)}, "
+          f"stored {c['persist'].get('rows_inserted', 0)}, duplicates "
+          f"{c['persist'].get('duplicates_skipped', 0)}")
+    print(f"rows stored               {rows} flooded destinations; {row_packets} denied packets in all"
+          f"{'' if complete else f'  FAILED: not everything stored within {DEADLINE_S} s'}")
+    if complete:
+        print(f"stored events/s           {rows / stored_s:,.0f} (ratio to sender-alone packet "
+              f"rate {rows / stored_s / (sent / baseline_s):.2f})")
+    unexplained = k.get("kernel_denied", 0) - row_packets - k.get("kernel_lost", 0)
+    print(f"unrecoverable packets     {k.get('kernel_lost', 0)} "
+          f"({k.get('kernel_lost', 0) / max(1, k.get('kernel_denied', 1)):.2%} of denied); "
+          f"unexplained {unexplained} (denied - stored packets - unrecoverable)")
+    print("peak RSS (MiB)            " + ", ".join(f"{s} {v / 1024:.0f}" for s, v in rss.items())
+          + f"; total {sum(rss.values()) / 1024:.0f}")
+    log = (tmp / "honcho.log").read_text()
+    print(f"SIGKILL at the stop       {'yes' if 'SIGKILL' in log else 'no'}")
+    for label, result in (("no flood (baseline)", quiet), ("during the flood", flood)):
+        lat = result["latencies_ms"]
+        print(f"DNS {label:21} {len(lat)} fresh names: p50 {percentile(lat, 50):.2f} ms, "
+              f"p99 {percentile(lat, 99):.2f} ms; answers {result['rcodes']}")
+    if quiet["latencies_ms"] and flood["latencies_ms"]:
+        print(f"DNS added by the flood    p50 "
+              f"{percentile(flood['latencies_ms'], 50) - percentile(quiet['latencies_ms'], 50):+.2f}"
+              f" ms, p99 "
+              f"{percentile(flood['latencies_ms'], 99) - percentile(quiet['latencies_ms'], 99):+.2f}"
+              f" ms")
 
 
 if __name__ == "__main__":

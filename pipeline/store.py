@@ -511,11 +511,12 @@ def _engine(url_text: str, *, readonly: bool, busy_timeout_ms: int,
         if readonly:
             pragmas.append("PRAGMA query_only=ON")  # also refuses writes to attached files
         else:
-            # A 64 MiB page cache keeps the indexes' hot pages in memory under a flood.
+            # A 32 MiB page cache keeps the indexes' hot pages in memory under a flood (every
+            # stage shares the host's memory budget: benchmarks/flood.py prints the total).
             # 16 KiB pages (for a new file; an existing one keeps its own): fewer, fuller
             # B-tree pages to update per batch (benchmarks/persist_throughput.py).
             pragmas += ["PRAGMA page_size=16384", "PRAGMA journal_mode=WAL",
-                        "PRAGMA synchronous=NORMAL", "PRAGMA cache_size=-65536"]
+                        "PRAGMA synchronous=NORMAL", "PRAGMA cache_size=-32768"]
             if not autocheckpoint:
                 pragmas.append("PRAGMA wal_autocheckpoint=0")
         _sqlite_events(engine, begin="BEGIN" if readonly else "BEGIN IMMEDIATE", pragmas=pragmas)

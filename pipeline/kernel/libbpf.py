@@ -8,10 +8,28 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 from functools import lru_cache
 
 from ..errors import KernelError
+
+
+class TcHook(ctypes.Structure):
+    """libbpf's struct bpf_tc_hook."""
+    _fields_ = [("sz", ctypes.c_size_t), ("ifindex", ctypes.c_int),
+                ("attach_point", ctypes.c_int), ("parent", ctypes.c_uint32)]
+
+
+class TcOpts(ctypes.Structure):
+    """libbpf's struct bpf_tc_opts."""
+    _fields_ = [("sz", ctypes.c_size_t), ("prog_fd", ctypes.c_int), ("flags", ctypes.c_uint32),
+                ("prog_id", ctypes.c_uint32), ("handle", ctypes.c_uint32),
+                ("priority", ctypes.c_uint32)]
+
+
+BPF_TC_INGRESS, BPF_TC_EGRESS = 1, 2
+BPF_TC_F_REPLACE = 1
 
 
 @lru_cache(maxsize=1)
@@ -35,6 +53,11 @@ def lib() -> ctypes.CDLL:
         "libbpf_num_possible_cpus": ([], i32),
         "bpf_obj_get_info_by_fd": ([i32, vp, ctypes.POINTER(u32)], i32),
     }
+    hook, opts = ctypes.POINTER(TcHook), ctypes.POINTER(TcOpts)
+    signatures.update({
+        "bpf_tc_hook_create": ([hook], i32), "bpf_tc_hook_destroy": ([hook], i32),
+        "bpf_tc_attach": ([hook, opts], i32), "bpf_tc_detach": ([hook, opts], i32),
+    })
     for fn, (args, res) in signatures.items():
         getattr(handle, fn).argtypes = args
         getattr(handle, fn).restype = res
@@ -115,3 +138,39 @@ def prog_id(prog_fd: int) -> int:
     if lib().bpf_obj_get_info_by_fd(prog_fd, info, ctypes.byref(size)) < 0:
         raise OSError(ctypes.get_errno(), "cannot read program info")
     return info[1]
+
+
+# ---------------------------------------------------------------- tc (clsact) filters
+
+def _hook(ifindex: int, points: int = BPF_TC_EGRESS) -> TcHook:
+    return TcHook(sz=ctypes.sizeof(TcHook), ifindex=ifindex, attach_point=points)
+
+
+def tc_hook_create(ifindex: int) -> bool:
+    """Add the clsact qdisc; False when it was there already (then it is not ours)."""
+    rc = lib().bpf_tc_hook_create(ctypes.byref(_hook(ifindex)))
+    if rc == -errno.EEXIST:
+        return False
+    if rc < 0:
+        raise OSError(-rc, f"cannot add clsact: {os.strerror(-rc)}")
+    return True
+
+
+def tc_attach(ifindex: int, prog_fd: int, handle: int, priority: int) -> None:
+    """Put prog_fd on egress in direct-action mode (libbpf always uses it), replacing ours."""
+    opts = TcOpts(sz=ctypes.sizeof(TcOpts), prog_fd=prog_fd, flags=BPF_TC_F_REPLACE,
+                  handle=handle, priority=priority)
+    rc = lib().bpf_tc_attach(ctypes.byref(_hook(ifindex)), ctypes.byref(opts))
+    if rc < 0:
+        raise OSError(-rc, f"cannot attach the egress filter: {os.strerror(-rc)}")
+
+
+def tc_detach(ifindex: int, handle: int, priority: int) -> bool:
+    opts = TcOpts(sz=ctypes.sizeof(TcOpts), handle=handle, priority=priority)
+    return lib().bpf_tc_detach(ctypes.byref(_hook(ifindex)), ctypes.byref(opts)) == 0
+
+
+def tc_hook_destroy(ifindex: int) -> bool:
+    """Remove the clsact qdisc (ingress and egress) and whatever is on it."""
+    hook = _hook(ifindex, BPF_TC_INGRESS | BPF_TC_EGRESS)
+    return lib().bpf_tc_hook_destroy(ctypes.byref(hook)) == 0

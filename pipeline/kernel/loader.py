@@ -1,4 +1,4 @@
-"""Compile, load, pin, attach and detach the kernel side (bcc + pyroute2 + libbpf).
+"""Compile, load, pin, attach and detach the kernel side (bcc in a child process, libbpf).
 
 bcc is imported only in pipeline/kernel/compile.py, a child process load_classifier starts. What one instance attached is
 written to <run_dir>/attachment.json, so `sluice detach` can undo it after the stage is gone.
@@ -7,7 +7,6 @@ written to <run_dir>/attachment.json, so `sluice detach` can undo it after the s
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import logging
 import os
@@ -18,8 +17,6 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from . import libbpf
 from ..errors import KernelError
@@ -32,8 +29,7 @@ BPF_SOURCE = BPF_SOURCE_DIR / "sluice.c"
 
 FILTER_PRIO = 0x51CE        # distinctive, so teardown removes exactly our filter
 FILTER_HANDLE = 1
-FILTER_NAME = "sluice_egress"
-CLSACT_EGRESS = "ffff:fff3"
+FILTER_NAME = "sluice_egress"  # tc shows the filter by its program's name
 BPF_F_ALLOW_MULTI = 2       # never displace other cgroup programs (systemd's)
 BPF_FS_MAGIC = 0xCAFE4A11
 
@@ -246,48 +242,34 @@ def _classifier(message: bytes, fds: list[int], stderr: str) -> Classifier:
 # ---------------------------------------------------------------- tc filter
 
 def attach_filter(interface: str, prog_fd: int) -> bool:
-    """Put the classifier on egress (direct-action); returns whether we created clsact."""
-    with IPRoute() as ipr:
-        index = _ifindex(ipr, interface)
-        created = True
-        try:
-            ipr.tc("add", "clsact", index)
-        except NetlinkError as err:
-            if err.code != errno.EEXIST:
-                raise KernelError(f"cannot add clsact on {interface}: {err}") from None
-            created = False
-        # Without direct-action a drop verdict would be read as a class id: silent fail-open.
-        ipr.tc("replace-filter", "bpf", index, f":{FILTER_HANDLE}", fd=prog_fd, name=FILTER_NAME,
-               parent=CLSACT_EGRESS, classid=1, direct_action=True, prio=FILTER_PRIO)
+    """Put the classifier on egress (direct-action: without it a drop verdict would be read
+    as a class id, a silent fail-open); returns whether we created clsact."""
+    index = _ifindex(interface)
+    try:
+        created = libbpf.tc_hook_create(index)
+        libbpf.tc_attach(index, prog_fd, FILTER_HANDLE, FILTER_PRIO)
+    except OSError as err:
+        raise KernelError(f"{interface}: {err.strerror}") from None
     return created
 
 
 def detach_filter(interface: str, remove_qdisc: bool) -> bool:
     """Remove our filter (and clsact if we created it); False when it was not there."""
-    with IPRoute() as ipr:
-        try:
-            index = _ifindex(ipr, interface)
-        except KernelError:
-            return False
-        removed = True
-        try:
-            ipr.tc("del-filter", "bpf", index, f":{FILTER_HANDLE}", parent=CLSACT_EGRESS,
-                   prio=FILTER_PRIO)
-        except NetlinkError:
-            removed = False
-        if remove_qdisc:
-            try:
-                ipr.tc("del", "clsact", index)
-            except NetlinkError:
-                pass
+    try:
+        index = _ifindex(interface)
+    except KernelError:
+        return False
+    removed = libbpf.tc_detach(index, FILTER_HANDLE, FILTER_PRIO)
+    if remove_qdisc:
+        libbpf.tc_hook_destroy(index)
     return removed
 
 
-def _ifindex(ipr: IPRoute, interface: str) -> int:
-    found = ipr.link_lookup(ifname=interface)
-    if not found:
-        raise KernelError(f"no interface named {interface!r} (SLUICE_INTERFACE)")
-    return found[0]
+def _ifindex(interface: str) -> int:
+    try:
+        return socket.if_nametoindex(interface)
+    except OSError:
+        raise KernelError(f"no interface named {interface!r} (SLUICE_INTERFACE)") from None
 
 
 # ---------------------------------------------------------------- cgroup hooks
