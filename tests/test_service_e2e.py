@@ -39,6 +39,7 @@ class Service:
             "SLUICE_INTERFACE": lab.client_if, "SLUICE_RUN_DIR": str(self.run_dir),
             "SLUICE_BPF_DIR": str(self.bpf_dir), "SLUICE_DB": f"sqlite:///{tmp_path}/audit.db",
             "SLUICE_AUDIT_LOG": str(tmp_path / "audit.jsonl"), "SLUICE_HOST": "svc-host",
+            "SLUICE_JOURNAL_DIR": str(tmp_path / "journal"),
             "SLUICE_COUNTER_INTERVAL": "1", "SLUICE_DNS_UPSTREAM": f"{Lab.SERVER_V4}:53", **env})
         for name in [k for k in self.env if k.startswith(("GITHUB_", "GITLAB_", "ACTIONS_"))]:
             del self.env[name]
