@@ -61,6 +61,11 @@ def lib() -> ctypes.CDLL:
     for fn, (args, res) in signatures.items():
         getattr(handle, fn).argtypes = args
         getattr(handle, fn).restype = res
+    # libbpf prints its own warnings to stderr (a detach of a filter that is not there, for
+    # one); every call here reports through its return code instead.
+    handle.libbpf_set_print.argtypes = [vp]
+    handle.libbpf_set_print.restype = vp
+    handle.libbpf_set_print(None)
     return handle
 
 
