@@ -603,20 +603,25 @@ _MOVE_SQL = (f"INSERT INTO audit_events ({_QUOTED}) SELECT {_QUOTED} FROM incomi
              "ON CONFLICT (event_id) DO NOTHING")
 
 
-def _copy_insert(conn: sa.Connection, rows: list[tuple]) -> int:
-    """Insert rows on PostgreSQL in the connection's transaction; returns the rows inserted."""
+def _copy(conn: sa.Connection, sql: str, rows: Sequence[tuple]) -> None:
+    """COPY rows into a scratch table on PostgreSQL, in the connection's transaction."""
     import psycopg
 
-    conn.exec_driver_sql(_SCRATCH_SQL)
     try:
         with conn.connection.dbapi_connection.cursor() as cursor:
-            with cursor.copy(_COPY_SQL) as copy:
+            with cursor.copy(sql) as copy:
                 for row in rows:
                     copy.write_row(row)
     except psycopg.OperationalError as err:
         raise StoreError(f"PostgreSQL: {_one_line(err)}") from None
     except psycopg.Error as err:  # raw driver errors: SQLAlchemy does not wrap a COPY
         raise StoreRejected(f"PostgreSQL: {_one_line(err)}") from None
+
+
+def _copy_insert(conn: sa.Connection, rows: list[tuple]) -> int:
+    """Insert rows on PostgreSQL in the connection's transaction; returns the rows inserted."""
+    conn.exec_driver_sql(_SCRATCH_SQL)
+    _copy(conn, _COPY_SQL, rows)
     return conn.exec_driver_sql(_MOVE_SQL).rowcount
 
 
@@ -651,28 +656,50 @@ _SET_TOTAL_SQL = ("UPDATE destinations SET "
                   "WHERE " + " AND ".join(f"{c} = ?" for c in TOTAL_KEY))
 
 
-def _upsert_sql(table: str, keys: Sequence[str], sums: Sequence[str],
-                firsts: Sequence[str] = (), lasts: Sequence[str] = ()) -> str:
-    """Add to a rollup row, creating it when new; NULL times never replace a value."""
-    columns = (*keys, *sums, *firsts, *lasts)
-    sets = [f"{c} = {table}.{c} + excluded.{c}" for c in sums]
-    for names, op in ((firsts, "<"), (lasts, ">")):
-        sets += [f"{c} = CASE WHEN {table}.{c} IS NULL OR excluded.{c} {op} {table}.{c} "
-                 f"THEN excluded.{c} ELSE {table}.{c} END" for c in names]
-    return (f"INSERT INTO {table} ({', '.join(columns)}) "
-            f"VALUES ({', '.join('?' * len(columns))}) "
-            f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {', '.join(sets)}")
+class _Upsert:
+    """Adds rows to a rollup table, creating them when new; NULL times never replace a value.
+
+    SQLite: one statement per row (executemany). PostgreSQL: the rows are copied into a
+    scratch table that each commit empties, then added by one statement, in key order (two
+    writers lock rows in the same order: no deadlock).
+    """
+
+    def __init__(self, table: str, keys: Sequence[str], sums: Sequence[str],
+                 firsts: Sequence[str] = (), lasts: Sequence[str] = ()) -> None:
+        names = ", ".join((*keys, *sums, *firsts, *lasts))
+        sets = [f"{c} = {table}.{c} + excluded.{c}" for c in sums]
+        for columns, op in ((firsts, "<"), (lasts, ">")):
+            sets += [f"{c} = CASE WHEN {table}.{c} IS NULL OR excluded.{c} {op} {table}.{c} "
+                     f"THEN excluded.{c} ELSE {table}.{c} END" for c in columns]
+        conflict = f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {', '.join(sets)}"
+        count = len(keys) + len(sums) + len(firsts) + len(lasts)
+        self.row_sql = (f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * count)}) "
+                        f"{conflict}")
+        scratch = f"incoming_{table}"
+        self.scratch_sql = (f"CREATE TEMP TABLE IF NOT EXISTS {scratch} ON COMMIT DELETE ROWS "
+                            f"AS SELECT {names} FROM {table} WITH NO DATA")
+        self.copy_sql = f"COPY {scratch} ({names}) FROM STDIN"
+        self.merge_sql = (f"INSERT INTO {table} ({names}) SELECT {names} FROM {scratch} "
+                          f"ORDER BY {', '.join(keys)} {conflict}")
+
+    def write(self, conn: sa.Connection, rows: list[tuple], postgresql: bool) -> None:
+        if not postgresql:
+            conn.exec_driver_sql(self.row_sql, rows)
+            return
+        conn.exec_driver_sql(self.scratch_sql)
+        _copy(conn, self.copy_sql, rows)
+        conn.exec_driver_sql(self.merge_sql)
 
 
 # Summed, then the earliest, then the latest: GROUP_VALUES is in this order.
 _GROUP_SUMS = (GROUP_VALUES[:2], GROUP_VALUES[2:4], GROUP_VALUES[4:])
 _UPSERTS = {
-    "late": _upsert_sql("late_keys", ("host", "dst_ip", "dst_port", "protocol"), (), (),
-                        ("last_late",)),
-    "minutes": _upsert_sql("activity_minutes", ("host", "minute"), TIMELINE_COUNTS),
-    "days": _upsert_sql("activity_days", ("host", "day"), TIMELINE_COUNTS),
-    "groups": _upsert_sql("destination_minutes", MINUTE_KEY, *_GROUP_SUMS),
-    "totals": _upsert_sql("destinations", TOTAL_KEY, *_GROUP_SUMS),
+    "late": _Upsert("late_keys", ("host", "dst_ip", "dst_port", "protocol"), (), (),
+                    ("last_late",)),
+    "minutes": _Upsert("activity_minutes", ("host", "minute"), TIMELINE_COUNTS),
+    "days": _Upsert("activity_days", ("host", "day"), TIMELINE_COUNTS),
+    "groups": _Upsert("destination_minutes", MINUTE_KEY, *_GROUP_SUMS),
+    "totals": _Upsert("destinations", TOTAL_KEY, *_GROUP_SUMS),
 }
 
 
@@ -683,7 +710,7 @@ class _Rollups:
         self.postgresql = dialect == "postgresql"
         # One text per statement, in the driver's placeholder style.
         self.sql = {name: self._driver(text) for name, text in
-                    {**_UPSERTS, "counted_groups": _COUNTED_GROUPS_SQL,
+                    {"counted_groups": _COUNTED_GROUPS_SQL,
                      "group_rows": _GROUP_ROWS_SQL, "set_group": _SET_GROUP_SQL,
                      "total_span": _TOTAL_SPAN_SQL, "set_total": _SET_TOTAL_SQL}.items()}
 
@@ -760,19 +787,16 @@ class _Rollups:
         return flipped
 
     def _write(self, conn: sa.Connection, deltas: Deltas, moved: dict[tuple, str]) -> None:
-        # Concurrent writers on PostgreSQL lock rows in one order (no deadlock); SQLite has
-        # one writer at a time and is spared the sort.
-        order = sorted if self.postgresql else list
         batches = {
-            "late": [(*k, ts) for k, ts in order(moved.items())],
-            "minutes": [(*k, *v) for k, v in order(deltas.minutes.items())],
-            "days": [(*k, *v) for k, v in order(deltas.days.items())],
-            "groups": [(*k, *v) for k, v in order(deltas.groups.items())],
-            "totals": [(*k, *v) for k, v in order(deltas.totals.items())],
+            "late": [(*k, ts) for k, ts in moved.items()],
+            "minutes": [(*k, *v) for k, v in deltas.minutes.items()],
+            "days": [(*k, *v) for k, v in deltas.days.items()],
+            "groups": [(*k, *v) for k, v in deltas.groups.items()],
+            "totals": [(*k, *v) for k, v in deltas.totals.items()],
         }
-        for name, params in batches.items():
-            if params:
-                conn.exec_driver_sql(self.sql[name], params)
+        for name, rows in batches.items():
+            if rows:
+                _UPSERTS[name].write(conn, rows, self.postgresql)
 
     def _respan(self, conn: sa.Connection, totals: set[tuple]) -> None:
         """Counted first and last of all-time groups that lost counted rows."""
