@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -16,7 +15,7 @@ from . import __version__
 from .cli_data import register as register_data_commands
 from .cli_service import register as register_service_commands
 from .errors import SluiceError
-from .settings import SETTINGS, Settings, configure_logging
+from .settings import SETTINGS, Settings
 from .topology import STAGES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -51,10 +50,9 @@ def run(stage: str = typer.Argument(..., help=f"one of: {', '.join(STAGES)}")) -
     """Run one pipeline stage in the foreground until SIGTERM/SIGINT."""
     if stage not in STAGES:
         fail(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}", 2)
-    settings = settings_from_env()
-    configure_logging(settings, f"sluice.{stage}")
-    module = importlib.import_module(f"pipeline.stages.{stage}")
-    raise typer.Exit(module.run(settings))
+    from .stages import run_named
+
+    raise typer.Exit(run_named(stage))
 
 
 @app.command("wait-ready")

@@ -1,8 +1,9 @@
 """The `sluice` executable.
 
-`sluice query` takes a short path that loads neither the command framework nor the writer's
-SQLAlchemy, only the database driver: a question over a rollup view is answered in a fraction
-of a second, start-up included. Anything the short path does not parse (help, a mistake) goes
+`sluice run STAGE` and `sluice query` take short paths. A stage never needs the command
+framework, so its long-lived process does not hold it. `sluice query` loads neither the
+command framework nor the writer's SQLAlchemy, only the database driver: a question over a
+rollup view is answered in a fraction of a second, start-up included. Anything the short path does not parse (help, a mistake) goes
 to the full command line in pipeline/cli.py, which runs the same query code.
 """
 
@@ -52,7 +53,28 @@ def quick_query(args: list[str]) -> int | None:
     return 0
 
 
+def quick_run(stage: str) -> int | None:
+    """`sluice run STAGE` without the command framework: six long-lived processes would each
+    keep its modules in memory for nothing. None when the full command line should explain."""
+    from .topology import STAGES
+
+    if stage not in STAGES:
+        return None
+    from .errors import SluiceError
+    from .stages import run_named
+
+    try:
+        return run_named(stage)
+    except SluiceError as err:
+        print(f"sluice: {err}", file=sys.stderr)
+        return err.exit_code
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "run":
+        code = quick_run(sys.argv[2])
+        if code is not None:
+            sys.exit(code)
     if sys.argv[1:2] == ["query"]:
         code = quick_query(sys.argv[2:])
         if code is not None:
