@@ -4,9 +4,10 @@ import json
 
 import msgpack
 import pytest
+import zmq
 
 from pipeline import messages
-from pipeline.events import RawEvent
+from pipeline.events import AllowRequest, RawEvent
 from pipeline.rulemaps import ALLOW, DENY, DictRuleMaps
 from pipeline.reverse import ReverseResolver
 from pipeline.stages.enrich import EnrichStage
@@ -117,3 +118,41 @@ def test_a_bad_policy_stops_the_stage_with_one_line(tmp_path, text, message):
     assert stage.exit_code == 3
     failed = (settings.run_dir / "policy.failed").read_text()
     assert failed.count("\n") == 1 and message in failed
+
+
+def test_a_full_audit_path_never_holds_back_an_allow_request(tmp_path, peer):
+    """persist takes nothing (its inbox is bound and never read): policy stops taking events,
+    and still answers the dns stage's requests, opening the maps first."""
+    maps = DictRuleMaps()
+    policy = {"defaultAction": "deny", "rules": [
+        {"type": "hostname", "value": "allowed.test", "action": "allow",
+         "ports": [{"port": 443, "protocol": "tcp"}]}]}
+    settings = stage_settings(tmp_path, SLUICE_POLICY=write_policy(tmp_path, policy),
+                              SLUICE_MODE="enforce", SLUICE_ALLOW_EXISTING_CONNECTIONS="false")
+    peer.inbox("persist")  # never read
+    stage = StageThread(PolicyStage(open_maps=lambda s: maps), settings).start()
+    push = peer.pusher("policy")
+    push.setsockopt(zmq.SNDTIMEO, 100)
+    batch = messages.encode([messages.REGISTRY["enriched_events"].from_raw(raw(port=p))
+                             for p in range(1, 513)])
+    sent = 0
+    try:
+        while True:  # until policy and the queues in between hold all they will take
+            push.send(batch)
+            sent += 512
+    except zmq.Again:
+        pass
+    wait_for(lambda: stage.counters().get("enriched_events_received", 0) > 0, "events taken")
+    request = peer.ctx.socket(zmq.REQ)
+    peer.sockets.append(request)
+    request.setsockopt(zmq.LINGER, 0)
+    request.connect(f"ipc://{settings.run_dir}/policy-allow.sock")
+    request.send(messages.encode([AllowRequest("r1", "www.allowed.test", ["192.0.2.7"], 60, [],
+                                               T0)]))
+    assert request.poll(10_000), "no answer while the audit path is full"
+    [reply] = messages.decode(request.recv())[1]
+    assert (reply.request_id, reply.ok, reply.allowed_ips) == ("r1", True, ["192.0.2.7"])
+    assert maps.verdict("192.0.2.7", 443, 6) == ALLOW
+    taken = stage.counters().get("enriched_events_received", 0)
+    assert taken < sent, "every event was taken: the audit path never filled up"
+    assert stage.finish() == 0
