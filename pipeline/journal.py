@@ -285,6 +285,7 @@ class Journal:
         self._fd: int | None = None
         self.next_seq = 1
         self.recovered_until = 0  # segments below this index existed at start
+        self.broken = ""          # why the directory cannot be used at all ("" = it can)
 
     # -- opening
 
@@ -361,6 +362,9 @@ class Journal:
         except OSError as err:
             self._close_active()  # the next append starts a fresh segment
             self.next_seq = (index + 1) * SEGMENT_RECORDS + 1
+            segment = self.segments.get(index)
+            if segment is not None and segment.records == 0:  # nothing in it: no file left
+                self._delete(segment)
             raise JournalError(f"cannot write journal in {self.directory}: "
                                f"{err.strerror or err}") from None
         segment.size += len(data)

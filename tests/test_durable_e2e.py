@@ -179,3 +179,34 @@ def test_a_damaged_journal_is_skipped_with_a_warning_and_never_stored_twice(lab,
     assert "cut or corrupt" in pipeline.output()
     finish(pipeline)
     assert_each_stored_once(pipeline, count)
+
+
+def test_a_journal_directory_that_cannot_be_used_never_stops_capture(lab, pipeline):
+    (pipeline.tmp / "journal").write_text("a file where the directory should be")
+    pipeline.start()
+    count = 2_000
+    flood_done(flooding(lab, count), count)
+    wait_for(lambda: sum(flood_rows(pipeline).values()) >= count, 60, "every record stored")
+    assert counters(pipeline, "capture")["journal_errors"] >= count
+    assert "cannot use journal directory" in pipeline.output()
+    finish(pipeline)
+    assert_each_stored_once(pipeline, count)
+
+
+def test_a_full_disk_under_the_journal_is_counted_and_nothing_waits_on_it(lab, pipeline):
+    journal = pipeline.tmp / "journal"
+    journal.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(journal)],
+                   check=True)
+    try:
+        pipeline.start()
+        count = 5_000
+        flood_done(flooding(lab, count), count)
+        wait_for(lambda: sum(flood_rows(pipeline).values()) >= count, 60, "every record stored")
+        capture = counters(pipeline, "capture")
+        assert capture["journal_errors"] > 0 and capture["records_journaled"] > 0
+        assert "No space left on device" in pipeline.output()
+        finish(pipeline)
+    finally:
+        subprocess.run(["umount", str(journal)], check=True)
+    assert_each_stored_once(pipeline, count)

@@ -42,7 +42,8 @@ import zmq
 
 from .. import messages
 from ..errors import KernelError
-from ..journal import Cursor, Frame, Journal, JournalError, is_marked, read_bitmap, segment_of
+from ..journal import (Cursor, Frame, Journal, JournalError, Recovery, is_marked, read_bitmap,
+                       segment_of)
 from ..kernel import libbpf
 from ..kernel.doctor import blocking_failures
 from ..kernel.loader import (AGG_WINDOW_NS, HOOKS, MIDSTREAM_WINDOW_NS, V6_HOOKS, Attachment,
@@ -64,6 +65,7 @@ RELEASE_INTERVAL_S = 1.0
 DRAIN_BYTES = 4 << 20          # one journal frame at most: a read of the ring buffer
 SENDS_PER_TURN = 8             # batches sent per loop turn before the ring is drained again
 MAX_UNJOURNALED_BYTES = 64 << 20
+JOURNAL_RETRY_S = 1.0          # after a failed write, the disk is tried again this much later
 FLAG_MID_STREAM = 0x01
 
 
@@ -164,6 +166,7 @@ class CaptureStage(BaseStage):
         self.attachment = Attachment()
         self.next_sweep = self.next_counters = self.next_release = 0.0
         self.journal_failing = False
+        self.journal_retry_at = 0.0
 
     def setup(self, io: StageIO) -> None:
         self.io = io
@@ -175,7 +178,11 @@ class CaptureStage(BaseStage):
         try:
             found = self.journal.open()
         except JournalError as err:
-            raise KernelError(str(err)) from None
+            # Enforcement never waits on the disk: run without durability, loudly.
+            found = Recovery()
+            self.journal.broken = str(err)
+            io.log.error("%s: every record goes on from memory, not durable (counted as "
+                         "journal_errors)", err)
         io.counters.add("journal_damaged_bytes", found.damaged_bytes)
         self.sender = _Sender(self.journal, self.journal.recovered_until)
         self.classifier = load_classifier(settings)
@@ -231,15 +238,22 @@ class CaptureStage(BaseStage):
                               frame.record_size, frame.mono_to_wall_ns, frame.payload[cut:])
             else:
                 frame = Frame(0, 0, 1, 0, 1, 0, b"")
+            if journal.broken:
+                self._unjournaled(part, "journal_errors", journal.broken)
+                continue
             if not journal.fits(len(part.payload)):
                 self._unjournaled(part, "journal_full",
                                   f"journal {journal.directory} is full "
                                   f"(SLUICE_JOURNAL_MAX_BYTES={journal.max_bytes})")
                 continue
+            if self.journal_failing and time.monotonic() < self.journal_retry_at:
+                self._unjournaled(part, "journal_errors", "")  # not every drain hits a full disk
+                continue
             try:
                 journal.append(part)
             except JournalError as err:
                 part.first_seq = 0
+                self.journal_retry_at = time.monotonic() + JOURNAL_RETRY_S
                 self._unjournaled(part, "journal_errors", str(err))
                 continue
             counters.add("records_journaled", part.count)
