@@ -146,19 +146,34 @@ def aggregate(batch: Batch, late: Mapping[LateKey, str]) -> Deltas:
     """The deltas of new rows, given the latest late-allow of each key after the batch."""
     deltas = Deltas()
     groups, totals = deltas.groups, deltas.totals
+    per_minute: dict[tuple, list[int]] = {}  # (host, minute, event type) -> [rows, superseded]
     for key, (n, first, last) in batch.groups.items():
-        host, minute, kind = key[0], key[1], key[5]
+        host, minute, ip, port, protocol, kind, destination, process, rule = key
         superseded, counted_first, counted_last = 0, first, last
         if kind == BLOCKED and late:
-            latest = late.get((host, key[2], key[3], key[4]))
+            latest = late.get((host, ip, port, protocol))
             if latest is not None and latest >= first:
                 if latest >= last:
                     superseded, counted_first, counted_last = n, None, None
                 else:
                     superseded, counted_first, counted_last = _split(batch, key, latest)
-        minute_z = minute + "Z"
+        counts = per_minute.get((host, minute, kind))
+        if counts is None:
+            per_minute[(host, minute, kind)] = [n, superseded]
+        else:
+            counts[0] += n
+            counts[1] += superseded
+        value = [n, n - superseded, first, counted_first, last, counted_last]
+        groups[(host, minute + "Z", ip, port, protocol, kind, destination, process, rule)] = value
+        total = (host, destination, port, protocol, process, kind, ip, rule)  # total_key
+        if total in totals:
+            _merge(totals[total], value)
+        else:
+            totals[total] = value.copy()
+    for (host, minute, kind), (n, superseded) in per_minute.items():
         slot = TYPE_SLOTS.get(kind)
-        for table, bucket in ((deltas.minutes, (host, minute_z)), (deltas.days, (host, minute[:10]))):
+        for table, bucket in ((deltas.minutes, (host, minute + "Z")),
+                              (deltas.days, (host, minute[:10]))):
             counts = table.get(bucket)
             if counts is None:
                 counts = table[bucket] = [0] * len(TIMELINE_COUNTS)
@@ -166,14 +181,6 @@ def aggregate(batch: Batch, late: Mapping[LateKey, str]) -> Deltas:
             if slot:
                 counts[slot] += n
             counts[_SUPERSEDED] += superseded
-        value = [n, n - superseded, first, counted_first, last, counted_last]
-        key = (host, minute_z, *key[2:])
-        groups[key] = value
-        total = total_key(key)
-        if total in totals:
-            _merge(totals[total], value)
-        else:
-            totals[total] = value.copy()
     return deltas
 
 
