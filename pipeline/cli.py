@@ -15,7 +15,7 @@ from . import __version__
 from .cli_data import register as register_data_commands
 from .cli_service import register as register_service_commands
 from .errors import SluiceError
-from .settings import SETTINGS, Settings
+from .settings import SETTINGS, Settings, shown
 from .topology import STAGES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -127,8 +127,8 @@ def settings() -> None:
     current = settings_from_env()
     for setting in SETTINGS:
         value = getattr(current, setting.name)
-        if setting.name == "notify_token" and value:
-            value = "<hidden>"
+        if isinstance(value, str):
+            value = shown(setting, value)
         typer.echo(f"{setting.variable}={'' if value is None else value}  "
                    f"# {setting.help} (default {setting.default!r})")
 

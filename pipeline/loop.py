@@ -34,6 +34,7 @@ import zmq
 
 from . import messages as wire
 from .errors import MessageError, SluiceError
+from .histogram import LATENCY_BOUNDS, Histogram
 from .settings import Settings
 from .topology import STAGES, Inbox, inbox_address
 
@@ -51,11 +52,18 @@ class Counters:
 
     def __init__(self) -> None:
         self._values: dict[str, int] = collections.defaultdict(int)
+        self.levels: set[str] = set()
 
     def add(self, name: str, n: int = 1) -> None:
         self._values[name] += n
 
     def set(self, name: str, value: int) -> None:
+        """A running total kept elsewhere (the kernel's counters)."""
+        self._values[name] = value
+
+    def level(self, name: str, value: int) -> None:
+        """A quantity that goes up and down (records held, a backlog): a gauge in /metrics."""
+        self.levels.add(name)
         self._values[name] = value
 
     def get(self, name: str) -> int:
@@ -140,6 +148,7 @@ class StageIO:
         self.stop = stop
         self.log = log
         self.counters = Counters()
+        self.histograms: dict[str, Histogram] = {}
         self.inboxes: dict[zmq.Socket, Inbox] = {}
         self.feeds: list[Feed] = []
         self.fds: dict[int, Callable[[], None]] = {}
@@ -196,6 +205,10 @@ class StageIO:
 
     def connect_feeds(self) -> dict[str, Feed]:
         return {inbox: self.connect_feed(inbox) for inbox in STAGES[self.name].feeds}
+
+    def histogram(self, name: str, bounds=LATENCY_BOUNDS) -> Histogram:
+        """A latency histogram written with the counters (name: e.g. answer_latency_seconds)."""
+        return self.histograms.setdefault(name, Histogram(bounds))
 
     def watch_fd(self, fd: int, on_readable: Callable[[], None]) -> None:
         """Poll a plain file descriptor (the ring buffer's epoll fd) with the sockets."""
@@ -456,10 +469,13 @@ def _log_counters(io: StageIO, log: logging.Logger, final: bool = False) -> None
     snapshot = io.counters.snapshot()
     text = " ".join(f"{k}={v}" for k, v in snapshot.items()) or "none yet"
     log.info("%scounters: %s", "final " if final else "", text)
+    state = {"stage": io.name, "pid": os.getpid(), "time": time.time(), "counters": snapshot}
+    if io.counters.levels:
+        state["levels"] = sorted(io.counters.levels)
+    if io.histograms:
+        state["histograms"] = {name: h.snapshot() for name, h in sorted(io.histograms.items())}
     try:
-        write_atomic(marker_path(io.settings.run_dir, io.name, "counters.json"),
-                     json.dumps({"stage": io.name, "pid": os.getpid(), "time": time.time(),
-                                 "counters": snapshot}))
+        write_atomic(marker_path(io.settings.run_dir, io.name, "counters.json"), json.dumps(state))
     except OSError as err:
         log.warning("cannot write counters file: %s", err)
 

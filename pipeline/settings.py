@@ -92,6 +92,7 @@ class Setting:
     default: str
     help: str
     parse: Callable[[str], Any]
+    secret: bool = False  # never shown: not in `sluice settings`, a repr or an error
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -144,7 +145,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("notify_url", "SLUICE_NOTIFY_URL", "",
             "webhook that receives one POST per new blocked destination; empty = log only", _text),
     Setting("notify_token", "SLUICE_NOTIFY_TOKEN", "",
-            "bearer token for the webhook (never logged)", _text),
+            "bearer token for the webhook (never logged)", _text, secret=True),
+    # The export stage (README "Export"). Checked by that stage, which reports a bad value
+    # in one line and goes on without that sink: a typo here must not stop the firewall.
+    Setting("otlp_endpoint", "SLUICE_OTLP_ENDPOINT", "",
+            "OTLP/HTTP collector base URL (/v1/logs is appended); every audit record is sent "
+            "there as a log record; empty = off", _text),
+    Setting("otlp_headers", "SLUICE_OTLP_HEADERS", "",
+            "extra HTTP headers for the collector, key=value,key=value (never logged)", _text,
+            secret=True),
+    Setting("syslog", "SLUICE_SYSLOG", "",
+            "unix:///dev/log, udp://host:port or tcp://host:port: one RFC 5424 line per "
+            "blocked, would-deny, late-allowed or refused-DNS record; empty = off", _text),
+    Setting("metrics_listen", "SLUICE_METRICS_LISTEN", "",
+            "host:port where the export stage serves Prometheus /metrics; empty = off", _text),
     Setting("record", "SLUICE_RECORD", "",
             "record everything that enters enrich to this file, for replay; empty = off",
             _optional_path),
@@ -215,6 +229,10 @@ class Settings:
     dns_timeout: float
     notify_url: str
     notify_token: str
+    otlp_endpoint: str
+    otlp_headers: str
+    syslog: str
+    metrics_listen: str
     record: Path | None
     record_max_bytes: int
     default_action: str
@@ -249,7 +267,7 @@ class Settings:
             try:
                 values[setting.name] = setting.parse(raw)
             except ValueError as err:
-                raise SettingsError(f"{setting.variable}={raw!r}: {err}") from None
+                raise SettingsError(f"{setting.variable}={shown(setting, raw)!r}: {err}") from None
         for name, raw in overrides.items():
             if raw is None:
                 continue
@@ -257,15 +275,17 @@ class Settings:
             try:
                 values[name] = setting.parse(str(raw)) if isinstance(raw, str) else raw
             except ValueError as err:
-                raise SettingsError(f"--{name.replace('_', '-')} {raw!r}: {err}") from None
+                raise SettingsError(f"--{name.replace('_', '-')} {shown(setting, str(raw))!r}: "
+                                    f"{err}") from None
         return cls(**values)
 
     def __repr__(self) -> str:
         # Secrets never reach a log line, even through a repr.
-        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if shown["notify_token"]:
-            shown["notify_token"] = "<hidden>"
-        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for setting in SETTINGS:
+            if isinstance(values[setting.name], str):
+                values[setting.name] = shown(setting, values[setting.name])
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in values.items()) + ")"
 
     @property
     def ci_preset(self) -> str:
@@ -281,6 +301,20 @@ class Settings:
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
+
+
+def shown(setting: Setting, value: str) -> str:
+    """A setting's value as it may appear in a log line or an error: secrets hidden, a URL
+    as scheme://host[:port] only (user info, a path or a query can each carry a secret:
+    many webhooks are one)."""
+    if setting.secret:
+        return "<hidden>" if value else ""
+    scheme, sep, rest = without_credentials(value).partition("://")
+    if not sep or scheme == "unix":
+        return value
+    authority, slash, more = rest.partition("/")
+    authority, query, _ = authority.partition("?")
+    return f"{scheme}://{authority}" + ("/<hidden>" if more.strip("/") or query else "")
 
 
 def without_credentials(value: str) -> str:

@@ -98,6 +98,16 @@ notified_destinations = sa.Table(
     sa.Column("delivered_at", sa.Text, nullable=False),
 )
 
+# The export stage's cursors: per host and sink ("otlp", "syslog"), the highest audit_events
+# id that sink has delivered; the export stage is the only writer of this table.
+export_cursors = sa.Table(
+    "export_cursors", metadata,
+    sa.Column("host", sa.Text, primary_key=True),
+    sa.Column("sink", sa.Text, primary_key=True),
+    sa.Column("last_id", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.Text, nullable=False),
+)
+
 # The rollups (pipeline/rollups.py says what each holds); persist and `sluice import` keep
 # them in step with audit_events in the same transaction. Counts are 64-bit; the views cast
 # their sums back to BIGINT, which PostgreSQL would otherwise widen to numeric.
@@ -426,6 +436,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ("0004_notified_destinations", lambda conn: notified_destinations.create(conn)),
     ("0005_rollups", _rollups_0005),
     ("0006_minute_groups", _minute_groups_0006),
+    ("0007_export_cursors", lambda conn: export_cursors.create(conn)),
 )
 
 _encode_json = msgspec.json.encode

@@ -45,6 +45,8 @@ STAGES: dict[str, StageWiring] = {
         feeds=(),
     ),
     "dns": StageWiring(inboxes=(), feeds=("enrich", "persist"), requests=("policy-allow",)),
+    # Reads the stored rows, not a socket: it is never on the path of an event.
+    "export": StageWiring(inboxes=(), feeds=()),
 }
 
 

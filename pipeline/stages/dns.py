@@ -38,6 +38,9 @@ Reload:   SIGHUP, or a change of the policy file: a valid policy replaces the ol
           invalid one is logged and the old one stays.
 Start:    an address that cannot be bound stops the stage with one line naming the address
           and the process holding it.
+Timing:   histograms answer_latency_seconds (a query's arrival to its answer) and
+          allow_round_trip_seconds (an allow request to policy's reply) are written with the
+          counters (<run_dir>/dns.counters.json); the export stage's /metrics serves them.
 
 Concurrency: one thread, no locks. The stage's sockets (listeners, client TCP connections,
 one UDP socket per upstream query, upstream TCP retries, and the ZeroMQ DEALER to policy) sit
@@ -164,6 +167,22 @@ class UdpClient:
 
     def dropped(self) -> None:
         """A query that gets no answer (it was malformed): nothing to keep track of."""
+
+
+class Timed:
+    """One query's client, timing the query from its arrival to its answer."""
+
+    __slots__ = ("client", "started", "latency")
+
+    def __init__(self, client, latency) -> None:
+        self.client, self.latency, self.started = client, latency, time.monotonic()
+
+    def send(self, wire: bytes, query: Query) -> None:
+        self.latency.observe(time.monotonic() - self.started)
+        self.client.send(wire, query)
+
+    def dropped(self) -> None:
+        self.client.dropped()
 
 
 class TcpClient:
@@ -431,6 +450,7 @@ class AllowClient:
                  clock: Callable[[], int]) -> None:
         self.io, self.timers, self.clock = io, timers, clock
         self.complained = False
+        self.round_trip = io.histogram("allow_round_trip_seconds")
         self.sock = io.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)   # an unanswered request is worthless after a stop
         self.sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
@@ -490,6 +510,8 @@ class AllowClient:
             return
         done, timer = waiting
         timer.cancel()
+        # The expiry timer was set ALLOW_WAIT_S after the request left.
+        self.round_trip.observe(time.monotonic() - (timer.when - ALLOW_WAIT_S))
         if reply.ok:
             done(True)
         else:
@@ -602,6 +624,7 @@ class DnsStage(BaseStage):
         self.enrich = io.connect_feed("enrich", backlog=1024)
         self.persist = io.connect_feed("persist", backlog=1024)
         self.allow = AllowClient(io, self.selector, self.timers, self.clock)
+        self.answer_latency = io.histogram("answer_latency_seconds")
         if self.generation is None:
             self.pinned = PinnedGeneration(settings.bpf_dir)
             self.generation = self.pinned.read
@@ -712,6 +735,7 @@ class DnsStage(BaseStage):
 
     def on_query(self, data: bytes, client) -> None:
         self.io.counters.add("queries")
+        client = Timed(client, self.answer_latency)
         if not self._answered_from_cache(data, client):
             self._on_full_query(data, client)
 

@@ -187,7 +187,7 @@ class PersistStage(BaseStage):
             self._retain(now)
         if self.to_ack and not self.unjournaled and now >= self.ack_retry.next_at:
             self._acknowledge(now)
-        self.io.counters.set("records_held", len(self.pending) + len(self.unjournaled))
+        self.io.counters.level("records_held", len(self.pending) + len(self.unjournaled))
 
     def _commit_due(self, now: float) -> bool:
         if not self.pending or now < self.sql_retry.next_at:

@@ -1,0 +1,334 @@
+"""The export stage on a real store, against a local OTLP/HTTP receiver and syslog sockets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.audit import AuditEvent, new_event_id
+from pipeline.exportstore import COLUMNS
+from pipeline.histogram import Histogram
+from pipeline.stages.export import ExportStage
+from pipeline.store import AuditStore
+from tests.stagekit import StageThread, stage_settings, wait_for
+from tests.tools.otlpreceiver import OtlpReceiver
+
+T0 = 1_767_225_600_000_000_000
+KINDS = ("connection_allowed", "connection_blocked", "connection_late_allowed",
+         "protocol_blocked", "dns_blocked")
+
+
+def fast_retry(failures, retry_after=None):
+    return 0.05
+
+
+def event(i: int, host: str = "test-host", kind: str | None = None, **fields) -> AuditEvent:
+    kind = kind or KINDS[i % len(KINDS)]
+    values = dict(timestamp=T0 + i * 1_000_003, event_type=kind, src_ip="10.0.0.2",
+                  dst_ip=f"93.184.{i % 7}.{i % 200}", dst_port=0 if kind == "dns_blocked" else 443,
+                  protocol="" if kind == "dns_blocked" else "TCP", process="curl", pid=1000 + i,
+                  dst_hostname=f"h{i % 9}.example" if i % 3 else "",
+                  matched_rule="*.example" if kind == "connection_late_allowed" else "",
+                  cname_chain=["a.example", "b.example"] if i % 11 == 0 else [],
+                  blocked=kind in ("connection_blocked", "protocol_blocked", "dns_blocked"),
+                  packets=1 + i % 3, event_id=new_event_id(T0 + i), host=host)
+    values.update(fields)
+    return AuditEvent(**values)
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.store = AuditStore(url)
+        self.store.migrate()
+        self.next = 0
+
+    def add(self, count: int, **fields) -> list[AuditEvent]:
+        events = [event(self.next + i, **fields) for i in range(count)]
+        self.next += count
+        assert self.store.write(events) == count
+        return events
+
+    def close(self) -> None:
+        self.store.close()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(f"sqlite:///{tmp_path}/audit.db")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def collector():
+    with OtlpReceiver() as receiver:
+        yield receiver
+
+
+def export(tmp_path, **env) -> StageThread:
+    return StageThread(ExportStage(delay=fast_retry), stage_settings(tmp_path, **env)).start()
+
+
+def expected_attributes(e: AuditEvent) -> dict:
+    """The record's fields by the JSONL line's omit-empty rule, timestamp aside."""
+    out = {}
+    for name in COLUMNS:
+        if name in ("id", "timestamp"):
+            continue
+        value = getattr(e, name)
+        if isinstance(value, bool) or value:
+            out[name] = value
+    return out
+
+
+def delivered_ids(collector) -> list[str]:
+    return [r["attributes"]["event_id"] for r in collector.records()]
+
+
+def test_every_record_of_this_host_arrives_once_with_its_fields(tmp_path, store, collector):
+    events = store.add(2500)
+    store.add(40, host="another-host")  # a fleet's store: other hosts export their own
+    stage = export(tmp_path, SLUICE_OTLP_ENDPOINT=collector.endpoint)
+    wait_for(lambda: len(collector.records()) >= 2500, "the stored records at the collector")
+    events += store.add(130)  # stored while the stage runs
+    wait_for(lambda: len(collector.records()) >= 2630, "records stored later")
+    assert stage.finish() == 0
+    records = collector.records()
+    by_id = {r["attributes"]["event_id"]: r for r in records}
+    assert len(records) == len(by_id) == 2630
+    for e in events:
+        r = by_id[e.event_id]
+        assert r["attributes"] == expected_attributes(e)
+        assert r["body"] == e.event_type and r["event_name"] == f"sluice.{e.event_type}"
+        assert r["time"] == e.timestamp
+        assert r["severity"] == ("WARN" if e.blocked else "INFO")
+    assert records[0]["resource"]["host.name"] == "test-host"
+    assert records[0]["resource"]["service.name"] == "sluice"
+    assert {path for _, path, _ in collector.requests} == {"/v1/logs"}
+    counters = stage.counters()
+    assert counters["otlp_exported"] == 2630 and counters.get("otlp_failures", 0) == 0
+
+
+def test_an_outage_and_a_restart_in_the_middle_lose_nothing_and_repeat_nothing(
+        tmp_path, store, collector):
+    store.add(300)
+    stage = export(tmp_path, SLUICE_OTLP_ENDPOINT=collector.endpoint)
+    wait_for(lambda: len(collector.records()) == 300, "the first records")
+    collector.down()
+    store.add(1500)
+    wait_for(lambda: stage.counters().get("otlp_failures", 0) >= 3, "attempts on a dead collector")
+    wait_for(lambda: stage.counters().get("otlp_backlog") == 1500, "the backlog counted")
+    assert stage.finish() == 0  # stopped while the collector is down
+    stage = export(tmp_path, SLUICE_OTLP_ENDPOINT=collector.endpoint)
+    store.add(200)
+    wait_for(lambda: stage.counters().get("otlp_failures", 0) >= 2, "attempts after the restart")
+    collector.up()
+    wait_for(lambda: len(collector.records()) >= 2000, "everything once the collector is back")
+    wait_for(lambda: stage.counters().get("otlp_backlog") == 0, "an empty backlog", timeout=15)
+    assert stage.finish() == 0
+    ids = delivered_ids(collector)
+    assert len(ids) == len(set(ids)) == 2000
+
+
+def test_5xx_is_retried_and_4xx_is_one_line_a_counter_and_skipped(tmp_path, store, collector,
+                                                                  caplog):
+    collector.answer = 503
+    store.add(50)
+    stage = export(tmp_path, SLUICE_OTLP_ENDPOINT=collector.endpoint)
+    wait_for(lambda: stage.counters().get("otlp_failures", 0) >= 3, "retries of a 503")
+    collector.answer = 200
+    wait_for(lambda: len(collector.records()) == 50, "the records after the 503s")
+    collector.answer = 400
+    with caplog.at_level(logging.WARNING, logger="sluice.export"):
+        for _ in range(3):
+            store.add(10)
+            wait_for(lambda: stage.counters().get("otlp_rejected", 0) >= store.next - 50,
+                     "rejected records counted")
+    collector.answer = 200
+    store.add(5)
+    wait_for(lambda: len(collector.records()) == 55, "records after the 400s")
+    assert stage.finish() == 0
+    counters = stage.counters()
+    assert counters["otlp_rejected"] == 30 and counters["otlp_exported"] == 55
+    refusals = [r for r in caplog.records if "HTTP 400" in r.getMessage()]
+    assert len(refusals) == 1 and "not retried" in refusals[0].getMessage()
+
+
+@pytest.mark.parametrize("env, counter, variable", [
+    ({"SLUICE_OTLP_ENDPOINT": "collector:4318"}, "otlp_config_errors", "SLUICE_OTLP_ENDPOINT"),
+    ({"SLUICE_OTLP_ENDPOINT": "http://127.0.0.1:9", "SLUICE_OTLP_HEADERS": "api-key"},
+     "otlp_config_errors", "SLUICE_OTLP_HEADERS"),
+    ({"SLUICE_SYSLOG": "syslog.example:514"}, "syslog_config_errors", "SLUICE_SYSLOG"),
+    ({"SLUICE_METRICS_LISTEN": "9464"}, "metrics_config_errors", "SLUICE_METRICS_LISTEN"),
+])
+def test_a_bad_setting_is_one_line_and_a_counter_and_the_stage_goes_on(tmp_path, env, counter,
+                                                                      variable, caplog):
+    with caplog.at_level(logging.ERROR, logger="sluice.export"):
+        stage = export(tmp_path, **env)
+        wait_for(lambda: stage.counters().get(counter) == 1, f"{counter}")
+        assert stage.thread.is_alive()
+        assert stage.finish() == 0
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 1 and lines[0].startswith(variable)
+
+
+# ---------------------------------------------------------------- syslog
+
+RFC5424 = re.compile(
+    r"<(?P<pri>\d{1,3})>1 (?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?Z) "
+    r"(?P<host>[!-~]{1,255}) (?P<app>[!-~]{1,48}) (?P<procid>[!-~]{1,128}) "
+    r"(?P<msgid>[!-~]{1,32}) (?P<sd>-|(?:\[[^ \]]+(?: [^= \]\"]+=\"(?:[^\"\\\]]|\\.)*\")*\])+)"
+    r"(?: (?P<msg>.*))?", re.S)
+SD_PARAM = re.compile(r'([^= \]"]+)="((?:[^"\\\]]|\\.)*)"')
+
+
+def parse_syslog(line: str) -> dict:
+    match = RFC5424.fullmatch(line)
+    assert match, f"not RFC 5424: {line!r}"
+    fields = match.groupdict()
+    fields["params"] = {k: re.sub(r"\\(.)", r"\1", v) for k, v in SD_PARAM.findall(fields["sd"])}
+    return fields
+
+
+class SyslogListener:
+    """A local syslog receiver: unix datagrams, UDP datagrams or TCP with octet counting."""
+
+    def __init__(self, transport: str, tmp_path) -> None:
+        self.lines: list[str] = []
+        if transport == "unix":
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            path = tmp_path / "log.sock"
+            self.sock.bind(str(path))
+            self.target = f"unix://{path}"
+        else:
+            kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
+            self.sock = socket.socket(socket.AF_INET, kind)
+            self.sock.bind(("127.0.0.1", 0))
+            self.target = f"{transport}://127.0.0.1:{self.sock.getsockname()[1]}"
+            if transport == "tcp":
+                self.sock.listen(4)
+        self.transport = transport
+        self.sock.settimeout(0.2)
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        if self.transport != "tcp":
+            while self.running:
+                try:
+                    self.lines.append(self.sock.recv(65536).decode("utf-8"))
+                except TimeoutError:
+                    continue
+            return
+        while self.running:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(0.2)
+            buffer = b""
+            while self.running:
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                buffer += data
+                while b" " in buffer:  # RFC 6587 octet counting: "LEN SP MSG"
+                    length, _, rest = buffer.partition(b" ")
+                    if len(rest) < int(length):
+                        break
+                    self.lines.append(rest[:int(length)].decode("utf-8"))
+                    buffer = rest[int(length):]
+            conn.close()
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join(2)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("transport", ["unix", "udp", "tcp"])
+def test_syslog_gets_one_rfc5424_message_per_blocked_late_allowed_or_refused_record(
+        tmp_path, store, transport):
+    listener = SyslogListener(transport, tmp_path)
+    try:
+        events = store.add(60)
+        events += store.add(5, kind="connection_allowed", would_deny=True)  # audit mode
+        stage = export(tmp_path, SLUICE_SYSLOG=listener.target)
+        alerting = [e for e in events if e.blocked or e.would_deny or e.event_type in (
+            "connection_late_allowed", "dns_blocked")]
+        wait_for(lambda: len(listener.lines) >= len(alerting), "the syslog messages")
+        assert stage.finish() == 0
+    finally:
+        listener.close()
+    messages = [parse_syslog(line) for line in listener.lines]
+    assert [m["params"]["event_id"] for m in messages] == [e.event_id for e in alerting]
+    for m, e in zip(messages, alerting):
+        assert m["msgid"] == e.event_type and m["host"] == "test-host" and m["app"] == "sluice"
+        facility, severity = divmod(int(m["pri"]), 8)
+        assert facility == 13 and severity == (4 if e.blocked else 5)
+        assert m["params"]["dst_ip"] == e.dst_ip
+        if e.cname_chain:
+            assert json.loads(m["params"]["cname_chain"]) == e.cname_chain
+        assert m["time"].startswith("2026-01-01T00:00:00.") and m["time"].endswith("Z")
+    assert stage.counters()["syslog_sent"] == len(alerting)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_show_each_stage_file_the_kernel_and_the_histograms(tmp_path, store, collector):
+    settings = stage_settings(tmp_path)
+    run = settings.run_dir
+    run.mkdir(parents=True)
+    latency = Histogram()
+    for value in (0.0002, 0.003, 0.003, 7.0):
+        latency.observe(value)
+    (run / "dns.counters.json").write_text(json.dumps({
+        "stage": "dns", "pid": os.getpid(), "counters": {"queries": 4, "refused": 1},
+        "histograms": {"answer_latency_seconds": latency.snapshot()}}))
+    (run / "persist.counters.json").write_text(json.dumps({
+        "stage": "persist", "pid": os.getpid(), "counters": {"rows_inserted": 9,
+                                                             "records_held": 2},
+        "levels": ["records_held"]}))
+    port = free_port()
+    store.add(20)
+    stage = export(tmp_path, SLUICE_METRICS_LISTEN=f"127.0.0.1:{port}",
+                   SLUICE_OTLP_ENDPOINT=collector.endpoint)
+    wait_for(lambda: stage.counters().get("otlp_exported") == 20, "the export")
+    wait_for(lambda: stage.counters().get("otlp_backlog") == 0, "the backlog read")
+    metrics = scrape(port)
+    assert stage.finish() == 0
+    assert metrics[("sluice_dns_queries_total", ())] == 4
+    assert metrics[("sluice_persist_records_held", ())] == 2
+    assert metrics[("sluice_persist_rows_inserted_total", ())] == 9
+    assert metrics[("sluice_dns_answer_latency_seconds_count", ())] == 4
+    assert metrics[("sluice_dns_answer_latency_seconds_bucket", (("le", "0.005"),))] == 3
+    assert metrics[("sluice_dns_answer_latency_seconds_bucket", (("le", "+Inf"),))] == 4
+    assert metrics[("sluice_export_otlp_exported_total", ())] == 20
+    assert metrics[("sluice_export_otlp_backlog", ())] == 0
+    assert metrics[("sluice_stage_up", (("stage", "export"),))] == 1
+    assert metrics[("sluice_stage_up", (("stage", "capture"),))] == 0
