@@ -265,7 +265,8 @@ class ExportStage(BaseStage):
         self.lanes: list[Lane] = []
         self.store: StoredRows | None = None
         self.metrics_server = None
-        self.store_retry_at = self.next_save = self.next_backlog = 0.0
+        self.store_retry_at = self.next_backlog = 0.0
+        self.next_save = time.monotonic() + CURSOR_SAVE_S
         self.store_logged: set[str] = set()
         self.waiting_since: float | None = None
 
@@ -286,9 +287,9 @@ class ExportStage(BaseStage):
             self.waiting_since = time.monotonic()
         io.ready = True
         targets = [f"{lane.sink.name} to {lane.sink.shown}" for lane in self.lanes]
-        io.log.info("%s of host %s%s", "exporting the audit records " + " and ".join(targets)
-                    if targets else "nothing to export (no SLUICE_OTLP_ENDPOINT or "
-                    "SLUICE_SYSLOG): idle", settings.host_name,
+        io.log.info("%s%s", f"exporting the audit records of host {settings.host_name}: "
+                    + ", ".join(targets) if targets else "nothing to export (no "
+                    "SLUICE_OTLP_ENDPOINT or SLUICE_SYSLOG): idle",
                     f"; /metrics on {settings.metrics_listen}" if self.metrics_server else "")
 
     def _config_error(self, counter: str, variable: str, problem: str) -> None:
@@ -344,21 +345,27 @@ class ExportStage(BaseStage):
             if not self.lanes[0].started and not self._start(now):
                 return
             self._pump(now)
-            if now >= self.next_save:
-                self._save()
-                self.next_save = now + CURSOR_SAVE_S
             if now >= self.next_backlog:
                 for lane in self.lanes:
                     self.io.counters.level(f"{lane.sink.name}_backlog",
                                            self.store.backlog(lane.acked))
                 self.next_backlog = now + BACKLOG_EVERY_S
-            self.store_logged.clear()
         except StoreError as err:
-            self.io.counters.add("store_errors")
             self.store_retry_at = now + STORE_RETRY_S
-            if str(err) not in self.store_logged:
-                self.store_logged.add(str(err))
-                self.io.log.warning("%s (counted as store_errors; retried)", err)
+            self._store_failed(err)
+            return
+        if now >= self.next_save:
+            self.next_save = now + CURSOR_SAVE_S
+            try:  # a store busy for longer than its timeout delays the save, not delivery
+                self._save()
+            except StoreError as err:
+                self._store_failed(err)
+
+    def _store_failed(self, err: StoreError) -> None:
+        self.io.counters.add("store_errors")
+        if str(err) not in self.store_logged:
+            self.store_logged.add(str(err))
+            self.io.log.warning("%s (counted as store_errors, logged once; retried)", err)
 
     def _start(self, now: float) -> bool:
         """Begin once persist's migrations made the cursor table."""
@@ -399,12 +406,19 @@ class ExportStage(BaseStage):
         if self.store is not None:
             try:
                 if self.lanes[0].started:
-                    self._save()
-            except StoreError as err:
-                self.io.log.warning("%s: the cursors were not stored; records since the last "
-                                    "save are sent again at the next start", err)
+                    self._final_save()
             finally:
                 self.store.close()
+
+    def _final_save(self) -> None:
+        for attempt in (1, 2):  # persist's last commit may hold the write lock a moment
+            try:
+                self._save()
+                return
+            except StoreError as err:
+                if attempt == 2:
+                    self.io.log.warning("%s: the cursors were not stored; records since the "
+                                        "last save are sent again at the next start", err)
 
 
 def run(settings: Settings, *, ctx: zmq.Context | None = None,
