@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import base64
 import gzip
+import json
+from pathlib import Path
+
+import jsonschema
 
 import pytest
 import sqlalchemy as sa
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
@@ -20,7 +25,9 @@ from pipeline.store import AuditStore, audit_events, as_row
 from pipeline.syslog import format_message, parse_target, wanted
 from tests.conftest import postgres_schema
 from tests.test_export_stage import event, parse_syslog
-from tests.tools.otlpreceiver import decode
+from tests.tools.otlpreceiver import decode, value_of
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("text, url, origin, auth", [
@@ -185,3 +192,24 @@ def test_sqlite_reads_never_take_the_writer_lock(tmp_path):
         assert rows.backlog(0) == 1
     rows.close()
     store.close()
+
+
+def test_exported_records_follow_the_documented_schema():
+    schema = json.loads((ROOT / "schemas" / "otlp_log_record.json").read_text())
+    attributes = schema["properties"]["attributes"]["properties"]
+    assert set(COLUMNS) - {"id", "timestamp"} <= set(attributes), "document each new field"
+    encoder = LogEncoder(COLUMNS, BOOLEANS, "h1")
+    rows = [(i + 1, *as_row(event(i, host="h1"))) for i in range(40)]
+    request = ExportLogsServiceRequest.FromString(encoder.encode(rows, 7))
+    [resource_logs] = request.resource_logs
+    jsonschema.validate({kv.key: value_of(kv.value) for kv in resource_logs.resource.attributes},
+                        schema["$defs"]["resource"])
+    [scope_logs] = resource_logs.scope_logs
+    assert (scope_logs.scope.name, len(scope_logs.log_records)) == ("sluice", 40)
+    for record in scope_logs.log_records:
+        jsonschema.validate({
+            "time_unix_nano": record.time_unix_nano,
+            "observed_time_unix_nano": record.observed_time_unix_nano,
+            "severity_number": record.severity_number, "severity_text": record.severity_text,
+            "body": value_of(record.body), "event_name": record.event_name,
+            "attributes": {kv.key: value_of(kv.value) for kv in record.attributes}}, schema)

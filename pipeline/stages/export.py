@@ -5,7 +5,7 @@ Consumes: the stored audit rows of this host (`audit_events` in SLUICE_DB, read 
           policy and persist never wait for it, and a dead collector costs them nothing.
 Produces: with SLUICE_OTLP_ENDPOINT, one OpenTelemetry log record per audit record, POSTed
           as OTLP/HTTP protobuf to <endpoint>/v1/logs in batches of OTLP_BATCH
-          (pipeline/otlp.py says what a record looks like), with SLUICE_OTLP_HEADERS;
+          (schemas/otlp_log_record.json documents a record), with SLUICE_OTLP_HEADERS;
           with SLUICE_SYSLOG, one RFC 5424 message per blocked, would-deny, late-allowed
           or refused-DNS record (pipeline/syslog.py);
           with SLUICE_METRICS_LISTEN, Prometheus /metrics of every stage's counters, the
