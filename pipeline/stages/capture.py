@@ -307,8 +307,8 @@ class CaptureStage(BaseStage):
             self.next_release = now + RELEASE_INTERVAL_S
             deleted, unstored = self.journal.release()
             self.io.counters.add("journal_segments_released", deleted)
-            self.io.counters.set("journal_unstored", unstored)
-            self.io.counters.set("journal_bytes", self.journal.size)
+            self.io.counters.level("journal_unstored", unstored)
+            self.io.counters.level("journal_bytes", self.journal.size)
         if now >= self.next_counters:
             self.next_counters = now + COUNTER_POLL_S
             for name, value in read_counters(self.counters_fd).items():
