@@ -54,6 +54,7 @@ class StoredRows:
         self.postgresql = self.store.engine.dialect.name == "postgresql"
         self.pending: tuple[int, list[str]] | None = None  # PostgreSQL: (M, its writers)
         self.settled_id = 0
+        self.newest = 0  # the highest id seen committed (of any host)
         column = audit_events.c
         self._rows = (sa.select(*audit_events.columns)
                       .where(column.host == sa.bindparam("host"), column.id > sa.bindparam("after"),
@@ -106,17 +107,17 @@ class StoredRows:
         """The highest id up to which this host's rows are final (see the module doc)."""
         highest = "SELECT max(id) FROM audit_events"
         if not self.postgresql:
-            self.settled_id = self._run("read the newest id", lambda conn: (
+            self.newest = self.settled_id = self._run("read the newest id", lambda conn: (
                 conn.exec_driver_sql(highest).scalar() or 0))
             return self.settled_id
 
         def look(conn: sa.Connection) -> int:
+            top = self.newest = conn.exec_driver_sql(highest).scalar() or 0
             if self.pending is not None:
-                top, writers = self.pending
-                if writers and conn.execute(_STILL_WRITING, {"ids": writers}).scalar():
+                mark, writers = self.pending
+                if conn.execute(_STILL_WRITING, {"ids": writers}).scalar():
                     return self.settled_id
-                self.settled_id, self.pending = max(self.settled_id, top), None
-            top = conn.exec_driver_sql(highest).scalar() or 0
+                self.settled_id, self.pending = max(self.settled_id, mark), None
             writers = list(conn.execute(_WRITERS).scalars())  # after reading top: see above
             if writers:
                 self.pending = (top, writers)

@@ -17,10 +17,11 @@ Delivery: each sink sends one batch at a time from a worker thread and moves its
           it). A collector that is down, slow (no answer in 10 s) or answering 429/5xx is
           retried with backoff (1 s doubling to 30 s, or its Retry-After); the records wait
           in the store meanwhile, so an outage of any length, or a restart of sluice,
-          ends with every record delivered. Cursors are stored every CURSOR_SAVE_S and at
-          a stop, after the batch in flight has been answered (up to STOP_WAIT_S): a clean
-          restart sends nothing twice; after a crash (or a batch still unanswered at the
-          stop) up to a second of records may be sent again: at least once, never lost.
+          ends with every record delivered. Cursors are stored every CURSOR_SAVE_S (sooner after CURSOR_SAVE_IDS
+          rows) and at a stop, after the batch in flight has been answered (up to
+          STOP_WAIT_S): a clean restart sends nothing twice; after a crash (or a batch still
+          unanswered at the stop) the records delivered since the last save, at most a
+          second's or 4,096, and the batch in flight are sent again: at least once, never lost.
           A 4xx answer other than 429 is permanent: that batch is counted (otlp_rejected),
           logged once per status, and skipped. On PostgreSQL rows are read only up to the
           id below which no transaction can still commit one (pipeline/exportstore.py).
@@ -68,6 +69,7 @@ from ..topology import STAGES
 OTLP_BATCH = 1024     # records per request (the OpenTelemetry batch processor sends 512)
 SYSLOG_BATCH = 512    # rows looked at per send
 CURSOR_SAVE_S = 1.0
+CURSOR_SAVE_IDS = 4096  # ... or sooner, once a cursor moved this far: what a crash repeats
 BACKLOG_EVERY_S = 2.0
 IDLE_POLL_S = 0.1     # how often an idle sink looks for new rows
 STORE_RETRY_S = 1.0
@@ -174,11 +176,11 @@ class Lane:
 
     def read(self, store: StoredRows, settled: int, now: float) -> None:
         """Prepare the next job from the rows after what was read (at most two wait)."""
-        if settled < self.read_to and not self.jobs and not self.courier.busy:
+        if store.newest < self.read_to and not self.jobs and not self.courier.busy:
             # Ids went back: the rows were removed and SQLite numbers new ones from 1 again.
             self.io.log.warning("%s: the store's newest id %d is below the cursor %d (rows "
                                 "removed?): exporting from its first row", self.sink.name,
-                                settled, self.read_to)
+                                store.newest, self.read_to)
             self.io.counters.add("cursor_resets")
             self.acked = self.read_to = 0
         rows = store.rows(self.read_to, settled, self.sink.batch) if settled > self.read_to \
@@ -354,7 +356,8 @@ class ExportStage(BaseStage):
             self.store_retry_at = now + STORE_RETRY_S
             self._store_failed(err)
             return
-        if now >= self.next_save:
+        if now >= self.next_save or any(lane.acked - lane.saved >= CURSOR_SAVE_IDS
+                                        for lane in self.lanes):
             self.next_save = now + CURSOR_SAVE_S
             try:  # a store busy for longer than its timeout delays the save, not delivery
                 self._save()

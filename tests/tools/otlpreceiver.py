@@ -17,6 +17,7 @@ import gzip
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class OtlpReceiver:
                  record: Path | None = None) -> None:
         self.host, self.record = host, record
         self.answer = 200
+        self.delay = 0.0  # seconds before each answer: a slow collector
         self.requests: list[tuple[int, str, dict]] = []  # (status, path, headers)
         self.kept: list[dict] = []
         self.connections: set = set()
@@ -117,6 +119,7 @@ def _handler(receiver: OtlpReceiver):
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            time.sleep(receiver.delay)
             status = receiver.take(self.path, dict(self.headers), body)
             answer = ExportLogsServiceResponse().SerializeToString() if status == 200 else b""
             self.send_response(status)
