@@ -21,13 +21,14 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Annotated, Callable, Sequence
 
 import msgspec
 
 from .errors import StoreError
 from .timestamps import format_timestamp, parse_timestamp, sql_timestamp  # noqa: F401
-from .wire import WireRecord, register
+from .wire import (ADDRESS_OR_EMPTY, I64, NAME, NAMES, PROCESS, SHORT, U16, U32, Limit,
+                   WireRecord, register)
 
 log = logging.getLogger("sluice.audit")
 
@@ -52,31 +53,36 @@ FLAG_EXEMPT_TYPES = frozenset({
 })
 
 
+# Every type a record may have: sluice's own and those cargowall logs carry.
+KNOWN_EVENT_TYPES = (*(t.value for t in AuditEventType), "step_boundary",
+                     "container_attribution", "cgroup_would_block")
+
+
 @register
 @dataclasses.dataclass(slots=True)
 class AuditEvent(WireRecord):
     KIND = "audit_records"
     VERSION = 2
 
-    timestamp: int            # UTC nanoseconds since the epoch; 0 = "now" at normalization
-    event_type: str
-    src_ip: str = ""
-    dst_ip: str = ""
-    dst_hostname: str = ""
-    dst_port: int = 0
-    protocol: str = ""
-    process: str = ""
-    pid: int = 0
-    matched_rule: str = ""
-    auto_allowed_type: str = ""
-    cname_chain: list[str] = dataclasses.field(default_factory=list)
+    timestamp: Annotated[int, I64]  # UTC nanoseconds since the epoch; 0 = "now" at normalization
+    event_type: Annotated[str, Limit(choices=KNOWN_EVENT_TYPES)]
+    src_ip: Annotated[str, ADDRESS_OR_EMPTY] = ""
+    dst_ip: Annotated[str, ADDRESS_OR_EMPTY] = ""
+    dst_hostname: Annotated[str, NAME] = ""
+    dst_port: Annotated[int, U16] = 0
+    protocol: Annotated[str, SHORT] = ""
+    process: Annotated[str, PROCESS] = ""
+    pid: Annotated[int, U32] = 0
+    matched_rule: Annotated[str, NAME] = ""
+    auto_allowed_type: Annotated[str, SHORT] = ""
+    cname_chain: Annotated[list[str], NAMES] = dataclasses.field(default_factory=list)
     mid_stream: bool = False
     would_deny: bool = False  # true in audit mode: would have been denied
     blocked: bool = False     # true in enforce mode: actually blocked
-    packets: int = 1          # packets this record stands for (kernel flood aggregation)
-    event_id: str = ""        # unique: a retried write never duplicates a row
-    host: str = ""
-    seq: int = 0              # capture's journal number of the kernel record, 0 if none
+    packets: Annotated[int, I64] = 1  # packets this record stands for (flood aggregation)
+    event_id: Annotated[str, Limit(max_len=128)] = ""  # unique: a retry never duplicates a row
+    host: Annotated[str, Limit(max_len=255)] = ""
+    seq: Annotated[int, I64] = 0  # capture's journal number of the kernel record, 0 if none
 
 
 def normalize(event: AuditEvent, audit_mode: bool, now_ns: int) -> AuditEvent:
@@ -92,24 +98,6 @@ def normalize(event: AuditEvent, audit_mode: bool, now_ns: int) -> AuditEvent:
 def new_event_id(now_ns: int) -> str:
     """A unique id that sorts by creation time: SQL indexes on it stay append-mostly."""
     return f"{now_ns:016x}{os.urandom(8).hex()}"
-
-
-_INT64 = 1 << 63
-
-
-def invalid_reason(event: AuditEvent) -> str | None:
-    """Why a record cannot be stored as the seed's types describe it (None if it can)."""
-    if not event.event_type:
-        return "empty event_type"
-    if not 0 <= event.timestamp < _INT64:
-        return "timestamp out of range"
-    if not 0 <= event.dst_port <= 0xFFFF:
-        return "dst_port out of range"
-    if not 0 <= event.pid <= 0xFFFFFFFF:
-        return "pid out of range"
-    if not 0 <= event.packets < _INT64:
-        return "packets out of range"
-    return None
 
 
 # ---------------------------------------------------------------- JSONL form

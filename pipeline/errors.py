@@ -26,4 +26,10 @@ class StoreError(SluiceError):
 
 
 class MessageError(ValueError):
-    """A message on a socket that does not match its schema (counted, never fatal)."""
+    """A message on a socket that does not match its schema (counted, never fatal).
+
+    `reason` is the stable part (what is logged once); `detail` the offending value."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason

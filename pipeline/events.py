@@ -8,8 +8,12 @@ Their wire form is schemas/raw_events.json and schemas/enriched_events.json.
 from __future__ import annotations
 
 import dataclasses
+from typing import Annotated
 
-from .wire import WireRecord, register
+from .wire import (ADDRESS, ADDRESSES, COMM, I64, IP_VERSION, MODE, NAME, NAMES, PROCESS,
+                   SHORT, TEXT, U8, U16, U32, Limit, WireRecord, register)
+
+BLOCK_TYPES = ("connection_blocked", "protocol_blocked")
 
 FLAG_MID_STREAM = 0x01  # a denied TCP segment of an established flow
 FLAG_FRAGMENT = 0x02    # a non-first fragment: ports are 0/0
@@ -35,20 +39,20 @@ class RawEvent(WireRecord):
     KIND = "raw_events"
     VERSION = 2
 
-    ip_version: int
+    ip_version: Annotated[int, IP_VERSION]
     allowed: bool
-    ip_proto: int
-    flags: int
-    src_ip: str
-    dst_ip: str
-    src_port: int
-    dst_port: int
-    timestamp_ns: int   # wall clock, UTC nanoseconds (converted from the kernel's monotonic time)
-    pid: int
-    comm: str
-    packets: int
-    event_id: str       # "<journal id>-<seq>" for a journaled kernel record, else ""
-    seq: int            # its number in capture's journal, 0 when not journaled
+    ip_proto: Annotated[int, U8]
+    flags: Annotated[int, U8]
+    src_ip: Annotated[str, ADDRESS]
+    dst_ip: Annotated[str, ADDRESS]
+    src_port: Annotated[int, U16]
+    dst_port: Annotated[int, U16]
+    timestamp_ns: Annotated[int, I64]  # wall clock, UTC ns (from the kernel's monotonic time)
+    pid: Annotated[int, U32]
+    comm: Annotated[str, COMM]
+    packets: Annotated[int, I64]
+    event_id: Annotated[str, Limit(max_len=128)]  # "<journal id>-<seq>" if journaled, else ""
+    seq: Annotated[int, I64]  # its number in capture's journal, 0 when not journaled
 
     @property
     def is_protocol_block(self) -> bool:
@@ -67,9 +71,9 @@ class EnrichedEvent(RawEvent):
 
     KIND = "enriched_events"
 
-    protocol: str          # name of ip_proto
-    dst_hostname: str      # "" when unknown
-    cname_chain: list[str]  # CNAME origin first, when the name came through a chain
+    protocol: Annotated[str, SHORT]       # name of ip_proto
+    dst_hostname: Annotated[str, NAME]    # "" when unknown
+    cname_chain: Annotated[list[str], NAMES]  # CNAME origin first, when it came through one
 
     @classmethod
     def from_raw(cls, raw: RawEvent, hostname: str = "", cname_chain: list[str] | None = None):
@@ -83,11 +87,11 @@ class DnsMapping(WireRecord):
 
     KIND = "dns_mappings"
 
-    name: str               # queried name, lowercased, no trailing dot
-    ips: list[str]          # A/AAAA answers, address text
-    ttl: int                # seconds
-    cname_chain: list[str]  # origin first when the name came through a CNAME chain
-    timestamp_ns: int
+    name: Annotated[str, NAME]                # queried name, lowercased, no trailing dot
+    ips: Annotated[list[str], ADDRESSES]      # A/AAAA answers, address text
+    ttl: Annotated[int, U32]                  # seconds
+    cname_chain: Annotated[list[str], NAMES]  # origin first when it came through a chain
+    timestamp_ns: Annotated[int, I64]
 
 
 @register
@@ -97,12 +101,12 @@ class AllowRequest(WireRecord):
 
     KIND = "allow_requests"
 
-    request_id: str
-    name: str               # the name whose rules apply: the query, or a CNAME chain's origin
-    ips: list[str]
-    ttl: int
-    cname_chain: list[str]
-    timestamp_ns: int
+    request_id: Annotated[str, SHORT]
+    name: Annotated[str, NAME]  # the name whose rules apply: the query, or a chain's origin
+    ips: Annotated[list[str], ADDRESSES]
+    ttl: Annotated[int, U32]
+    cname_chain: Annotated[list[str], NAMES]
+    timestamp_ns: Annotated[int, I64]
 
 
 @register
@@ -112,10 +116,10 @@ class AllowReply(WireRecord):
 
     KIND = "allow_replies"
 
-    request_id: str
-    ok: bool                # the maps hold what the rules say for every address
-    allowed_ips: list[str]  # addresses the maps now allow for this name
-    error: str              # why ok is false ("" when ok)
+    request_id: Annotated[str, SHORT]
+    ok: bool                                     # the maps hold what the rules say
+    allowed_ips: Annotated[list[str], ADDRESSES]  # addresses the maps now allow for the name
+    error: Annotated[str, TEXT]                  # why ok is false ("" when ok)
 
 
 @register
@@ -125,12 +129,12 @@ class Notice(WireRecord):
 
     KIND = "notices"
 
-    event_type: str         # connection_blocked or protocol_blocked
-    hostname: str
-    ip: str
-    port: int               # destination port; the protocol number for protocol blocks
-    protocol: str
-    process: str
-    pid: int
-    timestamp_ns: int
-    mode: str               # audit or enforce
+    event_type: Annotated[str, Limit(choices=BLOCK_TYPES)]
+    hostname: Annotated[str, NAME]
+    ip: Annotated[str, ADDRESS]
+    port: Annotated[int, U16]  # destination port; the protocol number for protocol blocks
+    protocol: Annotated[str, SHORT]
+    process: Annotated[str, PROCESS]
+    pid: Annotated[int, U32]
+    timestamp_ns: Annotated[int, I64]
+    mode: Annotated[str, MODE]

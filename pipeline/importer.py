@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from .audit import AuditEvent, invalid_reason, parse_timestamp
+from .audit import AuditEvent, parse_timestamp
 from .errors import StoreError
 from .store import AuditStore, StoreRejected
 
@@ -93,7 +93,7 @@ def event_from(document: Any, derived_id: str, host: str) -> AuditEvent:
             raise Skip("cname_chain is not a list of names")
         fields["cname_chain"] = chain
     event = AuditEvent(timestamp=timestamp, **fields)
-    reason = invalid_reason(event)
+    reason = event.problem()
     if reason:
         raise Skip(reason)
     return event

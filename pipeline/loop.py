@@ -180,6 +180,7 @@ class StageIO:
             sock = self.ctx.socket(zmq.PULL if inbox.pattern == "pull" else zmq.REP)
             sock.setsockopt(zmq.RCVHWM, QUEUE_MESSAGES if inbox.pattern == "pull"
                             else HIGH_WATER_MARK)
+            sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME)  # a larger one drops its sender
             sock.setsockopt(zmq.LINGER, 0)
             path = self.settings.run_dir / f"{inbox.name}.sock"
             if path.exists():
@@ -293,14 +294,14 @@ class _Signals:
 
 
 class _OncePerKind:
-    """Log a malformed-input complaint once per (inbox, reason kind), count every one."""
+    """Log a malformed-input complaint once per (inbox, reason), count every one."""
 
     def __init__(self, log: logging.Logger) -> None:
         self.log = log
         self.seen: set[tuple[str, str]] = set()
 
-    def __call__(self, inbox: str, err: Exception) -> None:
-        key = (inbox, str(err).split(":", 1)[0])
+    def __call__(self, inbox: str, err: MessageError) -> None:
+        key = (inbox, err.reason)
         if key not in self.seen:
             self.seen.add(key)
             self.log.warning("skipping malformed message on %s inbox: %s (counted, logged once)",
@@ -416,10 +417,14 @@ def _taking(stage: Stage, io: StageIO) -> bool:
 
 
 def _decode(sock: zmq.Socket, inbox: Inbox, io: StageIO, complain) -> tuple[str, list] | None:
-    """One message from sock, validated for this inbox; None when it was rejected."""
-    frame = sock.recv(zmq.NOBLOCK)
+    """One message from sock, checked for this inbox before any stage logic sees it: exactly
+    one frame, a kind this inbox takes, every record in its schema's ranges. None when it was
+    rejected; each rejection is counted and logged once per reason."""
+    frames = sock.recv_multipart(zmq.NOBLOCK)
     try:
-        kind, records, bad = wire.decode(frame)
+        if len(frames) != 1:
+            raise MessageError("a message of several frames", f"{len(frames)} frames")
+        kind, records, bad = wire.decode_records(frames[0])
         if kind not in inbox.kinds:
             raise MessageError(f"kind {kind} is not accepted here")
     except MessageError as err:
@@ -427,8 +432,9 @@ def _decode(sock: zmq.Socket, inbox: Inbox, io: StageIO, complain) -> tuple[str,
         complain(inbox.name, err)
         return None
     if bad:
-        io.counters.add("malformed_records", bad)
-        complain(inbox.name, MessageError(f"{kind}: {bad} record(s) with bad fields"))
+        io.counters.add("malformed_records", len(bad))
+        for err in bad:
+            complain(inbox.name, err)
     io.counters.add(f"{kind}_received", len(records))
     return kind, records
 

@@ -10,8 +10,8 @@ import stat
 import pytest
 
 from pipeline.audit import (FLAG_EXEMPT_TYPES, AuditEvent, AuditEventType, AuditLogger,
-                            format_timestamp, invalid_reason, json_lines, new_event_id,
-                            normalize, parse_timestamp, sql_timestamp, to_json_line)
+                            format_timestamp, json_lines, new_event_id, normalize,
+                            parse_timestamp, sql_timestamp, to_json_line)
 from pipeline.errors import StoreError
 
 T0 = 1_767_225_600_123_456_789  # 2026-01-01T00:00:00.123456789Z
@@ -164,16 +164,23 @@ def test_connection_allowed_predicate(event_type, allowed):
 
 @pytest.mark.parametrize("fields, reason", [
     ({}, None),
-    ({"event_type": ""}, "empty event_type"),
-    ({"timestamp": -1}, "timestamp out of range"),
-    ({"timestamp": 1 << 63}, "timestamp out of range"),
+    ({"event_type": ""}, "field event_type is not one of"),
+    ({"event_type": "drop_table"}, "field event_type is not one of"),
+    ({"timestamp": -1}, "field timestamp is outside 0-"),
+    ({"timestamp": 1 << 63}, "field timestamp is outside 0-"),
     ({"dst_port": 65535}, None),
-    ({"dst_port": 65536}, "dst_port out of range"),
-    ({"pid": 1 << 32}, "pid out of range"),
-    ({"packets": -1}, "packets out of range"),
+    ({"dst_port": 65536}, "field dst_port is outside 0-65535"),
+    ({"pid": 1 << 32}, "field pid is outside 0-4294967295"),
+    ({"packets": -1}, "field packets is outside 0-"),
+    ({"dst_ip": "not-an-ip"}, "field dst_ip is not an IP address"),
+    ({"src_ip": "::ffff:zzzz"}, "field src_ip is not an IP address"),
+    ({"dst_ip": "", "src_ip": "2001:db8::1"}, None),
+    ({"process": "p" * 257}, "field process is longer than 256"),
 ])
-def test_invalid_reason(fields, reason):
-    assert invalid_reason(AuditEvent(**{"timestamp": T0, "event_type": "x", **fields})) == reason
+def test_a_record_out_of_range_has_a_problem(fields, reason):
+    problem = AuditEvent(**{"timestamp": T0, "event_type": "connection_blocked",
+                            **fields}).problem()
+    assert (problem or "").startswith(reason or "") and (problem is None) == (reason is None)
 
 
 def test_event_ids_are_unique_and_sort_by_time():

@@ -21,7 +21,7 @@ def test_a_cargowall_log_is_stored_line_by_line_with_reasons_for_the_rest(db_url
     assert (report.lines, report.stored) == (15, 8)
     assert dict(report.skipped) == {
         "blank line": 1, "dst_port is not a whole number": 1, "timestamp is not RFC 3339": 1,
-        "no timestamp": 1, "dst_port out of range": 1, "not JSON": 1, "not a JSON object": 1,
+        "no timestamp": 1, "field dst_port is outside 0-65535": 1, "not JSON": 1, "not a JSON object": 1,
         "already stored": 0}
     assert report.first_line["not JSON"] == 13
     got = rows(db_url)

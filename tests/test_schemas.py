@@ -42,17 +42,60 @@ def test_class_fields_follow_schema_order_and_types(kind):
     assert [i["type"] for i in items] == [JSON_TYPES[hints[f.name]] for f in fields]
 
 
+IP_FORMATS = [{"format": "ipv4"}, {"format": "ipv6"}]
+
+
+def fragment(limit: wire.Limit) -> dict:
+    """What a field's schema must say for its Limit."""
+    if limit.item_len is not None:  # a list of strings
+        items = {"type": "string", "maxLength": limit.item_len}
+        if limit.address:
+            items["anyOf"] = IP_FORMATS
+        return {"maxItems": limit.max_len, "items": items}
+    out = {}
+    if limit.choices:
+        out["enum"] = list(limit.choices)
+    if limit.lo is not None:
+        out["minimum"], out["maximum"] = limit.lo, limit.hi
+    if limit.max_len is not None:
+        out["maxLength"] = limit.max_len
+    if limit.address:
+        out["anyOf"] = ([{"const": ""}] if limit.empty else []) + IP_FORMATS
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(wire.REGISTRY))
+def test_every_value_range_is_in_the_schema(kind):
+    items = load(kind)["properties"]["records"]["items"]["prefixItems"]
+    limits = wire.limits(wire.REGISTRY[kind])
+    for item in items:
+        limit = limits.get(item["title"])
+        assert limit is not None or item["type"] == "boolean", f"{kind}.{item['title']} unbounded"
+        if limit is not None:
+            assert {k: item.get(k) for k in fragment(limit)} == fragment(limit), item["title"]
+
+
+def sample_value(hint, limit):
+    if limit is not None and limit.choices:
+        return limit.choices[0]
+    if limit is not None and limit.address:
+        return ["10.0.0.7", "2001:db8::7"] if hint == list[str] else "10.0.0.7"
+    return {int: 7, bool: True, str: "x", float: 1.5, list[str]: ["a", "b"]}[hint]
+
+
 def sample(cls):
-    values = {int: 7, bool: True, str: "x", float: 1.5, list[str]: ["a", "b"]}
     hints = typing.get_type_hints(cls)
-    return cls(*[values[hints[f.name]] for f in dataclasses.fields(cls)])
+    limits = wire.limits(cls)
+    return cls(*[sample_value(hints[f.name], limits.get(f.name))
+                 for f in dataclasses.fields(cls)])
 
 
 @pytest.mark.parametrize("kind", sorted(wire.REGISTRY))
 def test_encoded_messages_validate_against_their_schema(kind):
     cls = wire.REGISTRY[kind]
     frame = wire.encode([sample(cls), sample(cls)])
-    jsonschema.validate(msgpack.unpackb(frame, raw=False), load(kind))
+    jsonschema.validate(msgpack.unpackb(frame, raw=False), load(kind),
+                        format_checker=jsonschema.FormatChecker())
     decoded_kind, records, bad = wire.decode(frame)
     assert (decoded_kind, bad) == (kind, 0)
     assert records == [sample(cls), sample(cls)]

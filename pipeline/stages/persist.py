@@ -21,9 +21,10 @@ Back-pressure: persist takes no new messages while it holds a commit's worth of 
           (SLUICE_BATCH_MAX x 16) or while the database or the file fails; the backlog then
           waits upstream, in the end in capture's journal, never in memory here.
 Bad input: a frame that is not an audit_records message is counted (malformed_messages) and
-          skipped; so is a record with bad fields (malformed_records) or out-of-range values
-          (records_rejected), each reason logged once. A record without timestamp, host or
-          event_id gets now, this host's name (SLUICE_HOST) or a fresh id.
+          skipped; so is a record with bad fields or out-of-range values (malformed_records)
+          and one the database refuses (records_rejected), each reason logged once. A record
+          without timestamp, host or event_id gets now, this host's name (SLUICE_HOST) or a
+          fresh id.
 Failures: an unusable database or log file at start stops the stage with one line (exit 5).
           Later, a failing SQL or JSONL write (database locked, disk full) keeps the records,
           is counted (store_errors, jsonl_errors), logged once per distinct error and retried
@@ -45,7 +46,7 @@ from typing import Callable
 
 import zmq
 
-from ..audit import AuditEvent, AuditLogger, invalid_reason, new_event_id
+from ..audit import AuditEvent, AuditLogger, new_event_id
 from ..errors import StoreError
 from ..journal import Acks, JournalError
 from ..loop import BaseStage, StageIO, run_stage
@@ -134,13 +135,7 @@ class PersistStage(BaseStage):
 
     def handle(self, inbox: str, kind: str, records: list) -> None:
         now_ns = self.clock()
-        for record in records:
-            reason = invalid_reason(record)
-            if reason is not None:
-                self._reject(reason)
-                if record.seq:
-                    self.to_ack.append((record.event_id, record.seq))  # it will never store
-                continue
+        for record in records:  # in range: the loop checked them on receipt
             if not record.timestamp:
                 record.timestamp = now_ns
             if not record.host:

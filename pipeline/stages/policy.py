@@ -188,6 +188,7 @@ class PolicyStage(BaseStage):
     def reply(self, inbox: str, kind: str, records: list) -> bytes:
         """An allow request from dns: the maps first, then the answer may be released."""
         if len(records) != 1:
+            self.io.counters.add("allow_requests_rejected")
             return b""  # one request per message; an empty frame means "rejected"
         return messages.encode([self._allow(records[0])])
 
