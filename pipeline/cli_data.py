@@ -132,12 +132,16 @@ def import_ndjson(
     host: Optional[str] = typer.Option(None, help="host name for lines without one "
                                        "(default: SLUICE_HOST or this machine's name)"),
 ) -> None:
-    """Load an NDJSON audit log into the store; importing it again adds nothing."""
+    """Load an NDJSON audit log into the store; importing it again adds nothing. Every
+    valid line is stored; each rejected one is reported on stderr as FILE:LINE: reason."""
     from .importer import import_file
+
+    def rejected(line: int, reason: str) -> None:
+        typer.echo(f"{file}:{line}: {reason}", err=True)
 
     with _one_line_errors():
         settings = _settings()
-        report = import_file(file, db or settings.db, host or settings.host_name)
+        report = import_file(file, db or settings.db, host or settings.host_name, rejected)
         for line in report.lines_out():
             typer.echo(line)
 

@@ -5,6 +5,12 @@ timestamp offset and 0-9 fractional digits, omitted fields meaning empty, fields
 not store (cargowall's step and container fields) ignored. Flags are kept as written: the
 log's own normalization is the truth about its run.
 
+Every valid line is stored; every other line is rejected on its own, with its line number
+and reason (the rest of the file goes on): lines longer than MAX_LINE_BYTES or nested deeper
+than MAX_DEPTH (pipeline/limited.py), lines that are not JSON objects, unknown event types,
+addresses that do not parse and values outside the audit record's ranges (the same checks
+as the persist inbox: AuditEvent.problem).
+
 Importing is idempotent: a line with an `event_id` (sluice's own logs) keeps it; a line
 without one gets an id derived from its bytes and from how many identical lines came before
 it in the file, so the same file imported again, or a copy of it, adds nothing, while two
@@ -16,20 +22,24 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import json
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
+from . import limited
 from .audit import AuditEvent, parse_timestamp
 from .errors import StoreError
 from .store import AuditStore, StoreRejected
 
 BATCH = 5_000
+MAX_LINE_BYTES = 1 << 20  # a record is a few hundred bytes
+MAX_DEPTH = 8             # a record nests 2 levels (its cname_chain)
 ALREADY_STORED = "already stored"
 TEXT_FIELDS = ("event_type", "src_ip", "dst_ip", "dst_hostname", "protocol", "process",
                "matched_rule", "auto_allowed_type", "event_id", "host")
 NUMBER_FIELDS = ("dst_port", "pid", "packets")
 FLAG_FIELDS = ("mid_stream", "would_deny", "blocked")
+
+Rejected = Callable[[int, str], None]  # (line number, reason): told of each rejected line
 
 
 class Skip(ValueError):
@@ -99,40 +109,40 @@ def event_from(document: Any, derived_id: str, host: str) -> AuditEvent:
     return event
 
 
-def read_events(f: BinaryIO, host: str, report: ImportReport) -> Iterator[AuditEvent]:
-    """The records of an NDJSON file; each line that is not one is counted in report."""
+def read_events(f: BinaryIO, host: str, report: ImportReport,
+                rejected: Rejected = lambda line, reason: None) -> Iterator[tuple[int, AuditEvent]]:
+    """(line number, record) of an NDJSON file; each line that is not one is counted in
+    report and told to rejected."""
     seen: collections.Counter = collections.Counter()
-    for line_no, raw in enumerate(f, start=1):
+    for line in limited.json_lines(f, max_line_bytes=MAX_LINE_BYTES, max_depth=MAX_DEPTH):
         report.lines += 1
-        line = raw.rstrip(b"\r\n")
-        digest = hashlib.sha256(line).hexdigest()[:32]
+        digest = hashlib.sha256(line.raw).hexdigest()[:32]
         seen[digest] += 1
         derived = f"ndjson-{digest}" + (f"-{seen[digest] - 1}" if seen[digest] > 1 else "")
         try:
-            if not line.strip():
-                raise Skip("blank line")
-            try:
-                document = json.loads(line)
-            except (ValueError, UnicodeDecodeError):
-                raise Skip("not JSON") from None
-            yield event_from(document, derived, host)
+            if line.problem:
+                raise Skip(line.problem)
+            yield line.number, event_from(line.document, derived, host)
         except Skip as skip:
-            report.skip(str(skip), line_no)
+            report.skip(str(skip), line.number)
+            if line.problem != "blank line":
+                rejected(line.number, line.detail or str(skip))
 
 
-def import_file(path: Path, db: str, host: str) -> ImportReport:
+def import_file(path: Path, db: str, host: str,
+                rejected: Rejected = lambda line, reason: None) -> ImportReport:
     report = ImportReport()
     store = AuditStore(db)
     try:
         store.migrate()
         with _open(path) as f:
-            batch: list[AuditEvent] = []
-            for event in read_events(f, host, report):
-                batch.append(event)
+            batch: list[tuple[int, AuditEvent]] = []
+            for item in read_events(f, host, report, rejected):
+                batch.append(item)
                 if len(batch) >= BATCH:
-                    _store(store, batch, report)
+                    _store(store, batch, report, rejected)
                     batch = []
-            _store(store, batch, report)
+            _store(store, batch, report, rejected)
     finally:
         store.close()
     return report
@@ -145,23 +155,26 @@ def _open(path: Path) -> BinaryIO:
         raise StoreError(f"cannot read {path}: {err.strerror or err}") from None
 
 
-def _store(store: AuditStore, batch: list[AuditEvent], report: ImportReport) -> None:
+def _store(store: AuditStore, batch: list[tuple[int, AuditEvent]], report: ImportReport,
+           rejected: Rejected) -> None:
     try:
-        stored = len(store.insert(batch))
+        stored = len(store.insert([event for _, event in batch]))
     except StoreRejected:
         # One record the database refuses would sink the batch: store the others one by one.
-        for event in batch:
-            _store_one(store, event, report)
+        for line, event in batch:
+            _store_one(store, line, event, report, rejected)
         return
     report.stored += stored
     report.skipped[ALREADY_STORED] += len(batch) - stored
 
 
-def _store_one(store: AuditStore, event: AuditEvent, report: ImportReport) -> None:
+def _store_one(store: AuditStore, line: int, event: AuditEvent, report: ImportReport,
+               rejected: Rejected) -> None:
     try:
         stored = len(store.insert([event]))
     except StoreRejected as err:
-        report.skipped[f"refused by the database: {err}"] += 1
+        report.skip("refused by the database", line)
+        rejected(line, f"refused by the database: {err}")
         return
     report.stored += stored
     report.skipped[ALREADY_STORED] += 1 - stored

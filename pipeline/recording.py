@@ -33,7 +33,7 @@ from typing import BinaryIO, Callable, Iterator
 
 import msgpack
 
-from . import messages
+from . import limited, messages
 from .errors import MessageError, StoreError
 
 log = logging.getLogger("sluice.recording")
@@ -61,6 +61,16 @@ class Header:
         meta = json.dumps(dataclasses.asdict(self), separators=(",", ":"))
         return b"%s %d %s\n" % (MAGIC, VERSION, meta.encode())
 
+    def problem(self) -> str | None:
+        """Why a header read from a file cannot be used (schemas/recording.json), or None."""
+        if type(self.host) is not str or len(self.host) > 255:
+            return "host is not a name"
+        if self.mode not in ("audit", "enforce"):
+            return "mode is not audit or enforce"
+        if type(self.created_ns) is not int or not 0 <= self.created_ns < 1 << 63:
+            return "created_ns is not a time"
+        return None
+
 
 @dataclasses.dataclass(slots=True)
 class Frame:
@@ -87,9 +97,14 @@ def read_header(f: BinaryIO, name: str) -> Header:
         raise RecordingError(f"{name}: recording format {int(match.group(1))}, this sluice "
                              f"reads format {VERSION}")
     try:
-        return Header(**json.loads(match.group(2)))
-    except (ValueError, TypeError) as err:
+        fields = limited.loads(match.group(2), max_depth=2)
+        header = Header(**fields) if type(fields) is dict else None
+    except (limited.LimitError, TypeError) as err:
         raise RecordingError(f"{name}: bad recording header: {err}") from None
+    problem = header.problem() if header else "not a JSON object"
+    if problem:
+        raise RecordingError(f"{name}: bad recording header: {problem}")
+    return header
 
 
 def _torn_tail(f: BinaryIO, start: int) -> bool:
@@ -130,18 +145,28 @@ def _fresh_raw_event(values: list, version: int) -> list:
     return (values[:-2] if version >= 2 else values) + ["", 0]
 
 
-def decode_frame(payload: bytes, name: str) -> Frame:
+def decode_frame(payload: bytes, name: str, offset: int = 0) -> Frame:
+    """The frame of a payload, every record checked as the enrich inbox checks it;
+    RecordingError naming the file and the frame's byte offset otherwise."""
     try:
-        arrival_ns, kind, version, rows = msgpack.unpackb(payload, raw=False)
-        cls = messages.REGISTRY[kind]
-        oldest = 1 if kind == "raw_events" else cls.VERSION
-        if kind not in RECORDED_KINDS or not oldest <= version <= cls.VERSION:
-            raise MessageError(f"{kind} v{version} is not a recorded kind this sluice reads")
+        frame = msgpack.unpackb(payload, raw=False)  # nesting: msgpack's own stack limit
+        if type(frame) is not list or len(frame) != 4:
+            raise MessageError("not an array of arrival_ns, kind, v and records")
+        arrival_ns, kind, version, rows = frame
+        if type(arrival_ns) is not int or not 0 <= arrival_ns < 1 << 63:
+            raise MessageError("arrival_ns is not a time")
+        cls = messages.REGISTRY[kind] if kind in RECORDED_KINDS else None
+        oldest = 1 if kind == "raw_events" else getattr(cls, "VERSION", 0)
+        if cls is None or type(version) is not int or not oldest <= version <= cls.VERSION:
+            raise MessageError(f"{kind!r:.40} v{version!r:.20} is not a recorded kind this "
+                               "sluice reads")
+        if type(rows) is not list or not all(type(values) is list for values in rows):
+            raise MessageError("records is not an array of arrays")
         if kind == "raw_events":
             rows = [_fresh_raw_event(values, version) for values in rows]
         return Frame(arrival_ns, kind, [cls.from_wire(values) for values in rows])
-    except (ValueError, TypeError, KeyError, MessageError) as err:
-        raise RecordingError(f"{name}: undecodable frame: {err}") from None
+    except (ValueError, TypeError) as err:  # MessageError and msgpack's errors among them
+        raise RecordingError(f"{name}: undecodable frame at byte {offset}: {err}") from None
 
 
 class Recording:
@@ -158,8 +183,10 @@ class Recording:
 
     def frames(self) -> Iterator[Frame]:
         self.file.seek(self.frames_start)
-        for _, payload in payloads(self.file, str(self.path)):
-            yield decode_frame(payload, str(self.path))
+        start = self.frames_start
+        for end, payload in payloads(self.file, str(self.path)):
+            yield decode_frame(payload, str(self.path), start)
+            start = end
 
     def close(self) -> None:
         self.file.close()

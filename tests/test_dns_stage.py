@@ -602,6 +602,14 @@ def test_a_changed_policy_applies_and_a_broken_one_is_ignored(proxy):
     assert addresses(p.ask("free.other.test")) == ["10.0.0.8"]
 
 
+def test_a_deeply_nested_policy_on_reload_leaves_the_old_one_filtering(proxy):
+    p = proxy()
+    p.policy_path.write_text("[" * 100_000)
+    wait_for(lambda: p.stage.counters().get("reload_failures"), "the refused reload", 5)
+    assert p.ask("free.other.test").rcode() == dns.rcode.REFUSED
+    assert addresses(p.ask("www.allowed.test")) == ["10.0.0.1", "10.0.0.2"]
+
+
 def test_hangup_reloads_the_policy(tmp_path, upstream, peer):
     p = Proxy(tmp_path, upstream, peer)
     stage = p.stage.stage

@@ -64,9 +64,13 @@ def test_the_command_reports_lines_stored_and_reasons(tmp_path):
     url = f"sqlite:///{tmp_path}/audit.db"
     result = CliRunner().invoke(app, ["import", str(FIXTURE), "--db", url, "--host", "ci-1"])
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    lines = result.stdout.splitlines()
     assert lines[0] == "read 15 line(s): stored 8, skipped 7"
     assert "  skipped 1: not JSON (first at line 13)" in lines
+    # Each rejected line on stderr, by number (the blank line is not a rejection).
+    rejected = result.stderr.splitlines()
+    assert [line.split(":")[1] for line in rejected] == ["9", "10", "11", "12", "13", "14"]
+    assert rejected[4].startswith(f"{FIXTURE}:13: not JSON (column ")
     assert {r["host"] for r in rows(url)} == {"ci-1", "runner-7"}
     missing = CliRunner().invoke(app, ["import", str(tmp_path / "none.ndjson"), "--db", url])
     assert missing.exit_code == 5 and "cannot read" in missing.output

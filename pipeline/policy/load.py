@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from .. import limited
 from ..errors import PolicyError
 from .cidrs import canonical_cidr
 from .envform import split_entry, split_list
@@ -25,6 +26,8 @@ from .verdict import PROTOCOLS, PortSpec
 log = logging.getLogger("policy")
 
 ENVIRONMENT = "environment"
+MAX_POLICY_BYTES = 16 << 20  # about 150,000 rules
+MAX_POLICY_DEPTH = 16
 
 # (settings attribute, variable, rule type, action) in cargowall's creation order, so a host
 # that is both allowed and blocked ends up denied (the later exact rule wins).
@@ -91,15 +94,20 @@ def load_policy(settings: Any) -> Policy:
 
 def load_policy_file(path: str | Path) -> Policy:
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
-        raise InvalidPolicy([f"{path}: cannot read: {reason}"]) from None
+        text = limited.read_text(path, max_bytes=MAX_POLICY_BYTES)
+    except OSError as err:
+        raise InvalidPolicy([f"{path}: cannot read: {err.strerror or err}"]) from None
+    except limited.LimitError as err:
+        raise InvalidPolicy([f"{path}: {err}"]) from None
     return policy_from_text(text, str(path))
 
 
 def policy_from_text(text: str, source_name: str) -> Policy:
-    """A policy from the text of a cargowall JSON policy; keys match case-insensitively."""
+    """A policy from the text of a cargowall JSON policy; keys match case-insensitively.
+    Nesting is limited before the decoder sees it (a policy is 4 levels deep)."""
+    problem = limited.nesting_problem(text, MAX_POLICY_DEPTH)
+    if problem:
+        raise InvalidPolicy([f"{source_name}: {problem}"])
     try:
         document = json.loads(text, object_pairs_hook=_fold_keys)
     except json.JSONDecodeError as err:

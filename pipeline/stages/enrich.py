@@ -23,7 +23,8 @@ Policy:   SLUICE_POLICY, for its tracked hostnames; reloaded on SIGHUP and when 
           changes (an invalid file keeps the previous policy). A policy that does not load
           stops the stage at start.
 Counters: ptr_lookups, ptr_named, ptr_no_name, ptr_timeout, ptr_error, ptr_not_sent,
-          names_from_lookups, events_named, held_over_limit, ptr_busy, held_at_stop.
+          names_from_lookups, events_named, held_over_limit, ptr_busy, held_at_stop,
+          reload_failures.
 Records: with SLUICE_RECORD, every raw_events and dns_mappings batch, as it arrives, goes to
           that file for `sluice replay` (pipeline/recording.py), written on each loop tick.
 Bad input: a malformed message or record is counted and skipped (logged once per kind).
@@ -158,6 +159,7 @@ class EnrichStage(BaseStage):
         except PolicyError as err:
             # Worded apart from policy's own lines, which tests and people wait for.
             self.io.log.error("names keep the previous policy (%s): %s", why, err)
+            self.io.counters.add("reload_failures")
             return
         self.namer.set_policy(policy)
         self.io.log.info("names follow the new policy (%s): %r", why, policy)
