@@ -25,6 +25,7 @@ from typing import Annotated, Callable, Sequence
 
 import msgspec
 
+from . import private
 from .errors import StoreError
 from .timestamps import format_timestamp, parse_timestamp, sql_timestamp  # noqa: F401
 from .wire import (ADDRESS_OR_EMPTY, I64, NAME, NAMES, PROCESS, SHORT, U16, U32, Limit,
@@ -189,8 +190,9 @@ class AuditLogger:
     """The seed's JSONL audit writer: appends one line per record, never truncates."""
 
     def __init__(self, path: Path | None, audit_mode: bool, *,
-                 clock: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], int] = time.time_ns, gid: int | None = None) -> None:
         self.path = path
+        self._gid = gid  # SLUICE_GROUP's, for a file this creates (pipeline/private.py)
         self._audit_mode = audit_mode
         self._clock = clock
         self._lock = threading.Lock()  # the log_* methods may be called from several threads
@@ -204,8 +206,7 @@ class AuditLogger:
 
     def _open(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = private.open_private(self.path, os.O_RDWR | os.O_APPEND, self._gid)
         except OSError as err:
             raise StoreError(f"cannot open audit log {self.path}: {err.strerror or err}") from None
         try:

@@ -15,6 +15,7 @@ from . import __version__
 from .cli_data import register as register_data_commands
 from .cli_service import register as register_service_commands
 from .errors import SluiceError
+from .private import UMASK
 from .settings import SETTINGS, Settings, shown
 from .topology import STAGES
 
@@ -188,6 +189,7 @@ register_service_commands(app)  # up, down, report, systemd-units: pipeline/cli_
 
 
 def main() -> None:
+    os.umask(UMASK)  # what sluice creates is private; pipeline/private.py sets exact modes
     try:
         app(standalone_mode=True)
     except SluiceError as err:

@@ -141,7 +141,8 @@ def import_ndjson(
 
     with _one_line_errors():
         settings = _settings()
-        report = import_file(file, db or settings.db, host or settings.host_name, rejected)
+        report = import_file(file, db or settings.db, host or settings.host_name, rejected,
+                             settings.gid)
         for line in report.lines_out():
             typer.echo(line)
 

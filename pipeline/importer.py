@@ -130,9 +130,10 @@ def read_events(f: BinaryIO, host: str, report: ImportReport,
 
 
 def import_file(path: Path, db: str, host: str,
-                rejected: Rejected = lambda line, reason: None) -> ImportReport:
+                rejected: Rejected = lambda line, reason: None,
+                gid: int | None = None) -> ImportReport:
     report = ImportReport()
-    store = AuditStore(db)
+    store = AuditStore(db, gid=gid)
     try:
         store.migrate()
         with _open(path) as f:

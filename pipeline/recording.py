@@ -33,7 +33,7 @@ from typing import BinaryIO, Callable, Iterator
 
 import msgpack
 
-from . import limited, messages
+from . import limited, messages, private
 from .errors import MessageError, StoreError
 
 log = logging.getLogger("sluice.recording")
@@ -218,12 +218,14 @@ def rotated_name(path: Path) -> Path:
 class RecordingWriter:
     """Appends frames to path, rotating at max_bytes. Raises OSError; Recorder handles it."""
 
-    def __init__(self, path: Path, max_bytes: int, header: Header) -> None:
+    def __init__(self, path: Path, max_bytes: int, header: Header,
+                 gid: int | None = None) -> None:
         self.path, self.max_bytes, self.header = path, max_bytes, header
+        self.gid = gid  # SLUICE_GROUP's: new files are 0640 for it, else 0600
         self.fd = self._open_for_append()
 
     def _open_for_append(self) -> int:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private.make_dirs(self.path.parent, self.gid)
         if self.path.exists() and self.path.stat().st_size:
             end = self._appendable_end()
             if end is not None:
@@ -258,8 +260,10 @@ class RecordingWriter:
         return fd
 
     def _create(self) -> int:
+        # Raw traffic metadata: private (pipeline/private.py); O_EXCL: never someone's file.
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                     0o600)  # raw traffic metadata: readable by root only
+                     private.modes(self.gid)[1])
+        private.own(fd, private.modes(self.gid)[1], self.gid)
         line = self.header.line()
         _write_all(fd, line)
         self.size = self.header_end = len(line)
@@ -368,7 +372,8 @@ def open_recorder(settings, counters, stage_log: logging.Logger) -> NoRecorder:
         return NoRecorder()
     header = Header(settings.host_name, settings.mode, time.time_ns())
     try:
-        writer = RecordingWriter(settings.record, settings.record_max_bytes, header)
+        writer = RecordingWriter(settings.record, settings.record_max_bytes, header,
+                                 settings.gid)
     except OSError as err:
         raise RecordingError(f"SLUICE_RECORD={settings.record}: "
                              f"{err.strerror or err}") from None

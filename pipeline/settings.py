@@ -78,6 +78,13 @@ def _flag(raw: str) -> bool:
     raise ValueError("must be true or false")
 
 
+def _group(raw: str) -> str:
+    from .private import group_id
+
+    group_id(raw)  # ValueError for a group this machine does not have
+    return raw.strip()
+
+
 def _log_level(raw: str) -> str:
     value = raw.strip().upper()
     if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -118,6 +125,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("journal_max_bytes", "SLUICE_JOURNAL_MAX_BYTES", "536870912",
             "disk the journal may use; records beyond it travel unjournaled (counted)",
             _positive_int),
+    Setting("group", "SLUICE_GROUP", "",
+            "group that may read the audit store, JSONL log and recordings sluice creates "
+            "(files 0640, directories 0750); empty = root only (0600, 0700)", _group),
     Setting("log_level", "SLUICE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR", _log_level),
     Setting("host", "SLUICE_HOST", "",
             "host name stored with every audit row; empty = this machine's host name", _text),
@@ -216,6 +226,7 @@ class Settings:
     audit_log: Path | None
     journal_dir: Path
     journal_max_bytes: int
+    group: str
     log_level: str
     host: str
     counter_interval: float
@@ -253,6 +264,13 @@ class Settings:
     @property
     def audit_mode(self) -> bool:
         return self.mode == "audit"
+
+    @property
+    def gid(self) -> int | None:
+        """SLUICE_GROUP's gid; None when files are for root alone."""
+        from .private import group_id
+
+        return group_id(self.group)
 
     @property
     def host_name(self) -> str:

@@ -42,6 +42,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
+from . import private
 from .audit import AuditEvent, parse_timestamp, sql_timestamp
 from .errors import StoreError
 from .rollups import (GROUP_VALUES, MINUTE_KEY, TIMELINE_COUNTS, TOTAL_KEY, Deltas, Flipped,
@@ -456,6 +457,15 @@ def _one_line(err: BaseException) -> str:
 
 # ---------------------------------------------------------------- engines
 
+def sqlite_file(url_text: str) -> Path | None:
+    """The database file of a SQLite URL text, or None (another database, memory, URI)."""
+    try:
+        url = sa.make_url(url_text)
+    except sa.exc.ArgumentError:
+        return None
+    return _sqlite_file(url) if url.get_backend_name() == "sqlite" else None
+
+
 def _sqlite_file(url: sa.URL) -> Path | None:
     """The database file of a SQLite URL, or None for memory and URI forms."""
     database = url.database or ""
@@ -496,7 +506,8 @@ def _postgresql_read_only_sessions(engine: sa.Engine) -> None:
 
 
 def _engine(url_text: str, *, readonly: bool, busy_timeout_ms: int,
-            autocheckpoint: bool = True) -> tuple[sa.Engine, str]:
+            autocheckpoint: bool = True,
+            gid: int | None = None) -> tuple[sa.Engine, str]:
     """Create an engine and connect once, so every open problem surfaces here as StoreError."""
     try:
         url = sa.make_url(url_text)
@@ -510,7 +521,7 @@ def _engine(url_text: str, *, readonly: bool, busy_timeout_ms: int,
         url = url.set(drivername="postgresql+psycopg")  # SQLAlchemy would pick psycopg2
     path = _sqlite_file(url) if backend == "sqlite" else None
     if path is not None:
-        url = _prepare_sqlite_path(url, path, readonly, shown)
+        url = _prepare_sqlite_path(url, path, readonly, shown, gid)
     try:
         engine = sa.create_engine(url, pool_pre_ping=backend != "sqlite")
     except ImportError as err:
@@ -538,15 +549,17 @@ def _engine(url_text: str, *, readonly: bool, busy_timeout_ms: int,
     return engine, shown
 
 
-def _prepare_sqlite_path(url: sa.URL, path: Path, readonly: bool, shown: str) -> sa.URL:
+def _prepare_sqlite_path(url: sa.URL, path: Path, readonly: bool, shown: str,
+                         gid: int | None) -> sa.URL:
     if readonly:
         # mode=ro: the driver itself refuses writes, and a missing file is an error.
         uri = "file:" + urllib.parse.quote(os.path.abspath(path))
         return url.set(database=uri, query={"mode": "ro", "uri": "true"})
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # A new store is private (SQLite gives its -wal and -shm files the same mode).
+        private.create_file(path, gid)
     except OSError as err:
-        raise StoreError(f"{shown}: cannot create {path.parent}: {err.strerror or err}") from None
+        raise StoreError(f"{shown}: cannot create {path}: {err.strerror or err}") from None
     return url
 
 
@@ -889,10 +902,12 @@ class _Checkpointer:
 class AuditStore:
     """The single writer of audit_events: batched inserts, one transaction per batch."""
 
-    def __init__(self, url: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+    def __init__(self, url: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+                 gid: int | None = None) -> None:
+        """gid: SLUICE_GROUP's, for a database file this creates (pipeline/private.py)."""
         path = _sqlite_file(sa.make_url(url)) if url.startswith("sqlite") else None
         self.engine, self.url = _engine(url, readonly=False, busy_timeout_ms=busy_timeout_ms,
-                                        autocheckpoint=path is None)
+                                        autocheckpoint=path is None, gid=gid)
         self._checkpointer = _Checkpointer(path) if path is not None else None
         dialect = self.engine.dialect
         insert = _INSERTS[dialect.name](audit_events).on_conflict_do_nothing(

@@ -280,14 +280,16 @@ def test_opening_appends_and_never_truncates(tmp_path):
         "old", "a.example", "b.example"]
 
 
-def test_new_file_is_created_mode_0644_with_its_directory(tmp_path):
+def test_a_new_file_and_its_directories_are_private_whatever_the_umask(tmp_path):
     path = tmp_path / "var" / "lib" / "audit.jsonl"
     previous = os.umask(0o022)
     try:
         logger(path).close()
     finally:
         os.umask(previous)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [stat.S_IMODE(d.stat().st_mode) for d in (path.parent, path.parent.parent)] == [
+        0o700, 0o700]
 
 
 @pytest.mark.parametrize("content, kept", [

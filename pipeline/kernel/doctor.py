@@ -21,11 +21,12 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    failed: str = "missing"  # the word for a failed check
 
     def line(self) -> str:
         if self.ok:
             return f"ok       {self.name}: {self.detail}"
-        return f"missing  {self.name}: {self.detail} -> {self.fix}"
+        return f"{self.failed:8} {self.name}: {self.detail} -> {self.fix}"
 
 
 def kernel_version(release: str) -> tuple[int, int]:
@@ -120,9 +121,41 @@ def check_privileges() -> Check:
                  "run as root (loading BPF and attaching filters needs it)")
 
 
+def private_paths(settings: Settings) -> list[Path]:
+    """What sluice writes that holds the audit trail, and the directories holding it."""
+    from ..store import sqlite_file
+
+    files = []
+    database = sqlite_file(settings.db)
+    if database is not None:
+        files += [database, Path(f"{database}-wal"), Path(f"{database}-shm")]
+    if settings.audit_log is not None:
+        files.append(settings.audit_log)
+    if settings.record is not None:
+        files.append(settings.record)
+        files += sorted(settings.record.parent.glob(f"{settings.record.name}.*"))
+    paths = [settings.run_dir, settings.journal_dir] + files + [f.parent for f in files]
+    return list(dict.fromkeys(p for p in paths if p.exists()))
+
+
+def check_private(settings: Settings) -> Check:
+    """The audit trail is readable by root (and SLUICE_GROUP) only."""
+    from ..private import loose
+
+    gid = settings.gid
+    problems = [why for why in (loose(p, gid) for p in private_paths(settings)) if why]
+    if not problems:
+        who = f"root and group {settings.group}" if gid is not None else "root"
+        return Check("private files", True, f"audit store, logs and run dir readable by {who}")
+    mode = "640, directories 750" if gid is not None else "600, directories 700"
+    return Check("private files", False, "; ".join(problems),
+                 f"chmod them (files {mode}) or set SLUICE_GROUP for readers", "loose")
+
+
 def run_checks(settings: Settings) -> list[Check]:
     return [check_kernel(), check_bpf_syscall(), check_btf(), check_clsact(), check_cgroup2(),
-            check_bpffs(settings), check_headers(), check_bcc(), check_privileges()]
+            check_bpffs(settings), check_headers(), check_bcc(), check_privileges(),
+            check_private(settings)]
 
 
 # Checks whose failure stops capture (bpffs and cgroup2 are mounted by capture itself).

@@ -117,9 +117,10 @@ class PersistStage(BaseStage):
         self.commit_rows = settings.batch_max * COMMIT_FACTOR
         self.sql_retry = _Retry("SQL write", "store_errors", io)
         self.jsonl_retry = _Retry("JSONL write", "jsonl_errors", io)
-        self.store = AuditStore(settings.db)
+        self.store = AuditStore(settings.db, gid=settings.gid)
         applied = self.store.migrate()
-        self.logger = AuditLogger(settings.audit_log, settings.audit_mode, clock=self.clock)
+        self.logger = AuditLogger(settings.audit_log, settings.audit_mode, clock=self.clock,
+                                  gid=settings.gid)
         self.retention = (Retention(settings.retention_days, self.clock)
                           if settings.retention_days else None)
         self.ack_retry = _Retry("journal acknowledgement", "ack_errors", io)
