@@ -37,6 +37,7 @@ from .errors import MessageError, SluiceError
 from .histogram import LATENCY_BOUNDS, Histogram
 from .settings import Settings
 from .topology import STAGES, Inbox, inbox_address
+from .workers import Worker
 
 POLL_MS = 100
 RECV_BURST = 64           # event batches taken from one inbox before the loop looks around
@@ -154,6 +155,7 @@ class StageIO:
         self.fds: dict[int, Callable[[], None]] = {}
         self.sockets: list[zmq.Socket] = []
         self.bound_paths: list[Path] = []
+        self.workers: list[Worker] = []
         self.ready = False
         self.serve_requests: Callable[[], int] = lambda: 0  # set by the loop
         self.layers: dict[str, dict] = {}
@@ -218,6 +220,16 @@ class StageIO:
     def holding_back(self) -> bool:
         """A feed on the audit path is full: take no new events until it drains."""
         return any(feed.holding_back for feed in self.feeds)
+
+    def watch_worker(self, worker: Worker) -> None:
+        """A helper thread the loop checks on every turn (pipeline/workers.py): its errors
+        are counted, its state is in the counters file, and its death stops the stage."""
+        self.workers.append(worker)
+
+    def check_workers(self) -> None:
+        for worker in self.workers:
+            self.counters.set(f"{worker.name}_thread_errors", worker.errors)
+            worker.check()
 
 
 class Stage(Protocol):
@@ -393,6 +405,7 @@ def _loop(stage: Stage, io: StageIO, signals: _Signals, ready_marker: Path) -> N
                 on_readable()
         now = time.monotonic()
         stage.tick(now)
+        io.check_workers()
         for feed in io.feeds:
             feed.flush()
         if signals.hup.is_set():
@@ -480,6 +493,8 @@ def _log_counters(io: StageIO, log: logging.Logger, final: bool = False) -> None
         state["levels"] = sorted(io.counters.levels)
     if io.histograms:
         state["histograms"] = {name: h.snapshot() for name, h in sorted(io.histograms.items())}
+    if io.workers:
+        state["threads"] = {w.name: w.state() for w in io.workers}
     try:
         write_atomic(marker_path(io.settings.run_dir, io.name, "counters.json"), json.dumps(state))
     except OSError as err:

@@ -77,6 +77,7 @@ class StageState:
     pid: int | None
     detail: str
     counters: Mapping
+    threads: Mapping = dataclasses.field(default_factory=dict)  # helper thread -> state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,7 @@ class Posture:
                 "problems": self.problems(),
                 "layers": {name: layer.as_json() for name, layer in self.layers.items()},
                 "stages": {name: {"state": s.state, "pid": s.pid, "detail": s.detail,
-                                  "counters": dict(s.counters)}
+                                  "counters": dict(s.counters), "threads": dict(s.threads)}
                            for name, s in self.stages.items()},
                 "accounting": accounting.lines({name: s.counters
                                                 for name, s in self.stages.items()})}
@@ -275,21 +276,22 @@ def stage_states(run_dir: Path, stage_names) -> tuple[dict[str, StageState], dic
     """Each stage's state (from its markers) and latest counters."""
     stages, counters = {}, {}
     for name in stage_names:
-        values = (_json_file(run_dir / f"{name}.counters.json") or {}).get("counters", {})
+        written = _json_file(run_dir / f"{name}.counters.json") or {}
+        values, threads = written.get("counters", {}), written.get("threads") or {}
         if values:
             counters[name] = values
         pid = _marker_pid(run_dir / f"{name}.ready")
         failed = run_dir / f"{name}.failed"
         layers = _json_file(run_dir / f"{name}.layers.json") or {}
         if pid is not None and pid_alive(pid):
-            stages[name] = StageState(name, "ready", pid, "", values)
+            stages[name] = StageState(name, "ready", pid, "", values, threads)
         elif failed.exists():
             text = failed.read_text(errors="replace").strip()
-            stages[name] = StageState(name, "failed", None, text, values)
+            stages[name] = StageState(name, "failed", None, text, values, threads)
         elif isinstance(layers.get("pid"), int) and pid_alive(layers["pid"]):
-            stages[name] = StageState(name, "starting", layers["pid"], "", values)
+            stages[name] = StageState(name, "starting", layers["pid"], "", values, threads)
         else:
-            stages[name] = StageState(name, "down", None, "", values)
+            stages[name] = StageState(name, "down", None, "", values, threads)
     return stages, counters
 
 
@@ -335,6 +337,9 @@ def table(posture: Posture) -> str:
         text = s.detail if s.state == "failed" else " ".join(
             f"{k}={v}" for k, v in s.counters.items())
         stage_rows.append((s.name, s.state, text))
+        if s.threads:  # helper threads (pipeline/workers.py): alive, dead, stopped
+            stage_rows.append(("", "", "threads: " + ", ".join(
+                f"{thread} {state}" for thread, state in s.threads.items())))
     width = [max(len(r[i]) for r in stage_rows) for i in range(2)]
     lines += [f"{r[0]:{width[0]}}  {r[1]:{width[1]}}  {r[2]}".rstrip() for r in stage_rows]
     lines.append("")

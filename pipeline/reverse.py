@@ -27,6 +27,7 @@ import collections
 import dataclasses
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Iterable
@@ -39,6 +40,7 @@ import dns.rdatatype
 import dns.reversename
 
 from .addresses import canonical
+from .workers import Worker
 
 log = logging.getLogger("sluice.enrich")
 
@@ -96,7 +98,11 @@ class ReverseResolver:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._done: collections.deque[Lookup] = collections.deque()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="enrich-ptr", daemon=True)
+        self._loop.set_exception_handler(self._on_loop_error)
+        self._slots: asyncio.Semaphore | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._stopping = threading.Event()
+        self.worker = Worker("lookups", self._run, log, stopping=self._stopping)
 
     @classmethod
     def from_resolv_conf(cls, path: Path = RESOLV_CONF, **kw) -> "ReverseResolver":
@@ -110,13 +116,19 @@ class ReverseResolver:
         return f"ReverseResolver({self.nameserver}:{self.port}, {self.timeout:g} s)"
 
     def start(self) -> None:
-        self._thread.start()
+        self.worker.start()
 
     def _run(self) -> None:
+        """The worker's body: the event loop, until close() stops it."""
         asyncio.set_event_loop(self._loop)
-        self._slots = asyncio.Semaphore(self.concurrency)
-        self._tasks: set[asyncio.Task] = set()
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.concurrency)
         self._loop.run_forever()
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        # asyncio would only log a failed callback; it is counted and logged here instead.
+        self.worker.survived(context.get("message", "event loop error"),
+                             context.get("exception"))
 
     def submit(self, ips: Iterable[str]) -> None:
         """Start a lookup for each address; safe to call from the stage's thread."""
@@ -126,9 +138,18 @@ class ReverseResolver:
 
     def _start(self, ips: list[str]) -> None:
         for ip in ips:
-            task = self._loop.create_task(self._lookup(ip))
+            try:
+                task = self._loop.create_task(self._lookup(ip))
+            except Exception as err:  # noqa: BLE001 - every address gets its Lookup back
+                self.worker.survived(f"cannot start a lookup of {ip}", err)
+                self._finish(Lookup(ip, ERROR))
+                continue
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _finish(self, lookup: Lookup) -> None:
+        self._done.append(lookup)
+        os.eventfd_write(self.fd, 1)
 
     async def _lookup(self, ip: str) -> None:
         sent = False
@@ -140,10 +161,10 @@ class ReverseResolver:
         except TimeoutError:
             lookup = Lookup(ip, TIMEOUT if sent else NOT_SENT)
         except Exception:  # noqa: BLE001 - a surprise from the library must not strand events
-            log.exception("reverse lookup of %s failed unexpectedly", ip)
+            self.worker.survived(f"reverse lookup of {ip} failed unexpectedly",
+                                 sys.exc_info()[1])
             lookup = Lookup(ip, ERROR)
-        self._done.append(lookup)
-        os.eventfd_write(self.fd, 1)
+        self._finish(lookup)
 
     async def _query(self, ip: str) -> Lookup:
         try:
@@ -176,10 +197,12 @@ class ReverseResolver:
 
     def close(self) -> None:
         """Cancel what is in flight and stop the thread; never waits for a lookup."""
-        if self._thread.is_alive():
+        self._stopping.set()
+        thread = self.worker.thread
+        if thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop)
-            self._thread.join(timeout=2)
-        if not self._thread.is_alive():  # a loop still running may yet write the fd
+            thread.join(timeout=2)
+        if not thread.is_alive():  # a loop still running may yet write the fd
             self._loop.close()
             os.close(self.fd)
 

@@ -24,7 +24,8 @@ Policy:   SLUICE_POLICY, for its tracked hostnames; reloaded on SIGHUP and when 
           stops the stage at start.
 Counters: ptr_lookups, ptr_named, ptr_no_name, ptr_timeout, ptr_error, ptr_not_sent,
           names_from_lookups, events_named, held_over_limit, ptr_busy, held_at_stop,
-          reload_failures.
+          reload_failures, lookups_thread_errors (the lookup thread's own errors, each logged;
+          `sluice status` shows whether it is alive; if it dies the stage exits non-zero).
 Records: with SLUICE_RECORD, every raw_events and dns_mappings batch, as it arrives, goes to
           that file for `sluice replay` (pipeline/recording.py), written on each loop tick.
 Bad input: a malformed message or record is counted and skipped (logged once per kind).
@@ -74,6 +75,7 @@ class EnrichStage(BaseStage):
         self.reverse = self.reverse or ReverseResolver.from_resolv_conf()
         self.reverse.start()
         io.watch_fd(self.reverse.fd, self._lookups_ended)
+        io.watch_worker(self.reverse.worker)
         io.bind_inboxes()
         self.feed = io.connect_feed("policy", backpressure=True)
         io.ready = True

@@ -27,7 +27,9 @@ Memory:   delivered keys are rows of notified_destinations in SLUICE_DB (per hos
 Secrets:  the token never appears in a log line, an error or a counter; the URL is logged
           as scheme://host[:port] only (a webhook's path is often its secret).
 Counters: notices_received, duplicates_suppressed, delivered, delivery_failures, retries,
-          gave_up, queue_dropped, store_errors.
+          gave_up, queue_dropped, store_errors, internal_errors (an attempt that failed on
+          an error of sluice's own, logged and retried), courier_thread_errors (the
+          delivery thread restarted; `sluice status` shows whether it is alive).
 Start:    a URL that is not http(s), or a database that cannot be opened, stops the stage
           with one line.
 Bad input: a malformed message or record is counted and skipped (logged once per kind).
@@ -41,6 +43,7 @@ import collections
 import dataclasses
 import heapq
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -58,6 +61,7 @@ from ..notify import (DeliveryError, LogClient, Notification, NotificationTracke
                       StateMachineClient, WebhookClient, retry_delay, sink_origin)
 from ..settings import Settings
 from ..store import AuditStore, notified_destinations
+from ..workers import Worker
 
 MAX_ATTEMPTS = 8      # one to three minutes of a dead sink before a key is released
 MAX_PENDING = 1_000   # keys in delivery at once
@@ -75,6 +79,7 @@ class Report:
     error: str = ""               # "" when delivered
     retry_in: float | None = None  # seconds to the next attempt; None when none follows
     stored: bool = True           # delivered and remembered in the store
+    internal: bool = False        # the attempt failed on an error of sluice's own (logged)
 
 
 class DeliveredKeys:
@@ -124,22 +129,29 @@ class DeliveredKeys:
 
 class Courier:
     """The webhook as a StateMachineClient that never blocks: send() only queues; a worker
-    thread makes the attempts and reports each through an eventfd the stage loop polls."""
+    thread makes the attempts and reports each through an eventfd the stage loop polls.
+    An unexpected error in an attempt is logged and reported as a failed attempt (retried
+    like any other); one anywhere else restarts the thread (pipeline/workers.py) with what
+    was due kept, so no notification is lost with it."""
 
     def __init__(self, client: StateMachineClient, remember: Callable[[Notification], bool], *,
-                 max_attempts: int = MAX_ATTEMPTS, capacity: int = MAX_PENDING,
-                 delay: Callable[[int], float] = retry_delay) -> None:
-        self.client, self.remember, self.delay = client, remember, delay
+                 log: logging.Logger, max_attempts: int = MAX_ATTEMPTS,
+                 capacity: int = MAX_PENDING, delay: Callable[[int], float] = retry_delay) -> None:
+        self.client, self.remember, self.delay, self.log = client, remember, delay, log
         self.max_attempts, self.capacity = max_attempts, capacity
         self.pending = 0  # keys queued, being sent or waiting to retry (stage thread only)
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._reports: collections.deque[Report] = collections.deque()
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="notify-courier", daemon=True)
+        # (when, tiebreak, what, attempt): kept here so that a restarted thread goes on
+        self._due: list[tuple[float, int, Notification, int]] = []
+        self._order = itertools.count()
+        self._logged: set[str] = set()  # internal errors, by type (each logged once)
+        self.worker = Worker("courier", self._run, log, stopping=self._stopping)
 
     def start(self) -> None:
-        self._thread.start()
+        self.worker.start()
 
     def send(self, notification: Notification) -> None:
         if self.pending >= self.capacity:
@@ -162,8 +174,7 @@ class Courier:
         return reports
 
     def _run(self) -> None:
-        due: list[tuple[float, int, Notification, int]] = []  # (when, tiebreak, what, attempt)
-        order = itertools.count()
+        due, order = self._due, self._order
         while not self._stopping.is_set():
             wait = max(0.0, due[0][0] - time.monotonic()) if due else None
             try:
@@ -173,8 +184,9 @@ class Courier:
             if isinstance(item, Notification):
                 heapq.heappush(due, (time.monotonic(), next(order), item, 1))
             while due and due[0][0] <= time.monotonic() and not self._stopping.is_set():
-                _, _, notification, attempt = heapq.heappop(due)
+                _, _, notification, attempt = due[0]
                 report = self._attempt(notification, attempt)
+                heapq.heappop(due)
                 if report.retry_in is not None:
                     heapq.heappush(due, (time.monotonic() + report.retry_in, next(order),
                                          notification, attempt + 1))
@@ -183,19 +195,32 @@ class Courier:
 
     def _attempt(self, notification: Notification, attempt: int) -> Report:
         try:
-            self.client.send(notification)
-        except DeliveryError as err:
-            retry_in = self.delay(attempt) if attempt < self.max_attempts else None
-            return Report(notification, attempt, str(err), retry_in)
-        return Report(notification, attempt, stored=self.remember(notification))
+            try:
+                self.client.send(notification)
+            except DeliveryError as err:
+                return self._failed(notification, attempt, str(err))
+            return Report(notification, attempt, stored=self.remember(notification))
+        except Exception as err:  # noqa: BLE001 - a bug must not take the notification along
+            if type(err).__name__ not in self._logged:
+                self._logged.add(type(err).__name__)
+                self.log.error("delivery of %s failed on an internal error, retried like a "
+                               "failed post (logged once per kind)", notification.key,
+                               exc_info=err)
+            report = self._failed(notification, attempt, f"internal error: {type(err).__name__}")
+            return dataclasses.replace(report, internal=True)
+
+    def _failed(self, notification: Notification, attempt: int, error: str) -> Report:
+        retry_in = self.delay(attempt) if attempt < self.max_attempts else None
+        return Report(notification, attempt, error, retry_in)
 
     def close(self) -> None:
         """Stop the worker; a post in progress is abandoned after STOP_WAIT_S."""
         self._stopping.set()
         self._inbox.put(_STOP)  # wakes a worker waiting for work
-        if self._thread.is_alive():
-            self._thread.join(STOP_WAIT_S)
-        if not self._thread.is_alive():  # a worker still posting may yet write the fd
+        thread = self.worker.thread
+        if thread.is_alive():
+            thread.join(STOP_WAIT_S)
+        if not thread.is_alive():  # a worker still posting may yet write the fd
             os.close(self.fd)
 
 
@@ -226,9 +251,11 @@ class NotifyStage(BaseStage):
         webhook = self.client or WebhookClient(settings.notify_url, settings.notify_token,
                                                settings.host_name)
         self.memory = DeliveredKeys(settings.db, settings.host_name)
-        self.courier = Courier(webhook, self.memory.remember, max_attempts=self.max_attempts,
-                               capacity=self.max_pending, delay=self.delay)
+        self.courier = Courier(webhook, self.memory.remember, log=io.log,
+                               max_attempts=self.max_attempts, capacity=self.max_pending,
+                               delay=self.delay)
         io.watch_fd(self.courier.fd, self._reports)  # the loop polls what setup registers
+        io.watch_worker(self.courier.worker)
         self.store_deadline = time.monotonic() + STORE_WAIT_S
         io.log.info("listening on notify.sock; posting to %s (%s)",
                     sink_origin(settings.notify_url),
@@ -278,6 +305,8 @@ class NotifyStage(BaseStage):
         for report in self.courier.finished():
             if report.attempt > 1:
                 self.io.counters.add("retries")
+            if report.internal:
+                self.io.counters.add("internal_errors")
             if report.error:
                 self._failed(report)
                 continue
