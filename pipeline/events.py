@@ -138,3 +138,21 @@ class Notice(WireRecord):
     pid: Annotated[int, U32]
     timestamp_ns: Annotated[int, I64]
     mode: Annotated[str, MODE]
+
+
+@register
+@dataclasses.dataclass(slots=True)
+class DeliveredDestination(WireRecord):
+    """notify -> persist: a destination alerted on (alone or in a delivered summary), so a
+    restarted notify does not alert it again. persist, the store's one writer, keeps it."""
+
+    KIND = "delivered_destinations"
+
+    host: Annotated[str, Limit(max_len=255)]
+    destination: Annotated[str, Limit(max_len=1100)]  # `<hostname or ip>:<port>`
+    hostname: Annotated[str, NAME]
+    ip: Annotated[str, ADDRESS]
+    port: Annotated[int, U16]
+    protocol: Annotated[str, SHORT]
+    first_seen_ns: Annotated[int, I64]
+    delivered_ns: Annotated[int, I64]

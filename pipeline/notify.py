@@ -7,12 +7,16 @@
   POSTs JSON, LogClient writes a log line. Both raise DeliveryError when the sink did not
   take it; neither ever puts the bearer token in a message, a log line or a repr.
 * retry_delay is the backoff between attempts: exponential, with jitter.
+* Storm gathers the destinations that arrive while the webhook is busy with as many as it
+  can take: they leave as one Summary per interval (counts per process and port, the first
+  destinations, where to look in the store) instead of being dropped.
 
 Pure apart from the clients' own I/O: no clock, no thread (the notify stage has those).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import http.client
 import json
@@ -71,6 +75,110 @@ def notice_of(record: AuditEvent, port: int, mode: str) -> Notice:
                   record.process, record.pid, record.timestamp, mode)
 
 
+SUMMARY_EVENT = "blocked_destinations_summary"
+SUMMARY_FIRST = 20       # destinations named in a summary; the rest are counted
+SUMMARY_GROUPS = 20      # processes and ports named in a summary; the rest are "other"
+STORM_KEYS = 1_000_000   # destinations a storm holds to remember once summarized
+
+
+@dataclasses.dataclass
+class Summary:
+    """One notice standing for many blocked destinations; sent like a Notification."""
+
+    key: str
+    count: int                     # destinations it stands for
+    first_seen_ns: int
+    last_seen_ns: int
+    by_process: dict[str, int]
+    by_port: dict[str, int]        # "443/TCP" -> destinations
+    destinations: list[str]        # the first keys
+    mode: str
+    members: list[Notification]    # what to remember once it is delivered (at most STORM_KEYS)
+
+    def body(self, host: str) -> dict:
+        query = ("SELECT * FROM blocked_destinations WHERE host = '" + host.replace("'", "''")
+                 + f"' AND last_seen >= '{format_timestamp(self.first_seen_ns)}' "
+                 "ORDER BY first_seen")
+        return {"event_type": SUMMARY_EVENT, "host": host, "mode": self.mode,
+                "destinations_count": self.count,
+                "first_seen": format_timestamp(self.first_seen_ns),
+                "last_seen": format_timestamp(self.last_seen_ns),
+                "by_process": self.by_process, "by_port": self.by_port,
+                "destinations": self.destinations,
+                "more": self.count - len(self.destinations),
+                "see": f'sluice query "{query}"'}
+
+
+class Storm:
+    """Blocked destinations the webhook had no room for, until a Summary takes them."""
+
+    def __init__(self, max_keys: int = STORM_KEYS) -> None:
+        self.max_keys = max_keys
+        self.taken = 0  # summaries made, for their keys
+        self._clear()
+
+    def _clear(self) -> None:
+        self.count = 0
+        self.first_ns = self.last_ns = 0
+        self.processes: collections.Counter[str] = collections.Counter()
+        self.ports: collections.Counter[str] = collections.Counter()
+        self.first: list[str] = []
+        self.members: list[Notification] = []
+        self.mode = ""
+
+    def __len__(self) -> int:
+        return self.count
+
+    def add(self, n: Notification) -> None:
+        self.count += 1
+        self.first_ns = min(self.first_ns or n.first_seen_ns, n.first_seen_ns)
+        self.last_ns = max(self.last_ns, n.first_seen_ns)
+        self._count(self.processes, n.process or "?", 1)
+        self._count(self.ports, f"{n.port}/{n.protocol}", 1)
+        if len(self.first) < SUMMARY_FIRST:
+            self.first.append(n.key)
+        if len(self.members) < self.max_keys:
+            self.members.append(n)
+        self.mode = n.mode or self.mode
+
+    @staticmethod
+    def _count(counter: collections.Counter, name: str, n: int) -> None:
+        # A flood of distinct process names must not grow this without end.
+        counter["other" if name not in counter and len(counter) >= 1000 else name] += n
+
+    def take(self) -> Summary | None:
+        """Everything gathered so far as one Summary; None when there is nothing."""
+        if not self.count:
+            return None
+        self.taken += 1
+        summary = Summary(f"summary-{self.taken}", self.count, self.first_ns, self.last_ns,
+                          _top(self.processes), _top(self.ports), self.first, self.mode,
+                          self.members)
+        self._clear()
+        return summary
+
+    def give_back(self, summary: Summary) -> None:
+        """A summary that could not be delivered: what it stood for goes into the next."""
+        self.count += summary.count
+        self.first_ns = min(self.first_ns or summary.first_seen_ns, summary.first_seen_ns)
+        self.last_ns = max(self.last_ns, summary.last_seen_ns)
+        for name, n in summary.by_process.items():
+            self._count(self.processes, name, n)
+        for name, n in summary.by_port.items():
+            self._count(self.ports, name, n)
+        self.first = (summary.destinations + self.first)[:SUMMARY_FIRST]
+        self.members = (summary.members + self.members)[:self.max_keys]
+        self.mode = self.mode or summary.mode
+
+
+def _top(counter: collections.Counter) -> dict[str, int]:
+    top = dict(counter.most_common(SUMMARY_GROUPS))
+    rest = sum(counter.values()) - sum(top.values())
+    if rest:
+        top["other"] = top.get("other", 0) + rest
+    return top
+
+
 class StateMachineClient(Protocol):
     def send(self, notification: Notification) -> None:
         """Deliver one notification; raise DeliveryError when the sink did not take it."""
@@ -98,6 +206,13 @@ class NotificationTracker:
         except DeliveryError:
             self.release(key)
             raise
+        return True
+
+    def claim(self, key: str) -> bool:
+        """Claim a key without sending (a storm summarizes it); False if claimed already."""
+        if key in self.claimed:
+            return False
+        self.claimed.add(key)
         return True
 
     def release(self, key: str) -> None:

@@ -205,6 +205,8 @@ class NoReverseLookups:
     the forward match over the policy's hostnames. Signals through an eventfd, as the real
     one does, so it works in a stage loop too."""
 
+    worker = None  # no thread of its own
+
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.ended: list[Lookup] = []

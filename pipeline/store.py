@@ -45,6 +45,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from . import private
 from .audit import AuditEvent, parse_timestamp, sql_timestamp
 from .errors import StoreError
+from .events import DeliveredDestination
 from .rollups import (GROUP_VALUES, MINUTE_KEY, TIMELINE_COUNTS, TOTAL_KEY, Deltas, Flipped,
                       Row, aggregate, flip, gather)
 
@@ -86,7 +87,7 @@ schema_migrations = sa.Table(
 )
 
 # notify's memory of the destinations it has alerted on, per host (a fleet shares one
-# store); notify is the only writer of this table and reads nothing else.
+# store); persist writes it for notify (one writer per store), notify reads it at start.
 notified_destinations = sa.Table(
     "notified_destinations", metadata,
     sa.Column("host", sa.Text, primary_key=True),
@@ -1057,6 +1058,24 @@ class AuditStore:
         except sa.exc.SQLAlchemyError as err:
             raise StoreError(f"{self.url}: {_one_line(err)}") from None
         return [from_row(row) for row in rows]
+
+    def remember_delivered(self, rows: Sequence[DeliveredDestination]) -> None:
+        """Store notify's delivered destinations in one transaction; one stored before is
+        kept as it is. StoreError if the database is unavailable."""
+        if not rows:
+            return
+        values = [{"host": r.host, "destination": r.destination, "hostname": r.hostname,
+                   "ip": r.ip, "port": r.port, "protocol": r.protocol,
+                   "first_seen": sql_timestamp(r.first_seen_ns),
+                   "delivered_at": sql_timestamp(r.delivered_ns)} for r in rows]
+        insert = _INSERTS[self.engine.dialect.name](notified_destinations) \
+            .on_conflict_do_nothing(index_elements=["host", "destination"])
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert, values)
+        except sa.exc.SQLAlchemyError as err:
+            raise StoreError(f"{self.url}: cannot store delivered destinations: "
+                             f"{_one_line(err)}") from None
 
     def close(self) -> None:
         if self._checkpointer is not None:

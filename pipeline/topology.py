@@ -37,12 +37,12 @@ STAGES: dict[str, StageWiring] = {
         feeds=("persist", "notify"),
     ),
     "persist": StageWiring(
-        inboxes=(Inbox("persist", "pull", ("audit_records",)),),
+        inboxes=(Inbox("persist", "pull", ("audit_records", "delivered_destinations")),),
         feeds=(),
     ),
     "notify": StageWiring(
         inboxes=(Inbox("notify", "pull", ("notices",)),),
-        feeds=(),
+        feeds=("persist",),
     ),
     "dns": StageWiring(inboxes=(), feeds=("enrich", "persist"), requests=("policy-allow",)),
     # Reads the stored rows, not a socket: it is never on the path of an event.

@@ -75,7 +75,8 @@ class EnrichStage(BaseStage):
         self.reverse = self.reverse or ReverseResolver.from_resolv_conf()
         self.reverse.start()
         io.watch_fd(self.reverse.fd, self._lookups_ended)
-        io.watch_worker(self.reverse.worker)
+        if self.reverse.worker is not None:
+            io.watch_worker(self.reverse.worker)
         io.bind_inboxes()
         self.feed = io.connect_feed("policy", backpressure=True)
         io.ready = True

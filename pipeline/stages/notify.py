@@ -1,4 +1,4 @@
-"""notify: one notification per blocked destination, delivered with retry.
+"""notify: one notification per blocked destination, delivered with retry; storms summarized.
 
 Consumes: `notices` batches on ipc://<run_dir>/notify.sock: policy sends one for every
           connection_blocked and protocol_blocked outcome (would-deny blocks in audit mode
@@ -7,8 +7,9 @@ Produces: with SLUICE_NOTIFY_URL, one HTTP POST per destination key (`<hostname 
           <port>`, the protocol number for protocol blocks; reference §2.7), a JSON body
           {hostname, ip, port, protocol, process, first_seen (RFC 3339), mode, event_type,
           host}, and `Authorization: Bearer <SLUICE_NOTIFY_TOKEN>` when a token is set.
-          Without a URL: one log line per new key.
-Binds:    notify.sock. Connects: nothing.
+          Without a URL: one log line per new key. To persist: `delivered_destinations`,
+          what was alerted on (below).
+Binds:    notify.sock. Connects: persist.
 Delivery: a worker thread posts (pipeline.notify.WebhookClient, 5 s per attempt), so a slow
           or dead sink never stops this loop from draining its inbox. For each key:
           * its first notice claims it; later notices for a claimed key are suppressed;
@@ -16,23 +17,33 @@ Delivery: a worker thread posts (pipeline.notify.WebhookClient, 5 s per attempt)
             retried after about 1, 2, 4 ... s (doubling, capped at 60 s, upper half
             jittered), MAX_ATTEMPTS attempts in all; notices meanwhile stay suppressed, so
             the sink never gets the same destination twice at once;
-          * after the last failed attempt the key is released: its next notice starts over;
-          * at most MAX_PENDING keys are in delivery: a new key beyond that is released at
-            once (queue_dropped) and tried again at its next notice.
-Memory:   delivered keys are rows of notified_destinations in SLUICE_DB (per host; the
-          table comes with persist's migrations, which notify waits for at start, then
-          loads), so a restarted pipeline does not alert again. Notify opens its own
-          connection for that table alone. Delivery is at least once: a crash between a
-          POST and its row posts that destination again.
+          * after the last failed attempt the key is released: its next notice starts over.
+Storms:   at most MAX_PENDING keys are in delivery at once. A new key beyond that (new
+          destinations coming faster than the webhook takes them) joins the storm: once
+          per SUMMARY_INTERVAL_S one summary notice goes out ahead of the queue,
+          {event_type: blocked_destinations_summary, destinations_count, first_seen,
+          last_seen, by_process, by_port ("443/TCP"), the first destinations, a `sluice
+          query` to see them all}, while single notices go on for what fits. A summary is
+          retried like a notice; one given up on goes back into the next. So every
+          blocked destination is either alerted alone or counted in a delivered summary.
+Memory:   each delivered key (alone or in a summary) goes to persist, the store's one
+          writer, as a `delivered_destinations` record; persist keeps it in
+          notified_destinations of SLUICE_DB (per host), batched beside the audit rows, so
+          a flood of new destinations never holds up the audit writes. At start notify waits
+          for persist's migrations and reads those keys (read-only), so a restarted pipeline
+          does not alert again. Delivery is at least once: a crash between a POST and its
+          row posts that destination again.
 Secrets:  the token never appears in a log line, an error or a counter; the URL is logged
           as scheme://host[:port] only (a webhook's path is often its secret).
 Counters: notices_received, duplicates_suppressed, delivered, delivery_failures, retries,
-          gave_up, queue_dropped, store_errors, internal_errors (an attempt that failed on
-          an error of sluice's own, logged and retried), courier_thread_errors (the
-          delivery thread restarted; `sluice status` shows whether it is alive).
-Start:    a URL that is not http(s), or a database that cannot be opened, stops the stage
-          with one line.
-Bad input: a malformed message or record is counted and skipped (logged once per kind).
+          gave_up, stormed (keys summarized rather than sent alone), summaries_delivered,
+          summarized (keys counted in delivered summaries), summary_failures,
+          undelivered_at_stop, internal_errors (an attempt that failed on an error of
+          sluice's own, logged and retried), courier_thread_errors (the delivery thread
+          restarted; `sluice status` shows whether it is alive), persist_sent/_dropped.
+Start:    a URL that is not http(s) stops the stage with one line; so does a store without
+          notified_destinations after STORE_WAIT_S.
+Bad input: a malformed message or record is counted and skipped (logged once per reason).
 
 Example:  SLUICE_NOTIFY_URL=https://alerts.example/hook SLUICE_NOTIFY_TOKEN=... sluice run notify
 """
@@ -53,20 +64,21 @@ from typing import Callable
 import sqlalchemy as sa
 import zmq
 
-from ..audit import sql_timestamp
 from ..errors import StoreError
-from ..events import Notice
-from ..loop import BaseStage, StageIO, run_stage
+from ..events import DeliveredDestination, Notice
+from ..loop import BaseStage, StageIO, batched, run_stage
 from ..notify import (DeliveryError, LogClient, Notification, NotificationTracker,
-                      StateMachineClient, WebhookClient, retry_delay, sink_origin)
+                      StateMachineClient, Storm, Summary, WebhookClient, destination_key,
+                      retry_delay, sink_origin)
 from ..settings import Settings
-from ..store import AuditStore, notified_destinations
+from ..store import notified_destinations, open_readonly
 from ..workers import Worker
 
 MAX_ATTEMPTS = 8      # one to three minutes of a dead sink before a key is released
 MAX_PENDING = 1_000   # keys in delivery at once
 STORE_WAIT_S = 30.0   # how long to wait at start for persist to create the table
 STOP_WAIT_S = 1.0     # a post in progress at a stop is abandoned after this
+SUMMARY_INTERVAL_S = 10.0  # at most one storm summary per interval
 _STOP = object()
 
 
@@ -74,57 +86,44 @@ _STOP = object()
 class Report:
     """The end of one delivery attempt, from the worker to the stage loop."""
 
-    notification: Notification
+    notification: Notification | Summary
     attempt: int                  # 1 for the first
     error: str = ""               # "" when delivered
     retry_in: float | None = None  # seconds to the next attempt; None when none follows
-    stored: bool = True           # delivered and remembered in the store
     internal: bool = False        # the attempt failed on an error of sluice's own (logged)
 
 
 class DeliveredKeys:
-    """The keys this host has delivered, in notified_destinations. Borrows AuditStore's
-    engine set-up (WAL, busy timeout), never its audit_events writer."""
+    """The keys this host has delivered, read (read-only) from notified_destinations,
+    which persist writes."""
 
     def __init__(self, url: str, host: str) -> None:
-        self.store = AuditStore(url)
-        self.host = host
+        self.url, self.host = url, host
+        self.engine: sa.Engine | None = None
 
     def ready(self) -> bool:
         """Whether persist's migrations have created the table yet (a database that is
-        down for now is not ready either)."""
+        not there or down for now is not ready either)."""
         try:
-            return sa.inspect(self.store.engine).has_table(notified_destinations.name)
-        except sa.exc.SQLAlchemyError:
+            if self.engine is None:
+                self.engine = open_readonly(self.url)
+            return sa.inspect(self.engine).has_table(notified_destinations.name)
+        except (StoreError, sa.exc.SQLAlchemyError):
             return False
 
     def load(self) -> set[str]:
         column = notified_destinations.c
         query = sa.select(column.destination).where(column.host == self.host)
         try:
-            with self.store.engine.connect() as conn:
+            with self.engine.connect() as conn:
                 return set(conn.execute(query).scalars())
         except sa.exc.SQLAlchemyError as err:
-            raise StoreError(f"{self.store.url}: cannot read notified destinations: "
+            raise StoreError(f"{self.url}: cannot read notified destinations: "
                              f"{type(err).__name__}") from None
 
-    def remember(self, n: Notification) -> bool:
-        """Store a delivered key; False when the database refused (logged by the stage)."""
-        row = {"host": self.host, "destination": n.key, "hostname": n.hostname, "ip": n.ip,
-               "port": n.port, "protocol": n.protocol,
-               "first_seen": sql_timestamp(n.first_seen_ns),
-               "delivered_at": sql_timestamp(time.time_ns())}
-        try:
-            with self.store.engine.begin() as conn:
-                conn.execute(notified_destinations.insert().values(**row))
-        except sa.exc.IntegrityError:
-            return True  # delivered before, by an earlier run that did not know it
-        except sa.exc.SQLAlchemyError:
-            return False
-        return True
-
     def close(self) -> None:
-        self.store.close()
+        if self.engine is not None:
+            self.engine.dispose()
 
 
 class Courier:
@@ -134,18 +133,19 @@ class Courier:
     like any other); one anywhere else restarts the thread (pipeline/workers.py) with what
     was due kept, so no notification is lost with it."""
 
-    def __init__(self, client: StateMachineClient, remember: Callable[[Notification], bool], *,
-                 log: logging.Logger, max_attempts: int = MAX_ATTEMPTS,
-                 capacity: int = MAX_PENDING, delay: Callable[[int], float] = retry_delay) -> None:
-        self.client, self.remember, self.delay, self.log = client, remember, delay, log
+    def __init__(self, client: StateMachineClient, *, log: logging.Logger,
+                 max_attempts: int = MAX_ATTEMPTS, capacity: int = MAX_PENDING,
+                 delay: Callable[[int], float] = retry_delay) -> None:
+        self.client, self.delay, self.log = client, delay, log
         self.max_attempts, self.capacity = max_attempts, capacity
         self.pending = 0  # keys queued, being sent or waiting to retry (stage thread only)
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._first: collections.deque[Summary] = collections.deque()  # ahead of the queue
         self._reports: collections.deque[Report] = collections.deque()
         self._stopping = threading.Event()
         # (when, tiebreak, what, attempt): kept here so that a restarted thread goes on
-        self._due: list[tuple[float, int, Notification, int]] = []
+        self._due: list[tuple[float, int, Notification | Summary, int]] = []
         self._order = itertools.count()
         self._logged: set[str] = set()  # internal errors, by type (each logged once)
         self.worker = Worker("courier", self._run, log, stopping=self._stopping)
@@ -153,11 +153,20 @@ class Courier:
     def start(self) -> None:
         self.worker.start()
 
+    def full(self) -> bool:
+        return self.pending >= self.capacity
+
     def send(self, notification: Notification) -> None:
-        if self.pending >= self.capacity:
+        if self.full():
             raise DeliveryError("delivery queue full")
         self.pending += 1
         self._inbox.put(notification)
+
+    def send_first(self, summary: Summary) -> None:
+        """A storm summary: attempted before everything queued, whatever the capacity."""
+        self.pending += 1
+        self._first.append(summary)
+        self._inbox.put(None)  # wakes a worker waiting for work
 
     def finished(self) -> list[Report]:
         """Attempts that ended since the last call (reading resets the eventfd)."""
@@ -183,6 +192,8 @@ class Courier:
                 item = None
             if isinstance(item, Notification):
                 heapq.heappush(due, (time.monotonic(), next(order), item, 1))
+            while self._first:
+                heapq.heappush(due, (0.0, next(order), self._first.popleft(), 1))
             while due and due[0][0] <= time.monotonic() and not self._stopping.is_set():
                 _, _, notification, attempt = due[0]
                 report = self._attempt(notification, attempt)
@@ -193,13 +204,13 @@ class Courier:
                 self._reports.append(report)
                 os.eventfd_write(self.fd, 1)
 
-    def _attempt(self, notification: Notification, attempt: int) -> Report:
+    def _attempt(self, notification: Notification | Summary, attempt: int) -> Report:
         try:
             try:
                 self.client.send(notification)
             except DeliveryError as err:
                 return self._failed(notification, attempt, str(err))
-            return Report(notification, attempt, stored=self.remember(notification))
+            return Report(notification, attempt)
         except Exception as err:  # noqa: BLE001 - a bug must not take the notification along
             if type(err).__name__ not in self._logged:
                 self._logged.add(type(err).__name__)
@@ -209,7 +220,8 @@ class Courier:
             report = self._failed(notification, attempt, f"internal error: {type(err).__name__}")
             return dataclasses.replace(report, internal=True)
 
-    def _failed(self, notification: Notification, attempt: int, error: str) -> Report:
+    def _failed(self, notification: Notification | Summary, attempt: int,
+                error: str) -> Report:
         retry_in = self.delay(attempt) if attempt < self.max_attempts else None
         return Report(notification, attempt, error, retry_in)
 
@@ -229,19 +241,27 @@ class NotifyStage(BaseStage):
 
     def __init__(self, client: StateMachineClient | None = None,
                  delay: Callable[[int], float] = retry_delay,
-                 max_attempts: int = MAX_ATTEMPTS, max_pending: int = MAX_PENDING) -> None:
-        self.client, self.delay = client, delay
+                 max_attempts: int = MAX_ATTEMPTS, max_pending: int = MAX_PENDING,
+                 summary_interval: float = SUMMARY_INTERVAL_S,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        self.client, self.delay, self.clock = client, delay, clock
         self.max_attempts, self.max_pending = max_attempts, max_pending
+        self.summary_interval = summary_interval
         self.tracker: NotificationTracker | None = None  # None until the store is read
         self.early: list[Notice] = []  # notices that came before that
         self.courier: Courier | None = None
         self.memory: DeliveredKeys | None = None
+        self.storm = Storm()
+        self.summary_out = False  # a summary is in delivery
+        self.next_summary = 0.0
+        self.delivered: list[DeliveredDestination] = []  # for persist, sent on the tick
         self.errors_logged: set[str] = set()
 
     def setup(self, io: StageIO) -> None:
         self.io = io
         io.bind_inboxes()
         settings = io.settings
+        self.host = settings.host_name
         if not settings.notify_url:
             self.tracker = NotificationTracker(LogClient(io.log))
             io.ready = True
@@ -251,9 +271,9 @@ class NotifyStage(BaseStage):
         webhook = self.client or WebhookClient(settings.notify_url, settings.notify_token,
                                                settings.host_name)
         self.memory = DeliveredKeys(settings.db, settings.host_name)
-        self.courier = Courier(webhook, self.memory.remember, log=io.log,
-                               max_attempts=self.max_attempts, capacity=self.max_pending,
-                               delay=self.delay)
+        self.persist = io.connect_feed("persist", backlog=1024)
+        self.courier = Courier(webhook, log=io.log, max_attempts=self.max_attempts,
+                               capacity=self.max_pending, delay=self.delay)
         io.watch_fd(self.courier.fd, self._reports)  # the loop polls what setup registers
         io.watch_worker(self.courier.worker)
         self.store_deadline = time.monotonic() + STORE_WAIT_S
@@ -262,18 +282,28 @@ class NotifyStage(BaseStage):
                     "bearer token set" if settings.notify_token else "no token")
 
     def tick(self, now: float) -> None:
-        if self.tracker is not None:
+        if self.courier is None:
             return
-        if not self.memory.ready():
-            if now > self.store_deadline:
-                raise StoreError(f"{self.memory.store.url}: no table notified_destinations "
-                                 f"after {STORE_WAIT_S:.0f} s (persist creates it at start)")
-            return
-        self._start_delivery(self.memory.load())
+        if self.tracker is None:
+            if not self.memory.ready():
+                if now > self.store_deadline:
+                    raise StoreError(f"{self.memory.url}: no table notified_destinations after "
+                                     f"{STORE_WAIT_S:.0f} s (persist creates it at start)")
+                return
+            self._start_delivery(self.memory.load())
+        if self.storm and not self.summary_out and now >= self.next_summary:
+            self.courier.send_first(self.storm.take())
+            self.summary_out = True
+            self.next_summary = now + self.summary_interval
+        for batch in batched(self.delivered, self.io.settings.batch_max):
+            self.persist.send(batch)
+        self.delivered = []
 
     def _start_delivery(self, notified: set[str]) -> None:
         self.courier.start()
         self.tracker = NotificationTracker(self.courier, notified)
+        for member in self.storm.members:  # what came early beyond the buffer: summarized
+            self.tracker.claim(member.key)
         self.io.ready = True
         self.io.log.info("%d destination(s) notified before; delivering", len(notified))
         early, self.early = self.early, []
@@ -283,23 +313,40 @@ class NotifyStage(BaseStage):
         if self.tracker is None:
             room = max(0, self.max_pending - len(self.early))
             self.early += records[:room]
-            self.io.counters.add("queue_dropped", len(records) - len(records[:room]))
+            for n in records[room:]:
+                self._storm(self._notification(n))
             return
         for n in records:
             self._notice(n)
 
+    @staticmethod
+    def _notification(n: Notice) -> Notification:
+        return Notification(destination_key(n.hostname, n.ip, n.port), n.hostname, n.ip,
+                            n.port, n.protocol, n.process, n.timestamp_ns, n.mode, n.event_type)
+
     def _notice(self, n: Notice) -> None:
-        try:
-            sent = self.tracker.send_notification(
-                n.hostname, n.ip, n.port, protocol=n.protocol, process=n.process,
-                first_seen_ns=n.timestamp_ns, mode=n.mode, event_type=n.event_type)
-        except DeliveryError:
-            self.io.counters.add("queue_dropped")
+        if self.courier is not None and self.courier.full():
+            notification = self._notification(n)
+            if self.tracker.claim(notification.key):
+                self._storm(notification)
+            else:
+                self.io.counters.add("duplicates_suppressed")
             return
+        sent = self.tracker.send_notification(
+            n.hostname, n.ip, n.port, protocol=n.protocol, process=n.process,
+            first_seen_ns=n.timestamp_ns, mode=n.mode, event_type=n.event_type)
         if not sent:
             self.io.counters.add("duplicates_suppressed")
         elif self.courier is None:
             self.io.counters.add("delivered")  # the log line is the delivery
+
+    def _storm(self, notification: Notification) -> None:
+        if not self.storm:
+            self.io.log.warning("new blocked destinations come faster than the webhook takes "
+                                "them: summarizing (one summary every %g s)",
+                                self.summary_interval)
+        self.storm.add(notification)
+        self.io.counters.add("stormed")
 
     def _reports(self) -> None:
         for report in self.courier.finished():
@@ -307,15 +354,37 @@ class NotifyStage(BaseStage):
                 self.io.counters.add("retries")
             if report.internal:
                 self.io.counters.add("internal_errors")
-            if report.error:
+            if isinstance(report.notification, Summary):
+                self._summary_report(report)
+            elif report.error:
                 self._failed(report)
-                continue
-            self.io.counters.add("delivered")
-            self.errors_logged.clear()
-            if not report.stored:
-                self.io.counters.add("store_errors")
-                self.io.log.warning("delivered %s but could not store it: a restart may "
-                                    "notify it again", report.notification.key)
+            else:
+                self.io.counters.add("delivered")
+                self.errors_logged.clear()
+                self._remember(report.notification)
+
+    def _summary_report(self, report: Report) -> None:
+        summary = report.notification
+        if not report.error:
+            self.summary_out = False
+            self.io.counters.add("summaries_delivered")
+            self.io.counters.add("summarized", summary.count)
+            self.io.log.warning("delivered a summary of %d new blocked destination(s)",
+                                summary.count)
+            for member in summary.members:
+                self._remember(member)
+            return
+        self.io.counters.add("summary_failures")
+        if report.retry_in is None:
+            self.summary_out = False
+            self.storm.give_back(summary)  # into the next summary: never dropped
+            self.io.log.warning("gave up on a summary of %d destination(s) (%s); they go into "
+                                "the next one", summary.count, report.error)
+
+    def _remember(self, n: Notification) -> None:
+        self.delivered.append(DeliveredDestination(
+            self.host, n.key, n.hostname, n.ip, n.port, n.protocol, n.first_seen_ns,
+            self.clock()))
 
     def _failed(self, report: Report) -> None:
         key = report.notification.key
@@ -331,9 +400,15 @@ class NotifyStage(BaseStage):
                                 report.error, report.retry_in)
 
     def teardown(self) -> None:
-        self.io.counters.add("queue_dropped", len(self.early))
+        undelivered = len(self.early) + len(self.storm)
         if self.courier is not None:
+            if self.tracker is not None:
+                self._reports()  # attempts that ended before the stop count as such
             self.courier.close()
+            undelivered += self.courier.pending
+            for batch in batched(self.delivered, self.io.settings.batch_max):
+                self.persist.send(batch)
+        self.io.counters.add("undelivered_at_stop", undelivered)
         if self.memory is not None:
             self.memory.close()
 

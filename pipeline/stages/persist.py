@@ -1,11 +1,17 @@
 """persist: the single writer of the audit trail, as SQL rows and JSONL lines.
 
 Consumes: `audit_records` batches on its inbox ipc://<run_dir>/persist.sock (PULL), from
-          policy, dns and the start-up scan of existing connections.
+          policy, dns and the start-up scan of existing connections; and
+          `delivered_destinations` from notify (the store has one writer: this stage).
 Produces: one row per record in `audit_events` of SLUICE_DB (SQLite in WAL mode by default,
           migrated at start) and one cargowall-compatible line per record in
           SLUICE_AUDIT_LOG (appended, never truncated; none when the setting is empty).
 Binds:    persist.sock. Connects: nothing.
+Notify:   notify's delivered destinations go to notified_destinations, a chunk of at most
+          DELIVERED_CHUNK per tick and only when no audit record waits, so a flood of new
+          destinations never holds up the audit writes (delivered_stored; beyond DELIVERED_HELD
+          waiting, delivered_dropped: such a destination may be alerted again after a
+          restart).
 Order:    records are committed to SQL in batches (SLUICE_BATCH_MAX x 16 records, or what
           arrived within SLUICE_FLUSH_INTERVAL), and only then appended to the JSONL file, so
           the file never holds a record the database lacks. A record whose event_id is
@@ -48,6 +54,7 @@ import zmq
 
 from ..audit import AuditEvent, AuditLogger, new_event_id
 from ..errors import StoreError
+from ..events import DeliveredDestination
 from ..journal import Acks, JournalError
 from ..loop import BaseStage, StageIO, run_stage
 from ..retention import Retention
@@ -59,6 +66,8 @@ from ..store import AuditStore, StoreRejected
 # benchmarks/persist_throughput.py measures about 1.3x the rows/s at 8,192. One such commit
 # takes about 0.1 s, so stop and SIGHUP are still handled promptly.
 COMMIT_FACTOR = 16
+DELIVERED_CHUNK = 4096     # notify's delivered destinations stored per tick
+DELIVERED_HELD = 200_000   # ... and held at most, waiting for the database
 RETRY_FIRST_S = 0.1
 RETRY_MAX_S = 5.0
 
@@ -105,6 +114,7 @@ class PersistStage(BaseStage):
         self.retention: Retention | None = None
         self.pending: list[AuditEvent] = []      # received, not yet committed to SQL
         self.unjournaled: list[AuditEvent] = []  # committed to SQL, not yet in the JSONL file
+        self.delivered: list[DeliveredDestination] = []  # notify's, not yet stored
         self.pending_since: float | None = None
         self.complaints: set[str] = set()
         self.acks: Acks | None = None
@@ -117,6 +127,7 @@ class PersistStage(BaseStage):
         self.commit_rows = settings.batch_max * COMMIT_FACTOR
         self.sql_retry = _Retry("SQL write", "store_errors", io)
         self.jsonl_retry = _Retry("JSONL write", "jsonl_errors", io)
+        self.delivered_retry = _Retry("delivered destinations write", "store_errors", io)
         self.store = AuditStore(settings.db, gid=settings.gid)
         applied = self.store.migrate()
         self.logger = AuditLogger(settings.audit_log, settings.audit_mode, clock=self.clock,
@@ -135,6 +146,9 @@ class PersistStage(BaseStage):
     # ------------------------------------------------------------- receiving
 
     def handle(self, inbox: str, kind: str, records: list) -> None:
+        if kind == "delivered_destinations":
+            self._keep_delivered(records)
+            return
         now_ns = self.clock()
         for record in records:  # in range: the loop checked them on receipt
             if not record.timestamp:
@@ -147,6 +161,11 @@ class PersistStage(BaseStage):
 
     def accepting(self) -> bool:
         return len(self.pending) + len(self.unjournaled) < self.commit_rows
+
+    def _keep_delivered(self, records: list[DeliveredDestination]) -> None:
+        room = DELIVERED_HELD - len(self.delivered)
+        self.delivered += records[:room]
+        self.io.counters.add("delivered_dropped", len(records) - len(records[:room]))
 
     def _reject(self, reason: str) -> None:
         self.io.counters.add("records_rejected")
@@ -183,6 +202,8 @@ class PersistStage(BaseStage):
             self._retain(now)
         if self.to_ack and not self.unjournaled and now >= self.ack_retry.next_at:
             self._acknowledge(now)
+        if self.delivered and not self.pending and now >= self.delivered_retry.next_at:
+            self._store_delivered(now)
         self.io.counters.level("records_held", len(self.pending) + len(self.unjournaled))
 
     def _commit_due(self, now: float) -> bool:
@@ -238,6 +259,19 @@ class PersistStage(BaseStage):
         if summary:
             self.io.log.info("%s", summary)
 
+    def _store_delivered(self, now: float) -> None:
+        """notify's delivered destinations, a chunk per tick once the audit records are
+        committed: they never hold up the audit writes."""
+        chunk = self.delivered[:DELIVERED_CHUNK]
+        try:
+            self.store.remember_delivered(chunk)
+        except StoreError as err:
+            self.delivered_retry.failed(now, err)
+            return
+        del self.delivered[:len(chunk)]
+        self.io.counters.add("delivered_stored", len(chunk))
+        self.delivered_retry.succeeded()
+
     def _journal(self, now: float) -> None:
         """Append what SQL holds and the file lacks, until the file fails."""
         while self.unjournaled:
@@ -289,6 +323,9 @@ class PersistStage(BaseStage):
                 now = time.monotonic()
                 self._commit_all(now)
                 self._journal(now)
+                while self.delivered and now >= self.delivered_retry.next_at:
+                    self._store_delivered(now)
+                self.io.counters.add("delivered_dropped", len(self.delivered))
                 if not self.unjournaled:
                     self._acknowledge(now)
                 left = len(self.pending) + len(self.unjournaled)
