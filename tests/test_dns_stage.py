@@ -27,7 +27,7 @@ from pipeline.events import AllowReply
 from pipeline.kernel.loader import load_classifier, remove_pins
 from pipeline.kernel.maps import KernelRuleMaps
 from pipeline.rulemaps import DENY
-from pipeline.stages.dns import ALLOW_WAIT_S, DnsStage, PinnedGeneration
+from pipeline.stages.dns import ALLOW_WAIT_S, TCP_IDLE_S, DnsStage, PinnedGeneration
 from tests.stagekit import Peer, StageThread, stage_settings, wait_for
 from tests.tools.dnsserver import AuthoritativeServer
 
@@ -583,6 +583,56 @@ def test_an_answer_that_stops_at_a_cname_has_its_target_resolved_ahead(proxy, up
     p.ask("cut.allowed.test")
     time.sleep(0.3)
     assert upstream.asked[("far.cdn.test", "A")] == 1
+
+
+# ------------------------------------------------------------------ TCP fairness
+
+
+def _tcp_query(port: int, name: str, source: str) -> dns.message.Message:
+    return dns.query.tcp(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=5,
+                         source=source)
+
+
+def test_hundreds_of_idle_tcp_connections_do_not_deny_tcp_dns_to_others(proxy):
+    """Breakage 8: 300 idle local TCP connections took every TCP slot; TCP queries from
+    everyone else were refused for about 12 s."""
+    p = proxy()
+    idle = []
+    try:
+        for _ in range(300):
+            conn = socket.create_connection(("127.0.0.1", p.port))
+            idle.append(conn)
+        # Every one accepted: one address never holds more than its share of 64.
+        wait_for(lambda: p.stage.counters().get("tcp_idle_evicted", 0) >= 236,
+                 "the idle connections accepted", 10)
+        other = _tcp_query(p.port, "www.allowed.test", source="127.0.0.2")
+        same = _tcp_query(p.port, "www.allowed.test", source="127.0.0.1")
+    finally:
+        for conn in idle:
+            conn.close()
+    assert addresses(other) == addresses(same) == ["10.0.0.1", "10.0.0.2"]
+    assert "tcp_clients_refused" not in p.stage.counters()
+
+
+def test_a_tcp_connection_trickling_bytes_without_a_query_is_closed(proxy):
+    """Only whole queries keep a slot: a byte a second (more often than the idle timeout)
+    of a query that never completes does not."""
+    p = proxy()
+    with socket.create_connection(("127.0.0.1", p.port)) as conn:
+        conn.settimeout(1)
+        closed = False
+        for byte in b"\x04\x00abcdefgh":  # a 1024-byte query that never comes
+            try:
+                conn.sendall(bytes([byte]))
+                closed = conn.recv(100) == b""
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+            if closed:
+                break
+    assert closed, f"still open after trickling for longer than {TCP_IDLE_S} s"
+    assert addresses(p.ask("www.allowed.test", tcp=True)) == ["10.0.0.1", "10.0.0.2"]
 
 
 # ------------------------------------------------------------------ reload, start, stop

@@ -34,6 +34,11 @@ Cache hits: a query of the usual shape (one question, standard query, at most an
 Bad input: malformed, truncated or oversized queries are counted (`malformed`) and dropped;
           each query holds bounded memory (MAX_QUERY_BYTES in, one answer out, at most
           MAX_IN_FLIGHT queries and MAX_TCP_CLIENTS connections at once).
+TCP slots: a connection without a whole query for TCP_IDLE_S is closed; one client address
+          holds at most MAX_TCP_PER_ADDRESS connections, and a newcomer beyond that share or
+          beyond MAX_TCP_CLIENTS takes the slot of the longest-idle connection (its own
+          address's first; tcp_idle_evicted), so idle connections never deny TCP DNS to
+          others; only when every candidate is busy is it refused (tcp_clients_refused).
 Reload:   SIGHUP, or a change of the policy file: a valid policy replaces the old one, an
           invalid one is logged and the old one stays.
 Start:    an address that cannot be bound stops the stage with one line naming the address
@@ -86,6 +91,7 @@ from ..dns.enforce import AllowAsk, PreResolveMemory, plan_answer
 from ..dns.holders import holder_inodes
 from ..dns.packets import Malformed, Query
 from ..dns.queryfilter import REFUSE, PolicyMemory, judge_query
+from ..dns.tcpslots import Held, make_room
 from ..errors import KernelError, MessageError, PolicyError, SettingsError, SluiceError
 from ..events import AllowReply, AllowRequest, DnsMapping
 from ..kernel import libbpf
@@ -100,8 +106,9 @@ from ..policy.startup import HostFiles, PolicyWatch, load_startup_policy
 ALLOW_WAIT_S = 2.0        # well inside a stub resolver's 5 s retry; the policy answers in ~1 ms
 MAX_IN_FLIGHT = 2048      # queries waiting on the upstream or the policy at once
 MAX_TCP_CLIENTS = 256
+MAX_TCP_PER_ADDRESS = 64  # one client address's share of the TCP slots
 MAX_TCP_PIPELINE = 16     # queries one TCP client may have in flight
-TCP_IDLE_S = 10.0         # RFC 7766 suggests closing idle client connections after seconds
+TCP_IDLE_S = 3.0          # a connection without a query this long is closed (RFC 7766 6.2.3)
 MAX_MESSAGE = 65_535
 UDP_BURST = 64            # datagrams read from one socket before looking at the others
 MAX_PRE_RESOLVING = 64
@@ -186,11 +193,13 @@ class Timed:
 
 
 class TcpClient:
-    """One client TCP connection: length-prefixed queries in, answers out, in any order."""
+    """One client TCP connection: length-prefixed queries in, answers out, in any order.
+    Only whole queries count as activity: bytes trickling in never keep a slot."""
 
-    def __init__(self, stage: "DnsStage", sock: socket.socket) -> None:
-        self.stage, self.sock = stage, sock
+    def __init__(self, stage: "DnsStage", sock: socket.socket, address: str) -> None:
+        self.stage, self.sock, self.address = stage, sock, address
         self.inbuf, self.outbuf = bytearray(), bytearray()
+        self.idle_since: float | None = time.monotonic()  # None while a query is being served
         self.in_flight = 0
         self.eof = self.closed = self.taking = False
         self.idle: Timer | None = None
@@ -217,7 +226,6 @@ class TcpClient:
             self._close_when_done()
             return
         self.inbuf += data
-        self._arm_idle()
         self._take_queries()
 
     def _take_queries(self) -> None:
@@ -236,6 +244,8 @@ class TcpClient:
                 frame = bytes(self.inbuf[2:2 + length])
                 del self.inbuf[:2 + length]
                 self.in_flight += 1
+                self.idle_since = None
+                self._arm_idle()
                 self.stage.on_query(frame, self)
         finally:
             self.taking = False
@@ -254,6 +264,8 @@ class TcpClient:
     def dropped(self) -> None:
         """A query of this connection ends without an answer (it was malformed)."""
         self.in_flight -= 1
+        if not self.in_flight and not self.outbuf:
+            self.idle_since = time.monotonic()
         self._close_when_done()
 
     def _flush(self) -> None:
@@ -265,6 +277,8 @@ class TcpClient:
             self.close()
             return
         del self.outbuf[:sent]
+        if not self.in_flight and not self.outbuf and self.idle_since is None:
+            self.idle_since = time.monotonic()
         self._close_when_done()
         if not self.closed:
             self._update_interest()
@@ -724,14 +738,19 @@ class DnsStage(BaseStage):
 
     def _accept(self, listener: socket.socket) -> None:
         try:
-            sock, _ = listener.accept()
+            sock, peer = listener.accept()
         except OSError:
             return
-        if len(self.tcp_clients) >= MAX_TCP_CLIENTS:
+        held = [Held(c, c.address, c.idle_since) for c in self.tcp_clients]
+        room = make_room(peer[0], held, MAX_TCP_CLIENTS, MAX_TCP_PER_ADDRESS)
+        if room.evict is not None:
+            self.io.counters.add("tcp_idle_evicted")
+            room.evict.close()
+        if not room.admit:
             self.io.counters.add("tcp_clients_refused")
             sock.close()
             return
-        self.tcp_clients.add(TcpClient(self, sock))
+        self.tcp_clients.add(TcpClient(self, sock, peer[0]))
 
     def on_query(self, data: bytes, client) -> None:
         self.io.counters.add("queries")
