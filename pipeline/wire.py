@@ -95,7 +95,7 @@ ADDRESS = Limit(address=True)
 ADDRESS_OR_EMPTY = Limit(address=True, empty=True)
 ADDRESSES = Limit(max_len=4096, item_len=45, address=True)  # a 64 KiB answer holds < 4096
 NAME = Limit(max_len=1024)      # a 255-byte DNS name, odd bytes written as \DDD escapes
-NAMES = Limit(max_len=32, item_len=1024)  # CNAME chains
+NAMES = Limit(max_len=32, item_len=1024)  # CNAME chains (pipeline/dns/cnames.py MAX_CHAIN)
 SHORT = Limit(max_len=64)       # protocol names, tags, ids
 COMM = Limit(max_len=16)        # the kernel's TASK_COMM_LEN
 PROCESS = Limit(max_len=256)    # a process name (imported logs may hold longer ones)

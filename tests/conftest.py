@@ -3,9 +3,15 @@ import os
 import platform
 import sys
 
+import hypothesis
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Property tests: no example database in the tree, no per-example deadline on a busy machine,
+# and a failure prints what reproduces it. Each test sets its own max_examples.
+hypothesis.settings.register_profile("sluice", database=None, deadline=None, print_blob=True)
+hypothesis.settings.load_profile("sluice")
 
 
 def pytest_addoption(parser):

@@ -66,7 +66,10 @@ class Pipeline:
 
     def jsonl(self) -> list[dict]:
         path = self.tmp / "audit.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        # Lines end at "\n" only: a record may hold U+0085, which Go's encoder (and so
+        # sluice's) writes unescaped and str.splitlines() would take for a line end.
+        text = path.read_text() if path.exists() else ""
+        return [json.loads(line) for line in text.split("\n") if line]
 
     def rows(self) -> list[dict]:
         db = sqlite3.connect(f"file:{self.tmp}/audit.db?mode=ro", uri=True)

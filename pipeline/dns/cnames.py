@@ -4,7 +4,9 @@ When an allowed name answers with a CNAME, the target is learned with the allow 
 ports, so that a client asking for the target directly (as stub resolvers do when an answer
 stops at a CNAME) is let through and opened for the same ports, attributed to the chain's
 origin. Learned targets live as long as the longest hop TTL seen (floored, capped at a day)
-and only ever get longer lives.
+and only ever get longer lives. A chain holds at most MAX_CHAIN names (its origin and the
+latest targets): an upstream answering with endless CNAMEs, or chains grown answer after
+answer, never make a record larger than the pipeline's messages take.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ CAPACITY = 10_000
 MAX_REACH = 86_400       # a learned target never lives longer than a day
 ZERO_TTL_REACH = 300     # a zero TTL still teaches the target for five minutes
 MIN_REACH = 30
+MAX_CHAIN = 32           # the cname_chain bound of every message kind (pipeline/wire.py NAMES)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,11 +59,18 @@ def walk_chain(name: str, cnames: Iterable[CnameRecord]) -> list[Hop]:
     for record in cnames:
         first_by_owner.setdefault(record.owner, record)
     hops, seen, current = [], {name}, name
-    while (record := first_by_owner.get(current)) is not None and record.target not in seen:
+    while ((record := first_by_owner.get(current)) is not None and record.target not in seen
+           and len(hops) < MAX_CHAIN - 1):
         hops.append(Hop(record.target, record.ttl))
         seen.add(record.target)
         current = record.target
     return hops
+
+
+def bounded(chain: Sequence[str]) -> tuple[str, ...]:
+    """The chain with at most MAX_CHAIN names: its origin (whose rules apply) and the last."""
+    chain = tuple(chain)
+    return chain if len(chain) <= MAX_CHAIN else chain[:1] + chain[1 - MAX_CHAIN:]
 
 
 class LearnedTargets(ExpiringLru[LearnedTarget]):
@@ -83,7 +93,7 @@ class LearnedTargets(ExpiringLru[LearnedTarget]):
         for hop in hops:
             reach = min(max(reach, effective_ttl(hop.ttl)), MAX_REACH)
             path.append(hop.target)
-            self._merge(hop.target, tuple(ports), tuple(path), now + reach, now)
+            self._merge(hop.target, tuple(ports), bounded(path), now + reach, now)
 
     def _merge(self, target: str, ports: tuple[PortSpec, ...], chain: tuple[str, ...],
                expires: float, now: float) -> None:

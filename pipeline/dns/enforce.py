@@ -13,7 +13,7 @@ import dataclasses
 from ..policy.model import Policy
 from ..policy.verdict import HostnameVerdict
 from .answers import AnswerFacts
-from .cnames import LearnedTargets, walk_chain
+from .cnames import LearnedTargets, bounded, walk_chain
 
 MAX_PRE_RESOLVE_DEPTH = 2
 PRE_RESOLVE_INTERVAL = 30.0   # seconds between two pre-resolutions of one target
@@ -58,7 +58,7 @@ def plan_answer(policy: Policy, learned: LearnedTargets, name: str, facts: Answe
         pre_resolve = targets[-1] if hops and allowed and depth < MAX_PRE_RESOLVE_DEPTH else ""
         return AnswerPlan(None, None, pre_resolve)
     if derived is not None:
-        chain = derived.chain + targets
+        chain = bounded(derived.chain + targets)
         return AnswerPlan(AllowAsk(chain[0], chain), chain, "")
     if not matched and policy.under_user_search_domain(name):
         return NOTHING   # the search-domain bypass lets the query through, nothing more
