@@ -7,10 +7,13 @@ line naming the file, the line and the problem, and that everything valid still 
 
 import io
 import json
+import re
 import zlib
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline import limited, messages
 from pipeline.events import EnrichedEvent, RawEvent
@@ -236,3 +239,28 @@ def test_a_bad_frame_is_one_line_naming_the_file_and_its_offset(tmp_path, frame,
     with pytest.raises(RecordingError, match=problem) as caught:
         read_all(path)
     assert str(caught.value).startswith(f"{path}: undecodable frame at byte {offset}: ")
+
+
+# ---------------------------------------------------------------- expected-blocks lists
+
+def test_an_expected_blocks_line_of_many_stars_is_matched_at_once(tmp_path):
+    """`*` in an expected-blocks line became `.*` of a regular expression: 21 characters of
+    `*a*a...` took 80 s against a name that did not match, and `sluice down` stood still."""
+    from pipeline.report.gate import glob_matches, read_expected
+
+    path = tmp_path / "expected"
+    path.write_text("*a" * 400 + "c:443\n")
+    [entry] = read_expected(path)
+    assert not entry.matches("a" * 1000, 443)
+    assert entry.matches("a" * 1000 + "c", 443)
+    assert glob_matches("a*b*c", "axxbyyc") and not glob_matches("a*b*c", "axxcyyb")
+    assert glob_matches("*", "") and not glob_matches("ab*ba", "aba")
+
+
+@settings(max_examples=400)
+@given(st.text(alphabet="ab*", max_size=8), st.text(alphabet="ab", max_size=10))
+def test_expected_blocks_globs_mean_what_the_regular_expression_says(pattern, text):
+    from pipeline.report.gate import glob_matches
+
+    regex = re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
+    assert glob_matches(pattern, text) is bool(regex.fullmatch(text))

@@ -20,8 +20,6 @@ from .searchdomains import KUBERNETES_SUFFIXES
 from .verdict import HostnameVerdict
 
 _LITERAL_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
-_ONE_LABEL = r"[^.]+"
-_SOME_LABELS = r"[^.]+(?:\.[^.]+)*"
 
 
 def hostname_problem(value: str) -> str | None:
@@ -52,32 +50,44 @@ def _is_ip(value: str) -> bool:
     return True
 
 
-def compile_glob(pattern: str) -> re.Pattern[str]:
-    """`*` is exactly one label, `**` one or more; other labels compare literally."""
-    parts = {"*": _ONE_LABEL, "**": _SOME_LABELS}
-    return re.compile(r"\.".join(parts.get(label) or re.escape(label)
-                                 for label in pattern.split(".")))
+def glob_matches(pattern: str, name: str) -> bool:
+    """`*` is exactly one label, `**` one or more; other labels compare literally. Walks the
+    name's labels once, keeping every pattern position still possible: no backtracking, so
+    no pattern and name can make it slow (a regular expression of several `**` could)."""
+    parts = pattern.split(".")
+    positions = {0}
+    for label in name.split("."):
+        if not label:
+            return False
+        following = set()
+        for i in positions:
+            if i == len(parts):
+                continue
+            if parts[i] == "**":
+                following.update((i, i + 1))  # this label is one of its labels, maybe the last
+            elif parts[i] == "*" or parts[i] == label:
+                following.add(i + 1)
+        if not following:
+            return False
+        positions = following
+    return len(parts) in positions
 
 
 class Glob:
     """A hostname glob. The usual shapes, `*.tail` and `**.tail`, are matched with string
-    operations; others with a regular expression compiled on first use (compiling is the
-    slow part of loading a policy full of globs)."""
+    operations; others label by label (glob_matches)."""
 
-    __slots__ = ("pattern", "tail", "head", "_regex")
+    __slots__ = ("pattern", "tail", "head")
 
     def __init__(self, pattern: str) -> None:
         self.pattern = pattern
         self.tail = literal_tail(pattern)
         head = pattern[:-len(self.tail) - 1] if self.tail else ""
         self.head = head if head in ("*", "**") else ""
-        self._regex: re.Pattern[str] | None = None
 
     def matches(self, name: str) -> bool:
         if not self.head:
-            if self._regex is None:
-                self._regex = compile_glob(self.pattern)
-            return self._regex.fullmatch(name) is not None
+            return glob_matches(self.pattern, name)
         prefix = name[:-len(self.tail) - 1]
         if not prefix or not name.endswith("." + self.tail):
             return False
