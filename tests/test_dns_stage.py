@@ -610,6 +610,8 @@ def test_hundreds_of_idle_tcp_connections_do_not_deny_tcp_dns_to_others(proxy):
     finally:
         for conn in idle:
             conn.close()
+    # The proxy reads each end and closes its side: no port stays held by this test.
+    wait_for(lambda: not p.stage.stage.tcp_clients, "the proxy's connections closed", 10)
     assert addresses(other) == addresses(same) == ["10.0.0.1", "10.0.0.2"]
     assert "tcp_clients_refused" not in p.stage.counters()
 

@@ -51,7 +51,7 @@ from pipeline.stages.persist import PersistStage
 from pipeline.stages.policy import PolicyStage
 from pipeline.store import AuditStore
 from tests.test_schemas import load, sample
-from tests.stagekit import stage_settings
+from tests.stagekit import Peer, stage_settings
 
 T0 = 1_764_000_000_000_000_000
 I64_MAX = (1 << 63) - 1
@@ -100,7 +100,8 @@ def test_any_bytes_are_a_message_or_a_rejection(frame):
 @given(st.sampled_from(sorted(wire.REGISTRY)), st.lists(msgpack_values, max_size=4),
        msgpack_values)
 def test_any_records_under_a_known_kind_are_each_accepted_or_rejected(kind, records, version):
-    frame = msgpack.packb({"kind": kind, "v": 1 if version is None else version,
+    frame = msgpack.packb({"kind": kind, "v": wire.REGISTRY[kind].VERSION if version is None
+                           else version,
                            "records": records})
     try:
         _, good, bad = wire.decode_records(frame)
@@ -400,7 +401,8 @@ def event_values(cls=RawEvent):
         ip_proto=st.integers(0, 255), flags=st.integers(0, 255), src_ip=addresses,
         dst_ip=addresses, src_port=st.integers(0, 65535), dst_port=st.integers(0, 65535),
         timestamp_ns=st.integers(0, I64_MAX), pid=st.integers(0, (1 << 32) - 1),
-        comm=st.text(max_size=16), packets=st.integers(0, I64_MAX))
+        comm=st.text(max_size=16), packets=st.integers(0, I64_MAX),
+        event_id=st.text(max_size=128), seq=st.integers(0, I64_MAX))
 
 
 names = st.text(max_size=40) | dns_names | st.sampled_from(["github.com", "ok.test", "."])
@@ -420,7 +422,8 @@ audit_records = st.builds(
     addresses | st.just(""), addresses | st.just(""), names, st.integers(0, 65535),
     st.text(max_size=64), st.text(max_size=256), st.integers(0, (1 << 32) - 1), names,
     st.text(max_size=64), chains, st.booleans(), st.booleans(), st.booleans(),
-    st.integers(0, I64_MAX), st.text(max_size=128), st.text(max_size=255))
+    st.integers(0, I64_MAX), st.text(max_size=128), st.text(max_size=255),
+    st.integers(0, I64_MAX))
 POLICY = {"defaultAction": "deny", "rules": [
     {"type": "hostname", "value": "test", "action": "allow",
      "ports": [{"port": 443, "protocol": "tcp"}]},
@@ -455,7 +458,12 @@ class Harness:
 
 @pytest.mark.parametrize("mode", ["audit", "enforce"])
 def test_policy_logic_takes_any_record_in_range(tmp_path, mode):
+    """Whatever policy.sock accepts, policy handles, and whatever it sends on passes the
+    next inboxes: a record from capture's journal is never refused downstream (it would
+    never be acknowledged)."""
     maps = DictRuleMaps()
+    peer = Peer(tmp_path / "run")
+    downstream = [peer.inbox("persist"), peer.inbox("notify")]
     harness = Harness(PolicyStage(open_maps=lambda s: maps), tmp_path, SLUICE_MODE=mode)
     try:
         harness.stage.tick(0.0)  # programs the maps
@@ -468,10 +476,17 @@ def test_policy_logic_takes_any_record_in_range(tmp_path, mode):
             reply = messages.decode(harness.stage.reply("policy-allow", "allow_requests",
                                                         [request]))[1]
             assert reply and reply[0].problem() is None
+            for feed in harness.io.feeds:
+                feed.flush()
+            for sock in downstream:
+                while sock.poll(0):
+                    _, _, bad = wire.decode_records(sock.recv())
+                    assert not bad, bad[0]
 
         run()
     finally:
         harness.close()
+        peer.close()
 
 
 def test_enrich_logic_takes_any_record_in_range(tmp_path):

@@ -44,12 +44,9 @@ class AuthoritativeServer:
         self.zone = zone
         self.asked: collections.Counter = collections.Counter()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.udp = socket.socket(family, socket.SOCK_DGRAM)
-        self.udp.bind((host, port))
-        self.host, self.port = host, self.udp.getsockname()[1]
-        self.tcp = socket.socket(family, socket.SOCK_STREAM)
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind((host, self.port))
+        self.host = host
+        self.udp, self.tcp = self._bind_both(family, host, port)
+        self.port = self.udp.getsockname()[1]
         self.tcp.listen(64)
         self.spoofer = socket.socket(family, socket.SOCK_DGRAM)  # "forge": another port
         self.spoofer.bind((host, 0))
@@ -86,6 +83,25 @@ class AuthoritativeServer:
         heapq.heappush(self.later, (time.monotonic() + delay, id(action), action))
 
     # ------------------------------------------------------------- transports
+
+    @staticmethod
+    def _bind_both(family: int, host: str, port: int) -> tuple[socket.socket, socket.socket]:
+        """A UDP and a TCP socket on one port. With port 0 the kernel picks the UDP port,
+        which a TCP connection of another test may hold: then another port is tried."""
+        for _ in range(20):
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            udp.bind((host, port))
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                tcp.bind((host, udp.getsockname()[1]))
+                return udp, tcp
+            except OSError:
+                udp.close()
+                tcp.close()
+                if port:
+                    raise
+        raise OSError(f"no port free for both UDP and TCP on {host}")
 
     def _on_udp(self, sock: socket.socket) -> None:
         data, client = sock.recvfrom(65535)

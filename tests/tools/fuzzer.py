@@ -110,9 +110,9 @@ class Random:
         if choice == 3:  # a good record with one field replaced
             record = self.in_range(cls)
             record[self.rng.randrange(len(record))] = self.value()
-            return [msgpack.packb({"kind": kind, "v": 1, "records": [record]})]
+            return [msgpack.packb({"kind": kind, "v": cls.VERSION, "records": [record]})]
         if choice == 4:
-            return [msgpack.packb({"kind": kind, "v": 1,
+            return [msgpack.packb({"kind": kind, "v": cls.VERSION,
                                    "records": [self.value() for _ in range(3)]})]
         if choice == 5:
             return [self.frame(inbox)[0] for _ in range(self.rng.randrange(2, 4))]
@@ -122,7 +122,7 @@ class Random:
             return [msgpack.packb({"kind": kind, "v": cls.VERSION,
                                    "records": [self.in_range(cls)
                                                for _ in range(self.rng.randrange(1, 4))]})]
-        return [msgpack.packb({"kind": kind, "v": 1, "records": self.value()})]
+        return [msgpack.packb({"kind": kind, "v": cls.VERSION, "records": self.value()})]
 
 
 def fuzz_pull(ctx: zmq.Context, run_dir: Path, inbox: str, rnd: Random, count: int) -> dict:
