@@ -42,8 +42,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyVa
 from opentelemetry.proto.logs.v1.logs_pb2 import SeverityNumber
 
 from . import __version__
-from .audit import parse_timestamp
 from .delivery import DeliveryFailed
+from .timestamps import parse_timestamp
 
 LOGS_PATH = "v1/logs"
 SCOPE = "sluice"
