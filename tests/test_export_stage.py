@@ -394,3 +394,18 @@ def test_a_crash_loses_nothing_and_repeats_at_most_the_unsaved_tail(tmp_path, st
     ids = delivered_ids(collector)
     assert set(ids) == {e.event_id for e in events}
     assert len(ids) - len(set(ids)) <= 4096 + 1024
+
+
+def test_a_batch_unanswered_at_the_stop_is_given_up_in_time_and_sent_again(
+        tmp_path, store, collector):
+    events = store.add(10)
+    collector.delay = 6.0  # longer than a stop may wait
+    stage = export(tmp_path, SLUICE_OTLP_ENDPOINT=collector.endpoint)
+    wait_for(lambda: collector.arrived == 1, "the request at the collector")
+    assert stage.finish() == 0  # within StageThread's 10 s, not after the 6 s answer
+    assert stage.counters()["abandoned_sends"] == 1
+    collector.delay = 0.0
+    stage = export(tmp_path, SLUICE_OTLP_ENDPOINT=collector.endpoint)
+    wait_for(lambda: {e.event_id for e in events} <= set(delivered_ids(collector)),
+             "the batch sent again", timeout=15)
+    assert stage.finish() == 0

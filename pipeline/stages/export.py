@@ -74,7 +74,7 @@ BACKLOG_EVERY_S = 2.0
 IDLE_POLL_S = 0.1     # how often an idle sink looks for new rows
 STORE_RETRY_S = 1.0
 STORE_WAIT_LOG_S = 30.0
-STOP_WAIT_S = 3.0     # a batch in flight at a stop may take this long to be answered
+STOP_WAIT_S = 2.5     # a batch in flight at a stop may take this long to be answered
 
 
 @dataclasses.dataclass
@@ -414,14 +414,11 @@ class ExportStage(BaseStage):
                 self.store.close()
 
     def _final_save(self) -> None:
-        for attempt in (1, 2):  # persist's last commit may hold the write lock a moment
-            try:
-                self._save()
-                return
-            except StoreError as err:
-                if attempt == 2:
-                    self.io.log.warning("%s: the cursors were not stored; records since the "
-                                        "last save are sent again at the next start", err)
+        try:  # one attempt: with the wait for the batch in flight it fits honcho's 5 s
+            self._save()
+        except StoreError as err:
+            self.io.log.warning("%s: the cursors were not stored; records since the last save "
+                                "are sent again at the next start", err)
 
 
 def run(settings: Settings, *, ctx: zmq.Context | None = None,

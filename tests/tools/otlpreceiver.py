@@ -56,6 +56,7 @@ class OtlpReceiver:
         self.host, self.record = host, record
         self.answer = 200
         self.delay = 0.0  # seconds before each answer: a slow collector
+        self.arrived = 0  # requests received, answered or not yet
         self.requests: list[tuple[int, str, dict]] = []  # (status, path, headers)
         self.kept: list[dict] = []
         self.connections: set = set()
@@ -119,6 +120,8 @@ def _handler(receiver: OtlpReceiver):
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            with receiver.lock:
+                receiver.arrived += 1
             time.sleep(receiver.delay)
             status = receiver.take(self.path, dict(self.headers), body)
             answer = ExportLogsServiceResponse().SerializeToString() if status == 200 else b""
