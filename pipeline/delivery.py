@@ -5,18 +5,24 @@ secret (it is logged). `permanent` failures (a collector answering 4xx) are not 
 `delivered` says how many parts of a multi-part send got through before it failed.
 
 The Courier runs one send at a time in a worker thread, so a slow or dead sink never holds
-up the stage loop, and reports each result through an eventfd that the loop polls.
+up the stage loop, and reports each result through an eventfd that the loop polls. An
+unexpected error in a send (a bug, not the sink) is logged and reported as a failed send,
+retried like one; the thread runs in a Worker (pipeline/workers.py), so it never dies
+silently.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import os
 import queue
 import random
 import threading
 from typing import Callable
+
+from .workers import Worker
 
 FIRST_RETRY_S = 1.0
 MAX_RETRY_S = 30.0     # an hour-long outage is retried every 30 s; recovery is seen that soon
@@ -52,16 +58,21 @@ class Result:
 class Courier:
     """One worker thread that runs send(job) for one job at a time."""
 
-    def __init__(self, name: str, send: Callable[[object], None]) -> None:
+    def __init__(self, name: str, send: Callable[[object], None],
+                 log: logging.Logger | None = None) -> None:
         self.send = send
+        self.log = log or logging.getLogger("sluice.delivery")
+        self._logged: set[str] = set()  # internal errors, by type (each logged once)
         self.busy = False  # a job handed over and not yet reported (stage thread only)
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._results: collections.deque[Result] = collections.deque()
         self._idle = threading.Event()
         self._idle.set()
-        self._thread = threading.Thread(target=self._run, name=f"{name}-courier", daemon=True)
-        self._thread.start()
+        self._stopping = threading.Event()
+        self.worker = Worker(f"{name}_courier", self._run, self.log, stopping=self._stopping)
+        self._thread = self.worker.thread
+        self.worker.start()
 
     def submit(self, job: object) -> None:
         assert not self.busy, "one job at a time"
@@ -88,6 +99,12 @@ class Courier:
                 result = Result(job)
             except DeliveryFailed as err:
                 result = Result(job, err)
+            except Exception as err:  # noqa: BLE001 - a bug must not take the thread along
+                if type(err).__name__ not in self._logged:
+                    self._logged.add(type(err).__name__)
+                    self.log.error("a send failed on an internal error, retried like a failed "
+                                   "send (logged once per kind)", exc_info=err)
+                result = Result(job, DeliveryFailed(f"internal error: {type(err).__name__}"))
             self._results.append(result)
             self._idle.set()
             os.eventfd_write(self.fd, 1)
@@ -96,6 +113,7 @@ class Courier:
         """Stop the worker, letting a send in progress finish for up to `wait` seconds;
         False if it is still going (its result is then unknown). results() still works."""
         finished = self._idle.wait(wait)
+        self._stopping.set()
         self._jobs.put(_STOP)
         self._thread.join(0.5 if finished else 0)
         return finished

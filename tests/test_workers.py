@@ -170,3 +170,33 @@ def test_a_failing_lookup_is_counted_and_its_event_goes_on(tmp_path):
     assert event.dst_hostname == "" and stage.counters()["ptr_error"] == 1
     final = json.loads((stage.settings.run_dir / "enrich.counters.json").read_text())
     assert final["threads"] == {"lookups": "stopped"}
+
+
+# ---------------------------------------------------------------- export's couriers
+
+def test_an_internal_error_in_an_export_send_is_a_failed_send_and_the_thread_lives(caplog):
+    """export's delivery thread caught only DeliveryFailed: any other error ended it, and the
+    stage went on running with nothing exported again."""
+    from pipeline.delivery import Courier
+
+    sent = []
+
+    def send(job):
+        if not sent:
+            sent.append("failed")
+            raise KeyError("a bug in an encoder")
+        sent.append(job)
+
+    courier = Courier("otlp", send, log)
+    try:
+        courier.submit("first")
+        [failed] = wait_for(courier.results, "the first result")
+        assert failed.error.reason == "internal error: KeyError"
+        courier.submit("first")  # what the stage does with a failed send: again, later
+        [retried] = wait_for(courier.results, "the retry's result")
+        assert retried.error is None and sent == ["failed", "first"]
+        assert courier.worker.state() == "alive"
+    finally:
+        courier.stop(1)
+        courier.close()
+    assert "a send failed on an internal error" in caplog.text

@@ -279,7 +279,8 @@ class ExportStage(BaseStage):
         logging.getLogger("urllib3").setLevel(logging.WARNING)
         for sink in (self._otlp_sink(settings), self._syslog_sink(settings)):
             if sink is not None:
-                courier = Courier(sink.name, lambda job, sink=sink: sink.send(job))
+                courier = Courier(sink.name, lambda job, sink=sink: sink.send(job), io.log)
+                io.watch_worker(courier.worker)
                 lane = Lane(sink, io, courier, self.delay)
                 io.watch_fd(courier.fd, lambda lane=lane: lane.on_results(time.monotonic()))
                 self.lanes.append(lane)
