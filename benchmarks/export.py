@@ -12,7 +12,8 @@ sends) into persist's inbox as fast as it takes them. In the same run:
    starts and delivers that backlog: exported/s from its ready marker to the last record.
 
 The export keeps up when exported/s is at least stored/s (ratio >= 1.0): a flood then never
-builds a backlog that grows. --syslog also sends syslog over UDP to a local socket.
+builds a backlog that grows. --syslog also sends every record as syslog over UDP to a local
+socket and reports that sink's pace on the backlog too.
 
     .venv/bin/python benchmarks/export.py [--records 200000] [--syslog]
 """
@@ -80,6 +81,24 @@ class Collector:
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+class SyslogCounter:
+    """Counts the datagrams that reach a local UDP port."""
+
+    def __init__(self) -> None:
+        self.messages, self.last = 0, 0.0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            self.sock.recv(65536)
+            self.messages += 1
+            self.last = time.perf_counter()
 
 
 def make_batches(n: int, offset: int) -> list[bytes]:
@@ -153,15 +172,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="sluice-export-"))
     run_dir = tmp / "run"
     collector = Collector()
-    discard = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    discard.bind(("127.0.0.1", 0))
+    syslog = SyslogCounter()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")},
            "SLUICE_RUN_DIR": str(run_dir), "SLUICE_DB": f"sqlite:///{tmp}/audit.db",
            "SLUICE_AUDIT_LOG": str(tmp / "audit.jsonl"), "SLUICE_HOST": "bench-host",
            "SLUICE_COUNTER_INTERVAL": "0.2", "SLUICE_OTLP_ENDPOINT": collector.endpoint,
            "SLUICE_BPF_DIR": str(tmp / "no-bpffs")}
     if args.syslog:
-        env["SLUICE_SYSLOG"] = f"udp://127.0.0.1:{discard.getsockname()[1]}"
+        env["SLUICE_SYSLOG"] = f"udp://127.0.0.1:{syslog.port}"
     first, second = make_batches(n, 0), make_batches(n, n)
 
     def stored() -> int:
@@ -178,6 +196,8 @@ def main() -> None:
         wait_until(lambda: collector.records >= n, "the export of the flood")
         tail = collector.last - stored_at
         stored_rate = n / (stored_at - began)
+        if args.syslog:
+            wait_until(lambda: syslog.messages >= n, "the syslog messages of the flood")
         # 2. Export's own pace: the same number of records waiting, persist idle.
         stop(export)
         push_all(run_dir, second)
@@ -186,6 +206,9 @@ def main() -> None:
         restarted = time.perf_counter()
         wait_until(lambda: collector.records >= 2 * n, "the export of the backlog")
         drain_rate = n / (collector.last - restarted)
+        if args.syslog:  # every flood record is a block: one message each
+            wait_until(lambda: syslog.messages >= 2 * n, "the syslog messages of the backlog")
+            syslog_rate = n / (syslog.last - restarted)
     finally:
         stop(export)
         stop(persist)
@@ -194,10 +217,14 @@ def main() -> None:
     print(f"stored/s (persist)         {stored_rate:,.0f}  (baseline: the flood, export beside it)")
     print(f"export lag at last store   {lag} records; all exported {max(0.0, tail):.2f} s later")
     print(f"exported/s (OTLP backlog)  {drain_rate:,.0f}  (ratio {ratio:.2f} of stored/s)")
+    if args.syslog:
+        print(f"syslog/s (UDP, backlog)    {syslog_rate:,.0f}  (ratio "
+              f"{syslog_rate / stored_rate:.2f} of stored/s)")
     print(f"export counters            {counters(run_dir, 'export')}")
     print(f"collector got              {collector.records} records ({2 * n} stored); "
           f"logs in {tmp}")
-    keeps_up = ratio >= 1.0 and collector.records == 2 * n
+    keeps_up = ratio >= 1.0 and collector.records == 2 * n and (
+        not args.syslog or syslog_rate >= stored_rate)
     print("verdict                    " + ("export keeps up with persist" if keeps_up else
                                            "export falls behind persist"))
     sys.exit(0 if keeps_up else 1)

@@ -21,7 +21,6 @@ daemon reads it), `udp://host:port` (a datagram per message, RFC 5426), `tcp://h
 from __future__ import annotations
 
 import dataclasses
-import json
 import socket
 from typing import Sequence
 
@@ -61,23 +60,30 @@ def parse_target(text: str) -> Target:
 # ---------------------------------------------------------------- formatting
 
 
+_NOT_PARAMS = frozenset({"id", "timestamp"})
+
+
 def wanted(row: dict) -> bool:
     return bool(row.get("blocked") or row.get("would_deny")
                 or row.get("event_type") in ("connection_late_allowed", "dns_blocked"))
 
 
-def _sd_value(value) -> str:
-    text = json.dumps(value, ensure_ascii=False) if isinstance(value, list) else str(value)
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    text = text.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
-    return "".join(c if c.isprintable() else " " for c in text)
+def _printable(text: str) -> str:
+    """Control characters (a line break in a process name) as spaces."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else " " for c in text)
+
+
+def _sd_value(text: str) -> str:
+    if "\\" in text or '"' in text or "]" in text:
+        text = text.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+    return _printable(text)
 
 
 def _header_field(text: str, limit: int) -> str:
     """PRINTUSASCII without spaces, at most limit characters; "-" when empty."""
-    cleaned = "".join(c for c in text if 33 <= ord(c) <= 126)[:limit]
-    return cleaned or "-"
+    if not (text.isascii() and text.isprintable() and " " not in text):
+        text = "".join(c for c in text if 33 <= ord(c) <= 126)
+    return text[:limit] or "-"
 
 
 def _time(stored: str) -> str:
@@ -114,20 +120,15 @@ def format_message(row: dict, pid: int) -> bytes:
     severity = WARNING if row.get("blocked") else NOTICE
     params = []
     for name, value in row.items():
-        if name in ("id", "timestamp") or value in ("", None) or (
-                value == 0 and not isinstance(value, bool)):
-            continue
-        if name == "cname_chain":
-            try:
-                value = json.loads(value)
-            except ValueError:
-                pass
-        params.append(f'{name}="{_sd_value(value)}"')
+        if value is True or value is False:
+            params.append(f'{name}="{"true" if value else "false"}"')
+        elif value and name not in _NOT_PARAMS:  # cname_chain stays its stored JSON text
+            params.append(f'{name}="{_sd_value(str(value))}"')
     header = (f"<{FACILITY * 8 + severity}>1 {_time(row.get('timestamp', ''))} "
               f"{_header_field(row.get('host', ''), 255)} {APP_NAME} {pid} "
               f"{_header_field(row['event_type'], 32)}")
     message = f"{header} [{SD_ID} {' '.join(params)}] "
-    text = "".join(c if c.isprintable() else " " for c in _summary(row))
+    text = _printable(_summary(row))
     data = message.encode()
     room = MAX_LINE - len(data)
     body = text.encode()

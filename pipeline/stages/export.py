@@ -349,9 +349,7 @@ class ExportStage(BaseStage):
                 return
             self._pump(now)
             if now >= self.next_backlog:
-                for lane in self.lanes:
-                    self.io.counters.level(f"{lane.sink.name}_backlog",
-                                           self.store.backlog(lane.acked))
+                self._count_backlog()
                 self.next_backlog = now + BACKLOG_EVERY_S
         except StoreError as err:
             self.store_retry_at = now + STORE_RETRY_S
@@ -411,8 +409,15 @@ class ExportStage(BaseStage):
             try:
                 if self.lanes[0].started:
                     self._final_save()
+                    self._count_backlog()  # the final counters say what is left
+            except StoreError:
+                pass  # said by _final_save, or the backlog stays as last counted
             finally:
                 self.store.close()
+
+    def _count_backlog(self) -> None:
+        for lane in self.lanes:
+            self.io.counters.level(f"{lane.sink.name}_backlog", self.store.backlog(lane.acked))
 
     def _final_save(self) -> None:
         try:  # one attempt: with the wait for the batch in flight it fits honcho's 5 s
