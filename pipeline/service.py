@@ -36,8 +36,9 @@ from .topology import STAGES
 
 WAIT_STEP_S = 0.1
 STOP_WAIT_S = 30.0     # honcho gives its stages 5 s, then kills them; this is the outer bound
-LOG_TAIL_LINES = 20
-SECRET_VARIABLES = ("SLUICE_NOTIFY_TOKEN",)
+LOG_TAIL_LINES = 40  # the other stages' stop lines alone take about three each
+# Never written to the run record: tokens, headers, and a collector URL's credentials.
+SECRET_VARIABLES = ("SLUICE_NOTIFY_TOKEN", "SLUICE_OTLP_HEADERS", "SLUICE_OTLP_ENDPOINT")
 # Chosen per run by whoever stops the pipeline, never taken from the one who started it.
 PER_STOP_VARIABLES = ("SLUICE_FAIL_ON_BLOCK", "SLUICE_EXPECTED_BLOCKS")
 

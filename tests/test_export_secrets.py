@@ -93,3 +93,12 @@ def test_a_bad_secret_setting_is_reported_without_its_value(tmp_path, caplog):
     export = StageThread(ExportStage(), settings).start()
     assert export.finish() == 0
     assert "SLUICE_OTLP_HEADERS entry 1" in caplog.text and MARK not in caplog.text
+
+
+def test_the_run_record_of_sluice_up_leaves_the_export_secrets_out():
+    from pipeline.service import _recorded
+
+    recorded = _recorded({"SLUICE_OTLP_HEADERS": f"k={MARK}", "SLUICE_MODE": "audit",
+                          "SLUICE_OTLP_ENDPOINT": f"https://u:{MARK}@c:4318",
+                          "SLUICE_NOTIFY_TOKEN": MARK})
+    assert recorded == {"SLUICE_MODE": "audit"}
