@@ -104,6 +104,11 @@ def parse_headers(text: str) -> dict[str, str]:
             raise ValueError(f"entry {number} is not key=value with a header name as key")
         if any(c in value for c in "\r\n\0"):
             raise ValueError(f"entry {number} ({name}) has a line break in its value")
+        try:
+            value.encode("latin-1")  # what HTTP/1.1 carries; checked here, not mid-send
+        except UnicodeEncodeError:
+            raise ValueError(f"entry {number} ({name}) has a character an HTTP header cannot "
+                             "carry") from None
         headers[name] = value
     return headers
 

@@ -59,7 +59,8 @@ def test_headers_parse_as_the_otlp_exporters_take_them():
 
 
 @pytest.mark.parametrize("text, entry", [("s3cret", "entry 1"), ("a=1,,b=2", "entry 2"),
-                                        ("bad name=s3cret", "entry 1"), ("a=x%0Ay", "entry 1")])
+                                        ("bad name=s3cret", "entry 1"), ("a=x%0Ay", "entry 1"),
+                                        ("a=1,k=s3cret\u20ac", "entry 2")])
 def test_headers_that_do_not_parse_name_the_entry_never_the_value(text, entry):
     with pytest.raises(ValueError) as err:
         parse_headers(text)
