@@ -252,7 +252,7 @@ def _counters(pipeline: Pipeline, stage: str) -> dict:
 def _reload(pipeline: Pipeline, policy: dict, count: int) -> None:
     """Write the policy file and wait until both the policy and the dns stage took it."""
     (pipeline.tmp / "policy.json").write_text(json.dumps(policy))
-    wait_for(lambda: all(_counters(pipeline, stage).get("reloads", 0) >= count
+    wait_for(lambda: all(_counters(pipeline, stage).get("policy_reloads", 0) >= count
                          for stage in ("policy", "dns")), 15, f"reload {count}")
 
 

@@ -644,12 +644,12 @@ def test_a_changed_policy_applies_and_a_broken_one_is_ignored(proxy):
     p = proxy()
     assert p.ask("free.other.test").rcode() == dns.rcode.REFUSED
     p.policy_path.write_text("{ not json")
-    wait_for(lambda: p.stage.counters().get("reload_failures"), "the failed reload", 5)
+    wait_for(lambda: p.stage.counters().get("policy_reload_failures"), "the failed reload", 5)
     assert addresses(p.ask("www.allowed.test")) == ["10.0.0.1", "10.0.0.2"]
     time.sleep(0.05)  # a new mtime for the next write
     p.policy_path.write_text(json.dumps({"defaultAction": "allow", "rules": [
         {"type": "hostname", "value": "allowed.test", "action": "deny"}]}))
-    wait_for(lambda: p.stage.counters().get("reloads"), "the reload", 5)
+    wait_for(lambda: p.stage.counters().get("policy_reloads"), "the reload", 5)
     assert p.ask("www.allowed.test").rcode() == dns.rcode.REFUSED
     assert addresses(p.ask("free.other.test")) == ["10.0.0.8"]
 
@@ -657,7 +657,7 @@ def test_a_changed_policy_applies_and_a_broken_one_is_ignored(proxy):
 def test_a_deeply_nested_policy_on_reload_leaves_the_old_one_filtering(proxy):
     p = proxy()
     p.policy_path.write_text("[" * 100_000)
-    wait_for(lambda: p.stage.counters().get("reload_failures"), "the refused reload", 5)
+    wait_for(lambda: p.stage.counters().get("policy_reload_failures"), "the refused reload", 5)
     assert p.ask("free.other.test").rcode() == dns.rcode.REFUSED
     assert addresses(p.ask("www.allowed.test")) == ["10.0.0.1", "10.0.0.2"]
 

@@ -111,7 +111,7 @@ def test_policy_keeps_its_policy_when_a_reload_is_deeply_nested(tmp_path, peer):
     stage = StageThread(PolicyStage(open_maps=lambda s: maps), settings).start()
     out = peer.inbox("persist")
     path.write_text(DEEP)
-    wait_for(lambda: stage.counters().get("reload_failures"), "the refused reload")
+    wait_for(lambda: stage.counters().get("policy_reload_failures"), "the refused reload")
     assert maps.verdict("10.1.0.9", 443, 6) == ALLOW  # the old policy's maps, untouched
     peer.pusher("policy").send(messages.encode(
         [EnrichedEvent.from_raw(RawEvent(4, True, 6, 0, "10.0.0.2", "10.1.0.9", 4000, 443,
@@ -127,7 +127,7 @@ def test_enrich_keeps_its_names_when_a_reload_is_deeply_nested(tmp_path, peer):
         stage = StageThread(EnrichStage(ReverseResolver("127.0.0.1", port=names.port)),
                             stage_settings(tmp_path, SLUICE_POLICY=str(path))).start()
         path.write_text(DEEP)
-        wait_for(lambda: stage.counters().get("reload_failures"), "the refused reload")
+        wait_for(lambda: stage.counters().get("policy_reload_failures"), "the refused reload")
         assert stage.thread.is_alive()
         assert stage.finish() == 0
 

@@ -1,8 +1,8 @@
 """The policy every stage judges by: the loaded one plus what sluice itself needs.
 
-The policy, dns and enrich stages all call startup_policy, so the DNS filter, the map writer
-and the namer agree on the same rules, including the auto-allowed DNS upstream (the one the
-proxy really forwards to).
+The policy, dns and enrich stages all load it (through pipeline/livepolicy.py), so the DNS
+filter, the map writer and the namer agree on the same rules, including the auto-allowed DNS
+upstream (the one the proxy really forwards to).
 """
 
 from __future__ import annotations
@@ -53,31 +53,3 @@ def startup_policy(policy: Policy, settings, files: HostFiles) -> Policy:
 def load_startup_policy(settings, files: HostFiles) -> Policy:
     return startup_policy(load_policy(settings), settings, files)
 
-
-class PolicyWatch:
-    """Tells a stage when its policy file changed; looks at most once per interval."""
-
-    def __init__(self, path: Path, interval: float = 1.0) -> None:
-        self.path, self.interval = path, interval
-        self.mtime = self._mtime()
-        self.next_check = 0.0
-
-    def changed(self, now: float) -> bool:
-        if now < self.next_check:
-            return False
-        self.next_check = now + self.interval
-        mtime = self._mtime()
-        if mtime == self.mtime:
-            return False
-        self.mtime = mtime
-        return True
-
-    def seen(self) -> None:
-        """The current file has been read (a reload on SIGHUP): no change to report."""
-        self.mtime = self._mtime()
-
-    def _mtime(self) -> float:
-        try:
-            return self.path.stat().st_mtime
-        except OSError:
-            return 0.0

@@ -39,8 +39,8 @@ TCP slots: a connection without a whole query for TCP_IDLE_S is closed; one clie
           beyond MAX_TCP_CLIENTS takes the slot of the longest-idle connection (its own
           address's first; tcp_idle_evicted), so idle connections never deny TCP DNS to
           others; only when every candidate is busy is it refused (tcp_clients_refused).
-Reload:   SIGHUP, or a change of the policy file: a valid policy replaces the old one, an
-          invalid one is logged and the old one stays.
+Reload:   SIGHUP, or a change of the policy file (pipeline/livepolicy.py): a valid policy
+          replaces the old one, an invalid one is logged and the old one stays.
 Start:    an address that cannot be bound stops the stage with one line naming the address
           and the process holding it.
 Timing:   histograms answer_latency_seconds (a query's arrival to its answer) and
@@ -92,7 +92,7 @@ from ..dns.holders import holder_inodes
 from ..dns.packets import Malformed, Query
 from ..dns.queryfilter import REFUSE, PolicyMemory, judge_query
 from ..dns.tcpslots import Held, make_room
-from ..errors import KernelError, MessageError, PolicyError, SettingsError, SluiceError
+from ..errors import KernelError, MessageError, SettingsError, SluiceError
 from ..events import AllowReply, AllowRequest, DnsMapping
 from ..kernel import libbpf
 from ..kernel.maps import PinnedMaps
@@ -100,7 +100,8 @@ from ..kernel.structs import Config
 from ..loop import HIGH_WATER_MARK, BaseStage, StageIO, batched, run_stage
 from ..settings import Settings
 from ..topology import STAGES, inbox_address
-from ..policy.startup import HostFiles, PolicyWatch, load_startup_policy
+from ..livepolicy import LivePolicy
+from ..policy.startup import HostFiles
 
 [ALLOW_INBOX] = STAGES["dns"].requests
 ALLOW_WAIT_S = 2.0        # well inside a stub resolver's 5 s retry; the policy answers in ~1 ms
@@ -632,8 +633,7 @@ class DnsStage(BaseStage):
                                             self.files.read("/etc/resolv.conf"), self.listen)
         except ValueError as err:
             raise SettingsError(f"SLUICE_DNS_UPSTREAM={settings.dns_upstream!r}: {err}") from None
-        self.policy = load_startup_policy(settings, self.files)
-        self.watch = PolicyWatch(settings.policy)
+        self.live = LivePolicy(io, files=self.files)
         self.host = settings.host_name
         self.enrich = io.connect_feed("enrich", backlog=1024)
         self.persist = io.connect_feed("persist", backlog=1024)
@@ -699,25 +699,14 @@ class DnsStage(BaseStage):
         self.timers.run_due(now)
         self.allow.drain()
         self._flush_records()
-        if self.watch.changed(now):
-            self.reload("the policy file changed")
+        self.live.tick(now)
 
     def hangup(self) -> None:
-        self.reload("SIGHUP")
+        self.live.reload("SIGHUP")
 
-    def reload(self, why: str) -> None:
-        self.watch.seen()
-        try:
-            policy = load_startup_policy(self.settings, self.files)
-        except PolicyError as err:
-            self.io.log.error("reloaded policy rejected (%s), filtering with the old one: %s",
-                              why, err)
-            self.io.counters.add("reload_failures")
-            return
-        self.policy = policy
-        self.io.counters.add("reloads")
-        self.io.log.info("filtering with the reloaded policy (%s): %r", why, policy)
-
+    @property
+    def policy(self):
+        return self.live.current
 
     def _flush_records(self) -> None:
         for batch in batched(self.mappings, self.settings.batch_max):

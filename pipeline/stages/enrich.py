@@ -19,12 +19,12 @@ Never stalls: lookups run beside the loop (pipeline/reverse.py). While one is in
           beyond MAX_LOOKUPS lookups in flight a new address goes on unnamed without one
           (ptr_busy; a later event may look it up). No event is dropped here: at a stop,
           what still waits is sent unnamed (held_at_stop).
-Policy:   SLUICE_POLICY, for its tracked hostnames; reloaded on SIGHUP and when the file
-          changes (an invalid file keeps the previous policy). A policy that does not load
-          stops the stage at start.
+Policy:   the start-up policy the policy and dns stages judge by (pipeline/livepolicy.py), for its
+          tracked hostnames; reloaded on SIGHUP and when the file changes (an invalid file
+          keeps the previous policy). A policy that does not load stops the stage at start.
 Counters: ptr_lookups, ptr_named, ptr_no_name, ptr_timeout, ptr_error, ptr_not_sent,
           names_from_lookups, events_named, held_over_limit, ptr_busy, held_at_stop,
-          reload_failures, lookups_thread_errors (the lookup thread's own errors, each logged;
+          policy_reloads, policy_reload_failures, lookups_thread_errors (the lookup thread's own errors, each logged;
           `sluice status` shows whether it is alive; if it dies the stage exits non-zero).
 Records: with SLUICE_RECORD, every raw_events and dns_mappings batch, as it arrives, goes to
           that file for `sluice replay` (pipeline/recording.py), written on each loop tick.
@@ -41,12 +41,11 @@ import threading
 
 import zmq
 
-from ..errors import PolicyError
 from ..events import EnrichedEvent, RawEvent
 from ..loop import BaseStage, StageIO, batched, run_stage
 from ..names import HeldEvents, Namer
-from ..policy.load import load_policy
-from ..policy.startup import PolicyWatch
+from ..livepolicy import LivePolicy
+from ..policy.startup import HostFiles
 from ..recording import NoRecorder, open_recorder
 from ..reverse import CONCURRENCY, NAMED, NOT_SENT, ReverseResolver
 from ..settings import Settings
@@ -59,8 +58,9 @@ class EnrichStage(BaseStage):
     name = "enrich"
 
     def __init__(self, reverse: ReverseResolver | None = None, max_held: int = MAX_HELD,
-                 max_lookups: int = MAX_LOOKUPS) -> None:
+                 max_lookups: int = MAX_LOOKUPS, files: HostFiles | None = None) -> None:
         self.reverse = reverse
+        self.files = files
         self.held: HeldEvents[RawEvent] = HeldEvents(max_held)
         self.max_lookups = max_lookups
         self.lookups: dict[str, int] = {}  # address -> timestamp of the event that asked
@@ -69,9 +69,8 @@ class EnrichStage(BaseStage):
     def setup(self, io: StageIO) -> None:
         self.io = io
         self.recorder = open_recorder(io.settings, io.counters, io.log)
-        policy = load_policy(io.settings)
-        self.watch = PolicyWatch(io.settings.policy)
-        self.namer = Namer(policy)
+        self.live = LivePolicy(io, self._apply, self.files)
+        self.namer = Namer(self.live.current)
         self.reverse = self.reverse or ReverseResolver.from_resolv_conf()
         self.reverse.start()
         io.watch_fd(self.reverse.fd, self._lookups_ended)
@@ -81,7 +80,7 @@ class EnrichStage(BaseStage):
         self.feed = io.connect_feed("policy", backpressure=True)
         io.ready = True
         io.log.info("listening on enrich.sock, feeding policy; names from %r; reverse lookups "
-                    "via %r", policy, self.reverse)
+                    "via %r", self.live.current, self.reverse)
 
     # ------------------------------------------------------------- events
 
@@ -149,24 +148,13 @@ class EnrichStage(BaseStage):
 
     def tick(self, now: float) -> None:
         self.recorder.flush()
-        if self.watch.changed(now):
-            self.reload("the policy file changed")
+        self.live.tick(now)
 
     def hangup(self) -> None:
-        self.reload("SIGHUP")
+        self.live.reload("SIGHUP")
 
-    def reload(self, why: str) -> None:
-        self.watch.seen()
-        try:
-            policy = load_policy(self.io.settings)
-        except PolicyError as err:
-            # Worded apart from policy's own lines, which tests and people wait for.
-            self.io.log.error("names keep the previous policy (%s): %s", why, err)
-            self.io.counters.add("reload_failures")
-            return
+    def _apply(self, policy) -> None:
         self.namer.set_policy(policy)
-        self.io.log.info("names follow the new policy (%s): %r", why, policy)
-
 
     def teardown(self) -> None:
         waiting: list[RawEvent] = []

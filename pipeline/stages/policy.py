@@ -16,8 +16,9 @@ Kernel:   the single writer of the firewall maps. Once capture has pinned them u
 Late-allow: a blocked TCP/UDP event whose hostname an allow rule matches gets its address
           written for exactly that rule's ports (deny side first, CIDR conflicts respected)
           and is recorded connection_late_allowed when its own port is covered.
-Reload:   when the policy file changes, or on SIGHUP: a valid policy replaces the old one by
-          a diff of the maps; an invalid one is logged in one line and changes nothing.
+Reload:   when the policy file changes, or on SIGHUP (pipeline/livepolicy.py): a valid policy
+          replaces the old one by a diff of the maps; an invalid one is logged in one line and
+          changes nothing (counted: policy_reloads, policy_reload_failures).
 Start:    a policy that does not load stops the stage with one line naming the file, the
           place and the problem.
 Bad input: a malformed message or record is counted and skipped (logged once per kind).
@@ -37,17 +38,17 @@ import zmq
 
 from .. import messages
 from ..audit import AuditEvent, normalize
-from ..errors import PolicyError
 from ..events import AllowReply, AllowRequest
 from ..firewall import Firewall, apply_existing_connection
 from ..jit import allow_answer, late_allow
 from ..kernel.maps import KernelRuleMaps, pins_present
+from ..livepolicy import LivePolicy
 from ..loop import BaseStage, StageIO, batched, run_stage
 from ..notify import notice_of
 from ..outcome import decide
 from ..policy.autoallow import get_auto_allowed_type
 from ..policy.existing import gate_existing_connection, scan_connections
-from ..policy.startup import HostFiles, PolicyWatch, load_startup_policy
+from ..policy.startup import HostFiles
 from ..recentblocks import RecentBlocks, late_allowed_record
 from ..rulemaps import RuleMaps
 from ..settings import Settings
@@ -85,8 +86,7 @@ class PolicyStage(BaseStage):
     def setup(self, io: StageIO) -> None:
         self.io = io
         self.settings = io.settings
-        self.policy = load_startup_policy(self.settings, self.files)
-        self.watch = PolicyWatch(self.settings.policy)
+        self.live = LivePolicy(io, self._apply, self.files)
         self.host = self.settings.host_name
         io.bind_inboxes()
         self.persist = io.connect_feed("persist", backpressure=True)
@@ -103,8 +103,11 @@ class PolicyStage(BaseStage):
             maps = self.open_maps(self.settings)
             if maps is not None:
                 self._program(maps)
-        if self.watch.changed(now):
-            self.reload("the policy file changed")
+        self.live.tick(now)
+
+    @property
+    def policy(self):
+        return self.live.current
 
     def _program(self, maps: RuleMaps) -> None:
         firewall = Firewall(maps)
@@ -134,25 +137,16 @@ class PolicyStage(BaseStage):
         self._send(records)
         self.io.counters.add("existing_connections", len(remotes))
 
-    def reload(self, why: str) -> None:
-        self.watch.seen()
-        try:
-            policy = load_startup_policy(self.settings, self.files)
-        except PolicyError as err:
-            self.io.log.error("policy not reloaded (%s), the old one stays in force: %s", why, err)
-            self.io.counters.add("reload_failures")
-            return
+    def _apply(self, policy) -> None:
+        """A reloaded policy: the maps move to it by a diff (before it is current)."""
         if self.firewall is not None:
             self.firewall.program(policy, self.settings.audit_mode)
             # A new generation tells readers of the maps (the DNS proxy's record of what it
             # already had opened) that entries may have been removed.
             self._report_programmed(policy, self.firewall.mark_programmed())
-        self.policy = policy
-        self.io.counters.add("reloads")
-        self.io.log.info("policy reloaded (%s): %r", why, policy)
 
     def hangup(self) -> None:
-        self.reload("SIGHUP")
+        self.live.reload("SIGHUP")
 
     def _report_programmed(self, policy, generation: int) -> None:
         facts = policy_facts(policy)
