@@ -46,6 +46,7 @@ from pipeline.loop import run_stage  # noqa: E402
 from pipeline.reverse import ReverseResolver  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 from pipeline.stages.enrich import EnrichStage  # noqa: E402
+from pipeline.topology import inbox_address  # noqa: E402
 from tests.netns import PYTHON, Lab, base_env  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -139,8 +140,8 @@ def enrich_case(share: float, ptr_port: int, send) -> dict:
         time.sleep(0.02)
     ctx = zmq.Context()
     pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-    pull.bind(f"ipc://{run_dir}/policy.sock")
-    push.connect(f"ipc://{run_dir}/enrich.sock")
+    pull.bind(inbox_address(run_dir, "policy"))
+    push.connect(inbox_address(run_dir, "enrich"))
     push.send(messages.encode(mappings()))
     arrivals = Arrivals()
     receiver = threading.Thread(target=receive, args=(pull, 10**9, arrivals))
@@ -247,7 +248,7 @@ def pipeline_case(lab: Lab, tmp: Path, share: float, args) -> dict:
     honcho = lab.start_pipeline(env, open(tmp / "honcho.log", "a"))
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
-    push.connect(f"ipc://{run_dir}/enrich.sock")
+    push.connect(inbox_address(run_dir, "enrich"))
     push.send(messages.encode(mappings()))
     push.close(linger=2000)
     ctx.term()

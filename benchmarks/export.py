@@ -44,6 +44,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (  # noqa: E4
 
 from pipeline import messages  # noqa: E402
 from pipeline.audit import AuditEvent, new_event_id  # noqa: E402
+from pipeline.topology import inbox_address  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 T0 = 1_767_225_600_000_000_000
@@ -146,7 +147,7 @@ def stop(proc: subprocess.Popen) -> None:
 def push_all(run_dir: Path, frames: list[bytes]) -> None:
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
-    push.connect(f"ipc://{run_dir}/persist.sock")
+    push.connect(inbox_address(run_dir, "persist"))
     for frame in frames:
         push.send(frame)  # blocks at the high-water mark: as fast as persist takes them
     push.close(linger=-1)

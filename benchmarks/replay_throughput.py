@@ -38,6 +38,7 @@ from pipeline.replay import NoReverseLookups, frames_of, replay_live  # noqa: E4
 from pipeline.rulemaps import DictRuleMaps  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 from pipeline.stages.enrich import EnrichStage  # noqa: E402
+from pipeline.topology import inbox_address  # noqa: E402
 from pipeline.stages.persist import PersistStage  # noqa: E402
 from pipeline.stages.policy import PolicyStage  # noqa: E402
 from tests.conftest import postgres_schema  # noqa: E402
@@ -131,7 +132,7 @@ def sender_ceiling(recording: Path, tmp: Path, events: int) -> float:
     run_dir.mkdir()
     ctx = zmq.Context()
     sink = ctx.socket(zmq.PULL)
-    sink.bind(f"ipc://{run_dir}/enrich.sock")
+    sink.bind(inbox_address(run_dir, "enrich"))
     received = []
 
     def drain() -> None:

@@ -36,7 +36,7 @@ from . import messages as wire
 from .errors import MessageError, SluiceError
 from .histogram import LATENCY_BOUNDS, Histogram
 from .settings import Settings
-from .topology import STAGES, Inbox, inbox_address
+from .topology import STAGES, Inbox, Link, inbox_address, inbox_path
 from .workers import Worker
 
 POLL_MS = 100
@@ -184,7 +184,7 @@ class StageIO:
                             else HIGH_WATER_MARK)
             sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME)  # a larger one drops its sender
             sock.setsockopt(zmq.LINGER, 0)
-            path = self.settings.run_dir / f"{inbox.name}.sock"
+            path = inbox_path(self.settings.run_dir, inbox.name)
             if path.exists():
                 path.unlink()  # a stale socket file from a stage that died
             sock.bind(inbox_address(self.settings.run_dir, inbox.name))
@@ -194,20 +194,39 @@ class StageIO:
             bound[inbox.name] = sock
         return bound
 
-    def connect_feed(self, inbox: str, backlog: int = 64, backpressure: bool = False) -> Feed:
-        """A PUSH to inbox. backpressure: the audit path, whose batches are never dropped
-        (the loop pauses this stage's event inboxes while the peer is full)."""
+    def connect_feeds(self) -> dict[str, Feed]:
+        """A PUSH to every inbox the topology says this stage feeds, by the kind sent there.
+        On the audit path a feed's batches are never dropped (the loop pauses this stage's
+        event inboxes while the peer is full)."""
+        feeds = {}
+        for link in STAGES[self.name].feeds:
+            feed = self._connect_feed(link)
+            feeds.update(dict.fromkeys(link.kinds, feed))
+        return feeds
+
+    def _connect_feed(self, link: Link) -> Feed:
         sock = self.ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, QUEUE_MESSAGES)
         sock.setsockopt(zmq.LINGER, LINGER_MS)
-        sock.connect(inbox_address(self.settings.run_dir, inbox))
+        sock.connect(inbox_address(self.settings.run_dir, link.inbox))
         self.sockets.append(sock)
-        feed = Feed(sock, inbox, self.counters, backlog, backpressure)
+        feed = Feed(sock, link.inbox, self.counters, link.backlog, link.audit_path)
         self.feeds.append(feed)
         return feed
 
-    def connect_feeds(self) -> dict[str, Feed]:
-        return {inbox: self.connect_feed(inbox) for inbox in STAGES[self.name].feeds}
+    def connect_requests(self) -> dict[str, zmq.Socket]:
+        """A DEALER to every REP inbox the topology says this stage asks, by request kind:
+        many requests in flight, replies matched by the caller."""
+        sockets = {}
+        for link in STAGES[self.name].requests:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)  # an unanswered request is worthless after a stop
+            sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+            sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+            sock.connect(inbox_address(self.settings.run_dir, link.inbox))
+            self.sockets.append(sock)
+            sockets.update(dict.fromkeys(link.kinds, sock))
+        return sockets
 
     def histogram(self, name: str, bounds=LATENCY_BOUNDS) -> Histogram:
         """A latency histogram written with the counters (name: e.g. answer_latency_seconds)."""

@@ -42,7 +42,7 @@ from .settings import Settings
 from .stages.enrich import EnrichStage
 from .stages.persist import PersistStage
 from .stages.policy import PolicyStage
-from .topology import STAGES, inbox_address, inbox_path
+from .topology import Link, inbox_address, inbox_path, inbox_taking
 
 SEND_TIMEOUT_MS = 10_000  # enrich taking nothing for this long means it is stuck or gone
 LINGER_MS = 10_000        # after the last frame: time for the queue to reach enrich
@@ -146,8 +146,9 @@ def _tally(summary: Summary, frame: Frame) -> None:
 def replay_live(paths: list[Path], run_dir: Path, pace: float | None, progress: Progress,
                 stop: threading.Event | None = None) -> Summary:
     """Push the recordings (in replay order) into the running pipeline's enrich inbox."""
-    if not inbox_path(run_dir, "enrich").exists():
-        raise ReplayError(f"no pipeline is listening on {inbox_path(run_dir, 'enrich')} "
+    inbox = inbox_taking("raw_events")
+    if not inbox_path(run_dir, inbox).exists():
+        raise ReplayError(f"no pipeline is listening on {inbox_path(run_dir, inbox)} "
                           "(start one with honcho start, or replay --offline)")
     stop = stop or threading.Event()
     summary, pacer, started = Summary(files=len(paths)), _Pacer(pace, stop), time.monotonic()
@@ -155,7 +156,7 @@ def replay_live(paths: list[Path], run_dir: Path, pace: float | None, progress: 
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
-    sock.connect(inbox_address(run_dir, "enrich"))
+    sock.connect(inbox_address(run_dir, inbox))
     try:
         for frame in frames_of(paths):
             if stop.is_set():
@@ -256,17 +257,15 @@ class _LocalIO(StageIO):
     def __init__(self, name: str, settings: Settings) -> None:
         super().__init__(name, settings, None, threading.Event(),
                          logging.getLogger(f"sluice.replay.{name}"))
-        self.outputs: dict[str, _Collector] = {}
+        self.outputs: dict[str, _Collector] = {}  # by the kind sent there
 
     def bind_inboxes(self) -> dict:
         return {}
 
-    def connect_feed(self, inbox: str, backlog: int = 64,
-                     backpressure: bool = False) -> _Collector:
-        return self.outputs.setdefault(inbox, _Collector())
-
-    def connect_feeds(self) -> dict[str, _Collector]:
-        return {inbox: self.connect_feed(inbox) for inbox in STAGES[self.name].feeds}
+    def _connect_feed(self, link: Link) -> _Collector:  # type: ignore[override]
+        collector = _Collector()
+        self.outputs.update(dict.fromkeys(link.kinds, collector))
+        return collector
 
     def report_layer(self, *args, **kwargs) -> None:
         """A what-if run protects nothing: it must not show in the live posture."""
@@ -318,12 +317,12 @@ class OfflinePipeline:
         for on_readable in self.io["enrich"].fds.values():
             on_readable()  # the loop would call these when the descriptor is readable
         self.enrich.tick(now)
-        enriched = self.io["enrich"].outputs["policy"].take()
+        enriched = self.io["enrich"].outputs["enriched_events"].take()
         if enriched:
             self.policy.handle("policy", "enriched_events", enriched)
         self.policy.tick(now)
-        records = self.io["policy"].outputs["persist"].take()
-        self.io["policy"].outputs["notify"].take()  # a what-if run alerts nobody
+        records = self.io["policy"].outputs["audit_records"].take()
+        self.io["policy"].outputs["notices"].take()  # a what-if run alerts nobody
         self.outcomes.update(r.event_type for r in records)
         if records:
             self.persist.handle("persist", "audit_records", records)

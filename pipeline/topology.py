@@ -13,46 +13,86 @@ from pathlib import Path
 
 @dataclasses.dataclass(frozen=True)
 class Inbox:
-    name: str       # socket file stem, e.g. "policy" -> policy.sock
+    name: str       # socket file stem, e.g. "policy" -> policy.sock (inbox_file)
     pattern: str    # "pull" for event streams, "rep" for the one request/reply path
     kinds: tuple[str, ...]  # message kinds accepted here
 
 
 @dataclasses.dataclass(frozen=True)
+class Link:
+    """What one stage sends to another stage's inbox: a PUSH feed, or the requests of a
+    DEALER to a REP inbox. A stage finds its links by the message kinds it sends."""
+    inbox: str
+    kinds: tuple[str, ...]  # what this stage sends there (a subset of the inbox's kinds)
+    audit_path: bool = False  # never dropped: the sender takes no new work while it waits
+    backlog: int = 64  # batches kept while the peer is full (off the audit path), then dropped
+
+
+@dataclasses.dataclass(frozen=True)
 class StageWiring:
     inboxes: tuple[Inbox, ...]
-    feeds: tuple[str, ...]  # inbox names this stage connects to
-    requests: tuple[str, ...] = ()  # REP inboxes this stage sends requests to and awaits
+    feeds: tuple[Link, ...] = ()     # inboxes this stage pushes to
+    requests: tuple[Link, ...] = ()  # REP inboxes this stage sends requests to and awaits
+
+    @property
+    def feed_names(self) -> tuple[str, ...]:
+        return tuple(link.inbox for link in self.feeds)
 
 
 STAGES: dict[str, StageWiring] = {
-    "capture": StageWiring(inboxes=(), feeds=("enrich",)),
+    "capture": StageWiring(inboxes=(), feeds=(Link("enrich", ("raw_events",), audit_path=True),)),
     "enrich": StageWiring(
         inboxes=(Inbox("enrich", "pull", ("raw_events", "dns_mappings")),),
-        feeds=("policy",),
+        feeds=(Link("policy", ("enriched_events",), audit_path=True),),
     ),
     "policy": StageWiring(
         inboxes=(Inbox("policy", "pull", ("enriched_events",)),
                  Inbox("policy-allow", "rep", ("allow_requests",))),
-        feeds=("persist", "notify"),
+        # Observers never hold up the audit path: notify's batches beyond the backlog drop.
+        feeds=(Link("persist", ("audit_records",), audit_path=True),
+               Link("notify", ("notices",))),
     ),
     "persist": StageWiring(
         inboxes=(Inbox("persist", "pull", ("audit_records", "delivered_destinations")),),
-        feeds=(),
     ),
     "notify": StageWiring(
         inboxes=(Inbox("notify", "pull", ("notices",)),),
-        feeds=("persist",),
+        feeds=(Link("persist", ("delivered_destinations",), backlog=1024),),
     ),
-    "dns": StageWiring(inboxes=(), feeds=("enrich", "persist"), requests=("policy-allow",)),
+    "dns": StageWiring(
+        inboxes=(),
+        feeds=(Link("enrich", ("dns_mappings",), backlog=1024),
+               Link("persist", ("audit_records",), backlog=1024)),
+        requests=(Link("policy-allow", ("allow_requests",)),),
+    ),
     # Reads the stored rows, not a socket: it is never on the path of an event.
-    "export": StageWiring(inboxes=(), feeds=()),
+    "export": StageWiring(inboxes=()),
 }
 
 
-def inbox_address(run_dir: Path, inbox: str) -> str:
-    return f"ipc://{run_dir}/{inbox}.sock"
+def inbox_taking(kind: str) -> str:
+    """The one inbox that accepts kind (where `sluice replay` sends a recording)."""
+    [inbox] = [i.name for wiring in STAGES.values() for i in wiring.inboxes if kind in i.kinds]
+    return inbox
+
+
+def inbox_file(inbox: str) -> str:
+    """The socket file name of an inbox: the one place it is spelled."""
+    return f"{inbox}.sock"
 
 
 def inbox_path(run_dir: Path, inbox: str) -> Path:
-    return run_dir / f"{inbox}.sock"
+    return run_dir / inbox_file(inbox)
+
+
+def inbox_address(run_dir: Path, inbox: str) -> str:
+    return f"ipc://{inbox_path(run_dir, inbox)}"
+
+
+def wiring_text(stage: str) -> str:
+    """A stage's wiring for its start-up line, e.g. "inbox enrich.sock, feeds policy"."""
+    wiring = STAGES[stage]
+    inboxes = ", ".join(inbox_file(inbox.name) for inbox in wiring.inboxes)
+    links = [*wiring.feed_names, *(f"{link.inbox} (requests)" for link in wiring.requests)]
+    parts = [f"inbox {inboxes}" if inboxes else "", f"feeds {', '.join(links)}" if links else ""]
+    return ", ".join(part for part in parts if part) or "no sockets"

@@ -12,6 +12,7 @@ import zmq
 from pipeline import messages
 from pipeline.loop import run_stage
 from pipeline.settings import Settings
+from pipeline.topology import inbox_address
 
 
 def wait_for(predicate, what: str, timeout: float = 10.0):
@@ -80,14 +81,14 @@ class Peer:
     def pusher(self, inbox: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 1000)
-        sock.connect(f"ipc://{self.run_dir}/{inbox}.sock")
+        sock.connect(inbox_address(self.run_dir, inbox))
         self.sockets.append(sock)
         return sock
 
     def inbox(self, name: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.PULL)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(f"ipc://{self.run_dir}/{name}.sock")
+        sock.bind(inbox_address(self.run_dir, name))
         self.sockets.append(sock)
         return sock
 

@@ -47,7 +47,7 @@ def test_readme_stage_table_matches_the_topology():
     assert set(table) == set(STAGES)
     for stage, wiring in STAGES.items():
         binds = ", ".join(f"{i.name}.sock" for i in wiring.inboxes) or "(none)"
-        feeds = ", ".join(wiring.feeds) or "(none)"
+        feeds = ", ".join(wiring.feed_names) or "(none)"
         assert table[stage] == (binds, feeds), stage
 
 

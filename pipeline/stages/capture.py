@@ -197,7 +197,7 @@ class CaptureStage(BaseStage):
         self.attachment.cgroup = str(cgroup)
         self.attachment.hooks = attach_hooks(self.classifier, cgroup)
         self.attachment.save(settings.run_dir)
-        self.feed = io.connect_feed("enrich", backpressure=True)
+        self.feed = io.connect_feeds()["raw_events"]
         self.ring = RingReader(self.classifier.map_fd("map_events"),
                                settings.ringbuf_pages * 4096, RECORD_SIZE)
         io.watch_fd(self.classifier.map_fd("map_events"), self.drain)

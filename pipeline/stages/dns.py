@@ -97,13 +97,11 @@ from ..events import AllowReply, AllowRequest, DnsMapping
 from ..kernel import libbpf
 from ..kernel.maps import PinnedMaps
 from ..kernel.structs import Config
-from ..loop import HIGH_WATER_MARK, BaseStage, StageIO, batched, run_stage
-from ..settings import Settings
-from ..topology import STAGES, inbox_address
 from ..livepolicy import LivePolicy
+from ..loop import BaseStage, StageIO, batched, run_stage
 from ..policy.startup import HostFiles
+from ..settings import Settings
 
-[ALLOW_INBOX] = STAGES["dns"].requests
 ALLOW_WAIT_S = 2.0        # well inside a stub resolver's 5 s retry; the policy answers in ~1 ms
 MAX_IN_FLIGHT = 2048      # queries waiting on the upstream or the policy at once
 MAX_TCP_CLIENTS = 256
@@ -466,12 +464,7 @@ class AllowClient:
         self.io, self.timers, self.clock = io, timers, clock
         self.complained = False
         self.round_trip = io.histogram("allow_round_trip_seconds")
-        self.sock = io.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)   # an unanswered request is worthless after a stop
-        self.sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
-        self.sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
-        self.sock.connect(inbox_address(io.settings.run_dir, ALLOW_INBOX))
-        io.sockets.append(self.sock)
+        self.sock = io.connect_requests()["allow_requests"]
         # ZeroMQ's descriptor only says "look at EVENTS": every look drains until empty.
         selector.register(self.sock.getsockopt(zmq.FD), selectors.EVENT_READ,
                           lambda mask: self.drain())
@@ -635,8 +628,8 @@ class DnsStage(BaseStage):
             raise SettingsError(f"SLUICE_DNS_UPSTREAM={settings.dns_upstream!r}: {err}") from None
         self.live = LivePolicy(io, files=self.files)
         self.host = settings.host_name
-        self.enrich = io.connect_feed("enrich", backlog=1024)
-        self.persist = io.connect_feed("persist", backlog=1024)
+        feeds = io.connect_feeds()
+        self.enrich, self.persist = feeds["dns_mappings"], feeds["audit_records"]
         self.allow = AllowClient(io, self.selector, self.timers, self.clock)
         self.answer_latency = io.histogram("answer_latency_seconds")
         if self.generation is None:

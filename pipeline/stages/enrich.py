@@ -49,6 +49,7 @@ from ..policy.startup import HostFiles
 from ..recording import NoRecorder, open_recorder
 from ..reverse import CONCURRENCY, NAMED, NOT_SENT, ReverseResolver
 from ..settings import Settings
+from ..topology import wiring_text
 
 MAX_HELD = 20_000     # events waiting for lookups: 0.5 s of a 40,000 events/s flood
 MAX_LOOKUPS = CONCURRENCY  # more in flight than can be sent would only hold events longer
@@ -77,10 +78,10 @@ class EnrichStage(BaseStage):
         if self.reverse.worker is not None:
             io.watch_worker(self.reverse.worker)
         io.bind_inboxes()
-        self.feed = io.connect_feed("policy", backpressure=True)
+        self.feed = io.connect_feeds()["enriched_events"]
         io.ready = True
-        io.log.info("listening on enrich.sock, feeding policy; names from %r; reverse lookups "
-                    "via %r", self.live.current, self.reverse)
+        io.log.info("%s; names from %r; reverse lookups via %r", wiring_text(self.name),
+                    self.live.current, self.reverse)
 
     # ------------------------------------------------------------- events
 

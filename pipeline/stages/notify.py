@@ -72,6 +72,7 @@ from ..notify import (DeliveryError, LogClient, Notification, NotificationTracke
                       retry_delay, sink_origin)
 from ..settings import Settings
 from ..store import notified_destinations, open_readonly
+from ..topology import wiring_text
 from ..workers import Worker
 
 MAX_ATTEMPTS = 8      # one to three minutes of a dead sink before a key is released
@@ -265,19 +266,19 @@ class NotifyStage(BaseStage):
         if not settings.notify_url:
             self.tracker = NotificationTracker(LogClient(io.log))
             io.ready = True
-            io.log.info("listening on notify.sock; no SLUICE_NOTIFY_URL: each new blocked "
-                        "destination gets one line in this log")
+            io.log.info("%s; no SLUICE_NOTIFY_URL: each new blocked destination gets one "
+                        "line in this log", wiring_text(self.name))
             return
         webhook = self.client or WebhookClient(settings.notify_url, settings.notify_token,
                                                settings.host_name)
         self.memory = DeliveredKeys(settings.db, settings.host_name)
-        self.persist = io.connect_feed("persist", backlog=1024)
+        self.persist = io.connect_feeds()["delivered_destinations"]
         self.courier = Courier(webhook, log=io.log, max_attempts=self.max_attempts,
                                capacity=self.max_pending, delay=self.delay)
         io.watch_fd(self.courier.fd, self._reports)  # the loop polls what setup registers
         io.watch_worker(self.courier.worker)
         self.store_deadline = time.monotonic() + STORE_WAIT_S
-        io.log.info("listening on notify.sock; posting to %s (%s)",
+        io.log.info("%s; posting to %s (%s)", wiring_text(self.name),
                     sink_origin(settings.notify_url),
                     "bearer token set" if settings.notify_token else "no token")
 

@@ -60,6 +60,7 @@ from ..loop import BaseStage, StageIO, run_stage
 from ..retention import Retention
 from ..settings import Settings
 from ..store import AuditStore, StoreRejected
+from ..topology import wiring_text
 
 # Records per SQL transaction, in units of SLUICE_BATCH_MAX (512 -> 8192). Under a flood the
 # cost of a commit is the index pages it rewrites, nearly as many for 2,048 rows as for 8,192:
@@ -138,10 +139,10 @@ class PersistStage(BaseStage):
         self._catch_up_jsonl()
         io.bind_inboxes()
         io.ready = True
-        io.log.info("storing audit records in %s (%s), JSONL %s; inbox %s",
+        io.log.info("storing audit records in %s (%s), JSONL %s; %s",
                     self.store.url,
                     f"applied {', '.join(applied)}" if applied else "schema up to date",
-                    settings.audit_log or "off", settings.run_dir / "persist.sock")
+                    settings.audit_log or "off", wiring_text(self.name))
 
     # ------------------------------------------------------------- receiving
 

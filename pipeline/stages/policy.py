@@ -89,8 +89,8 @@ class PolicyStage(BaseStage):
         self.live = LivePolicy(io, self._apply, self.files)
         self.host = self.settings.host_name
         io.bind_inboxes()
-        self.persist = io.connect_feed("persist", backpressure=True)
-        self.notify = io.connect_feed("notify")
+        feeds = io.connect_feeds()
+        self.persist, self.notify = feeds["audit_records"], feeds["notices"]
         io.report_layer("policy", "pending", f"{self.policy.source}: loaded, waiting for "
                         f"capture's maps in {self.settings.bpf_dir}", **policy_facts(self.policy))
         io.log.info("loaded %r (%s mode); waiting for capture's maps in %s", self.policy,
