@@ -2,9 +2,14 @@ import contextlib
 import os
 import platform
 import sys
+import threading
 
 import hypothesis
 import pytest
+import zmq
+
+from tests.stagekit import Peer
+from tests.support.leaks import terminate_or_fail
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,6 +52,32 @@ def skip_or_fail(request, what: str, reason: str) -> None:
             pytest.fail(f"{what} tests required but cannot run: {reason}")
         pytest.skip(reason)
 
+
+# ---------------------------------------------------------------- ZeroMQ
+
+LEAK_GRACE_S = 5.0  # how long after a test its sockets may linger and its threads may run
+
+
+@pytest.fixture
+def zmq_context():
+    """The test's ZeroMQ context. Afterwards it must terminate, and every thread the test
+    started must end, within LEAK_GRACE_S each: a socket left open or a thread left running
+    fails the test instead of hanging the suite."""
+    threads_before = set(threading.enumerate())
+    ctx = zmq.Context()
+    yield ctx
+    terminate_or_fail(ctx, threads_before, LEAK_GRACE_S)
+
+
+@pytest.fixture
+def peer(zmq_context, tmp_path):
+    """The test's side of stages run under tmp_path/run (tests/stagekit.py: Peer)."""
+    peer = Peer(tmp_path / "run", zmq_context)
+    yield peer
+    peer.close()
+
+
+# ---------------------------------------------------------------- kernel and end to end
 
 @pytest.fixture(scope="session")
 def kernel(request):

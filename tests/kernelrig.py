@@ -19,11 +19,13 @@ from pipeline.kernel.loader import Attachment, detach_instance
 from pipeline.kernel.maps import KernelRuleMaps, pins_present
 from pipeline.rulemaps import ALLOW, DENY
 from pipeline.settings import Settings
-from tests.netns import Lab, base_env, wait_for
+from tests.netns import Lab, base_env
+from tests.support.wait import wait_for
 
 
 class CaptureRig:
-    def __init__(self, lab: Lab, tmp_path: Path, mode: str = "enforce", **settings: str) -> None:
+    def __init__(self, lab: Lab, tmp_path: Path, ctx: zmq.Context, mode: str = "enforce",
+                 **settings: str) -> None:
         self.lab = lab
         self.run_dir = tmp_path / "run"
         self.bpf_dir = Path(f"/sys/fs/bpf/sluice-t{lab.tag}")
@@ -32,7 +34,7 @@ class CaptureRig:
                             SLUICE_BPF_DIR=str(self.bpf_dir), SLUICE_MODE=mode,
                             SLUICE_COUNTER_INTERVAL="0.5", **settings)
         self.settings = Settings.from_env(self.env)
-        self.ctx = zmq.Context()
+        self.ctx = ctx  # the zmq_context fixture's
         self.inbox = None
         self.proc = None
         self.maps = None
@@ -46,13 +48,13 @@ class CaptureRig:
             [sys.executable, "-m", "pipeline.cli", "run", "capture"], self.env,
             stderr=subprocess.PIPE, text=True)
         wait_for(lambda: pins_present(self.bpf_dir) or self.proc.poll() is not None,
-                 30, "pinned maps")
+                 "pinned maps", timeout=30)
         assert self.proc.poll() is None, self.proc.stderr.read()
         self.maps = KernelRuleMaps(self.bpf_dir)
         if program:
             program(self.maps)
         self.maps.set_config(default_action, self.settings.audit_mode, 1)
-        wait_for(lambda: (self.run_dir / "capture.ready").exists(), 10, "capture ready")
+        wait_for(lambda: (self.run_dir / "capture.ready").exists(), "capture ready", timeout=10)
         return self
 
     def receive(self, predicate, timeout: float = 5.0, what: str = "events"):
@@ -63,7 +65,7 @@ class CaptureRig:
                 assert kind == "raw_events" and bad == 0
                 self.events.extend(records)
             return predicate(self.events)
-        return wait_for(poll, timeout, what, interval=0)
+        return wait_for(poll, what, timeout=timeout, interval=0)
 
     def counters(self) -> dict:
         return json.loads((self.run_dir / "capture.counters.json").read_text())["counters"]
@@ -86,7 +88,6 @@ class CaptureRig:
                 self.maps.close()
             if self.inbox is not None:
                 self.inbox.close(0)
-            self.ctx.term()
             detach_instance(self.settings)
             assert not self.bpf_dir.exists()
 

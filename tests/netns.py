@@ -11,7 +11,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,16 +116,6 @@ class Lab:
                                 cwd=ROOT, env=env, **kw)
         self.processes.append(proc)
         return proc
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition", interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def base_env(**extra: str) -> dict:

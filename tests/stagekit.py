@@ -13,18 +13,7 @@ from pipeline import messages
 from pipeline.loop import run_stage
 from pipeline.settings import Settings
 from pipeline.topology import inbox_address
-
-
-def wait_for(predicate, what: str, timeout: float = 10.0):
-    """Poll until predicate() is truthy; fail (never hang) after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.02)
+from tests.support.wait import wait_for
 
 
 def stage_settings(tmp_path: Path, **env: str) -> Settings:
@@ -54,7 +43,8 @@ class StageThread:
         self.thread.start()
         if wait_ready:
             ready = self.settings.run_dir / f"{self.stage.name}.ready"
-            wait_for(lambda: ready.exists() or not self.thread.is_alive(), f"{self.stage.name} ready")
+            wait_for(lambda: ready.exists() or not self.thread.is_alive(),
+                     f"{self.stage.name} ready")
             assert self.thread.is_alive(), f"{self.stage.name} exited early: {self.exit_code}"
         return self
 
@@ -72,10 +62,11 @@ class StageThread:
 class Peer:
     """The test's side: PUSH into a stage's inbox, PULL from the inbox it feeds."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, ctx: zmq.Context) -> None:
+        """ctx: the zmq_context fixture's, which checks that every socket was closed."""
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
-        self.ctx = zmq.Context()
+        self.ctx = ctx
         self.sockets: list[zmq.Socket] = []
 
     def pusher(self, inbox: str) -> zmq.Socket:
@@ -106,6 +97,6 @@ class Peer:
         return records
 
     def close(self) -> None:
+        """Close the sockets made here (again is harmless); the fixture terminates ctx."""
         for sock in self.sockets:
             sock.close()
-        self.ctx.term()

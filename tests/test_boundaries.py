@@ -19,7 +19,8 @@ from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.notify import NotifyStage
 from pipeline.stages.policy import PolicyStage
 from pipeline.store import AuditStore
-from tests.stagekit import Peer, StageThread, stage_settings, wait_for
+from tests.stagekit import Peer, StageThread, stage_settings
+from tests.support.wait import wait_for
 from tests.tools.httpsink import HttpSink
 from tests.tools.ptrserver import PtrServer
 
@@ -27,13 +28,6 @@ T0 = 1_764_000_000_000_000_000
 ALLOW_ALL = {"defaultAction": "deny", "rules": [
     {"type": "hostname", "value": "ok.test", "action": "allow"},
     {"type": "cidr", "value": "10.1.0.0/16", "action": "allow"}]}
-
-
-@pytest.fixture
-def peer(tmp_path):
-    peer = Peer(tmp_path / "run")
-    yield peer
-    peer.close()
 
 
 def raw(dst="10.1.0.9", allowed=True, port=443):

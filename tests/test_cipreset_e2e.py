@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tests.netns import Lab, wait_for
+from tests.netns import Lab
+from tests.support.wait import wait_for
 from tests.test_dns_e2e import ZONE, DnsLab
 from tests.test_e2e import Pipeline, find
 
@@ -41,7 +42,7 @@ def test_github_service_hosts_connect_at_the_first_syn_with_an_empty_allowlist(l
         def allowed(ip):
             return find(pipeline.jsonl(), event_type="connection_allowed", dst_ip=ip)
 
-        wait_for(lambda: all(allowed(ip) for ip in SERVICES.values()), 15, "the records")
+        wait_for(lambda: all(allowed(ip) for ip in SERVICES.values()), "the records", timeout=15)
         for name, ip in SERVICES.items():
             [record] = allowed(ip)
             assert (record["dst_hostname"], record["auto_allowed_type"], record["dst_port"]) == (

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import Lab, sh, wait_for
+from tests.netns import Lab, sh
+from tests.support.wait import wait_for
 from tests.test_e2e import Pipeline, find
 
 pytestmark = pytest.mark.e2e
@@ -166,7 +167,7 @@ def test_freshly_resolved_allowed_names_connect_first_time_without_retransmissio
     assert slowest < 1.0, f"a first SYN was retransmitted (slowest connect {slowest:.3f} s)"
     assert outcome["retransmitted"] == 0
     wait_for(lambda: len(find(pipeline.jsonl(), event_type="connection_allowed", dst_port=80))
-             >= NAMES, 20, "a connection_allowed record per name")
+             >= NAMES, "a connection_allowed record per name", timeout=20)
     assert not find(pipeline.jsonl(), event_type="connection_blocked")
 
 
@@ -175,7 +176,8 @@ def test_a_denied_name_is_refused_and_stored_as_dns_blocked(dns_pipeline):
     assert dns_lab.client("query", "www.denied.test")["rcode"] == "REFUSED"
     assert dns_lab.client("query", "unlisted.example")["rcode"] == "REFUSED"
     wait_for(lambda: [r for r in pipeline.rows() if r["event_type"] == "dns_blocked"
-                      and r["dst_hostname"] == "www.denied.test"], 15, "the dns_blocked row")
+                      and r["dst_hostname"] == "www.denied.test"],
+             "the dns_blocked row", timeout=15)
     [row] = [r for r in pipeline.rows() if r["dst_hostname"] == "www.denied.test"]
     assert (bool(row["blocked"]), bool(row["would_deny"]), row["host"]) == (True, False, "e2e-host")
 
@@ -194,7 +196,7 @@ def test_names_reached_through_a_cname_chain_are_allowed_and_carry_the_chain(dns
     def allowed(ip):
         return find(pipeline.jsonl(), event_type="connection_allowed", dst_ip=ip)
 
-    wait_for(lambda: allowed("10.203.1.1") and allowed("10.203.1.2"), 15, "the records")
+    wait_for(lambda: allowed("10.203.1.1") and allowed("10.203.1.2"), "the records", timeout=15)
     # Names and chains on connection records come from enrich's use of the dns mappings.
     [via_chain] = allowed("10.203.1.1")
     assert (via_chain.get("dst_hostname"), via_chain.get("cname_chain")) == (
@@ -208,11 +210,11 @@ def test_a_blocked_address_resolved_later_ends_late_allowed(dns_pipeline):
     blocked = dns_lab.lab.client_run("tcp", "10.203.2.1", "80", "--timeout", "1")
     assert not blocked["ok"]
     wait_for(lambda: find(pipeline.jsonl(), event_type="connection_blocked", dst_ip="10.203.2.1"),
-             15, "the blocked attempt")
+             "the blocked attempt", timeout=15)
     [late] = dns_lab.client("resolve-connect", "80", "late.allowed.test")["results"]
     assert late["ok"]
     wait_for(lambda: find(pipeline.jsonl(), event_type="connection_late_allowed",
-                          dst_ip="10.203.2.1"), 15, "the late-allowed record")
+                          dst_ip="10.203.2.1"), "the late-allowed record", timeout=15)
     [record] = find(pipeline.jsonl(), event_type="connection_late_allowed", dst_ip="10.203.2.1")
     assert (record["dst_hostname"], record["matched_rule"], record["dst_port"]) == (
         "late.allowed.test", "allowed.test", 80)
@@ -223,8 +225,8 @@ def test_a_cached_answer_leaves_at_once_while_open_and_asks_again_after_a_reload
     names = ["n0.allowed.test", "n1.allowed.test", "n2.allowed.test"]
     for _ in range(2):   # fresh, then cached: already open, so released without asking
         _resolve_and_connect(dns_lab, names)
-    wait_for(lambda: _counters(pipeline, "dns").get("already_open", 0) >= len(names), 10,
-             "cached answers released as already open")
+    wait_for(lambda: _counters(pipeline, "dns").get("already_open", 0) >= len(names),
+             "cached answers released as already open", timeout=10)
     # Dropping the rule removes the names' addresses from the maps; bringing it back does
     # not put them back: only a new round trip for each answer can.
     _reload(pipeline, {**POLICY, "rules": [r for r in POLICY["rules"]
@@ -234,7 +236,7 @@ def test_a_cached_answer_leaves_at_once_while_open_and_asks_again_after_a_reload
     before = _counters(pipeline, "dns")
     _resolve_and_connect(dns_lab, names[:2])   # n2's blocked try might be late-allowed
     after = wait_for(lambda: (c := _counters(pipeline, "dns"))["allow_requests"] >=
-                     before["allow_requests"] + 2 and c, 10, "a round trip per answer")
+                     before["allow_requests"] + 2 and c, "a round trip per answer", timeout=10)
     assert after["cache_hits"] >= before["cache_hits"] + 2
 
 
@@ -253,7 +255,7 @@ def _reload(pipeline: Pipeline, policy: dict, count: int) -> None:
     """Write the policy file and wait until both the policy and the dns stage took it."""
     (pipeline.tmp / "policy.json").write_text(json.dumps(policy))
     wait_for(lambda: all(_counters(pipeline, stage).get("policy_reloads", 0) >= count
-                         for stage in ("policy", "dns")), 15, f"reload {count}")
+                         for stage in ("policy", "dns")), f"reload {count}", timeout=15)
 
 
 if __name__ == "__main__":

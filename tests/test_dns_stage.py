@@ -28,7 +28,8 @@ from pipeline.kernel.loader import load_classifier, remove_pins
 from pipeline.kernel.maps import KernelRuleMaps
 from pipeline.rulemaps import DENY
 from pipeline.stages.dns import ALLOW_WAIT_S, TCP_IDLE_S, DnsStage, PinnedGeneration
-from tests.stagekit import Peer, StageThread, stage_settings, wait_for
+from tests.stagekit import Peer, StageThread, stage_settings
+from tests.support.wait import wait_for
 from tests.tools.dnsserver import AuthoritativeServer
 
 MANY = [f"10.9.{i // 250}.{i % 250 + 1}" for i in range(120)]  # too many for 512 bytes
@@ -84,9 +85,8 @@ class FakePolicy:
     """The policy stage's REP inbox, played by a ROUTER so that a test can answer late,
     fail, or stay silent (answer returns None) per request. Keeps every request it got."""
 
-    def __init__(self, run_dir, answer=lambda request: OK) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
+    def __init__(self, ctx, run_dir, answer=lambda request: OK) -> None:
+        self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.sock.bind(f"ipc://{run_dir}/policy-allow.sock")
@@ -124,7 +124,6 @@ class FakePolicy:
         self.stopping.set()
         self.thread.join(5)
         self.sock.close()
-        self.ctx.term()
 
 
 @pytest.fixture
@@ -132,13 +131,6 @@ def upstream():
     server = AuthoritativeServer(ZONE).start()
     yield server
     server.close()
-
-
-@pytest.fixture
-def peer(tmp_path):
-    peer = Peer(tmp_path / "run")
-    yield peer
-    peer.close()
 
 
 class Proxy:
@@ -160,7 +152,7 @@ class Proxy:
         self.policy_path = policy_path
         self.enrich = peer.inbox("enrich")
         self.persist = peer.inbox("persist")
-        self.policy = FakePolicy(self.settings.run_dir,
+        self.policy = FakePolicy(peer.ctx, self.settings.run_dir,
                                  answer or (lambda request: OK))
         self.stage = StageThread(DnsStage(generation=generation), self.settings)
 
@@ -604,14 +596,14 @@ def test_hundreds_of_idle_tcp_connections_do_not_deny_tcp_dns_to_others(proxy):
             idle.append(conn)
         # Every one accepted: one address never holds more than its share of 64.
         wait_for(lambda: p.stage.counters().get("tcp_idle_evicted", 0) >= 236,
-                 "the idle connections accepted", 10)
+                 "the idle connections accepted", timeout=10)
         other = _tcp_query(p.port, "www.allowed.test", source="127.0.0.2")
         same = _tcp_query(p.port, "www.allowed.test", source="127.0.0.1")
     finally:
         for conn in idle:
             conn.close()
     # The proxy reads each end and closes its side: no port stays held by this test.
-    wait_for(lambda: not p.stage.stage.tcp_clients, "the proxy's connections closed", 10)
+    wait_for(lambda: not p.stage.stage.tcp_clients, "the proxy's connections closed", timeout=10)
     assert addresses(other) == addresses(same) == ["10.0.0.1", "10.0.0.2"]
     assert "tcp_clients_refused" not in p.stage.counters()
 
@@ -644,12 +636,13 @@ def test_a_changed_policy_applies_and_a_broken_one_is_ignored(proxy):
     p = proxy()
     assert p.ask("free.other.test").rcode() == dns.rcode.REFUSED
     p.policy_path.write_text("{ not json")
-    wait_for(lambda: p.stage.counters().get("policy_reload_failures"), "the failed reload", 5)
+    wait_for(lambda: p.stage.counters().get("policy_reload_failures"),
+             "the failed reload", timeout=5)
     assert addresses(p.ask("www.allowed.test")) == ["10.0.0.1", "10.0.0.2"]
     time.sleep(0.05)  # a new mtime for the next write
     p.policy_path.write_text(json.dumps({"defaultAction": "allow", "rules": [
         {"type": "hostname", "value": "allowed.test", "action": "deny"}]}))
-    wait_for(lambda: p.stage.counters().get("policy_reloads"), "the reload", 5)
+    wait_for(lambda: p.stage.counters().get("policy_reloads"), "the reload", timeout=5)
     assert p.ask("www.allowed.test").rcode() == dns.rcode.REFUSED
     assert addresses(p.ask("free.other.test")) == ["10.0.0.8"]
 
@@ -657,7 +650,8 @@ def test_a_changed_policy_applies_and_a_broken_one_is_ignored(proxy):
 def test_a_deeply_nested_policy_on_reload_leaves_the_old_one_filtering(proxy):
     p = proxy()
     p.policy_path.write_text("[" * 100_000)
-    wait_for(lambda: p.stage.counters().get("policy_reload_failures"), "the refused reload", 5)
+    wait_for(lambda: p.stage.counters().get("policy_reload_failures"),
+             "the refused reload", timeout=5)
     assert p.ask("free.other.test").rcode() == dns.rcode.REFUSED
     assert addresses(p.ask("www.allowed.test")) == ["10.0.0.1", "10.0.0.2"]
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.kernel.loader import cgroup2_mounts
-from tests.netns import ROOT, Lab, wait_for
+from tests.netns import ROOT, Lab
+from tests.support.wait import wait_for
 from tests.test_e2e import Pipeline
 
 pytestmark = pytest.mark.e2e
@@ -67,13 +68,13 @@ def assert_each_stored_once(pipeline: Pipeline, count: int) -> None:
 def restart_until_stored(pipeline: Pipeline, count: int, timeout: float = 90) -> None:
     pipeline.start()
     try:
-        wait_for(lambda: sum(flood_rows(pipeline).values()) >= count, timeout,
-                 f"{count} flooded destinations stored after the restart")
+        wait_for(lambda: sum(flood_rows(pipeline).values()) >= count,
+                 f"{count} flooded destinations stored after the restart", timeout=timeout)
     except AssertionError as err:
         state = {s: counters(pipeline, s) for s in ("capture", "enrich", "policy", "persist")}
         raise AssertionError(f"{err}; {sum(flood_rows(pipeline).values())} stored; {state}")
-    wait_for(lambda: counters(pipeline, "capture").get("journal_unstored") == 0, 15,
-             "the journal to hold nothing unstored")
+    wait_for(lambda: counters(pipeline, "capture").get("journal_unstored") == 0,
+             "the journal to hold nothing unstored", timeout=15)
 
 
 def stage_pid(pipeline: Pipeline, stage: str) -> int:
@@ -113,8 +114,8 @@ def test_kill_9_of_a_stage_in_a_flood_loses_and_repeats_nothing(lab, pipeline, s
     count = 20_000
     pipeline.start()
     flood = flooding(lab, count, per_second=8_000)
-    wait_for(lambda: counters(pipeline, "capture").get("records_read", 0) >= 3_000, 30,
-             "the flood to reach capture")
+    wait_for(lambda: counters(pipeline, "capture").get("records_read", 0) >= 3_000,
+             "the flood to reach capture", timeout=30)
     os.kill(stage_pid(pipeline, stage), signal.SIGKILL)
     pipeline.proc.wait(20)  # honcho stops the other stages when one dies
     pipeline.log.close()
@@ -151,7 +152,7 @@ def test_a_full_journal_is_counted_and_the_pipeline_keeps_enforcing(lab, pipelin
     pipeline.start()
     count = 5_000
     flood_done(flooding(lab, count), count)
-    wait_for(lambda: sum(flood_rows(pipeline).values()) >= count, 60, "every record stored")
+    wait_for(lambda: sum(flood_rows(pipeline).values()) >= count, "every record stored", timeout=60)
     capture = counters(pipeline, "capture")
     assert capture["journal_full"] > 0 and capture.get("records_lost", 0) == 0
     assert "journal" in pipeline.output() and "is full" in pipeline.output()
@@ -164,7 +165,7 @@ def test_a_damaged_journal_is_skipped_with_a_warning_and_never_stored_twice(lab,
     count = 3_000
     pipeline.start()
     flood_done(flooding(lab, count), count)
-    wait_for(lambda: sum(flood_rows(pipeline).values()) >= count, 60, "every record stored")
+    wait_for(lambda: sum(flood_rows(pipeline).values()) >= count, "every record stored", timeout=60)
     finish(pipeline)
     journal = pipeline.tmp / "journal"
     segment = sorted(journal.glob("*.seg"))[-1]
@@ -173,8 +174,8 @@ def test_a_damaged_journal_is_skipped_with_a_warning_and_never_stored_twice(lab,
     (journal / "acks").joinpath(f"{segment.stem}.ack").unlink(missing_ok=True)  # all unstored
 
     pipeline.start()
-    wait_for(lambda: counters(pipeline, "capture").get("journal_unstored") == 0, 30,
-             "the resent records to be acknowledged again")
+    wait_for(lambda: counters(pipeline, "capture").get("journal_unstored") == 0,
+             "the resent records to be acknowledged again", timeout=30)
     assert counters(pipeline, "capture")["journal_damaged_bytes"] > 0
     assert "cut or corrupt" in pipeline.output()
     finish(pipeline)
@@ -186,7 +187,7 @@ def test_a_journal_directory_that_cannot_be_used_never_stops_capture(lab, pipeli
     pipeline.start()
     count = 2_000
     flood_done(flooding(lab, count), count)
-    wait_for(lambda: sum(flood_rows(pipeline).values()) >= count, 60, "every record stored")
+    wait_for(lambda: sum(flood_rows(pipeline).values()) >= count, "every record stored", timeout=60)
     assert counters(pipeline, "capture")["journal_errors"] >= count
     assert "cannot use journal directory" in pipeline.output()
     finish(pipeline)
@@ -202,7 +203,8 @@ def test_a_full_disk_under_the_journal_is_counted_and_nothing_waits_on_it(lab, p
         pipeline.start()
         count = 5_000
         flood_done(flooding(lab, count), count)
-        wait_for(lambda: sum(flood_rows(pipeline).values()) >= count, 60, "every record stored")
+        wait_for(lambda: sum(flood_rows(pipeline).values()) >= count,
+                 "every record stored", timeout=60)
         capture = counters(pipeline, "capture")
         assert capture["journal_errors"] > 0 and capture["records_journaled"] > 0
         assert "No space left on device" in pipeline.output()

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.topology import STAGES
-from tests.netns import ROOT, Lab, Session, base_env, sh, wait_for
+from tests.netns import ROOT, Lab, Session, base_env, sh
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 VENV_BIN = str(Path(sys.executable).parent)
@@ -112,7 +113,7 @@ def test_pipeline_judges_real_connections_and_stores_agreeing_jsonl_and_sql(lab,
     assert allowed["ok"] and not blocked["ok"]
 
     wait_for(lambda: find(pipeline.jsonl(), event_type="protocol_blocked")
-             and find(pipeline.jsonl(), dst_port=443), 15, "records in the JSONL file")
+             and find(pipeline.jsonl(), dst_port=443), "records in the JSONL file", timeout=15)
     assert pipeline.stop() == {stage: "rc=0" for stage in STAGES}
     lines, rows = pipeline.jsonl(), pipeline.rows()
 
@@ -161,7 +162,7 @@ def test_audit_mode_reports_would_deny_and_a_clean_stop_detaches(lab, tmp_path):
     assert len(hooks) == 4 and hooks <= attached_cgroup_prog_ids()
     result = lab.client_run("tcp", Lab.SERVER_V4, "443", "--name", "sl-audit")
     assert result["ok"], "audit mode must not drop"
-    wait_for(lambda: find(pipeline.jsonl(), dst_port=443), 15, "the would-deny record")
+    wait_for(lambda: find(pipeline.jsonl(), dst_port=443), "the would-deny record", timeout=15)
     assert pipeline.stop() == {stage: "rc=0" for stage in STAGES}
     records = find(pipeline.jsonl(), event_type="connection_blocked", dst_port=443)
     # The SYN, then (the connection proceeding) its would-be-dropped mid-stream segments.
@@ -192,7 +193,8 @@ def test_two_instances_run_side_by_side(tmp_path, kernel):
         for lab in labs:
             assert lab.client_run("tcp", Lab.SERVER_V4, "80")["ok"]
         for pipeline in pipelines:
-            wait_for(lambda: find(pipeline.jsonl(), dst_port=80), 15, "each instance's record")
+            wait_for(lambda: find(pipeline.jsonl(), dst_port=80),
+                     "each instance's record", timeout=15)
             assert pipeline.stop() == {stage: "rc=0" for stage in STAGES}
             assert pipeline.sluice("detach", netns=True).returncode == 0
             assert len(find(pipeline.jsonl(), event_type="connection_allowed")) == 1
@@ -214,13 +216,13 @@ def test_policy_reload_by_diff_cuts_removed_rules_and_keeps_the_rest(lab, tmp_pa
 
     policy_file = tmp_path / "policy.json"
     policy_file.write_text(json.dumps({"defaultAction": "deny", "rules": [keep]}))
-    wait_for(lambda: pipeline.reloaded("policy_reloads"), 10, "the reload")
+    wait_for(lambda: pipeline.reloaded("policy_reloads"), "the reload", timeout=10)
     assert not lab.client_run("tcp", "10.202.0.3", "443", "--timeout", "1")["ok"]
     assert held.ping(), "a connection allowed by both policies must keep working"
     assert lab.client_run("tcp", Lab.SERVER_V4, "80")["ok"]
 
     policy_file.write_text("{ this is not json")
-    wait_for(lambda: pipeline.reloaded("policy_reload_failures"), 10, "the refused reload")
+    wait_for(lambda: pipeline.reloaded("policy_reload_failures"), "the refused reload", timeout=10)
     assert held.ping() and lab.client_run("tcp", Lab.SERVER_V4, "80")["ok"]
     assert not lab.client_run("tcp", "10.202.0.3", "443", "--timeout", "1")["ok"]
     assert pipeline.stop() == {stage: "rc=0" for stage in STAGES}
@@ -234,7 +236,8 @@ def test_connections_open_before_start_keep_working_and_are_recorded(lab, tmp_pa
     pipeline = Pipeline(lab, tmp_path, {"defaultAction": "deny"}).start()
     assert held.ping(), "an existing connection must not be cut at attach"
     assert not lab.client_run("tcp", Lab.SERVER_V4, "81", "--timeout", "1")["ok"]
-    wait_for(lambda: find(pipeline.jsonl(), event_type="existing_connection"), 10, "the record")
+    wait_for(lambda: find(pipeline.jsonl(), event_type="existing_connection"),
+             "the record", timeout=10)
     assert pipeline.stop() == {stage: "rc=0" for stage in STAGES}
     [record] = find(pipeline.jsonl(), event_type="existing_connection", dst_ip=Lab.SERVER_V4)
     assert (record["would_deny"], record["blocked"]) == (False, False)

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.topology import STAGES
-from tests.netns import PYTHON, ROOT, Lab, wait_for
+from tests.netns import PYTHON, ROOT, Lab
+from tests.support.wait import wait_for
 from tests.test_e2e import Pipeline, find
 
 pytestmark = pytest.mark.e2e
@@ -54,7 +55,7 @@ def test_a_connection_by_address_is_late_allowed_by_its_ptr_name(lab, tmp_path,
     blocked = lab.client_run("tcp", TARGET, "443", "--timeout", "2", "--name", "sl-ptr")
     assert not blocked["ok"]
     wait_for(lambda: find(pipeline.jsonl(), event_type="connection_blocked", dst_port=443),
-             15, "the blocked record")
+             "the blocked record", timeout=15)
     assert pipeline.stop() == {stage: "rc=0" for stage in STAGES}
 
     lines = pipeline.jsonl()
@@ -80,7 +81,7 @@ def test_a_ptr_name_that_does_not_resolve_back_opens_nothing(lab, tmp_path, reso
     pipeline = Pipeline(lab, tmp_path, POLICY).start()
     attempt = lab.client_run("tcp", SPOOFED, "80", "--timeout", "4", "--name", "sl-spoof")
     assert not attempt["ok"], "a spoofed PTR name must not open the firewall"
-    wait_for(lambda: find(pipeline.jsonl(), dst_ip=SPOOFED), 15, "the blocked record")
+    wait_for(lambda: find(pipeline.jsonl(), dst_ip=SPOOFED), "the blocked record", timeout=15)
     assert pipeline.stop() == {stage: "rc=0" for stage in STAGES}
     records = find(pipeline.jsonl(), dst_ip=SPOOFED)
     assert {r["event_type"] for r in records} == {"connection_blocked"}

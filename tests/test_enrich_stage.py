@@ -8,7 +8,8 @@ from pipeline import messages
 from pipeline.events import DnsMapping, RawEvent
 from pipeline.reverse import ReverseResolver
 from pipeline.stages.enrich import EnrichStage
-from tests.stagekit import Peer, StageThread, stage_settings, wait_for
+from tests.stagekit import Peer, StageThread, stage_settings
+from tests.support.wait import wait_for
 from tests.tools.ptrserver import PtrServer
 
 T0 = 1_764_000_000_000_000_000
@@ -18,13 +19,6 @@ POLICY = {"defaultAction": "deny", "rules": [
 
 def event(dst, port=443, comm="curl"):
     return RawEvent(4, False, 6, 0, "10.0.0.2", dst, 40000, port, T0, 77, comm, 1, "", 0)
-
-
-@pytest.fixture
-def peer(tmp_path):
-    peer = Peer(tmp_path / "run")
-    yield peer
-    peer.close()
 
 
 @pytest.fixture

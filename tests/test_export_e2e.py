@@ -11,7 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.topology import STAGES
-from tests.netns import PYTHON, ROOT, Lab, wait_for
+from tests.netns import PYTHON, ROOT, Lab
+from tests.support.wait import wait_for
 from tests.test_e2e import Pipeline, find
 from tests.test_export_stage import SyslogListener, parse_syslog
 
@@ -77,13 +78,14 @@ def test_the_pipeline_exports_every_record_and_its_metrics_match_status(lab, tmp
             assert not lab.client_run("tcp", Lab.SERVER_V4, "443", "--timeout", "1",
                                       "--name", "sl-exp")["ok"]
         lab.client_run("raw", Lab.SERVER_V4, "47")
-        wait_for(lambda: find(pipeline.rows(), event_type="protocol_blocked"), 15, "the rows")
+        wait_for(lambda: find(pipeline.rows(), event_type="protocol_blocked"),
+                 "the rows", timeout=15)
 
         def exported() -> list[dict]:
             text = collected.read_text() if collected.exists() else ""
             return [json.loads(line) for line in text.splitlines()]
 
-        wait_for(lambda: len(exported()) == len(pipeline.rows()), 20, "every row exported")
+        wait_for(lambda: len(exported()) == len(pipeline.rows()), "every row exported", timeout=20)
         metrics, stages = quiet_snapshot(lab, pipeline)
         rows = pipeline.rows()
         assert pipeline.stop() == {stage: "rc=0" for stage in STAGES}

@@ -15,7 +15,8 @@ from pipeline.events import Notice
 from pipeline.settings import Settings
 from pipeline.stages.export import ExportStage
 from pipeline.stages.notify import NotifyStage
-from tests.stagekit import Peer, StageThread, stage_settings, wait_for
+from tests.stagekit import StageThread, stage_settings
+from tests.support.wait import wait_for
 from tests.test_export_stage import Store, fast_retry, free_port
 from tests.tools.httpsink import HttpSink
 from tests.tools.otlpreceiver import OtlpReceiver
@@ -34,7 +35,7 @@ def otlp_env(collector: OtlpReceiver, metrics_port: int) -> dict:
             "SLUICE_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"}
 
 
-def test_no_secret_in_logs_counters_metrics_or_errors(tmp_path, caplog):
+def test_no_secret_in_logs_counters_metrics_or_errors(tmp_path, caplog, peer):
     caplog.set_level(logging.DEBUG)
     store = Store(f"sqlite:///{tmp_path}/audit.db")
     port = free_port()
@@ -42,7 +43,6 @@ def test_no_secret_in_logs_counters_metrics_or_errors(tmp_path, caplog):
         env = otlp_env(collector, port)
         settings = stage_settings(tmp_path, SLUICE_NOTIFY_URL=webhook.url + f"?t={MARK}", **env)
         notify = StageThread(NotifyStage(delay=lambda attempt: 0.05), settings).start()
-        peer = Peer(settings.run_dir)
         peer.pusher("notify").send(messages.encode([Notice(
             "connection_blocked", "x.example", "10.7.0.1", 443, "TCP", "curl", 7, 1, "enforce")]))
         collector.answer = 401  # a permanent refusal: logged with its status
@@ -58,7 +58,6 @@ def test_no_secret_in_logs_counters_metrics_or_errors(tmp_path, caplog):
         wait_for(lambda: len(webhook.delivered()) == 1, "the webhook's delivery")
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
         assert export.finish() == 0 and notify.finish() == 0
-        peer.close()
         # The secrets were used: basic authentication, the header, the path and query.
         _, path, headers = collector.requests[-1]
         assert path == f"/{SECRETS['path']}/v1/logs?key={SECRETS['query']}"

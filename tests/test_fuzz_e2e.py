@@ -12,7 +12,8 @@ import subprocess
 import pytest
 
 from pipeline.topology import STAGES
-from tests.netns import PYTHON, ROOT, Lab, wait_for
+from tests.netns import PYTHON, ROOT, Lab
+from tests.support.wait import wait_for
 from tests.test_e2e import Pipeline, find
 from tests.test_notify_e2e import counters, delivered
 
@@ -53,19 +54,19 @@ def test_a_fuzzed_pipeline_still_enforces_records_and_alerts(lab, tmp_path):
     ready = pipeline.sluice("wait-ready", "--timeout", "20", netns=True)
     assert ready.returncode == 0, ready.stderr + pipeline.output()
     for stage in ("enrich", "policy", "persist", "notify"):
-        wait_for(lambda: counters(tmp_path, stage).get("malformed_messages", 0) > 0, 10,
-                 f"{stage} counting rejections")
+        wait_for(lambda: counters(tmp_path, stage).get("malformed_messages", 0) > 0,
+                 f"{stage} counting rejections", timeout=10)
         assert counters(tmp_path, stage).get("malformed_records", 0) > 0, stage
-    wait_for(lambda: counters(tmp_path, "dns").get("malformed", 0) > 0, 10, "dns counting")
+    wait_for(lambda: counters(tmp_path, "dns").get("malformed", 0) > 0, "dns counting", timeout=10)
 
     # Still enforcing, still recording, still alerting.
     allowed = lab.client_run("tcp", Lab.SERVER_V4, "80", "--name", "sl-fuzz")
     blocked = lab.client_run("tcp", Lab.SERVER_V4, "443", "--timeout", "1", "--name", "sl-fuzz")
     assert allowed["ok"] and not blocked["ok"]
     wait_for(lambda: find(pipeline.jsonl(), process="sl-fuzz", dst_port=443)
-             and find(pipeline.jsonl(), process="sl-fuzz", dst_port=80), 15, "the records")
+             and find(pipeline.jsonl(), process="sl-fuzz", dst_port=80), "the records", timeout=15)
     wait_for(lambda: [b for b in delivered(record) if b.get("ip") == Lab.SERVER_V4
-                      and b.get("port") == 443], 20, "the alert for the real block")
+                      and b.get("port") == 443], "the alert for the real block", timeout=20)
     assert pipeline.stop() == {stage: "rc=0" for stage in STAGES}
     assert pipeline.sluice("detach", netns=True).returncode == 0
     [allow] = find(pipeline.jsonl(), process="sl-fuzz", dst_port=80)

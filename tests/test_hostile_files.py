@@ -25,20 +25,14 @@ from pipeline.reverse import ReverseResolver
 from pipeline.rulemaps import ALLOW, DictRuleMaps
 from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.policy import PolicyStage
-from tests.stagekit import Peer, StageThread, stage_settings, wait_for
+from tests.stagekit import Peer, StageThread, stage_settings
+from tests.support.wait import wait_for
 from tests.tools.ptrserver import PtrServer
 
 T0 = 1_764_000_000_000_000_000
 DEEP = "[" * 100_000
 POLICY = {"defaultAction": "deny", "rules": [
     {"type": "cidr", "value": "10.1.0.0/16", "action": "allow"}]}
-
-
-@pytest.fixture
-def peer(tmp_path):
-    peer = Peer(tmp_path / "run")
-    yield peer
-    peer.close()
 
 
 # ---------------------------------------------------------------- the shared reader

@@ -24,9 +24,9 @@ def allow_host(*addresses):
 
 
 @pytest.fixture
-def rig(lab, tmp_path, request):
+def rig(lab, tmp_path, zmq_context, request):
     params = getattr(request, "param", {})
-    rig = CaptureRig(lab, tmp_path, **params)
+    rig = CaptureRig(lab, tmp_path, zmq_context, **params)
     yield rig
     rig.close()
 

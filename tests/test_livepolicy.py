@@ -95,22 +95,18 @@ def test_a_policy_that_does_not_load_at_start_stops_the_stage(tmp_path):
         live(tmp_path, [])
 
 
-def test_enrich_names_by_the_ci_preset_hosts_policy_allows(tmp_path):
+def test_enrich_names_by_the_ci_preset_hosts_policy_allows(tmp_path, peer):
     """The namer tracks the hostnames the start-up policy adds (here the CI preset's), so a
     reverse lookup under one is reported by the name policy judges it by."""
     (tmp_path / "policy.json").write_text(json.dumps(POLICY))
     settings = stage_settings(tmp_path, SLUICE_POLICY=str(tmp_path / "policy.json"),
                               GITHUB_ACTIONS="true", SLUICE_GITHUB_SERVICE_HOSTS="svc.ci.example")
-    peer = Peer(tmp_path / "run")
-    try:
-        with PtrServer({"10.7.0.1": "node-7.svc.ci.example."}) as names:
-            out = peer.inbox("policy")
-            stage = StageThread(EnrichStage(ReverseResolver("127.0.0.1", port=names.port)),
-                                settings).start()
-            peer.pusher("enrich").send(messages.encode([RawEvent(
-                4, False, 6, 0, "10.0.0.2", "10.7.0.1", 40000, 443, 1, 7, "curl", 1, "", 0)]))
-            [named] = Peer.receive(out, 1)
-            assert stage.finish() == 0
-    finally:
-        peer.close()
+    with PtrServer({"10.7.0.1": "node-7.svc.ci.example."}) as names:
+        out = peer.inbox("policy")
+        stage = StageThread(EnrichStage(ReverseResolver("127.0.0.1", port=names.port)),
+                            settings).start()
+        peer.pusher("enrich").send(messages.encode([RawEvent(
+            4, False, 6, 0, "10.0.0.2", "10.7.0.1", 40000, 443, 1, 7, "curl", 1, "", 0)]))
+        [named] = Peer.receive(out, 1)
+        assert stage.finish() == 0
     assert named.dst_hostname == "svc.ci.example"

@@ -6,7 +6,8 @@ import subprocess
 import pytest
 
 from pipeline.topology import STAGES
-from tests.netns import PYTHON, ROOT, Lab, wait_for
+from tests.netns import PYTHON, ROOT, Lab
+from tests.support.wait import wait_for
 from tests.test_e2e import Pipeline
 
 pytestmark = pytest.mark.e2e
@@ -54,10 +55,10 @@ def run_pipeline(lab, tmp_path, record, attempts, alerts) -> tuple[dict, str]:
     pipeline.start()
     for host, count in attempts:
         attempt(lab, host, 443, count)
-    wait_for(lambda: len(delivered(record)) == alerts, 20, f"{alerts} alert(s)")
+    wait_for(lambda: len(delivered(record)) == alerts, f"{alerts} alert(s)", timeout=20)
     notices = sum(count for _, count in attempts)
-    wait_for(lambda: counters(tmp_path, "notify").get("notices_received", 0) >= notices, 10,
-             "every notice counted")
+    wait_for(lambda: counters(tmp_path, "notify").get("notices_received", 0) >= notices,
+             "every notice counted", timeout=10)
     assert pipeline.stop() == {stage: "rc=0" for stage in STAGES}
     assert pipeline.sluice("detach", netns=True).returncode == 0
     return counters(tmp_path, "notify"), pipeline.output()

@@ -2,14 +2,13 @@
 
 import logging
 
-import pytest
-
 from pipeline import messages
 from pipeline.events import Notice
 from pipeline.stages.notify import NotifyStage
 from pipeline.stages.persist import PersistStage
 from pipeline.store import AuditStore
-from tests.stagekit import Peer, StageThread, stage_settings, wait_for
+from tests.stagekit import StageThread, stage_settings
+from tests.support.wait import wait_for
 from tests.tools.httpsink import HttpSink
 
 T0 = 1_764_000_000_000_000_000
@@ -22,13 +21,6 @@ def notice(hostname="blocked.example", ip="10.7.0.1", port=443, event_type="conn
 
 def quick(attempt: int) -> float:
     return 0.05 * attempt
-
-
-@pytest.fixture
-def peer(tmp_path):
-    peer = Peer(tmp_path / "run")
-    yield peer
-    peer.close()
 
 
 def webhook_settings(tmp_path, sink, migrate=True):

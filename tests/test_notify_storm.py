@@ -7,15 +7,14 @@ told that a storm happened.
 
 import sqlite3
 
-import pytest
-
 from pipeline import messages
 from pipeline.events import Notice
 from pipeline.notify import SUMMARY_EVENT, Notification, Storm
 from pipeline.stages.notify import NotifyStage
 from pipeline.stages.persist import PersistStage
 from pipeline.store import AuditStore
-from tests.stagekit import Peer, StageThread, stage_settings, wait_for
+from tests.stagekit import Peer, StageThread, stage_settings
+from tests.support.wait import wait_for
 from tests.tools.httpsink import HttpSink
 
 T0 = 1_764_000_000_000_000_000
@@ -68,13 +67,6 @@ def test_a_flood_of_process_names_stays_bounded():
     assert len(summary.by_process) <= 21 and sum(summary.by_process.values()) == 5000
 
 
-@pytest.fixture
-def peer(tmp_path):
-    peer = Peer(tmp_path / "run")
-    yield peer
-    peer.close()
-
-
 def test_a_scan_faster_than_the_webhook_is_alerted_or_summarized_every_destination(
         tmp_path, peer):
     destinations = 3000
@@ -90,9 +82,9 @@ def test_a_scan_faster_than_the_webhook_is_alerted_or_summarized_every_destinati
                        n.first_seen_ns, "enforce") for n in map(notification, range(start, start + 500))]))
         wait_for(lambda: notify.counters().get("delivered", 0)
                  + notify.counters().get("summarized", 0) == destinations,
-                 "every destination alerted or summarized", 60)
+                 "every destination alerted or summarized", timeout=60)
         wait_for(lambda: persist.counters().get("delivered_stored") == destinations,
-                 "every delivered destination remembered", 30)
+                 "every delivered destination remembered", timeout=30)
         assert notify.finish() == 0
         assert persist.finish() == 0
     bodies = sink.delivered()

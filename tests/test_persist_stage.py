@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import sqlite3
-import threading
 
 import msgpack
 import pytest
@@ -12,9 +11,10 @@ import zmq
 
 from pipeline import wire
 from pipeline.audit import AuditEvent, parse_timestamp
-from pipeline.stages import persist
+from pipeline.stages.persist import PersistStage
 from pipeline.store import audit_events, open_readonly
-from tests.stagekit import stage_settings, wait_for
+from tests.stagekit import StageThread, stage_settings
+from tests.support.wait import wait_for
 
 T0 = 1_767_225_600_123_456_789  # 2026-01-01T00:00:00.123456789Z
 
@@ -25,58 +25,13 @@ def make_settings(tmp_path, **env):
                                        **env})
 
 
-class StageThread:
-    """persist.run itself in a thread, stopped through its stop event."""
-
-    def __init__(self, settings):
-        self.settings = settings
-        self.stop = threading.Event()
-        self.exit_code = None
-        self.thread = threading.Thread(target=self._run, name="persist-under-test")
-
-    def _run(self):
-        self.exit_code = persist.run(self.settings, stop=self.stop)
-
-    def start(self):
-        (self.settings.run_dir / "persist.counters.json").unlink(missing_ok=True)
-        self.thread.start()
-        ready = self.settings.run_dir / "persist.ready"
-        wait_for(lambda: ready.exists() or not self.thread.is_alive(), "persist.ready")
-        assert self.thread.is_alive(), f"persist exited early with {self.exit_code}"
-        return self
-
-    def finish(self):
-        self.stop.set()
-        self.thread.join(timeout=10)
-        assert not self.thread.is_alive(), "persist did not stop within 10 s"
-        return self.exit_code
-
-    def counters(self):
-        path = self.settings.run_dir / "persist.counters.json"
-        return json.loads(path.read_text())["counters"] if path.exists() else {}
-
-
 @pytest.fixture
-def zctx():
-    threads_before = set(threading.enumerate())
-    ctx = zmq.Context()
-    yield ctx
-    # term() blocks while a socket is open: a leaked socket fails here instead of hanging.
-    closer = threading.Thread(target=ctx.term, daemon=True)
-    closer.start()
-    closer.join(timeout=5)
-    assert not closer.is_alive(), "a ZeroMQ socket was left open"
-    leaked = set(threading.enumerate()) - threads_before
-    assert not [t for t in leaked if t.is_alive()], f"threads left running: {leaked}"
-
-
-@pytest.fixture
-def pusher(zctx, tmp_path):
+def pusher(zmq_context):
     sockets = []
 
     def push(settings, *frames):
         if not sockets:
-            sock = zctx.socket(zmq.PUSH)
+            sock = zmq_context.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 5000)
             sock.connect(f"ipc://{settings.run_dir}/persist.sock")
             sockets.append(sock)
@@ -143,7 +98,7 @@ def test_records_become_agreeing_jsonl_lines_and_sql_rows(tmp_path, pusher):
                      protocol="", process="", pid=0, dst_hostname="evil.example")
     sent[3] = record(3, cname_chain=["a.example", "b.cdn.example"], mid_stream=True, packets=9)
     sent[4] = record(4, dst_hostname="<b>&co\u2028", host="other-host")
-    stage = StageThread(settings).start()
+    stage = StageThread(PersistStage(), settings).start()
     try:
         for start in range(0, len(sent), 64):
             pusher(settings, wire.encode(sent[start:start + 64]))
@@ -161,7 +116,7 @@ def test_records_become_agreeing_jsonl_lines_and_sql_rows(tmp_path, pusher):
 
 def test_missing_id_host_and_time_are_filled_the_same_in_both(tmp_path, pusher):
     settings = make_settings(tmp_path)
-    stage = StageThread(settings).start()
+    stage = StageThread(PersistStage(), settings).start()
     try:
         pusher(settings, wire.encode([record(0, event_id="", host="", timestamp=0)]))
         wait_for(lambda: jsonl_fields(settings.audit_log), "a JSONL line")
@@ -178,7 +133,7 @@ def test_garbage_and_bad_records_are_counted_and_the_stage_keeps_working(tmp_pat
     bad_types = msgpack.packb({"kind": "audit_records", "v": 2,
                                "records": [[1, 2, 3], record(2).to_wire()]})
     out_of_range = wire.encode([record(3, dst_port=70_000)])
-    stage = StageThread(settings).start()
+    stage = StageThread(PersistStage(), settings).start()
     try:
         pusher(settings, b"\xc1 not msgpack", bad_types, out_of_range,
                wire.encode([record(4)], kind="audit_records")[:5])
@@ -198,7 +153,7 @@ def test_stop_stores_everything_pushed_before_it(tmp_path, pusher):
     # Nothing is due by count or time while running: only the stop path stores.
     settings = make_settings(tmp_path, SLUICE_FLUSH_INTERVAL="3600", SLUICE_BATCH_MAX="100000")
     sent = [record(n) for n in range(1000)]
-    stage = StageThread(settings).start()
+    stage = StageThread(PersistStage(), settings).start()
     pusher(settings, *(wire.encode(sent[i:i + 100]) for i in range(0, 1000, 100)))
     assert stage.finish() == 0
     assert len(jsonl_fields(settings.audit_log)) == 1000
@@ -209,7 +164,7 @@ def test_a_restarted_stage_appends_and_skips_what_is_stored(tmp_path, pusher):
     settings = make_settings(tmp_path)
     first, second = [record(n) for n in range(10)], [record(n) for n in range(10, 20)]
     for batch in (first, first[5:] + second):  # the second run also gets five old ids
-        stage = StageThread(settings).start()
+        stage = StageThread(PersistStage(), settings).start()
         try:
             pusher(settings, wire.encode(batch))
             wait_for(lambda: stage.counters().get("records_stored", 0)
@@ -224,7 +179,7 @@ def test_a_restarted_stage_appends_and_skips_what_is_stored(tmp_path, pusher):
 
 def test_a_locked_database_delays_records_but_loses_none(tmp_path, pusher):
     settings = make_settings(tmp_path)
-    stage = StageThread(settings).start()
+    stage = StageThread(PersistStage(), settings).start()
     locker = sqlite3.connect(settings.db.removeprefix("sqlite:///"), isolation_level=None)
     try:
         locker.execute("BEGIN IMMEDIATE")  # holds the write lock the stage needs
@@ -241,7 +196,7 @@ def test_a_locked_database_delays_records_but_loses_none(tmp_path, pusher):
 
 def test_a_failing_jsonl_file_is_counted_and_keeps_sql_ahead_of_it(tmp_path, pusher):
     settings = make_settings(tmp_path, SLUICE_AUDIT_LOG="/dev/full")  # every write: ENOSPC
-    stage = StageThread(settings).start()
+    stage = StageThread(PersistStage(), settings).start()
     try:
         pusher(settings, wire.encode([record(n) for n in range(5)]))
         wait_for(lambda: stage.counters().get("jsonl_errors", 0) >= 2, "retried JSONL writes")
@@ -257,7 +212,7 @@ def test_an_unusable_database_stops_the_stage_at_start_with_one_line(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     settings = make_settings(tmp_path, SLUICE_DB=f"sqlite:///{blocker}/audit.db")
-    stage = StageThread(settings)
+    stage = StageThread(PersistStage(), settings)
     stage.thread.start()
     stage.thread.join(timeout=10)
     assert stage.exit_code == 5

@@ -21,7 +21,8 @@ from pipeline.kernel.doctor import check_private
 from pipeline.loop import Counters
 from pipeline.recording import open_recorder
 from pipeline.stages.persist import PersistStage
-from tests.stagekit import Peer, StageThread, stage_settings, wait_for
+from tests.stagekit import StageThread, stage_settings
+from tests.support.wait import wait_for
 
 T0 = 1_764_000_000_000_000_000
 GROUP = "daemon"  # gid 1 on every Debian
@@ -38,38 +39,35 @@ def loose_umask():
     os.umask(previous)
 
 
-def run_persist(tmp_path, **env):
+def run_persist(tmp_path, peer, **env):
     """Run persist on a store and log in new directories; every path's (mode, gid) while it
     runs (SQLite removes the -wal and -shm files at a clean close)."""
     settings = stage_settings(tmp_path, SLUICE_DB=f"sqlite:///{tmp_path}/new/db/audit.db",
                               SLUICE_AUDIT_LOG=str(tmp_path / "new" / "log" / "audit.jsonl"),
                               **env)
-    peer = Peer(settings.run_dir)
     new = tmp_path / "new"
-    try:
-        stage = StageThread(PersistStage(), settings).start()
-        peer.pusher("persist").send(messages.encode(
-            [AuditEvent(T0, "connection_blocked", dst_ip="10.0.0.1", event_id="e1")]))
-        wait_for(lambda: stage.counters().get("records_stored"), "the record stored")
-        seen = {str(p.relative_to(tmp_path)): (mode(p), p.stat().st_gid)
-                for p in [new, *new.rglob("*"), settings.run_dir,
-                          settings.run_dir / "persist.counters.json"]}
-        assert stage.finish() == 0
-    finally:
-        peer.close()
+    stage = StageThread(PersistStage(), settings).start()
+    peer.pusher("persist").send(messages.encode(
+        [AuditEvent(T0, "connection_blocked", dst_ip="10.0.0.1", event_id="e1")]))
+    wait_for(lambda: stage.counters().get("records_stored"), "the record stored")
+    seen = {str(p.relative_to(tmp_path)): (mode(p), p.stat().st_gid)
+            for p in [new, *new.rglob("*"), settings.run_dir,
+                      settings.run_dir / "persist.counters.json"]}
+    assert stage.finish() == 0
     return seen
 
 
-def test_persist_creates_its_store_and_log_private_under_a_loose_umask(tmp_path, loose_umask):
-    assert {path: m for path, (m, _) in run_persist(tmp_path).items()} == {
+def test_persist_creates_its_store_and_log_private_under_a_loose_umask(tmp_path, loose_umask,
+                                                                        peer):
+    assert {path: m for path, (m, _) in run_persist(tmp_path, peer).items()} == {
         "new": 0o700, "new/db": 0o700, "new/log": 0o700, "new/db/audit.db": 0o600,
         "new/db/audit.db-wal": 0o600, "new/db/audit.db-shm": 0o600,
         "new/log/audit.jsonl": 0o600, "run": 0o700, "run/persist.counters.json": 0o600}
 
 
-def test_with_a_group_readers_get_0640_files_in_0750_directories(tmp_path, loose_umask):
+def test_with_a_group_readers_get_0640_files_in_0750_directories(tmp_path, loose_umask, peer):
     gid = grp.getgrnam(GROUP).gr_gid
-    seen = run_persist(tmp_path, SLUICE_GROUP=GROUP)
+    seen = run_persist(tmp_path, peer, SLUICE_GROUP=GROUP)
     files = ["new/db/audit.db", "new/db/audit.db-wal", "new/db/audit.db-shm",
              "new/log/audit.jsonl"]
     assert [seen[f] for f in files] == [(0o640, gid)] * 4

@@ -26,7 +26,6 @@ import dns.rrset
 import jsonschema
 import msgpack
 import pytest
-import zmq
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
@@ -50,8 +49,8 @@ from pipeline.stages.notify import NotifyStage
 from pipeline.stages.persist import PersistStage
 from pipeline.stages.policy import PolicyStage
 from pipeline.store import AuditStore
+from tests.stagekit import stage_settings
 from tests.test_schemas import load, sample
-from tests.stagekit import Peer, stage_settings
 
 T0 = 1_764_000_000_000_000_000
 I64_MAX = (1 << 63) - 1
@@ -435,14 +434,13 @@ POLICY = {"defaultAction": "deny", "rules": [
 class Harness:
     """A stage set up on real sockets under tmp_path, its handle() called directly."""
 
-    def __init__(self, stage, tmp_path, **env) -> None:
+    def __init__(self, stage, tmp_path, ctx, **env) -> None:
         policy = tmp_path / "policy.json"
         policy.write_text(json.dumps(POLICY))
         self.settings = stage_settings(tmp_path, SLUICE_POLICY=str(policy),
                                        SLUICE_ALLOW_EXISTING_CONNECTIONS="false", **env)
         self.settings.run_dir.mkdir(parents=True, exist_ok=True)
-        self.ctx = zmq.Context()
-        self.io = StageIO(stage.name, self.settings, self.ctx, threading.Event(),
+        self.io = StageIO(stage.name, self.settings, ctx, threading.Event(),
                           logging.getLogger(f"props.{stage.name}"))
         self.stage = stage
         stage.setup(self.io)
@@ -453,18 +451,17 @@ class Harness:
         finally:
             for sock in self.io.sockets:
                 sock.close(linger=0)
-            self.ctx.term()
 
 
 @pytest.mark.parametrize("mode", ["audit", "enforce"])
-def test_policy_logic_takes_any_record_in_range(tmp_path, mode):
+def test_policy_logic_takes_any_record_in_range(tmp_path, peer, mode):
     """Whatever policy.sock accepts, policy handles, and whatever it sends on passes the
     next inboxes: a record from capture's journal is never refused downstream (it would
     never be acknowledged)."""
     maps = DictRuleMaps()
-    peer = Peer(tmp_path / "run")
     downstream = [peer.inbox("persist"), peer.inbox("notify")]
-    harness = Harness(PolicyStage(open_maps=lambda s: maps), tmp_path, SLUICE_MODE=mode)
+    harness = Harness(PolicyStage(open_maps=lambda s: maps), tmp_path, peer.ctx,
+                      SLUICE_MODE=mode)
     try:
         harness.stage.tick(0.0)  # programs the maps
         assert harness.io.ready
@@ -486,11 +483,10 @@ def test_policy_logic_takes_any_record_in_range(tmp_path, mode):
         run()
     finally:
         harness.close()
-        peer.close()
 
 
-def test_enrich_logic_takes_any_record_in_range(tmp_path):
-    harness = Harness(EnrichStage(reverse=NoReverseLookups()), tmp_path)
+def test_enrich_logic_takes_any_record_in_range(tmp_path, zmq_context):
+    harness = Harness(EnrichStage(reverse=NoReverseLookups()), tmp_path, zmq_context)
     try:
         @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
         @given(st.lists(event_values(), max_size=8),
@@ -507,8 +503,8 @@ def test_enrich_logic_takes_any_record_in_range(tmp_path):
         harness.close()
 
 
-def test_persist_logic_stores_any_record_in_range(tmp_path):
-    harness = Harness(PersistStage(), tmp_path)
+def test_persist_logic_stores_any_record_in_range(tmp_path, zmq_context):
+    harness = Harness(PersistStage(), tmp_path, zmq_context)
     clock = [0.0]
     try:
         @settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
@@ -526,8 +522,8 @@ def test_persist_logic_stores_any_record_in_range(tmp_path):
         harness.close()
 
 
-def test_notify_logic_takes_any_notice_in_range(tmp_path):
-    harness = Harness(NotifyStage(), tmp_path)
+def test_notify_logic_takes_any_notice_in_range(tmp_path, zmq_context):
+    harness = Harness(NotifyStage(), tmp_path, zmq_context)
     try:
         @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
         @given(st.lists(notices, max_size=8))

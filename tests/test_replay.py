@@ -19,7 +19,8 @@ from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.persist import PersistStage
 from pipeline.stages.policy import PolicyStage
 from pipeline.store import open_readonly
-from tests.stagekit import Peer, StageThread, stage_settings, wait_for
+from tests.stagekit import Peer, StageThread, stage_settings
+from tests.support.wait import wait_for
 
 T0 = 1_767_225_600_000_000_000
 TCP, UDP, ICMP, GRE = 6, 17, 1, 47
@@ -88,7 +89,7 @@ def outcomes(url):
     return [tuple(r) for r in rows]
 
 
-def live_run(tmp_path, policy_path):
+def live_run(tmp_path, peer, policy_path):
     """Stages in threads with SLUICE_RECORD set; a fake kernel judges by the live maps."""
     settings = stage_settings(tmp_path, SLUICE_RECORD=str(tmp_path / "rec"),
                               SLUICE_POLICY=str(policy_path),
@@ -97,7 +98,6 @@ def live_run(tmp_path, policy_path):
     policy = PolicyWithDns(maps)
     stages = [StageThread(PersistStage(), settings).start(), StageThread(policy, settings).start(),
               StageThread(EnrichStage(reverse=NoReverseLookups()), settings).start()]
-    peer = Peer(settings.run_dir)
     push = peer.pusher("enrich")
     sent = 0
     try:
@@ -115,13 +115,12 @@ def live_run(tmp_path, policy_path):
                          f"{sent} rows stored")
     finally:
         assert [s.finish() for s in reversed(stages)] == [0, 0, 0]
-        peer.close()
     return settings, outcomes(settings.db)
 
 
-def test_replaying_a_live_run_under_the_same_policy_gives_the_same_outcomes(tmp_path):
+def test_replaying_a_live_run_under_the_same_policy_gives_the_same_outcomes(tmp_path, peer):
     policy_path = write_policy(tmp_path / "policy.json", RULES)
-    settings, live = live_run(tmp_path, policy_path)
+    settings, live = live_run(tmp_path, peer, policy_path)
     assert [r[1] for r in live] == ["connection_allowed", "connection_blocked",
                                     "connection_allowed", "connection_blocked",
                                     "protocol_blocked", "protocol_blocked", "connection_allowed"]
@@ -132,9 +131,9 @@ def test_replaying_a_live_run_under_the_same_policy_gives_the_same_outcomes(tmp_
     assert summary.left_out == 0
 
 
-def test_a_stricter_policy_turns_known_allowed_rows_into_blocked_ones(tmp_path):
+def test_a_stricter_policy_turns_known_allowed_rows_into_blocked_ones(tmp_path, peer):
     policy_path = write_policy(tmp_path / "policy.json", RULES)
-    settings, live = live_run(tmp_path, policy_path)
+    settings, live = live_run(tmp_path, peer, policy_path)
     stricter = write_policy(tmp_path / "stricter.json", RULES[:1])  # no www.example.org, no CIDR
     url = f"sqlite:///{tmp_path}/what-if.db"
     summary = replay_offline([tmp_path / "rec"], settings, stricter, url, "enforce",
@@ -197,11 +196,10 @@ def recording(path, frames, spacing_ns):
     return path
 
 
-def test_live_replay_pushes_every_event_into_enrich_at_the_asked_pace(tmp_path):
+def test_live_replay_pushes_every_event_into_enrich_at_the_asked_pace(tmp_path, peer):
     path = recording(tmp_path / "rec", [[packet(n, "1.2.3.4", 1000 + n)] for n in range(6)],
                      100_000_000)  # 0.5 s recorded
     settings = stage_settings(tmp_path)
-    peer = Peer(settings.run_dir)
     out = peer.inbox("policy")
     enrich = StageThread(EnrichStage(reverse=NoReverseLookups()), settings).start()
     try:
@@ -212,7 +210,6 @@ def test_live_replay_pushes_every_event_into_enrich_at_the_asked_pace(tmp_path):
         got = Peer.receive(out, 6)
     finally:
         assert enrich.finish() == 0
-        peer.close()
     assert [e.dst_port for e in got] == [1000 + n for n in range(6)]
     assert 0.25 <= took < 2.0 and seen == [1, 2, 3, 4, 5, 6]
     assert (summary.events, summary.frames, round(summary.recorded_seconds, 1)) == (6, 6, 0.5)

@@ -13,9 +13,11 @@ from pipeline.audit import AuditEvent
 from pipeline.cli import app
 from pipeline.query import run_query
 from pipeline.retention import Retention
+from pipeline.stages.persist import PersistStage
 from pipeline.store import AuditStore
-from tests.stagekit import wait_for
-from tests.test_persist_stage import StageThread, jsonl_fields, make_settings, pusher, zctx  # noqa: F401
+from tests.stagekit import StageThread
+from tests.support.wait import wait_for
+from tests.test_persist_stage import jsonl_fields, make_settings, pusher  # noqa: F401
 
 T = 1_767_225_600_000_000_000  # 2026-01-01T00:00:00Z
 DAY = 86_400 * 1_000_000_000
@@ -104,7 +106,7 @@ def test_retention_prunes_a_pass_in_steps_then_waits_an_hour(db_url):
 def test_persist_prunes_old_rows_when_retention_is_set(tmp_path, pusher):  # noqa: F811
     settings = make_settings(tmp_path, SLUICE_RETENTION_DAYS="1")
     filled(settings.db)  # a store with three old days
-    stage = StageThread(settings).start()
+    stage = StageThread(PersistStage(), settings).start()
     try:
         pusher(settings, wire.encode([AuditEvent(time.time_ns(), "connection_allowed",
                                                  event_id="now", host="h")]))

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.netns import ROOT, Lab, base_env, sh, wait_for
+from tests.netns import ROOT, Lab, base_env, sh
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 VENV_BIN = Path(sys.executable).parent
@@ -135,8 +136,8 @@ def test_up_down_in_a_namespace(lab, tmp_path):
 
     assert lab.client_run("tcp", Lab.SERVER_V4, "80", "--name", "sl-up")["ok"]
     assert not lab.client_run("tcp", Lab.SERVER_V4, "443", "--timeout", "1")["ok"]
-    wait_for(lambda: {r.get("dst_port") for r in service.jsonl()} >= {80, 443}, 15,
-             "both connections recorded")
+    wait_for(lambda: {r.get("dst_port") for r in service.jsonl()} >= {80, 443},
+             "both connections recorded", timeout=15)
 
     # --keep-filter: everything stops, enforcement stays (fail closed) ...
     kept = service.sluice("down", "--keep-filter")
@@ -266,7 +267,8 @@ def run_job(lab, tmp_path: Path, **inputs: str):
     # The job's own work: one allowed connection, one that is not.
     assert lab.client_run("tcp", Lab.SERVER_V4, "80", "--name", "build")["ok"]
     lab.client_run("tcp", Lab.SERVER_V4, "443", "--timeout", "1", "--name", "build")
-    wait_for(lambda: {r.get("dst_port") for r in service.jsonl()} >= {80, 443}, 15, "records")
+    wait_for(lambda: {r.get("dst_port") for r in service.jsonl()} >= {80, 443},
+             "records", timeout=15)
     down = actions.run(readme_final_step(), values)
     return service, actions, down
 
@@ -337,10 +339,11 @@ def test_down_after_the_pipeline_died_fails_loudly_and_still_cleans_up(lab, tmp_
     assert service.sluice("up").returncode == 0
     hooks = hook_ids(service.run_dir)
     assert not lab.client_run("tcp", Lab.SERVER_V4, "443", "--timeout", "1")["ok"]
-    wait_for(lambda: any(r.get("dst_port") == 443 for r in service.jsonl()), 15, "the block")
+    wait_for(lambda: any(r.get("dst_port") == 443 for r in service.jsonl()),
+             "the block", timeout=15)
     record = json.loads((service.run_dir / "sluice.json").read_text())
     os.kill(record["stages"]["dns"], 9)  # one stage dies: honcho takes the others down
-    wait_for(lambda: processes_of(service.run_dir) == [], 20, "the pipeline to go down")
+    wait_for(lambda: processes_of(service.run_dir) == [], "the pipeline to go down", timeout=20)
     status = service.sluice("status")
     assert status.returncode == 1 and "classifier    stale" in status.stdout
     down = service.sluice("down")

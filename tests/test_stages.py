@@ -12,7 +12,8 @@ from pipeline.rulemaps import ALLOW, DENY, DictRuleMaps
 from pipeline.reverse import ReverseResolver
 from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.policy import PolicyStage
-from tests.stagekit import Peer, StageThread, stage_settings, wait_for
+from tests.stagekit import Peer, StageThread, stage_settings
+from tests.support.wait import wait_for
 from tests.tools.ptrserver import PtrServer
 
 T0 = 1_764_000_000_000_000_000
@@ -20,13 +21,6 @@ T0 = 1_764_000_000_000_000_000
 
 def raw(dst="93.184.216.34", port=443, allowed=False, proto=6, src_port=40000):
     return RawEvent(4, allowed, proto, 0, "10.0.0.2", dst, src_port, port, T0, 77, "curl", 1, "", 0)
-
-
-@pytest.fixture
-def peer(tmp_path):
-    peer = Peer(tmp_path / "run")
-    yield peer
-    peer.close()
 
 
 def test_enrich_forwards_every_event_and_survives_garbage(tmp_path, peer):
@@ -98,7 +92,7 @@ def test_policy_waits_for_the_maps_before_it_is_ready(tmp_path, peer):
 
 def wait_for_nothing(predicate, seconds):
     try:
-        return wait_for(predicate, "", seconds)
+        return wait_for(predicate, "", timeout=seconds)
     except AssertionError:
         return False
 

@@ -21,7 +21,8 @@ from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.notify import NotifyStage
 from pipeline.store import AuditStore
 from pipeline.workers import Worker, WorkerDied
-from tests.stagekit import Peer, StageThread, stage_settings, wait_for
+from tests.stagekit import Peer, StageThread, stage_settings
+from tests.support.wait import wait_for
 from tests.tools.httpsink import HttpSink
 
 T0 = 1_764_000_000_000_000_000
@@ -110,19 +111,16 @@ def notify(tmp_path, client, **kw):
     return StageThread(NotifyStage(client=client, delay=lambda attempt: 0.05, **kw), settings)
 
 
-def test_an_internal_error_in_a_delivery_is_retried_and_the_courier_lives_on(tmp_path, caplog):
-    peer = Peer(tmp_path / "run")
-    try:
-        with HttpSink() as sink:
-            stage = notify(tmp_path, FlakyClient(sink.url)).start()
-            peer.pusher("notify").send(messages.encode([NOTICE]))
-            wait_for(lambda: sink.delivered(), "the delivery after the error")
-            wait_for(lambda: stage.counters().get("delivered"), "the delivery counted")
-            status = CliRunner().invoke(app, ["status"], env={
-                "SLUICE_RUN_DIR": str(stage.settings.run_dir)})
-            assert stage.finish() == 0
-    finally:
-        peer.close()
+def test_an_internal_error_in_a_delivery_is_retried_and_the_courier_lives_on(tmp_path, caplog,
+                                                                             peer):
+    with HttpSink() as sink:
+        stage = notify(tmp_path, FlakyClient(sink.url)).start()
+        peer.pusher("notify").send(messages.encode([NOTICE]))
+        wait_for(lambda: sink.delivered(), "the delivery after the error")
+        wait_for(lambda: stage.counters().get("delivered"), "the delivery counted")
+        status = CliRunner().invoke(app, ["status"], env={
+            "SLUICE_RUN_DIR": str(stage.settings.run_dir)})
+        assert stage.finish() == 0
     counters = stage.counters()
     assert (counters["internal_errors"], counters["delivery_failures"], counters["delivered"]) \
         == (1, 1, 1)
@@ -131,14 +129,10 @@ def test_an_internal_error_in_a_delivery_is_retried_and_the_courier_lives_on(tmp
 
 
 @ENDED_THREAD
-def test_a_dead_courier_stops_notify_with_a_non_zero_exit(tmp_path):
-    peer = Peer(tmp_path / "run")
-    try:
-        stage = notify(tmp_path, FlakyClient("http://127.0.0.1:9/", error=Boom)).start()
-        peer.pusher("notify").send(messages.encode([NOTICE]))
-        stage.thread.join(10)
-    finally:
-        peer.close()
+def test_a_dead_courier_stops_notify_with_a_non_zero_exit(tmp_path, peer):
+    stage = notify(tmp_path, FlakyClient("http://127.0.0.1:9/", error=Boom)).start()
+    peer.pusher("notify").send(messages.encode([NOTICE]))
+    stage.thread.join(10)
     assert stage.exit_code == WorkerDied.exit_code
     failed = (stage.settings.run_dir / "notify.failed").read_text()
     assert failed.startswith("courier thread died (its thread ended)")
@@ -153,20 +147,16 @@ class BrokenResolver(ReverseResolver):
         raise RuntimeError("a bug in a lookup")
 
 
-def test_a_failing_lookup_is_counted_and_its_event_goes_on(tmp_path):
-    peer = Peer(tmp_path / "run")
-    try:
-        out = peer.inbox("policy")
-        stage = StageThread(EnrichStage(BrokenResolver("127.0.0.1", port=9)),
-                            stage_settings(tmp_path)).start()
-        peer.pusher("enrich").send(messages.encode(
-            [RawEvent(4, False, 6, 0, "10.0.0.2", "10.9.0.1", 4000, 443, T0, 7, "curl", 1, "", 0)]))
-        [event] = Peer.receive(out, 1)
-        wait_for(lambda: stage.counters().get("lookups_thread_errors"), "the error counted")
-        assert stage.thread.is_alive()
-        assert stage.finish() == 0
-    finally:
-        peer.close()
+def test_a_failing_lookup_is_counted_and_its_event_goes_on(tmp_path, peer):
+    out = peer.inbox("policy")
+    stage = StageThread(EnrichStage(BrokenResolver("127.0.0.1", port=9)),
+                        stage_settings(tmp_path)).start()
+    peer.pusher("enrich").send(messages.encode(
+        [RawEvent(4, False, 6, 0, "10.0.0.2", "10.9.0.1", 4000, 443, T0, 7, "curl", 1, "", 0)]))
+    [event] = Peer.receive(out, 1)
+    wait_for(lambda: stage.counters().get("lookups_thread_errors"), "the error counted")
+    assert stage.thread.is_alive()
+    assert stage.finish() == 0
     assert event.dst_hostname == "" and stage.counters()["ptr_error"] == 1
     final = json.loads((stage.settings.run_dir / "enrich.counters.json").read_text())
     assert final["threads"] == {"lookups": "stopped"}
