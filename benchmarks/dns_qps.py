@@ -168,7 +168,8 @@ class Bench:
 
 def sluice_env(work: Path, upstream_port: int, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    env.update(SLUICE_RUN_DIR=str(work / "run"), SLUICE_JOURNAL_DIR=str(work / "journal"), SLUICE_POLICY=str(work / "policy.json"),
+    env.update(SLUICE_RUN_DIR=str(work / "run"), SLUICE_JOURNAL_DIR=str(work / "journal"),
+               SLUICE_POLICY=str(work / "policy.json"),
                SLUICE_BPF_DIR=f"/sys/fs/bpf/sluice-dns-bench-{os.getpid()}",
                SLUICE_MODE="enforce", SLUICE_LOG_LEVEL="WARNING", SLUICE_AUDIT_LOG="",
                SLUICE_DNS_LISTEN=f"127.0.0.1:{port}",
@@ -181,7 +182,8 @@ def start_sluice(work: Path, env: dict[str, str], policy: dict) -> list[subproce
     stages = [subprocess.Popen([str(BIN / "sluice"), "run", stage], env=env, cwd=ROOT)
               for stage in ("policy", "dns")]
     for stage in ("policy", "dns"):
-        wait_until(lambda: (work / "run" / f"{stage}.ready").exists(), f"the {stage} stage")
+        wait_until(lambda stage=stage: (work / "run" / f"{stage}.ready").exists(),
+                   f"the {stage} stage")
     return stages
 
 
@@ -231,7 +233,7 @@ def main() -> int:
         try:
             processes += start_sluice(work, env, NO_ALLOW_POLICY if args.without_allow else POLICY)
             for label, port in ports.items():
-                wait_until(lambda: ask(port, f"ready.{ZONE}"), label)
+                wait_until(lambda port=port: ask(port, f"ready.{ZONE}"), label)
             bench = Bench(work, args.seconds)
             results = {}
             for label, port in ports.items():

@@ -159,8 +159,8 @@ def enrich_case(share: float, ptr_port: int, send) -> dict:
 
 
 def summarize(arrivals: Arrivals, started: float, known: int, stage_counters: dict) -> dict:
-    named = [(t, lat) for t, ok, lat in zip(arrivals.when, arrivals.named, arrivals.latency)
-             if ok]
+    named = [(t, lat) for t, ok, lat
+             in zip(arrivals.when, arrivals.named, arrivals.latency, strict=True) if ok]
     latencies = sorted(lat for _, lat in named)
     last_known = max((t for t, _ in named), default=started)
     return {"events_out": len(arrivals.when), "known": known, "named": len(named),
@@ -241,7 +241,8 @@ def flood(lab: Lab, args, share: float) -> list[float]:
 def pipeline_case(lab: Lab, tmp: Path, share: float, args) -> dict:
     run_dir = tmp / f"run-{share:.1f}"
     env = base_env(PATH=f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin", SLUICE_MODE="enforce",
-                   SLUICE_INTERFACE=lab.client_if, SLUICE_RUN_DIR=str(run_dir), SLUICE_JOURNAL_DIR=str(run_dir.parent / "journal"),
+                   SLUICE_INTERFACE=lab.client_if, SLUICE_RUN_DIR=str(run_dir),
+                   SLUICE_JOURNAL_DIR=str(run_dir.parent / "journal"),
                    SLUICE_BPF_DIR=f"/sys/fs/bpf/sluice-p{lab.tag}",
                    SLUICE_DB=f"sqlite:///{tmp}/audit-{share:.1f}.db", SLUICE_AUDIT_LOG="",
                    SLUICE_POLICY=str(tmp / "policy.json"), SLUICE_COUNTER_INTERVAL="0.1")

@@ -149,7 +149,8 @@ def main() -> None:
                        SLUICE_INTERFACE=lab.client_if, SLUICE_RUN_DIR=str(run_dir),
                        SLUICE_JOURNAL_DIR=str(tmp / "journal"),
                        SLUICE_BPF_DIR=f"/sys/fs/bpf/sluice-b{lab.tag}",
-                       SLUICE_DB=f"sqlite:///{tmp}/audit.db", SLUICE_AUDIT_LOG=str(tmp / "audit.jsonl"),
+                       SLUICE_DB=f"sqlite:///{tmp}/audit.db",
+                       SLUICE_AUDIT_LOG=str(tmp / "audit.jsonl"),
                        SLUICE_POLICY=str(tmp / "policy.json"), SLUICE_COUNTER_INTERVAL="0.5",
                        SLUICE_DNS_UPSTREAM=f"{Lab.SERVER_V4}:53")
         log = open(tmp / "honcho.log", "w")
@@ -196,8 +197,9 @@ def report(args, sent, send_s, baseline_s, stored_s, complete, rss, stage_counte
     rows = db.execute("SELECT COUNT(*) FROM audit_events WHERE event_type = "
                       "'connection_blocked' AND dst_ip LIKE '10.204.%'").fetchone()[0]
     # Every denied packet, flooded or not (enrich's own reverse lookups are denied too here).
-    row_packets = db.execute("SELECT COALESCE(SUM(packets), 0) FROM audit_events WHERE "
-                             "event_type IN ('connection_blocked', 'protocol_blocked')").fetchone()[0]
+    row_packets = db.execute(
+        "SELECT COALESCE(SUM(packets), 0) FROM audit_events WHERE "
+        "event_type IN ('connection_blocked', 'protocol_blocked')").fetchone()[0]
     db.close()
     print(f"machine                   {os.cpu_count()} cores"
           f"{', one kept busy by another program' if args.busy_core else ', quiet'}")
@@ -222,7 +224,8 @@ def report(args, sent, send_s, baseline_s, stored_s, complete, rss, stage_counte
     print(f"persist                   in {c['persist'].get('audit_records_received', 0)}, "
           f"stored {c['persist'].get('rows_inserted', 0)}, duplicates "
           f"{c['persist'].get('duplicates_skipped', 0)}")
-    print(f"rows stored               {rows} flooded destinations; {row_packets} denied packets in all"
+    print(f"rows stored               {rows} flooded destinations; "
+          f"{row_packets} denied packets in all"
           f"{'' if complete else f'  FAILED: not everything stored within {DEADLINE_S} s'}")
     if complete:
         print(f"stored events/s           {rows / stored_s:,.0f} (ratio to sender-alone packet "
@@ -240,11 +243,9 @@ def report(args, sent, send_s, baseline_s, stored_s, complete, rss, stage_counte
         print(f"DNS {label:21} {len(lat)} fresh names: p50 {percentile(lat, 50):.2f} ms, "
               f"p99 {percentile(lat, 99):.2f} ms; answers {result['rcodes']}")
     if quiet["latencies_ms"] and flood["latencies_ms"]:
-        print(f"DNS added by the flood    p50 "
-              f"{percentile(flood['latencies_ms'], 50) - percentile(quiet['latencies_ms'], 50):+.2f}"
-              f" ms, p99 "
-              f"{percentile(flood['latencies_ms'], 99) - percentile(quiet['latencies_ms'], 99):+.2f}"
-              f" ms")
+        added = {p: percentile(flood["latencies_ms"], p) - percentile(quiet["latencies_ms"], p)
+                 for p in (50, 99)}
+        print(f"DNS added by the flood    p50 {added[50]:+.2f} ms, p99 {added[99]:+.2f} ms")
 
 
 if __name__ == "__main__":

@@ -33,12 +33,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import msgspec  # noqa: E402
+import msgspec
 
-from pipeline.audit import AuditEvent, AuditLogger, new_event_id  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
-from pipeline.stages.persist import COMMIT_FACTOR  # noqa: E402
-from pipeline.store import COLUMNS, AuditStore, as_row  # noqa: E402
+from pipeline.audit import AuditEvent, AuditLogger, new_event_id
+from pipeline.settings import Settings
+from pipeline.stages.persist import COMMIT_FACTOR
+from pipeline.store import COLUMNS, AuditStore, as_row
 
 T0 = 1_767_225_600_000_000_000
 INSERT = (f"INSERT INTO audit_events ({', '.join(COLUMNS)}) VALUES "
@@ -110,7 +110,7 @@ def baseline_batches(records: list[AuditEvent],
     """The same tuples sluice inserts and plain dicts, made before timing."""
     rows = [as_row(r) for r in records]
     dicts = [dataclasses.asdict(r) for r in records]
-    return list(zip(chunks(rows, size), chunks(dicts, size)))
+    return list(zip(chunks(rows, size), chunks(dicts, size), strict=True))
 
 
 def best(run, batches, repeat: int) -> tuple[float, float]:
@@ -147,7 +147,7 @@ def main() -> int:
         rates[name] = [args.records / t for t in (sql, jsonl, sql + jsonl)]
         print(f"{name:>9}: SQL {rates[name][0]:>9,.0f}/s   JSONL {rates[name][1]:>9,.0f}/s   "
               f"both {rates[name][2]:>9,.0f}/s")
-    ratios = [s / b for s, b in zip(rates["sluice"], rates["baseline"])]
+    ratios = [s / b for s, b in zip(rates["sluice"], rates["baseline"], strict=True)]
     print(f"    ratio: SQL {ratios[0]:>9.2f}     JSONL {ratios[1]:>9.2f}     "
           f"both {ratios[2]:>9.2f}     (sluice / baseline, higher is better)")
     reached = rates["sluice"][2] >= GOAL

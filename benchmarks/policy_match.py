@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.policy.hostnames import FormMatch, HostnameMatcher  # noqa: E402
-from pipeline.policy.model import Policy  # noqa: E402
-from pipeline.policy.rules import Rule  # noqa: E402
-from pipeline.policy.verdict import PortSpec  # noqa: E402
+from pipeline.policy.hostnames import FormMatch, HostnameMatcher
+from pipeline.policy.model import Policy
+from pipeline.policy.rules import Rule
+from pipeline.policy.verdict import PortSpec
 
 SEARCH_DOMAINS = (".corp.example.com", ".prod.internal", ".eu.corp.example.com",
                   ".ci.example.org", ".lab.example.net")

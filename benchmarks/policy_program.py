@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.firewall import Firewall  # noqa: E402
-from pipeline.policy.load import load_policy_file, policy_from_text  # noqa: E402
-from pipeline.rulemaps import ALLOW, DENY, DictRuleMaps  # noqa: E402
+from pipeline.firewall import Firewall
+from pipeline.policy.load import load_policy_file, policy_from_text
+from pipeline.rulemaps import ALLOW, DENY, DictRuleMaps
 
 PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17}
 

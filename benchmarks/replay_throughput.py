@@ -76,7 +76,8 @@ def settings_for(tmp: Path, db: str) -> Settings:
         {"type": "hostname", "value": "*.example.com", "action": "allow",
          "ports": [{"port": 443, "protocol": "tcp"}]}]}))
     return Settings.from_env({
-        "SLUICE_RUN_DIR": str(tmp / "run"), "SLUICE_JOURNAL_DIR": str(tmp / "journal"), "SLUICE_DB": db, "SLUICE_AUDIT_LOG": "",
+        "SLUICE_RUN_DIR": str(tmp / "run"), "SLUICE_JOURNAL_DIR": str(tmp / "journal"),
+        "SLUICE_DB": db, "SLUICE_AUDIT_LOG": "",
         "SLUICE_POLICY": str(policy), "SLUICE_HOST": "bench", "SLUICE_COUNTER_INTERVAL": "0.1",
         "SLUICE_DNS_UPSTREAM": "127.0.0.53", "SLUICE_ALLOW_EXISTING_CONNECTIONS": "false",
         "SLUICE_LOG_LEVEL": "WARNING"})

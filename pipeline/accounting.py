@@ -7,7 +7,7 @@ also covers what earlier runs left, which this run sends again (resent).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 Counters = Mapping[str, int]
 

@@ -20,8 +20,9 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Callable, Sequence
+from typing import Annotated
 
 import msgspec
 
@@ -34,7 +35,7 @@ from .wire import (ADDRESS_OR_EMPTY, I64, NAME, NAMES, PROCESS, SHORT, U16, U32,
 log = logging.getLogger("sluice.audit")
 
 
-class AuditEventType(str, enum.Enum):
+class AuditEventType(enum.StrEnum):
     CONNECTION_BLOCKED = "connection_blocked"
     CONNECTION_ALLOWED = "connection_allowed"
     CONNECTION_LATE_ALLOWED = "connection_late_allowed"
@@ -213,7 +214,8 @@ class AuditLogger:
             self._repair_tail(fd)
         except OSError as err:
             os.close(fd)
-            raise StoreError(f"cannot repair audit log {self.path}: {err.strerror or err}") from None
+            raise StoreError(
+                f"cannot repair audit log {self.path}: {err.strerror or err}") from None
         self._fd = fd
 
     def _repair_tail(self, fd: int) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -59,7 +57,7 @@ def run(stage: str = typer.Argument(..., help=f"one of: {', '.join(STAGES)}")) -
 @app.command("wait-ready")
 def wait_ready(
     timeout: float = typer.Option(60.0, help="seconds to wait before giving up"),
-    stages: Optional[str] = typer.Option(None, help="comma-separated stages (default: all)"),
+    stages: str | None = typer.Option(None, help="comma-separated stages (default: all)"),
 ) -> None:
     """Exit 0 once every stage is up and every requested protection layer is on."""
     from .service import NotReady, wait_until_ready
@@ -138,7 +136,7 @@ policy_app = typer.Typer(no_args_is_help=True, help="Check a policy and explain 
 app.add_typer(policy_app, name="policy")
 
 
-def _load(file: Optional[Path]):
+def _load(file: Path | None):
     from .policy.load import InvalidPolicy, load_policy, load_policy_file
 
     try:
@@ -146,12 +144,13 @@ def _load(file: Optional[Path]):
     except InvalidPolicy as err:
         for line in err.lines:
             typer.echo(line, err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
 
 
 @policy_app.command("check")
-def policy_check(file: Optional[Path] = typer.Argument(
-        None, help="policy JSON file (default: SLUICE_POLICY or the SLUICE_* environment form)")) -> None:
+def policy_check(file: Path | None = typer.Argument(
+        None, help="policy JSON file (default: SLUICE_POLICY or the SLUICE_* environment form)"),
+) -> None:
     """Validate a policy and print its resolved rules; exit 1 with every problem otherwise."""
     from .policy.explain import render_table
 
@@ -161,9 +160,9 @@ def policy_check(file: Optional[Path] = typer.Argument(
 @policy_app.command("explain")
 def policy_explain(
     target: str = typer.Argument(..., help="a hostname or an IP address"),
-    port: Optional[int] = typer.Option(None, min=0, max=65535, help="destination port"),
-    protocol: Optional[str] = typer.Option(None, help="tcp, udp or icmp"),
-    policy: Optional[Path] = typer.Option(None, "--policy", help="policy file to judge by"),
+    port: int | None = typer.Option(None, min=0, max=65535, help="destination port"),
+    protocol: str | None = typer.Option(None, help="tcp, udp or icmp"),
+    policy: Path | None = typer.Option(None, "--policy", help="policy file to judge by"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Say which rule decides NAME_OR_IP (for a port and protocol when given) and why."""

@@ -12,8 +12,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, List, Optional
 
 import typer
 from rich.console import Console
@@ -39,7 +39,7 @@ def _one_line_errors() -> Iterator[None]:
         yield
     except SluiceError as err:
         typer.echo(f"sluice: {err}", err=True)
-        raise typer.Exit(err.exit_code)
+        raise typer.Exit(err.exit_code) from None
 
 
 # ---------------------------------------------------------------- replay
@@ -71,14 +71,14 @@ def _stop_on_interrupt() -> Iterator[threading.Event]:
 
 
 def replay(
-    files: List[Path] = typer.Argument(..., help="recording files; rotated ones in any order"),
+    files: list[Path] = typer.Argument(..., help="recording files; rotated ones in any order"),
     pace: str = typer.Option("recorded", help="live: recorded, max, or a speed factor (10 = "
                              "ten times the recorded pace)"),
     offline: bool = typer.Option(False, "--offline", help="judge in this process under "
                                  "--policy and store in --db; no pipeline or kernel needed"),
-    policy: Optional[Path] = typer.Option(None, help="offline: the policy file to judge by"),
-    db: Optional[str] = typer.Option(None, help="offline: database URL for the outcomes"),
-    mode: Optional[str] = typer.Option(None, help="offline: audit or enforce (default: the "
+    policy: Path | None = typer.Option(None, help="offline: the policy file to judge by"),
+    db: str | None = typer.Option(None, help="offline: database URL for the outcomes"),
+    mode: str | None = typer.Option(None, help="offline: audit or enforce (default: the "
                                        "recording's)"),
 ) -> None:
     """Replay a SLUICE_RECORD recording into the running pipeline, or --offline under a policy."""
@@ -109,12 +109,12 @@ def replay(
 
 def query(
     sql: str = typer.Argument(..., help="one SELECT statement; the views are in the README"),
-    db: Optional[str] = typer.Option(None, help=DB_HELP),
+    db: str | None = typer.Option(None, help=DB_HELP),
     output_format: str = typer.Option("table", "--format", "-f",
                                       help="table, csv, json or ndjson"),
-    since: Optional[str] = typer.Option(None, help="bound to :since in the SQL (RFC 3339 time, "
+    since: str | None = typer.Option(None, help="bound to :since in the SQL (RFC 3339 time, "
                                         "date, or an age such as 24h or 7d)"),
-    until: Optional[str] = typer.Option(None, help="bound to :until in the SQL (as --since)"),
+    until: str | None = typer.Option(None, help="bound to :until in the SQL (as --since)"),
 ) -> None:
     """Run one read-only SQL query on the audit store; anything that writes is refused."""
     from .query import answer
@@ -128,8 +128,8 @@ def query(
 
 def import_ndjson(
     file: Path = typer.Argument(..., help="a cargowall or sluice NDJSON audit log"),
-    db: Optional[str] = typer.Option(None, help=DB_HELP),
-    host: Optional[str] = typer.Option(None, help="host name for lines without one "
+    db: str | None = typer.Option(None, help=DB_HELP),
+    host: str | None = typer.Option(None, help="host name for lines without one "
                                        "(default: SLUICE_HOST or this machine's name)"),
 ) -> None:
     """Load an NDJSON audit log into the store; importing it again adds nothing. Every
@@ -150,13 +150,13 @@ def import_ndjson(
 # ---------------------------------------------------------------- suggest
 
 def suggest(
-    since: Optional[str] = typer.Option(None, help="only rows at or after this RFC 3339 time "
+    since: str | None = typer.Option(None, help="only rows at or after this RFC 3339 time "
                                         "or age (24h, 7d); default: all"),
-    db: Optional[str] = typer.Option(None, help=DB_HELP),
+    db: str | None = typer.Option(None, help=DB_HELP),
     host: str = typer.Option("", help="only this host's rows (default: every host)"),
     group_siblings: int = typer.Option(2, min=0, help="names one label below a parent that "
                                        "become one rule; 0 = never group"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o",
+    output: Path | None = typer.Option(None, "--output", "-o",
                                           help="write the policy here instead of stdout"),
 ) -> None:
     """Draft a policy JSON that would allow what audit-mode runs saw."""
@@ -180,7 +180,7 @@ def suggest(
 def prune(
     before: str = typer.Option(..., help="delete audit rows older than this date (UTC "
                                "midnight) or RFC 3339 time"),
-    db: Optional[str] = typer.Option(None, help=DB_HELP),
+    db: str | None = typer.Option(None, help=DB_HELP),
 ) -> None:
     """Delete old audit rows in small batches; the daily rollups keep counting them."""
     from .store import AuditStore
@@ -199,7 +199,7 @@ def prune(
 
 
 def browse(
-    db: Optional[str] = typer.Option(None, help="SQLite store URL (default: SLUICE_DB)"),
+    db: str | None = typer.Option(None, help="SQLite store URL (default: SLUICE_DB)"),
     port: int = typer.Option(8001, min=0, max=65535, help="port on 127.0.0.1"),
 ) -> None:
     """Open the store read-only in Datasette on 127.0.0.1, with the views described."""

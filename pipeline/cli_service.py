@@ -13,8 +13,8 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import typer
 
@@ -36,7 +36,7 @@ def _one_line_errors() -> Iterator[None]:
         yield
     except SluiceError as err:
         typer.echo(f"sluice: {err}", err=True)
-        raise typer.Exit(err.exit_code)
+        raise typer.Exit(err.exit_code) from None
 
 
 def _note(text: str) -> None:
@@ -57,11 +57,11 @@ def _appendable(path: Path, what: str) -> Path:
 
 
 def up(
-    log: Optional[Path] = typer.Option(None, help="honcho's output (default: "
+    log: Path | None = typer.Option(None, help="honcho's output (default: "
                                        "$SLUICE_RUN_DIR/sluice.log)"),
-    pid_file: Optional[Path] = typer.Option(None, help="honcho's pid (default: "
+    pid_file: Path | None = typer.Option(None, help="honcho's pid (default: "
                                             "$SLUICE_RUN_DIR/sluice.pid)"),
-    env_file: Optional[Path] = typer.Option(None, help="settings file in .env form, read "
+    env_file: Path | None = typer.Option(None, help="settings file in .env form, read "
                                             "on top of the environment (default: none)"),
     timeout: float = typer.Option(120.0, help="seconds to wait for the pipeline to be on"),
 ) -> None:
@@ -81,7 +81,7 @@ def up(
 # ---------------------------------------------------------------- down and report: the gate
 
 
-def _gate_inputs(settings, fail_on_block: Optional[bool], expected: Optional[Path]):
+def _gate_inputs(settings, fail_on_block: bool | None, expected: Path | None):
     gate = settings.fail_on_block if fail_on_block is None else fail_on_block
     path = expected or settings.expected_blocks
     from .report.gate import read_expected
@@ -130,13 +130,13 @@ def _append(path: Path, text: str, what: str) -> None:
 def down(
     keep_filter: bool = typer.Option(False, "--keep-filter", help="enforce mode: leave the "
                                      "filter and maps in place (fail closed) after the stop"),
-    fail_on_block: Optional[bool] = typer.Option(
+    fail_on_block: bool | None = typer.Option(
         None, "--fail-on-block/--no-fail-on-block", help="exit 8 when a destination was "
         "blocked (would be, in audit mode) that --expected does not list (default: "
         "SLUICE_FAIL_ON_BLOCK)"),
-    expected: Optional[Path] = typer.Option(None, help="expected-blocks file (default: "
+    expected: Path | None = typer.Option(None, help="expected-blocks file (default: "
                                             "SLUICE_EXPECTED_BLOCKS)"),
-    report_file: Optional[Path] = typer.Option(None, "--report", help="also write the run's "
+    report_file: Path | None = typer.Option(None, "--report", help="also write the run's "
                                                "report here (.html, .json or .md)"),
     timeout: float = typer.Option(30.0, help="seconds to wait for the stages to stop"),
 ) -> None:
@@ -192,19 +192,19 @@ def down(
 
 
 def report(
-    since: Optional[str] = typer.Option(None, help="only records at or after this RFC 3339 "
+    since: str | None = typer.Option(None, help="only records at or after this RFC 3339 "
                                         "time or age (24h, 7d); default: all"),
     output_format: str = typer.Option("markdown", "--format", "-f",
                                       help="markdown, json or html"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write it here "
+    output: Path | None = typer.Option(None, "--output", "-o", help="write it here "
                                           "instead of stdout"),
-    host: Optional[str] = typer.Option(None, help="the host whose records to report "
+    host: str | None = typer.Option(None, help="the host whose records to report "
                                        "(default: SLUICE_HOST or this machine's name)"),
-    db: Optional[str] = typer.Option(None, help="database URL (default: SLUICE_DB)"),
-    fail_on_block: Optional[bool] = typer.Option(
+    db: str | None = typer.Option(None, help="database URL (default: SLUICE_DB)"),
+    fail_on_block: bool | None = typer.Option(
         None, "--fail-on-block/--no-fail-on-block", help="exit 8 when a destination was "
         "blocked that --expected does not list (default: SLUICE_FAIL_ON_BLOCK)"),
-    expected: Optional[Path] = typer.Option(None, help="expected-blocks file (default: "
+    expected: Path | None = typer.Option(None, help="expected-blocks file (default: "
                                             "SLUICE_EXPECTED_BLOCKS)"),
 ) -> None:
     """Report what was blocked, late-allowed and refused, with the posture.

@@ -20,7 +20,7 @@ import os
 import queue
 import random
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from .workers import Worker
 
@@ -99,7 +99,7 @@ class Courier:
                 result = Result(job)
             except DeliveryFailed as err:
                 result = Result(job, err)
-            except Exception as err:  # noqa: BLE001 - a bug must not take the thread along
+            except Exception as err:  # a bug must not take the thread along
                 if type(err).__name__ not in self._logged:
                     self._logged.add(type(err).__name__)
                     self.log.error("a send failed on an internal error, retried like a failed "

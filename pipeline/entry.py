@@ -3,8 +3,9 @@
 `sluice run STAGE` and `sluice query` take short paths. A stage never needs the command
 framework, so its long-lived process does not hold it. `sluice query` loads neither the
 command framework nor the writer's SQLAlchemy, only the database driver: a question over a
-rollup view is answered in a fraction of a second, start-up included. Anything the short path does not parse (help, a mistake) goes
-to the full command line in pipeline/cli.py, which runs the same query code.
+rollup view is answered in a fraction of a second, start-up included. Anything the short
+path does not parse (help, a mistake) goes to the full command line in pipeline/cli.py,
+which runs the same query code.
 """
 
 from __future__ import annotations

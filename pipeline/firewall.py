@@ -17,7 +17,8 @@ Not thread safe: the policy stage's loop is the only caller.
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from .policy.existing import ExistingConnection
 from .policy.mapdiff import plan_move

@@ -9,7 +9,7 @@ export stage's /metrics reads them (pipeline/metrics.py).
 from __future__ import annotations
 
 import bisect
-from typing import Sequence
+from collections.abc import Sequence
 
 # From 100 µs to 5 s: a cached DNS answer takes well under a millisecond, a policy round trip
 # about one, an upstream lookup tens, a timeout seconds.
@@ -42,7 +42,7 @@ class Histogram:
 def cumulative(snapshot: dict) -> list[tuple[str, int]]:
     """Prometheus buckets (le, observations <= le) of a snapshot, +Inf last."""
     buckets, running = [], 0
-    for bound, count in zip([*snapshot["bounds"], "+Inf"], snapshot["counts"]):
+    for bound, count in zip([*snapshot["bounds"], "+Inf"], snapshot["counts"], strict=True):
         running += count
         buckets.append((bound if bound == "+Inf" else repr(float(bound)), running))
     return buckets

@@ -22,8 +22,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 from . import limited
 from .audit import AuditEvent, parse_timestamp

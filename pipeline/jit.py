@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from .events import IPPROTO_TCP, IPPROTO_UDP, EnrichedEvent
 from .firewall import Firewall

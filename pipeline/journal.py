@@ -35,8 +35,8 @@ import os
 import secrets
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import StoreError
 
@@ -45,7 +45,8 @@ log = logging.getLogger("sluice.journal")
 SEGMENT_RECORDS = 65_536
 SEGMENT_MAGIC = b"SLUICEJ1"
 SEGMENT_HEAD = struct.Struct("<8sQ8s")        # magic, index, journal id
-FRAME_HEAD = struct.Struct("<IIQIHHHHq")      # length, crc, first, count, stride, skip, size, pad, offset
+# length, crc, first, count, stride, skip, size, pad, offset
+FRAME_HEAD = struct.Struct("<IIQIHHHHq")
 MAX_FRAME_PAYLOAD = 64 * 1024 * 1024
 BITMAP_BYTES = SEGMENT_RECORDS // 8
 
@@ -145,7 +146,7 @@ class Acks:
         self.touched: set[int] = set()
 
     @classmethod
-    def open(cls, directory: Path | None) -> "Acks | None":
+    def open(cls, directory: Path | None) -> Acks | None:
         """The acknowledgements of the journal in directory, or None when there is none yet."""
         if directory is None:
             return None
@@ -260,7 +261,8 @@ def decode_frame(data: bytes | memoryview, offset: int) -> Frame | None:
     """The frame at offset, or None when it is cut, corrupt or impossible."""
     if offset + FRAME_HEAD.size > len(data):
         return None
-    length, crc, first, count, stride, skip, size, _pad, shift = FRAME_HEAD.unpack_from(data, offset)
+    length, crc, first, count, stride, skip, size, _pad, shift = FRAME_HEAD.unpack_from(
+        data, offset)
     start = offset + FRAME_HEAD.size
     if (length > MAX_FRAME_PAYLOAD or start + length > len(data) or first == 0 or count == 0
             or size == 0 or skip + size > stride or count * stride > length):

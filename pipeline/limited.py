@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 MAX_DEPTH = 32              # real documents nest 2 to 5 levels
 MAX_FILE_BYTES = 64 << 20
@@ -63,7 +64,8 @@ def loads(text: str | bytes, *, max_depth: int = MAX_DEPTH,
     try:
         return json.loads(text, object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError as err:
-        where = f"column {err.colno}" if err.lineno == 1 else f"line {err.lineno} column {err.colno}"
+        where = (f"column {err.colno}" if err.lineno == 1
+                 else f"line {err.lineno} column {err.colno}")
         raise LimitError("not JSON", f"{where}: {err.msg}") from None
     except RecursionError:  # cannot happen under the depth limit; never a crash if it does
         raise LimitError(f"nested deeper than {max_depth} levels") from None
@@ -105,7 +107,8 @@ class Line:
     detail: str = ""    # the problem with where it is in the line
 
 
-def lines(f: BinaryIO, *, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
+def lines(f: BinaryIO, *,
+          max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
     """(line number, line without its end) of a binary file; None for a line longer than
     max_line_bytes, which is skipped without being held in memory."""
     number = 0

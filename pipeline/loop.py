@@ -27,8 +27,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
 
 import zmq
 
@@ -350,7 +351,8 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
     failed = marker_path(settings.run_dir, stage.name, "failed")
     ready = marker_path(settings.run_dir, stage.name, "ready")
     layers = marker_path(settings.run_dir, stage.name, "layers.json")
-    for stale in (failed, ready, layers, marker_path(settings.run_dir, stage.name, "counters.json")):
+    counters = marker_path(settings.run_dir, stage.name, "counters.json")
+    for stale in (failed, ready, layers, counters):
         stale.unlink(missing_ok=True)
     io = StageIO(stage.name, settings, ctx, stop, log)
     signals = _Signals(stop)

@@ -19,7 +19,8 @@ timestamp), so a replayed recording ages and expires names as the live run did.
 
 from __future__ import annotations
 
-from typing import Generic, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Generic, TypeVar
 
 from .events import DnsMapping
 from .policy.model import Policy

@@ -27,7 +27,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from . import __version__
 from .audit import AuditEvent, format_timestamp

@@ -35,7 +35,7 @@ import socket
 import ssl
 import time
 import urllib.parse
-from typing import Sequence
+from collections.abc import Sequence
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue

@@ -10,7 +10,7 @@ The record is normalized here, once, where it is created.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from .audit import AuditEvent, AuditEventType, normalize
 from .events import EnrichedEvent, protocol_name
@@ -18,7 +18,7 @@ from .events import EnrichedEvent, protocol_name
 # (dst_ip, dst_port, protocol name lowercased, hostname) -> auto-allowed type or "".
 AutoAllowedType = Callable[[str, int, str, str], str]
 # The event -> the allow rule's value when late-allow opened the maps for it, else None.
-LateAllow = Callable[[EnrichedEvent], Optional[str]]
+LateAllow = Callable[[EnrichedEvent], str | None]
 
 
 @dataclasses.dataclass(slots=True)

@@ -21,7 +21,8 @@ import json
 import os
 import re
 import urllib.parse
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence, TextIO
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, TextIO
 
 from .errors import StoreError
 
@@ -182,7 +183,7 @@ def write_table(columns: list[str], rows: Iterable[Sequence[Any]], out: TextIO) 
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
 
     def line(values: Sequence[str]) -> str:
-        return "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip() + "\n"
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip() + "\n"
 
     out.write(line(columns))
     out.write(line(["-" * w for w in widths]))
@@ -199,7 +200,8 @@ def write_csv(columns: list[str], rows: Iterable[Sequence[Any]], out: TextIO) ->
 
 def _objects(columns: list[str], rows: Iterable[Sequence[Any]]) -> Iterator[str]:
     for row in rows:
-        yield json.dumps({c: _plain(v) for c, v in zip(columns, row)}, ensure_ascii=False)
+        yield json.dumps({c: _plain(v) for c, v in zip(columns, row, strict=True)},
+                         ensure_ascii=False)
 
 
 def write_json(columns: list[str], rows: Iterable[Sequence[Any]], out: TextIO) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 from .audit import AuditEvent
 from .policy.ports import ports_cover

@@ -41,7 +41,7 @@ class BpfBlockedEvent:
     comm: bytes
 
     @classmethod
-    def unpack(cls, data: bytes) -> "BpfBlockedEvent":
+    def unpack(cls, data: bytes) -> BpfBlockedEvent:
         if len(data) < RECORD_SIZE:
             raise ShortRecord(f"kernel record of {len(data)} bytes, expected {RECORD_SIZE}")
         return cls(*RECORD.unpack_from(data))

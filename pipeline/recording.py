@@ -28,8 +28,9 @@ import re
 import struct
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 import msgpack
 
@@ -191,7 +192,7 @@ class Recording:
     def close(self) -> None:
         self.file.close()
 
-    def __enter__(self) -> "Recording":
+    def __enter__(self) -> Recording:
         return self
 
     def __exit__(self, *_exc) -> None:
@@ -243,8 +244,8 @@ class RecordingWriter:
             if (found.host, found.mode) != (self.header.host, self.header.mode):
                 return None
             try:
-                for end, _ in payloads(f, str(self.path)):
-                    pass
+                for frame_end, _ in payloads(f, str(self.path)):
+                    end = frame_end
             except RecordingError as err:
                 log.warning("%s; starting a new file", err)
                 return None

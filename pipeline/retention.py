@@ -9,7 +9,7 @@ keep counting the pruned rows (README "Retention").
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import StoreError
 from .store import AuditStore

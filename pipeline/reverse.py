@@ -29,8 +29,8 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import dns.asyncquery
 import dns.exception
@@ -105,7 +105,7 @@ class ReverseResolver:
         self.worker = Worker("lookups", self._run, log, stopping=self._stopping)
 
     @classmethod
-    def from_resolv_conf(cls, path: Path = RESOLV_CONF, **kw) -> "ReverseResolver":
+    def from_resolv_conf(cls, path: Path = RESOLV_CONF, **kw) -> ReverseResolver:
         try:
             text = path.read_text()
         except OSError:

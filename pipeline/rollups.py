@@ -29,7 +29,8 @@ only rows that became new).
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Mapping, NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 BLOCKED = "connection_blocked"
 LATE_ALLOWED = "connection_late_allowed"
@@ -139,7 +140,9 @@ def _split(batch: Batch, key: tuple, late: str) -> tuple[int, str | None, str | 
                      (host, ip, port, protocol) and (proc, r, name or i) ==
                      (process, rule, destination))
     rows = batch.groups[key][0]
-    return rows - len(counted), (counted[0] if counted else None), (counted[-1] if counted else None)
+    if not counted:
+        return rows, None, None
+    return rows - len(counted), counted[0], counted[-1]
 
 
 def aggregate(batch: Batch, late: Mapping[LateKey, str]) -> Deltas:

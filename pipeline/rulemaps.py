@@ -9,12 +9,13 @@ kernel would decide.
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterator, Protocol, Union
+from collections.abc import Iterator
+from typing import Protocol
 
 DENY = 0
 ALLOW = 1
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class RuleMaps(Protocol):

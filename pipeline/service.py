@@ -25,8 +25,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
 
 from .errors import SluiceError
 from .loop import prepare_run_dir, write_atomic
@@ -123,7 +123,7 @@ class Record:
         write_atomic(self.path(run_dir), json.dumps(dataclasses.asdict(self)))
 
     @classmethod
-    def load(cls, run_dir: Path) -> "Record | None":
+    def load(cls, run_dir: Path) -> Record | None:
         try:
             return cls(**json.loads(cls.path(run_dir).read_text()))
         except (OSError, ValueError, TypeError):

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .errors import SettingsError
 
@@ -104,21 +105,26 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("mode", "SLUICE_MODE", "audit",
-            "audit (report what would be blocked) or enforce (drop it)", _choice("audit", "enforce")),
+            "audit (report what would be blocked) or enforce (drop it)",
+            _choice("audit", "enforce")),
     Setting("policy", "SLUICE_POLICY", str(BUNDLED_POLICY),
-            "policy JSON file (cargowall's config.json schema); default: the bundled example", _path),
+            "policy JSON file (cargowall's config.json schema); default: the bundled example",
+            _path),
     Setting("interface", "SLUICE_INTERFACE", "",
             "egress interface to filter; empty = the interface of the default route", _text),
     Setting("run_dir", "SLUICE_RUN_DIR", "/run/sluice",
             "directory for ipc sockets, ready markers and counters (created mode 0700)", _path),
     Setting("bpf_dir", "SLUICE_BPF_DIR", "/sys/fs/bpf/sluice",
-            "bpffs directory where this instance pins its maps (bpffs is mounted if missing)", _path),
+            "bpffs directory where this instance pins its maps (bpffs is mounted if missing)",
+            _path),
     Setting("cgroup", "SLUICE_CGROUP", "",
             "cgroup v2 directory for the socket hooks; empty = the cgroup2 mount root", _text),
     Setting("db", "SLUICE_DB", "sqlite:////var/lib/sluice/audit.db",
-            "SQLAlchemy URL of the audit store (SQLite file by default, PostgreSQL for a fleet)", _text),
+            "SQLAlchemy URL of the audit store (SQLite file by default, PostgreSQL for a fleet)",
+            _text),
     Setting("audit_log", "SLUICE_AUDIT_LOG", "/var/lib/sluice/audit.jsonl",
-            "JSONL audit log, one cargowall-compatible record per line; empty = none", _optional_path),
+            "JSONL audit log, one cargowall-compatible record per line; empty = none",
+            _optional_path),
     Setting("journal_dir", "SLUICE_JOURNAL_DIR", "/var/lib/sluice/journal",
             "where capture journals every kernel record before it travels (created mode 0700)",
             _path),
@@ -134,7 +140,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("counter_interval", "SLUICE_COUNTER_INTERVAL", "10",
             "seconds between counter log lines of each stage", _positive_float),
     Setting("batch_max", "SLUICE_BATCH_MAX", "512",
-            "most records per pipeline message (stages batch to keep up with floods)", _positive_int),
+            "most records per pipeline message (stages batch to keep up with floods)",
+            _positive_int),
     Setting("flush_interval", "SLUICE_FLUSH_INTERVAL", "0.2",
             "seconds persist may hold records before committing them", _positive_float),
     Setting("retention_days", "SLUICE_RETENTION_DAYS", "",
@@ -277,7 +284,7 @@ class Settings:
         return self.host or socket.gethostname()
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
         """Parse every SLUICE_* variable; a bad one raises SettingsError naming it."""
         values: dict[str, Any] = {"ci_env": ci_environment(environ)}
         for setting in SETTINGS:
@@ -317,7 +324,7 @@ class Settings:
                 return "gitlab"
         return ""
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
 

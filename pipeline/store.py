@@ -32,9 +32,10 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Sequence
 from operator import itemgetter
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import msgspec
 import sqlalchemy as sa
@@ -996,7 +997,8 @@ class AuditStore:
             return 0
         if self._copy:
             return _copy_insert(conn, rows)
-        params = rows if self._positional else [dict(zip(COLUMNS, row)) for row in rows]
+        params = (rows if self._positional
+                  else [dict(zip(COLUMNS, row, strict=True)) for row in rows])
         return conn.exec_driver_sql(self._insert_sql, params).rowcount
 
     @staticmethod

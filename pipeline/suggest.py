@@ -22,7 +22,7 @@ import collections
 import dataclasses
 import ipaddress
 import json
-from typing import Iterable
+from collections.abc import Iterable
 
 import sqlalchemy as sa
 from publicsuffixlist import PublicSuffixList

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from typing import Sequence
+from collections.abc import Sequence
 
 from .delivery import DeliveryFailed
 

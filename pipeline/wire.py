@@ -17,7 +17,8 @@ import dataclasses
 import operator
 import socket
 import typing
-from typing import Annotated, Any, ClassVar, Iterable
+from collections.abc import Iterable
+from typing import Annotated, Any, ClassVar
 
 import msgpack
 
@@ -136,7 +137,7 @@ class WireRecord:
         checks = cls._checks
         if type(values) not in (list, tuple) or len(values) != len(checks):
             return f"expected an array of {len(checks)} fields", ""
-        for value, (name, check, limit) in zip(values, checks):
+        for value, (name, check, limit) in zip(values, checks, strict=True):
             if not check(value):
                 return f"field {name} has a bad type", f"{value!r:.40}"
             why = limit.problem(value) if limit is not None else None
@@ -173,13 +174,13 @@ def register(cls):
     fields = dataclasses.fields(cls)
     limits = [_limit_of(extras[f.name]) for f in fields]
     cls._checks = tuple((f.name, _check_for(hints[f.name]), limit)
-                        for f, limit in zip(fields, limits))
+                        for f, limit in zip(fields, limits, strict=True))
     cls._types = tuple(typing.get_origin(hints[f.name]) or hints[f.name] for f in fields)
     cls._list_fields = tuple(i for i, t in enumerate(cls._types) if t is list)
     cls._getter = operator.attrgetter(*(f.name for f in fields))
     names: dict[str, Any] = {"is_address": is_address}
     tests = [limit.expression(f"v[{i}]", names) for i, limit in enumerate(limits) if limit]
-    cls._in_range = eval(f"lambda v: {' and '.join(tests) or 'True'}", names)  # noqa: S307
+    cls._in_range = eval(f"lambda v: {' and '.join(tests) or 'True'}", names)
     REGISTRY[cls.KIND] = cls
     return cls
 
@@ -212,7 +213,7 @@ def decode_envelope(frame: bytes) -> tuple[str, list]:
         raise MessageError(f"frame larger than {MAX_FRAME} bytes", str(len(frame)))
     try:
         message = msgpack.unpackb(frame, raw=False, strict_map_key=True)
-    except Exception as err:  # msgpack raises several unrelated types for garbage
+    except Exception as err:  # noqa: BLE001 - msgpack raises several unrelated types for garbage
         raise MessageError("not msgpack", type(err).__name__) from None
     if type(message) is not dict:
         raise MessageError("message is not a map")

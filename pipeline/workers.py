@@ -18,7 +18,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import SluiceError
 

@@ -27,7 +27,7 @@ def pytest_addoption(parser):
 
 def pytest_report_header(config):
     try:
-        import bcc  # noqa: F401
+        import bcc
         bcc_version = getattr(bcc, "__version__", "present")
     except Exception as err:  # noqa: BLE001 - any import failure means "no bcc"
         bcc_version = f"missing ({type(err).__name__})"

@@ -40,7 +40,7 @@ class CaptureRig:
         self.maps = None
         self.events: list = []
 
-    def start(self, default_action: int = DENY, program=None) -> "CaptureRig":
+    def start(self, default_action: int = DENY, program=None) -> CaptureRig:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.inbox = self.ctx.socket(zmq.PULL)
         self.inbox.bind(f"ipc://{self.run_dir}/enrich.sock")

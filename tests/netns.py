@@ -35,7 +35,7 @@ class Lab:
         self.client_if, self.server_if = f"c{tag}", f"s{tag}"
         self.processes: list[subprocess.Popen] = []
 
-    def create(self) -> "Lab":
+    def create(self) -> Lab:
         c, s = self.client, self.server
         sh("ip", "netns", "add", c)
         sh("ip", "netns", "add", s)

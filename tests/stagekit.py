@@ -39,7 +39,7 @@ class StageThread:
     def _run(self) -> None:
         self.exit_code = run_stage(self.stage, self.settings, stop=self.stop)
 
-    def start(self, wait_ready: bool = True) -> "StageThread":
+    def start(self, wait_ready: bool = True) -> StageThread:
         self.thread.start()
         if wait_ready:
             ready = self.settings.run_dir / f"{self.stage.name}.ready"

@@ -59,7 +59,7 @@ def test_browse_serves_the_views_with_descriptions_read_only(store_url, tmp_path
         deadline = time.monotonic() + 60
         rows = fetch(port, "/audit/blocked_destinations.json?_shape=array", deadline)
         with run_query(store_url, "SELECT * FROM blocked_destinations") as (columns, want):
-            assert rows == [dict(zip(columns, row)) for row in want]
+            assert rows == [dict(zip(columns, row, strict=True)) for row in want]
         assert rows[0]["attempts"] == 3 and rows[0]["processes"] == "curl,wget"
         meta = fetch(port, "/-/metadata.json", deadline)["databases"]["audit"]
         assert set(VIEWS) <= set(meta["tables"])

@@ -610,11 +610,11 @@ UDP_TABLE = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->whe
   1: 0100007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1111 2 0 0
   2: 00000000:14E9 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 2222 2 0 0
   3: 0200007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 3333 2 0 0
-"""
+"""  # noqa: E501 - /proc/net/udp as the kernel writes it
 TCP6_TABLE = """  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 00000000000000000000000000000000:0035 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4444 1 0 100 0 0 10 0
    1: 00000000000000000000000001000000:0035 00000000000000000000000001000000:D431 01 00000000:00000000 00:00000000 00000000     0        0 5555 1 0 100 0 0 10 0
-"""
+"""  # noqa: E501 - /proc/net/tcp6 as the kernel writes it
 
 
 @pytest.mark.parametrize("table, host_, port, tcp, inodes", [

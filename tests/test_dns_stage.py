@@ -156,7 +156,7 @@ class Proxy:
                                  answer or (lambda request: OK))
         self.stage = StageThread(DnsStage(generation=generation), self.settings)
 
-    def start(self) -> "Proxy":
+    def start(self) -> Proxy:
         self.stage.start()
         return self
 
@@ -619,7 +619,7 @@ def test_a_tcp_connection_trickling_bytes_without_a_query_is_closed(proxy):
             try:
                 conn.sendall(bytes([byte]))
                 closed = conn.recv(100) == b""
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 closed = True

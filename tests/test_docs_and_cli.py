@@ -33,8 +33,8 @@ def test_every_setting_is_in_the_readme(setting):
 
 
 def test_procfile_runs_every_stage_of_the_topology_once():
-    lines = [l for l in (ROOT / "Procfile").read_text().splitlines() if l.strip()]
-    labels = {l.split(":", 1)[0]: l.split(":", 1)[1].strip() for l in lines}
+    lines = [line for line in (ROOT / "Procfile").read_text().splitlines() if line.strip()]
+    labels = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in lines}
     assert set(labels) == set(STAGES)
     # exec: honcho runs each line under sh; the stage itself must get the signal and report
     # its own exit code.
@@ -51,7 +51,8 @@ def test_readme_stage_table_matches_the_topology():
         assert table[stage] == (binds, feeds), stage
 
 
-@pytest.mark.parametrize("command", [c.name or c.callback.__name__ for c in app.registered_commands])
+@pytest.mark.parametrize("command",
+                         [c.name or c.callback.__name__ for c in app.registered_commands])
 def test_every_command_has_help_and_is_in_the_readme(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output

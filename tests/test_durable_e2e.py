@@ -72,7 +72,8 @@ def restart_until_stored(pipeline: Pipeline, count: int, timeout: float = 90) ->
                  f"{count} flooded destinations stored after the restart", timeout=timeout)
     except AssertionError as err:
         state = {s: counters(pipeline, s) for s in ("capture", "enrich", "policy", "persist")}
-        raise AssertionError(f"{err}; {sum(flood_rows(pipeline).values())} stored; {state}")
+        stored = sum(flood_rows(pipeline).values())
+        raise AssertionError(f"{err}; {stored} stored; {state}") from None
     wait_for(lambda: counters(pipeline, "capture").get("journal_unstored") == 0,
              "the journal to hold nothing unstored", timeout=15)
 

@@ -193,7 +193,7 @@ def test_two_instances_run_side_by_side(tmp_path, kernel):
         for lab in labs:
             assert lab.client_run("tcp", Lab.SERVER_V4, "80")["ok"]
         for pipeline in pipelines:
-            wait_for(lambda: find(pipeline.jsonl(), dst_port=80),
+            wait_for(lambda pipeline=pipeline: find(pipeline.jsonl(), dst_port=80),
                      "each instance's record", timeout=15)
             assert pipeline.stop() == {stage: "rc=0" for stage in STAGES}
             assert pipeline.sluice("detach", netns=True).returncode == 0

@@ -80,7 +80,7 @@ def test_encoder_output_decodes_with_the_proto_package_and_reuses_nothing_wrongl
     body = encoder.encode(rows, 7)
     records = decode(gzip.compress(body), {"Content-Encoding": "gzip"})
     assert len(records) == 30
-    for record, e in zip(records, events):
+    for record, e in zip(records, events, strict=True):
         assert record["attributes"]["event_id"] == e.event_id
         assert record["attributes"]["dst_ip"] == e.dst_ip
         assert record["attributes"].get("cname_chain", []) == e.cname_chain
@@ -143,7 +143,8 @@ def test_bad_syslog_targets(text):
 def test_syslog_messages_escape_what_rfc5424_asks_and_keep_utf8_text():
     fields = dict(zip(COLUMNS, (9, *as_row(AuditEvent(
         1_767_225_600_123_456_789, "connection_blocked", dst_ip="203.0.113.9", dst_port=443,
-        protocol="TCP", process='we"ird]\\päth\n', blocked=True, event_id="e1", host="h 1")))))
+        protocol="TCP", process='we"ird]\\päth\n', blocked=True, event_id="e1", host="h 1"))),
+        strict=True))
     assert wanted(fields)
     message = parse_syslog(format_message(fields, 42).decode("utf-8"))
     assert message["params"]["process"] == 'we"ird]\\päth '
@@ -165,7 +166,8 @@ def test_postgresql_rows_committed_out_of_id_order_wait_for_the_slow_writer(post
         first, second = event(1, "h1"), event(2, "h1")
         slow = store.engine.connect()
         tx = slow.begin()
-        slow.execute(audit_events.insert().values(dict(zip(COLUMNS[1:], as_row(first)))))
+        row = dict(zip(COLUMNS[1:], as_row(first), strict=True))
+        slow.execute(audit_events.insert().values(row))
         store.write([second])  # a later id, committed first
         for _ in range(3):
             assert rows.rows(0, rows.settled(), 10) == []

@@ -278,7 +278,7 @@ def test_syslog_gets_one_rfc5424_message_per_blocked_late_allowed_or_refused_rec
         listener.close()
     messages = [parse_syslog(line) for line in listener.lines]
     assert [m["params"]["event_id"] for m in messages] == [e.event_id for e in alerting]
-    for m, e in zip(messages, alerting):
+    for m, e in zip(messages, alerting, strict=True):
         assert m["msgid"] == e.event_type and m["host"] == "test-host" and m["app"] == "sluice"
         facility, severity = divmod(int(m["pri"]), 8)
         assert facility == 13 and severity == (4 if e.blocked else 5)
@@ -352,7 +352,8 @@ def test_postgresql_a_restart_beside_a_slow_writer_repeats_and_skips_nothing(
         slow = store.store.engine.connect()  # a writer that numbered a row, not committed
         transaction = slow.begin()
         late = event(9999)
-        slow.execute(audit_events.insert().values(dict(zip(COLUMNS[1:], as_row(late)))))
+        row = dict(zip(COLUMNS[1:], as_row(late), strict=True))
+        slow.execute(audit_events.insert().values(row))
         stage = export(tmp_path, SLUICE_OTLP_ENDPOINT=collector.endpoint, SLUICE_DB=url)
         store.add(10)  # later ids, committed first
         wait_for(lambda: stage.counters().get("otlp_backlog") == 10, "the new rows counted")

@@ -54,7 +54,7 @@ def test_a_fuzzed_pipeline_still_enforces_records_and_alerts(lab, tmp_path):
     ready = pipeline.sluice("wait-ready", "--timeout", "20", netns=True)
     assert ready.returncode == 0, ready.stderr + pipeline.output()
     for stage in ("enrich", "policy", "persist", "notify"):
-        wait_for(lambda: counters(tmp_path, stage).get("malformed_messages", 0) > 0,
+        wait_for(lambda stage=stage: counters(tmp_path, stage).get("malformed_messages", 0) > 0,
                  f"{stage} counting rejections", timeout=10)
         assert counters(tmp_path, stage).get("malformed_records", 0) > 0, stage
     wait_for(lambda: counters(tmp_path, "dns").get("malformed", 0) > 0, "dns counting", timeout=10)

@@ -13,7 +13,7 @@ def rows(url):
     with run_query(url, "SELECT timestamp, event_type, src_ip, dst_ip, dst_hostname, dst_port, "
                         "protocol, process, pid, matched_rule, cname_chain, packets, host, "
                         "event_id FROM audit_events ORDER BY timestamp, event_id") as (cols, rs):
-        return [dict(zip(cols, r)) for r in rs]
+        return [dict(zip(cols, r, strict=True)) for r in rs]
 
 
 def test_a_cargowall_log_is_stored_line_by_line_with_reasons_for_the_rest(db_url):
@@ -21,7 +21,8 @@ def test_a_cargowall_log_is_stored_line_by_line_with_reasons_for_the_rest(db_url
     assert (report.lines, report.stored) == (15, 8)
     assert dict(report.skipped) == {
         "blank line": 1, "dst_port is not a whole number": 1, "timestamp is not RFC 3339": 1,
-        "no timestamp": 1, "field dst_port is outside 0-65535": 1, "not JSON": 1, "not a JSON object": 1,
+        "no timestamp": 1, "field dst_port is outside 0-65535": 1, "not JSON": 1,
+        "not a JSON object": 1,
         "already stored": 0}
     assert report.first_line["not JSON"] == 13
     got = rows(db_url)

@@ -73,7 +73,8 @@ def test_icmp_and_gre_are_protocol_blocked(lab, rig):
     lab.client_run("raw", Lab.SERVER_V4, str(ICMP))
     lab.client_run("raw", Lab.SERVER_V4, str(GRE))
     for proto in (ICMP, GRE):
-        rig.receive(lambda ev: to(ev, Lab.SERVER_V4, proto, ip_proto=proto), what=f"proto {proto}")
+        rig.receive(lambda ev, proto=proto: to(ev, Lab.SERVER_V4, proto, ip_proto=proto),
+                    what=f"proto {proto}")
     for event in to(rig.events, Lab.SERVER_V4):
         assert event.is_protocol_block and event.src_port == 0 and not event.allowed
 

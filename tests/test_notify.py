@@ -173,5 +173,5 @@ def test_log_client_summarizes_a_flood_of_new_destinations(caplog):
         now[0] += 1.5
         client.send(sample)
     lines = [r.getMessage() for r in caplog.records]
-    assert len([l for l in lines if l.startswith("blocked destination")]) == 4
+    assert len([line for line in lines if line.startswith("blocked destination")]) == 4
     assert "7 more new blocked destinations were not logged" in lines[3]

@@ -79,7 +79,8 @@ def test_a_scan_faster_than_the_webhook_is_alerted_or_summarized_every_destinati
         for start in range(0, destinations, 500):
             push.send(messages.encode([
                 Notice("connection_blocked", "", n.ip, 443, "TCP", "scanner", 7,
-                       n.first_seen_ns, "enforce") for n in map(notification, range(start, start + 500))]))
+                       n.first_seen_ns, "enforce")
+                for n in map(notification, range(start, start + 500))]))
         wait_for(lambda: notify.counters().get("delivered", 0)
                  + notify.counters().get("summarized", 0) == destinations,
                  "every destination alerted or summarized", timeout=60)

@@ -62,8 +62,10 @@ def test_record_carries_the_event_fields():
                  auto="dns").record
     assert (record.timestamp, record.src_ip, record.dst_ip, record.dst_hostname) == (
         T0, "10.0.0.2", "93.184.216.34", "example.com")
-    assert (record.dst_port, record.protocol, record.process, record.pid) == (443, "TCP", "curl", 321)
-    assert (record.packets, record.cname_chain, record.auto_allowed_type) == (3, ["a.com", "b.net"], "dns")
+    assert (record.dst_port, record.protocol, record.process, record.pid) == (
+        443, "TCP", "curl", 321)
+    assert (record.packets, record.cname_chain, record.auto_allowed_type) == (
+        3, ["a.com", "b.net"], "dns")
     assert (record.event_id, record.host) == ("id-1", "h1")
 
 

@@ -167,7 +167,7 @@ def test_a_restarted_stage_appends_and_skips_what_is_stored(tmp_path, pusher):
         stage = StageThread(PersistStage(), settings).start()
         try:
             pusher(settings, wire.encode(batch))
-            wait_for(lambda: stage.counters().get("records_stored", 0)
+            wait_for(lambda stage=stage, batch=batch: stage.counters().get("records_stored", 0)
                      + stage.counters().get("duplicates_skipped", 0) >= len(batch),
                      "the batch to be handled")
         finally:

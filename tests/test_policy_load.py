@@ -15,8 +15,10 @@ from pipeline.settings import Settings
 CARGOWALL_EXAMPLE = """{
   "defaultAction": "deny",
   "rules": [
-    {"type": "hostname", "value": "github.com", "ports": [{"port": 443, "protocol": "tcp"}], "action": "allow"},
-    {"type": "cidr", "value": "8.8.8.8/32", "ports": [{"port": 53, "protocol": "udp"}], "action": "allow"}
+    {"type": "hostname", "value": "github.com", "ports": [{"port": 443, "protocol": "tcp"}],
+     "action": "allow"},
+    {"type": "cidr", "value": "8.8.8.8/32", "ports": [{"port": 53, "protocol": "udp"}],
+     "action": "allow"}
   ],
   "searchDomains": [".compute.internal"],
   "sudoLockdown": {"enabled": false, "allowCommands": ["/usr/bin/apt-get"]}
@@ -107,24 +109,30 @@ INVALID = [
     ({"defaultAction": "Allow"},
      'policy.json: defaultAction: unknown action "Allow" (use allow or deny)'),
     ([], "policy.json: expected a JSON object with defaultAction and rules"),
-    ({"rules": {"type": "hostname"}}, 'policy.json: rules: expected a list, found {"type": "hostname"}'),
-    ({"rules": ["a.com"]}, "policy.json: rules[0]: expected an object with type, value, action and ports"),
+    ({"rules": {"type": "hostname"}},
+     'policy.json: rules: expected a list, found {"type": "hostname"}'),
+    ({"rules": ["a.com"]},
+     "policy.json: rules[0]: expected an object with type, value, action and ports"),
     ({"rules": [rule(type="host")]},
      'policy.json: rules[0].type: unknown type "host" (use hostname or cidr)'),
-    ({"rules": [rule(type=None)]}, "policy.json: rules[0].type: missing type (use hostname or cidr)"),
+    ({"rules": [rule(type=None)]},
+     "policy.json: rules[0].type: missing type (use hostname or cidr)"),
     ({"rules": [rule(action="block")]},
      'policy.json: rules[0].action: unknown action "block" (use allow or deny)'),
     ({"rules": [rule(action=None)]},
      "policy.json: rules[0].action: missing action (use allow or deny)"),
-    ({"rules": [rule(value="")]}, 'policy.json: rules[0].value: expected a hostname or CIDR, found ""'),
+    ({"rules": [rule(value="")]},
+     'policy.json: rules[0].value: expected a hostname or CIDR, found ""'),
     ({"rules": [rule(value=None)]},
      "policy.json: rules[0].value: expected a hostname or CIDR, found null"),
-    ({"rules": [rule(value=5)]}, "policy.json: rules[0].value: expected a hostname or CIDR, found 5"),
+    ({"rules": [rule(value=5)]},
+     "policy.json: rules[0].value: expected a hostname or CIDR, found 5"),
     ({"rules": [rule(ports=[{"port": 443, "protocol": "TCP"}])]},
      'policy.json: rules[0].ports[0].protocol: unknown protocol "TCP" (use all, tcp, udp or icmp)'),
     ({"rules": [rule(ports=[{"port": 443}])]},
      "policy.json: rules[0].ports[0].protocol: missing protocol (use all, tcp, udp or icmp)"),
-    ({"rules": [rule(ports=[{"protocol": "tcp"}])]}, "policy.json: rules[0].ports[0].port: missing port"),
+    ({"rules": [rule(ports=[{"protocol": "tcp"}])]},
+     "policy.json: rules[0].ports[0].port: missing port"),
     ({"rules": [rule(ports=[{"port": 70000, "protocol": "tcp"}])]},
      "policy.json: rules[0].ports[0].port: port 70000 is outside 0-65535"),
     ({"rules": [rule(ports=[{"port": -1, "protocol": "udp"}])]},
@@ -138,7 +146,8 @@ INVALID = [
     ({"rules": [rule(ports=[{"port": 8, "protocol": "icmp"}])]},
      "policy.json: rules[0].ports[0].port: icmp has no ports: use 0 or leave it out, not 8"),
     ({"rules": [rule(ports={"port": 443})]},
-     'policy.json: rules[0].ports: expected a list of {port, protocol} objects, found {"port": 443}'),
+     'policy.json: rules[0].ports: expected a list of {port, protocol} objects, '
+     'found {"port": 443}'),
     ({"rules": [rule(ports=[443])]},
      "policy.json: rules[0].ports[0]: expected an object with port and protocol"),
     ({"rules": [rule(type="cidr", value="2001:db8::/32", ports=[{"protocol": "icmp"}])]},
@@ -215,11 +224,13 @@ def test_all_problems_are_collected_and_the_message_is_the_first():
     with pytest.raises(PolicyError) as caught:
         load({"defaultAction": "block",
               "rules": [rule(action="permit"), rule(),
-                        rule(ports=[{"port": 1, "protocol": "sctp"}, {"port": 99999, "protocol": "tcp"}])]})
+                        rule(ports=[{"port": 1, "protocol": "sctp"},
+                                    {"port": 99999, "protocol": "tcp"}])]})
     assert caught.value.lines == (
         'policy.json: defaultAction: unknown action "block" (use allow or deny)',
         'policy.json: rules[0].action: unknown action "permit" (use allow or deny)',
-        'policy.json: rules[2].ports[0].protocol: unknown protocol "sctp" (use all, tcp, udp or icmp)',
+        'policy.json: rules[2].ports[0].protocol: unknown protocol "sctp" '
+        '(use all, tcp, udp or icmp)',
         "policy.json: rules[2].ports[1].port: port 99999 is outside 0-65535",
     )
     assert str(caught.value) == caught.value.lines[0]
@@ -240,7 +251,8 @@ def test_invalid_json_gives_file_line_column(text, line):
 def test_unreadable_file_is_one_line(tmp_path):
     with pytest.raises(InvalidPolicy) as caught:
         load_policy_file(tmp_path / "missing.json")
-    assert str(caught.value) == f"{tmp_path / 'missing.json'}: cannot read: No such file or directory"
+    missing = tmp_path / "missing.json"
+    assert str(caught.value) == f"{missing}: cannot read: No such file or directory"
 
 
 MERGES = [

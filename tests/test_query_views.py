@@ -54,7 +54,7 @@ def fixture_db(db_url):
 
 def select(url, sql):
     with run_query(url, sql) as (columns, rows):
-        return [dict(zip(columns, r)) for r in rows]
+        return [dict(zip(columns, r, strict=True)) for r in rows]
 
 
 def test_blocked_destinations_leaves_out_superseded_blocks(fixture_db):

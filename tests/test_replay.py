@@ -111,7 +111,7 @@ def live_run(tmp_path, peer, policy_path):
             if judged is not None:
                 push.send(messages.encode([judged]))
                 sent += 1
-                wait_for(lambda: stages[0].stage.io.counters.get("rows_inserted") >= sent,
+                wait_for(lambda sent=sent: stages[0].stage.io.counters.get("rows_inserted") >= sent,
                          f"{sent} rows stored")
     finally:
         assert [s.finish() for s in reversed(stages)] == [0, 0, 0]

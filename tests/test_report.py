@@ -147,7 +147,7 @@ def test_a_window_takes_whole_days_from_the_rollups_and_its_first_day_from_rows(
              sql_timestamp(day8 + 57 * hour)),
             ("192.0.2.44:443", 1, ("git",), sql_timestamp(day8 + 57 * hour),
              sql_timestamp(day8 + 57 * hour))]
-    assert [(l.key, l.count) for l in facts.late_allowed] == [("x.example:443", 1)]
+    assert [(la.key, la.count) for la in facts.late_allowed] == [("x.example:443", 1)]
     assert [(r.name, r.attempts, r.first_seen) for r in facts.refused] == [
         ("exfil.example", 2, sql_timestamp(day8 + 15 * hour))]
 

@@ -9,8 +9,8 @@ import jsonschema
 import msgpack
 import pytest
 
-import pipeline.audit  # noqa: F401  (registers audit_records)
-import pipeline.events  # noqa: F401
+import pipeline.audit
+import pipeline.events
 from pipeline import wire
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
@@ -116,6 +116,7 @@ def test_broken_frames_are_rejected_with_a_reason(frame, reason):
 def test_a_bad_record_is_skipped_and_counted_while_good_ones_pass():
     good = sample(pipeline.events.RawEvent)
     frame = msgpack.packb({"kind": "raw_events", "v": 2,
-                           "records": [list(good.to_wire()), [1, 2], list(good.to_wire())[:-1] + ["nine"]]})
+                           "records": [list(good.to_wire()), [1, 2],
+                                       list(good.to_wire())[:-1] + ["nine"]]})
     kind, records, bad = wire.decode(frame)
     assert records == [good] and bad == 2

@@ -57,7 +57,7 @@ class Service:
 
     def jsonl(self) -> list[dict]:
         path = self.tmp / "audit.jsonl"
-        return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
     def filter_attached(self) -> bool:
         out = sh(*self.lab.exec_args(self.lab.client), "tc", "filter", "show", "dev",
@@ -316,7 +316,8 @@ def test_bad_gate_input_leaves_the_pipeline_running(lab, tmp_path):
     assert service.sluice("up").returncode == 0
     try:
         (tmp_path / "expected.txt").write_text("no-port-here\n")
-        bad = service.sluice("down", "--fail-on-block", "--expected", str(tmp_path / "expected.txt"))
+        bad = service.sluice("down", "--fail-on-block",
+                             "--expected", str(tmp_path / "expected.txt"))
         assert bad.returncode == 2
         assert bad.stderr == f"sluice: {tmp_path}/expected.txt:1: expected name:port or " \
                              "address:port (the port may be *), found 'no-port-here'\n"

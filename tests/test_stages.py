@@ -72,7 +72,8 @@ def test_policy_programs_the_maps_then_decides_outcomes(tmp_path, peer):
     assert stage.finish() == 0
     assert [r.event_type for r in records] == [
         "connection_allowed", "connection_blocked", "protocol_blocked"]
-    assert [(r.would_deny, r.blocked) for r in records] == [(False, False), (False, True), (False, True)]
+    assert [(r.would_deny, r.blocked) for r in records] == [
+        (False, False), (False, True), (False, True)]
     assert len({r.event_id for r in records}) == 3 and records[0].host == "test-host"
 
 

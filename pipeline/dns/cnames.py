@@ -12,7 +12,7 @@ answer, never make a record larger than the pipeline's messages take.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from ..policy.ports import union_ports
 from ..policy.verdict import PortSpec

@@ -22,7 +22,7 @@ The pairs sit in a bounded LRU (CAPACITY); the generation is opaque here, compar
 from __future__ import annotations
 
 import collections
-from typing import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 # Four addresses for each of the response cache's 10,000 answers; about 135 bytes a pair
 # (the key tuple and its OrderedDict entry; names and addresses are shared with the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from typing import Iterable
+from collections.abc import Iterable
 
 DNS_PORT = 53
 

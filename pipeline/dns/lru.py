@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import collections
-from typing import Generic, Hashable, Protocol, TypeVar
+from collections.abc import Hashable
+from typing import Generic, Protocol, TypeVar
 
 
 class Expiring(Protocol):

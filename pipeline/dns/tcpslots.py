@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Hashable, Iterable
+from collections.abc import Hashable, Iterable
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     channel = socket.socket(fileno=int(argv[0]))
     try:
         names, fds, _bpf = load(Path(argv[1]), int(argv[2]))
-    except Exception as err:  # bcc raises bare Exception for compile and verifier errors
+    except Exception as err:  # noqa: BLE001 - bcc raises bare Exception for compile and verifier errors
         message = " ".join(str(err).split()) or type(err).__name__
         channel.sendall(json.dumps({"error": message[-2000:]}).encode())
         return 1

@@ -1,7 +1,8 @@
 """Compile, load, pin, attach and detach the kernel side (bcc in a child process, libbpf).
 
-bcc is imported only in pipeline/kernel/compile.py, a child process load_classifier starts. What one instance attached is
-written to <run_dir>/attachment.json, so `sluice detach` can undo it after the stage is gone.
+bcc is imported only in pipeline/kernel/compile.py, a child process load_classifier starts.
+What one instance attached is written to <run_dir>/attachment.json, so `sluice detach` can
+undo it after the stage is gone.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def cflags(bpf_dir: Path, ringbuf_pages: int) -> list[str]:
 
 def printable_source(settings: Settings) -> str:
     """The exact source and flags capture would load (for `sluice print-bpf`)."""
-    header = "\n".join(f"// cflag: {flag}" for flag in cflags(settings.bpf_dir, settings.ringbuf_pages))
+    flags = cflags(settings.bpf_dir, settings.ringbuf_pages)
+    header = "\n".join(f"// cflag: {flag}" for flag in flags)
     return f"{header}\n// file: {BPF_SOURCE}\n{BPF_SOURCE.read_text()}"
 
 
@@ -162,7 +164,7 @@ class Attachment:
         os.replace(tmp, self.path(run_dir))
 
     @classmethod
-    def load(cls, run_dir: Path) -> "Attachment | None":
+    def load(cls, run_dir: Path) -> Attachment | None:
         try:
             return cls(**json.loads(cls.path(run_dir).read_text()))
         except (OSError, ValueError, TypeError):
@@ -211,7 +213,7 @@ def load_classifier(settings: Settings) -> Classifier:
         ours.settimeout(COMPILE_TIMEOUT_S)
         try:
             message, fds, _flags, _addr = socket.recv_fds(ours, 1 << 16, MAX_FDS)
-        except (OSError, socket.timeout) as err:
+        except (TimeoutError, OSError) as err:
             child.kill()
             raise KernelError(f"cannot load {BPF_SOURCE.name}: no answer from the compiler "
                               f"({err})") from None
@@ -236,7 +238,7 @@ def _classifier(message: bytes, fds: list[int], stderr: str) -> Classifier:
         raise KernelError(f"cannot load {BPF_SOURCE.name}: {detail} (run `sluice doctor`; a "
                           "stale SLUICE_BPF_DIR from an older build is removed by `sluice "
                           "detach`)")
-    return Classifier(dict(zip(names, fds)))
+    return Classifier(dict(zip(names, fds, strict=True)))
 
 
 # ---------------------------------------------------------------- tc filter

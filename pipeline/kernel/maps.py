@@ -10,8 +10,8 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from . import libbpf
 from .structs import (COUNTER_SLOTS, KERNEL_COUNTERS, CidrValue, Config, LpmV4, LpmV6,
@@ -37,7 +37,8 @@ class PinnedMaps:
                 self.fds[name] = libbpf.obj_get(str(bpf_dir / name))
         except FileNotFoundError as err:
             self.close()
-            raise KernelError(f"{err.strerror}: is capture running with SLUICE_BPF_DIR={bpf_dir}?")
+            raise KernelError(f"{err.strerror}: is capture running with "
+                              f"SLUICE_BPF_DIR={bpf_dir}?") from None
 
     def close(self) -> None:
         for fd in self.fds.values():

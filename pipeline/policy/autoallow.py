@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from .cidrs import parse_address
 from .hostnames import hostname_problem

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from typing import Iterable, Sequence, Union
+from collections.abc import Iterable, Sequence
 
 from .ports import protocols_overlap
 from .rules import Rule, network_of
 from .verdict import PortSpec
 
-Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def parse_address(text: str) -> Address:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import urllib.parse
-from typing import Mapping
+from collections.abc import Mapping
 
 from .autoallow import ensure_hostname_allowed, ensure_infra_allowed
 from .envform import split_list

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..addresses import ipv6_text
 from .autoallow import get_auto_allowed_type_for_hostname

@@ -9,7 +9,7 @@ a CIDR rule covering an address can still override the hostname rule.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .cidrs import Address, parse_address
 from .mapstate import ACTION_NAMES, MapState, desired_state
@@ -210,7 +210,8 @@ def render_table(policy: Policy) -> str:
              f"default action: {policy.default_action}",
              f"search domains: {', '.join(policy.search_domains) or '(none)'}", ""]
     for row in (header, *rows):
-        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        lines.append("  ".join(cells).rstrip())
     if not rows:
         lines.append("(no rules)")
     return "\n".join(lines) + "\n"

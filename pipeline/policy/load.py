@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from .. import limited
 from ..errors import PolicyError
@@ -111,7 +112,8 @@ def policy_from_text(text: str, source_name: str) -> Policy:
     try:
         document = json.loads(text, object_pairs_hook=_fold_keys)
     except json.JSONDecodeError as err:
-        raise InvalidPolicy([f"{source_name}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}"])
+        where = f"{source_name}:{err.lineno}:{err.colno}"
+        raise InvalidPolicy([f"{where}: invalid JSON: {err.msg}"]) from None
     return policy_from_document(document, source_name)
 
 

@@ -22,7 +22,7 @@ tests/test_firewall.py checks the promise after every single operation of random
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from ..rulemaps import ALLOW, DENY, Network
 from .mapstate import CidrValue, PortEntry

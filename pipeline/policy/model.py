@@ -6,7 +6,7 @@ readers (and the hot-reload diff) always see one consistent rule set.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from .cidrs import CidrMatcher, Conflict, parse_address
 from .hostnames import HostnameMatcher

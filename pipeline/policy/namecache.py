@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 CACHE_CAPACITY = 10_000      # above this, entries older than MAX_AGE are dropped
 MAX_AGE = 24 * 3600.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 # Always stripped, and never accepted as user search domains: a user domain equal to one of
 # them would let every in-cluster name bypass the DNS filter.

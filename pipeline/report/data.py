@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Iterable
+from collections.abc import Iterable
 
 import sqlalchemy as sa
 
@@ -166,7 +166,7 @@ def read_facts(url: str, host: str, since_ns: int | None) -> Facts:
         engine.dispose()
     return Facts(
         sorted(blocked, key=lambda b: (-b.attempts, b.destination, b.port, b.protocol)),
-        sorted(late, key=lambda l: (-l.count, l.destination, l.port, l.protocol)),
+        sorted(late, key=lambda la: (-la.count, la.destination, la.port, la.protocol)),
         sorted(refused, key=lambda r: (-r.attempts, r.name)),
         timeline)
 

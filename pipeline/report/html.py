@@ -111,9 +111,9 @@ def as_html(report: Report) -> str:
                if f.blocked else "<p>None.</p>")
     out.append('<h2 id="late-allowed">Late-allowed</h2>')
     out.append(_table(["destination", "address", "protocol", "rule", "count", "processes"],
-                      [[f"<code>{_e(l.key)}</code>", _e(l.dst_ip), _e(l.protocol),
-                        f"<code>{_e(l.matched_rule)}</code>", str(l.count),
-                        _e(", ".join(l.processes) or "?")] for l in f.late_allowed], {4})
+                      [[f"<code>{_e(la.key)}</code>", _e(la.dst_ip), _e(la.protocol),
+                        f"<code>{_e(la.matched_rule)}</code>", str(la.count),
+                        _e(", ".join(la.processes) or "?")] for la in f.late_allowed], {4})
                if f.late_allowed else "<p>None.</p>")
     out.append('<h2 id="dns-refused">Refused DNS names</h2>')
     out.append(_table(["name", "attempts", "first seen", "last seen"],

@@ -37,7 +37,7 @@ def as_json(report: Report) -> str:
         "summary": {"blocked": len(f.blocked), "late_allowed": len(f.late_allowed),
                     "dns_refused": len(f.refused)},
         "blocked": [{"key": b.key, **dataclasses.asdict(b)} for b in f.blocked],
-        "late_allowed": [{"key": l.key, **dataclasses.asdict(l)} for l in f.late_allowed],
+        "late_allowed": [{"key": la.key, **dataclasses.asdict(la)} for la in f.late_allowed],
         "dns_refused": [dataclasses.asdict(r) for r in f.refused],
         "timeline": [dataclasses.asdict(m) for m in f.timeline],
         "posture": report.posture,
@@ -101,8 +101,8 @@ def as_markdown(report: Report) -> str:
     out += ["", "### Late-allowed (blocked at first, opened once their name was resolved)", ""]
     if f.late_allowed:
         out += _table(["destination", "address", "protocol", "rule", "count", "processes"],
-                      [[_code(l.key), l.dst_ip, l.protocol, _code(l.matched_rule), l.count,
-                        ", ".join(l.processes) or "?"] for l in f.late_allowed], {4})
+                      [[_code(la.key), la.dst_ip, la.protocol, _code(la.matched_rule), la.count,
+                        ", ".join(la.processes) or "?"] for la in f.late_allowed], {4})
     else:
         out.append("None.")
     out += ["", "### Refused DNS names", ""]

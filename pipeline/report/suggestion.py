@@ -15,7 +15,7 @@ import dataclasses
 import difflib
 import ipaddress
 import json
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from ..suggest import RULE_PROTOCOLS, Seen, draft_policy
 from .data import Blocked

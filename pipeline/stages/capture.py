@@ -40,7 +40,6 @@ import time
 
 import zmq
 
-from .. import messages
 from ..errors import KernelError
 from ..journal import (Cursor, Frame, Journal, JournalError, Recovery, is_marked, read_bitmap,
                        segment_of)
@@ -144,7 +143,8 @@ class _Sender:
             if self._bitmap is None or self._bitmap[0] != index:
                 self._bitmap = (index, read_bitmap(self.journal.directory, index))
             bitmap = self._bitmap[1]
-            if self._take(frame, recovery=True, skip=lambda seq: is_marked(bitmap, seq)):
+            if self._take(frame, recovery=True,
+                          skip=lambda seq, bitmap=bitmap: is_marked(bitmap, seq)):
                 return True
 
     def _take(self, frame: Frame, recovery: bool, skip=None) -> bool:

@@ -71,8 +71,8 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Callable, Hashable
 
 import dns.exception
 import dns.message
@@ -195,7 +195,7 @@ class TcpClient:
     """One client TCP connection: length-prefixed queries in, answers out, in any order.
     Only whole queries count as activity: bytes trickling in never keep a slot."""
 
-    def __init__(self, stage: "DnsStage", sock: socket.socket, address: str) -> None:
+    def __init__(self, stage: DnsStage, sock: socket.socket, address: str) -> None:
         self.stage, self.sock, self.address = stage, sock, address
         self.inbuf, self.outbuf = bytearray(), bytearray()
         self.idle_since: float | None = time.monotonic()  # None while a query is being served
@@ -330,7 +330,7 @@ class UpstreamExchange:
     """One question to the upstream: UDP first, TCP when the answer is truncated; done(wire)
     once with the checked answer, or done(None) after an error or the deadline."""
 
-    def __init__(self, stage: "DnsStage", question: bytes, wire: bytes,
+    def __init__(self, stage: DnsStage, question: bytes, wire: bytes,
                  done: Callable[[bytes | None], None]) -> None:
         self.stage, self.question, self.done = stage, question, done
         self.id = int.from_bytes(os.urandom(2), "big")  # the client's id may be guessable

@@ -17,11 +17,12 @@ Delivery: each sink sends one batch at a time from a worker thread and moves its
           it). A collector that is down, slow (no answer in 10 s) or answering 429/5xx is
           retried with backoff (1 s doubling to 30 s, or its Retry-After); the records wait
           in the store meanwhile, so an outage of any length, or a restart of sluice,
-          ends with every record delivered. Cursors are stored every CURSOR_SAVE_S (sooner after CURSOR_SAVE_IDS
-          rows) and at a stop, after the batch in flight has been answered (up to
-          STOP_WAIT_S): a clean restart sends nothing twice; after a crash (or a batch still
-          unanswered at the stop) the records delivered since the last save, at most a
-          second's or 4,096, and the batch in flight are sent again: at least once, never lost.
+          ends with every record delivered. Cursors are stored every CURSOR_SAVE_S
+          (sooner after CURSOR_SAVE_IDS rows) and at a stop, after the batch in flight
+          has been answered (up to STOP_WAIT_S): a clean restart sends nothing twice;
+          after a crash (or a batch still unanswered at the stop) the records delivered
+          since the last save, at most a second's or 4,096, and the batch in flight are
+          sent again: at least once, never lost.
           A 4xx answer other than 429 is permanent: that batch is counted (otlp_rejected),
           logged once per status, and skipped. On PostgreSQL rows are read only up to the
           id below which no transaction can still commit one (pipeline/exportstore.py).
@@ -52,7 +53,7 @@ import logging
 import os
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 
@@ -86,7 +87,7 @@ class Job:
     ids: list[int]
     records: list[int]         # records in each part
 
-    def after(self, delivered: int) -> "Job":
+    def after(self, delivered: int) -> Job:
         return Job(self.last_id, self.parts[delivered:], self.ids[delivered:],
                    self.records[delivered:])
 
@@ -138,7 +139,7 @@ class SyslogSink(Sink):
     def prepare(self, rows: list[tuple], now_ns: int) -> Job:
         parts, ids = [], []
         for row in rows:
-            fields = dict(zip(COLUMNS, row))
+            fields = dict(zip(COLUMNS, row, strict=True))
             if wanted(fields):
                 parts.append(format_message(fields, self.pid))
                 ids.append(row[0])

@@ -59,7 +59,7 @@ import os
 import queue
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import sqlalchemy as sa
 import zmq
@@ -212,7 +212,7 @@ class Courier:
             except DeliveryError as err:
                 return self._failed(notification, attempt, str(err))
             return Report(notification, attempt)
-        except Exception as err:  # noqa: BLE001 - a bug must not take the notification along
+        except Exception as err:  # a bug must not take the notification along
             if type(err).__name__ not in self._logged:
                 self._logged.add(type(err).__name__)
                 self.log.error("delivery of %s failed on an internal error, retried like a "

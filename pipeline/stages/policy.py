@@ -32,7 +32,7 @@ import collections
 import secrets
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 
@@ -68,7 +68,8 @@ class EventIds:
 
     def next(self) -> str:
         self.count += 1
-        return f"{self.prefix}-{self.count:012x}"  # sorts in creation order: sequential index inserts
+        # sorts in creation order: sequential index inserts
+        return f"{self.prefix}-{self.count:012x}"
 
 
 class PolicyStage(BaseStage):

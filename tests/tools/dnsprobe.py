@@ -29,7 +29,8 @@ def main() -> None:
     latencies, rcodes = [], {}
     start = time.monotonic()
     n = 0
-    while (args.count and n < args.count) or (not args.count and not os.path.exists(args.stop_file)):
+    while ((args.count and n < args.count)
+           or (not args.count and not os.path.exists(args.stop_file))):
         wait = start + n / args.per_second - time.monotonic()
         if wait > 0:
             time.sleep(wait)

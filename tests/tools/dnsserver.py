@@ -59,7 +59,7 @@ class AuthoritativeServer:
 
     # ------------------------------------------------------------- running
 
-    def start(self) -> "AuthoritativeServer":
+    def start(self) -> AuthoritativeServer:
         self.thread.start()
         return self
 

@@ -85,7 +85,7 @@ class Random:
             elif hint is int:
                 values.append(self.rng.randrange(limit.lo, limit.hi + 1) if limit else 0)
             elif limit is not None and limit.address:
-                many = hint != str
+                many = hint is not str
                 values.append([self.address() for _ in range(self.rng.randrange(4))] if many
                               else self.address())
             elif hint == list[str]:

@@ -49,7 +49,7 @@ class HttpSink:
         with self.lock:
             return [r["body"] for r in self.requests if r["status"] == 200]
 
-    def __enter__(self) -> "HttpSink":
+    def __enter__(self) -> HttpSink:
         threading.Thread(target=self.server.serve_forever, name="http-sink", daemon=True).start()
         return self
 

@@ -92,7 +92,7 @@ def frame(host: str, port: int, interface: str, tags: list[int], count: int) -> 
     header = header[:10] + struct.pack("!H", ~checksum & 0xFFFF) + header[12:]
     ethertypes = [0x88A8, 0x8100][-len(tags):]  # one tag: 802.1Q; two: 802.1ad outside
     eth = b"\xff" * 6 + src_mac
-    for ethertype, vid in zip(ethertypes, tags):
+    for ethertype, vid in zip(ethertypes, tags, strict=False):
         eth += struct.pack("!HH", ethertype, vid)
     eth += struct.pack("!H", 0x0800)
     dropped = 0

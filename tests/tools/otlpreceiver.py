@@ -102,7 +102,7 @@ class OtlpReceiver:
     def up(self) -> None:
         self.server = self._serve(self.port)
 
-    def __enter__(self) -> "OtlpReceiver":
+    def __enter__(self) -> OtlpReceiver:
         return self
 
     def __exit__(self, *exc) -> None:

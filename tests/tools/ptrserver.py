@@ -69,7 +69,7 @@ class PtrServer:
             lambda: _Protocol(self), local_addr=(self.host, self.port))
         self.port = transport.get_extra_info("sockname")[1]
 
-    def __enter__(self) -> "PtrServer":
+    def __enter__(self) -> PtrServer:
         self.loop.run_until_complete(self.listen())
         self.thread = threading.Thread(target=self.loop.run_forever, name="ptr-server",
                                        daemon=True)
