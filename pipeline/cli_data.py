@@ -90,13 +90,14 @@ def replay(
         if offline and (policy is None or db is None):
             raise ReplayError("--offline needs --policy FILE and --db URL (keep what-if rows "
                               "apart from the live store)")
+        what_if = (policy, db) if offline and policy is not None and db is not None else None
         if mode not in (None, "audit", "enforce"):
             raise ReplayError(f"--mode {mode!r}: use audit or enforce")
         factor = parse_pace(pace)
         ordered = in_replay_order(files)
         with _progress_bar(count_records(ordered)) as progress, _stop_on_interrupt() as stop:
-            if offline:
-                summary = replay_offline(ordered, settings, policy, db, mode, progress, stop)
+            if what_if is not None:
+                summary = replay_offline(ordered, settings, *what_if, mode, progress, stop)
             else:
                 summary = replay_live(ordered, settings.run_dir, factor, progress, stop)
         for line in summary.lines():

@@ -27,9 +27,10 @@ def quick_query(args: list[str]) -> int | None:
         name, eq, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
         if name in _QUERY_OPTIONS:
             if not eq:
-                value = next(rest, None)
-                if value is None:
+                following = next(rest, None)
+                if following is None:
                     return None
+                value = following
             values[_QUERY_OPTIONS[name]] = value
         elif arg.startswith("-"):
             return None  # --help, or an option the full command line explains

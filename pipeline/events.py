@@ -76,8 +76,9 @@ class EnrichedEvent(RawEvent):
     cname_chain: Annotated[list[str], NAMES]  # CNAME origin first, when it came through one
 
     @classmethod
-    def from_raw(cls, raw: RawEvent, hostname: str = "", cname_chain: list[str] | None = None):
-        return cls(*raw.to_wire(), protocol_name(raw.ip_proto), hostname, cname_chain or [])
+    def from_raw(cls, raw: RawEvent, hostname: str = "",
+                 cname_chain: list[str] | None = None) -> EnrichedEvent:
+        return cls(*(*raw.to_wire(), protocol_name(raw.ip_proto), hostname, cname_chain or []))
 
 
 @register

@@ -9,7 +9,8 @@ export stage's /metrics reads them (pipeline/metrics.py).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 # From 100 µs to 5 s: a cached DNS answer takes well under a millisecond, a policy round trip
 # about one, an upstream lookup tens, a timeout seconds.
@@ -33,15 +34,16 @@ class Histogram:
     def count(self) -> int:
         return sum(self.counts)
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         """Plain JSON: bounds, per-bucket counts (one more than bounds), sum and count."""
         return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum,
                 "count": self.count}
 
 
-def cumulative(snapshot: dict) -> list[tuple[str, int]]:
+def cumulative(snapshot: Mapping[str, Any]) -> list[tuple[str, int]]:
     """Prometheus buckets (le, observations <= le) of a snapshot, +Inf last."""
-    buckets, running = [], 0
+    buckets: list[tuple[str, int]] = []
+    running = 0
     for bound, count in zip([*snapshot["bounds"], "+Inf"], snapshot["counts"], strict=True):
         running += count
         buckets.append((bound if bound == "+Inf" else repr(float(bound)), running))

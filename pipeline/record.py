@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections.abc import Callable
 
 from .addresses import ipv4_text, ipv6_text
 from .events import RawEvent
@@ -70,7 +71,8 @@ def decode_record(data: bytes, mono_to_wall_ns: int, event_id: str = "", seq: in
                     ts + mono_to_wall_ns, pid, name, packets or 1, event_id, seq)
 
 
-def decode_frame(frame: Frame, journal_id: str, skip_seq=None, start: int = 0,
+def decode_frame(frame: Frame, journal_id: str,
+                 skip_seq: Callable[[int], bool] | None = None, start: int = 0,
                  stop: int | None = None) -> list[RawEvent]:
     """Records start..stop of a journal frame, each with its journal number and event id;
     records of an older, shorter layout are zero-padded (struct sluice_event only grows at

@@ -102,8 +102,8 @@ def read_header(f: BinaryIO, name: str) -> Header:
         header = Header(**fields) if type(fields) is dict else None
     except (limited.LimitError, TypeError) as err:
         raise RecordingError(f"{name}: bad recording header: {err}") from None
-    problem = header.problem() if header else "not a JSON object"
-    if problem:
+    problem = header.problem() if header is not None else "not a JSON object"
+    if problem or header is None:
         raise RecordingError(f"{name}: bad recording header: {problem}")
     return header
 

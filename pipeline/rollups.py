@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 BLOCKED = "connection_blocked"
 LATE_ALLOWED = "connection_late_allowed"
@@ -53,7 +53,13 @@ TOTAL_KEY = ("host", "destination", "dst_port", "protocol", "process", "event_ty
 GROUP_VALUES = ("events", "counted", "first_seen", "counted_first", "last_seen",
                 "counted_last")
 
-LateKey = tuple  # (host, dst_ip, dst_port, protocol)
+LateKey = tuple[str, str, int, str]  # (host, dst_ip, dst_port, protocol)
+# MINUTE_KEY and TOTAL_KEY values.
+MinuteKey = tuple[str, str, str, int, str, str, str, str, str]
+TotalKey = tuple[str, str, int, str, str, str, str, str]
+Bucket = tuple[str, str]  # (host, minute or day)
+# GROUP_VALUES: counts and times in one list, updated in place (one allocation per group).
+GroupValues = list[Any]
 
 
 class Row(NamedTuple):
@@ -73,7 +79,7 @@ class Row(NamedTuple):
 class Flipped(NamedTuple):
     """A stored minute group of blocks, some or all of whose counted rows are superseded now."""
 
-    key: tuple                # its MINUTE_KEY values
+    key: MinuteKey            # its MINUTE_KEY values
     rows: int                 # counted rows that are superseded now
     counted_first: str | None  # what stays counted (None: nothing)
     counted_last: str | None
@@ -83,17 +89,17 @@ class Flipped(NamedTuple):
 class Deltas:
     """Additions to each rollup table, keyed by its primary key."""
 
-    minutes: dict[tuple, list[int]] = dataclasses.field(default_factory=dict)
-    days: dict[tuple, list[int]] = dataclasses.field(default_factory=dict)
+    minutes: dict[Bucket, list[int]] = dataclasses.field(default_factory=dict)
+    days: dict[Bucket, list[int]] = dataclasses.field(default_factory=dict)
     # destination_minutes and destinations: GROUP_VALUES; the counted times may be None.
-    groups: dict[tuple, list] = dataclasses.field(default_factory=dict)
-    totals: dict[tuple, list] = dataclasses.field(default_factory=dict)
+    groups: dict[MinuteKey, GroupValues] = dataclasses.field(default_factory=dict)
+    totals: dict[TotalKey, GroupValues] = dataclasses.field(default_factory=dict)
     # destinations groups that lost counted rows: their counted first and last are read
     # again from destination_minutes once it is written.
-    refresh: set[tuple] = dataclasses.field(default_factory=set)
+    refresh: set[TotalKey] = dataclasses.field(default_factory=set)
 
 
-def total_key(minute_key: tuple) -> tuple:
+def total_key(minute_key: MinuteKey) -> TotalKey:
     """The destinations key of a destination_minutes key."""
     host, _, ip, port, protocol, kind, destination, process, rule = minute_key
     return (host, destination, port, protocol, process, kind, ip, rule)
@@ -104,7 +110,7 @@ class Batch:
     """New rows in one pass: their groups, and what classifying their blocks needs."""
 
     rows: list[Row]
-    groups: dict[tuple, list]  # MINUTE_KEY (minute without its "Z") -> [rows, first, last]
+    groups: dict[MinuteKey, GroupValues]  # minute without its "Z" -> [rows, first, last]
     late: dict[LateKey, str]   # the latest late-allow of each key among the rows
     blocks: set[LateKey]       # the keys of the rows' blocks
 
@@ -112,7 +118,7 @@ class Batch:
 def gather(rows: list[Row]) -> Batch:
     # One dict operation per row; rows of a flood share few groups, so everything after this
     # loop works on groups, not rows.
-    groups: dict[tuple, list] = {}
+    groups: dict[MinuteKey, GroupValues] = {}
     late: dict[LateKey, str] = {}
     for host, ts, kind, ip, name, port, protocol, process, rule in rows:
         key = (host, ts[:16], ip, port, protocol, kind, name or ip, process, rule)
@@ -131,7 +137,7 @@ def gather(rows: list[Row]) -> Batch:
     return Batch(rows, groups, late, blocks)
 
 
-def _split(batch: Batch, key: tuple, late: str) -> tuple[int, str | None, str | None]:
+def _split(batch: Batch, key: MinuteKey, late: str) -> tuple[int, str | None, str | None]:
     """(superseded rows, first and last counted time) of a group of blocks that a late-allow
     falls within: its rows are looked at one by one."""
     host, minute, ip, port, protocol, kind, destination, process, rule = key
@@ -149,7 +155,8 @@ def aggregate(batch: Batch, late: Mapping[LateKey, str]) -> Deltas:
     """The deltas of new rows, given the latest late-allow of each key after the batch."""
     deltas = Deltas()
     groups, totals = deltas.groups, deltas.totals
-    per_minute: dict[tuple, list[int]] = {}  # (host, minute, event type) -> [rows, superseded]
+    # (host, minute, event type) -> [rows, superseded]
+    per_minute: dict[tuple[str, str, str], list[int]] = {}
     for key, (n, first, last) in batch.groups.items():
         host, minute, ip, port, protocol, kind, destination, process, rule = key
         superseded, counted_first, counted_last = 0, first, last
@@ -187,7 +194,7 @@ def aggregate(batch: Batch, late: Mapping[LateKey, str]) -> Deltas:
     return deltas
 
 
-def _merge(old: list, value: list) -> None:
+def _merge(old: GroupValues, value: GroupValues) -> None:
     old[0] += value[0]
     old[1] += value[1]
     for i, later in ((2, False), (3, False), (4, True), (5, True)):

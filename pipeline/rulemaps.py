@@ -9,13 +9,14 @@ kernel would decide.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Iterable, Iterator
+from typing import Protocol, TypeVar
 
 DENY = 0
 ALLOW = 1
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
 
 
 class RuleMaps(Protocol):
@@ -87,7 +88,8 @@ class DictRuleMaps:
         return self.config[0]
 
 
-def _longest(addr, entries):
+def _longest(addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
+             entries: Iterable[tuple[Network, T]]) -> T | None:
     best, best_len = None, -1
     for network, value in entries:
         if network.version == addr.version and addr in network and network.prefixlen > best_len:

@@ -56,9 +56,10 @@ def walk_chain(name: str, cnames: Iterable[CnameRecord]) -> list[Hop]:
     """Follow CNAMEs from name: only records connected to it, each owner's first record,
     never a name twice (a loop ends the walk)."""
     first_by_owner: dict[str, CnameRecord] = {}
-    for record in cnames:
-        first_by_owner.setdefault(record.owner, record)
-    hops, seen, current = [], {name}, name
+    for cname in cnames:
+        first_by_owner.setdefault(cname.owner, cname)
+    hops: list[Hop] = []
+    seen, current = {name}, name
     while ((record := first_by_owner.get(current)) is not None and record.target not in seen
            and len(hops) < MAX_CHAIN - 1):
         hops.append(Hop(record.target, record.ttl))

@@ -97,8 +97,8 @@ def choose_upstream(setting: str, resolv_conf: str, listen: Iterable[Endpoint]) 
         if upstream in listen:
             raise ValueError(f"{upstream} is where the proxy itself listens: queries would loop")
         return upstream
-    upstream = default_upstream(resolv_conf, listen)
-    if upstream is None:
+    default = default_upstream(resolv_conf, listen)
+    if default is None:
         raise ValueError("empty, and /etc/resolv.conf names no nameserver other than this proxy; "
                          "set it to the resolver to forward to")
-    return upstream
+    return default

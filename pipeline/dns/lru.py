@@ -8,7 +8,8 @@ from typing import Generic, Protocol, TypeVar
 
 
 class Expiring(Protocol):
-    expires: float
+    @property
+    def expires(self) -> float: ...
 
 
 E = TypeVar("E", bound=Expiring)

@@ -140,7 +140,8 @@ def known_query(data: bytes, question: bytes, qname: str, udp_limit: int) -> Que
 
 def _read_question_name(data: bytes, pos: int) -> tuple[list[bytes], int]:
     """Labels of an uncompressed name (nothing precedes the question to point back to)."""
-    labels, total = [], 0
+    labels: list[bytes] = []
+    total = 0
     while True:
         if pos >= len(data):
             raise Malformed("name cut short")

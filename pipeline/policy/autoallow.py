@@ -59,7 +59,9 @@ def ensure_infra_allowed(policy: Policy, addresses: Iterable[str], ports: Sequen
 
 def _covers(rule: Rule, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
     rule_network = rule.network
-    return rule_network.version == network.version and network.subnet_of(rule_network)
+    if isinstance(network, ipaddress.IPv4Network):
+        return isinstance(rule_network, ipaddress.IPv4Network) and network.subnet_of(rule_network)
+    return isinstance(rule_network, ipaddress.IPv6Network) and network.subnet_of(rule_network)
 
 
 def _vetoes(deny: Rule, ports: Sequence[PortSpec]) -> bool:

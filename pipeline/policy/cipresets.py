@@ -13,10 +13,15 @@ import ipaddress
 import urllib.parse
 from collections.abc import Mapping
 
+from typing import TYPE_CHECKING
+
 from .autoallow import ensure_hostname_allowed, ensure_infra_allowed
 from .envform import split_list
 from .model import Policy
 from .verdict import PortSpec
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 URL_VARIABLES = {
     "github": ("ACTIONS_RUNTIME_URL", "ACTIONS_RESULTS_URL", "ACTIONS_CACHE_URL",
@@ -56,7 +61,7 @@ def preset_endpoints(preset: str, hosts: str, ci_env: Mapping[str, str]) -> dict
     return dict(wanted)
 
 
-def ci_service_allows(policy: Policy, settings) -> Policy:
+def ci_service_allows(policy: Policy, settings: Settings) -> Policy:
     """The policy plus the active preset's services (none without a preset)."""
     preset = settings.ci_preset
     if not preset:

@@ -75,7 +75,7 @@ def gate_existing_connection(policy: Policy, ip: str, observed: Sequence[tuple[i
     tracked = policy.find_tracked_hostname(hostname) if hostname else ""
     verdict = policy.match_hostname(hostname) if hostname else None
     auto_type = get_auto_allowed_type_for_hostname(policy, hostname) if hostname else ""
-    if tracked and verdict.has_deny and not verdict.has_allow:
+    if tracked and verdict is not None and verdict.has_deny and not verdict.has_allow:
         return ExistingConnection(ip, hostname, tracked, auto_type, False, ())
     writes = []
     if verdict is not None and verdict.has_deny:

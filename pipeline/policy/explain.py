@@ -10,6 +10,7 @@ a CIDR rule covering an address can still override the hostname rule.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from .cidrs import Address, parse_address
 from .mapstate import ACTION_NAMES, MapState, desired_state
@@ -23,7 +24,7 @@ _DONE = {"allow": "allowed", "deny": "denied"}
 
 
 def explain(policy: Policy, target: str, port: int | None = None,
-            protocol: str | None = None) -> dict:
+            protocol: str | None = None) -> dict[str, Any]:
     """{"target", "allow_rule", "allow_ports", "deny_rule", "deny_ports", "decision",
     "reason"}; decision is for port/protocol when given, else for the target as a whole."""
     if protocol is not None and protocol not in EXPLAIN_PROTOCOLS:
@@ -47,7 +48,8 @@ def _address(target: str) -> Address | None:
 
 
 def _result(target: str, allow: tuple[str, Sequence[PortSpec]] | None,
-            deny: tuple[str, Sequence[PortSpec]] | None, decision: str, reason: str) -> dict:
+            deny: tuple[str, Sequence[PortSpec]] | None, decision: str,
+            reason: str) -> dict[str, Any]:
     allow_rule, allow_ports = allow or ("", ())
     deny_rule, deny_ports = deny or ("", ())
     return {"target": target,
@@ -64,14 +66,14 @@ def _what(port: int | None, protocol: str | None) -> str:
 
 
 def _explain_hostname(policy: Policy, name: str, port: int | None,
-                      protocol: str | None) -> dict:
+                      protocol: str | None) -> dict[str, Any]:
     verdict = policy.match_hostname(name)
     allow = (verdict.allow_rule, verdict.allow_ports) if verdict.has_allow else None
     deny = (verdict.deny_rule, verdict.deny_ports) if verdict.has_deny else None
     if not verdict.matched:
         decision = policy.default_action
         reason = _unmatched_name_reason(policy, name)
-    elif port is None:
+    elif port is None or protocol is None:  # explain() sets a protocol whenever a port
         decision = _name_decision(verdict)
         reason = _sides_sentence(policy, name, verdict)
     else:
@@ -142,7 +144,7 @@ def _unmatched_name_reason(policy: Policy, name: str) -> str:
 
 
 def _explain_address(policy: Policy, addr: Address, port: int | None,
-                     protocol: str | None) -> dict:
+                     protocol: str | None) -> dict[str, Any]:
     state = desired_state(policy, {})
     rules = list(policy.cidrs.containing(addr))
     lpm_rule = next((r for r in rules if not _wildcard(r)), None)
@@ -159,7 +161,7 @@ def _explain_address(policy: Policy, addr: Address, port: int | None,
     port_rules = [r for r in rules if r.ports]
     allow = next(((r.value, r.ports) for r in port_rules if r.action == "allow"), None)
     deny = next(((r.value, r.ports) for r in port_rules if r.action == "deny"), None)
-    if port is None:
+    if port is None or protocol is None:  # explain() sets a protocol whenever a port
         decision = "allow" if allow or policy.default_action == "allow" else "deny"
         reason = _port_rules_reason(policy, target, port_rules)
         return _result(target, allow, deny, decision, reason)

@@ -59,7 +59,7 @@ def glob_matches(pattern: str, name: str) -> bool:
     for label in name.split("."):
         if not label:
             return False
-        following = set()
+        following: set[int] = set()
         for i in positions:
             if i == len(parts):
                 continue
@@ -209,10 +209,10 @@ class HostnameMatcher:
     def match(self, name: str) -> HostnameVerdict:
         """MatchHostnameRule: the verdict of a name, folding the stripped form in."""
         full, stripped, short = self.forms(name.lower())
-        if full is None and short is None:
-            return HostnameVerdict()
-        if full is None or short is None:
-            return _side(full or short)
+        if full is None:
+            return HostnameVerdict() if short is None else _side(short)
+        if short is None:
+            return _side(full)
         if full.rule.action == short.rule.action == "deny":
             chosen = _pick_deny(full, short)
             return HostnameVerdict(deny_rule=chosen.rule.value,
@@ -227,16 +227,16 @@ class HostnameMatcher:
         name = name.lower()
         full, stripped, short = self.forms(name)
         for action in ("deny", "allow"):
-            full_hit = full is not None and full.rule.action == action
-            short_hit = short is not None and short.rule.action == action
-            if full_hit and short_hit:
+            full_hit = full if full is not None and full.rule.action == action else None
+            short_hit = short if short is not None and short.rule.action == action else None
+            if full_hit is not None and short_hit is not None:
                 pick = _pick_deny if action == "deny" else _pick_allow
-                chosen = pick(full, short)
-                return chosen.tracked_name(name if chosen is full else stripped)
-            if full_hit:
-                return full.tracked_name(name)
-            if short_hit:
-                return short.tracked_name(stripped)
+                chosen = pick(full_hit, short_hit)
+                return chosen.tracked_name(name if chosen is full_hit else stripped)
+            if full_hit is not None:
+                return full_hit.tracked_name(name)
+            if short_hit is not None:
+                return short_hit.tracked_name(stripped)
         return ""
 
     def rule_matches(self, rule: Rule, name: str) -> bool:

@@ -77,7 +77,7 @@ def _choice(raw: Any, allowed: Sequence[str], what: str, where: str,
     if raw not in allowed:
         problems.add(where, f"unknown {what} {_quote(raw)} (use {_alternatives(allowed)})")
         return None
-    return raw
+    return str(raw)
 
 
 # ------------------------------------------------------------------ entry points
@@ -164,7 +164,7 @@ def _default_action(raw: Any, where: str, problems: _Problems) -> str:
     return _choice(raw, ACTIONS, "action", where, problems) or "deny"
 
 
-def _json_list(raw: Any, where: str, problems: _Problems) -> list:
+def _json_list(raw: Any, where: str, problems: _Problems) -> list[Any]:
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -199,7 +199,8 @@ def _json_ports(raw: Any, where: str, problems: _Problems) -> tuple[PortSpec, ..
         problems.add(where, f"expected a list of {{port, protocol}} objects, found {_quote(raw)}")
         return None
     specs = [_json_port(entry, f"{where}[{j}]", problems) for j, entry in enumerate(raw or [])]
-    return None if None in specs else tuple(dict.fromkeys(specs))
+    valid = [spec for spec in specs if spec is not None]
+    return tuple(dict.fromkeys(valid)) if len(valid) == len(specs) else None
 
 
 def _json_port(raw: Any, where: str, problems: _Problems) -> PortSpec | None:

@@ -23,6 +23,7 @@ tests/test_firewall.py checks the promise after every single operation of random
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from ..rulemaps import ALLOW, DENY, Network
 from .mapstate import CidrValue, PortEntry
@@ -32,7 +33,9 @@ ALL_PORTS_DENY: CidrValue = (DENY, False)
 
 # ("put_cidr", network, value) | ("delete_cidr", network) | ("put_port", entry, action)
 # | ("delete_port", entry) | ("relax",)
-Operation = tuple
+Operation = tuple[Any, ...]
+# A network, or a port entry keyed by one.
+Entry = TypeVar("Entry", bound=Network | PortEntry)
 
 
 def plan_move(cidrs_now: Mapping[Network, CidrValue], ports_now: Mapping[PortEntry, int],
@@ -67,7 +70,8 @@ def plan_move(cidrs_now: Mapping[Network, CidrValue], ports_now: Mapping[PortEnt
     ]
 
 
-def _overlapping(entries: list, networks: Callable[[], list[Network]]) -> dict:
+def _overlapping(entries: list[Entry],
+                 networks: Callable[[], list[Network]]) -> dict[Entry, None]:
     """The entries (networks or port entries) overlapping any of networks(), in order;
     networks() is only asked for when there are entries to check."""
     if not entries:
@@ -76,7 +80,7 @@ def _overlapping(entries: list, networks: Callable[[], list[Network]]) -> dict:
     return {e: None for e in entries if index.overlaps(e[0] if isinstance(e, tuple) else e)}
 
 
-def longest_first(entries: Iterable) -> list:
+def longest_first(entries: Iterable[Entry]) -> list[Entry]:
     """Networks, or port entries keyed by network, most specific first."""
     return sorted(entries, key=lambda e: -(e[0] if isinstance(e, tuple) else e).prefixlen)
 

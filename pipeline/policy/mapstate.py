@@ -128,10 +128,13 @@ def side_grants(policy: Policy, ip: str, verdict: HostnameVerdict,
     side first, then the allow side, each after the CIDR conflict check, and nothing where
     the outcome equals the default action."""
     grants = []
-    allow_ports = verdict.allow_ports
+    allow_rule, allow_ports = verdict.allow_rule, verdict.allow_ports
     if verdict.has_deny and verdict.has_allow:
-        allow_ports = without_denied(allow_ports, verdict.deny_ports)
-    allow_rule = verdict.allow_rule if allow_ports is not None else ""
+        left = without_denied(allow_ports, verdict.deny_ports)
+        if left is None:
+            allow_rule = ""  # nothing the deny side leaves open
+        else:
+            allow_ports = left
     for action, rule, ports in (("deny", verdict.deny_rule, verdict.deny_ports),
                                 ("allow", allow_rule, allow_ports)):
         final = policy.ip_write_action(ip, action, ports) if rule else None

@@ -64,7 +64,7 @@ def format_ports(ports: Sequence[PortSpec]) -> str:
     return ", ".join(format_port(spec) for spec in ports) if ports else "all ports"
 
 
-def ports_json(ports: Sequence[PortSpec]) -> list[dict]:
+def ports_json(ports: Sequence[PortSpec]) -> list[dict[str, object]]:
     return [{"port": spec.port, "protocol": spec.protocol} for spec in ports]
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from publicsuffixlist import PublicSuffixList
 
 # Always stripped, and never accepted as user search domains: a user domain equal to one of
 # them would let every in-cluster name bypass the DNS filter.
@@ -14,7 +18,7 @@ _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
 @functools.cache
-def _public_suffixes():
+def _public_suffixes() -> PublicSuffixList:
     from publicsuffixlist import PublicSuffixList
 
     # Private section included: `.github.io` is as shared as `.co.uk`.

@@ -8,6 +8,7 @@ upstream (the one the proxy really forwards to).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..dns.endpoints import choose_upstream, parse_listen
 from .autoallow import cloud_metadata_allows, ensure_infra_allowed
@@ -15,6 +16,9 @@ from .cipresets import ci_service_allows
 from .load import load_policy
 from .model import Policy
 from .verdict import PortSpec
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 DNS_PORTS = (PortSpec(53, "udp"), PortSpec(53, "tcp"))  # the proxy retries over TCP
 
@@ -29,7 +33,7 @@ class HostFiles:
             return ""
 
 
-def dns_upstreams(settings, resolv_conf: str) -> list[str]:
+def dns_upstreams(settings: Settings, resolv_conf: str) -> list[str]:
     """The address the DNS proxy forwards to, or none when it has none to use."""
     try:
         listen = parse_listen(settings.dns_listen)
@@ -38,7 +42,7 @@ def dns_upstreams(settings, resolv_conf: str) -> list[str]:
         return []
 
 
-def startup_policy(policy: Policy, settings, files: HostFiles) -> Policy:
+def startup_policy(policy: Policy, settings: Settings, files: HostFiles) -> Policy:
     """The loaded policy plus the infrastructure sluice itself needs."""
     policy = ensure_infra_allowed(policy, dns_upstreams(settings, files.read("/etc/resolv.conf")),
                                   DNS_PORTS, "dns")
@@ -50,6 +54,6 @@ def startup_policy(policy: Policy, settings, files: HostFiles) -> Policy:
     return ci_service_allows(policy, settings)
 
 
-def load_startup_policy(settings, files: HostFiles) -> Policy:
+def load_startup_policy(settings: Settings, files: HostFiles) -> Policy:
     return startup_policy(load_policy(settings), settings, files)
 

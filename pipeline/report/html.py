@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Set
 
 from .data import Minute
 from .render import REFUSED_NOT_DRAFTED, Report, when
@@ -27,7 +28,8 @@ def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _table(header: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
+def _table(header: list[str], rows: list[list[str]],
+           numeric: Set[int] = frozenset()) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join(
         "<tr>" + "".join(f'<td class="n">{c}</td>' if i in numeric else f"<td>{c}</td>"
@@ -63,7 +65,7 @@ def chart(timeline: list[Minute]) -> str:
     for index, (label, allowed, blocked) in enumerate(bars):
         x = PAD + index * step
         w = max(step * 0.8, 1)
-        y = CHART_H - PAD
+        y: float = CHART_H - PAD
         for kind, value in (("allowed", allowed), ("blocked", blocked)):
             if not value:
                 continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Set
 
 from .data import Facts
 from .suggestion import Suggestion
@@ -63,7 +64,8 @@ def _code(text: str) -> str:
     return f"`{text.replace('`', '')}`"
 
 
-def _table(header: list[str], rows: list[list[object]], right: set[int] = frozenset()) -> list[str]:
+def _table(header: list[str], rows: list[list[object]],
+           right: Set[int] = frozenset()) -> list[str]:
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]

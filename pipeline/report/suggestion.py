@@ -85,7 +85,7 @@ def file_diff(path: str, text: str | None, rules: list[dict]) -> str:
 
 
 def environment_diff(environment: Mapping[str, str], rules: list[dict]) -> str:
-    added = {"SLUICE_ALLOWED_HOSTS": [], "SLUICE_ALLOWED_CIDRS": []}
+    added: dict[str, list[str]] = {"SLUICE_ALLOWED_HOSTS": [], "SLUICE_ALLOWED_CIDRS": []}
     for rule in rules:
         ports = sorted({p["port"] for p in rule.get("ports", []) if p["protocol"] != "icmp"})
         if rule.get("ports") and not ports:
