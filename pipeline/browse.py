@@ -13,7 +13,7 @@ import tempfile
 import urllib.parse
 from pathlib import Path
 
-from .errors import SluiceError
+from .errors import ExitCode, SluiceError
 
 LOOPBACK = "127.0.0.1"
 DESCRIPTIONS = {
@@ -68,7 +68,7 @@ QUERIES = {
 
 
 class BrowseError(SluiceError):
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
 
 def sqlite_path(url: str) -> Path:

@@ -12,22 +12,14 @@ import typer
 from . import __version__
 from .cli_data import register as register_data_commands
 from .cli_service import register as register_service_commands
-from .errors import SluiceError
+from .cli_shared import fail, one_line_errors, settings_from_env
+from .errors import ExitCode, SluiceError, report
 from .private import UMASK
-from .settings import SETTINGS, Settings, shown
+from .settings import SETTINGS, shown
 from .topology import STAGES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="sluice: an egress firewall for CI runners and servers.")
-
-
-def settings_from_env(**overrides) -> Settings:
-    return Settings.from_env(os.environ, **overrides)
-
-
-def fail(message: str, code: int = 1) -> None:
-    typer.echo(f"sluice: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _version(value: bool) -> None:
@@ -46,9 +38,11 @@ def main_options(
 
 @app.command()
 def run(stage: str = typer.Argument(..., help=f"one of: {', '.join(STAGES)}")) -> None:
-    """Run one pipeline stage in the foreground until SIGTERM/SIGINT."""
+    """Run one pipeline stage in the foreground until SIGTERM/SIGINT.
+
+    Example: sluice run policy"""
     if stage not in STAGES:
-        fail(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}", 2)
+        fail(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}", ExitCode.BAD_INPUT)
     from .stages import run_named
 
     raise typer.Exit(run_named(stage))
@@ -59,24 +53,28 @@ def wait_ready(
     timeout: float = typer.Option(60.0, help="seconds to wait before giving up"),
     stages: str | None = typer.Option(None, help="comma-separated stages (default: all)"),
 ) -> None:
-    """Exit 0 once every stage is up and every requested protection layer is on."""
-    from .service import NotReady, wait_until_ready
+    """Exit 0 once every stage is up and every requested protection layer is on.
+
+    Example: sluice wait-ready --timeout 30 --stages capture,policy"""
+    from .service import wait_until_ready
 
     settings = settings_from_env()
     wanted = stages.split(",") if stages else list(STAGES)
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
-        fail(f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGES)}", 2)
-    try:
+        fail(f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGES)}",
+             ExitCode.BAD_INPUT)
+    with one_line_errors():
         wait_until_ready(settings, wanted, timeout)
-    except NotReady as err:
-        fail(str(err), err.exit_code)
     typer.echo(f"ready: {', '.join(wanted)}")
 
 
 @app.command()
 def detach() -> None:
-    """Remove this instance's filter, cgroup hooks and pinned maps (also with no stage running)."""
+    """Remove this instance's filter, cgroup hooks and pinned maps (also with no stage
+    running).
+
+    Example: SLUICE_BPF_DIR=/sys/fs/bpf/sluice sluice detach"""
     from .kernel.loader import detach_instance
 
     settings = settings_from_env()
@@ -88,7 +86,9 @@ def detach() -> None:
 def status(as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
     """Show every protection layer and every stage: state, detail, latest counters; then
     in = out from the kernel to the store (read, journaled, sent, stored, pending, lost and
-    why). Exits 0 when every requested layer is on, 1 otherwise."""
+    why). Exits 0 when every requested layer is on, 1 otherwise.
+
+    Example: sluice status --json"""
     from .posture import read_posture, table
 
     posture = read_posture(settings_from_env(), STAGES)
@@ -96,12 +96,14 @@ def status(as_json: bool = typer.Option(False, "--json", help="print one JSON ob
         typer.echo(json.dumps(posture.as_json(), indent=2))
     else:
         typer.echo(table(posture), nl=False)
-    raise typer.Exit(1 if posture.problems() else 0)
+    raise typer.Exit(ExitCode.FAILED if posture.problems() else ExitCode.OK)
 
 
 @app.command()
 def doctor() -> None:
-    """Check every kernel and system requirement; one line each, with how to fix."""
+    """Check every kernel and system requirement; one line each, with how to fix.
+
+    Example: sudo sluice doctor"""
     from .kernel.doctor import run_checks
 
     settings = settings_from_env()
@@ -109,12 +111,14 @@ def doctor() -> None:
     for check in run_checks(settings):
         typer.echo(check.line())
         problems += not check.ok
-    raise typer.Exit(1 if problems else 0)
+    raise typer.Exit(ExitCode.FAILED if problems else ExitCode.OK)
 
 
 @app.command("print-bpf")
 def print_bpf() -> None:
-    """Print the BPF source and flags capture would load (needs no root)."""
+    """Print the BPF source and flags capture would load (needs no root).
+
+    Example: SLUICE_RINGBUF_PAGES=256 sluice print-bpf | less"""
     from .kernel.loader import printable_source
 
     typer.echo(printable_source(settings_from_env()))
@@ -122,7 +126,9 @@ def print_bpf() -> None:
 
 @app.command()
 def settings() -> None:
-    """List every SLUICE_* setting with its value, default and meaning."""
+    """List every SLUICE_* setting with its value, default and meaning.
+
+    Example: SLUICE_MODE=enforce sluice settings"""
     current = settings_from_env()
     for setting in SETTINGS:
         value = getattr(current, setting.name)
@@ -144,14 +150,16 @@ def _load(file: Path | None):
     except InvalidPolicy as err:
         for line in err.lines:
             typer.echo(line, err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(ExitCode.FAILED) from None
 
 
 @policy_app.command("check")
 def policy_check(file: Path | None = typer.Argument(
         None, help="policy JSON file (default: SLUICE_POLICY or the SLUICE_* environment form)"),
 ) -> None:
-    """Validate a policy and print its resolved rules; exit 1 with every problem otherwise."""
+    """Validate a policy and print its resolved rules; exit 1 with every problem otherwise.
+
+    Example: sluice policy check /etc/sluice/policy.json"""
     from .policy.explain import render_table
 
     typer.echo(render_table(_load(file)), nl=False)
@@ -165,13 +173,15 @@ def policy_explain(
     policy: Path | None = typer.Option(None, "--policy", help="policy file to judge by"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Say which rule decides NAME_OR_IP (for a port and protocol when given) and why."""
+    """Say which rule decides NAME_OR_IP (for a port and protocol when given) and why.
+
+    Example: sluice policy explain api.github.com --port 443 --protocol tcp"""
     from .policy.explain import explain
 
     try:
         result = explain(_load(policy), target, port, protocol)
     except ValueError as err:
-        fail(str(err), 2)
+        fail(str(err), ExitCode.BAD_INPUT)
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -192,8 +202,7 @@ def main() -> None:
     try:
         app(standalone_mode=True)
     except SluiceError as err:
-        typer.echo(f"sluice: {err}", err=True)
-        sys.exit(err.exit_code)
+        sys.exit(report(err))
 
 
 if __name__ == "__main__":

@@ -21,25 +21,9 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TextColumn, TimeRemainingColumn)
 from rich.text import Text
 
-from .errors import SluiceError
-from .settings import Settings
+from .cli_shared import one_line_errors, settings_from_env
 
-DB_HELP = "database URL (default: SLUICE_DB)"
-
-
-def _settings() -> Settings:
-    from .cli import settings_from_env  # the one place the environment is read
-
-    return settings_from_env()
-
-
-@contextlib.contextmanager
-def _one_line_errors() -> Iterator[None]:
-    try:
-        yield
-    except SluiceError as err:
-        typer.echo(f"sluice: {err}", err=True)
-        raise typer.Exit(err.exit_code) from None
+DB_HELP = "database URL (default: the built-in SLUICE_DB)"
 
 
 # ---------------------------------------------------------------- replay
@@ -81,12 +65,15 @@ def replay(
     mode: str | None = typer.Option(None, help="offline: audit or enforce (default: the "
                                        "recording's)"),
 ) -> None:
-    """Replay a SLUICE_RECORD recording into the running pipeline, or --offline under a policy."""
+    """Replay a SLUICE_RECORD recording into the running pipeline, or --offline under a
+    policy.
+
+    Example: sluice replay --offline --policy new.json --db sqlite:///whatif.db week.rec"""
     from .recording import in_replay_order
     from .replay import ReplayError, count_records, parse_pace, replay_live, replay_offline
 
-    with _one_line_errors():
-        settings = _settings()
+    with one_line_errors():
+        settings = settings_from_env()
         if offline and (policy is None or db is None):
             raise ReplayError("--offline needs --policy FILE and --db URL (keep what-if rows "
                               "apart from the live store)")
@@ -110,18 +97,20 @@ def replay(
 
 def query(
     sql: str = typer.Argument(..., help="one SELECT statement; the views are in the README"),
-    db: str | None = typer.Option(None, help=DB_HELP),
+    db: str | None = typer.Option(None, envvar="SLUICE_DB", help=DB_HELP),
     output_format: str = typer.Option("table", "--format", "-f",
                                       help="table, csv, json or ndjson"),
     since: str | None = typer.Option(None, help="bound to :since in the SQL (RFC 3339 time, "
                                         "date, or an age such as 24h or 7d)"),
     until: str | None = typer.Option(None, help="bound to :until in the SQL (as --since)"),
 ) -> None:
-    """Run one read-only SQL query on the audit store; anything that writes is refused."""
+    """Run one read-only SQL query on the audit store; anything that writes is refused.
+
+    Example: sluice query "SELECT * FROM blocked_destinations" --format csv"""
     from .query import answer
 
-    with _one_line_errors():
-        answer(sql, db=db or _settings().db, out=sys.stdout, now_ns=time.time_ns(),
+    with one_line_errors():
+        answer(sql, db=db or settings_from_env().db, out=sys.stdout, now_ns=time.time_ns(),
                output_format=output_format, since=since, until=until)
 
 
@@ -129,19 +118,21 @@ def query(
 
 def import_ndjson(
     file: Path = typer.Argument(..., help="a cargowall or sluice NDJSON audit log"),
-    db: str | None = typer.Option(None, help=DB_HELP),
-    host: str | None = typer.Option(None, help="host name for lines without one "
-                                       "(default: SLUICE_HOST or this machine's name)"),
+    db: str | None = typer.Option(None, envvar="SLUICE_DB", help=DB_HELP),
+    host: str | None = typer.Option(None, envvar="SLUICE_HOST", help="host name for lines "
+                                    "without one (default: this machine's name)"),
 ) -> None:
     """Load an NDJSON audit log into the store; importing it again adds nothing. Every
-    valid line is stored; each rejected one is reported on stderr as FILE:LINE: reason."""
+    valid line is stored; each rejected one is reported on stderr as FILE:LINE: reason.
+
+    Example: sluice import /var/log/cargowall/audit.json --host runner-7"""
     from .importer import import_file
 
     def rejected(line: int, reason: str) -> None:
         typer.echo(f"{file}:{line}: {reason}", err=True)
 
-    with _one_line_errors():
-        settings = _settings()
+    with one_line_errors():
+        settings = settings_from_env()
         report = import_file(file, db or settings.db, host or settings.host_name, rejected,
                              settings.gid)
         for line in report.lines_out():
@@ -153,19 +144,21 @@ def import_ndjson(
 def suggest(
     since: str | None = typer.Option(None, help="only rows at or after this RFC 3339 time "
                                         "or age (24h, 7d); default: all"),
-    db: str | None = typer.Option(None, help=DB_HELP),
+    db: str | None = typer.Option(None, envvar="SLUICE_DB", help=DB_HELP),
     host: str = typer.Option("", help="only this host's rows (default: every host)"),
     group_siblings: int = typer.Option(2, min=0, help="names one label below a parent that "
                                        "become one rule; 0 = never group"),
     output: Path | None = typer.Option(None, "--output", "-o",
                                           help="write the policy here instead of stdout"),
 ) -> None:
-    """Draft a policy JSON that would allow what audit-mode runs saw."""
+    """Draft a policy JSON that would allow what audit-mode runs saw.
+
+    Example: sluice suggest --since 7d -o policy.json"""
     from .suggest import draft_policy, parse_since, seen_in
 
-    with _one_line_errors():
+    with one_line_errors():
         since_ns = parse_since(since, time.time_ns()) if since else 0
-        seen, left_out = seen_in(db or _settings().db, since_ns, host)
+        seen, left_out = seen_in(db or settings_from_env().db, since_ns, host)
         text = json.dumps(draft_policy(seen, group_siblings), indent=2) + "\n"
         if output:
             output.write_text(text)
@@ -181,15 +174,17 @@ def suggest(
 def prune(
     before: str = typer.Option(..., help="delete audit rows older than this date (UTC "
                                "midnight) or RFC 3339 time"),
-    db: str | None = typer.Option(None, help=DB_HELP),
+    db: str | None = typer.Option(None, envvar="SLUICE_DB", help=DB_HELP),
 ) -> None:
-    """Delete old audit rows in small batches; the daily rollups keep counting them."""
+    """Delete old audit rows in small batches; the daily rollups keep counting them.
+
+    Example: sluice prune --before 2026-01-01"""
     from .store import AuditStore
     from .timestamps import parse_moment, sql_timestamp
 
-    with _one_line_errors():
+    with one_line_errors():
         cutoff = sql_timestamp(parse_moment(before, "--before"))
-        store = AuditStore(db or _settings().db)
+        store = AuditStore(db or settings_from_env().db)
         try:
             store.migrate()
             pruned = store.prune(cutoff)
@@ -200,14 +195,17 @@ def prune(
 
 
 def browse(
-    db: str | None = typer.Option(None, help="SQLite store URL (default: SLUICE_DB)"),
+    db: str | None = typer.Option(None, envvar="SLUICE_DB",
+                                  help="SQLite store URL (default: the built-in SLUICE_DB)"),
     port: int = typer.Option(8001, min=0, max=65535, help="port on 127.0.0.1"),
 ) -> None:
-    """Open the store read-only in Datasette on 127.0.0.1, with the views described."""
+    """Open the store read-only in Datasette on 127.0.0.1, with the views described.
+
+    Example: sluice browse --port 8001"""
     from .browse import serve
 
-    with _one_line_errors():
-        serve(db or _settings().db, port)
+    with one_line_errors():
+        serve(db or settings_from_env().db, port)
 
 
 def register(app: typer.Typer) -> None:

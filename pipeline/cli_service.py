@@ -9,16 +9,15 @@ annotations of the gate.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import typer
 
-from .errors import SluiceError
+from .cli_shared import one_line_errors
+from .errors import ExitCode, SluiceError
 from .topology import STAGES
 
 FORMATS = ("markdown", "json", "html")
@@ -27,16 +26,7 @@ SUFFIX_FORMATS = {".md": "markdown", ".markdown": "markdown", ".json": "json", "
 
 
 class BadInput(SluiceError):
-    exit_code = 2
-
-
-@contextlib.contextmanager
-def _one_line_errors() -> Iterator[None]:
-    try:
-        yield
-    except SluiceError as err:
-        typer.echo(f"sluice: {err}", err=True)
-        raise typer.Exit(err.exit_code) from None
+    exit_code = ExitCode.BAD_INPUT
 
 
 def _note(text: str) -> None:
@@ -68,10 +58,12 @@ def up(
     """Start the pipeline in the background and wait until it is fully on.
 
     Exits 0 once every stage is up and every requested protection layer is on; otherwise
-    stops what it started, removes what was attached and says why, with the log's tail."""
+    stops what it started, removes what was attached and says why, with the log's tail.
+
+    Example: SLUICE_MODE=enforce sluice up --timeout 60"""
     from .service import up as start
 
-    with _one_line_errors():
+    with one_line_errors():
         record, posture = start(os.environ, log=log, pid_file=pid_file, env_file=env_file,
                                 timeout=timeout, cwd=Path.cwd())
     classifier = posture.layers["classifier"]
@@ -131,11 +123,11 @@ def down(
     keep_filter: bool = typer.Option(False, "--keep-filter", help="enforce mode: leave the "
                                      "filter and maps in place (fail closed) after the stop"),
     fail_on_block: bool | None = typer.Option(
-        None, "--fail-on-block/--no-fail-on-block", help="exit 8 when a destination was "
-        "blocked (would be, in audit mode) that --expected does not list (default: "
-        "SLUICE_FAIL_ON_BLOCK)"),
-    expected: Path | None = typer.Option(None, help="expected-blocks file (default: "
-                                            "SLUICE_EXPECTED_BLOCKS)"),
+        None, "--fail-on-block/--no-fail-on-block", envvar="SLUICE_FAIL_ON_BLOCK",
+        help="exit 8 when a destination was blocked (would be, in audit mode) that "
+        "--expected does not list (default: no)"),
+    expected: Path | None = typer.Option(None, envvar="SLUICE_EXPECTED_BLOCKS",
+                                         help="expected-blocks file (default: none)"),
     report_file: Path | None = typer.Option(None, "--report", help="also write the run's "
                                                "report here (.html, .json or .md)"),
     timeout: float = typer.Option(30.0, help="seconds to wait for the stages to stop"),
@@ -143,12 +135,15 @@ def down(
     """Stop what `sluice up` started, report the run and apply the gate.
 
     Waits for a clean stop, detaches (in enforce mode unless --keep-filter), appends the
-    markdown report to $GITHUB_STEP_SUMMARY when it is set."""
+    markdown report to $GITHUB_STEP_SUMMARY when it is set.
+
+    Example: sluice down --fail-on-block --expected expected-blocks.txt --report run.html"""
     from .posture import read_posture
+    from .report.gate import GateFailed
     from .report.make import make_report
     from .service import detach_leftovers, down as stop, recorded_settings
 
-    with _one_line_errors():
+    with one_line_errors():
         settings, record = recorded_settings(os.environ)
         gate, entries = _gate_inputs(settings, fail_on_block, expected)
         summary = settings.ci_env.get("GITHUB_STEP_SUMMARY")
@@ -185,10 +180,10 @@ def down(
         for line in problems:
             _note(f"sluice: {line}")
         if problems:
-            raise typer.Exit(3)
+            raise typer.Exit(ExitCode.STAGE_FAILED)
         if unexpected_count:
-            _note(f"sluice: {unexpected_count} unexpected block(s): failing (--fail-on-block)")
-            raise typer.Exit(8)
+            raise GateFailed(f"{unexpected_count} unexpected block(s): failing "
+                             "(--fail-on-block)")
 
 
 def report(
@@ -198,24 +193,30 @@ def report(
                                       help="markdown, json or html"),
     output: Path | None = typer.Option(None, "--output", "-o", help="write it here "
                                           "instead of stdout"),
+    # No envvar: after `sluice up` these come from the settings it recorded (service.py).
     host: str | None = typer.Option(None, help="the host whose records to report "
-                                       "(default: SLUICE_HOST or this machine's name)"),
-    db: str | None = typer.Option(None, help="database URL (default: SLUICE_DB)"),
+                                       "(default: SLUICE_HOST as `sluice up` recorded it, "
+                                       "else this machine's name)"),
+    db: str | None = typer.Option(None, help="database URL (default: SLUICE_DB as "
+                                     "`sluice up` recorded it)"),
     fail_on_block: bool | None = typer.Option(
-        None, "--fail-on-block/--no-fail-on-block", help="exit 8 when a destination was "
-        "blocked that --expected does not list (default: SLUICE_FAIL_ON_BLOCK)"),
-    expected: Path | None = typer.Option(None, help="expected-blocks file (default: "
-                                            "SLUICE_EXPECTED_BLOCKS)"),
+        None, "--fail-on-block/--no-fail-on-block", envvar="SLUICE_FAIL_ON_BLOCK",
+        help="exit 8 when a destination was blocked that --expected does not list "
+        "(default: no)"),
+    expected: Path | None = typer.Option(None, envvar="SLUICE_EXPECTED_BLOCKS",
+                                         help="expected-blocks file (default: none)"),
 ) -> None:
     """Report what was blocked, late-allowed and refused, with the posture.
 
-    Ends with the allowlist change that would let the blocked destinations through."""
+    Ends with the allowlist change that would let the blocked destinations through.
+
+    Example: sluice report --since 24h --format html -o report.html"""
     from .posture import read_posture
     from .report.make import make_report
     from .service import recorded_settings
     from .suggest import parse_since
 
-    with _one_line_errors():
+    with one_line_errors():
         if output_format not in FORMATS:
             raise BadInput(f"--format {output_format!r}: use {', '.join(FORMATS)}")
         now = time.time_ns()
@@ -238,7 +239,7 @@ def report(
         else:
             sys.stdout.write(text)
         if gate and _apply_gate(result, entries, settings.ci_env):
-            raise typer.Exit(8)
+            raise typer.Exit(ExitCode.UNEXPECTED_BLOCK)
 
 
 # ---------------------------------------------------------------- systemd
@@ -251,10 +252,12 @@ def systemd_units(
                                   "every unit reads at start (.env form, root-only)"),
     user: str = typer.Option("root", help="the user the stages run as"),
 ) -> None:
-    """Write systemd units for a server: sluice.target and one service per stage."""
+    """Write systemd units for a server: sluice.target and one service per stage.
+
+    Example: sluice systemd-units /etc/systemd/system --env-file /etc/sluice/sluice.env"""
     from .service import sluice_executable, systemd_units as units
 
-    with _one_line_errors():
+    with one_line_errors():
         try:
             directory.mkdir(parents=True, exist_ok=True)
             for name, text in units(str(Path(sluice_executable()).absolute()), env_file,

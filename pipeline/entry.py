@@ -38,7 +38,7 @@ def quick_query(args: list[str]) -> int | None:
             sql.append(arg)
     if len(sql) != 1:
         return None
-    from .errors import SluiceError
+    from .errors import SluiceError, report
     from .query import answer
 
     try:
@@ -48,8 +48,7 @@ def quick_query(args: list[str]) -> int | None:
             values["db"] = Settings.from_env(os.environ).db
         answer(sql[0], out=sys.stdout, now_ns=time.time_ns(), **values)
     except SluiceError as err:
-        print(f"sluice: {err}", file=sys.stderr)
-        return err.exit_code
+        return report(err)
     except BrokenPipeError:  # `sluice query ... | head`
         sys.stderr.close()
     return 0
@@ -62,14 +61,13 @@ def quick_run(stage: str) -> int | None:
 
     if stage not in STAGES:
         return None
-    from .errors import SluiceError
+    from .errors import SluiceError, report
     from .stages import run_named
 
     try:
         return run_named(stage)
     except SluiceError as err:
-        print(f"sluice: {err}", file=sys.stderr)
-        return err.exit_code
+        return report(err)
 
 
 def main() -> None:

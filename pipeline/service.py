@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from .errors import SluiceError
+from .errors import ExitCode, SluiceError
 from .loop import prepare_run_dir, write_atomic
 from .posture import LAYERS, Posture, pid_alive, read_posture
 from .settings import Settings
@@ -46,17 +46,17 @@ PER_STOP_VARIABLES = ("SLUICE_FAIL_ON_BLOCK", "SLUICE_EXPECTED_BLOCKS")
 class NotReady(SluiceError):
     """A stage or a requested layer failed while starting."""
 
-    exit_code = 3
+    exit_code = ExitCode.STAGE_FAILED
 
 
 class TimedOut(NotReady):
-    exit_code = 4
+    exit_code = ExitCode.TIMED_OUT
 
 
 class ServiceError(SluiceError):
     """up refused (already running) or a stop that did not go cleanly."""
 
-    exit_code = 1
+    exit_code = ExitCode.FAILED
 
 
 # ------------------------------------------------------------------ waiting

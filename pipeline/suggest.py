@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from publicsuffixlist import PublicSuffixList
 
 from .timestamps import TimeError, parse_moment, sql_timestamp
-from .errors import SluiceError
+from .errors import ExitCode, SluiceError
 from .policy.hostnames import hostname_problem
 from .policy.load import policy_from_text
 from .policy.model import Policy
@@ -47,7 +47,7 @@ WHERE ((event_type IN ('connection_allowed', 'connection_late_allowed')
 
 
 class SuggestError(SluiceError):
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ import datetime
 import re
 import time
 
-from .errors import SluiceError
+from .errors import ExitCode, SluiceError
 
 _NS = 1_000_000_000
 _SECONDS: dict[int, str] = {}  # records come in bursts within a second: format each once
@@ -19,7 +19,7 @@ _SECONDS: dict[int, str] = {}  # records come in bursts within a second: format 
 class TimeError(SluiceError):
     """A time on the command line that is not one; the message names the option."""
 
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
 
 def _second_text(seconds: int) -> str:

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .errors import SluiceError
+from .errors import ExitCode, SluiceError
 
 MAX_ERRORS = 5
 WINDOW_S = 60.0
@@ -28,7 +28,7 @@ PAUSE_S = 0.5
 
 
 class WorkerDied(SluiceError):
-    exit_code = 7
+    exit_code = ExitCode.WORKER_DIED
 
 
 class Worker:

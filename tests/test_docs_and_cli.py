@@ -141,3 +141,91 @@ def test_the_bundled_example_policy_is_valid():
 
     result = runner.invoke(app, ["policy", "check", str(BUNDLED_POLICY)])
     assert result.exit_code == 0 and "github.com" in result.output
+
+
+# ------------------------------------------------------------------ the CLI's conventions
+
+def _commands():
+    """(name as typed, click command) of every command, policy's subcommands included."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            for sub, subcommand in command.commands.items():
+                yield f"{name} {sub}", subcommand
+        else:
+            yield name, command
+
+
+COMMANDS = dict(_commands())
+# Options named after a setting that deliberately do not read its variable, and why.
+WITHOUT_ENVVAR = {
+    ("replay", "policy"): "a what-if run names its policy explicitly",
+    ("replay", "db"): "a what-if run keeps its rows apart from the live store",
+    ("replay", "mode"): "the default is the recording's mode",
+    ("report", "db"): "after `sluice up`, the settings it recorded decide",
+    ("report", "host"): "after `sluice up`, the settings it recorded decide",
+    ("suggest", "host"): "a filter over stored rows, not this machine's name",
+    ("policy explain", "policy"): "the default is the whole SLUICE_* policy (file or form)",
+}
+SETTING_OF_OPTION = {s.name: s.variable for s in SETTINGS} | {
+    "expected": "SLUICE_EXPECTED_BLOCKS"}
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_help_has_an_example(name):
+    result = runner.invoke(app, [*name.split(), "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert re.search(rf"Example: .*sluice {name}\b", result.output), result.output
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_options_named_after_a_setting_read_its_variable(name):
+    for param in COMMANDS[name].params:
+        variable = SETTING_OF_OPTION.get(param.name)
+        if variable is None or (name, param.name) in WITHOUT_ENVVAR:
+            continue
+        assert param.envvar == variable, f"sluice {name} --{param.name}"
+
+
+def test_an_option_reads_its_variable_when_not_given(tmp_path):
+    expected = tmp_path / "expected.txt"
+    expected.write_text("no-port-here\n")
+    result = runner.invoke(app, ["report"], env={"SLUICE_RUN_DIR": str(tmp_path),
+                                                 "SLUICE_EXPECTED_BLOCKS": str(expected)})
+    assert result.exit_code == 2 and "expected.txt" in result.output
+
+
+def test_every_error_exit_code_is_one_of_the_table():
+    import importlib
+    import pkgutil
+
+    import pipeline
+    from pipeline.errors import ExitCode, SluiceError
+
+    for module in pkgutil.walk_packages(pipeline.__path__, "pipeline."):
+        if module.name != "pipeline.kernel.compile":  # imports bcc: the kernel tests load it
+            importlib.import_module(module.name)
+    pending, seen = [SluiceError], []
+    while pending:
+        cls = pending.pop()
+        seen.append(cls)
+        pending.extend(cls.__subclasses__())
+    assert len(seen) > 10
+    for cls in seen:
+        assert isinstance(cls.exit_code, ExitCode), cls
+    # and nothing spells a code as a bare number
+    for path in (ROOT / "pipeline").rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"exit_code = \d|Exit\(\d", text), path
+
+
+def test_command_modules_do_not_import_each_other():
+    import ast
+
+    for module in ("cli_data", "cli_service", "cli_shared"):
+        tree = ast.parse((ROOT / "pipeline" / f"{module}.py").read_text())
+        imported = {node.module for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & {"cli", "cli_data", "cli_service"}, module

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..errors import SluiceError
+from ..errors import ExitCode, SluiceError
 from .data import Blocked, Refused
 
 MAX_BYTES = 1 << 20
@@ -24,11 +24,11 @@ MAX_LINE = 1_000
 
 
 class ExpectedError(SluiceError):
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
 
 class GateFailed(SluiceError):
-    exit_code = 8
+    exit_code = ExitCode.UNEXPECTED_BLOCK
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,7 +92,7 @@ from ..dns.holders import holder_inodes
 from ..dns.packets import Malformed, Query
 from ..dns.queryfilter import REFUSE, PolicyMemory, judge_query
 from ..dns.tcpslots import Held, make_room
-from ..errors import KernelError, MessageError, SettingsError, SluiceError
+from ..errors import ExitCode, KernelError, MessageError, SettingsError, SluiceError
 from ..events import AllowReply, AllowRequest, DnsMapping
 from ..kernel import libbpf
 from ..kernel.maps import PinnedMaps
@@ -116,7 +116,7 @@ PRE_RESOLVE_PAYLOAD = 1232  # EDNS size of our own queries (the DNS flag day's s
 
 
 class ListenError(SluiceError):
-    exit_code = 6
+    exit_code = ExitCode.DNS_LISTEN
 
 
 # ------------------------------------------------------------------ timers
