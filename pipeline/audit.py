@@ -97,6 +97,16 @@ def normalize(event: AuditEvent, audit_mode: bool, now_ns: int) -> AuditEvent:
     return event
 
 
+def existing_connection_record(ip: str, hostname: str, matched_rule: str, allowed: bool,
+                               auto_allowed_type: str) -> AuditEvent:
+    """A connection open before sluice started (the seed's LogExistingConnection): both
+    flags are `not allowed`, whatever the mode. The policy stage's start-up scan logs these."""
+    return AuditEvent(
+        0, AuditEventType.EXISTING_CONNECTION.value, dst_ip=ip, dst_hostname=hostname,
+        matched_rule=matched_rule, auto_allowed_type=auto_allowed_type,
+        would_deny=not allowed, blocked=not allowed)
+
+
 def new_event_id(now_ns: int) -> str:
     """A unique id that sorts by creation time: SQL indexes on it stay append-mostly."""
     return f"{now_ns:016x}{os.urandom(8).hex()}"
@@ -308,7 +318,11 @@ class AuditLogger:
                 self._drop_fd()
             self._closed = True
 
-    # -- the seed's API
+    # -- the seed's API. The pipeline writes through write() (persist, in batches) records
+    # that policy, dns and the start-up scan built and normalized; these are thin adapters
+    # over the same pieces for a library user: build the record (outcome.decide's fields,
+    # existing_connection_record), normalize() it with this logger's mode, write() it.
+    # tests/test_audit.py checks that they write what the pipeline writes.
 
     def set_audit_mode(self, audit_mode: bool) -> None:
         self._audit_mode = audit_mode
@@ -348,11 +362,8 @@ class AuditLogger:
 
     def log_existing_connection(self, ip: str, hostname: str, matched_rule: str, allowed: bool,
                                 auto_allowed_type: str) -> None:
-        """Both flags are `not allowed`, whatever the mode."""
-        self.log_event(AuditEvent(
-            0, AuditEventType.EXISTING_CONNECTION.value, dst_ip=ip, dst_hostname=hostname,
-            matched_rule=matched_rule, auto_allowed_type=auto_allowed_type,
-            would_deny=not allowed, blocked=not allowed))
+        self.log_event(existing_connection_record(ip, hostname, matched_rule, allowed,
+                                                  auto_allowed_type))
 
     def log_protocol_blocked(self, src_ip: str, dst_ip: str, hostname: str, protocol: str,
                              process: str, pid: int) -> None:

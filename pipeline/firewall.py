@@ -32,9 +32,12 @@ log = logging.getLogger("policy")
 
 
 class FirewallUpdater(Protocol):
-    """What late-allow needs (the seed's FirewallUpdater): open an address for ports."""
+    """The seed's FirewallUpdater: open (or close) an address for ports, for the hostname
+    whose rule asked. Late-allow, the DNS path (jit.py) and the start-up scan of existing
+    connections write through it; Firewall is the implementation."""
 
-    def add_ip(self, ip: str, action: str, ports: Sequence[PortSpec]) -> bool: ...
+    def add_ip(self, ip: str, action: str, ports: Sequence[PortSpec],
+               hostname: str = "") -> bool: ...
 
 
 class Firewall:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 
 from .events import IPPROTO_TCP, IPPROTO_UDP, EnrichedEvent
-from .firewall import Firewall
+from .firewall import FirewallUpdater
 from .policy.mapstate import side_grants
 from .policy.model import Policy
 from .policy.ports import ports_cover
@@ -25,7 +25,7 @@ log = logging.getLogger("sluice.policy")
 _RULE_PROTOCOLS = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
 
 
-def apply_verdict(policy: Policy, firewall: Firewall, ip: str, verdict: HostnameVerdict,
+def apply_verdict(policy: Policy, firewall: FirewallUpdater, ip: str, verdict: HostnameVerdict,
                   hostname: str) -> bool:
     """Deny side first, then allow side (side_grants: conflict-checked, nothing equal to the
     default); True when the maps now allow ip for the allow side's ports. A port the deny
@@ -41,7 +41,8 @@ def apply_verdict(policy: Policy, firewall: Firewall, ip: str, verdict: Hostname
     return allowed
 
 
-def late_allow(policy: Policy, firewall: Firewall | None, event: EnrichedEvent) -> str | None:
+def late_allow(policy: Policy, firewall: FirewallUpdater | None,
+               event: EnrichedEvent) -> str | None:
     """Reference §2.3: open a blocked destination whose name an allow rule matches. Returns
     the allow rule's value when the event's own port and protocol are now allowed."""
     protocol = _RULE_PROTOCOLS.get(event.ip_proto)
@@ -67,7 +68,7 @@ class AnswerWrites:
     allowed_ips: list[str]
 
 
-def allow_answer(policy: Policy, firewall: Firewall, name: str,
+def allow_answer(policy: Policy, firewall: FirewallUpdater, name: str,
                  ips: Sequence[str]) -> AnswerWrites:
     """A DNS answer for name: apply its verdict to every address before the answer goes out."""
     verdict = policy.match_hostname(name)

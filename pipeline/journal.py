@@ -117,14 +117,6 @@ def is_marked(bitmap: bytes | bytearray, seq: int) -> bool:
     return bool(bitmap[bit >> 3] & (1 << (bit & 7)))
 
 
-def all_marked(bitmap: bytes | bytearray, first_seq: int, last_seq: int) -> bool:
-    """Every bit of the (same-segment) range first..last is set."""
-    lo, hi = bit_of(first_seq), bit_of(last_seq)
-    whole = int.from_bytes(bitmap, "little")
-    mask = ((1 << (hi - lo + 1)) - 1) << lo
-    return whole & mask == mask
-
-
 def count_marked(bitmap: bytes | bytearray, first_seq: int, last_seq: int) -> int:
     lo, hi = bit_of(first_seq), bit_of(last_seq)
     whole = int.from_bytes(bitmap, "little") >> lo

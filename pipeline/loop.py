@@ -96,9 +96,6 @@ class Feed:
             return
         self._queue(wire.encode(records, kind), len(records))
 
-    def send_frame(self, frame: bytes, count: int) -> None:
-        self._queue(frame, count)
-
     def _queue(self, frame: bytes, count: int) -> None:
         if not self.backlog and self._try(frame):
             self.counters.add(f"{self.name}_sent", count)
@@ -123,13 +120,6 @@ class Feed:
                 return
             self.backlog.popleft()
             self.counters.add(f"{self.name}_sent", count)
-
-    def try_send_frame(self, frame: bytes, count: int) -> bool:
-        """Send now or not at all (the caller keeps the frame): capture's journal sender."""
-        if self.backlog or not self._try(frame):
-            return False
-        self.counters.add(f"{self.name}_sent", count)
-        return True
 
     def pending(self) -> int:
         return sum(count for _, count in self.backlog)

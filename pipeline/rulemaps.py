@@ -30,7 +30,6 @@ class RuleMaps(Protocol):
 
     # Port rules: (network, port, L4 protocol number). A wildcard is network 0.0.0.0/0 or ::/0.
     def put_port(self, network: Network, port: int, proto: int, action: int) -> None: ...
-    def get_port(self, network: Network, port: int, proto: int) -> int | None: ...
     def delete_port(self, network: Network, port: int, proto: int) -> None: ...
     def ports(self) -> Iterator[tuple[Network, int, int, int]]: ...
 
@@ -64,9 +63,6 @@ class DictRuleMaps:
 
     def put_port(self, network: Network, port: int, proto: int, action: int) -> None:
         self.port_entries[(network, port, proto)] = action
-
-    def get_port(self, network: Network, port: int, proto: int) -> int | None:
-        return self.port_entries.get((network, port, proto))
 
     def delete_port(self, network: Network, port: int, proto: int) -> None:
         self.port_entries.pop((network, port, proto), None)

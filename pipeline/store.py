@@ -165,7 +165,6 @@ destination_minutes = _groups("destination_minutes", MINUTE_KEY)
 sa.Index("ix_destination_minutes_key", *(destination_minutes.c[c] for c in
                                          ("host", "dst_ip", "dst_port", "protocol", "event_type")))
 destinations = _groups("destinations", TOTAL_KEY)
-ROLLUPS = (late_keys, activity_minutes, activity_days, destination_minutes, destinations)
 # 0005 kept groups per day; 0006 replaced them with destination_minutes.
 _DAY_KEY_0005 = ("host", "day", "destination", "dst_port", "protocol", "process", "event_type",
                  "dst_ip", "matched_rule")

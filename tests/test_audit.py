@@ -243,6 +243,49 @@ def test_seed_log_methods_write_one_normalized_line(tmp_path, method, args, expe
         {"timestamp": "2026-01-01T00:00:00.123456789Z", **expected}]
 
 
+def _kernel_event(allowed=False, proto=6, src_port=40000, dst_port=443, host=""):
+    from pipeline.events import EnrichedEvent, RawEvent
+
+    raw = RawEvent(4, allowed, proto, 0, "10.0.0.2", "93.184.216.34", src_port, dst_port, T0,
+                   321, "curl", 1, "", 0)
+    return EnrichedEvent.from_raw(raw, host)
+
+
+# (the seed's method and its arguments, the event the pipeline judges, its late-allow rule)
+PIPELINE_TWINS = [
+    ("log_connection_allowed",
+     ("10.0.0.2", "93.184.216.34", "one.one", 443, "curl", 321, "dns", "TCP"),
+     _kernel_event(allowed=True, host="one.one"), None),
+    ("log_connection_blocked", ("10.0.0.2", "93.184.216.34", "", 443, "curl", 321, "TCP"),
+     _kernel_event(), None),
+    ("log_connection_late_allowed",
+     ("10.0.0.2", "93.184.216.34", "x.example", "*.example", 443, "curl", 321, "TCP"),
+     _kernel_event(host="x.example"), "*.example"),
+    ("log_protocol_blocked", ("10.0.0.2", "93.184.216.34", "", "GRE", "curl", 321),
+     _kernel_event(proto=47, src_port=0, dst_port=47), None),
+]
+
+
+@pytest.mark.parametrize("audit_mode", [True, False])
+@pytest.mark.parametrize("method, args, event, late", PIPELINE_TWINS,
+                         ids=[twin[0] for twin in PIPELINE_TWINS])
+def test_seed_log_methods_write_what_the_pipeline_writes(tmp_path, audit_mode, method, args,
+                                                         event, late):
+    """The seed's methods are adapters over the pipeline's path, not a copy of it: the line
+    one writes is the line policy's decision, stored by persist's writer, becomes."""
+    from pipeline.outcome import decide
+
+    record = decide(event, audit_mode=audit_mode, event_id="", host="",
+                    auto_allowed_type=lambda *_: "dns", late_allow=lambda _: late).record
+    pipeline_log = AuditLogger(tmp_path / "pipeline.jsonl", audit_mode)
+    pipeline_log.write([record])
+    pipeline_log.close()
+    seed_log = logger(tmp_path / "seed.jsonl", audit_mode)
+    getattr(seed_log, method)(*args)
+    seed_log.close()
+    assert lines(tmp_path / "seed.jsonl") == lines(tmp_path / "pipeline.jsonl")
+
+
 @pytest.mark.parametrize("method, args, expected", [SEED_CALLS[1], SEED_CALLS[5]],
                          ids=["blocked", "existing-not-allowed"])
 def test_enforce_mode_sets_blocked(tmp_path, method, args, expected):

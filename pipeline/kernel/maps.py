@@ -110,13 +110,6 @@ class KernelRuleMaps(PinnedMaps):
         libbpf.update(self._fd("map_ports", network), _port_key(network, port, proto),
                       PortValue(action=action))
 
-    def get_port(self, network: Network, port: int, proto: int) -> int | None:
-        value = PortValue()
-        if not libbpf.lookup(self._fd("map_ports", network), _port_key(network, port, proto),
-                             value):
-            return None
-        return value.action
-
     def delete_port(self, network: Network, port: int, proto: int) -> None:
         libbpf.delete(self._fd("map_ports", network), _port_key(network, port, proto))
 

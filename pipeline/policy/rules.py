@@ -11,10 +11,6 @@ from .verdict import PortSpec
 ACTIONS = ("allow", "deny")
 RULE_TYPES = ("hostname", "cidr")
 
-# Tags of rules sluice adds itself (reference §3.9); audit records carry them.
-AUTO_TYPES = ("dns", "cloud_metadata", "azure_infrastructure", "github_service",
-              "gitlab_service", "codecargo_service", "loopback")
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Rule:

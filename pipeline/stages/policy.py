@@ -37,7 +37,7 @@ from collections.abc import Callable
 import zmq
 
 from .. import messages
-from ..audit import AuditEvent, normalize
+from ..audit import AuditEvent, existing_connection_record, normalize
 from ..events import AllowReply, AllowRequest
 from ..firewall import Firewall, apply_existing_connection
 from ..jit import allow_answer, late_allow
@@ -130,11 +130,9 @@ class PolicyStage(BaseStage):
         for ip, observed in remotes.items():
             gate = gate_existing_connection(self.policy, ip, observed)
             if apply_existing_connection(self.firewall, gate):
-                records.append(self._record(AuditEvent(
-                    timestamp=0, event_type="existing_connection", dst_ip=ip,
-                    dst_hostname=gate.dst_hostname, matched_rule=gate.matched_rule,
-                    auto_allowed_type=gate.auto_allowed_type, would_deny=not gate.allowed,
-                    blocked=not gate.allowed)))
+                records.append(self._record(existing_connection_record(
+                    ip, gate.dst_hostname, gate.matched_rule, gate.allowed,
+                    gate.auto_allowed_type)))
         self._send(records)
         self.io.counters.add("existing_connections", len(remotes))
 
