@@ -33,7 +33,7 @@ from typing import Protocol
 
 import zmq
 
-from . import messages as wire
+from . import messages
 from .errors import MessageError, SluiceError
 from .histogram import LATENCY_BOUNDS, Histogram
 from .settings import Settings
@@ -94,7 +94,7 @@ class Feed:
     def send(self, records: list, kind: str | None = None) -> None:
         if not records:
             return
-        self._queue(wire.encode(records, kind), len(records))
+        self._queue(messages.encode(records, kind), len(records))
 
     def _queue(self, frame: bytes, count: int) -> None:
         if not self.backlog and self._try(frame):
@@ -173,7 +173,7 @@ class StageIO:
             sock = self.ctx.socket(zmq.PULL if inbox.pattern == "pull" else zmq.REP)
             sock.setsockopt(zmq.RCVHWM, QUEUE_MESSAGES if inbox.pattern == "pull"
                             else HIGH_WATER_MARK)
-            sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME)  # a larger one drops its sender
+            sock.setsockopt(zmq.MAXMSGSIZE, messages.MAX_FRAME)  # a larger one drops its sender
             sock.setsockopt(zmq.LINGER, 0)
             path = inbox_path(self.settings.run_dir, inbox.name)
             if path.exists():
@@ -448,7 +448,7 @@ def _decode(sock: zmq.Socket, inbox: Inbox, io: StageIO, complain) -> tuple[str,
     try:
         if len(frames) != 1:
             raise MessageError("a message of several frames", f"{len(frames)} frames")
-        kind, records, bad = wire.decode_records(frames[0])
+        kind, records, bad = messages.decode_records(frames[0])
         if kind not in inbox.kinds:
             raise MessageError(f"kind {kind} is not accepted here")
     except MessageError as err:

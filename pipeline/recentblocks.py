@@ -49,7 +49,7 @@ class RecentBlocks:
     def size(self) -> int:
         return len(self.blocks)
 
-    def record(self, event: AuditEvent, now: int) -> None:
+    def remember(self, event: AuditEvent, now: int) -> None:
         """Remember a connection_blocked TCP/UDP record."""
         if event.event_type != "connection_blocked" or not event.dst_ip \
                 or event.protocol not in ("TCP", "UDP"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import zmq
 
-from pipeline import messages as wire
+from pipeline import messages
 from pipeline.kernel.loader import Attachment, detach_instance
 from pipeline.kernel.maps import KernelRuleMaps, pins_present
 from pipeline.rulemaps import ALLOW, DENY
@@ -61,7 +61,7 @@ class CaptureRig:
         """Collect raw events until predicate(all events so far) is true."""
         def poll():
             while self.inbox.poll(50):
-                kind, records, bad = wire.decode(self.inbox.recv())
+                kind, records, bad = messages.decode(self.inbox.recv())
                 assert kind == "raw_events" and bad == 0
                 self.events.extend(records)
             return predicate(self.events)

@@ -22,7 +22,7 @@ def block(ip="192.0.2.1", port=443, protocol="TCP", at=10 * S, src="10.0.0.2", p
 ])
 def test_only_tcp_udp_connection_blocks_are_kept(event):
     recent = RecentBlocks()
-    recent.record(event, 10 * S)
+    recent.remember(event, 10 * S)
     assert recent.size == 0
 
 
@@ -37,48 +37,48 @@ def test_only_tcp_udp_connection_blocks_are_kept(event):
 ])
 def test_take_by_port_coverage(allow, deny, has_deny, taken):
     recent = RecentBlocks()
-    recent.record(block(), 10 * S)
+    recent.remember(block(), 10 * S)
     assert len(recent.take("192.0.2.1", allow, deny, has_deny, 11 * S)) == taken
 
 
 def test_covered_entries_are_removed_even_when_denied():
     recent = RecentBlocks()
-    recent.record(block(), 10 * S)
+    recent.remember(block(), 10 * S)
     recent.take("192.0.2.1", TCP443, (), True, 11 * S)
     assert recent.size == 0 and recent.keys_by_ip == {}
 
 
 def test_expired_blocks_are_not_reconciled():
     recent = RecentBlocks(ttl_ns=5 * S)
-    recent.record(block(at=10 * S), 10 * S)
+    recent.remember(block(at=10 * S), 10 * S)
     assert recent.take("192.0.2.1", (), (), False, 16 * S) == []
     assert recent.size == 0
 
 
 def test_repeated_attempts_keep_the_latest_time_and_blank_disagreements():
     recent = RecentBlocks()
-    recent.record(block(at=10 * S, pid=7, process="curl"), 10 * S)
-    recent.record(block(at=12 * S, pid=8, process="curl"), 12 * S)
-    recent.record(block(at=11 * S, pid=7, process="wget"), 12 * S)
+    recent.remember(block(at=10 * S, pid=7, process="curl"), 10 * S)
+    recent.remember(block(at=12 * S, pid=8, process="curl"), 12 * S)
+    recent.remember(block(at=11 * S, pid=7, process="wget"), 12 * S)
     [entry] = recent.take("192.0.2.1", (), (), False, 13 * S)
     assert (entry.at, entry.pid, entry.process, entry.src_ip) == (12 * S, 0, "", "10.0.0.2")
 
 
 def test_capacity_prunes_expired_then_drops_new_keys():
     recent = RecentBlocks(ttl_ns=5 * S, capacity=2)
-    recent.record(block(port=1, at=1 * S), 1 * S)
-    recent.record(block(port=2, at=9 * S), 9 * S)
-    recent.record(block(port=3, at=9 * S), 9 * S)   # prunes port 1 (expired)
-    recent.record(block(port=4, at=9 * S), 9 * S)   # full of live entries: dropped
+    recent.remember(block(port=1, at=1 * S), 1 * S)
+    recent.remember(block(port=2, at=9 * S), 9 * S)
+    recent.remember(block(port=3, at=9 * S), 9 * S)   # prunes port 1 (expired)
+    recent.remember(block(port=4, at=9 * S), 9 * S)   # full of live entries: dropped
     assert recent.size == 2 and recent.dropped == 1
-    recent.record(block(port=2, at=10 * S), 10 * S)  # refreshing a key always works
+    recent.remember(block(port=2, at=10 * S), 10 * S)  # refreshing a key always works
     ports = [b.dst_port for b in recent.take("192.0.2.1", (), (), False, 10 * S)]
     assert ports == [3, 2]
 
 
 def test_late_allowed_record_is_dated_at_the_block():
     recent = RecentBlocks()
-    recent.record(block(at=10 * S), 10 * S)
+    recent.remember(block(at=10 * S), 10 * S)
     [entry] = recent.take("192.0.2.1", (), (), False, 20 * S)
     record = late_allowed_record(entry, "api.example.com", "*.example.com", ["a", "b"])
     assert (record.timestamp, record.event_type, record.dst_hostname, record.matched_rule) == (

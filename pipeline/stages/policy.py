@@ -171,7 +171,7 @@ class PolicyStage(BaseStage):
                 auto_allowed_type=lambda ip, port, proto, name: get_auto_allowed_type(
                     policy, ip, port, proto, name),
                 late_allow=lambda e: late_allow(policy, firewall, e))
-            self.recent.record(outcome.record, self.clock())
+            self.recent.remember(outcome.record, self.clock())
             out.append(outcome.record)
             if outcome.notify:
                 notices.append(notice_of(outcome.record, event.dst_port, self.settings.mode))
