@@ -11,8 +11,8 @@ not is one log line and changes nothing. The counters `policy_reloads` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .errors import PolicyError
 from .policy.model import Policy

@@ -24,8 +24,9 @@ Policy:   the start-up policy the policy and dns stages judge by (pipeline/livep
           keeps the previous policy). A policy that does not load stops the stage at start.
 Counters: ptr_lookups, ptr_named, ptr_no_name, ptr_timeout, ptr_error, ptr_not_sent,
           names_from_lookups, events_named, held_over_limit, ptr_busy, held_at_stop,
-          policy_reloads, policy_reload_failures, lookups_thread_errors (the lookup thread's own errors, each logged;
-          `sluice status` shows whether it is alive; if it dies the stage exits non-zero).
+          policy_reloads, policy_reload_failures, lookups_thread_errors (the lookup thread's
+          own errors, each logged; `sluice status` shows whether it is alive; if it dies
+          the stage exits non-zero).
 Records: with SLUICE_RECORD, every raw_events and dns_mappings batch, as it arrives, goes to
           that file for `sluice replay` (pipeline/recording.py), written on each loop tick.
 Bad input: a malformed message or record is counted and skipped (logged once per kind).
