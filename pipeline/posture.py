@@ -126,7 +126,8 @@ def classifier_report(interface: str, requested_mode: str, attached: bool,
                       config: tuple[str, str, int] | None) -> dict:
     """capture's classifier layer; config is the kernel's (default action, mode, generation),
     meaningful once policy has programmed the maps (generation != 0)."""
-    facts = {"interface": interface, "direction": "egress", "requested_mode": requested_mode}
+    facts: dict[str, object] = {"interface": interface, "direction": "egress",
+                                "requested_mode": requested_mode}
     if config is None or not config[2]:
         return {"state": "pending", "detail": f"waiting for the policy stage to program "
                 f"the maps before attaching to {interface}", **facts}
@@ -182,7 +183,7 @@ def combine(reports: Mapping[str, tuple[str, dict]], stages: Mapping[str, StageS
             stage, report = reports[spec.name]
             facts = {k: v for k, v in report.items()
                      if k not in ("state", "requested", "detail")}
-            state = report.get("state") if report.get("state") in STATES else "failed"
+            state = str(report["state"]) if report.get("state") in STATES else "failed"
             layers[spec.name] = Layer(spec.name, state, bool(report.get("requested", True)),
                                       str(report.get("detail", "")), stage, facts)
         else:
