@@ -37,7 +37,7 @@ MAX_LINE = 8192            # a receiver's usual limit; longer messages lose thei
 @dataclasses.dataclass(frozen=True)
 class Target:
     transport: str  # unix, udp, tcp
-    address: object  # a path, or (host, port)
+    address: str | tuple[str, int]  # a path, or (host, port)
     shown: str
 
 
@@ -149,17 +149,17 @@ class SyslogClient:
 
     def _socket(self) -> socket.socket:
         if self.sock is None:
-            kind = self.target.transport
-            if kind == "unix":
+            kind, address = self.target.transport, self.target.address
+            if isinstance(address, str):  # unix
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             else:
-                host, port = self.target.address
+                host, port = address
                 family = socket.getaddrinfo(host, port)[0][0]
                 sock = socket.socket(family, socket.SOCK_STREAM if kind == "tcp"
                                      else socket.SOCK_DGRAM)
             sock.settimeout(SEND_TIMEOUT_S)
             try:
-                sock.connect(self.target.address)
+                sock.connect(address)
             except OSError:
                 sock.close()
                 raise
