@@ -47,7 +47,7 @@ from pipeline.reverse import ReverseResolver  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 from pipeline.stages.enrich import EnrichStage  # noqa: E402
 from pipeline.topology import inbox_address  # noqa: E402
-from tests.netns import PYTHON, Lab, base_env  # noqa: E402
+from tests.support.netns import PYTHON, Lab, base_env  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 KNOWN = 1_000
@@ -175,9 +175,9 @@ def summarize(arrivals: Arrivals, started: float, known: int, stage_counters: di
 
 def part_one(args) -> None:
     port = 18053
-    server = subprocess.Popen([PYTHON, "-m", "tests.tools.ptrserver", "127.0.0.1", str(port),
-                               "--delay", str(PTR_DELAY_S)], cwd=ROOT, stdout=subprocess.PIPE,
-                              text=True)
+    server = subprocess.Popen([PYTHON, "-m", "tests.support.tools.ptrserver", "127.0.0.1",
+                               str(port), "--delay", str(PTR_DELAY_S)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "ready"
         for mode, send in (
@@ -284,7 +284,7 @@ def part_two(args) -> None:
     subprocess.run(["ip", "-n", lab.client, "route", "add", "default", "via", Lab.SERVER_V4],
                    check=True)
     ptr = subprocess.Popen(lab.exec_args(lab.server) + [
-        PYTHON, "-m", "tests.tools.ptrserver", Lab.SERVER_V4, "53", "--delay",
+        PYTHON, "-m", "tests.support.tools.ptrserver", Lab.SERVER_V4, "53", "--delay",
         str(PTR_DELAY_S)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     lab.processes.append(ptr)
     netns_etc = Path("/etc/netns") / lab.client

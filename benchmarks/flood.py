@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.netns import Lab, base_env  # noqa: E402
+from tests.support.netns import Lab, base_env  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 STAGES = ("capture", "enrich", "policy", "persist", "dns", "notify")
@@ -94,7 +94,7 @@ def probe(lab: Lab, stop_file: Path, first: int, count: int = 0) -> subprocess.P
     args = ["--first", str(first), "--per-second", "20"]
     args += ["--count", str(count)] if count else ["--stop-file", str(stop_file)]
     return subprocess.Popen(lab.exec_args(lab.client) + [sys.executable, "-m",
-                                                         "tests.tools.dnsprobe", *args],
+                                                         "tests.support.tools.dnsprobe", *args],
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
 
 
@@ -107,7 +107,7 @@ def upstream(lab: Lab, tmp: Path) -> None:
             for i in range(FRESH_NAMES)}
     (tmp / "zone.json").write_text(json.dumps(zone))
     proc = subprocess.Popen(lab.exec_args(lab.server) + [sys.executable, "-m",
-                                                         "tests.tools.dnsserver",
+                                                         "tests.support.tools.dnsserver",
                                                          f"{Lab.SERVER_V4}:53",
                                                          str(tmp / "zone.json")],
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)

@@ -8,8 +8,8 @@ import hypothesis
 import pytest
 import zmq
 
-from tests.stagekit import Peer
 from tests.support.leaks import terminate_or_fail
+from tests.support.stagekit import Peer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +71,7 @@ def zmq_context():
 
 @pytest.fixture
 def peer(zmq_context, tmp_path):
-    """The test's side of stages run under tmp_path/run (tests/stagekit.py: Peer)."""
+    """The test's side of stages run under tmp_path/run (tests/support/stagekit.py: Peer)."""
     peer = Peer(tmp_path / "run", zmq_context)
     yield peer
     peer.close()
@@ -87,7 +87,7 @@ def kernel(request):
 
 @pytest.fixture
 def lab(kernel):
-    from tests.netns import Lab
+    from tests.support.netns import Lab
 
     lab = Lab()
     try:

@@ -19,10 +19,10 @@ from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.notify import NotifyStage
 from pipeline.stages.policy import PolicyStage
 from pipeline.store import AuditStore
-from tests.stagekit import Peer, StageThread, stage_settings
+from tests.support.stagekit import Peer, StageThread, stage_settings
+from tests.support.tools.httpsink import HttpSink
+from tests.support.tools.ptrserver import PtrServer
 from tests.support.wait import wait_for
-from tests.tools.httpsink import HttpSink
-from tests.tools.ptrserver import PtrServer
 
 T0 = 1_764_000_000_000_000_000
 ALLOW_ALL = {"defaultAction": "deny", "rules": [

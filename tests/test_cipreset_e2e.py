@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.netns import Lab
+from tests.support.netns import Lab
 from tests.support.wait import wait_for
 from tests.test_dns_e2e import ZONE, DnsLab
 from tests.test_e2e import Pipeline, find

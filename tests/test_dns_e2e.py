@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import Lab, sh
+from tests.support.netns import Lab, sh
 from tests.support.wait import wait_for
 from tests.test_e2e import Pipeline, find
 
@@ -122,7 +122,7 @@ class DnsLab:
         zone_file = tmp_path / "zone.json"
         zone_file.write_text(json.dumps(zone))
         upstream = subprocess.Popen(
-            lab.exec_args(lab.server) + [PYTHON, "-m", "tests.tools.dnsserver",
+            lab.exec_args(lab.server) + [PYTHON, "-m", "tests.support.tools.dnsserver",
                                          f"{Lab.SERVER_V4}:53", str(zone_file)],
             cwd=ROOT, stdout=subprocess.PIPE, text=True)
         lab.processes.append(upstream)

@@ -28,9 +28,9 @@ from pipeline.kernel.loader import load_classifier, remove_pins
 from pipeline.kernel.maps import KernelRuleMaps
 from pipeline.rulemaps import DENY
 from pipeline.stages.dns import ALLOW_WAIT_S, TCP_IDLE_S, DnsStage, PinnedGeneration
-from tests.stagekit import Peer, StageThread, stage_settings
+from tests.support.stagekit import Peer, StageThread, stage_settings
+from tests.support.tools.dnsserver import AuthoritativeServer
 from tests.support.wait import wait_for
-from tests.tools.dnsserver import AuthoritativeServer
 
 MANY = [f"10.9.{i // 250}.{i % 250 + 1}" for i in range(120)]  # too many for 512 bytes
 ZONE = {

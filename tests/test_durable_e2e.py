@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.kernel.loader import cgroup2_mounts
-from tests.netns import ROOT, Lab
+from tests.support.netns import ROOT, Lab
 from tests.support.wait import wait_for
 from tests.test_e2e import Pipeline
 
@@ -30,7 +30,7 @@ FIRST_PORT = 1024
 
 def flooding(lab: Lab, count: int, per_second: float = 0) -> subprocess.Popen:
     return subprocess.Popen(
-        lab.exec_args(lab.client) + [sys.executable, "-m", "tests.tools.flood", str(count),
+        lab.exec_args(lab.client) + [sys.executable, "-m", "tests.support.tools.flood", str(count),
                                      "--to", *TARGETS, "--first-port", str(FIRST_PORT),
                                      "--per-second", str(per_second)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.topology import STAGES
-from tests.netns import ROOT, Lab, Session, base_env, sh
+from tests.support.netns import ROOT, Lab, Session, base_env, sh
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.topology import STAGES
-from tests.netns import PYTHON, ROOT, Lab
+from tests.support.netns import PYTHON, ROOT, Lab
 from tests.support.wait import wait_for
 from tests.test_e2e import Pipeline, find
 
@@ -20,7 +20,7 @@ def resolver_in_server(lab):
     """A PTR-answering DNS server in the server namespace, and the client namespace's
     resolv.conf pointing at it (`ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf)."""
     server = subprocess.Popen(
-        lab.exec_args(lab.server) + [PYTHON, "-m", "tests.tools.ptrserver", Lab.SERVER_V4,
+        lab.exec_args(lab.server) + [PYTHON, "-m", "tests.support.tools.ptrserver", Lab.SERVER_V4,
                                      "53", "--ptr", f"{TARGET}=Web-3.Allowed.Example.",
                                      "--spoof", f"{SPOOFED}=exfil.allowed.example."],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)

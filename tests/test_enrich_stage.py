@@ -8,9 +8,9 @@ from pipeline import messages
 from pipeline.events import DnsMapping, RawEvent
 from pipeline.reverse import ReverseResolver
 from pipeline.stages.enrich import EnrichStage
-from tests.stagekit import Peer, StageThread, stage_settings
+from tests.support.stagekit import Peer, StageThread, stage_settings
+from tests.support.tools.ptrserver import PtrServer
 from tests.support.wait import wait_for
-from tests.tools.ptrserver import PtrServer
 
 T0 = 1_764_000_000_000_000_000
 POLICY = {"defaultAction": "deny", "rules": [

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.topology import STAGES
-from tests.netns import PYTHON, ROOT, Lab
+from tests.support.netns import PYTHON, ROOT, Lab
 from tests.support.wait import wait_for
 from tests.test_e2e import Pipeline, find
 from tests.test_export_stage import SyslogListener, parse_syslog
@@ -22,7 +22,8 @@ METRICS = "127.0.0.1:9464"
 
 def start_collector(lab: Lab, record) -> None:
     proc = subprocess.Popen(lab.exec_args(lab.client) + [
-        PYTHON, "-m", "tests.tools.otlpreceiver", "127.0.0.1", "4318", "--record", str(record)],
+        PYTHON, "-m", "tests.support.tools.otlpreceiver", "127.0.0.1", "4318", "--record",
+        str(record)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     lab.processes.append(proc)
     assert proc.stdout.readline().strip() == "ready"

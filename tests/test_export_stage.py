@@ -21,9 +21,9 @@ from pipeline.histogram import Histogram
 from pipeline.stages.export import ExportStage
 from pipeline.store import AuditStore, as_row, audit_events
 from tests.conftest import postgres_schema
-from tests.stagekit import StageThread, stage_settings
+from tests.support.stagekit import StageThread, stage_settings
+from tests.support.tools.otlpreceiver import OtlpReceiver
 from tests.support.wait import wait_for
-from tests.tools.otlpreceiver import OtlpReceiver
 
 T0 = 1_767_225_600_000_000_000
 KINDS = ("connection_allowed", "connection_blocked", "connection_late_allowed",

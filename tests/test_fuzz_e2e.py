@@ -2,7 +2,7 @@
 garbage at its DNS proxy), then it must still enforce, record a real connection and alert.
 
 The real Procfile under honcho in a network namespace, enforce mode, a webhook sink; the
-fuzzer (tests/tools/fuzzer.py) runs in the namespace. Every stage must still be up, every
+fuzzer (tests/support/tools/fuzzer.py) runs in the namespace. Every stage must still be up, every
 rejection counted, and nothing real lost.
 """
 
@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from pipeline.topology import STAGES
-from tests.netns import PYTHON, ROOT, Lab
+from tests.support.netns import PYTHON, ROOT, Lab
 from tests.support.wait import wait_for
 from tests.test_e2e import Pipeline, find
 from tests.test_notify_e2e import counters, delivered
@@ -26,7 +26,7 @@ def test_a_fuzzed_pipeline_still_enforces_records_and_alerts(lab, tmp_path):
     lab.start_server(80, 443)
     record = tmp_path / "posts.jsonl"
     sink = subprocess.Popen(
-        lab.exec_args(lab.client) + [PYTHON, "-m", "tests.tools.httpsink", "127.0.0.1",
+        lab.exec_args(lab.client) + [PYTHON, "-m", "tests.support.tools.httpsink", "127.0.0.1",
                                      str(SINK_PORT), "--record", str(record)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     lab.processes.append(sink)
@@ -40,9 +40,9 @@ def test_a_fuzzed_pipeline_still_enforces_records_and_alerts(lab, tmp_path):
     pipeline.start()
 
     fuzzed = subprocess.run(
-        lab.exec_args(lab.client) + [PYTHON, "-m", "tests.tools.fuzzer", str(tmp_path / "run"),
-                                     "--seed", "10", "--per-inbox", str(PER_INBOX),
-                                     "--dns", "127.0.0.1:53"],
+        lab.exec_args(lab.client) + [PYTHON, "-m", "tests.support.tools.fuzzer",
+                                     str(tmp_path / "run"), "--seed", "10", "--per-inbox",
+                                     str(PER_INBOX), "--dns", "127.0.0.1:53"],
         cwd=ROOT, env=pipeline.env, capture_output=True, text=True, timeout=120)
     assert fuzzed.returncode == 0, fuzzed.stderr
     sent = json.loads(fuzzed.stdout)

@@ -25,9 +25,9 @@ from pipeline.reverse import ReverseResolver
 from pipeline.rulemaps import ALLOW, DictRuleMaps
 from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.policy import PolicyStage
-from tests.stagekit import Peer, StageThread, stage_settings
+from tests.support.stagekit import Peer, StageThread, stage_settings
+from tests.support.tools.ptrserver import PtrServer
 from tests.support.wait import wait_for
-from tests.tools.ptrserver import PtrServer
 
 T0 = 1_764_000_000_000_000_000
 DEEP = "[" * 100_000

@@ -4,8 +4,8 @@ import ipaddress
 import pytest
 
 from pipeline.rulemaps import ALLOW, DENY
-from tests.kernelrig import CaptureRig
-from tests.netns import Lab
+from tests.support.kernelrig import CaptureRig
+from tests.support.netns import Lab
 
 pytestmark = pytest.mark.kernel
 

@@ -17,8 +17,8 @@ from pipeline.loop import StageIO
 from pipeline.policy.startup import HostFiles
 from pipeline.reverse import ReverseResolver
 from pipeline.stages.enrich import EnrichStage
-from tests.stagekit import Peer, StageThread, stage_settings
-from tests.tools.ptrserver import PtrServer
+from tests.support.stagekit import Peer, StageThread, stage_settings
+from tests.support.tools.ptrserver import PtrServer
 
 POLICY = {"defaultAction": "deny", "rules": [
     {"type": "hostname", "value": "allowed.example", "action": "allow"}]}

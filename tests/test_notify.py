@@ -8,7 +8,7 @@ import pytest
 from pipeline.errors import SettingsError
 from pipeline.notify import (DeliveryError, LogClient, Notification, NotificationTracker,
                              WebhookClient, destination_key, retry_delay, sink_origin)
-from tests.tools.httpsink import HttpSink
+from tests.support.tools.httpsink import HttpSink
 
 T0 = 1_764_000_000_123_000_000
 TOKEN = "tok-3f9a-very-secret"

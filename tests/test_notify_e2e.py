@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from pipeline.topology import STAGES
-from tests.netns import PYTHON, ROOT, Lab
+from tests.support.netns import PYTHON, ROOT, Lab
 from tests.support.wait import wait_for
 from tests.test_e2e import Pipeline
 
@@ -67,7 +67,7 @@ def run_pipeline(lab, tmp_path, record, attempts, alerts) -> tuple[dict, str]:
 def test_one_post_per_destination_with_retry_and_none_again_after_a_restart(lab, tmp_path):
     record = tmp_path / "posts.jsonl"
     sink = subprocess.Popen(  # in the client namespace, where notify runs
-        lab.exec_args(lab.client) + [PYTHON, "-m", "tests.tools.httpsink", "127.0.0.1",
+        lab.exec_args(lab.client) + [PYTHON, "-m", "tests.support.tools.httpsink", "127.0.0.1",
                                      str(SINK_PORT), "--record", str(record),
                                      "--fail-first", "2"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)

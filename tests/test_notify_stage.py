@@ -7,9 +7,9 @@ from pipeline.events import Notice
 from pipeline.stages.notify import NotifyStage
 from pipeline.stages.persist import PersistStage
 from pipeline.store import AuditStore
-from tests.stagekit import StageThread, stage_settings
+from tests.support.stagekit import StageThread, stage_settings
+from tests.support.tools.httpsink import HttpSink
 from tests.support.wait import wait_for
-from tests.tools.httpsink import HttpSink
 
 T0 = 1_764_000_000_000_000_000
 TOKEN = "tok-3f9a-very-secret"

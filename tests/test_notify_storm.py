@@ -13,9 +13,9 @@ from pipeline.notify import SUMMARY_EVENT, Notification, Storm
 from pipeline.stages.notify import NotifyStage
 from pipeline.stages.persist import PersistStage
 from pipeline.store import AuditStore
-from tests.stagekit import Peer, StageThread, stage_settings
+from tests.support.stagekit import Peer, StageThread, stage_settings
+from tests.support.tools.httpsink import HttpSink
 from tests.support.wait import wait_for
-from tests.tools.httpsink import HttpSink
 
 T0 = 1_764_000_000_000_000_000
 

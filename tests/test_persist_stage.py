@@ -13,7 +13,7 @@ from pipeline import wire
 from pipeline.audit import AuditEvent, parse_timestamp
 from pipeline.stages.persist import PersistStage
 from pipeline.store import audit_events, open_readonly
-from tests.stagekit import StageThread, stage_settings
+from tests.support.stagekit import StageThread, stage_settings
 from tests.support.wait import wait_for
 
 T0 = 1_767_225_600_123_456_789  # 2026-01-01T00:00:00.123456789Z

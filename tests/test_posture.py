@@ -13,7 +13,7 @@ from pipeline.posture import (LAYERS, StageState, classifier_report, combine, ho
 from pipeline.rulemaps import DictRuleMaps
 from pipeline.stages.policy import PolicyStage
 from pipeline.topology import STAGES
-from tests.stagekit import StageThread, stage_settings
+from tests.support.stagekit import StageThread, stage_settings
 from tests.support.wait import wait_for
 
 runner = CliRunner()

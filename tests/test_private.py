@@ -21,7 +21,7 @@ from pipeline.kernel.doctor import check_private
 from pipeline.loop import Counters
 from pipeline.recording import open_recorder
 from pipeline.stages.persist import PersistStage
-from tests.stagekit import StageThread, stage_settings
+from tests.support.stagekit import StageThread, stage_settings
 from tests.support.wait import wait_for
 
 T0 = 1_764_000_000_000_000_000

@@ -49,7 +49,7 @@ from pipeline.stages.notify import NotifyStage
 from pipeline.stages.persist import PersistStage
 from pipeline.stages.policy import PolicyStage
 from pipeline.store import AuditStore
-from tests.stagekit import stage_settings
+from tests.support.stagekit import stage_settings
 from tests.test_schemas import load, sample
 
 T0 = 1_764_000_000_000_000_000

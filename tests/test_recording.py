@@ -12,7 +12,7 @@ from pipeline.events import DnsMapping, RawEvent
 from pipeline.loop import Counters
 from pipeline.recording import (FRAME_HEAD, Header, Recorder, Recording, RecordingError,
                                 RecordingWriter, in_replay_order, open_recorder)
-from tests.stagekit import stage_settings
+from tests.support.stagekit import stage_settings
 
 T0 = 1_767_225_600_000_000_000
 SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "schemas" / "recording.json")

@@ -19,7 +19,7 @@ from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.persist import PersistStage
 from pipeline.stages.policy import PolicyStage
 from pipeline.store import open_readonly
-from tests.stagekit import Peer, StageThread, stage_settings
+from tests.support.stagekit import Peer, StageThread, stage_settings
 from tests.support.wait import wait_for
 
 T0 = 1_767_225_600_000_000_000

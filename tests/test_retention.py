@@ -15,7 +15,7 @@ from pipeline.query import run_query
 from pipeline.retention import Retention
 from pipeline.stages.persist import PersistStage
 from pipeline.store import AuditStore
-from tests.stagekit import StageThread
+from tests.support.stagekit import StageThread
 from tests.support.wait import wait_for
 from tests.test_persist_stage import jsonl_fields, make_settings, pusher  # noqa: F401
 

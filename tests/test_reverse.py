@@ -3,7 +3,7 @@
 import select
 
 from pipeline.reverse import NAMED, NO_NAME, UNCONFIRMED, ReverseResolver
-from tests.tools.ptrserver import PtrServer
+from tests.support.tools.ptrserver import PtrServer
 
 
 def lookups(server, ips):

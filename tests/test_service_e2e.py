@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.netns import ROOT, Lab, base_env, sh
+from tests.support.netns import ROOT, Lab, base_env, sh
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e

@@ -21,9 +21,9 @@ from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.notify import NotifyStage
 from pipeline.store import AuditStore
 from pipeline.workers import Worker, WorkerDied
-from tests.stagekit import Peer, StageThread, stage_settings
+from tests.support.stagekit import Peer, StageThread, stage_settings
+from tests.support.tools.httpsink import HttpSink
 from tests.support.wait import wait_for
-from tests.tools.httpsink import HttpSink
 
 T0 = 1_764_000_000_000_000_000
 log = logging.getLogger("test")

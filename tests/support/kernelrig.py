@@ -19,7 +19,7 @@ from pipeline.kernel.loader import Attachment, detach_instance
 from pipeline.kernel.maps import KernelRuleMaps, pins_present
 from pipeline.rulemaps import ALLOW, DENY
 from pipeline.settings import Settings
-from tests.netns import Lab, base_env
+from tests.support.netns import Lab, base_env
 from tests.support.wait import wait_for
 
 

@@ -2,7 +2,7 @@
 
 In a test:  `server = AuthoritativeServer(ZONE).start()` ... `server.close()`; `server.port`,
             `server.asked[(name, "A")]` counts the questions it received.
-In a namespace: `python -m tests.tools.dnsserver 10.201.0.2:53 zone.json` prints "ready".
+In a namespace: `python -m tests.support.tools.dnsserver 10.201.0.2:53 zone.json` prints "ready".
 
 A zone is a dict: name (lowercase, no trailing dot) -> entry with any of
   "A": [...], "AAAA": [...]  addresses            "ttl": seconds (default 60)

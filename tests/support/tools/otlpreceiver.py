@@ -3,7 +3,7 @@
 In a test:       with OtlpReceiver() as collector: ... collector.endpoint, collector.records()
                  collector.answer = 503 (every request answered so, nothing kept), .down() and
                  .up() (the port closed, then listening again)
-In a namespace:  python -m tests.tools.otlpreceiver 127.0.0.1 4318 --record FILE
+In a namespace:  python -m tests.support.tools.otlpreceiver 127.0.0.1 4318 --record FILE
                  (prints "ready"; appends one JSON line per log record to FILE)
 
 A record is {"body", "time", "severity", "event_name", "attributes", "resource", "headers"}:

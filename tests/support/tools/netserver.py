@@ -1,6 +1,6 @@
 """Test services run inside a namespace: TCP echo on each given port (v4 and v6), UDP sink.
 
-`python -m tests.tools.netserver 80 443 ...`; prints "ready" once listening.
+`python -m tests.support.tools.netserver 80 443 ...`; prints "ready" once listening.
 """
 
 import selectors

@@ -1,4 +1,5 @@
-"""Blocked-traffic generator run inside a test namespace: `python -m tests.tools.flood N ...`.
+"""Blocked-traffic generator run inside a test namespace:
+`python -m tests.support.tools.flood N ...`.
 
 Sends N UDP datagrams, each to its own destination (address, port), so the classifier can
 aggregate none of them: a scan or an exfiltration burst. Prints one JSON line: how many were

@@ -1,4 +1,4 @@
-"""Test traffic generator run inside a namespace: `python -m tests.tools.netclient ...`.
+"""Test traffic generator run inside a namespace: `python -m tests.support.tools.netclient ...`.
 
 Names itself (prctl) so tests can assert the process name the kernel recorded, and prints
 one JSON line with its pid and what happened.

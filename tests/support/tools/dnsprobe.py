@@ -1,4 +1,5 @@
-"""Resolve fresh names at a steady rate until told to stop: `python -m tests.tools.dnsprobe`.
+"""Resolve fresh names at a steady rate until told to stop:
+`python -m tests.support.tools.dnsprobe`.
 
 Run inside a test namespace against the DNS proxy. Each query asks a name never asked
 before (n<i>.<suffix>), so every answer takes the proxy's full path: the upstream, then the

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
 
@@ -69,7 +69,7 @@ class Lab:
 
     def start_server(self, *ports: int) -> subprocess.Popen:
         proc = subprocess.Popen(
-            self.exec_args(self.server) + [PYTHON, "-m", "tests.tools.netserver",
+            self.exec_args(self.server) + [PYTHON, "-m", "tests.support.tools.netserver",
                                            *map(str, ports)],
             cwd=ROOT, stdout=subprocess.PIPE, text=True)
         self.processes.append(proc)
@@ -77,9 +77,9 @@ class Lab:
         return proc
 
     def client_run(self, *args: str, timeout: float = 15) -> dict:
-        """Run tests/tools/netclient.py in the client namespace; its JSON result."""
+        """Run tests/support/tools/netclient.py in the client namespace; its JSON result."""
         result = subprocess.run(
-            self.exec_args(self.client) + [PYTHON, "-m", "tests.tools.netclient", *args],
+            self.exec_args(self.client) + [PYTHON, "-m", "tests.support.tools.netclient", *args],
             cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
@@ -129,8 +129,8 @@ class Session:
 
     def __init__(self, lab: Lab, host: str, port: int) -> None:
         self.proc = subprocess.Popen(
-            lab.exec_args(lab.client) + [PYTHON, "-m", "tests.tools.netclient", "session", host,
-                                         str(port), "--timeout", "2"],
+            lab.exec_args(lab.client) + [PYTHON, "-m", "tests.support.tools.netclient", "session",
+                                         host, str(port), "--timeout", "2"],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         lab.processes.append(self.proc)
         self.opened = json.loads(self.proc.stdout.readline() or '{"ok": false}')

@@ -1,6 +1,6 @@
 """Throw random and wrong-shaped input at every inbox of a running pipeline.
 
-    python -m tests.tools.fuzzer RUN_DIR --seed N --per-inbox N [--dns 127.0.0.1:53]
+    python -m tests.support.tools.fuzzer RUN_DIR --seed N --per-inbox N [--dns 127.0.0.1:53]
 
 Run inside the pipeline's network namespace (the DNS proxy listens there; the ZeroMQ inboxes
 are ipc sockets under RUN_DIR). Each inbox gets --per-inbox messages, a seeded mix of:

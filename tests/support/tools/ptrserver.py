@@ -7,7 +7,7 @@ NXDOMAIN. The delay is per answer, not per server: a thousand slow questions are
 answered about `delay` seconds after each arrived, as a slow upstream would.
 
 In a test:       with PtrServer({"10.1.0.7": "web.example."}, delay=2.0) as server: server.port
-In a namespace:  python -m tests.tools.ptrserver 10.201.0.2 53 --ptr 10.202.0.3=web.example.
+In a namespace:  python -m tests.support.tools.ptrserver 10.201.0.2 53 --ptr 10.202.0.3=web.example.
                  [--spoof 10.202.0.4=web.example.]
                  (prints "ready" once listening)
 """

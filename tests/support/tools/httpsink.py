@@ -1,8 +1,9 @@
 """A local HTTP sink for webhook tests: it records every POST and can fail or stall first.
 
 In a test:       with HttpSink(fail_first=2) as sink: ... sink.url, sink.requests
-In a namespace:  python -m tests.tools.httpsink 127.0.0.1 8099 --record FILE [--fail-first N]
-                 (prints "ready"; appends one JSON line per request to FILE)
+In a namespace:  python -m tests.support.tools.httpsink 127.0.0.1 8099 --record FILE
+                     [--fail-first N]   (prints "ready"; appends one JSON line per request
+                 to FILE)
 
 Each request is recorded as {"path", "headers", "body", "status"}: the first `fail_first`
 requests are answered `fail_status` (with a Location header when `redirect_to` is set), the
