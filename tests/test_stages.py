@@ -124,19 +124,19 @@ def test_a_full_audit_path_never_holds_back_an_allow_request(tmp_path, peer):
          "ports": [{"port": 443, "protocol": "tcp"}]}]}
     settings = stage_settings(tmp_path, SLUICE_POLICY=write_policy(tmp_path, policy),
                               SLUICE_MODE="enforce", SLUICE_ALLOW_EXISTING_CONNECTIONS="false")
-    peer.inbox("persist")  # never read
+    persist = peer.ctx.socket(zmq.PULL)  # bound, never read, and holding one batch at most
+    persist.setsockopt(zmq.RCVHWM, 1)
+    persist.setsockopt(zmq.LINGER, 0)
+    persist.bind(f"ipc://{settings.run_dir}/persist.sock")
+    peer.sockets.append(persist)
     stage = StageThread(PolicyStage(open_maps=lambda s: maps), settings).start()
     push = peer.pusher("policy")
-    push.setsockopt(zmq.SNDTIMEO, 100)
     batch = messages.encode([messages.REGISTRY["enriched_events"].from_raw(raw(port=p))
                              for p in range(1, 513)])
     sent = 0
-    try:
-        while True:  # until policy and the queues in between hold all they will take
-            push.send(batch)
-            sent += 512
-    except zmq.Again:
-        pass
+    for _ in range(200):  # far more than the queues to persist hold
+        push.send(batch)
+        sent += 512
     wait_for(lambda: stage.counters().get("enriched_events_received", 0) > 0, "events taken")
     request = peer.ctx.socket(zmq.REQ)
     peer.sockets.append(request)
