@@ -10,6 +10,8 @@ Layout of SLUICE_JOURNAL_DIR (created 0700, files 0600):
 
     journal.id        16 hex digits made with the directory: record i's event id is
                       "<id>-<i as 12 hex digits>", the same every time it is sent
+    journal.next      the first segment index no run has used yet: numbers are never
+                      given twice, even once every segment is deleted
     <index>.seg       a segment: records with sequence numbers in
                       [index * SEGMENT_RECORDS + 1, (index + 1) * SEGMENT_RECORDS]
     acks/<index>.ack  persist's bitmap of the segment's stored records (bit (seq - 1) % S)
@@ -315,9 +317,26 @@ class Journal:
             if ack.stem.isdigit() and int(ack.stem) not in self.segments:
                 ack.unlink(missing_ok=True)  # its segment was deleted as persist wrote it
         last = max(self.segments, default=-1)
-        self.recovered_until = last + 1
+        # Never below a number an earlier run used: its segments may all be deleted by now,
+        # while its records' event ids are in the store.
+        self.recovered_until = max(last + 1, self._read_next_index())
         self.next_seq = self.recovered_until * SEGMENT_RECORDS + 1
         return found
+
+    def _read_next_index(self) -> int:
+        try:
+            return int((self.directory / "journal.next").read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def _write_next_index(self, index: int) -> None:
+        tmp = self.directory / "journal.next.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, f"{index}\n".encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.directory / "journal.next")
 
     def _new_id(self) -> str:
         journal_id = secrets.token_hex(8)
@@ -371,6 +390,7 @@ class Journal:
         if segment is not None and self._fd is not None:
             return segment
         self._close_active()
+        self._write_next_index(index + 1)  # first: a number on disk is a number used
         path = self.directory / f"{index:010d}.seg"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:

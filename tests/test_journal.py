@@ -193,3 +193,20 @@ def test_records_of_an_older_shorter_layout_are_padded(tmp_path):
     payload = kernel_record(7)[:short]
     events = decode_frame(Frame(1, 1, short, 0, short, 0, payload), "0123456789abcdef")
     assert events[0].dst_port == 7 and events[0].comm == "" and events[0].seq == 1
+
+
+def test_numbers_are_never_given_twice_even_once_every_segment_is_deleted(tmp_path):
+    first = opened(tmp_path / "j")
+    first.append(frame(0, 2))
+    first.close()
+    acks = Acks.open(tmp_path / "j")
+    for seq in (1, 2):
+        acks.mark(event_id(first.journal_id, seq), seq)
+    acks.flush()
+    idle = opened(tmp_path / "j")  # a run with no traffic, whose release deletes segment 0
+    assert idle.release() == (1, 0) and not idle.segments
+    idle.close()
+    third = opened(tmp_path / "j")
+    third.append(frame(5, 1))
+    [frame_back] = read_all(third, Cursor(0))
+    assert frame_back.first_seq == SEGMENT_RECORDS + 1  # not 1 again: that id is stored
