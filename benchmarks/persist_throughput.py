@@ -109,7 +109,7 @@ def baseline_batches(records: list[AuditEvent],
                      size: int) -> list[tuple[list[tuple], list[dict]]]:
     """The same tuples sluice inserts and plain dicts, made before timing."""
     rows = [as_row(r) for r in records]
-    dicts = [dataclasses.asdict(r) for r in records]
+    dicts = [msgspec.structs.asdict(r) for r in records]
     return list(zip(chunks(rows, size), chunks(dicts, size), strict=True))
 
 

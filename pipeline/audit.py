@@ -12,7 +12,6 @@ it appends (a restart never wipes the previous log) and repairs a line cut short
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import json
 import logging
@@ -22,15 +21,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated
 
 import msgspec
 
 from . import private
 from .errors import StoreError
 from .timestamps import format_timestamp, parse_timestamp, sql_timestamp  # noqa: F401
-from .wire import (ADDRESS_OR_EMPTY, I64, NAME, NAMES, PROCESS, SHORT, U16, U32, Limit,
-                   WireRecord, register)
+from .wire import (ADDRESS_OR_EMPTY, EVENT_ID, HOST, I64, NAME, NAMES, PROCESS, SHORT, U16, U32,
+                   Limit, WireRecord, limited, register)
 
 log = logging.getLogger("sluice.audit")
 
@@ -58,33 +56,33 @@ FLAG_EXEMPT_TYPES = frozenset({
 # Every type a record may have: sluice's own and those cargowall logs carry.
 KNOWN_EVENT_TYPES = (*(t.value for t in AuditEventType), "step_boundary",
                      "container_attribution", "cgroup_would_block")
+EVENT_TYPE = limited(str, Limit(choices=KNOWN_EVENT_TYPES))
 
 
 @register
-@dataclasses.dataclass(slots=True)
 class AuditEvent(WireRecord):
     KIND = "audit_records"
     VERSION = 2
 
-    timestamp: Annotated[int, I64]  # UTC nanoseconds since the epoch; 0 = "now" at normalization
-    event_type: Annotated[str, Limit(choices=KNOWN_EVENT_TYPES)]
-    src_ip: Annotated[str, ADDRESS_OR_EMPTY] = ""
-    dst_ip: Annotated[str, ADDRESS_OR_EMPTY] = ""
-    dst_hostname: Annotated[str, NAME] = ""
-    dst_port: Annotated[int, U16] = 0
-    protocol: Annotated[str, SHORT] = ""
-    process: Annotated[str, PROCESS] = ""
-    pid: Annotated[int, U32] = 0
-    matched_rule: Annotated[str, NAME] = ""
-    auto_allowed_type: Annotated[str, SHORT] = ""
-    cname_chain: Annotated[list[str], NAMES] = dataclasses.field(default_factory=list)
+    timestamp: I64  # UTC nanoseconds since the epoch; 0 = "now" at normalization
+    event_type: EVENT_TYPE
+    src_ip: ADDRESS_OR_EMPTY = ""
+    dst_ip: ADDRESS_OR_EMPTY = ""
+    dst_hostname: NAME = ""
+    dst_port: U16 = 0
+    protocol: SHORT = ""
+    process: PROCESS = ""
+    pid: U32 = 0
+    matched_rule: NAME = ""
+    auto_allowed_type: SHORT = ""
+    cname_chain: NAMES = msgspec.field(default_factory=list)
     mid_stream: bool = False
     would_deny: bool = False  # true in audit mode: would have been denied
     blocked: bool = False     # true in enforce mode: actually blocked
-    packets: Annotated[int, I64] = 1  # packets this record stands for (flood aggregation)
-    event_id: Annotated[str, Limit(max_len=128)] = ""  # unique: a retry never duplicates a row
-    host: Annotated[str, Limit(max_len=255)] = ""
-    seq: Annotated[int, I64] = 0  # capture's journal number of the kernel record, 0 if none
+    packets: I64 = 1  # packets this record stands for (flood aggregation)
+    event_id: EVENT_ID = ""  # unique: a retry never duplicates a row
+    host: HOST = ""
+    seq: I64 = 0  # capture's journal number of the kernel record, 0 if none
 
 
 def normalize(event: AuditEvent, audit_mode: bool, now_ns: int) -> AuditEvent:

@@ -7,13 +7,12 @@ Their wire form is schemas/raw_events.json and schemas/enriched_events.json.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Annotated
-
-from .wire import (ADDRESS, ADDRESSES, COMM, I64, IP_VERSION, MODE, NAME, NAMES, PROCESS,
-                   SHORT, TEXT, U8, U16, U32, Limit, WireRecord, register)
+from .wire import (ADDRESS, ADDRESSES, COMM, EVENT_ID, HOST, I64, IP_VERSION, MODE, NAME, NAMES,
+                   PROCESS, SHORT, TEXT, U8, U16, U32, Limit, WireRecord, limited, register)
 
 BLOCK_TYPES = ("connection_blocked", "protocol_blocked")
+BLOCK_TYPE = limited(str, Limit(choices=BLOCK_TYPES))
+DESTINATION = limited(str, Limit(max_len=1100))
 
 FLAG_MID_STREAM = 0x01  # a denied TCP segment of an established flow
 FLAG_FRAGMENT = 0x02    # a non-first fragment: ports are 0/0
@@ -34,25 +33,24 @@ def protocol_name(number: int) -> str:
 
 
 @register
-@dataclasses.dataclass(slots=True)
 class RawEvent(WireRecord):
     KIND = "raw_events"
     VERSION = 2
 
-    ip_version: Annotated[int, IP_VERSION]
+    ip_version: IP_VERSION
     allowed: bool
-    ip_proto: Annotated[int, U8]
-    flags: Annotated[int, U8]
-    src_ip: Annotated[str, ADDRESS]
-    dst_ip: Annotated[str, ADDRESS]
-    src_port: Annotated[int, U16]
-    dst_port: Annotated[int, U16]
-    timestamp_ns: Annotated[int, I64]  # wall clock, UTC ns (from the kernel's monotonic time)
-    pid: Annotated[int, U32]
-    comm: Annotated[str, COMM]
-    packets: Annotated[int, I64]
-    event_id: Annotated[str, Limit(max_len=128)]  # "<journal id>-<seq>" if journaled, else ""
-    seq: Annotated[int, I64]  # its number in capture's journal, 0 when not journaled
+    ip_proto: U8
+    flags: U8
+    src_ip: ADDRESS
+    dst_ip: ADDRESS
+    src_port: U16
+    dst_port: U16
+    timestamp_ns: I64  # wall clock, UTC ns (from the kernel's monotonic time)
+    pid: U32
+    comm: COMM
+    packets: I64
+    event_id: EVENT_ID  # "<journal id>-<seq>" if journaled, else ""
+    seq: I64  # its number in capture's journal, 0 when not journaled
 
     @property
     def is_protocol_block(self) -> bool:
@@ -65,15 +63,14 @@ class RawEvent(WireRecord):
 
 
 @register
-@dataclasses.dataclass(slots=True)
 class EnrichedEvent(RawEvent):
     """A raw event's fields, then what enrich knows of the destination."""
 
     KIND = "enriched_events"
 
-    protocol: Annotated[str, SHORT]       # name of ip_proto
-    dst_hostname: Annotated[str, NAME]    # "" when unknown
-    cname_chain: Annotated[list[str], NAMES]  # CNAME origin first, when it came through one
+    protocol: SHORT       # name of ip_proto
+    dst_hostname: NAME    # "" when unknown
+    cname_chain: NAMES  # CNAME origin first, when it came through one
 
     @classmethod
     def from_raw(cls, raw: RawEvent, hostname: str = "",
@@ -82,78 +79,73 @@ class EnrichedEvent(RawEvent):
 
 
 @register
-@dataclasses.dataclass(slots=True)
 class DnsMapping(WireRecord):
     """dns -> enrich: a name resolved through the proxy (what enrich names addresses by)."""
 
     KIND = "dns_mappings"
 
-    name: Annotated[str, NAME]                # queried name, lowercased, no trailing dot
-    ips: Annotated[list[str], ADDRESSES]      # A/AAAA answers, address text
-    ttl: Annotated[int, U32]                  # seconds
-    cname_chain: Annotated[list[str], NAMES]  # origin first when it came through a chain
-    timestamp_ns: Annotated[int, I64]
+    name: NAME                # queried name, lowercased, no trailing dot
+    ips: ADDRESSES      # A/AAAA answers, address text
+    ttl: U32                  # seconds
+    cname_chain: NAMES  # origin first when it came through a chain
+    timestamp_ns: I64
 
 
 @register
-@dataclasses.dataclass(slots=True)
 class AllowRequest(WireRecord):
     """dns -> policy (REQ/REP): open the maps for a resolved name before its answer is sent."""
 
     KIND = "allow_requests"
 
-    request_id: Annotated[str, SHORT]
-    name: Annotated[str, NAME]  # the name whose rules apply: the query, or a chain's origin
-    ips: Annotated[list[str], ADDRESSES]
-    ttl: Annotated[int, U32]
-    cname_chain: Annotated[list[str], NAMES]
-    timestamp_ns: Annotated[int, I64]
+    request_id: SHORT
+    name: NAME  # the name whose rules apply: the query, or a chain's origin
+    ips: ADDRESSES
+    ttl: U32
+    cname_chain: NAMES
+    timestamp_ns: I64
 
 
 @register
-@dataclasses.dataclass(slots=True)
 class AllowReply(WireRecord):
     """policy -> dns: the answer may be released once ok is true."""
 
     KIND = "allow_replies"
 
-    request_id: Annotated[str, SHORT]
+    request_id: SHORT
     ok: bool                                     # the maps hold what the rules say
-    allowed_ips: Annotated[list[str], ADDRESSES]  # addresses the maps now allow for the name
-    error: Annotated[str, TEXT]                  # why ok is false ("" when ok)
+    allowed_ips: ADDRESSES  # addresses the maps now allow for the name
+    error: TEXT                  # why ok is false ("" when ok)
 
 
 @register
-@dataclasses.dataclass(slots=True)
 class Notice(WireRecord):
     """policy -> notify: one blocked attempt (notify keeps one per destination)."""
 
     KIND = "notices"
 
-    event_type: Annotated[str, Limit(choices=BLOCK_TYPES)]
-    hostname: Annotated[str, NAME]
-    ip: Annotated[str, ADDRESS]
-    port: Annotated[int, U16]  # destination port; the protocol number for protocol blocks
-    protocol: Annotated[str, SHORT]
-    process: Annotated[str, PROCESS]
-    pid: Annotated[int, U32]
-    timestamp_ns: Annotated[int, I64]
-    mode: Annotated[str, MODE]
+    event_type: BLOCK_TYPE
+    hostname: NAME
+    ip: ADDRESS
+    port: U16  # destination port; the protocol number for protocol blocks
+    protocol: SHORT
+    process: PROCESS
+    pid: U32
+    timestamp_ns: I64
+    mode: MODE
 
 
 @register
-@dataclasses.dataclass(slots=True)
 class DeliveredDestination(WireRecord):
     """notify -> persist: a destination alerted on (alone or in a delivered summary), so a
     restarted notify does not alert it again. persist, the store's one writer, keeps it."""
 
     KIND = "delivered_destinations"
 
-    host: Annotated[str, Limit(max_len=255)]
-    destination: Annotated[str, Limit(max_len=1100)]  # `<hostname or ip>:<port>`
-    hostname: Annotated[str, NAME]
-    ip: Annotated[str, ADDRESS]
-    port: Annotated[int, U16]
-    protocol: Annotated[str, SHORT]
-    first_seen_ns: Annotated[int, I64]
-    delivered_ns: Annotated[int, I64]
+    host: HOST
+    destination: DESTINATION  # `<hostname or ip>:<port>`
+    hostname: NAME
+    ip: ADDRESS
+    port: U16
+    protocol: SHORT
+    first_seen_ns: I64
+    delivered_ns: I64

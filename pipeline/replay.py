@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import msgspec
 import zmq
 
 from . import messages
@@ -189,7 +190,7 @@ def rejudge(event: RawEvent, maps: DictRuleMaps) -> RawEvent | None:
     allowed = maps.verdict(event.dst_ip, event.dst_port, event.ip_proto) == ALLOW
     if allowed and (event.ip_proto == IPPROTO_UDP or event.mid_stream):
         return None  # only denied UDP and denied mid-stream TCP are reported
-    return dataclasses.replace(event, allowed=allowed)
+    return msgspec.structs.replace(event, allowed=allowed)
 
 
 def allow_request_for(mapping: DnsMapping) -> AllowRequest:

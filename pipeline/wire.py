@@ -5,22 +5,28 @@ records of one kind, each a positional array in the order of its class's fields.
 contract for each kind is schemas/<kind>.json; the classes registered here follow it (a test
 keeps them in step, value ranges included). Never pickle.
 
-A record is accepted only when every field has its type *and* its range: the field's
-annotation may carry a Limit (Annotated[int, U16], Annotated[str, ADDRESS], ...), so ports
-are 0-65535, pids and counts fit their C types, addresses parse, strings and lists are
-bounded and enums are known. Stage logic never sees a value outside those ranges.
+A record is accepted only when every field has its type *and* its range: each field's type
+carries a Limit (U16, ADDRESS, NAMES, ...), so ports are 0-65535, pids and counts fit their
+C types, addresses parse, strings and lists are bounded and enums are known. Stage logic
+never sees a value outside those ranges.
+
+Records are msgspec Structs: a message is decoded and checked in one pass in C (types,
+ranges, lengths, enums; hundreds of thousands of records a second per stage), then its
+address fields are parsed. Only a message that fails takes the slow path, which decodes it
+record by record to keep the good ones and say why each bad one was skipped. Fields with
+defaults (audit records' optional ones) may be left off the end of a record.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import operator
 import socket
 import typing
 from collections.abc import Iterable
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import msgpack
+import msgspec
 
 from .errors import MessageError
 
@@ -87,57 +93,70 @@ class Limit:
         return " and ".join(parts) or "True"
 
 
-U8 = Limit(0, 0xFF)
-U16 = Limit(0, 0xFFFF)
-U32 = Limit(0, 0xFFFF_FFFF)
-I64 = Limit(0, (1 << 63) - 1)    # nanosecond timestamps and counts: what SQL stores
-IP_VERSION = Limit(choices=(4, 6))
-ADDRESS = Limit(address=True)
-ADDRESS_OR_EMPTY = Limit(address=True, empty=True)
-ADDRESSES = Limit(max_len=4096, item_len=45, address=True)  # a 64 KiB answer holds < 4096
-NAME = Limit(max_len=1024)      # a 255-byte DNS name, odd bytes written as \DDD escapes
-NAMES = Limit(max_len=32, item_len=1024)  # CNAME chains (pipeline/dns/cnames.py MAX_CHAIN)
-SHORT = Limit(max_len=64)       # protocol names, tags, ids
-COMM = Limit(max_len=16)        # the kernel's TASK_COMM_LEN
-PROCESS = Limit(max_len=256)    # a process name (imported logs may hold longer ones)
-TEXT = Limit(max_len=4096)      # free text (error messages)
-MODE = Limit(choices=("audit", "enforce"))
+def limited(base: Any, limit: Limit) -> Any:
+    """The type of a wire field: base within limit. msgspec checks all of it as it decodes
+    but the address test, which WireRecord's decode makes right after."""
+    meta: dict[str, int] = {}
+    if limit.lo is not None:
+        meta["ge"] = limit.lo
+    if limit.hi is not None:
+        meta["le"] = limit.hi
+    if limit.max_len is not None:
+        meta["max_length"] = limit.max_len
+    if limit.choices:
+        base = Literal[limit.choices]
+    if limit.item_len is not None:
+        base = list[Annotated[str, msgspec.Meta(max_length=limit.item_len)]]
+    return Annotated[base, msgspec.Meta(**meta), limit] if meta else Annotated[base, limit]
 
 
-class WireRecord:
-    """Mixin for a dataclass that travels as a positional array."""
+U8 = limited(int, Limit(0, 0xFF))
+U16 = limited(int, Limit(0, 0xFFFF))
+U32 = limited(int, Limit(0, 0xFFFF_FFFF))
+I64 = limited(int, Limit(0, (1 << 63) - 1))  # nanosecond timestamps and counts: what SQL stores
+IP_VERSION = limited(int, Limit(choices=(4, 6)))
+ADDRESS = limited(str, Limit(address=True))
+ADDRESS_OR_EMPTY = limited(str, Limit(address=True, empty=True))
+ADDRESSES = limited(list[str], Limit(max_len=4096, item_len=45, address=True))  # < 4096 in 64 KiB
+NAME = limited(str, Limit(max_len=1024))  # a 255-byte DNS name, odd bytes written as \DDD
+NAMES = limited(list[str], Limit(max_len=32, item_len=1024))  # CNAME chains (dns/cnames.py)
+SHORT = limited(str, Limit(max_len=64))    # protocol names, tags, ids
+COMM = limited(str, Limit(max_len=16))     # the kernel's TASK_COMM_LEN
+PROCESS = limited(str, Limit(max_len=256))  # a process name (imported logs may hold longer)
+TEXT = limited(str, Limit(max_len=4096))   # free text (error messages)
+EVENT_ID = limited(str, Limit(max_len=128))
+HOST = limited(str, Limit(max_len=255))
+MODE = limited(str, Limit(choices=("audit", "enforce")))
+
+
+class WireRecord(msgspec.Struct, array_like=True, gc=False, forbid_unknown_fields=True):
+    """Base of every record that travels: a positional array on the wire."""
 
     KIND: ClassVar[str]
     VERSION: ClassVar[int] = 1
     _checks: ClassVar[tuple[tuple[str, Any, Limit | None], ...]]
-    _types: ClassVar[tuple[type, ...]]      # the exact type of each field, for the fast path
-    _list_fields: ClassVar[tuple[int, ...]]  # positions of list[str] fields
-    _in_range: ClassVar[Any]                # generated: every Limit as one expression
-    _getter: ClassVar[Any]
+    _addresses: ClassVar[Any]  # generated: the address fields of a record parse
 
     def to_wire(self) -> tuple:
-        return self._getter(self)
+        return msgspec.structs.astuple(self)
 
     @classmethod
     def from_wire(cls, values: Any) -> typing.Self:
-        # Fast path: one C-level comparison of every field's type and one generated range
-        # test (records arrive by the hundred thousand per second); the per-field checks
-        # only explain a failure.
-        if type(values) is list and tuple(map(type, values)) == cls._types and all(
-                all(type(x) is str for x in values[i]) for i in cls._list_fields) \
-                and cls._in_range(values):
-            return cls(*values)
+        """One record from its positional array (the slow path, recordings and imports)."""
         reason, value = cls.problem_of(values)
-        raise MessageError(f"{cls.KIND}: {reason}", value)
+        if reason:
+            raise MessageError(f"{cls.KIND}: {reason}", value)
+        return cls(*values)
 
     @classmethod
     def problem_of(cls, values: Any) -> tuple[str, str]:
         """(why values are not a record of this kind, the offending value shown short);
         ("", "") if they are one."""
         checks = cls._checks
-        if type(values) not in (list, tuple) or len(values) != len(checks):
+        required = sum(f.required for f in msgspec.structs.fields(cls))
+        if type(values) not in (list, tuple) or not required <= len(values) <= len(checks):
             return f"expected an array of {len(checks)} fields", ""
-        for value, (name, check, limit) in zip(values, checks, strict=True):
+        for value, (name, check, limit) in zip(values, checks, strict=False):
             if not check(value):
                 return f"field {name} has a bad type", f"{value!r:.40}"
             why = limit.problem(value) if limit is not None else None
@@ -147,7 +166,7 @@ class WireRecord:
 
     def problem(self) -> str | None:
         """Why this record could not travel (a value out of range), or None."""
-        return self.problem_of(self.to_wire())[0] or None
+        return self.problem_of(list(self.to_wire()))[0] or None
 
 
 def _check_for(annotation: Any):
@@ -164,26 +183,46 @@ def _check_for(annotation: Any):
     raise TypeError(f"unsupported wire field type {annotation!r}")
 
 
-REGISTRY: dict[str, type[WireRecord]] = {}
-R = typing.TypeVar("R", bound=type[WireRecord])
+REGISTRY: dict[str, type] = {}
+_MESSAGES: dict[str, type] = {}  # kind -> the Struct of a whole message of that kind
+_RECORD_OF: dict[type, type] = {}  # that Struct -> the record class
+_decoder: msgspec.msgpack.Decoder | None = None
+_encoder = msgspec.msgpack.Encoder()
 
 
-def register(cls: R) -> R:
-    """Class decorator: index a WireRecord dataclass by its KIND and prepare its checks."""
+def register(cls):
+    """Class decorator: index a WireRecord by its KIND and prepare its checks."""
+    global _decoder
     hints = typing.get_type_hints(cls)
     extras = typing.get_type_hints(cls, include_extras=True)
-    fields = dataclasses.fields(typing.cast(Any, cls))  # a dataclass: @dataclass runs first
-    limits = [_limit_of(extras[f.name]) for f in fields]
-    cls._checks = tuple((f.name, _check_for(hints[f.name]), limit)
-                        for f, limit in zip(fields, limits, strict=True))
-    cls._types = tuple(typing.get_origin(hints[f.name]) or hints[f.name] for f in fields)
-    cls._list_fields = tuple(i for i, t in enumerate(cls._types) if t is list)
-    cls._getter = operator.attrgetter(*(f.name for f in fields))
-    names: dict[str, Any] = {"is_address": is_address}
-    tests = [limit.expression(f"v[{i}]", names) for i, limit in enumerate(limits) if limit]
-    cls._in_range = eval(f"lambda v: {' and '.join(tests) or 'True'}", names)
+    names = [f.name for f in msgspec.structs.fields(cls)]
+    limits_ = [_limit_of(extras[name]) for name in names]
+    cls._checks = tuple((name, _check_for(plain_type(hints[name])), limit)
+                        for name, limit in zip(names, limits_, strict=True))
+    tests = []
+    for name, limit in zip(names, limits_, strict=True):
+        if limit is not None and limit.address:
+            one = "(x == '' or is_address(x))" if limit.empty else "is_address(x)"
+            tests.append(f"all({one} for x in r.{name})" if limit.item_len is not None
+                         else one.replace("x", f"r.{name}"))
+    cls._addresses = eval(f"lambda r: {' and '.join(tests) or 'True'}",  # noqa: S307
+                          {"is_address": is_address})
     REGISTRY[cls.KIND] = cls
+    message = msgspec.defstruct(
+        f"{cls.__name__}Message", [("v", Literal[cls.VERSION]), ("records", list[cls])],
+        tag_field="kind", tag=cls.KIND)
+    _MESSAGES[cls.KIND], _RECORD_OF[message] = message, cls
+    _decoder = None  # built again, with this kind, at the next decode
     return cls
+
+
+def plain_type(hint: Any) -> Any:
+    """The Python type a field holds (a Literal of choices holds their type)."""
+    if typing.get_origin(hint) is Literal:
+        return type(typing.get_args(hint)[0])
+    if typing.get_origin(hint) is list:
+        return list[str]
+    return hint
 
 
 def _limit_of(annotation: Any) -> Limit | None:
@@ -202,10 +241,7 @@ def encode(records: Iterable[WireRecord], kind: str | None = None) -> bytes:
     if kind is None:
         kind = records[0].KIND
     cls = REGISTRY[kind]
-    return msgpack.packb(
-        {"kind": kind, "v": cls.VERSION, "records": [r.to_wire() for r in records]},
-        use_bin_type=True,
-    )
+    return _encoder.encode({"kind": kind, "v": cls.VERSION, "records": records})
 
 
 def decode_envelope(frame: bytes) -> tuple[str, list]:
@@ -232,6 +268,25 @@ def decode_envelope(frame: bytes) -> tuple[str, list]:
 
 def decode_records(frame: bytes) -> tuple[str, list, list[MessageError]]:
     """Decode a frame into (kind, good records, why each bad record was skipped)."""
+    global _decoder
+    if len(frame) > MAX_FRAME:
+        raise MessageError(f"frame larger than {MAX_FRAME} bytes", str(len(frame)))
+    if _decoder is None:
+        _decoder = msgspec.msgpack.Decoder(Union[tuple(_MESSAGES.values())])
+    try:
+        message = _decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return _decode_one_by_one(frame)
+    cls = _RECORD_OF[type(message)]
+    records = message.records
+    if all(map(cls._addresses, records)):
+        return cls.KIND, records, []
+    good = [r for r in records if cls._addresses(r)]
+    bad = [MessageError(f"{cls.KIND}: {r.problem()}") for r in records if not cls._addresses(r)]
+    return cls.KIND, good, bad
+
+
+def _decode_one_by_one(frame: bytes) -> tuple[str, list, list[MessageError]]:
     kind, raw_records = decode_envelope(frame)
     cls = REGISTRY[kind]
     good, bad = [], []

@@ -39,7 +39,7 @@ def enriched(dst="10.1.0.9", allowed=True):
 
 
 def as_array(record, **changes):
-    values = dict(zip(record.__dataclass_fields__, record.to_wire(), strict=True))
+    values = dict(zip(record.__struct_fields__, record.to_wire(), strict=True))
     values.update(changes)
     return list(values.values())
 

@@ -1,10 +1,10 @@
 """The persist stage on real ZeroMQ sockets, a real SQLite file and a real JSONL file."""
 
-import dataclasses
 import json
 import sqlite3
 
 import msgpack
+import msgspec
 import pytest
 import sqlalchemy as sa
 import zmq
@@ -56,7 +56,7 @@ def jsonl_fields(path):
     """Each line as a dict of every AuditEvent field, defaults filled in."""
     if not path.exists():
         return []
-    defaults = dataclasses.asdict(AuditEvent(0, ""))
+    defaults = msgspec.structs.asdict(AuditEvent(0, ""))
     del defaults["seq"]  # the journal number is not part of the stored record
     text = path.read_text()
     out = []
@@ -85,7 +85,7 @@ def sql_fields(settings):
 
 def expected_fields(records):
     """What persist stores for records sent without a host: this host's name."""
-    return [{**{k: v for k, v in dataclasses.asdict(r).items() if k != "seq"},
+    return [{**{k: v for k, v in msgspec.structs.asdict(r).items() if k != "seq"},
              "host": r.host or "test-host"} for r in records]
 
 

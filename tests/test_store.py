@@ -1,9 +1,9 @@
 """The SQL store on real SQLite files: migrations, rows, duplicates, WAL, read-only, errors."""
 
-import dataclasses
 import json
 import sqlite3
 
+import msgspec
 import pytest
 import sqlalchemy as sa
 
@@ -42,7 +42,7 @@ def events(n, start=0, **fields):
 
 def without_seq(event):
     """A record's stored fields: the journal number is not kept in the row."""
-    return {k: v for k, v in dataclasses.asdict(event).items() if k != "seq"}
+    return {k: v for k, v in msgspec.structs.asdict(event).items() if k != "seq"}
 
 
 def stored(db):
@@ -107,13 +107,13 @@ def test_later_migrations_are_appended_in_order(store):
 
 def test_rows_equal_the_records_field_by_field(store, db):
     batch = events(4)
-    batch[1] = dataclasses.replace(batch[1], cname_chain=["a.example", "ü.example"],
+    batch[1] = msgspec.structs.replace(batch[1], cname_chain=["a.example", "ü.example"],
                                    mid_stream=True, packets=12, matched_rule="*.example",
                                    auto_allowed_type="dns", event_type="connection_allowed")
-    batch[2] = dataclasses.replace(batch[2], src_ip="", dst_ip="", dst_port=0, protocol="",
+    batch[2] = msgspec.structs.replace(batch[2], src_ip="", dst_ip="", dst_port=0, protocol="",
                                    process="", pid=0, event_type="dns_blocked",
                                    dst_hostname="evil.example", would_deny=True)
-    batch[3] = dataclasses.replace(batch[3], blocked=True, pid=2**32 - 1, dst_port=65535)
+    batch[3] = msgspec.structs.replace(batch[3], blocked=True, pid=2**32 - 1, dst_port=65535)
     assert store.write(batch) == 4
     assert stored(db) == [without_seq(e) for e in batch]
 

@@ -16,7 +16,6 @@ where, and the REP answers received.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 import socket
@@ -26,6 +25,7 @@ import typing
 from pathlib import Path
 
 import msgpack
+import msgspec
 import zmq
 
 from pipeline import messages, wire
@@ -76,8 +76,8 @@ class Random:
         hints = typing.get_type_hints(cls)
         limits = wire.limits(cls)
         values = []
-        for field in dataclasses.fields(cls):
-            hint, limit = hints[field.name], limits.get(field.name)
+        for field in msgspec.structs.fields(cls):
+            hint, limit = wire.plain_type(hints[field.name]), limits.get(field.name)
             if hint is bool:
                 values.append(self.rng.random() < 0.5)
             elif limit is not None and limit.choices:
