@@ -173,7 +173,8 @@ def sluice_env(work: Path, upstream_port: int, port: int) -> dict[str, str]:
                SLUICE_BPF_DIR=f"/sys/fs/bpf/sluice-dns-bench-{os.getpid()}",
                SLUICE_MODE="enforce", SLUICE_LOG_LEVEL="WARNING", SLUICE_AUDIT_LOG="",
                SLUICE_DNS_LISTEN=f"127.0.0.1:{port}",
-               SLUICE_DNS_UPSTREAM=f"127.0.0.1:{upstream_port}", PYTHONPATH=str(ROOT))
+               SLUICE_DNS_UPSTREAM=f"127.0.0.1:{upstream_port}", PYTHONPATH=str(ROOT),
+               SLUICE_DNS_REDIRECT="false")  # this machine's own namespace: no redirect
     return env
 
 

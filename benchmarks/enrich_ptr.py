@@ -71,7 +71,7 @@ def mappings() -> list[DnsMapping]:
 
 def event(dst: str, now_ns: int, n: int) -> RawEvent:
     return RawEvent(4, False, 17, 0, "10.201.0.1", dst, 40000, 10000 + n % 50000, now_ns,
-                    4242, "bench", 1, "", 0)
+                    4242, "bench", 1, "", 0, "")
 
 
 def stream(share: float, count: int, now_ns: int, start: int) -> list[RawEvent]:
@@ -245,7 +245,8 @@ def pipeline_case(lab: Lab, tmp: Path, share: float, args) -> dict:
                    SLUICE_JOURNAL_DIR=str(run_dir.parent / "journal"),
                    SLUICE_BPF_DIR=f"/sys/fs/bpf/sluice-p{lab.tag}",
                    SLUICE_DB=f"sqlite:///{tmp}/audit-{share:.1f}.db", SLUICE_AUDIT_LOG="",
-                   SLUICE_POLICY=str(tmp / "policy.json"), SLUICE_COUNTER_INTERVAL="0.1")
+                   SLUICE_POLICY=str(tmp / "policy.json"), SLUICE_COUNTER_INTERVAL="0.1",
+                   SLUICE_CGROUP=str(lab.cgroup.path))
     honcho = lab.start_pipeline(env, open(tmp / "honcho.log", "a"))
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)

@@ -152,7 +152,8 @@ def main() -> None:
                        SLUICE_DB=f"sqlite:///{tmp}/audit.db",
                        SLUICE_AUDIT_LOG=str(tmp / "audit.jsonl"),
                        SLUICE_POLICY=str(tmp / "policy.json"), SLUICE_COUNTER_INTERVAL="0.5",
-                       SLUICE_DNS_UPSTREAM=f"{Lab.SERVER_V4}:53")
+                       SLUICE_DNS_UPSTREAM=f"{Lab.SERVER_V4}:53",
+                       SLUICE_CGROUP=str(lab.cgroup.path))
         log = open(tmp / "honcho.log", "w")
         honcho = lab.start_pipeline(env, log)
         pids = stage_pids(run_dir)

@@ -23,7 +23,6 @@ Usage: .venv/bin/python benchmarks/persist_throughput.py [--records 100000] [--b
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sqlite3
 import sys

@@ -62,7 +62,7 @@ def write_recording(path: Path, events: int) -> None:
     for n in range(events):
         i = n % DESTINATIONS
         batch.append(RawEvent(4, i % 4 != 0, 6, 0, "10.0.0.2", address(i), 30000 + n % 30000,
-                              443, T0 + n * 1000, 1000 + i % 50, f"proc{i % 50}", 1, "", 0))
+                              443, T0 + n * 1000, 1000 + i % 50, f"proc{i % 50}", 1, "", 0, ""))
         if len(batch) == BATCH:
             recorder.add("raw_events", batch)
             batch = []

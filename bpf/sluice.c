@@ -1,4 +1,5 @@
-/* sluice kernel side: the TC egress classifier and the cgroup socket hooks.
+/* sluice kernel side: the TC egress classifier, the cgroup socket hooks (owners and the DNS
+ * redirect) and the cgroup egress hook that names forwarded container flows.
  *
  * Loaded by the capture stage with bcc. Knobs come as -D flags (see pipeline/kernel/loader.py):
  *   SLUICE_PIN_DIR      "..."  bpffs directory where every map is pinned (required)
@@ -52,6 +53,12 @@ BPF_TABLE_PINNED("lpm_trie", struct sluice_port_lpm_v6, struct sluice_port_value
 		 SLUICE_RULE_ENTRIES, PIN(map_ports_v6), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", u64, struct sluice_sock_owner, map_sock_owner, 65536,
 		 PIN(map_sock_owner));
+BPF_TABLE_PINNED("lru_hash", struct sluice_flow_tuple, struct sluice_sock_owner, map_flow_owner,
+		 65536, PIN(map_flow_owner));
+BPF_TABLE_PINNED("array", u32, struct sluice_dns_redirect, map_dns_redirect, 1,
+		 PIN(map_dns_redirect));
+BPF_TABLE_PINNED("lru_hash", u64, struct sluice_dns_origin, map_dns_origin, 65536,
+		 PIN(map_dns_origin));
 BPF_TABLE_PINNED("lru_hash", struct sluice_flow_key, struct sluice_flow_state, map_flows,
 		 SLUICE_FLOW_ENTRIES, PIN(map_flows));
 BPF_TABLE_PINNED("percpu_array", u32, u64, map_counters, SLUICE_CNT_MAX, PIN(map_counters));
@@ -128,16 +135,34 @@ static __always_inline u8 verdict_v6(const u8 *addr, u16 port, u8 proto)
 	return default_action();
 }
 
-/* Fill the owner fields from the socket the cgroup hooks saw being used. */
+/* Fill the owner fields from the socket the cgroup hooks saw being used; a packet forwarded
+ * from another network namespace (a container behind a bridge) comes without its socket, so
+ * its owner is found by the flow the cgroup egress hook recorded. */
 static __always_inline void fill_owner(struct __sk_buff *skb, struct sluice_event *ev)
 {
+	struct sluice_sock_owner *owner = 0;
 	u64 cookie = bpf_get_socket_cookie(skb);
-	if (!cookie)
-		return;
-	struct sluice_sock_owner *owner = map_sock_owner.lookup(&cookie);
+	if (cookie)
+		owner = map_sock_owner.lookup(&cookie);
+	if (!owner && (ev->ip_proto == IPPROTO_TCP || ev->ip_proto == IPPROTO_UDP)) {
+		struct sluice_flow_tuple flow = {
+			.ip_version = ev->ip_version,
+			.ip_proto = ev->ip_proto,
+			.src_port = ev->src_port,
+			.dst_port = ev->dst_port,
+		};
+		if (ev->ip_version == 4) {
+			u32 dst = bpf_htonl(ev->dst_ip);
+			__builtin_memcpy(flow.dst, &dst, 4);
+		} else {
+			__builtin_memcpy(flow.dst, ev->dst_ip6, 16);
+		}
+		owner = map_flow_owner.lookup(&flow);
+	}
 	if (!owner)
 		return;
 	ev->pid = owner->tgid;
+	ev->cgroup_id = owner->cgroup_id;
 	__builtin_memcpy(ev->comm, owner->comm, SLUICE_COMM_LEN);
 }
 
@@ -399,18 +424,220 @@ int sluice_egress(struct __sk_buff *skb)
 	return TC_ACT_OK; /* ARP, LLDP and other non-IP frames */
 }
 
-/* cgroup sock_addr hooks: remember who owns each socket, in the caller's context, so the
- * name is right even when the process exits before userspace reads the record. */
-static __always_inline int record_owner(struct bpf_sock_addr *ctx)
+/* cgroup sock_addr hooks, in the caller's context. Each remembers who owns the socket, so the
+ * name is right even when the process exits before userspace reads the record, and sends
+ * DNS to the proxy. */
+static __always_inline void record_owner(struct bpf_sock_addr *ctx, u64 cookie)
 {
-	u64 cookie = bpf_get_socket_cookie(ctx);
-	struct sluice_sock_owner owner = { .tgid = bpf_get_current_pid_tgid() >> 32 };
+	struct sluice_sock_owner owner = {
+		.tgid = bpf_get_current_pid_tgid() >> 32,
+		.cgroup_id = bpf_get_current_cgroup_id(),
+	};
 	bpf_get_current_comm(owner.comm, sizeof(owner.comm));
 	map_sock_owner.update(&cookie, &owner);
-	return 1; /* never blocks */
 }
 
-int sluice_connect4(struct bpf_sock_addr *ctx) { return record_owner(ctx); }
-int sluice_connect6(struct bpf_sock_addr *ctx) { return record_owner(ctx); }
-int sluice_sendmsg4(struct bpf_sock_addr *ctx) { return record_owner(ctx); }
-int sluice_sendmsg6(struct bpf_sock_addr *ctx) { return record_owner(ctx); }
+static __always_inline struct sluice_dns_redirect *dns_redirect(struct bpf_sock_addr *ctx)
+{
+	if (ctx->user_port != bpf_htons(SLUICE_DNS_PORT))
+		return 0;
+	if (ctx->protocol != IPPROTO_UDP && ctx->protocol != IPPROTO_TCP)
+		return 0;
+	u32 zero = 0;
+	struct sluice_dns_redirect *cfg = map_dns_redirect.lookup(&zero);
+	if (!cfg || !cfg->enabled)
+		return 0;
+	struct bpf_sock *sk = ctx->sk;
+	if (sk && sk->mark == SLUICE_DNS_MARK)
+		return 0; /* the proxy's own upstream query */
+	return cfg;
+}
+
+/* A query to a resolver on loopback (a stub resolver, Docker's embedded one) is that
+ * resolver's to answer: its own upstream queries are the ones redirected. */
+static __always_inline bool loopback4(u32 addr)
+{
+	return (addr & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000);
+}
+
+static __always_inline void remember_origin(u64 cookie, u8 version, const void *addr, u32 port)
+{
+	struct sluice_dns_origin origin = { .ip_version = version, .port = port };
+	__builtin_memcpy(origin.addr, addr, version == 4 ? 4 : 16);
+	map_dns_origin.update(&cookie, &origin);
+}
+
+static __always_inline int hook4(struct bpf_sock_addr *ctx)
+{
+	u64 cookie = bpf_get_socket_cookie(ctx);
+	record_owner(ctx, cookie);
+	struct sluice_dns_redirect *cfg = dns_redirect(ctx);
+	if (!cfg)
+		return 1;
+	u32 dst = ctx->user_ip4, target;
+	__builtin_memcpy(&target, cfg->addr4, 4);
+	if (loopback4(dst) || (dst == target && ctx->user_port == cfg->port))
+		return 1;
+	remember_origin(cookie, 4, &dst, ctx->user_port);
+	ctx->user_ip4 = target;
+	ctx->user_port = cfg->port;
+	count(SLUICE_CNT_DNS_REDIRECTED, 1);
+	return 1;
+}
+
+static __always_inline int hook6(struct bpf_sock_addr *ctx)
+{
+	u64 cookie = bpf_get_socket_cookie(ctx);
+	record_owner(ctx, cookie);
+	struct sluice_dns_redirect *cfg = dns_redirect(ctx);
+	if (!cfg)
+		return 1;
+	u32 dst[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
+	u32 target[4];
+	__builtin_memcpy(target, cfg->addr6, 16);
+	if (dst[0] == 0 && dst[1] == 0 && dst[2] == bpf_htonl(0xffff)) {
+		/* IPv4-mapped, on a dual-stack socket: redirected as IPv4, still mapped. */
+		u32 target4;
+		__builtin_memcpy(&target4, cfg->addr4, 4);
+		if (loopback4(dst[3]) || (dst[3] == target4 && ctx->user_port == cfg->port))
+			return 1;
+		remember_origin(cookie, 6, dst, ctx->user_port);
+		ctx->user_ip6[3] = target4;
+		ctx->user_port = cfg->port;
+		count(SLUICE_CNT_DNS_REDIRECTED, 1);
+		return 1;
+	}
+	if (dst[0] == 0 && dst[1] == 0 && dst[2] == 0 && dst[3] == bpf_htonl(1))
+		return 1; /* ::1 */
+	if (dst[0] == target[0] && dst[1] == target[1] && dst[2] == target[2] &&
+	    dst[3] == target[3] && ctx->user_port == cfg->port)
+		return 1;
+	if (!cfg->has_v6) {
+		count(SLUICE_CNT_DNS_REFUSED, 1);
+		return 0; /* no IPv6 address to send it to: refused, never let past the proxy */
+	}
+	remember_origin(cookie, 6, dst, ctx->user_port);
+	ctx->user_ip6[0] = target[0];
+	ctx->user_ip6[1] = target[1];
+	ctx->user_ip6[2] = target[2];
+	ctx->user_ip6[3] = target[3];
+	ctx->user_port = cfg->port;
+	count(SLUICE_CNT_DNS_REDIRECTED, 1);
+	return 1;
+}
+
+int sluice_connect4(struct bpf_sock_addr *ctx) { return hook4(ctx); }
+int sluice_connect6(struct bpf_sock_addr *ctx) { return hook6(ctx); }
+int sluice_sendmsg4(struct bpf_sock_addr *ctx) { return hook4(ctx); }
+int sluice_sendmsg6(struct bpf_sock_addr *ctx) { return hook6(ctx); }
+
+/* recvmsg and getpeername of a redirected socket: an address that is the proxy's becomes the
+ * one the socket asked, so the answer comes from where the client sent its question. */
+static __always_inline int restore4(struct bpf_sock_addr *ctx)
+{
+	u32 zero = 0;
+	struct sluice_dns_redirect *cfg = map_dns_redirect.lookup(&zero);
+	if (!cfg || ctx->user_port != cfg->port)
+		return 1;
+	u32 target;
+	__builtin_memcpy(&target, cfg->addr4, 4);
+	if (ctx->user_ip4 != target)
+		return 1;
+	u64 cookie = bpf_get_socket_cookie(ctx);
+	struct sluice_dns_origin *origin = map_dns_origin.lookup(&cookie);
+	if (!origin || origin->ip_version != 4)
+		return 1;
+	u32 addr;
+	__builtin_memcpy(&addr, origin->addr, 4);
+	ctx->user_ip4 = addr;
+	ctx->user_port = origin->port;
+	return 1;
+}
+
+static __always_inline int restore6(struct bpf_sock_addr *ctx)
+{
+	u32 zero = 0;
+	struct sluice_dns_redirect *cfg = map_dns_redirect.lookup(&zero);
+	if (!cfg || ctx->user_port != cfg->port)
+		return 1;
+	u32 src[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
+	u32 target[4], target4;
+	__builtin_memcpy(target, cfg->addr6, 16);
+	__builtin_memcpy(&target4, cfg->addr4, 4);
+	bool mapped = src[0] == 0 && src[1] == 0 && src[2] == bpf_htonl(0xffff) && src[3] == target4;
+	bool native = src[0] == target[0] && src[1] == target[1] && src[2] == target[2] &&
+		      src[3] == target[3];
+	if (!mapped && !native)
+		return 1;
+	u64 cookie = bpf_get_socket_cookie(ctx);
+	struct sluice_dns_origin *origin = map_dns_origin.lookup(&cookie);
+	if (!origin || origin->ip_version != 6)
+		return 1;
+	u32 addr[4];
+	__builtin_memcpy(addr, origin->addr, 16);
+	ctx->user_ip6[0] = addr[0];
+	ctx->user_ip6[1] = addr[1];
+	ctx->user_ip6[2] = addr[2];
+	ctx->user_ip6[3] = addr[3];
+	ctx->user_port = origin->port;
+	return 1;
+}
+
+int sluice_recvmsg4(struct bpf_sock_addr *ctx) { return restore4(ctx); }
+int sluice_recvmsg6(struct bpf_sock_addr *ctx) { return restore6(ctx); }
+int sluice_getpeername4(struct bpf_sock_addr *ctx) { return restore4(ctx); }
+int sluice_getpeername6(struct bpf_sock_addr *ctx) { return restore6(ctx); }
+
+/* cgroup egress, in the sending socket's own network namespace: a TCP SYN or a UDP datagram
+ * records its owner under the flow, so the classifier can name it after the host's NAT,
+ * where the packet arrives forwarded and without its socket. */
+int sluice_sock_egress(struct __sk_buff *skb)
+{
+	struct sluice_flow_tuple flow = {};
+	u32 l4off;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
+			return 1;
+		if (bpf_ntohs(ip.frag_off) & 0x1FFF)
+			return 1;
+		flow.ip_version = 4;
+		flow.ip_proto = ip.protocol;
+		__builtin_memcpy(flow.dst, &ip.daddr, 4);
+		l4off = ip.ihl * 4;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip;
+		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
+			return 1;
+		flow.ip_version = 6;
+		flow.ip_proto = ip.nexthdr;
+		__builtin_memcpy(flow.dst, ip.daddr.in6_u.u6_addr8, 16);
+		l4off = sizeof(ip);
+	} else {
+		return 1;
+	}
+	if (flow.ip_proto == IPPROTO_TCP) {
+		struct tcphdr tcp;
+		if (bpf_skb_load_bytes(skb, l4off, &tcp, sizeof(tcp)) < 0 || !tcp.syn || tcp.ack)
+			return 1;
+		flow.src_port = bpf_ntohs(tcp.source);
+		flow.dst_port = bpf_ntohs(tcp.dest);
+	} else if (flow.ip_proto == IPPROTO_UDP) {
+		struct udphdr udp;
+		if (bpf_skb_load_bytes(skb, l4off, &udp, sizeof(udp)) < 0)
+			return 1;
+		flow.src_port = bpf_ntohs(udp.source);
+		flow.dst_port = bpf_ntohs(udp.dest);
+	} else {
+		return 1;
+	}
+	u64 cookie = bpf_get_socket_cookie(skb);
+	struct sluice_sock_owner *owner = map_sock_owner.lookup(&cookie);
+	if (!owner)
+		return 1;
+	struct sluice_sock_owner *known = map_flow_owner.lookup(&flow);
+	if (known && known->tgid == owner->tgid && known->cgroup_id == owner->cgroup_id)
+		return 1; /* a UDP flow already recorded: no map write per datagram */
+	map_flow_owner.update(&flow, owner);
+	return 1;
+}

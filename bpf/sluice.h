@@ -15,7 +15,7 @@
 #define SLUICE_COMM_LEN 16
 
 /* One ring-buffer record: the seed's BpfBlockedEvent (first 60 bytes, same meanings),
- * then the packet count of an aggregated flow and the process name. */
+ * then the packet count of an aggregated flow, the process name and its cgroup. */
 struct sluice_event {
 	__u8 ip_version;        /* 4 or 6 */
 	__u8 allowed;           /* verdict: 1 allow, 0 deny (also 0 for would-deny in audit mode) */
@@ -31,6 +31,7 @@ struct sluice_event {
 	__u32 pid;              /* tgid of the socket's owner, 0 if unknown */
 	__u32 packets;          /* packets this record stands for (flood aggregation) */
 	char comm[SLUICE_COMM_LEN]; /* owner's process name, "" if unknown */
+	__u64 cgroup_id;        /* owner's cgroup v2 id (its cgroupfs inode), 0 if unknown */
 } __attribute__((packed));
 
 /* Global switches, one array slot. generation != 0 once policy has programmed the maps:
@@ -82,10 +83,48 @@ struct sluice_port_value {
 	__u8 pad[3];
 };
 
-/* Socket cookie -> owner, recorded by the cgroup hooks in the caller's context. */
+/* Socket cookie -> owner, recorded by the cgroup hooks in the caller's context; also the
+ * value of the flow-owner map, for packets that reach the classifier without their socket
+ * (forwarded from a container's network namespace). */
 struct sluice_sock_owner {
 	__u32 tgid;
 	char comm[SLUICE_COMM_LEN];
+	__u32 pad;
+	__u64 cgroup_id;
+};
+
+/* A flow as the classifier sees it after the host's NAT, which keeps ports where it can:
+ * the key the cgroup egress hook records an owner under. */
+struct sluice_flow_tuple {
+	__u8 ip_version;
+	__u8 ip_proto;
+	__u16 src_port;         /* host order */
+	__u16 dst_port;         /* host order */
+	__u16 pad;
+	__u8 dst[16];           /* IPv4 in the first 4 bytes */
+};
+
+/* DNS redirect (one array slot, written by capture): every TCP/UDP connect or sendmsg to
+ * port 53 of a non-loopback address goes to the proxy's redirect address instead, unless
+ * the socket carries SLUICE_DNS_MARK (the proxy's own upstream traffic). */
+#define SLUICE_DNS_PORT 53
+#define SLUICE_DNS_MARK 0x2d53
+
+struct sluice_dns_redirect {
+	__u8 enabled;
+	__u8 has_v6;            /* 0: IPv6 queries are refused (EPERM) rather than let through */
+	__u16 port;             /* network order: the proxy's port on the redirect addresses */
+	__u8 addr4[4];          /* network order */
+	__u8 addr6[16];
+};
+
+/* Socket cookie -> the resolver address a redirected socket asked, so its answers (recvmsg)
+ * and its peer (getpeername) show that address, not the proxy's. */
+struct sluice_dns_origin {
+	__u8 ip_version;
+	__u8 pad;
+	__u16 port;             /* network order */
+	__u8 addr[16];          /* IPv4 in the first 4 bytes, network order */
 };
 
 /* Flood aggregation: one entry per flow that recently emitted an event. The same key and
@@ -117,6 +156,8 @@ struct sluice_flow_state {
 #define SLUICE_CNT_MALFORMED      6  /* headers that could not be read */
 #define SLUICE_CNT_PARKED         7  /* packets of refused records kept in map_overflow */
 #define SLUICE_CNT_LOST           8  /* packets of refused records map_overflow had no room for */
-#define SLUICE_CNT_MAX            10
+#define SLUICE_CNT_DNS_REDIRECTED 9  /* DNS connects/sends sent to the proxy instead */
+#define SLUICE_CNT_DNS_REFUSED    10 /* IPv6 DNS refused: no IPv6 redirect address */
+#define SLUICE_CNT_MAX            16
 
 #endif

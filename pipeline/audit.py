@@ -2,7 +2,8 @@
 
 An AuditEvent is created once (policy, dns, the start-up scan), normalized there, and travels
 to persist as an `audit_records` message (schemas/audit_records.json). Field names are the
-seed's JSON names; sluice adds `packets`, `event_id` and `host`.
+seed's JSON names; sluice adds `packets`, `event_id`, `host`, and the owner's `cgroup` and
+`container` (pipeline/containers.py).
 
 The JSONL form is what cargowall writes (reference §2.6), so its NDJSON consumers read it:
 compact, keys in field order, the seed's omit-empty rules and the Go encoder's escaping.
@@ -27,8 +28,8 @@ import msgspec
 from . import private
 from .errors import StoreError
 from .timestamps import format_timestamp, parse_timestamp, sql_timestamp  # noqa: F401
-from .wire import (ADDRESS_OR_EMPTY, EVENT_ID, HOST, I64, NAME, NAMES, PROCESS, SHORT, U16, U32,
-                   Limit, WireRecord, limited, register)
+from .wire import (ADDRESS_OR_EMPTY, EVENT_ID, HOST, I64, NAME, NAMES, PROCESS, SHORT, TEXT, U16,
+                   U32, Limit, WireRecord, limited, register)
 
 log = logging.getLogger("sluice.audit")
 
@@ -57,12 +58,13 @@ FLAG_EXEMPT_TYPES = frozenset({
 KNOWN_EVENT_TYPES = (*(t.value for t in AuditEventType), "step_boundary",
                      "container_attribution", "cgroup_would_block")
 EVENT_TYPE = limited(str, Limit(choices=KNOWN_EVENT_TYPES))
+CONTAINER = limited(str, Limit(max_len=128))
 
 
 @register
 class AuditEvent(WireRecord):
     KIND = "audit_records"
-    VERSION = 2
+    VERSION = 3  # 2: seq; 3: cgroup and container
 
     timestamp: I64  # UTC nanoseconds since the epoch; 0 = "now" at normalization
     event_type: EVENT_TYPE
@@ -83,6 +85,8 @@ class AuditEvent(WireRecord):
     event_id: EVENT_ID = ""  # unique: a retry never duplicates a row
     host: HOST = ""
     seq: I64 = 0  # capture's journal number of the kernel record, 0 if none
+    cgroup: TEXT = ""  # the process's cgroup v2 path, "" if unknown
+    container: CONTAINER = ""  # the container id in it, "" if none
 
 
 def normalize(event: AuditEvent, audit_mode: bool, now_ns: int) -> AuditEvent:
@@ -133,6 +137,8 @@ class _JsonLine(msgspec.Struct, omit_defaults=True):
     packets: int = 1                # written only above 1
     event_id: str = ""
     host: str = ""
+    cgroup: str = ""
+    container: str = ""
 
 
 _encoder = msgspec.json.Encoder()
@@ -146,7 +152,8 @@ def _line(e: AuditEvent) -> _JsonLine:
     return _JsonLine(format_timestamp(e.timestamp), e.event_type, e.src_ip, e.dst_ip,
                      e.dst_hostname, e.dst_port, e.protocol, e.process, e.pid, e.matched_rule,
                      e.auto_allowed_type, e.cname_chain, e.mid_stream, e.would_deny, e.blocked,
-                     e.packets if e.packets > 1 else 1, e.event_id, e.host)
+                     e.packets if e.packets > 1 else 1, e.event_id, e.host, e.cgroup,
+                     e.container)
 
 
 def json_lines(events: Sequence[AuditEvent]) -> bytes:

@@ -7,12 +7,18 @@ Their wire form is schemas/raw_events.json and schemas/enriched_events.json.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .wire import (ADDRESS, ADDRESSES, COMM, EVENT_ID, HOST, I64, IP_VERSION, MODE, NAME, NAMES,
                    PROCESS, SHORT, TEXT, U8, U16, U32, Limit, WireRecord, limited, register)
 
 BLOCK_TYPES = ("connection_blocked", "protocol_blocked")
-BLOCK_TYPE = limited(str, Limit(choices=BLOCK_TYPES))
-DESTINATION = limited(str, Limit(max_len=1100))
+if TYPE_CHECKING:  # what the checker needs to know; at run time, the limited wire types
+    BLOCK_TYPE = str
+    DESTINATION = str
+else:
+    BLOCK_TYPE = limited(str, Limit(choices=BLOCK_TYPES))
+    DESTINATION = limited(str, Limit(max_len=1100))
 
 FLAG_MID_STREAM = 0x01  # a denied TCP segment of an established flow
 FLAG_FRAGMENT = 0x02    # a non-first fragment: ports are 0/0
@@ -35,7 +41,7 @@ def protocol_name(number: int) -> str:
 @register
 class RawEvent(WireRecord):
     KIND = "raw_events"
-    VERSION = 2
+    VERSION = 3  # 2: event_id and seq; 3: cgroup
 
     ip_version: IP_VERSION
     allowed: bool
@@ -51,6 +57,7 @@ class RawEvent(WireRecord):
     packets: I64
     event_id: EVENT_ID  # "<journal id>-<seq>" if journaled, else ""
     seq: I64  # its number in capture's journal, 0 when not journaled
+    cgroup: TEXT  # the owner's cgroup v2 path (/proc/<pid>/cgroup), "" if unknown
 
     @property
     def is_protocol_block(self) -> bool:

@@ -2,8 +2,8 @@
 
 Each line is one audit record with the seed's JSON field names (reference §2.5): any RFC 3339
 timestamp offset and 0-9 fractional digits, omitted fields meaning empty, fields sluice does
-not store (cargowall's step and container fields) ignored. Flags are kept as written: the
-log's own normalization is the truth about its run.
+not store (cargowall's step fields) ignored; cargowall's `container_id` is the container.
+Flags are kept as written: the log's own normalization is the truth about its run.
 
 Every valid line is stored; every other line is rejected on its own, with its line number
 and reason (the rest of the file goes on): lines longer than MAX_LINE_BYTES or nested deeper
@@ -36,7 +36,7 @@ MAX_LINE_BYTES = 1 << 20  # a record is a few hundred bytes
 MAX_DEPTH = 8             # a record nests 2 levels (its cname_chain)
 ALREADY_STORED = "already stored"
 TEXT_FIELDS = ("event_type", "src_ip", "dst_ip", "dst_hostname", "protocol", "process",
-               "matched_rule", "auto_allowed_type", "event_id", "host")
+               "matched_rule", "auto_allowed_type", "event_id", "host", "cgroup", "container")
 NUMBER_FIELDS = ("dst_port", "pid", "packets")
 FLAG_FIELDS = ("mid_stream", "would_deny", "blocked")
 
@@ -92,6 +92,8 @@ def event_from(document: Any, derived_id: str, host: str) -> AuditEvent:
     for name in TEXT_FIELDS:
         if name in document:
             fields[name] = _checked(document, name, str, "text")
+    if "container" not in fields and "container_id" in document:
+        fields["container"] = _checked(document, "container_id", str, "text")
     for name in NUMBER_FIELDS:
         if name in document:
             fields[name] = _checked(document, name, int, "a whole number")

@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Callable
 
 from .audit import AuditEvent, AuditEventType, normalize
+from .containers import container_of
 from .events import EnrichedEvent, protocol_name
 
 # (dst_ip, dst_port, protocol name lowercased, hostname) -> auto-allowed type or "".
@@ -42,7 +43,8 @@ def decide(event: EnrichedEvent, *, audit_mode: bool, event_id: str, host: str,
         timestamp=event.timestamp_ns, event_type="", src_ip=event.src_ip, dst_ip=event.dst_ip,
         dst_hostname=event.dst_hostname, dst_port=event.dst_port, protocol=event.protocol,
         process=event.comm, pid=event.pid, cname_chain=list(event.cname_chain),
-        packets=event.packets, event_id=event_id, host=host, seq=event.seq)
+        packets=event.packets, event_id=event_id, host=host, seq=event.seq,
+        cgroup=event.cgroup, container=container_of(event.cgroup))
     notify = False
     if event.allowed:
         record.event_type = AuditEventType.CONNECTION_ALLOWED.value

@@ -29,6 +29,8 @@ class Block:
     dst_ip: str
     dst_port: int
     protocol: str  # TCP or UDP
+    cgroup: str
+    container: str
 
 
 Key = tuple[str, int, str]  # (dst_ip, dst_port, protocol)
@@ -66,7 +68,8 @@ class RecentBlocks:
                 self.dropped += 1
                 return
         self.blocks[key] = Block(event.src_ip, event.process, event.pid, list(event.cname_chain),
-                                 event.timestamp, event.dst_ip, event.dst_port, event.protocol)
+                                 event.timestamp, event.dst_ip, event.dst_port, event.protocol,
+                                 event.cgroup, event.container)
         self.blocks.move_to_end(key)
         self.keys_by_ip.setdefault(event.dst_ip, set()).add(key)
 
@@ -111,6 +114,10 @@ def _merge(block: Block, event: AuditEvent) -> None:
         block.process = ""
     if block.pid != event.pid:
         block.pid = 0
+    if block.cgroup != event.cgroup:
+        block.cgroup = ""
+    if block.container != event.container:
+        block.container = ""
 
 
 def late_allowed_record(block: Block, hostname: str, rule: str, chain: list[str]) -> AuditEvent:
@@ -118,4 +125,5 @@ def late_allowed_record(block: Block, hostname: str, rule: str, chain: list[str]
     return AuditEvent(timestamp=block.at, event_type="connection_late_allowed",
                       src_ip=block.src_ip, dst_ip=block.dst_ip, dst_hostname=hostname,
                       dst_port=block.dst_port, protocol=block.protocol, process=block.process,
-                      pid=block.pid, matched_rule=rule, cname_chain=chain or block.cname_chain)
+                      pid=block.pid, matched_rule=rule, cname_chain=chain or block.cname_chain,
+                      cgroup=block.cgroup, container=block.container)

@@ -2,7 +2,7 @@
 
 BpfBlockedEvent keeps the seed's name and field meanings: IPv4 addresses are host-order
 integers, IPv6 addresses network-order bytes, ports host order. sluice appends the packet
-count of an aggregated flow and the owner's process name (80 bytes in all).
+count of an aggregated flow, the owner's process name and its cgroup id (88 bytes in all).
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ from .events import RawEvent
 from .journal import Frame, event_id as journal_event_id
 from .kernel.structs import Event
 
-RECORD = struct.Struct("<BBBBIIHH16s16sQII16s")
-RECORD_SIZE = RECORD.size  # 80
+RECORD = struct.Struct("<BBBBIIHH16s16sQII16sQ")
+RECORD_SIZE = RECORD.size  # 88
+
+
+def _no_cgroup(_cgroup_id: int) -> str:
+    return ""
 
 
 class ShortRecord(ValueError):
@@ -40,6 +44,7 @@ class BpfBlockedEvent:
     pid: int
     packets: int
     comm: bytes
+    cgroup_id: int  # the owner's cgroup v2 id, 0 if unknown
 
     @classmethod
     def unpack(cls, data: bytes) -> BpfBlockedEvent:
@@ -50,38 +55,44 @@ class BpfBlockedEvent:
     def pack(self) -> bytes:
         return RECORD.pack(*dataclasses.astuple(self))
 
-    def to_raw(self, mono_to_wall_ns: int) -> RawEvent:
+    def to_raw(self, mono_to_wall_ns: int,
+               cgroup_path: Callable[[int], str] = _no_cgroup) -> RawEvent:
         """Decode addresses and name; mono_to_wall_ns converts the kernel's monotonic time."""
-        return decode_record(self.pack(), mono_to_wall_ns)
+        return decode_record(self.pack(), mono_to_wall_ns, cgroup_path=cgroup_path)
 
 
-def decode_record(data: bytes, mono_to_wall_ns: int, event_id: str = "", seq: int = 0) -> RawEvent:
+def decode_record(data: bytes, mono_to_wall_ns: int, event_id: str = "", seq: int = 0,
+                  cgroup_path: Callable[[int], str] = _no_cgroup) -> RawEvent:
     """BpfBlockedEvent.unpack(data).to_raw(...) without the intermediate object: this runs
-    for every record the ring buffer delivers."""
+    for every record the ring buffer delivers. cgroup_path names a cgroup id ("" for 0)."""
     if len(data) < RECORD_SIZE:
         raise ShortRecord(f"kernel record of {len(data)} bytes, expected {RECORD_SIZE}")
     (version, allowed, proto, flags, src4, dst4, sport, dport, src6, dst6, ts, pid, packets,
-     comm) = RECORD.unpack_from(data)
+     comm, cgroup_id) = RECORD.unpack_from(data)
     if version == 6:
         src, dst = ipv6_text(src6), ipv6_text(dst6)
     else:
         version, src, dst = 4, ipv4_text(src4), ipv4_text(dst4)
     name = comm.split(b"\0", 1)[0].decode("utf-8", "replace") if comm[0] else ""
     return RawEvent(version, allowed == 1, proto, flags, src, dst, sport, dport,
-                    ts + mono_to_wall_ns, pid, name, packets or 1, event_id, seq)
+                    ts + mono_to_wall_ns, pid, name, packets or 1, event_id, seq,
+                    cgroup_path(cgroup_id) if cgroup_id else "")
 
 
 def decode_frame(frame: Frame, journal_id: str,
                  skip_seq: Callable[[int], bool] | None = None, start: int = 0,
-                 stop: int | None = None) -> list[RawEvent]:
+                 stop: int | None = None,
+                 cgroup_path: Callable[[int], str] = _no_cgroup) -> list[RawEvent]:
     """Records start..stop of a journal frame, each with its journal number and event id;
     records of an older, shorter layout are zero-padded (struct sluice_event only grows at
-    its end). skip_seq(seq) -> True leaves a record out (one persist already stored)."""
+    its end). skip_seq(seq) -> True leaves a record out (one persist already stored).
+    cgroup_path names the owners' cgroup ids (a cgroup gone by then is named "")."""
     stop = frame.count if stop is None else min(stop, frame.count)
     pad = b"\0" * max(0, RECORD_SIZE - frame.record_size)
     shift = frame.mono_to_wall_ns
     if not frame.first_seq:  # not journaled (the journal was full or failing)
-        return [decode_record(frame.record(i) + pad, shift) for i in range(start, stop)]
+        return [decode_record(frame.record(i) + pad, shift, cgroup_path=cgroup_path)
+                for i in range(start, stop)]
     events = []
     for i in range(start, stop):
         seq = frame.first_seq + i
@@ -90,7 +101,8 @@ def decode_frame(frame: Frame, journal_id: str,
         data = frame.record(i)
         if pad:
             data += pad
-        events.append(decode_record(data, shift, journal_event_id(journal_id, seq), seq))
+        events.append(decode_record(data, shift, journal_event_id(journal_id, seq), seq,
+                                    cgroup_path))
     return events
 
 

@@ -140,10 +140,15 @@ def payloads(f: BinaryIO, name: str) -> Iterator[tuple[int, bytes]]:
         return
 
 
+RAW_FIELDS_V1 = 12  # raw_events v1: up to packets; v2 added event_id and seq, v3 cgroup
+
+
 def _fresh_raw_event(values: list, version: int) -> list:
     """A recorded kernel event, replayed, is a new event: its journal number and event id
-    (absent before raw_events v2) are cleared, so the stages give it new ones."""
-    return (values[:-2] if version >= 2 else values) + ["", 0]
+    (absent before raw_events v2) are cleared, so the stages give it new ones; its cgroup
+    (absent before v3) is kept."""
+    cgroup = values[RAW_FIELDS_V1 + 2] if version >= 3 and len(values) > RAW_FIELDS_V1 + 2 else ""
+    return values[:RAW_FIELDS_V1] + ["", 0, cgroup]
 
 
 def decode_frame(payload: bytes, name: str, offset: int = 0) -> Frame:

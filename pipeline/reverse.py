@@ -14,6 +14,11 @@ Each submitted address gets exactly one Lookup back, within `timeout` of its sub
 the budget covers waiting for a free slot too, so nothing waits longer. A lookup whose
 budget ran out before it could be sent comes back as "not_sent" (no query was made).
 
+With the DNS redirect on, enrich asks the proxy's own upstream from sockets carrying the
+mark the redirect lets through: sluice's lookups are not a client's, and through the proxy a
+forward confirmation of a name the policy refuses would be refused (and recorded as a
+dns_blocked no program caused).
+
 Forward-confirmed (a deviation from cargowall): whoever controls an address's reverse zone
 chooses its PTR name, so a PTR answer alone would let anyone name their server after an
 allowed host and be late-allowed. A name is used only when its own A/AAAA records, asked
@@ -27,11 +32,13 @@ import collections
 import dataclasses
 import logging
 import os
+import socket
 import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+import dns.asyncbackend
 import dns.asyncquery
 import dns.exception
 import dns.message
@@ -92,9 +99,9 @@ def first_ptr(response: dns.message.Message) -> str:
 
 class ReverseResolver:
     def __init__(self, nameserver: str, port: int = 53, timeout: float = TIMEOUT_S,
-                 concurrency: int = CONCURRENCY) -> None:
+                 concurrency: int = CONCURRENCY, mark: int = 0) -> None:
         self.nameserver, self.port, self.timeout = nameserver, port, timeout
-        self.concurrency = concurrency
+        self.concurrency, self.mark = concurrency, mark
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._done: collections.deque[Lookup] = collections.deque()
         self._loop = asyncio.new_event_loop()
@@ -113,7 +120,8 @@ class ReverseResolver:
         return cls(system_nameserver(text), **kw)
 
     def __repr__(self) -> str:
-        return f"ReverseResolver({self.nameserver}:{self.port}, {self.timeout:g} s)"
+        marked = f", mark {self.mark:#x}" if self.mark else ""
+        return f"ReverseResolver({self.nameserver}:{self.port}, {self.timeout:g} s{marked})"
 
     def start(self) -> None:
         self.worker.start()
@@ -181,8 +189,19 @@ class ReverseResolver:
 
     async def _ask(self, name, rdtype) -> dns.message.Message:
         query = dns.message.make_query(name, rdtype)
-        return await dns.asyncquery.udp(query, self.nameserver, port=self.port,
-                                        ignore_unexpected=True)
+        if not self.mark:
+            return await dns.asyncquery.udp(query, self.nameserver, port=self.port,
+                                            ignore_unexpected=True)
+        family = socket.AF_INET6 if ":" in self.nameserver else socket.AF_INET
+        sock = await dns.asyncbackend.get_backend("asyncio").make_socket(family,
+                                                                         socket.SOCK_DGRAM)
+        try:  # marked before its first send, which is where the redirect would act
+            sock.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET,
+                                                               socket.SO_MARK, self.mark)
+            return await dns.asyncquery.udp(query, self.nameserver, port=self.port,
+                                            ignore_unexpected=True, sock=sock)
+        finally:
+            await sock.close()
 
     def finished(self) -> list[Lookup]:
         """Lookups that ended since the last call (reading resets the eventfd)."""

@@ -153,10 +153,14 @@ SETTINGS: tuple[Setting, ...] = (
             "comma-separated addresses (host:port) the DNS proxy answers on", _text),
     Setting("dns_upstream", "SLUICE_DNS_UPSTREAM", "",
             "upstream resolver host[:port]; empty = the first /etc/resolv.conf nameserver "
-            "that is not this proxy", _text),
+            "that is not this proxy (nor, with the redirect, a resolver on loopback: "
+            "systemd-resolved's upstreams instead)", _text),
     Setting("dns_filter", "SLUICE_DNS_FILTER", "true",
             "judge queries by the hostname rules: REFUSED in enforce mode, recorded in audit mode",
             _flag),
+    Setting("dns_redirect", "SLUICE_DNS_REDIRECT", "true",
+            "send every DNS query (port 53, to any resolver not on loopback) of this host and "
+            "its containers to the proxy", _flag),
     Setting("dns_timeout", "SLUICE_DNS_TIMEOUT", "5",
             "seconds to wait for the upstream resolver before answering SERVFAIL", _positive_float),
     Setting("notify_url", "SLUICE_NOTIFY_URL", "",
@@ -244,6 +248,7 @@ class Settings:
     dns_listen: str
     dns_upstream: str
     dns_filter: bool
+    dns_redirect: bool
     dns_timeout: float
     notify_url: str
     notify_token: str

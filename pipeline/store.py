@@ -52,34 +52,43 @@ from .rollups import (GROUP_VALUES, MINUTE_KEY, TIMELINE_COUNTS, TOTAL_KEY, Delt
 
 metadata = sa.MetaData()
 
-audit_events = sa.Table(
-    "audit_events", metadata,
-    # SQLite makes only an INTEGER PRIMARY KEY the rowid; PostgreSQL gets a 64-bit key.
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
-              autoincrement=True),
-    sa.Column("event_id", sa.Text, nullable=False),
-    sa.Column("host", sa.Text, nullable=False),
-    sa.Column("timestamp", sa.Text, nullable=False),
-    sa.Column("event_type", sa.Text, nullable=False),
-    sa.Column("src_ip", sa.Text, nullable=False),
-    sa.Column("dst_ip", sa.Text, nullable=False),
-    sa.Column("dst_hostname", sa.Text, nullable=False),
-    sa.Column("dst_port", sa.Integer, nullable=False),
-    sa.Column("protocol", sa.Text, nullable=False),
-    sa.Column("process", sa.Text, nullable=False),
-    sa.Column("pid", sa.BigInteger, nullable=False),
-    sa.Column("matched_rule", sa.Text, nullable=False),
-    sa.Column("auto_allowed_type", sa.Text, nullable=False),
-    sa.Column("cname_chain", sa.Text, nullable=False),
-    sa.Column("mid_stream", sa.Boolean, nullable=False),
-    sa.Column("would_deny", sa.Boolean, nullable=False),
-    sa.Column("blocked", sa.Boolean, nullable=False),
-    sa.Column("packets", sa.BigInteger, nullable=False),
-    sa.UniqueConstraint("event_id", name="uq_audit_events_event_id"),
-    # Time windows and retention. The summary views read the rollups, so since 0005 this and
-    # the event_id key are all a row must update.
-    sa.Index("ix_audit_events_timestamp", "timestamp"),
-)
+def _first_audit_events(meta: sa.MetaData) -> sa.Table:
+    """audit_events with the columns 0001 created and the indexes it keeps now; later
+    migrations add their own columns (0008: cgroup, container)."""
+    return sa.Table(
+        "audit_events", meta,
+        # SQLite makes only an INTEGER PRIMARY KEY the rowid; PostgreSQL gets a 64-bit key.
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
+                  autoincrement=True),
+        sa.Column("event_id", sa.Text, nullable=False),
+        sa.Column("host", sa.Text, nullable=False),
+        sa.Column("timestamp", sa.Text, nullable=False),
+        sa.Column("event_type", sa.Text, nullable=False),
+        sa.Column("src_ip", sa.Text, nullable=False),
+        sa.Column("dst_ip", sa.Text, nullable=False),
+        sa.Column("dst_hostname", sa.Text, nullable=False),
+        sa.Column("dst_port", sa.Integer, nullable=False),
+        sa.Column("protocol", sa.Text, nullable=False),
+        sa.Column("process", sa.Text, nullable=False),
+        sa.Column("pid", sa.BigInteger, nullable=False),
+        sa.Column("matched_rule", sa.Text, nullable=False),
+        sa.Column("auto_allowed_type", sa.Text, nullable=False),
+        sa.Column("cname_chain", sa.Text, nullable=False),
+        sa.Column("mid_stream", sa.Boolean, nullable=False),
+        sa.Column("would_deny", sa.Boolean, nullable=False),
+        sa.Column("blocked", sa.Boolean, nullable=False),
+        sa.Column("packets", sa.BigInteger, nullable=False),
+        sa.UniqueConstraint("event_id", name="uq_audit_events_event_id"),
+        # Time windows and retention. The summary views read the rollups, so since 0005 this and
+        # the event_id key are all a row must update.
+        sa.Index("ix_audit_events_timestamp", "timestamp"),
+    )
+
+
+audit_events = _first_audit_events(metadata)
+CGROUP_COLUMNS = ("cgroup", "container")  # 0008: the owner's cgroup v2 path, its container
+for _name in CGROUP_COLUMNS:
+    audit_events.append_column(sa.Column(_name, sa.Text, nullable=False, server_default=""))
 
 schema_migrations = sa.Table(
     "schema_migrations", metadata,
@@ -174,9 +183,9 @@ COLUMNS = tuple(c.name for c in audit_events.columns if c.name != "id")
 
 
 def _create_audit_events(conn: sa.Connection) -> None:
-    # The table as first defined (0005 dropped two of its indexes), so a new database
-    # replays every step in order.
-    frozen = audit_events.to_metadata(sa.MetaData())
+    # The table as first defined (0005 dropped two of its indexes, 0008 added columns), so
+    # a new database replays every step in order.
+    frozen = _first_audit_events(sa.MetaData())
     sa.Index("ix_audit_events_event_type", frozen.c.event_type)
     sa.Index("ix_audit_events_dst_ip", frozen.c.dst_ip)
     frozen.create(conn)
@@ -425,6 +434,18 @@ def _minute_groups_0006(conn: sa.Connection) -> None:
     conn.exec_driver_sql(_fill_groups("destination_minutes", MINUTE_KEY))
 
 
+def _cgroup_columns_0008(conn: sa.Connection) -> None:
+    """The owner's cgroup and container on every row ("" for rows stored before)."""
+    for name in CGROUP_COLUMNS:
+        conn.exec_driver_sql(f"ALTER TABLE audit_events ADD COLUMN {name} TEXT NOT NULL "
+                             "DEFAULT ''")
+    # PostgreSQL expanded `b.*` when the per-row views were made: make them again.
+    conn.exec_driver_sql("DROP VIEW audit_events_counted")
+    conn.exec_driver_sql("DROP VIEW audit_events_classified")
+    for statement in _view_statements(conn.dialect.name)[:2]:
+        conn.exec_driver_sql(statement)
+
+
 VIEWS_0003 = ("audit_events_classified", "audit_events_counted", "blocked_destinations",
               "process_activity", "dns_blocked_names", "late_allowed", "timeline")
 VIEWS = (*VIEWS_0003, "timeline_daily")
@@ -439,6 +460,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ("0005_rollups", _rollups_0005),
     ("0006_minute_groups", _minute_groups_0006),
     ("0007_export_cursors", lambda conn: export_cursors.create(conn)),
+    ("0008_cgroup_container", _cgroup_columns_0008),
 )
 
 _encode_json = msgspec.json.encode
@@ -603,7 +625,7 @@ def as_row(e: AuditEvent) -> tuple:
     return (e.event_id, e.host, sql_timestamp(e.timestamp), e.event_type, e.src_ip, e.dst_ip,
             e.dst_hostname, e.dst_port, e.protocol, e.process, e.pid, e.matched_rule,
             e.auto_allowed_type, _chain_text(e.cname_chain) if e.cname_chain else "",
-            e.mid_stream, e.would_deny, e.blocked, e.packets)
+            e.mid_stream, e.would_deny, e.blocked, e.packets, e.cgroup, e.container)
 
 
 def from_row(row: Sequence) -> AuditEvent:

@@ -96,7 +96,7 @@ class Limit:
 def limited(base: Any, limit: Limit) -> Any:
     """The type of a wire field: base within limit. msgspec checks all of it as it decodes
     but the address test, which WireRecord's decode makes right after."""
-    meta: dict[str, int] = {}
+    meta: dict[str, Any] = {}
     if limit.lo is not None:
         meta["ge"] = limit.lo
     if limit.hi is not None:
@@ -183,14 +183,17 @@ def _check_for(annotation: Any):
     raise TypeError(f"unsupported wire field type {annotation!r}")
 
 
-REGISTRY: dict[str, type] = {}
+REGISTRY: dict[str, type[WireRecord]] = {}
 _MESSAGES: dict[str, type] = {}  # kind -> the Struct of a whole message of that kind
-_RECORD_OF: dict[type, type] = {}  # that Struct -> the record class
+_RECORD_OF: dict[type, type[WireRecord]] = {}  # that Struct -> the record class
 _decoder: msgspec.msgpack.Decoder | None = None
 _encoder = msgspec.msgpack.Encoder()
 
 
-def register(cls):
+R = typing.TypeVar("R", bound=type[WireRecord])
+
+
+def register(cls: R) -> R:
     """Class decorator: index a WireRecord by its KIND and prepare its checks."""
     global _decoder
     hints = typing.get_type_hints(cls)
@@ -205,11 +208,12 @@ def register(cls):
             one = "(x == '' or is_address(x))" if limit.empty else "is_address(x)"
             tests.append(f"all({one} for x in r.{name})" if limit.item_len is not None
                          else one.replace("x", f"r.{name}"))
-    cls._addresses = eval(f"lambda r: {' and '.join(tests) or 'True'}",  # noqa: S307
+    cls._addresses = eval(f"lambda r: {' and '.join(tests) or 'True'}",
                           {"is_address": is_address})
     REGISTRY[cls.KIND] = cls
     message = msgspec.defstruct(
-        f"{cls.__name__}Message", [("v", Literal[cls.VERSION]), ("records", list[cls])],
+        f"{cls.__name__}Message",
+        [("v", Literal[cls.VERSION]), ("records", list.__class_getitem__(cls))],
         tag_field="kind", tag=cls.KIND)
     _MESSAGES[cls.KIND], _RECORD_OF[message] = message, cls
     _decoder = None  # built again, with this kind, at the next decode
@@ -272,7 +276,8 @@ def decode_records(frame: bytes) -> tuple[str, list, list[MessageError]]:
     if len(frame) > MAX_FRAME:
         raise MessageError(f"frame larger than {MAX_FRAME} bytes", str(len(frame)))
     if _decoder is None:
-        _decoder = msgspec.msgpack.Decoder(Union[tuple(_MESSAGES.values())])
+        _decoder = msgspec.msgpack.Decoder(
+            Union[tuple(_MESSAGES.values())])  # noqa: UP007 (built from the registry)
     try:
         message = _decoder.decode(frame)
     except (msgspec.DecodeError, msgspec.ValidationError):

@@ -27,13 +27,15 @@ FLAGS = '"would_deny":false,"blocked":false'
                  f'{{{TS},"event_type":"dns_blocked",{FLAGS}}}', id="flags-always-present"),
     pytest.param(AuditEvent(T0, "connection_blocked", "10.0.0.2", "93.184.216.34", "example.com",
                             443, "TCP", "curl", 4242, "*.example.com", "dns", ["a.example", "b"],
-                            True, True, False, 7, "ev-1", "builder"),
+                            True, True, False, 7, "ev-1", "builder", cgroup="/docker/" + "e" * 64,
+                            container="e" * 64),
                  f'{{{TS},"event_type":"connection_blocked","src_ip":"10.0.0.2",'
                  '"dst_ip":"93.184.216.34","dst_hostname":"example.com","dst_port":443,'
                  '"protocol":"TCP","process":"curl","pid":4242,"matched_rule":"*.example.com",'
                  '"auto_allowed_type":"dns","cname_chain":["a.example","b"],"mid_stream":true,'
                  '"would_deny":true,"blocked":false,"packets":7,"event_id":"ev-1",'
-                 '"host":"builder"}', id="every-field-in-seed-order"),
+                 f'"host":"builder","cgroup":"/docker/{"e" * 64}","container":"{"e" * 64}"}}',
+                 id="every-field-in-seed-order"),
     pytest.param(AuditEvent(T0, "connection_allowed", dst_port=0, pid=0, packets=1,
                             cname_chain=[], mid_stream=False, blocked=True),
                  f'{{{TS},"event_type":"connection_allowed","would_deny":false,"blocked":true}}',
@@ -247,7 +249,7 @@ def _kernel_event(allowed=False, proto=6, src_port=40000, dst_port=443, host="")
     from pipeline.events import EnrichedEvent, RawEvent
 
     raw = RawEvent(4, allowed, proto, 0, "10.0.0.2", "93.184.216.34", src_port, dst_port, T0,
-                   321, "curl", 1, "", 0)
+                   321, "curl", 1, "", 0, "")
     return EnrichedEvent.from_raw(raw, host)
 
 

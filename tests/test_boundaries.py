@@ -31,7 +31,8 @@ ALLOW_ALL = {"defaultAction": "deny", "rules": [
 
 
 def raw(dst="10.1.0.9", allowed=True, port=443):
-    return RawEvent(4, allowed, 6, 0, "10.0.0.2", dst, 40000, port, T0, 77, "curl", 1, "", 0)
+    return RawEvent(4, allowed, 6, 0, "10.0.0.2", dst, 40000, port, T0, 77, "curl", 1, "", 0,
+                    "")
 
 
 def enriched(dst="10.1.0.9", allowed=True):

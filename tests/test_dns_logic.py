@@ -100,6 +100,41 @@ def test_choose_upstream_prefers_the_setting_and_refuses_a_loop():
         choose_upstream("", "nameserver 127.0.0.1\n", ours)
 
 
+STUB = "nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch corp.example\n"
+RESOLVED = "# systemd-resolved's upstreams\nnameserver 10.0.0.2\nnameserver 10.0.0.3\n"
+
+
+@pytest.mark.parametrize("resolv, resolved, upstream", [
+    (STUB, RESOLVED, "10.0.0.2"),                       # behind systemd-resolved's stub
+    ("nameserver 127.0.0.54\n", RESOLVED, "10.0.0.2"),  # its other stub
+    ("nameserver 127.0.0.53\nnameserver 9.9.9.9\n", RESOLVED, "10.0.0.2"),
+    ("nameserver 127.0.0.2\nnameserver 9.9.9.9\n", RESOLVED, "9.9.9.9"),  # dnsmasq: skipped
+    ("nameserver 9.9.9.9\n", "", "9.9.9.9"),
+    (STUB, "nameserver 127.0.0.1\nnameserver ::1\nnameserver 10.0.0.9\n", "10.0.0.9"),
+])
+def test_with_the_redirect_the_upstream_is_never_a_resolver_on_this_host(resolv, resolved,
+                                                                          upstream):
+    ours = parse_listen("127.0.0.1:53")
+    assert choose_upstream("", resolv, ours, redirect=True,
+                           resolved_conf=resolved) == Endpoint(upstream, 53)
+    if upstream == "10.0.0.2":  # without the redirect the stub itself is fine
+        assert choose_upstream("", resolv, ours, resolved_conf=resolved).host.startswith("127.")
+
+
+@pytest.mark.parametrize("setting, resolv, resolved, message", [
+    ("127.0.0.53", STUB, RESOLVED, "127.0.0.53:53 is a resolver on this host.*a loop"),
+    ("[::1]:53", STUB, RESOLVED, "a resolver on this host"),
+    ("::ffff:127.0.0.2", STUB, RESOLVED, "a resolver on this host"),
+    ("", STUB, "", "names only resolvers on this host.*no systemd-resolved"),
+    ("", "nameserver 127.0.0.2\n", RESOLVED, "names only resolvers on this host"),
+])
+def test_with_the_redirect_a_loop_through_a_local_resolver_is_one_clear_line(setting, resolv,
+                                                                             resolved, message):
+    with pytest.raises(ValueError, match=message):
+        choose_upstream(setting, resolv, parse_listen("127.0.0.1:53"), redirect=True,
+                        resolved_conf=resolved)
+
+
 # ------------------------------------------------------------------ queries as bytes
 
 

@@ -33,7 +33,7 @@ class Pipeline:
             SLUICE_AUDIT_LOG=str(tmp_path / "audit.jsonl"),
             SLUICE_JOURNAL_DIR=str(tmp_path / "journal"),
             SLUICE_POLICY=str(tmp_path / "policy.json"), SLUICE_COUNTER_INTERVAL="1",
-            SLUICE_HOST="e2e-host")
+            SLUICE_HOST="e2e-host", SLUICE_CGROUP=str(lab.cgroup.path))
         self.proc = None
         self.host_mounts = False  # see Lab.in_client_net
 
@@ -42,10 +42,10 @@ class Pipeline:
         return subprocess.run([*prefix, f"{VENV_BIN}/sluice", *args], env=self.env, cwd=ROOT,
                               capture_output=True, text=True, timeout=timeout)
 
-    def start(self) -> "Pipeline":
+    def start(self, **kw) -> "Pipeline":
         self.log = open(self.tmp / "honcho.log", "w")
         try:
-            self.proc = self.lab.start_pipeline(self.env, self.log, self.host_mounts)
+            self.proc = self.lab.start_pipeline(self.env, self.log, self.host_mounts, **kw)
         except RuntimeError as err:
             raise AssertionError(f"{err}\n{self.output()}") from None
         return self
@@ -159,7 +159,7 @@ def test_audit_mode_reports_would_deny_and_a_clean_stop_detaches(lab, tmp_path):
     lab.start_server(443)
     pipeline = Pipeline(lab, tmp_path, {"defaultAction": "deny"}, mode="audit").start()
     hooks = pipeline.hook_ids()
-    assert len(hooks) == 4 and hooks <= attached_cgroup_prog_ids()
+    assert len(hooks) == 9 and hooks <= attached_cgroup_prog_ids()
     result = lab.client_run("tcp", Lab.SERVER_V4, "443", "--name", "sl-audit")
     assert result["ok"], "audit mode must not drop"
     wait_for(lambda: find(pipeline.jsonl(), dst_port=443), "the would-deny record", timeout=15)

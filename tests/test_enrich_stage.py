@@ -18,7 +18,7 @@ POLICY = {"defaultAction": "deny", "rules": [
 
 
 def event(dst, port=443, comm="curl"):
-    return RawEvent(4, False, 6, 0, "10.0.0.2", dst, 40000, port, T0, 77, comm, 1, "", 0)
+    return RawEvent(4, False, 6, 0, "10.0.0.2", dst, 40000, port, T0, 77, comm, 1, "", 0, "")
 
 
 @pytest.fixture

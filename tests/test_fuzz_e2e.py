@@ -36,7 +36,7 @@ def test_a_fuzzed_pipeline_still_enforces_records_and_alerts(lab, tmp_path):
          "ports": [{"port": 80, "protocol": "tcp"}]}]}
     pipeline = Pipeline(lab, tmp_path, policy)
     pipeline.env.update(SLUICE_NOTIFY_URL=f"http://127.0.0.1:{SINK_PORT}/hook",
-                        SLUICE_DNS_LISTEN="127.0.0.1:53", SLUICE_DNS_UPSTREAM="127.0.0.1:5353")
+                        SLUICE_DNS_LISTEN="127.0.0.1:53", SLUICE_DNS_UPSTREAM=f"{Lab.SERVER_V4}:53")
     pipeline.start()
 
     fuzzed = subprocess.run(

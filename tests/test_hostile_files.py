@@ -109,7 +109,7 @@ def test_policy_keeps_its_policy_when_a_reload_is_deeply_nested(tmp_path, peer):
     assert maps.verdict("10.1.0.9", 443, 6) == ALLOW  # the old policy's maps, untouched
     peer.pusher("policy").send(messages.encode(
         [EnrichedEvent.from_raw(RawEvent(4, True, 6, 0, "10.0.0.2", "10.1.0.9", 4000, 443,
-                                         T0, 7, "curl", 1, "", 0))]))
+                                         T0, 7, "curl", 1, "", 0, ""))]))
     [record] = Peer.receive(out, 1)
     assert record.event_type == "connection_allowed"
     assert stage.finish() == 0
@@ -198,8 +198,8 @@ def read_all(path):
 
 
 GOOD_HEADER = Header("h", "audit", T0).line()
-RAW = list(RawEvent(4, False, 6, 0, "10.0.0.2", "10.1.0.9", 4000, 443, T0, 7, "curl", 1, "", 0)
-           .to_wire())
+RAW = list(RawEvent(4, False, 6, 0, "10.0.0.2", "10.1.0.9", 4000, 443, T0, 7, "curl", 1, "", 0,
+                    "").to_wire())
 
 
 @pytest.mark.parametrize("header, problem", [
@@ -217,7 +217,7 @@ def test_a_bad_recording_header_is_one_line(tmp_path, header, problem):
 
 
 @pytest.mark.parametrize("frame, problem", [
-    (msgpack.packb([T0, "raw_events", 2, [RAW[:5] + ["999.1.1.1"] + RAW[6:]]]),
+    (msgpack.packb([T0, "raw_events", 3, [RAW[:5] + ["999.1.1.1"] + RAW[6:]]]),
      "field dst_ip is not an IP address"),
     (msgpack.packb(["soon", "raw_events", 1, []]), "arrival_ns is not a time"),
     (msgpack.packb([T0, ["raw_events"], 1, []]), "is not a recorded kind"),
@@ -227,7 +227,7 @@ def test_a_bad_recording_header_is_one_line(tmp_path, header, problem):
     (b"\x91" * 100_000, "undecodable frame"),
 ])
 def test_a_bad_frame_is_one_line_naming_the_file_and_its_offset(tmp_path, frame, problem):
-    good = msgpack.packb([T0, "raw_events", 2, [RAW]])
+    good = msgpack.packb([T0, "raw_events", 3, [RAW]])
     path = recording(tmp_path, GOOD_HEADER, good, frame, good)
     offset = len(GOOD_HEADER) + FRAME_HEAD.size + len(good)
     with pytest.raises(RecordingError, match=problem) as caught:

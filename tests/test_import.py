@@ -12,7 +12,8 @@ FIXTURE = Path(__file__).resolve().parent / "fixtures" / "cargowall-audit.ndjson
 def rows(url):
     with run_query(url, "SELECT timestamp, event_type, src_ip, dst_ip, dst_hostname, dst_port, "
                         "protocol, process, pid, matched_rule, cname_chain, packets, host, "
-                        "event_id FROM audit_events ORDER BY timestamp, event_id") as (cols, rs):
+                        "event_id, cgroup, container FROM audit_events "
+                        "ORDER BY timestamp, event_id") as (cols, rs):
         return [dict(zip(cols, r, strict=True)) for r in rs]
 
 
@@ -41,6 +42,7 @@ def test_a_cargowall_log_is_stored_line_by_line_with_reasons_for_the_rest(db_url
         "exfil.example<x>.test", "", 0, 0, 1)
     late = next(r for r in got if r["event_type"] == "connection_late_allowed")
     assert late["cname_chain"] == '["pypi.org","dualstack.python.map.fastly.net"]'
+    assert (late["container"], late["cgroup"]) == ("abc123", "")  # cargowall's container_id
     assert {r["host"] for r in got} == {"imported-host", "runner-7"}
     own = next(r for r in got if r["host"] == "runner-7")
     assert own["event_id"] == "sluice-0001"

@@ -31,7 +31,7 @@ def setup():
 
 
 def blocked(host, ip="198.51.100.7", port=443, proto=6, allowed=False):
-    raw = RawEvent(4, allowed, proto, 0, "10.0.0.2", ip, 40000, port, 1, 9, "curl", 1, "", 0)
+    raw = RawEvent(4, allowed, proto, 0, "10.0.0.2", ip, 40000, port, 1, 9, "curl", 1, "", 0, "")
     return EnrichedEvent.from_raw(raw, host)
 
 

@@ -15,7 +15,7 @@ from pipeline.record import RECORD, RECORD_SIZE, decode_frame
 def kernel_record(n: int) -> bytes:
     """A struct sluice_event for a blocked TCP SYN to port n (its number is recognizable)."""
     return RECORD.pack(4, 0, 6, 0, 0x0A000002, 0x5DB8D822, 40000, n % 65536, b"\0" * 16,
-                       b"\0" * 16, 1000 + n, 77, 1, b"curl".ljust(16, b"\0"))
+                       b"\0" * 16, 1000 + n, 77, 1, b"curl".ljust(16, b"\0"), 0)
 
 
 def frame(first: int, count: int, slot: int = RECORD_SIZE + 8) -> Frame:
@@ -189,10 +189,11 @@ def test_an_unusable_directory_is_one_clear_error(tmp_path):
 
 
 def test_records_of_an_older_shorter_layout_are_padded(tmp_path):
-    short = RECORD_SIZE - 16  # a layout without comm
+    short = RECORD_SIZE - 24  # a layout without comm and cgroup_id
     payload = kernel_record(7)[:short]
     events = decode_frame(Frame(1, 1, short, 0, short, 0, payload), "0123456789abcdef")
     assert events[0].dst_port == 7 and events[0].comm == "" and events[0].seq == 1
+    assert events[0].cgroup == ""
 
 
 def test_numbers_are_never_given_twice_even_once_every_segment_is_deleted(tmp_path):

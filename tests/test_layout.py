@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.kernel.structs import MIRRORS, Event
+from pipeline.kernel.structs import DNS_MARK, MIRRORS, Event
 from pipeline.record import RECORD, BpfBlockedEvent
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
@@ -29,6 +29,7 @@ def c_layout(tmp_path_factory):
                          f"offsetof(struct {struct}, {name}), "
                          f"sizeof(((struct {struct}*)0)->{name}));")
         lines.append(f'printf(",\\"{struct}\\":[0,%zu]", sizeof(struct {struct}));')
+    lines.append('printf(",\\"SLUICE_DNS_MARK\\":[%d,0]", SLUICE_DNS_MARK);')
     lines += ['printf("}");', "return 0;}"]
     src = tmp_path_factory.mktemp("layout") / "layout.c"
     src.write_text("\n".join(lines))
@@ -51,3 +52,7 @@ def test_record_decoder_matches_the_event_struct():
     assert RECORD.size == ctypes.sizeof(Event)
     names = [f.name for f in __import__("dataclasses").fields(BpfBlockedEvent)]
     assert names == [name for name, *_ in Event._fields_]
+
+
+def test_the_dns_mark_is_the_one_the_hooks_let_through(c_layout):
+    assert c_layout["SLUICE_DNS_MARK"] == [DNS_MARK, 0]

@@ -106,7 +106,7 @@ def test_enrich_names_by_the_ci_preset_hosts_policy_allows(tmp_path, peer):
         stage = StageThread(EnrichStage(ReverseResolver("127.0.0.1", port=names.port)),
                             settings).start()
         peer.pusher("enrich").send(messages.encode([RawEvent(
-            4, False, 6, 0, "10.0.0.2", "10.7.0.1", 40000, 443, 1, 7, "curl", 1, "", 0)]))
+            4, False, 6, 0, "10.0.0.2", "10.7.0.1", 40000, 443, 1, 7, "curl", 1, "", 0, "")]))
         [named] = Peer.receive(out, 1)
         assert stage.finish() == 0
     assert named.dst_hostname == "svc.ci.example"

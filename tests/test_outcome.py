@@ -10,7 +10,8 @@ T0 = 1_764_000_000_123_456_789
 
 def event(allowed=False, proto=6, src_port=40000, dst_port=443, flags=0, host="", **kw):
     raw = RawEvent(4, allowed, proto, flags, "10.0.0.2", "93.184.216.34", src_port, dst_port,
-                   T0, 321, "curl", kw.pop("packets", 1), "", 0)
+                   T0, 321, "curl", kw.pop("packets", 1), "", 0,
+                   kw.pop("cgroup", ""))
     return EnrichedEvent.from_raw(raw, host, kw.pop("chain", None))
 
 
@@ -67,6 +68,23 @@ def test_record_carries_the_event_fields():
     assert (record.packets, record.cname_chain, record.auto_allowed_type) == (
         3, ["a.com", "b.net"], "dns")
     assert (record.event_id, record.host) == ("id-1", "h1")
+
+
+@pytest.mark.parametrize("cgroup, container", [
+    ("/system.slice/docker-" + "a" * 64 + ".scope", "a" * 64),
+    ("/docker/" + "b" * 64, "b" * 64),
+    ("/machine.slice/libpod-" + "c" * 64 + ".scope/container", "c" * 64),
+    ("/system.slice/docker-" + "d" * 64 + ".scope/kubelet.slice/kubelet-kubepods.slice/"
+     "cri-containerd-" + "e" * 64 + ".scope", "e" * 64),   # kind: the innermost
+    ("/user.slice/user-1000.slice/session-2.scope", ""),
+    ("/system.slice/docker-" + "a" * 63 + ".scope", ""),
+    ("/x/" + "f" * 65, ""),
+    ("", ""),
+])
+def test_records_carry_the_cgroup_and_the_container_found_in_it(cgroup, container):
+    for allowed in (True, False):
+        record = run(event(allowed=allowed, cgroup=cgroup)).record
+        assert (record.cgroup, record.container) == (cgroup, container)
 
 
 def test_mid_stream_block_is_flagged():

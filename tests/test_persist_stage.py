@@ -130,7 +130,7 @@ def test_missing_id_host_and_time_are_filled_the_same_in_both(tmp_path, pusher):
 def test_garbage_and_bad_records_are_counted_and_the_stage_keeps_working(tmp_path, pusher):
     settings = make_settings(tmp_path)
     good = record(1)
-    bad_types = msgpack.packb({"kind": "audit_records", "v": 2,
+    bad_types = msgpack.packb({"kind": "audit_records", "v": 3,
                                "records": [[1, 2, 3], record(2).to_wire()]})
     out_of_range = wire.encode([record(3, dst_port=70_000)])
     stage = StageThread(PersistStage(), settings).start()

@@ -171,8 +171,8 @@ def test_wait_ready_names_the_layers_of_a_failed_stage(tmp_path):
                            env={"SLUICE_RUN_DIR": str(run_dir)})
     assert result.exit_code == 3
     assert result.output.strip() == (
-        "sluice: layer classifier, cgroup_hooks, ipv6 not on: stage capture failed: "
-        "no interface named 'nope0' (SLUICE_INTERFACE)")
+        "sluice: layer classifier, cgroup_hooks, ipv6, dns_redirect not on: stage capture "
+        "failed: no interface named 'nope0' (SLUICE_INTERFACE)")
 
 
 def test_records_the_full_ring_buffer_parked_are_not_a_loss():

@@ -81,7 +81,7 @@ def test_a_recording_is_private_and_group_readable_when_asked(tmp_path, loose_um
         settings = stage_settings(tmp_path, SLUICE_RECORD=str(path), SLUICE_GROUP=group)
         recorder = open_recorder(settings, Counters(), logging.getLogger("t"))
         recorder.add("raw_events", [RawEvent(4, False, 6, 0, "10.0.0.2", "10.0.0.1", 1, 2, T0,
-                                             7, "c", 1, "", 0)])
+                                             7, "c", 1, "", 0, "")])
         recorder.close()
         assert (mode(path), mode(path.parent)) == expected
 

@@ -11,9 +11,10 @@ TCP443 = (PortSpec(443, "tcp"),)
 
 
 def block(ip="192.0.2.1", port=443, protocol="TCP", at=10 * S, src="10.0.0.2", process="curl",
-          pid=7, event_type="connection_blocked"):
+          pid=7, event_type="connection_blocked", cgroup="", container=""):
     return AuditEvent(timestamp=at, event_type=event_type, src_ip=src, dst_ip=ip, dst_port=port,
-                      protocol=protocol, process=process, pid=pid)
+                      protocol=protocol, process=process, pid=pid, cgroup=cgroup,
+                      container=container)
 
 
 @pytest.mark.parametrize("event", [
@@ -62,6 +63,20 @@ def test_repeated_attempts_keep_the_latest_time_and_blank_disagreements():
     recent.remember(block(at=11 * S, pid=7, process="wget"), 12 * S)
     [entry] = recent.take("192.0.2.1", (), (), False, 13 * S)
     assert (entry.at, entry.pid, entry.process, entry.src_ip) == (12 * S, 0, "", "10.0.0.2")
+
+
+def test_the_container_of_a_block_reaches_its_late_allowed_record_unless_attempts_disagree():
+    one, two = "/docker/" + "a" * 64, "/docker/" + "b" * 64
+    recent = RecentBlocks()
+    recent.remember(block(at=10 * S, cgroup=one, container="a" * 64), 10 * S)
+    recent.remember(block(at=11 * S, cgroup=one, container="a" * 64), 11 * S)
+    [entry] = recent.take("192.0.2.1", (), (), False, 12 * S)
+    record = late_allowed_record(entry, "api.example.com", "*.example.com", [])
+    assert (record.cgroup, record.container) == (one, "a" * 64)
+    recent.remember(block(at=12 * S, cgroup=one, container="a" * 64), 12 * S)
+    recent.remember(block(at=13 * S, cgroup=two, container="b" * 64), 13 * S)
+    [entry] = recent.take("192.0.2.1", (), (), False, 14 * S)
+    assert (entry.cgroup, entry.container) == ("", "")
 
 
 def test_capacity_prunes_expired_then_drops_new_keys():

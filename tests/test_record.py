@@ -13,14 +13,14 @@ from pipeline.record import RECORD_SIZE, BpfBlockedEvent, ShortRecord, decode_re
 def record(**fields):
     base = dict(ip_version=4, allowed=0, ip_proto=6, flags=0, src_ip=0, dst_ip=0, src_port=0,
                 dst_port=0, src_ip6=bytes(16), dst_ip6=bytes(16), timestamp=0, pid=0,
-                packets=1, comm=b"")
+                packets=1, comm=b"", cgroup_id=0)
     base.update(fields)
     return BpfBlockedEvent(**base).pack()
 
 
-def test_record_is_80_bytes_little_endian():
+def test_record_is_88_bytes_little_endian():
     data = record(src_port=0x1234)
-    assert len(data) == RECORD_SIZE == 80
+    assert len(data) == RECORD_SIZE == 88
     assert data[12:14] == b"\x34\x12"  # host order on x86: little-endian
 
 
@@ -87,3 +87,10 @@ def test_canonical_address_text(text, expected):
 
 def test_ipv4_text():
     assert ipv4_text(0x7F000001) == "127.0.0.1"
+
+
+def test_the_owner_cgroup_id_becomes_its_path_and_zero_stays_unknown():
+    paths = {7: "/system.slice/docker-" + "a" * 64 + ".scope"}
+    assert decode_record(record(cgroup_id=7), 0, cgroup_path=paths.get).cgroup == paths[7]
+    assert decode_record(record(cgroup_id=0), 0, cgroup_path=paths.get).cgroup == ""
+    assert decode_record(record(cgroup_id=7), 0).cgroup == ""  # no resolver: unknown

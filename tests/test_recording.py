@@ -11,7 +11,7 @@ import pytest
 from pipeline.events import DnsMapping, RawEvent
 from pipeline.loop import Counters
 from pipeline.recording import (FRAME_HEAD, Header, Recorder, Recording, RecordingError,
-                                RecordingWriter, in_replay_order, open_recorder)
+                                RecordingWriter, decode_frame, in_replay_order, open_recorder)
 from tests.support.stagekit import stage_settings
 
 T0 = 1_767_225_600_000_000_000
@@ -22,7 +22,7 @@ log = logging.getLogger("test")
 
 def raw(port: int) -> RawEvent:
     return RawEvent(4, False, 6, 0, "10.0.0.2", "93.184.216.34", 40000, port, T0 + port, 7,
-                    "curl", 1, "", 0)
+                    "curl", 1, "", 0, "")
 
 
 def mapping(name: str) -> DnsMapping:
@@ -62,6 +62,16 @@ def test_round_trip_keeps_kinds_records_and_order(tmp_path):
         arrivals = [f.arrival_ns for f in recording.frames()]
     assert arrivals == sorted(arrivals) and len(set(arrivals)) == 3
     assert rec.counters.get("recorded") == 4
+
+
+@pytest.mark.parametrize("version, fields, cgroup", [
+    (1, [], ""), (2, ["cap-1-9", 9], ""), (3, ["cap-1-9", 9, "/docker/" + "a" * 64],
+                                           "/docker/" + "a" * 64)])
+def test_older_kernel_events_replay_as_new_ones_keeping_what_they_had(version, fields, cgroup):
+    old = list(raw(443).to_wire())[:12] + fields
+    payload = msgpack.packb([T0, "raw_events", version, [old]], use_bin_type=True)
+    [event] = decode_frame(payload, "rec").records
+    assert (event.dst_port, event.event_id, event.seq, event.cgroup) == (443, "", 0, cgroup)
 
 
 def test_header_and_frames_follow_the_documented_schema(tmp_path):

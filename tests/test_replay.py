@@ -43,7 +43,7 @@ def write_policy(path, rules):
 def packet(n, dst, port, proto=TCP, src_port=40000, flags=0):
     """What the classifier saw, before its verdict (rejudge fills that in)."""
     return RawEvent(4, False, proto, flags, "10.0.0.2", dst, src_port, port, T0 + n * 1000,
-                    4000 + n, "curl", 1, "", 0)
+                    4000 + n, "curl", 1, "", 0, "")
 
 
 # Steps of the live run: a DNS answer (through policy first, as dns does) or a packet.

@@ -23,7 +23,7 @@ def recording(tmp_path):
                    logging.getLogger("t"), clock=lambda: next(clock))
     rec.add("dns_mappings", [DnsMapping("api.example.com", ["93.184.216.34"], 60, [], T0)])
     rec.add("raw_events", [RawEvent(4, False, 6, 0, "10.0.0.2", "93.184.216.34", 40000 + n, 443,
-                                    T0 + n, 77, "curl", 1, "", 0) for n in range(50)])
+                                    T0 + n, 77, "curl", 1, "", 0, "") for n in range(50)])
     rec.close()
     return path
 

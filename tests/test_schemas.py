@@ -107,7 +107,7 @@ def test_encoded_messages_validate_against_their_schema(kind):
     (msgpack.packb([1, 2, 3]), "not a map"),
     (msgpack.packb({"kind": "nope", "v": 1, "records": []}), "unknown kind"),
     (msgpack.packb({"kind": "raw_events", "v": 99, "records": []}), "unsupported version"),
-    (msgpack.packb({"kind": "raw_events", "v": 2, "records": {}}), "records is not an array"),
+    (msgpack.packb({"kind": "raw_events", "v": 3, "records": {}}), "records is not an array"),
 ])
 def test_broken_frames_are_rejected_with_a_reason(frame, reason):
     with pytest.raises(wire.MessageError, match=reason):
@@ -116,8 +116,8 @@ def test_broken_frames_are_rejected_with_a_reason(frame, reason):
 
 def test_a_bad_record_is_skipped_and_counted_while_good_ones_pass():
     good = sample(pipeline.events.RawEvent)
-    frame = msgpack.packb({"kind": "raw_events", "v": 2,
+    frame = msgpack.packb({"kind": "raw_events", "v": 3,
                            "records": [list(good.to_wire()), [1, 2],
-                                       list(good.to_wire())[:-1] + ["nine"]]})
+                                       list(good.to_wire())[:-2] + ["nine", ""]]})
     kind, records, bad = wire.decode(frame)
     assert records == [good] and bad == 2

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.netns import ROOT, Lab, base_env, sh
+from pipeline.dns.endpoints import REDIRECT_V4
+from tests.support.netns import ROOT, Lab, LabCgroup, base_env, sh
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -41,7 +42,8 @@ class Service:
             "SLUICE_BPF_DIR": str(self.bpf_dir), "SLUICE_DB": f"sqlite:///{tmp_path}/audit.db",
             "SLUICE_AUDIT_LOG": str(tmp_path / "audit.jsonl"), "SLUICE_HOST": "svc-host",
             "SLUICE_JOURNAL_DIR": str(tmp_path / "journal"),
-            "SLUICE_COUNTER_INTERVAL": "1", "SLUICE_DNS_UPSTREAM": f"{Lab.SERVER_V4}:53", **env})
+            "SLUICE_COUNTER_INTERVAL": "1", "SLUICE_DNS_UPSTREAM": f"{Lab.SERVER_V4}:53",
+            "SLUICE_CGROUP": str(lab.cgroup.path), **env})
         for name in [k for k in self.env if k.startswith(("GITHUB_", "GITLAB_", "ACTIONS_"))]:
             del self.env[name]
         if policy is not None:
@@ -49,7 +51,9 @@ class Service:
             self.env["SLUICE_POLICY"] = str(tmp_path / "policy.json")
 
     def in_ns(self, args: list[str]) -> list[str]:
-        return ["nsenter", f"--net=/run/netns/{self.lab.client}", *args]
+        """In the lab's namespace and test cgroup, where the hooks are."""
+        return ["nsenter", f"--net=/run/netns/{self.lab.client}",
+                *LabCgroup.run_in(self.lab.cgroup.leaf), *args]
 
     def sluice(self, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
         return subprocess.run(self.in_ns([str(VENV_BIN / "sluice"), *args]), env=self.env,
@@ -97,6 +101,8 @@ def assert_nothing_left(service: Service, hooks: set[str]) -> None:
     assert not service.filter_attached()
     assert not service.bpf_dir.exists(), "pinned maps left behind"
     assert not hooks & attached_hook_ids(), "cgroup hooks left attached"
+    loopback = sh("ip", "-n", service.lab.client, "address", "show", "dev", "lo").stdout
+    assert REDIRECT_V4 not in loopback, "the DNS redirect's address left on lo"
     for name in ("sluice.json", "sluice.pid", "attachment.json"):
         assert not (service.run_dir / name).exists(), name
 
@@ -112,7 +118,7 @@ def test_up_down_in_a_namespace(lab, tmp_path):
     assert up.stdout.startswith(f"sluice is up: {lab.client_if} egress, enforce mode, default "
                                 "deny, policy generation 1; pid ")
     hooks = hook_ids(service.run_dir)
-    assert len(hooks) == 4 and hooks <= attached_hook_ids()
+    assert len(hooks) == 9 and hooks <= attached_hook_ids()
 
     again = service.sluice("up")
     assert again.returncode == 1
@@ -126,7 +132,7 @@ def test_up_down_in_a_namespace(lab, tmp_path):
     layers = posture["layers"]
     assert {k: v["state"] for k, v in layers.items()} == {
         "classifier": "on", "cgroup_hooks": "on", "ipv6": "on", "policy": "on",
-        "dns_proxy": "on", "dns_redirect": "off", "ring_buffer": "on"}
+        "dns_proxy": "on", "dns_redirect": "on", "ring_buffer": "on"}
     assert (layers["classifier"]["interface"], layers["classifier"]["direction"],
             layers["classifier"]["mode"], layers["classifier"]["default_action"],
             layers["classifier"]["policy_generation"]) == (
@@ -179,8 +185,9 @@ def test_up_fails_naming_a_missing_interface_and_leaves_nothing(lab, tmp_path):
     stderr = proc.stderr.read()
     assert proc.returncode == 3, stderr
     first = stderr.splitlines()[0]
-    assert first.startswith("sluice: layer classifier, cgroup_hooks, ipv6 not on: stage "
-                            "capture failed: no interface named 'nope0' (SLUICE_INTERFACE)")
+    assert first.startswith("sluice: layer classifier, cgroup_hooks, ipv6, dns_redirect not "
+                            "on: stage capture failed: no interface named 'nope0' "
+                            "(SLUICE_INTERFACE)")
     assert f"--- the last lines of {service.run_dir}/sluice.log ---" in stderr
     assert "capture.1" in stderr, "the log's tail shows honcho's lines"
     assert_nothing_left(service, hooks)

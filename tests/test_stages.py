@@ -20,7 +20,8 @@ T0 = 1_764_000_000_000_000_000
 
 
 def raw(dst="93.184.216.34", port=443, allowed=False, proto=6, src_port=40000):
-    return RawEvent(4, allowed, proto, 0, "10.0.0.2", dst, src_port, port, T0, 77, "curl", 1, "", 0)
+    return RawEvent(4, allowed, proto, 0, "10.0.0.2", dst, src_port, port, T0, 77, "curl", 1, "",
+                    0, "")
 
 
 def test_enrich_forwards_every_event_and_survives_garbage(tmp_path, peer):
@@ -35,7 +36,7 @@ def test_enrich_forwards_every_event_and_survives_garbage(tmp_path, peer):
 def _push_and_check(stage, peer, out):
     push = peer.pusher("enrich")
     push.send(b"\x00garbage")
-    push.send(msgpack.packb({"kind": "raw_events", "v": 2, "records": [[1, 2, 3]]}))
+    push.send(msgpack.packb({"kind": "raw_events", "v": 3, "records": [[1, 2, 3]]}))
     push.send(messages.encode([raw(port=p) for p in range(1, 1201)]))
     got = Peer.receive(out, 1200)
     assert stage.finish() == 0
@@ -75,6 +76,39 @@ def test_policy_programs_the_maps_then_decides_outcomes(tmp_path, peer):
     assert [(r.would_deny, r.blocked) for r in records] == [
         (False, False), (False, True), (False, True)]
     assert len({r.event_id for r in records}) == 3 and records[0].host == "test-host"
+
+
+def test_an_event_that_reaches_policy_before_its_answers_mapping_is_named_by_the_answer(
+        tmp_path, peer):
+    """enrich could not name the connection (its mapping came after the event): the answer
+    policy opened the address for names it; enrich's own name, when it has one, stays."""
+    maps = DictRuleMaps()
+    policy = {"defaultAction": "deny", "rules": [
+        {"type": "hostname", "value": "example.com", "action": "allow"}]}
+    settings = stage_settings(tmp_path, SLUICE_POLICY=write_policy(tmp_path, policy),
+                              SLUICE_MODE="enforce", SLUICE_ALLOW_EXISTING_CONNECTIONS="false")
+    out = peer.inbox("persist")
+    stage = StageThread(PolicyStage(open_maps=lambda s: maps), settings).start()
+    ask = peer.ctx.socket(zmq.REQ)
+    ask.connect(f"ipc://{peer.run_dir}/policy-allow.sock")
+    peer.sockets.append(ask)
+    chain = ["www.example.com", "edge.cdn.test"]
+    ask.send(messages.encode([AllowRequest("r1", "www.example.com", ["10.9.0.1", "10.9.0.2"],
+                                           0, chain, T0)]))
+    [reply] = messages.decode(ask.recv())[1]
+    assert reply.ok and maps.verdict("10.9.0.1", 443, 6) == ALLOW
+    enriched = messages.REGISTRY["enriched_events"].from_raw
+    push = peer.pusher("policy")
+    push.send(messages.encode([
+        enriched(raw(dst="10.9.0.1", allowed=True)),
+        enriched(raw(dst="10.9.0.2", allowed=True), "api.example.com"),  # enrich named it
+        enriched(raw(dst="10.9.0.3", allowed=False))]))  # never in an answer
+    records = Peer.receive(out, 3)
+    assert stage.finish() == 0
+    assert [(r.dst_ip, r.dst_hostname, r.cname_chain) for r in records] == [
+        ("10.9.0.1", "www.example.com", chain), ("10.9.0.2", "api.example.com", []),
+        ("10.9.0.3", "", [])]
+    assert stage.counters()["named_by_answers"] == 1
 
 
 def test_policy_waits_for_the_maps_before_it_is_ready(tmp_path, peer):

@@ -51,6 +51,8 @@ def test_rows_read_back_equal_the_records(store, db_url):
     records[1].mid_stream = True
     records[2].pid = 0xFFFFFFFF
     records[2].would_deny, records[2].blocked = True, False
+    records[2].cgroup = "/system.slice/docker-" + "c" * 64 + ".scope"
+    records[2].container = "c" * 64
     store.write(records)
     engine = open_readonly(db_url)
     with engine.connect() as conn:
@@ -63,6 +65,26 @@ def test_rows_read_back_equal_the_records(store, db_url):
                for r in rows]
     engine.dispose()
     assert got == records
+
+
+def test_a_store_from_before_the_cgroup_columns_gains_them_and_its_views_show_them(db_url):
+    CONTAINER = "d" * 64
+    old = AuditStore(db_url)
+    old.migrate(MIGRATIONS[:7])
+    with old.engine.begin() as conn:  # a row as the old writer stored it
+        conn.exec_driver_sql(
+            "INSERT INTO audit_events (event_id, host, timestamp, event_type, src_ip, dst_ip, "
+            "dst_hostname, dst_port, protocol, process, pid, matched_rule, auto_allowed_type, "
+            "cname_chain, mid_stream, would_deny, blocked, packets) VALUES ('old-1', 'h', "
+            "'2026-01-01T00:00:00.000000000Z', 'connection_blocked', '', '1.2.3.4', '', 443, "
+            "'TCP', 'curl', 1, '', '', '', false, false, true, 1)")
+    assert old.migrate() == ["0008_cgroup_container"]
+    old.write(batch(1, cgroup=f"/docker/{CONTAINER}", container=CONTAINER))
+    old.close()
+    with run_query(db_url, "SELECT event_id, cgroup, container, counted_block FROM "
+                           "audit_events_counted ORDER BY event_id") as (_, rows):
+        assert list(map(tuple, rows)) == [("h-00000000", f"/docker/{CONTAINER}", CONTAINER, 1),
+                                          ("old-1", "", "", 1)]
 
 
 def test_writes_are_idempotent_by_event_id(store, db_url):

@@ -152,7 +152,8 @@ def test_a_failing_lookup_is_counted_and_its_event_goes_on(tmp_path, peer):
     stage = StageThread(EnrichStage(BrokenResolver("127.0.0.1", port=9)),
                         stage_settings(tmp_path)).start()
     peer.pusher("enrich").send(messages.encode(
-        [RawEvent(4, False, 6, 0, "10.0.0.2", "10.9.0.1", 4000, 443, T0, 7, "curl", 1, "", 0)]))
+        [RawEvent(4, False, 6, 0, "10.0.0.2", "10.9.0.1", 4000, 443, T0, 7, "curl", 1, "", 0,
+                  "")]))
     [event] = Peer.receive(out, 1)
     wait_for(lambda: stage.counters().get("lookups_thread_errors"), "the error counted")
     assert stage.thread.is_alive()

@@ -1,4 +1,11 @@
-"""Listen and upstream addresses of the proxy, and the upstream resolv.conf implies."""
+"""Listen and upstream addresses of the proxy, and the upstream resolv.conf implies.
+
+With the DNS redirect on, the proxy also answers on the redirect addresses, where the cgroup
+hooks send every query to a non-loopback resolver (pipeline/kernel/redirect.py puts them on
+loopback). A resolver on this host is then never the upstream: its own upstream queries
+would be redirected back to the proxy. systemd-resolved's stub (127.0.0.53) names its real
+upstreams in /run/systemd/resolve/resolv.conf, which is where the proxy forwards instead.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,12 @@ import ipaddress
 from collections.abc import Iterable
 
 DNS_PORT = 53
+# Link-local (IPv4) and unique-local (IPv6): reachable from containers through their default
+# route, never routed beyond this host; the proxy listens here when the redirect is on.
+REDIRECT_V4 = "169.254.53.53"
+REDIRECT_V6 = "fd53:51ce::53"
+RESOLVED_STUBS = ("127.0.0.53", "127.0.0.54")  # systemd-resolved's stub listeners
+RESOLVED_UPSTREAMS = "/run/systemd/resolve/resolv.conf"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,6 +78,19 @@ def parse_listen(text: str) -> tuple[Endpoint, ...]:
     return endpoints
 
 
+def redirect_endpoints(has_v6: bool) -> tuple[Endpoint, ...]:
+    """Where the redirect sends queries (port 53 always: the hooks keep no port table)."""
+    v4 = Endpoint(REDIRECT_V4, DNS_PORT)
+    return (v4, Endpoint(REDIRECT_V6, DNS_PORT)) if has_v6 else (v4,)
+
+
+def _loopback(host: str) -> bool:
+    address = ipaddress.ip_address(host)
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 def nameservers(resolv_conf: str) -> list[str]:
     """The nameserver addresses of a resolv.conf, in order; unparseable ones are skipped."""
     found = []
@@ -78,27 +104,47 @@ def nameservers(resolv_conf: str) -> list[str]:
     return found
 
 
-def default_upstream(resolv_conf: str, listen: Iterable[Endpoint]) -> Endpoint | None:
-    """The first resolv.conf nameserver that is not this proxy (which would loop)."""
+def default_upstream(resolv_conf: str, listen: Iterable[Endpoint], *, redirect: bool = False,
+                     resolved_conf: str = "") -> Endpoint | None:
+    """The first resolv.conf nameserver that is not this proxy (which would loop). With the
+    redirect on, a resolver on loopback cannot be the upstream either: systemd-resolved's
+    stub stands for the upstreams it names in resolved_conf, any other one is skipped."""
     ours = set(listen)
     for host in nameservers(resolv_conf):
-        candidate = Endpoint(host, DNS_PORT)
-        if candidate not in ours:
-            return candidate
+        if not redirect or not _loopback(host):
+            candidates = [host]
+        elif host in RESOLVED_STUBS:
+            candidates = [h for h in nameservers(resolved_conf) if not _loopback(h)]
+        else:
+            candidates = []
+        for candidate in (Endpoint(h, DNS_PORT) for h in candidates):
+            if candidate not in ours:
+                return candidate
     return None
 
 
-def choose_upstream(setting: str, resolv_conf: str, listen: Iterable[Endpoint]) -> Endpoint:
+def choose_upstream(setting: str, resolv_conf: str, listen: Iterable[Endpoint], *,
+                    redirect: bool = False, resolved_conf: str = "") -> Endpoint:
     """SLUICE_DNS_UPSTREAM, else the resolv.conf default; ValueError when there is none or
-    when it is the proxy itself."""
+    when it would loop back to the proxy."""
     listen = tuple(listen)
     if setting.strip():
         upstream = parse_endpoint(setting)
         if upstream in listen:
             raise ValueError(f"{upstream} is where the proxy itself listens: queries would loop")
+        if redirect and _loopback(upstream.host):
+            raise ValueError(f"{upstream} is a resolver on this host: with SLUICE_DNS_REDIRECT "
+                             "its own upstream queries come back to the proxy (a loop); name "
+                             "the resolver it forwards to")
         return upstream
-    default = default_upstream(resolv_conf, listen)
-    if default is None:
-        raise ValueError("empty, and /etc/resolv.conf names no nameserver other than this proxy; "
-                         "set it to the resolver to forward to")
-    return default
+    default = default_upstream(resolv_conf, listen, redirect=redirect,
+                               resolved_conf=resolved_conf)
+    if default is not None:
+        return default
+    if redirect and any(_loopback(h) for h in nameservers(resolv_conf)):
+        raise ValueError(f"empty, and /etc/resolv.conf names only resolvers on this host, "
+                         f"whose upstream queries the redirect sends back to the proxy; "
+                         f"{RESOLVED_UPSTREAMS} names no other (no systemd-resolved?): set "
+                         "it to the resolver to forward to")
+    raise ValueError("empty, and /etc/resolv.conf names no nameserver other than this proxy; "
+                     "set it to the resolver to forward to")

@@ -16,7 +16,7 @@ import socket
 import sys
 from pathlib import Path
 
-from .loader import BPF_SOURCE, HOOKS, MAPS, cflags
+from .loader import BPF_SOURCE, HOOKS, MAPS, SOCK_EGRESS, cflags
 
 
 def load(bpf_dir: Path, ringbuf_pages: int) -> tuple[list[str], list[int], object]:
@@ -24,9 +24,13 @@ def load(bpf_dir: Path, ringbuf_pages: int) -> tuple[list[str], list[int], objec
 
     bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags(bpf_dir, ringbuf_pages))
     names, fds = ["sluice_egress"], [bpf.load_func(b"sluice_egress", BPF.SCHED_CLS).fd]
-    for name, kind in HOOKS:
-        names.append(name)
-        fds.append(bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=kind).fd)
+    for hook in HOOKS:
+        names.append(hook.function)
+        if hook.attach_type == SOCK_EGRESS:
+            fds.append(bpf.load_func(hook.function.encode(), BPF.CGROUP_SKB).fd)
+        else:
+            fds.append(bpf.load_func(hook.function.encode(), BPF.CGROUP_SOCK_ADDR,
+                                     attach_type=hook.attach_type).fd)
     for name in MAPS:
         names.append(name)
         fds.append(bpf[name.encode()].map_fd)

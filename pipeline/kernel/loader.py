@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-from . import libbpf
+from . import libbpf, redirect
 from ..errors import KernelError
 from ..settings import Settings
 
@@ -34,10 +34,25 @@ FILTER_NAME = "sluice_egress"  # tc shows the filter by its program's name
 BPF_F_ALLOW_MULTI = 2       # never displace other cgroup programs (systemd's)
 BPF_FS_MAGIC = 0xCAFE4A11
 
-# (function in bpf/sluice.c, kernel attach type): connect4, connect6, udp sendmsg4/6.
-HOOKS = (("sluice_connect4", 10), ("sluice_connect6", 11),
-         ("sluice_sendmsg4", 14), ("sluice_sendmsg6", 15))
-V6_HOOKS = (11, 15)
+
+
+@dataclass(frozen=True)
+class Hook:
+    function: str     # in bpf/sluice.c
+    attach_type: int  # the kernel's enum bpf_attach_type
+    redirect: bool    # part of the DNS redirect (without it answers would not match)
+
+
+# The sock_addr hooks record socket owners and send DNS to the proxy (connect, sendmsg) and
+# make its answers come from the address asked (recvmsg, getpeername); the cgroup egress hook
+# records the owners of flows that reach the classifier forwarded (containers).
+HOOKS = (Hook("sluice_connect4", 10, True), Hook("sluice_connect6", 11, True),
+         Hook("sluice_sendmsg4", 14, True), Hook("sluice_sendmsg6", 15, True),
+         Hook("sluice_recvmsg4", 19, True), Hook("sluice_recvmsg6", 20, True),
+         Hook("sluice_getpeername4", 29, True), Hook("sluice_getpeername6", 30, True),
+         Hook("sluice_sock_egress", 1, False))
+SOCK_EGRESS = 1  # BPF_CGROUP_INET_EGRESS: a cgroup_skb program, the others are sock_addr
+V6_HOOKS = (11, 15)  # the IPv6 socket-owner hooks (connect6, sendmsg6)
 
 AGG_WINDOW_NS = 1_000_000_000
 MIDSTREAM_WINDOW_NS = 10_000_000_000
@@ -86,27 +101,43 @@ def ensure_bpffs(bpf_dir: Path) -> None:
     bpf_dir.mkdir(mode=0o700, exist_ok=True)
 
 
-def cgroup2_mounts() -> list[Path]:
+CGROUP2_MAGIC = 0x63677270
+STANDARD_CGROUP2 = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))  # v2, hybrid
+
+
+def cgroup2_mounts(whole: bool = False) -> list[Path]:
+    """cgroup2 mount points here; whole=True: only those showing the whole hierarchy."""
     mounts = []
     with open("/proc/self/mountinfo") as info:
         for line in info:
             parts = line.split(" - ")
-            if len(parts) == 2 and parts[1].split()[0] == "cgroup2":
-                mounts.append(Path(parts[0].split()[4]))
+            fields = parts[0].split()
+            if len(parts) == 2 and parts[1].split()[0] == "cgroup2" and (
+                    not whole or fields[3] == "/"):
+                mounts.append(Path(fields[4]))
     return mounts
 
 
-def cgroup_dir(settings: Settings) -> Path:
-    """SLUICE_CGROUP, else the cgroup2 mount root (mounted under the run dir if absent)."""
-    if settings.cgroup:
-        return Path(settings.cgroup)
-    mounts = cgroup2_mounts()
-    if mounts:
-        return mounts[0]
+def cgroup_root(settings: Settings) -> Path:
+    """The cgroup2 hierarchy's root where the system mounts it, else a mount of our own under
+    the run dir (`ip netns exec` hides /sys/fs/cgroup): never some other program's mount,
+    which could be unmounted under us."""
+    mounts = set(cgroup2_mounts(whole=True))
+    for standard in STANDARD_CGROUP2:
+        if standard in mounts:
+            return standard
     private = settings.run_dir / "cgroup2"
     private.mkdir(parents=True, exist_ok=True)
-    run_quiet(["mount", "-t", "cgroup2", "none", str(private)], "cannot mount cgroup2")
+    if _statfs_type(private) != CGROUP2_MAGIC:
+        run_quiet(["mount", "-t", "cgroup2", "none", str(private)], "cannot mount cgroup2")
     return private
+
+
+def cgroup_dir(settings: Settings) -> Path:
+    """SLUICE_CGROUP, else the cgroup2 root: where the hooks go."""
+    if settings.cgroup:
+        return Path(settings.cgroup)
+    return cgroup_root(settings)
 
 
 def run_quiet(cmd: list[str], what: str) -> None:
@@ -153,6 +184,7 @@ class Attachment:
     cgroup: str = ""
     hooks: list[dict] = field(default_factory=list)  # {"prog_id": int, "attach_type": int}
     bpf_dir: str = ""
+    redirect_addresses: list[str] = field(default_factory=list)  # added to lo by capture
 
     @staticmethod
     def path(run_dir: Path) -> Path:
@@ -173,9 +205,10 @@ class Attachment:
 
 # ---------------------------------------------------------------- load
 
-MAPS = ("map_events", "map_config", "map_counters", "map_flows", "map_overflow")
+MAPS = ("map_events", "map_config", "map_counters", "map_flows", "map_overflow",
+        "map_dns_redirect")
 COMPILE_TIMEOUT_S = 120
-MAX_FDS = 16
+MAX_FDS = 32
 
 
 class Classifier:
@@ -186,7 +219,7 @@ class Classifier:
     def __init__(self, fds: dict[str, int]) -> None:
         self.fds = fds
         self.egress_fd = fds["sluice_egress"]
-        self.hooks = [(fds[name], kind) for name, kind in HOOKS]
+        self.hooks = [(fds[hook.function], hook) for hook in HOOKS]
 
     def map_fd(self, name: str) -> int:
         return self.fds[name]
@@ -276,20 +309,25 @@ def _ifindex(interface: str) -> int:
 
 # ---------------------------------------------------------------- cgroup hooks
 
-def attach_hooks(classifier: Classifier, cgroup: Path) -> list[dict]:
-    """Attach the socket-owner hooks; failures only cost process names (logged)."""
-    attached = []
+def attach_hooks(classifier: Classifier,
+                 cgroup: Path) -> tuple[list[dict], list[tuple[Hook, str]]]:
+    """Attach every cgroup hook; returns what is attached and, for each hook that is not,
+    the hook and one line saying why. A missing hook costs process names or the DNS
+    redirect: the caller decides."""
+    attached, failures = [], []
     fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for prog_fd, kind in classifier.hooks:
+        for prog_fd, hook in classifier.hooks:
             try:
-                libbpf.prog_attach(prog_fd, fd, kind, BPF_F_ALLOW_MULTI)
-                attached.append({"prog_id": libbpf.prog_id(prog_fd), "attach_type": kind})
+                libbpf.prog_attach(prog_fd, fd, hook.attach_type, BPF_F_ALLOW_MULTI)
+                attached.append({"prog_id": libbpf.prog_id(prog_fd),
+                                 "attach_type": hook.attach_type})
             except OSError as err:
-                log.warning("cgroup hook %s not attached (%s): events carry no process", kind, err)
+                failures.append((hook, f"cgroup hook {hook.function} not attached on "
+                                       f"{cgroup}: {err.strerror or err}"))
     finally:
         os.close(fd)
-    return attached
+    return attached, failures
 
 
 def detach_hooks(cgroup: str, hooks: list[dict]) -> int:
@@ -338,6 +376,8 @@ def detach_instance(settings: Settings) -> list[str]:
         done.append(f"filter {FILTER_NAME} on {interface}")
     if record and (count := detach_hooks(record.cgroup, record.hooks)):
         done.append(f"{count} cgroup hook(s) on {record.cgroup}")
+    if record and (addresses := redirect.remove_addresses(record.redirect_addresses)):
+        done.append(f"DNS redirect address(es) {', '.join(addresses)} on lo")
     bpf_dir = Path(record.bpf_dir) if record and record.bpf_dir else settings.bpf_dir
     if count := remove_pins(bpf_dir):
         done.append(f"{count} pinned map(s) in {bpf_dir}")

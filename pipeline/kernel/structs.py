@@ -6,11 +6,12 @@ import ctypes
 
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 COMM_LEN = 16
+DNS_MARK = 0x2D53  # SLUICE_DNS_MARK: sockets the DNS redirect lets through (the proxy's own)
 
 # Per-CPU counter indexes (SLUICE_CNT_*), by the name capture reports them under.
 KERNEL_COUNTERS = ("packets", "allowed", "denied", "events", "aggregated", "ringbuf_full",
-                   "malformed", "parked", "lost")
-COUNTER_SLOTS = 10
+                   "malformed", "parked", "lost", "dns_redirected", "dns_refused")
+COUNTER_SLOTS = 16
 
 
 class Config(ctypes.Structure):
@@ -42,7 +43,22 @@ class PortValue(ctypes.Structure):
 
 
 class SockOwner(ctypes.Structure):
-    _fields_ = [("tgid", u32), ("comm", ctypes.c_char * COMM_LEN)]
+    _fields_ = [("tgid", u32), ("comm", ctypes.c_char * COMM_LEN), ("pad", u32),
+                ("cgroup_id", u64)]
+
+
+class FlowTuple(ctypes.Structure):
+    _fields_ = [("ip_version", u8), ("ip_proto", u8), ("src_port", u16), ("dst_port", u16),
+                ("pad", u16), ("dst", u8 * 16)]
+
+
+class DnsRedirect(ctypes.Structure):
+    _fields_ = [("enabled", u8), ("has_v6", u8), ("port", u16), ("addr4", u8 * 4),
+                ("addr6", u8 * 16)]
+
+
+class DnsOrigin(ctypes.Structure):
+    _fields_ = [("ip_version", u8), ("pad", u8), ("port", u16), ("addr", u8 * 16)]
 
 
 class Event(ctypes.Structure):
@@ -51,7 +67,7 @@ class Event(ctypes.Structure):
         ("ip_version", u8), ("allowed", u8), ("ip_proto", u8), ("flags", u8),
         ("src_ip", u32), ("dst_ip", u32), ("src_port", u16), ("dst_port", u16),
         ("src_ip6", u8 * 16), ("dst_ip6", u8 * 16), ("timestamp", u64), ("pid", u32),
-        ("packets", u32), ("comm", ctypes.c_char * COMM_LEN),
+        ("packets", u32), ("comm", ctypes.c_char * COMM_LEN), ("cgroup_id", u64),
     ]
 
 
@@ -70,4 +86,6 @@ MIRRORS = {
     "sluice_lpm_v6": LpmV6, "sluice_cidr_value": CidrValue, "sluice_port_lpm_v4": PortLpmV4,
     "sluice_port_lpm_v6": PortLpmV6, "sluice_port_value": PortValue,
     "sluice_sock_owner": SockOwner, "sluice_flow_key": FlowKey, "sluice_flow_state": FlowState,
+    "sluice_flow_tuple": FlowTuple, "sluice_dns_redirect": DnsRedirect,
+    "sluice_dns_origin": DnsOrigin,
 }

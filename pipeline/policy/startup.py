@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..dns.endpoints import choose_upstream, parse_listen
+from ..dns.endpoints import RESOLVED_UPSTREAMS, Endpoint, choose_upstream, parse_listen
 from .autoallow import cloud_metadata_allows, ensure_infra_allowed
 from .cipresets import ci_service_allows
 from .load import load_policy
@@ -33,22 +33,27 @@ class HostFiles:
             return ""
 
 
-def dns_upstreams(settings: Settings, resolv_conf: str) -> list[str]:
+def proxy_upstream(settings: Settings, files: HostFiles) -> Endpoint:
+    """The Endpoint the DNS proxy forwards to; ValueError when it has none to use."""
+    return choose_upstream(settings.dns_upstream, files.read("/etc/resolv.conf"),
+                           parse_listen(settings.dns_listen), redirect=settings.dns_redirect,
+                           resolved_conf=files.read(RESOLVED_UPSTREAMS))
+
+
+def dns_upstreams(settings: Settings, files: HostFiles) -> list[str]:
     """The address the DNS proxy forwards to, or none when it has none to use."""
     try:
-        listen = parse_listen(settings.dns_listen)
-        return [choose_upstream(settings.dns_upstream, resolv_conf, listen).host]
+        return [proxy_upstream(settings, files).host]
     except ValueError:
         return []
 
 
 def startup_policy(policy: Policy, settings: Settings, files: HostFiles) -> Policy:
     """The loaded policy plus the infrastructure sluice itself needs."""
-    policy = ensure_infra_allowed(policy, dns_upstreams(settings, files.read("/etc/resolv.conf")),
-                                  DNS_PORTS, "dns")
+    policy = ensure_infra_allowed(policy, dns_upstreams(settings, files), DNS_PORTS, "dns")
     if settings.auto_allow_cloud_metadata:
         policy = cloud_metadata_allows(
-            policy, files.read("/run/systemd/resolve/resolv.conf"),
+            policy, files.read(RESOLVED_UPSTREAMS),
             files.read("/sys/class/dmi/id/sys_vendor"),
             files.read("/sys/class/dmi/id/chassis_asset_tag"))
     return ci_service_allows(policy, settings)

@@ -9,10 +9,17 @@ Produces: `raw_events` batches, pushed to enrich (ipc://<run_dir>/enrich.sock). 
           once whatever stops or crashes in between.
 Binds:    no inbox. Connects: enrich.
 Kernel:   compiles bpf/sluice.c with bcc and pins every map under SLUICE_BPF_DIR (re-adopting
-          pins a previous run left); attaches the cgroup socket hooks on SLUICE_CGROUP; puts
-          the classifier on SLUICE_INTERFACE's egress only once the policy stage has marked
-          the maps programmed (map_config.generation != 0), so there is no start-up window
-          of false blocks.
+          pins a previous run left); attaches the cgroup hooks on SLUICE_CGROUP (socket owners,
+          the DNS redirect, owners of forwarded container flows), replacing those a previous
+          run left once its own are on; puts the classifier on SLUICE_INTERFACE's egress only
+          once the policy stage has marked the maps programmed (map_config.generation != 0),
+          so there is no start-up window of false blocks. Records name their owner's cgroup
+          (pipeline/kernel/cgroups.py).
+Redirect: with SLUICE_DNS_REDIRECT, puts the redirect addresses on lo and turns the hooks'
+          redirect on (pipeline/kernel/redirect.py), then flushes systemd-resolved's cache and
+          conntrack's port-53 entries. A redirect hook the kernel refuses is one line and the
+          dns_redirect layer failed; in enforce mode the stage then stops (never ready with
+          the layer missing).
 Never blocks: draining the ring buffer only copies it to the journal. Sending reads the
           journal back as fast as enrich takes it: when enrich is behind, the backlog waits
           on disk, not in memory. At start, what an earlier run journaled and persist has not
@@ -25,8 +32,8 @@ Losses:   a journal that is full (SLUICE_JOURNAL_MAX_BYTES) or failing is one lo
           kernel could not park at all are counted there (kernel_lost).
 Stop:     drains the ring buffer into the journal and exits without waiting for the backlog
           to be sent (the next start sends it). In audit mode a clean stop detaches
-          everything; in enforce mode the filter and the maps stay (fail closed) until
-          `sluice detach`. The cgroup hooks always go.
+          everything; in enforce mode the filter, the hooks (DNS keeps going to the proxy, or
+          fails) and the maps stay (fail closed) until `sluice detach`.
 
 Example:  SLUICE_INTERFACE=eth0 sluice run capture
 """
@@ -37,18 +44,21 @@ import collections
 import ctypes
 import threading
 import time
+from collections.abc import Callable
 
 import zmq
 
+from ..dns.endpoints import redirect_endpoints
 from ..errors import KernelError
 from ..journal import (Cursor, Frame, Journal, JournalError, Recovery, is_marked, read_bitmap,
                        segment_of)
-from ..kernel import libbpf
+from ..kernel import libbpf, redirect
+from ..kernel.cgroups import CgroupPaths
 from ..kernel.doctor import blocking_failures
 from ..kernel.loader import (AGG_WINDOW_NS, HOOKS, MIDSTREAM_WINDOW_NS, V6_HOOKS, Attachment,
-                             attach_filter, attach_hooks, cgroup_dir, detach_filter,
-                             detach_hooks, egress_interface, ipv6_disabled, load_classifier,
-                             remove_pins)
+                             Hook, attach_filter, attach_hooks, cgroup_dir, cgroup_root,
+                             detach_filter, detach_hooks, egress_interface, ipv6_disabled,
+                             load_classifier, remove_pins)
 from ..kernel.maps import read_counters
 from ..kernel.ringbuf import RingReader
 from ..kernel.structs import Config, FlowKey, FlowState
@@ -75,8 +85,10 @@ class _Sender:
     a large recovery never delays today's events for long. A batch enrich refuses waits
     (encoded) and is offered again."""
 
-    def __init__(self, journal: Journal, recovered_until: int) -> None:
+    def __init__(self, journal: Journal, recovered_until: int,
+                 cgroup_path: Callable[[int], str]) -> None:
         self.journal = journal
+        self.cgroup_path = cgroup_path
         self.recovery = Cursor(min(journal.segments, default=recovered_until))
         self.recovery_until = recovered_until
         self.live = Cursor(recovered_until)
@@ -106,7 +118,7 @@ class _Sender:
         start = self.frame_at
         self.frame_at = min(start + size, self.frame.count)
         self.current = decode_frame(self.frame, self.journal.journal_id, self.skip, start,
-                                    self.frame_at)
+                                    self.frame_at, self.cgroup_path)
         if self.frame_at == self.frame.count:
             self.frame = None
 
@@ -164,6 +176,9 @@ class CaptureStage(BaseStage):
         self.ring: RingReader | None = None
         self.journal: Journal | None = None
         self.attachment = Attachment()
+        self.cgroups: CgroupPaths | None = None
+        self.has_v6 = False
+        self.redirect_layer: dict = {}
         self.next_sweep = self.next_counters = self.next_release = 0.0
         self.journal_failing = False
         self.journal_retry_at = 0.0
@@ -184,19 +199,23 @@ class CaptureStage(BaseStage):
             io.log.error("%s: every record goes on from memory, not durable (counted as "
                          "journal_errors)", err)
         io.counters.add("journal_damaged_bytes", found.damaged_bytes)
-        self.sender = _Sender(self.journal, self.journal.recovered_until)
+        self.cgroups = CgroupPaths(cgroup_root(settings))
+        self.sender = _Sender(self.journal, self.journal.recovered_until, self.cgroups.path)
         self.classifier = load_classifier(settings)
-        crashed = Attachment.load(settings.run_dir)
-        if crashed is not None and crashed.hooks:
-            # A capture killed before its teardown left its hooks: replace them, not add.
-            detach_hooks(crashed.cgroup, crashed.hooks)
+        previous = Attachment.load(settings.run_dir) or Attachment()
         self.attachment = Attachment(interface=self.interface, bpf_dir=str(settings.bpf_dir))
-        if crashed is not None and crashed.interface == self.interface:
-            self.attachment.qdisc_created = crashed.qdisc_created  # so a detach removes it
+        if previous.interface == self.interface:
+            self.attachment.qdisc_created = previous.qdisc_created  # so a detach removes it
         cgroup = cgroup_dir(settings)
         self.attachment.cgroup = str(cgroup)
-        self.attachment.hooks = attach_hooks(self.classifier, cgroup)
+        self.redirect_fd = self.classifier.map_fd("map_dns_redirect")
+        self.attachment.redirect_addresses = self._redirect_addresses(previous)
+        self.attachment.hooks, failures = attach_hooks(self.classifier, cgroup)
+        # The hooks a stopped (enforce mode) or killed run left go once ours are on: never a
+        # moment without the redirect, nor two of each for long.
+        detach_hooks(previous.cgroup, [h for h in previous.hooks if h not in self.attachment.hooks])
         self.attachment.save(settings.run_dir)
+        self._redirect_state(failures)
         self.feed = io.connect_feeds()["raw_events"]
         self.ring = RingReader(self.classifier.map_fd("map_events"),
                                settings.ringbuf_pages * 4096, RECORD_SIZE)
@@ -211,6 +230,57 @@ class CaptureStage(BaseStage):
                     "program the maps before attaching to %s", settings.bpf_dir,
                     len(self.attachment.hooks), cgroup, settings.journal_dir, found.segments,
                     self.interface)
+
+    # ------------------------------------------------------------- DNS redirect
+
+    def _redirect_addresses(self, previous: Attachment) -> list[str]:
+        """The redirect's addresses on lo (before any hook can send queries there)."""
+        if not self.io.settings.dns_redirect:
+            redirect.program_map(self.redirect_fd, False, False)
+            redirect.remove_addresses(previous.redirect_addresses)
+            return []
+        self.has_v6 = redirect.ipv6_available()
+        wanted = [e.host for e in redirect_endpoints(self.has_v6)]
+        added = redirect.add_addresses(wanted)
+        redirect.program_map(self.redirect_fd, True, self.has_v6)
+        return sorted(set(added) | set(previous.redirect_addresses))
+
+    def _redirect_state(self, failures: list[tuple[Hook, str]]) -> None:
+        """Say which hooks are missing; the redirect only works whole."""
+        settings, log = self.io.settings, self.io.log
+        missing_redirect = []
+        for hook, line in failures:
+            log.warning("%s", line)
+            if hook.redirect:
+                missing_redirect.append(hook.function)
+        on = settings.dns_redirect and not missing_redirect
+        self.io.counters.set("dns_redirect", int(on))
+        targets = [str(e) for e in redirect_endpoints(self.has_v6)] if on else []
+        self.redirect_layer = {"state": "on" if on else "off", "requested": settings.dns_redirect,
+                               "detail": f"queries to any resolver not on loopback go to "
+                                         f"{', '.join(targets)}" if on else
+                                         "not requested (SLUICE_DNS_REDIRECT=false)",
+                               "to": targets, "cgroup": self.attachment.cgroup}
+        if settings.dns_redirect and missing_redirect:
+            redirect.program_map(self.redirect_fd, False, False)
+            why = (f"DNS redirect: hook(s) {', '.join(missing_redirect)} not attached, so "
+                   "queries would skip the proxy")
+            self.redirect_layer.update(state="failed", detail=why)
+            if not settings.audit_mode:
+                raise KernelError(f"{why}; enforce mode does not run without it "
+                                  "(set SLUICE_DNS_REDIRECT=false to run without the redirect)")
+            log.warning("%s: audit mode runs on with the redirect off", why)
+            return
+        if not on:
+            log.info("DNS redirect off (SLUICE_DNS_REDIRECT=false): only clients that ask the "
+                     "proxy go through it")
+            return
+        log.info("DNS redirect on: queries to any resolver not on loopback go to %s",
+                 ", ".join(targets))
+        if not self.has_v6:
+            log.info("DNS redirect: IPv6 is off here, so IPv6 queries are refused")
+        log.info("%s", redirect.flush_resolved_cache())
+        log.info("%s", redirect.clear_dns_conntrack())
 
     # ------------------------------------------------------------- ring buffer -> journal
 
@@ -349,6 +419,7 @@ class CaptureStage(BaseStage):
                 ("cgroup_hooks", hooks_report(self.attachment.cgroup, len(hooks), len(HOOKS))),
                 ("ipv6", ipv6_report(self.interface, ipv6_disabled(self.interface),
                                      sum(h["attach_type"] in V6_HOOKS for h in hooks))),
+                ("dns_redirect", self.redirect_layer),
                 ("ring_buffer", ring_buffer_report(counters.get("kernel_ringbuf_full"),
                                                    counters.get("kernel_lost"),
                                                    counters.get("records_lost")))):
@@ -405,21 +476,24 @@ class CaptureStage(BaseStage):
         finally:
             self.journal.close()
             self.ring.close()
-            detach_hooks(self.attachment.cgroup, self.attachment.hooks)
-            self.attachment.hooks = []
+            self.cgroups.close()
             if settings.audit_mode:
+                detach_hooks(self.attachment.cgroup, self.attachment.hooks)
+                redirect.remove_addresses(self.attachment.redirect_addresses)
                 detach_filter(self.interface, self.attachment.qdisc_created)
                 self.attachment.filter_attached = False
                 self.classifier.cleanup()
                 remove_pins(settings.bpf_dir)
                 Attachment.path(settings.run_dir).unlink(missing_ok=True)
-                self.io.log.info("audit mode: detached from %s and removed pins", self.interface)
+                self.io.log.info("audit mode: detached from %s, removed the hooks, the DNS "
+                                 "redirect and the pins", self.interface)
             else:
                 self.attachment.save(settings.run_dir)
                 self.classifier.cleanup()
-                if self.attachment.filter_attached:
-                    self.io.log.info("enforce mode: filter on %s stays in place (fail closed) "
-                                     "until `sluice detach`", self.interface)
+                self.io.log.info("enforce mode: the hooks%s stay in place (fail closed) "
+                                 "until `sluice detach`",
+                                 f" and the filter on {self.interface}"
+                                 if self.attachment.filter_attached else "")
 
 
 def run(settings: Settings, *, ctx: zmq.Context | None = None,

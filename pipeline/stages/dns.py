@@ -86,7 +86,7 @@ from ..dns.answers import AnswerFacts, answer_facts
 from ..dns.cache import ResponseCache
 from ..dns.cnames import LearnedTargets
 from ..dns.confirmed import ConfirmedOpen
-from ..dns.endpoints import Endpoint, choose_upstream, parse_listen
+from ..dns.endpoints import Endpoint, parse_listen, redirect_endpoints
 from ..dns.enforce import AllowAsk, PreResolveMemory, plan_answer
 from ..dns.holders import holder_inodes
 from ..dns.packets import Malformed, Query
@@ -96,10 +96,11 @@ from ..errors import ExitCode, KernelError, MessageError, SettingsError, SluiceE
 from ..events import AllowReply, AllowRequest, DnsMapping
 from ..kernel import libbpf
 from ..kernel.maps import PinnedMaps
-from ..kernel.structs import Config
+from ..kernel.redirect import check_mark, ipv6_available
+from ..kernel.structs import DNS_MARK, Config
 from ..livepolicy import LivePolicy
 from ..loop import BaseStage, StageIO, batched, run_stage
-from ..policy.startup import HostFiles
+from ..policy.startup import HostFiles, proxy_upstream
 from ..settings import Settings
 
 ALLOW_WAIT_S = 2.0        # well inside a stub resolver's 5 s retry; the policy answers in ~1 ms
@@ -113,6 +114,7 @@ UDP_BURST = 64            # datagrams read from one socket before looking at the
 MAX_PRE_RESOLVING = 64
 PIN_CHECK_S = 1.0           # how soon maps pinned anew (after a detach) are followed
 PRE_RESOLVE_PAYLOAD = 1232  # EDNS size of our own queries (the DNS flag day's safe value)
+IP_FREEBIND = 15            # bind before capture has put the address on lo
 
 
 class ListenError(SluiceError):
@@ -349,6 +351,8 @@ class UpstreamExchange:
     def _open(self, kind: int) -> socket.socket:
         family = socket.AF_INET6 if self.stage.upstream.version == 6 else socket.AF_INET
         sock = socket.socket(family, kind)
+        if self.stage.mark:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.stage.mark)
         sock.setblocking(False)
         self.sock = sock
         return sock
@@ -622,10 +626,16 @@ class DnsStage(BaseStage):
         except ValueError as err:
             raise SettingsError(f"SLUICE_DNS_LISTEN={settings.dns_listen!r}: {err}") from None
         try:
-            self.upstream = choose_upstream(settings.dns_upstream,
-                                            self.files.read("/etc/resolv.conf"), self.listen)
+            self.upstream = proxy_upstream(settings, self.files)
         except ValueError as err:
             raise SettingsError(f"SLUICE_DNS_UPSTREAM={settings.dns_upstream!r}: {err}") from None
+        # Where the redirect sends queries (capture puts the addresses on lo; they may not be
+        # there yet, hence IP_FREEBIND); the proxy's own upstream sockets carry the mark the
+        # hooks let through, or its queries would come back to it.
+        self.redirected = redirect_endpoints(ipv6_available()) if settings.dns_redirect else ()
+        self.mark = DNS_MARK if settings.dns_redirect else 0
+        if self.mark:
+            check_mark(self.mark, "the proxy's upstream sockets")
         self.live = LivePolicy(io, files=self.files)
         self.host = settings.host_name
         feeds = io.connect_feeds()
@@ -637,17 +647,22 @@ class DnsStage(BaseStage):
             self.generation = self.pinned.read
         for endpoint in self.listen:
             self._bind(endpoint)
+        for endpoint in self.redirected:
+            if endpoint not in self.listen:
+                self._bind(endpoint, freebind=True)
         io.watch_fd(self.selector.fileno(), self._on_ready)
         listening = [str(endpoint) for endpoint in self.listen]
         io.report_layer("dns_proxy", "on", f"answering on {', '.join(listening)} (udp, tcp), "
                         f"forwarding to {self.upstream}", listen=listening,
                         upstream=str(self.upstream), filter=settings.dns_filter)
         io.ready = True
-        io.log.info("answering on %s (udp, tcp), forwarding to %s; %r; filter %s, %s mode",
+        io.log.info("answering on %s (udp, tcp), forwarding to %s; %r; filter %s, %s mode; %s",
                     ", ".join(map(str, self.listen)), self.upstream, self.policy,
-                    "on" if settings.dns_filter else "off", settings.mode)
+                    "on" if settings.dns_filter else "off", settings.mode,
+                    f"redirected queries arrive on {', '.join(map(str, self.redirected))}"
+                    if self.redirected else "no DNS redirect (SLUICE_DNS_REDIRECT=false)")
 
-    def _bind(self, endpoint: Endpoint) -> None:
+    def _bind(self, endpoint: Endpoint, freebind: bool = False) -> None:
         family = socket.AF_INET6 if endpoint.version == 6 else socket.AF_INET
         for kind, label in ((socket.SOCK_DGRAM, "udp"), (socket.SOCK_STREAM, "tcp")):
             sock = socket.socket(family, kind)
@@ -655,6 +670,8 @@ class DnsStage(BaseStage):
             if kind == socket.SOCK_STREAM:
                 # A restarted stage must not wait for the old connections' TIME_WAIT.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if freebind:
+                sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
             try:
                 sock.bind(endpoint.sockaddr)
             except OSError as err:
@@ -854,6 +871,9 @@ class DnsStage(BaseStage):
         if plan.pre_resolve and self.pre_resolving < MAX_PRE_RESOLVING and (
                 self.pre_resolved.claim(plan.pre_resolve, now)):
             self._pre_resolve(plan.pre_resolve, depth + 1)
+        # The mapping leaves before the answer can: policy's reply may be read, and the
+        # answer sent, within this same turn of the loop.
+        self._flush_records()
         if plan.ask is None:
             done(True)
         else:

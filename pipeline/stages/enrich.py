@@ -9,9 +9,10 @@ Binds:    enrich.sock. Connects: policy.
 Names:    (pipeline/names.py, reference §2.2) the DNS-derived cache, bounded and aged: the
           exact address, else the forward match over the policy's tracked hostnames; for an
           address it does not know and that was never looked up, one reverse (PTR) lookup
-          against the system resolver (the first nameserver of /etc/resolv.conf), 500 ms at
-          most, whose name is reported as the tracked hostname a rule knows it by; a
-          recorded CNAME chain names its origin.
+          against the system resolver (the first nameserver of /etc/resolv.conf; with the
+          DNS redirect, the proxy's upstream from marked sockets), 500 ms at most, whose
+          name is reported as the tracked hostname a rule knows it by; a recorded CNAME
+          chain names its origin.
 Never stalls: lookups run beside the loop (pipeline/reverse.py). While one is in flight,
           events for that address wait, in arrival order, for at most its 500 ms; events for
           every other address go on at once. At most MAX_HELD events wait in all: beyond,
@@ -42,11 +43,14 @@ import threading
 
 import zmq
 
+from ..errors import SettingsError
 from ..events import EnrichedEvent, RawEvent
+from ..kernel.redirect import check_mark
+from ..kernel.structs import DNS_MARK
+from ..livepolicy import LivePolicy
 from ..loop import BaseStage, StageIO, batched, run_stage
 from ..names import HeldEvents, Namer
-from ..livepolicy import LivePolicy
-from ..policy.startup import HostFiles
+from ..policy.startup import HostFiles, proxy_upstream
 from ..recording import NoRecorder, open_recorder
 from ..reverse import CONCURRENCY, NAMED, NOT_SENT, ReverseResolver
 from ..settings import Settings
@@ -73,7 +77,7 @@ class EnrichStage(BaseStage):
         self.recorder = open_recorder(io.settings, io.counters, io.log)
         self.live = LivePolicy(io, self._apply, self.files)
         self.namer = Namer(self.live.current)
-        self.reverse = self.reverse or ReverseResolver.from_resolv_conf()
+        self.reverse = self.reverse or reverse_resolver(io.settings)
         self.reverse.start()
         io.watch_fd(self.reverse.fd, self._lookups_ended)
         if self.reverse.worker is not None:
@@ -167,6 +171,19 @@ class EnrichStage(BaseStage):
         if self.reverse is not None:
             self.reverse.close()
         self.recorder.close()
+
+
+def reverse_resolver(settings: Settings) -> ReverseResolver:
+    """The system resolver; with the redirect, the proxy's upstream, asked around the proxy
+    (pipeline/reverse.py says why)."""
+    if not settings.dns_redirect:
+        return ReverseResolver.from_resolv_conf()
+    try:
+        upstream = proxy_upstream(settings, HostFiles())
+    except ValueError as err:
+        raise SettingsError(f"SLUICE_DNS_UPSTREAM={settings.dns_upstream!r}: {err}") from None
+    check_mark(DNS_MARK, "the reverse lookups' sockets")
+    return ReverseResolver(upstream.host, upstream.port, mark=DNS_MARK)
 
 
 def run(settings: Settings, *, ctx: zmq.Context | None = None,

@@ -13,6 +13,10 @@ Kernel:   the single writer of the firewall maps. Once capture has pinned them u
           SLUICE_AUTO_ALLOW_CLOUD_METADATA) and the connections already open, then bumps
           map_config.generation: the signal capture waits for before attaching. A restarted
           policy re-adopts the pinned maps and moves them by a diff (no empty-allowlist window).
+Names:    an event enrich could not name, for an address this stage opened for a DNS answer
+          that is still live, gets that answer's name and CNAME chain (the event reached
+          enrich before the answer's mapping did; pipeline/answernames.py), counted as
+          named_by_answers.
 Late-allow: a blocked TCP/UDP event whose hostname an allow rule matches gets its address
           written for exactly that rule's ports (deny side first, CIDR conflicts respected)
           and is recorded connection_late_allowed when its own port is covered.
@@ -37,6 +41,7 @@ from collections.abc import Callable
 import zmq
 
 from .. import messages
+from ..answernames import AnswerNames
 from ..audit import AuditEvent, existing_connection_record, normalize
 from ..events import AllowReply, AllowRequest
 from ..firewall import Firewall, apply_existing_connection
@@ -83,6 +88,7 @@ class PolicyStage(BaseStage):
         self.firewall: Firewall | None = None
         self.ids = EventIds()
         self.recent = RecentBlocks()
+        self.answers = AnswerNames()
 
     def setup(self, io: StageIO) -> None:
         self.io = io
@@ -162,9 +168,13 @@ class PolicyStage(BaseStage):
         audit_mode = self.settings.audit_mode
         policy, firewall = self.policy, self.firewall
         out, notices = [], []
+        now = self.clock()
         for n, event in enumerate(records, 1):
             if n % REQUEST_CHECK_EVERY == 0:
                 self.io.serve_requests()  # a DNS answer never waits for a whole batch
+            if not event.dst_hostname and (named := self.answers.name_of(event.dst_ip, now)):
+                event.dst_hostname, event.cname_chain = named
+                self.io.counters.add("named_by_answers")
             outcome = decide(
                 event, audit_mode=audit_mode, event_id=event.event_id or self.ids.next(),
                 host=self.host,
@@ -190,6 +200,7 @@ class PolicyStage(BaseStage):
             return AllowReply(request.request_id, False, [], "the maps are not programmed yet")
         writes = allow_answer(self.policy, self.firewall, request.name, request.ips)
         verdict, now = writes.verdict, self.clock()
+        self.answers.opened(request.name, request.cname_chain, request.ips, request.ttl, now)
         reconciled = []
         for ip in writes.allowed_ips:
             for block in self.recent.take(ip, verdict.allow_ports, verdict.deny_ports,

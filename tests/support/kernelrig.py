@@ -32,7 +32,8 @@ class CaptureRig:
         self.env = base_env(SLUICE_INTERFACE=lab.client_if, SLUICE_RUN_DIR=str(self.run_dir),
                             SLUICE_JOURNAL_DIR=str(tmp_path / "journal"),
                             SLUICE_BPF_DIR=str(self.bpf_dir), SLUICE_MODE=mode,
-                            SLUICE_COUNTER_INTERVAL="0.5", **settings)
+                            SLUICE_COUNTER_INTERVAL="0.5", SLUICE_CGROUP=str(lab.cgroup.path),
+                            **settings)
         self.settings = Settings.from_env(self.env)
         self.ctx = ctx  # the zmq_context fixture's
         self.inbox = None

@@ -22,7 +22,9 @@ def stage_settings(tmp_path: Path, **env: str) -> Settings:
               "SLUICE_AUDIT_LOG": str(tmp_path / "audit.jsonl"),
               "SLUICE_JOURNAL_DIR": str(tmp_path / "journal"),
               "SLUICE_BPF_DIR": str(tmp_path / "no-bpffs"),
-              "SLUICE_COUNTER_INTERVAL": "0.1", "SLUICE_FLUSH_INTERVAL": "0.05"}
+              "SLUICE_COUNTER_INTERVAL": "0.1", "SLUICE_FLUSH_INTERVAL": "0.05",
+              # Stages in threads run in this machine's own network namespace: no redirect.
+              "SLUICE_DNS_REDIRECT": "false"}
     values.update(env)
     return Settings.from_env(values)
 

@@ -2,7 +2,8 @@
 
 In a test:  `server = AuthoritativeServer(ZONE).start()` ... `server.close()`; `server.port`,
             `server.asked[(name, "A")]` counts the questions it received.
-In a namespace: `python -m tests.support.tools.dnsserver 10.201.0.2:53 zone.json` prints "ready".
+In a namespace: `python -m tests.support.tools.dnsserver 10.201.0.2:53 zone.json [LOG]` prints
+"ready"; with LOG, each question it receives is appended there as a line "name type".
 
 A zone is a dict: name (lowercase, no trailing dot) -> entry with any of
   "A": [...], "AAAA": [...]  addresses            "ttl": seconds (default 60)
@@ -40,8 +41,10 @@ LOOP_S = 0.05
 
 
 class AuthoritativeServer:
-    def __init__(self, zone: dict, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, zone: dict, host: str = "127.0.0.1", port: int = 0,
+                 log: str = "") -> None:
         self.zone = zone
+        self.log = open(log, "a", buffering=1) if log else None
         self.asked: collections.Counter = collections.Counter()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.host = host
@@ -153,6 +156,8 @@ class AuthoritativeServer:
         name = question.name.to_text(omit_final_dot=True).lower()
         rdtype = dns.rdatatype.to_text(question.rdtype)
         self.asked[(name, rdtype)] += 1
+        if self.log:
+            self.log.write(f"{name} {rdtype}\n")
         entry = self.zone.get(name)
         if entry is None:
             answer.set_rcode(dns.rcode.NXDOMAIN)
@@ -194,7 +199,8 @@ def _read_exactly(conn: socket.socket, count: int) -> bytes:
 def main() -> None:
     address, zone_file = sys.argv[1], sys.argv[2]
     host, _, port = address.rpartition(":")
-    server = AuthoritativeServer(json.loads(open(zone_file).read()), host.strip("[]"), int(port))
+    server = AuthoritativeServer(json.loads(open(zone_file).read()), host.strip("[]"), int(port),
+                                 sys.argv[3] if len(sys.argv) > 3 else "")
     print("ready", flush=True)
     server.serve()
 
