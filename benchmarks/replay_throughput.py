@@ -41,7 +41,7 @@ from pipeline.stages.enrich import EnrichStage  # noqa: E402
 from pipeline.topology import inbox_address  # noqa: E402
 from pipeline.stages.persist import PersistStage  # noqa: E402
 from pipeline.stages.policy import PolicyStage  # noqa: E402
-from tests.conftest import postgres_schema  # noqa: E402
+from tests.support.postgres import postgres_schema  # noqa: E402
 
 BATCH = 512
 DESTINATIONS = 2_000

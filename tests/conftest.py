@@ -1,4 +1,3 @@
-import contextlib
 import os
 import platform
 import sys
@@ -9,9 +8,8 @@ import pytest
 import zmq
 
 from tests.support.leaks import terminate_or_fail
+from tests.support.postgres import POSTGRES_URL_VARIABLE, postgres_schema, postgres_unavailable
 from tests.support.stagekit import Peer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Property tests: no example database in the tree, no per-example deadline on a busy machine,
 # and a failure prints what reproduces it. Each test sets its own max_examples.
@@ -99,57 +97,12 @@ def lab(kernel):
 
 # ---------------------------------------------------------------- PostgreSQL for the store tests
 
-POSTGRES_URL_VARIABLE = "SLUICE_TEST_POSTGRES_URL"  # test config, set by ./bootstrap test
-
-
-def _postgres_engine(url: str):
-    import sqlalchemy as sa
-
-    parsed = sa.make_url(url)
-    if parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    return sa.create_engine(parsed, isolation_level="AUTOCOMMIT")
-
-
-def _postgres_unavailable(url: str) -> str:
-    if not url:
-        return f"needs a PostgreSQL server: set {POSTGRES_URL_VARIABLE} (./bootstrap test does)"
-    try:
-        engine = _postgres_engine(url)
-        with engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
-        engine.dispose()
-    except Exception as err:  # noqa: BLE001 - any failure to connect means "not available"
-        return f"cannot reach PostgreSQL at {POSTGRES_URL_VARIABLE}: {type(err).__name__}"
-    return ""
-
-
 @pytest.fixture(scope="session")
 def postgres_url(request):
     """The test server's URL: skip where there is none, fail under --require-kernel (CI)."""
     url = os.environ.get(POSTGRES_URL_VARIABLE, "")
-    skip_or_fail(request, "PostgreSQL", _postgres_unavailable(url))
+    skip_or_fail(request, "PostgreSQL", postgres_unavailable(url))
     return url
-
-
-@contextlib.contextmanager
-def postgres_schema(url: str):
-    """The URL of a new, empty schema on the server at url; dropped afterwards."""
-    import uuid
-
-    import sqlalchemy as sa
-
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    admin = _postgres_engine(url)
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    try:
-        yield sa.make_url(url).update_query_dict({"options": f"-csearch_path={schema}"}) \
-            .render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

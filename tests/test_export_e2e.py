@@ -14,7 +14,7 @@ from pipeline.topology import STAGES
 from tests.support.netns import PYTHON, ROOT, Lab
 from tests.support.wait import wait_for
 from tests.test_e2e import Pipeline, find
-from tests.test_export_stage import SyslogListener, parse_syslog
+from tests.support.exportkit import SyslogListener, parse_syslog
 
 pytestmark = pytest.mark.e2e
 METRICS = "127.0.0.1:9464"
