@@ -5,6 +5,12 @@ module owns the ZeroMQ context, the poller with a short timeout, the stop flag s
 handlers, periodic counter logs (also written to <run_dir>/<stage>.counters.json so
 `sluice status` can show them), the ready/failed markers and clean teardown.
 
+Raw descriptors (a ring buffer, an eventfd, client sockets) and timers register with the
+stage's reactor, `io.reactor` (pipeline/reactor.py), which this loop polls beside the ZeroMQ
+sockets: no stage runs a loop of its own. A stage's timers and its tick(now) follow the
+stage's `monotonic` clock, so a test can build a stage with a clock it moves; the loop's own
+pace (counter logs, the drain at a stop) stays on real time, as honcho's 5 s are.
+
 Back-pressure: every send is non-blocking, and queues are short (QUEUE_MESSAGES batches a
 socket), so no stage holds a flood in memory. A batch that finds the peer's queue full waits
 in a local backlog and is retried. On the audit path (a feed connected with
@@ -23,7 +29,9 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import os
+import selectors
 import signal
 import threading
 import time
@@ -36,6 +44,7 @@ import zmq
 from . import messages
 from .errors import MessageError, SluiceError
 from .histogram import LATENCY_BOUNDS, Histogram
+from .reactor import Clock, Reactor
 from .settings import Settings
 from .topology import STAGES, Inbox, Link, inbox_address, inbox_path
 from .workers import Worker
@@ -133,7 +142,7 @@ class StageIO:
     """What a stage gets at setup: its settings, logger, counters and socket factory."""
 
     def __init__(self, name: str, settings: Settings, ctx: zmq.Context, stop: threading.Event,
-                 log: logging.Logger) -> None:
+                 log: logging.Logger, clock: Clock = time.monotonic) -> None:
         self.name = name
         self.settings = settings
         self.ctx = ctx
@@ -143,7 +152,7 @@ class StageIO:
         self.histograms: dict[str, Histogram] = {}
         self.inboxes: dict[zmq.Socket, Inbox] = {}
         self.feeds: list[Feed] = []
-        self.fds: dict[int, Callable[[], None]] = {}
+        self.reactor = Reactor(clock)
         self.sockets: list[zmq.Socket] = []
         self.bound_paths: list[Path] = []
         self.workers: list[Worker] = []
@@ -224,8 +233,19 @@ class StageIO:
         return self.histograms.setdefault(name, Histogram(bounds))
 
     def watch_fd(self, fd: int, on_readable: Callable[[], None]) -> None:
-        """Poll a plain file descriptor (the ring buffer's epoll fd) with the sockets."""
-        self.fds[fd] = on_readable
+        """Poll a plain file descriptor (the ring buffer, an eventfd) with the sockets."""
+        self.reactor.register(fd, selectors.EVENT_READ, lambda _mask: on_readable())
+
+    def connect_requests(self, inbox: str) -> zmq.Socket:
+        """A DEALER to a request/reply inbox: many requests in flight, replies matched by the
+        caller, and a lost reply costs only its own request (no REQ state to reset)."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)   # an unanswered request is worthless after a stop
+        sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+        sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+        sock.connect(inbox_address(self.settings.run_dir, inbox))
+        self.sockets.append(sock)
+        return sock
 
     def holding_back(self) -> bool:
         """A feed on the audit path is full: take no new events until it drains."""
@@ -244,6 +264,7 @@ class StageIO:
 
 class Stage(Protocol):
     name: str
+    monotonic: Clock
 
     def setup(self, io: StageIO) -> None: ...
     def handle(self, inbox: str, kind: str, records: list) -> None: ...
@@ -258,6 +279,7 @@ class BaseStage:
 
     name = "stage"
     io: StageIO
+    monotonic: Clock = staticmethod(time.monotonic)  # a test may give a stage its own
 
     def setup(self, io: StageIO) -> None:
         self.io = io
@@ -344,7 +366,7 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
     counters = marker_path(settings.run_dir, stage.name, "counters.json")
     for stale in (failed, ready, layers, counters):
         stale.unlink(missing_ok=True)
-    io = StageIO(stage.name, settings, ctx, stop, log)
+    io = StageIO(stage.name, settings, ctx, stop, log, stage.monotonic)
     signals = _Signals(stop)
     signals.install()
     try:
@@ -367,6 +389,7 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
                     lost = "unsent_at_stop" if feed.backpressure else "dropped"
                     io.counters.add(f"{feed.name}_{lost}", feed.pending())
             _log_counters(io, log, final=True)
+            io.reactor.close()
             for sock in io.sockets:
                 sock.close()
             for path in io.bound_paths:  # libzmq leaves ipc socket files behind
@@ -383,6 +406,7 @@ def _loop(stage: Stage, io: StageIO, signals: _Signals, ready_marker: Path) -> N
     complain = _OncePerKind(io.log)
     io.serve_requests = lambda: _serve_requests(stage, requests, io, complain)
     interval = io.settings.counter_interval
+    reactor = io.reactor
     next_counters = time.monotonic() + interval
     marked_ready = False
     drain_started = quiet_since = None
@@ -401,21 +425,24 @@ def _loop(stage: Stage, io: StageIO, signals: _Signals, ready_marker: Path) -> N
         for feed in io.feeds:
             if feed.holding_back:
                 poller.register(feed.socket, zmq.POLLOUT)  # wake as soon as the peer has room
-        for fd in io.fds:
-            poller.register(fd, zmq.POLLIN)
-        # A stage that holds a full batch gets its tick at once; otherwise wait for input.
+        poller.register(reactor.fileno(), zmq.POLLIN)
+        # A stage that holds a full batch gets its tick at once; otherwise wait for input,
+        # or for the reactor's next timer.
         timeout = 0 if not stage.accepting() else POLL_MS if drain_started is None else 50
+        due = reactor.next_due_in()
+        if due is not None:
+            timeout = min(timeout, math.ceil(due * 1000))
         events = dict(poller.poll(timeout))
         io.serve_requests()
         received = False
         for sock, inbox in events_in:
             if events.get(sock) and _taking(stage, io):
                 received |= _receive(stage, sock, inbox, io, complain)
-        for fd, on_readable in io.fds.items():
-            if events.get(fd):
-                on_readable()
-        now = time.monotonic()
-        stage.tick(now)
+        if events.get(reactor.fileno()):
+            reactor.run_ready()
+        reactor.run_due()
+        stage.tick(stage.monotonic())
+        now = time.monotonic()  # the loop's own pace (counter logs, the stop) is real time
         io.check_workers()
         for feed in io.feeds:
             feed.flush()

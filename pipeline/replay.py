@@ -315,8 +315,7 @@ class OfflinePipeline:
     def settle(self) -> bool:
         """Tick every stage and pass on what each sent; True if anything moved."""
         now = time.monotonic()
-        for on_readable in self.io["enrich"].fds.values():
-            on_readable()  # the loop would call these when the descriptor is readable
+        self.io["enrich"].reactor.run_ready()  # what the loop does when a descriptor is ready
         self.enrich.tick(now)
         enriched = self.io["enrich"].outputs["enriched_events"].take()
         if enriched:
@@ -339,6 +338,8 @@ class OfflinePipeline:
             time.sleep(0.02)
         for stage in (self.enrich, self.policy, self.persist):
             stage.teardown()
+        for io in self.io.values():
+            io.reactor.close()
         return self.io["persist"].counters.get("rows_inserted")
 
 
