@@ -236,17 +236,6 @@ class StageIO:
         """Poll a plain file descriptor (the ring buffer, an eventfd) with the sockets."""
         self.reactor.register(fd, selectors.EVENT_READ, lambda _mask: on_readable())
 
-    def connect_requests(self, inbox: str) -> zmq.Socket:
-        """A DEALER to a request/reply inbox: many requests in flight, replies matched by the
-        caller, and a lost reply costs only its own request (no REQ state to reset)."""
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)   # an unanswered request is worthless after a stop
-        sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
-        sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
-        sock.connect(inbox_address(self.settings.run_dir, inbox))
-        self.sockets.append(sock)
-        return sock
-
     def holding_back(self) -> bool:
         """A feed on the audit path is full: take no new events until it drains."""
         return any(feed.holding_back for feed in self.feeds)

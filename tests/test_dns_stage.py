@@ -27,11 +27,13 @@ from pipeline.events import AllowReply
 from pipeline.kernel.loader import load_classifier, remove_pins
 from pipeline.kernel.maps import KernelRuleMaps
 from pipeline.rulemaps import DENY
-from pipeline.stages.dns import ALLOW_WAIT_S, TCP_IDLE_S, DnsStage, PinnedGeneration
+from pipeline.kernel.generation import PinnedGeneration
+from pipeline.stages.dns import DnsStage, Waits
 from tests.support.stagekit import Peer, StageThread, stage_settings
 from tests.support.tools.dnsserver import AuthoritativeServer
 from tests.support.wait import wait_for
 
+ALLOW_WAIT_S, TCP_IDLE_S = Waits().allow_s, Waits().tcp_idle_s
 MANY = [f"10.9.{i // 250}.{i % 250 + 1}" for i in range(120)]  # too many for 512 bytes
 ZONE = {
     "www.allowed.test": {"A": ["10.0.0.1", "10.0.0.2"], "AAAA": ["fd00::1"], "ttl": 120},
@@ -603,7 +605,8 @@ def test_hundreds_of_idle_tcp_connections_do_not_deny_tcp_dns_to_others(proxy):
         for conn in idle:
             conn.close()
     # The proxy reads each end and closes its side: no port stays held by this test.
-    wait_for(lambda: not p.stage.stage.tcp_clients, "the proxy's connections closed", timeout=10)
+    wait_for(lambda: not p.stage.stage.listeners.tcp_clients, "the proxy's connections closed",
+             timeout=10)
     assert addresses(other) == addresses(same) == ["10.0.0.1", "10.0.0.2"]
     assert "tcp_clients_refused" not in p.stage.counters()
 

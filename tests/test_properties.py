@@ -43,7 +43,7 @@ from pipeline.record import RECORD_SIZE, ShortRecord, decode_record
 from pipeline.recording import FRAME_HEAD, Header, Recording, RecordingError
 from pipeline.replay import NoReverseLookups
 from pipeline.rulemaps import DictRuleMaps
-from pipeline.stages.dns import parse_answer
+from pipeline.dns.answers import parse_answer
 from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.notify import NotifyStage
 from pipeline.stages.persist import PersistStage

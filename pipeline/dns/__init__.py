@@ -9,6 +9,8 @@
 - enforce: what one answer asks of the policy stage and of enrich (reference §5.4 6-7).
 - confirmed: which (name, address) pairs the policy stage already opened, per map generation.
 - holders: who holds an address the proxy could not bind, read from /proc/net text.
+- triage: for one query, a local reply, the cached answer or a forward.
 
-pipeline/stages/dns.py is the thin shell around these.
+The I/O side is the `net` subpackage (sockets and timers on the stage loop's reactor);
+pipeline/stages/dns.py wires both and follows a query through them.
 """

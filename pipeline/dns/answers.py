@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import dns.exception
 import dns.message
 import dns.name
 import dns.rdatatype
@@ -60,3 +61,11 @@ def answer_facts(message: dns.message.Message) -> AnswerFacts:
     positive = [ttl for ttl in ttls if ttl > 0]
     return AnswerFacts(message.rcode(), tuple(ips), min(ttls, default=NO_ANSWER_TTL),
                        min(positive, default=0), tuple(cnames), records)
+
+
+def parse_answer(wire: bytes) -> AnswerFacts | None:
+    """The facts of an upstream answer's wire form, None when dnspython cannot parse it."""
+    try:
+        return answer_facts(dns.message.from_wire(wire))
+    except (dns.exception.DNSException, ValueError):
+        return None

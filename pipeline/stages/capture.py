@@ -41,7 +41,6 @@ Example:  SLUICE_INTERFACE=eth0 sluice run capture
 from __future__ import annotations
 
 import collections
-import ctypes
 import threading
 import time
 from collections.abc import Callable
@@ -55,13 +54,14 @@ from ..journal import (Cursor, Frame, Journal, JournalError, Recovery, is_marked
 from ..kernel import libbpf, redirect
 from ..kernel.cgroups import CgroupPaths
 from ..kernel.doctor import blocking_failures
+from ..kernel.generation import programmed, read_config
 from ..kernel.loader import (AGG_WINDOW_NS, HOOKS, MIDSTREAM_WINDOW_NS, V6_HOOKS, Attachment,
                              Hook, attach_filter, attach_hooks, cgroup_dir, cgroup_root,
                              detach_filter, detach_hooks, egress_interface, ipv6_disabled,
                              load_classifier, remove_pins)
 from ..kernel.maps import read_counters
 from ..kernel.ringbuf import RingReader
-from ..kernel.structs import Config, FlowKey, FlowState
+from ..kernel.structs import FlowKey, FlowState
 from ..loop import BaseStage, StageIO, run_stage
 from ..posture import classifier_report, hooks_report, ipv6_report, ring_buffer_report
 from ..record import RECORD_SIZE, decode_frame, reported_record
@@ -365,7 +365,7 @@ class CaptureStage(BaseStage):
     # ------------------------------------------------------------- periodic work
 
     def tick(self, now: float) -> None:
-        if not self.attachment.filter_attached and self._maps_programmed():
+        if not self.attachment.filter_attached and programmed(self.config_fd):
             self._attach()
         self.drain()
         self.send()
@@ -389,10 +389,6 @@ class CaptureStage(BaseStage):
         # More to send and room for it: come back at once rather than after a poll timeout.
         return self.feed.holding_back or self.sender.idle
 
-    def _maps_programmed(self) -> bool:
-        config = Config()
-        return libbpf.lookup(self.config_fd, ctypes.c_uint32(0), config) and config.generation != 0
-
     def _attach(self) -> None:
         created = attach_filter(self.interface, self.classifier.egress_fd)
         self.attachment.qdisc_created = created or self.attachment.qdisc_created
@@ -405,9 +401,9 @@ class CaptureStage(BaseStage):
 
     def _report_layers(self) -> None:
         """The posture as the kernel has it: mode and default action read back from the maps."""
-        config = Config()
+        config = read_config(self.config_fd)
         kernel = None
-        if libbpf.lookup(self.config_fd, ctypes.c_uint32(0), config):
+        if config is not None:
             kernel = ("allow" if config.default_action == ALLOW else "deny",
                       "audit" if config.audit_mode else "enforce", config.generation)
         attached = self.attachment.filter_attached

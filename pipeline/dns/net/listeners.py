@@ -1,0 +1,120 @@
+"""The proxy's listening sockets: bound at start, UDP queries read, TCP clients admitted.
+
+A TCP newcomer gets a slot as pipeline/dns/tcpslots.py decides (an idle connection may be
+closed for it). An address that cannot be bound is a ListenError naming the address and,
+from /proc, the process holding it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Callable
+
+from ...errors import ExitCode, SluiceError
+from ...policy.startup import HostFiles
+from ...reactor import READ, Reactor
+from ..endpoints import Endpoint
+from ..holders import holder_inodes
+from ..tcpslots import Held, make_room
+from .clients import MAX_MESSAGE, Client, Counters, TcpClient, UdpClient
+
+MAX_TCP_CLIENTS = 256
+MAX_TCP_PER_ADDRESS = 64  # one client address's share of the TCP slots
+UDP_BURST = 64            # datagrams read from one socket before looking at the others
+IP_FREEBIND = 15          # bind before capture has put the address on lo
+
+
+class ListenError(SluiceError):
+    exit_code = ExitCode.DNS_LISTEN
+
+
+class Listeners:
+    """Every listening socket and the TCP clients they accepted; on_query(data, client)
+    takes each query."""
+
+    def __init__(self, reactor: Reactor, counters: Counters, tcp_idle_s: float,
+                 on_query: Callable[[bytes, Client], None], files: HostFiles) -> None:
+        self.reactor, self.counters, self.tcp_idle_s = reactor, counters, tcp_idle_s
+        self.on_query, self.files = on_query, files
+        self.sockets: list[socket.socket] = []
+        self.tcp_clients: set[TcpClient] = set()
+
+    def bind(self, endpoint: Endpoint, freebind: bool = False) -> None:
+        family = socket.AF_INET6 if endpoint.version == 6 else socket.AF_INET
+        for kind, label in ((socket.SOCK_DGRAM, "udp"), (socket.SOCK_STREAM, "tcp")):
+            sock = socket.socket(family, kind)
+            self.sockets.append(sock)
+            if kind == socket.SOCK_STREAM:
+                # A restarted stage must not wait for the old connections' TIME_WAIT.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if freebind:
+                sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+            try:
+                sock.bind(endpoint.sockaddr)
+            except OSError as err:
+                raise ListenError(f"cannot listen on {endpoint}/{label}: {err.strerror}"
+                                  f"{holder_text(endpoint, label, self.files)}") from None
+            sock.setblocking(False)
+            if kind == socket.SOCK_STREAM:
+                sock.listen(128)
+                self.reactor.register(sock, READ, lambda mask, s=sock: self._accept(s))
+            else:
+                self.reactor.register(sock, READ, lambda mask, s=sock: self._on_udp(s))
+
+    def _on_udp(self, sock: socket.socket) -> None:
+        for _ in range(UDP_BURST):
+            try:
+                data, address = sock.recvfrom(MAX_MESSAGE)
+            except OSError:
+                return
+            self.on_query(data, UdpClient(sock, address, self.counters))
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, peer = listener.accept()
+        except OSError:
+            return
+        held = [Held(c, c.address, c.idle_since) for c in self.tcp_clients]
+        room = make_room(peer[0], held, MAX_TCP_CLIENTS, MAX_TCP_PER_ADDRESS)
+        if room.evict is not None:
+            self.counters.add("tcp_idle_evicted")
+            room.evict.close()
+        if not room.admit:
+            self.counters.add("tcp_clients_refused")
+            sock.close()
+            return
+        self.tcp_clients.add(TcpClient(self.reactor, sock, peer[0], self.tcp_idle_s,
+                                       self.counters, self.on_query, self.tcp_clients.discard))
+
+    def close(self) -> None:
+        for client in list(self.tcp_clients):
+            client.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+def holder_text(endpoint: Endpoint, label: str, files: HostFiles) -> str:
+    """' (held by NAME pid N)' from /proc, or '' when nobody visible holds it."""
+    tables = [f"/proc/net/{label}"] if endpoint.version == 4 else []
+    tables.append(f"/proc/net/{label}6")  # a dual-stack [::] socket holds IPv4 ports too
+    inodes: set[int] = set()
+    for table in tables:
+        inodes.update(holder_inodes(files.read(table), endpoint.host, endpoint.port,
+                                    tcp=label == "tcp"))
+    holders = sorted(_processes_holding(inodes)) if inodes else []
+    return f" (held by {', '.join(holders)})" if holders else ""
+
+
+def _processes_holding(inodes: set[int]) -> set[str]:
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    found = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) in wanted for fd in fd_dir.iterdir()):
+                comm = (fd_dir.parent / "comm").read_text().strip()
+                found.add(f"{comm} pid {fd_dir.parent.name}")
+        except OSError:
+            continue  # the process exited, or its descriptors are not ours to read
+    return found

@@ -1,0 +1,165 @@
+"""Questions to the upstream resolver: UDP first, TCP again when the answer is truncated.
+
+Each exchange has its own socket and a random id (the client's may be guessable); an answer
+whose source, id or question does not match is discarded and counted (mismatched_answers).
+done(wire) is called once, with the checked answer, or with None after an error or the
+deadline.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Callable
+
+from ...reactor import READ, WRITE, Reactor
+from .. import packets
+from ..endpoints import Endpoint
+from .clients import MAX_MESSAGE, Counters
+
+UDP_BURST = 64   # datagrams read from one socket before looking at the others
+
+Done = Callable[[bytes | None], None]
+
+
+class Upstream:
+    """The upstream and the exchanges in flight with it. mark: the SO_MARK the redirect
+    hooks let through (0 for none), so the proxy's own queries never come back to it."""
+
+    def __init__(self, reactor: Reactor, endpoint: Endpoint, timeout_s: float, mark: int,
+                 counters: Counters) -> None:
+        self.reactor, self.endpoint, self.timeout_s = reactor, endpoint, timeout_s
+        self.mark, self.counters = mark, counters
+        self.exchanges: set[Exchange] = set()
+
+    def ask(self, question: bytes, wire: bytes, done: Done) -> None:
+        Exchange(self, question, wire, done)
+
+    def in_flight(self) -> int:
+        return len(self.exchanges)
+
+    def close(self) -> None:
+        """At teardown: every exchange ends without an answer (and without a callback)."""
+        for exchange in list(self.exchanges):
+            exchange.abandon()
+
+
+class Exchange:
+    """One question to the upstream."""
+
+    def __init__(self, upstream: Upstream, question: bytes, wire: bytes, done: Done) -> None:
+        self.upstream, self.reactor, self.counters = upstream, upstream.reactor, upstream.counters
+        self.question, self.done = question, done
+        self.id = int.from_bytes(os.urandom(2), "big")
+        self.wire = packets.with_id(wire, self.id)
+        self.sock: socket.socket | None = None
+        self.tcp_in, self.tcp_out = bytearray(), b""
+        self.finished = False
+        self.deadline = self.reactor.after(upstream.timeout_s, self._timed_out)
+        upstream.exchanges.add(self)
+        self._send_udp()
+
+    def _open(self, kind: int) -> socket.socket:
+        family = socket.AF_INET6 if self.upstream.endpoint.version == 6 else socket.AF_INET
+        sock = socket.socket(family, kind)
+        if self.upstream.mark:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.upstream.mark)
+        sock.setblocking(False)
+        self.sock = sock
+        return sock
+
+    def _send_udp(self) -> None:
+        sock = self._open(socket.SOCK_DGRAM)
+        try:
+            sock.sendto(self.wire, self.upstream.endpoint.sockaddr)
+        except OSError:
+            self._finish(None, "upstream_errors")
+            return
+        self.reactor.register(sock, READ, self._on_udp)
+
+    def _on_udp(self, mask: int) -> None:
+        for _ in range(UDP_BURST):
+            try:
+                data, source = self.sock.recvfrom(MAX_MESSAGE)
+            except OSError:
+                return
+            if source[:2] != self.upstream.endpoint.sockaddr or not packets.answers_question(
+                    data, self.id, self.question):
+                self.counters.add("mismatched_answers")
+                continue
+            if packets.is_truncated(data):
+                self.counters.add("tcp_retries")
+                self._switch_to_tcp()
+            else:
+                self._finish(data)
+            return
+
+    def _switch_to_tcp(self) -> None:
+        self._close_socket()
+        sock = self._open(socket.SOCK_STREAM)
+        err = sock.connect_ex(self.upstream.endpoint.sockaddr)
+        if err not in (0, errno.EINPROGRESS):
+            self._finish(None, "upstream_errors")
+            return
+        self.tcp_out = len(self.wire).to_bytes(2, "big") + self.wire
+        self.reactor.register(sock, WRITE, self._on_tcp)
+
+    def _on_tcp(self, mask: int) -> None:
+        try:
+            if mask & WRITE:
+                self._tcp_write()
+            else:
+                self._tcp_read()
+        except OSError:
+            self._finish(None, "upstream_errors")
+
+    def _tcp_write(self) -> None:
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+        sent = self.sock.send(self.tcp_out)
+        self.tcp_out = self.tcp_out[sent:]
+        if not self.tcp_out:
+            self.reactor.modify(self.sock, READ, self._on_tcp)
+
+    def _tcp_read(self) -> None:
+        data = self.sock.recv(MAX_MESSAGE + 2 - len(self.tcp_in))
+        if not data:
+            raise OSError(errno.ECONNRESET, "the upstream closed the connection")
+        self.tcp_in += data
+        if len(self.tcp_in) < 2 or len(self.tcp_in) < 2 + int.from_bytes(self.tcp_in[:2], "big"):
+            return
+        answer = bytes(self.tcp_in[2:2 + int.from_bytes(self.tcp_in[:2], "big")])
+        if packets.answers_question(answer, self.id, self.question):
+            self._finish(answer)
+        else:
+            self.counters.add("mismatched_answers")  # one answer per connection: give up
+            self._finish(None, "upstream_errors")
+
+    def _timed_out(self) -> None:
+        self._finish(None, "upstream_timeouts")
+
+    def _finish(self, wire: bytes | None, failure: str = "") -> None:
+        if self.finished:
+            return
+        self.abandon()
+        if failure:
+            self.counters.add(failure)
+        self.done(wire)
+
+    def _close_socket(self) -> None:
+        if self.sock is None:
+            return
+        try:
+            self.reactor.unregister(self.sock)
+        except KeyError:
+            pass  # never registered: the send failed
+        self.sock.close()
+        self.sock = None
+
+    def abandon(self) -> None:
+        self.finished = True
+        self.deadline.cancel()
+        self._close_socket()
+        self.upstream.exchanges.discard(self)
