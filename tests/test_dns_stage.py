@@ -71,6 +71,20 @@ def free_port() -> int:
             return port
 
 
+class SteppingClock:
+    """The stage's monotonic clock: real time plus the jumps a test makes, so the waits a
+    test checks are stepped over, never slept through, and the others pass as they would."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
 @dataclasses.dataclass
 class Verdict:
     """How the fake policy answers one request."""
@@ -156,7 +170,9 @@ class Proxy:
         self.persist = peer.inbox("persist")
         self.policy = FakePolicy(peer.ctx, self.settings.run_dir,
                                  answer or (lambda request: OK))
-        self.stage = StageThread(DnsStage(generation=generation), self.settings)
+        self.clock = SteppingClock()
+        self.stage = StageThread(DnsStage(generation=generation, monotonic=self.clock),
+                                 self.settings)
 
     def start(self) -> Proxy:
         self.stage.start()
@@ -247,9 +263,16 @@ def test_enforce_mode_answers_servfail_when_the_policy_cannot_write(proxy):
 
 def test_enforce_mode_never_releases_on_a_timeout(proxy):
     p = proxy(answer=lambda r: None if r.name == "www.allowed.test" else OK)
-    started = time.monotonic()
-    assert p.ask("www.allowed.test", timeout=ALLOW_WAIT_S + 3).rcode() == dns.rcode.SERVFAIL
-    assert time.monotonic() - started >= ALLOW_WAIT_S * 0.9
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(answer=p.ask("www.allowed.test")))
+    waiter.start()
+    wait_for(lambda: p.policy.requests, "the allow request")
+    p.clock.advance(ALLOW_WAIT_S)      # the policy stage stays silent this long
+    waiter.join(10)
+    assert result["answer"].rcode() == dns.rcode.SERVFAIL
+    counters = wait_for(lambda: p.stage.counters().get("allow_failures") and p.stage.counters(),
+                        "counters")
+    assert (counters["allow_requests"], counters["servfail"]) == (1, 1)
 
 
 def test_audit_mode_answers_even_when_the_policy_fails(proxy):
@@ -437,7 +460,7 @@ def test_negative_and_expired_answers_are_asked_again(proxy, upstream):
         assert p.ask("gone.allowed.test").rcode() == dns.rcode.NXDOMAIN
         p.ask("short.allowed.test")
     assert upstream.asked[("gone.allowed.test", "A")] == 2
-    time.sleep(1.1)
+    p.clock.advance(1.1)               # past the 1 s TTL
     p.ask("short.allowed.test")
     assert upstream.asked[("short.allowed.test", "A")] == 2
 
@@ -494,13 +517,14 @@ def _read(conn: socket.socket, count: int) -> bytes:
     return data
 
 
-def test_a_slow_upstream_gives_servfail_without_stalling_others(proxy):
+def test_a_slow_upstream_gives_servfail_without_stalling_others(proxy, upstream):
     p = proxy()
     result = {}
     waiter = threading.Thread(target=lambda: result.update(slow=p.ask("slow.allowed.test")))
     waiter.start()
-    time.sleep(0.1)
+    wait_for(lambda: upstream.asked[("slow.allowed.test", "A")], "the slow question upstream")
     assert addresses(p.ask("www.allowed.test", timeout=0.9)) == ["10.0.0.1", "10.0.0.2"]
+    p.clock.advance(1.0)               # SLUICE_DNS_TIMEOUT: the upstream has 3 s to go
     waiter.join(5)
     assert result["slow"].rcode() == dns.rcode.SERVFAIL
     counters = wait_for(lambda: p.stage.counters().get("upstream_timeouts") and
@@ -573,10 +597,11 @@ def test_an_answer_that_stops_at_a_cname_has_its_target_resolved_ahead(proxy, up
     assert by_ips == [("10.0.2.2",), ("fd00::22",)]
     assert {r.name for r in p.policy.requests} == {"cut.allowed.test"}
     assert p.policy.requests[0].cname_chain == ["cut.allowed.test", "far.cdn.test"]
-    # Asked again within 30 s: no second pre-resolution.
+    # Asked again within 30 s: no second pre-resolution (it would start before the answer).
     p.ask("cut.allowed.test")
-    time.sleep(0.3)
-    assert upstream.asked[("far.cdn.test", "A")] == 1
+    counters = wait_for(lambda: p.stage.counters().get("queries") == 2 and p.stage.counters(),
+                        "counters after the second query")
+    assert counters["pre_resolutions"] == 2 and upstream.asked[("far.cdn.test", "A")] == 1
 
 
 # ------------------------------------------------------------------ TCP fairness
@@ -616,18 +641,14 @@ def test_a_tcp_connection_trickling_bytes_without_a_query_is_closed(proxy):
     of a query that never completes does not."""
     p = proxy()
     with socket.create_connection(("127.0.0.1", p.port)) as conn:
-        conn.settimeout(1)
-        closed = False
-        for byte in b"\x04\x00abcdefgh":  # a 1024-byte query that never comes
-            try:
-                conn.sendall(bytes([byte]))
-                closed = conn.recv(100) == b""
-            except TimeoutError:
-                continue
-            except OSError:
-                closed = True
-            if closed:
-                break
+        for byte in b"\x04\x00abc":  # a 1024-byte query that never comes
+            conn.sendall(bytes([byte]))
+            p.clock.advance(TCP_IDLE_S / 4)
+        conn.settimeout(TCP_IDLE_S / 2)  # less than a real idle timeout: the clock's counts
+        try:
+            closed = conn.recv(100) == b""
+        except OSError:
+            closed = True
     assert closed, f"still open after trickling for longer than {TCP_IDLE_S} s"
     assert addresses(p.ask("www.allowed.test", tcp=True)) == ["10.0.0.1", "10.0.0.2"]
 
@@ -693,10 +714,10 @@ def test_a_wildcard_listen_address_is_refused(tmp_path, upstream, peer):
     assert "SLUICE_DNS_LISTEN" in (p.settings.run_dir / "dns.failed").read_text()
 
 
-def test_it_stops_quickly_with_queries_in_flight(proxy):
+def test_it_stops_quickly_with_queries_in_flight(proxy, upstream):
     p = proxy()
     threading.Thread(target=lambda: _swallow(p.ask, "slow.allowed.test"), daemon=True).start()
-    time.sleep(0.1)
+    wait_for(lambda: upstream.asked[("slow.allowed.test", "A")], "the slow question upstream")
     started = time.monotonic()
     assert p.finish() == 0
     assert time.monotonic() - started < 5
