@@ -41,6 +41,7 @@ Example:  SLUICE_INTERFACE=eth0 sluice run capture
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +50,7 @@ import zmq
 
 from ..dns.endpoints import redirect_endpoints
 from ..errors import KernelError
+from ..events import FLAG_MID_STREAM
 from ..journal import (Cursor, Frame, Journal, JournalError, Recovery, is_marked, read_bitmap,
                        segment_of)
 from ..kernel import libbpf, redirect
@@ -68,14 +70,26 @@ from ..record import RECORD_SIZE, decode_frame, reported_record
 from ..rulemaps import ALLOW
 from ..settings import Settings
 
-SWEEP_INTERVAL_S = 1.0
-COUNTER_POLL_S = 1.0
-RELEASE_INTERVAL_S = 1.0
 DRAIN_BYTES = 4 << 20          # one journal frame at most: a read of the ring buffer
 SENDS_PER_TURN = 8             # batches sent per loop turn before the ring is drained again
 MAX_UNJOURNALED_BYTES = 64 << 20
-JOURNAL_RETRY_S = 1.0          # after a failed write, the disk is tried again this much later
-FLAG_MID_STREAM = 0x01
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Paces:
+    """How often capture does its periodic work, in seconds of its clock."""
+
+    sweep_s: float = 1.0          # flow tails and map_overflow into the journal
+    counters_s: float = 1.0       # the kernel's counters and the layers read back
+    release_s: float = 1.0        # stored journal segments deleted
+    journal_retry_s: float = 1.0  # after a failed write, the disk is tried again this much later
+
+
+def tail_due(flags: int, last_emit_ns: int, now_ns: int) -> bool:
+    """Whether a flow with packets still to report has been quiet for its window (the
+    kernel reports a busy flow itself; a mid-stream denial has the longer window)."""
+    window = MIDSTREAM_WINDOW_NS if flags & FLAG_MID_STREAM else AGG_WINDOW_NS
+    return now_ns - last_emit_ns >= window
 
 
 class _Sender:
@@ -171,7 +185,12 @@ class _Sender:
 class CaptureStage(BaseStage):
     name = "capture"
 
-    def __init__(self) -> None:
+    def __init__(self, kernel_ns: Callable[[], int] = time.monotonic_ns,
+                 wall_ns: Callable[[], int] = time.time_ns, paces: Paces = Paces()) -> None:
+        """kernel_ns: the clock of the kernel's timestamps (CLOCK_MONOTONIC): flows age by
+        it and the stage's loop runs on it; wall_ns converts those timestamps."""
+        self.kernel_ns, self.wall_ns, self.paces = kernel_ns, wall_ns, paces
+        self.monotonic = lambda: kernel_ns() / 1e9
         self.classifier = None
         self.ring: RingReader | None = None
         self.journal: Journal | None = None
@@ -291,7 +310,7 @@ class CaptureStage(BaseStage):
             if not count:
                 return
             self.io.counters.add("records_read", count)
-            shift = time.time_ns() - time.monotonic_ns()
+            shift = self.wall_ns() - self.kernel_ns()
             self._journal(Frame(0, count, self.ring.slot, 8, RECORD_SIZE, shift, slots))
 
     def _journal(self, frame: Frame) -> None:
@@ -316,14 +335,14 @@ class CaptureStage(BaseStage):
                                   f"journal {journal.directory} is full "
                                   f"(SLUICE_JOURNAL_MAX_BYTES={journal.max_bytes})")
                 continue
-            if self.journal_failing and time.monotonic() < self.journal_retry_at:
+            if self.journal_failing and self.monotonic() < self.journal_retry_at:
                 self._unjournaled(part, "journal_errors", "")  # not every drain hits a full disk
                 continue
             try:
                 journal.append(part)
             except JournalError as err:
                 part.first_seq = 0
-                self.journal_retry_at = time.monotonic() + JOURNAL_RETRY_S
+                self.journal_retry_at = self.monotonic() + self.paces.journal_retry_s
                 self._unjournaled(part, "journal_errors", str(err))
                 continue
             counters.add("records_journaled", part.count)
@@ -370,17 +389,17 @@ class CaptureStage(BaseStage):
         self.drain()
         self.send()
         if now >= self.next_sweep:
-            self.next_sweep = now + SWEEP_INTERVAL_S
+            self.next_sweep = now + self.paces.sweep_s
             self._sweep_flows()
             self._sweep_overflow()
         if now >= self.next_release:
-            self.next_release = now + RELEASE_INTERVAL_S
+            self.next_release = now + self.paces.release_s
             deleted, unstored = self.journal.release()
             self.io.counters.add("journal_segments_released", deleted)
             self.io.counters.level("journal_unstored", unstored)
             self.io.counters.level("journal_bytes", self.journal.size)
         if now >= self.next_counters:
-            self.next_counters = now + COUNTER_POLL_S
+            self.next_counters = now + self.paces.counters_s
             for name, value in read_counters(self.counters_fd).items():
                 self.io.counters.set(f"kernel_{name}", value)
             self._report_layers()
@@ -423,14 +442,13 @@ class CaptureStage(BaseStage):
 
     def _sweep_flows(self) -> None:
         """Report packets still pending in flows that went quiet inside their window."""
-        now_ns = time.monotonic_ns()
+        now_ns = self.kernel_ns()
         tails = []
         state = FlowState()
         for key in libbpf.keys(self.flows_fd, FlowKey):
             if not libbpf.lookup(self.flows_fd, key, state) or state.pending == 0:
                 continue
-            window = MIDSTREAM_WINDOW_NS if key.flags & FLAG_MID_STREAM else AGG_WINDOW_NS
-            if now_ns - state.last_emit < window:
+            if not tail_due(key.flags, state.last_emit, now_ns):
                 continue
             packets = state.pending
             libbpf.delete(self.flows_fd, key)  # the flow's next packet starts a fresh record
@@ -451,7 +469,7 @@ class CaptureStage(BaseStage):
             self._journal_records(parked)
 
     def _journal_records(self, records: list[bytes]) -> None:
-        shift = time.time_ns() - time.monotonic_ns()
+        shift = self.wall_ns() - self.kernel_ns()
         self.io.counters.add("records_read", len(records))
         self._journal(Frame(0, len(records), RECORD_SIZE, 0, RECORD_SIZE, shift,
                             b"".join(records)))
