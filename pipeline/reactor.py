@@ -14,7 +14,8 @@ import heapq
 import itertools
 import selectors
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 Clock = Callable[[], float]   # monotonic seconds
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE

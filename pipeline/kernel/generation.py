@@ -11,7 +11,7 @@ import ctypes
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import KernelError
 from . import libbpf

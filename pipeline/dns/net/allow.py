@@ -12,7 +12,8 @@ import collections
 import itertools
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 
 import zmq
 
@@ -31,7 +32,7 @@ Done = Callable[[bool], None]
 class AllowClient:
     """done(ok) once per request: True when the policy stage opened the addresses."""
 
-    def __init__(self, sock: zmq.Socket, reactor: Reactor, wait_s: float,
+    def __init__(self, sock: zmq.Socket[bytes], reactor: Reactor, wait_s: float,
                  clock_ns: Callable[[], int], counters: Counters, round_trip: Histogram,
                  log: logging.Logger) -> None:
         self.sock, self.reactor, self.wait_s, self.clock_ns = sock, reactor, wait_s, clock_ns
@@ -59,7 +60,7 @@ class AllowClient:
         self.drain()  # a send can swallow the descriptor's wake-up
 
     def drain(self) -> None:
-        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while cast(int, self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             frames = self.sock.recv_multipart(zmq.NOBLOCK)
             self._on_reply(frames[-1])
 

@@ -9,7 +9,8 @@ trickling in never keep a slot open past the idle timeout.
 from __future__ import annotations
 
 import socket
-from typing import Callable, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable
 
 from ...histogram import Histogram
 from ...reactor import READ, WRITE, Clock, Reactor, Timer
@@ -34,7 +35,8 @@ class UdpClient:
 
     __slots__ = ("sock", "address", "counters")
 
-    def __init__(self, sock: socket.socket, address, counters: Counters) -> None:
+    def __init__(self, sock: socket.socket, address: tuple[Any, ...],
+                 counters: Counters) -> None:
         self.sock, self.address, self.counters = sock, address, counters
 
     def send(self, wire: bytes, query: Query) -> None:
@@ -72,8 +74,8 @@ class TcpClient:
     on_query(frame, client) takes each whole query; on_close(client) hears of its end."""
 
     def __init__(self, reactor: Reactor, sock: socket.socket, address: str, idle_s: float,
-                 counters: Counters, on_query: Callable[[bytes, "TcpClient"], None],
-                 on_close: Callable[["TcpClient"], None]) -> None:
+                 counters: Counters, on_query: Callable[[bytes, TcpClient], None],
+                 on_close: Callable[[TcpClient], None]) -> None:
         self.reactor, self.sock, self.address, self.idle_s = reactor, sock, address, idle_s
         self.counters, self.on_query, self.on_close = counters, on_query, on_close
         self.inbuf, self.outbuf = bytearray(), bytearray()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 
 from ...errors import ExitCode, SluiceError
 from ...policy.startup import HostFiles
@@ -59,9 +60,8 @@ class Listeners:
             sock.setblocking(False)
             if kind == socket.SOCK_STREAM:
                 sock.listen(128)
-                self.reactor.register(sock, READ, lambda mask, s=sock: self._accept(s))
-            else:
-                self.reactor.register(sock, READ, lambda mask, s=sock: self._on_udp(s))
+            handler = self._accept if kind == socket.SOCK_STREAM else self._on_udp
+            self.reactor.register(sock, READ, _when_ready(handler, sock))
 
     def _on_udp(self, sock: socket.socket) -> None:
         for _ in range(UDP_BURST):
@@ -80,7 +80,7 @@ class Listeners:
         room = make_room(peer[0], held, MAX_TCP_CLIENTS, MAX_TCP_PER_ADDRESS)
         if room.evict is not None:
             self.counters.add("tcp_idle_evicted")
-            room.evict.close()
+            cast(TcpClient, room.evict).close()
         if not room.admit:
             self.counters.add("tcp_clients_refused")
             sock.close()
@@ -93,6 +93,11 @@ class Listeners:
             client.close()
         for sock in self.sockets:
             sock.close()
+
+
+def _when_ready(handler: Callable[[socket.socket], None],
+                sock: socket.socket) -> Callable[[int], None]:
+    return lambda _mask: handler(sock)
 
 
 def holder_text(endpoint: Endpoint, label: str, files: HostFiles) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 from ...reactor import READ, WRITE, Reactor
 from .. import packets
@@ -60,6 +60,11 @@ class Exchange:
         upstream.exchanges.add(self)
         self._send_udp()
 
+    @property
+    def _live(self) -> socket.socket:
+        assert self.sock is not None, "a callback of a finished exchange"
+        return self.sock
+
     def _open(self, kind: int) -> socket.socket:
         family = socket.AF_INET6 if self.upstream.endpoint.version == 6 else socket.AF_INET
         sock = socket.socket(family, kind)
@@ -81,7 +86,7 @@ class Exchange:
     def _on_udp(self, mask: int) -> None:
         for _ in range(UDP_BURST):
             try:
-                data, source = self.sock.recvfrom(MAX_MESSAGE)
+                data, source = self._live.recvfrom(MAX_MESSAGE)
             except OSError:
                 return
             if source[:2] != self.upstream.endpoint.sockaddr or not packets.answers_question(
@@ -115,16 +120,16 @@ class Exchange:
             self._finish(None, "upstream_errors")
 
     def _tcp_write(self) -> None:
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        err = self._live.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise OSError(err, os.strerror(err))
-        sent = self.sock.send(self.tcp_out)
+        sent = self._live.send(self.tcp_out)
         self.tcp_out = self.tcp_out[sent:]
         if not self.tcp_out:
-            self.reactor.modify(self.sock, READ, self._on_tcp)
+            self.reactor.modify(self._live, READ, self._on_tcp)
 
     def _tcp_read(self) -> None:
-        data = self.sock.recv(MAX_MESSAGE + 2 - len(self.tcp_in))
+        data = self._live.recv(MAX_MESSAGE + 2 - len(self.tcp_in))
         if not data:
             raise OSError(errno.ECONNRESET, "the upstream closed the connection")
         self.tcp_in += data
