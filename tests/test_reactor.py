@@ -8,7 +8,8 @@ import socket
 
 from pipeline.loop import BaseStage
 from pipeline.reactor import READ, Reactor
-from tests.stagekit import StageThread, stage_settings, wait_for
+from tests.support.stagekit import StageThread, stage_settings
+from tests.support.wait import wait_for
 
 
 class SteppedClock:
