@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.journal import (SEGMENT_HEAD, SEGMENT_RECORDS, Acks, Cursor, Frame, Journal,
                               JournalError, event_id, read_bitmap, segment_of)
-from pipeline.record import RECORD, RECORD_SIZE, decode_frame
+from pipeline.kernel.event_layout import RECORD, RECORD_SIZE, decode_frame
 
 
 def kernel_record(n: int) -> bytes:

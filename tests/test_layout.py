@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.kernel.structs import DNS_MARK, MIRRORS, Event
-from pipeline.record import RECORD, BpfBlockedEvent
+from pipeline.kernel.event_layout import RECORD, BpfBlockedEvent
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 

@@ -39,7 +39,7 @@ from pipeline.importer import ImportReport, read_events
 from pipeline.loop import StageIO
 from pipeline.policy.load import InvalidPolicy, policy_from_document, policy_from_text
 from pipeline.query import QueryError, check_read_only, run_query
-from pipeline.record import RECORD_SIZE, ShortRecord, decode_record
+from pipeline.kernel.event_layout import RECORD_SIZE, ShortRecord, decode_record
 from pipeline.recording import FRAME_HEAD, Header, Recording, RecordingError
 from pipeline.replay import NoReverseLookups
 from pipeline.rulemaps import DictRuleMaps

@@ -66,7 +66,7 @@ from ..kernel.ringbuf import RingReader
 from ..kernel.structs import FlowKey, FlowState
 from ..loop import BaseStage, StageIO, run_stage
 from ..posture import classifier_report, hooks_report, ipv6_report, ring_buffer_report
-from ..record import RECORD_SIZE, decode_frame, reported_record
+from ..kernel.event_layout import RECORD_SIZE, decode_frame, reported_record
 from ..rulemaps import ALLOW
 from ..settings import Settings
 

@@ -1,4 +1,4 @@
-"""The kernel's ring-buffer record (bpf/sluice.h struct sluice_event), decoded.
+"""The layout of struct sluice_event (bpf/sluice.h): the kernel's ring-buffer record, decoded.
 
 BpfBlockedEvent keeps the seed's name and field meanings: IPv4 addresses are host-order
 integers, IPv6 addresses network-order bytes, ports host order. sluice appends the packet
@@ -11,10 +11,10 @@ import dataclasses
 import struct
 from collections.abc import Callable
 
-from .addresses import ipv4_text, ipv6_text
-from .events import RawEvent
-from .journal import Frame, event_id as journal_event_id
-from .kernel.structs import Event
+from ..addresses import ipv4_text, ipv6_text
+from ..events import RawEvent
+from ..journal import Frame, event_id as journal_event_id
+from .structs import Event
 
 RECORD = struct.Struct("<BBBBIIHH16s16sQII16sQ")
 RECORD_SIZE = RECORD.size  # 88

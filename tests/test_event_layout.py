@@ -1,4 +1,5 @@
-"""Kernel record decoding: byte orders, address text, short records."""
+"""struct sluice_event as pipeline/kernel/event_layout.py decodes it: byte orders, address text,
+short records."""
 
 import ipaddress
 import socket
@@ -7,7 +8,7 @@ import struct
 import pytest
 
 from pipeline.addresses import canonical, ipv4_text, ipv6_text
-from pipeline.record import RECORD_SIZE, BpfBlockedEvent, ShortRecord, decode_record
+from pipeline.kernel.event_layout import RECORD_SIZE, BpfBlockedEvent, ShortRecord, decode_record
 
 
 def record(**fields):
@@ -94,3 +95,16 @@ def test_the_owner_cgroup_id_becomes_its_path_and_zero_stays_unknown():
     assert decode_record(record(cgroup_id=7), 0, cgroup_path=paths.get).cgroup == paths[7]
     assert decode_record(record(cgroup_id=0), 0, cgroup_path=paths.get).cgroup == ""
     assert decode_record(record(cgroup_id=7), 0).cgroup == ""  # no resolver: unknown
+
+
+def test_the_seeds_event_type_decodes_through_the_pipelines_decoder():
+    """BpfBlockedEvent is the seed's name for this layout: unpack and to_raw are the same
+    decode capture runs (decode_record), not a second one."""
+    data = record(ip_version=6, allowed=1, ip_proto=17, src_ip6=bytes(15) + b"\x02",
+                  dst_ip6=b"\x20\x01\x0d\xb8" + bytes(11) + b"\x01", src_port=5353,
+                  dst_port=53, timestamp=5, pid=42, packets=3, comm=b"dig", cgroup_id=7)
+    event = BpfBlockedEvent.unpack(data)
+    assert event.pack() == data
+    cgroups = {7: "/ci.slice"}.get
+    assert event.to_raw(1_000, cgroups) == decode_record(data, 1_000, cgroup_path=cgroups)
+    assert event.to_raw(1_000, cgroups).dst_ip == "2001:db8::1"
