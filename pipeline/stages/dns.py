@@ -124,7 +124,7 @@ class DnsStage(BaseStage):
         self.generation = generation
         self.pinned: PinnedGeneration | None = None
         self.confirmed = ConfirmedOpen()
-        self.names = PolicyMemory()
+        self.policy_memory = PolicyMemory()  # per name: its verdict under this policy
         self.cache = ResponseCache()
         self.learned = LearnedTargets()
         self.pre_resolved = PreResolveMemory()
@@ -235,7 +235,7 @@ class DnsStage(BaseStage):
         if cached is None:
             return False
         query = packets.known_query(data, question, cached.qname, udp_limit)
-        if self.settings.dns_filter and not self.names.of(self.policy, query.name)[1]:
+        if self.settings.dns_filter and not self.policy_memory.of(self.policy, query.name)[1]:
             return False
         decided = triage(query, refused=False, audit_mode=self.settings.audit_mode,
                          overloaded=self._overloaded(), cached=cached)
@@ -278,7 +278,7 @@ class DnsStage(BaseStage):
                 packets.OPCODE_QUERY):
             return False
         name = query.name
-        return not self.names.of(self.policy, name)[1] and judge_query(
+        return not self.policy_memory.of(self.policy, name)[1] and judge_query(
             self.policy, self.learned, name, query.qtype, now) == REFUSE
 
     def _record_blocked(self, name: str) -> None:
@@ -331,7 +331,7 @@ class DnsStage(BaseStage):
     def _enforce(self, name: str, facts: AnswerFacts, depth: int,
                  done: Callable[[bool], None]) -> None:
         now = self.monotonic()
-        verdict = self.names.of(self.policy, name)[0]
+        verdict = self.policy_memory.of(self.policy, name)[0]
         plan = plan_answer(self.policy, self.learned, name, facts, now, depth, verdict)
         if plan.mapping_chain is not None:
             self.mappings.append(DnsMapping(name, list(facts.ips), facts.ttl,
