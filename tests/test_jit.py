@@ -4,8 +4,10 @@ import pytest
 
 from pipeline.events import EnrichedEvent, RawEvent
 from pipeline.firewall import Firewall
-from pipeline.jit import allow_answer, late_allow
+from pipeline.jit import allow_answer, plan_late_allow, write_plan
 from pipeline.policy.load import policy_from_text
+from pipeline.policy.mapstate import Grant
+from pipeline.policy.verdict import PortSpec
 from pipeline.rulemaps import ALLOW, DENY, DictRuleMaps
 
 POLICY = """{"defaultAction": "deny", "rules": [
@@ -33,6 +35,15 @@ def setup():
 def blocked(host, ip="198.51.100.7", port=443, proto=6, allowed=False):
     raw = RawEvent(4, allowed, proto, 0, "10.0.0.2", ip, 40000, port, 1, 9, "curl", 1, "", 0, "")
     return EnrichedEvent.from_raw(raw, host)
+
+
+def late_allow(policy, firewall, event):
+    """What the policy stage does with a blocked event: plan, write, and the allow rule when
+    the event's own port is now open (else None)."""
+    plan = plan_late_allow(policy, event)
+    if plan is None or not write_plan(firewall, plan) or not plan.covers:
+        return None
+    return plan.rule
 
 
 @pytest.mark.parametrize("host, port, proto, rule, verdict_after", [
@@ -82,6 +93,44 @@ def test_no_firewall_no_late_allow(setup):
 def test_allowed_events_are_not_late_allowed(setup):
     policy, firewall, _ = setup
     assert late_allow(policy, firewall, blocked("api.example.com", allowed=True)) is None
+
+
+@pytest.mark.parametrize("host, port, proto, grants, covers", [
+    ("api.example.com", 443, 6, [Grant("allow", (PortSpec(443, "tcp"),), "api.example.com")],
+     True),
+    ("api.example.com", 80, 6, [Grant("allow", (PortSpec(443, "tcp"),), "api.example.com")],
+     False),  # the rule's ports are opened all the same; the event's own is not among them
+    # Mixed verdict: the allow side minus the denied 443/udp (the deny side equals the
+    # default, so it is not written), which leaves the event's own port closed.
+    ("db.corp.example.com", 443, 17,
+     [Grant("allow", (PortSpec(443, "tcp"), PortSpec(0, "icmp")), "db.corp.example.com")],
+     False),
+])
+def test_a_plan_is_the_writes_and_whether_they_cover_the_event(
+        setup, host, port, proto, grants, covers):
+    policy, _, maps = setup
+    before = (dict(maps.cidr_entries), dict(maps.port_entries))
+    plan = plan_late_allow(policy, blocked(host, port=port, proto=proto))
+    assert (list(plan.grants), plan.covers, plan.ip) == (grants, covers, "198.51.100.7")
+    assert (maps.cidr_entries, maps.port_entries) == before  # planning writes nothing
+
+
+@pytest.mark.parametrize("host, ip, proto, allowed", [
+    ("evil.example.com", "198.51.100.7", 6, False),  # deny only
+    ("nobody.example", "198.51.100.7", 6, False),    # no rule
+    ("", "198.51.100.7", 6, False),                  # no name
+    ("api.example.com", "203.0.113.9", 6, False),    # a CIDR deny wins: nothing to write
+    ("x.cdn.example.net", "198.51.100.7", 47, False),  # not TCP or UDP
+    ("api.example.com", "198.51.100.7", 6, True),    # the kernel allowed it
+])
+def test_no_plan_where_late_allow_asks_nothing(setup, host, ip, proto, allowed):
+    policy, _, _ = setup
+    assert plan_late_allow(policy, blocked(host, ip=ip, proto=proto, allowed=allowed)) is None
+
+
+def test_a_plan_without_maps_is_not_written(setup):
+    policy, _, _ = setup
+    assert write_plan(None, plan_late_allow(policy, blocked("api.example.com"))) is False
 
 
 def test_allow_answer_opens_every_address_for_the_rule(setup):

@@ -1,11 +1,22 @@
-"""processEvent's outcome table (reference §2.4) and normalization at creation."""
+"""processEvent's outcome table (reference §2.4), normalization at creation, and the
+late-allow plan the decision hands the policy stage (it writes nothing itself)."""
+
+import json
 
 import pytest
 
 from pipeline.events import EnrichedEvent, RawEvent
 from pipeline.outcome import decide
+from pipeline.policy.load import policy_from_text
+from pipeline.policy.mapstate import Grant
+from pipeline.policy.verdict import PortSpec
 
 T0 = 1_764_000_000_123_456_789
+RULES = [{"type": "hostname", "value": "x.com", "action": "allow",
+          "ports": [{"port": 443, "protocol": "tcp"}, {"port": 53, "protocol": "udp"}]},
+         {"type": "cidr", "value": "93.184.216.0/24", "action": "allow",
+          "ports": [{"port": 8080, "protocol": "tcp"}], "autoAddedType": "dns"}]
+POLICY = policy_from_text(json.dumps({"defaultAction": "deny", "rules": RULES}), "p")
 
 
 def event(allowed=False, proto=6, src_port=40000, dst_port=443, flags=0, host="", **kw):
@@ -15,24 +26,23 @@ def event(allowed=False, proto=6, src_port=40000, dst_port=443, flags=0, host=""
     return EnrichedEvent.from_raw(raw, host, kw.pop("chain", None))
 
 
-def run(ev, audit=False, late=None, auto=""):
-    return decide(ev, audit_mode=audit, event_id="id-1", host="h1",
-                  auto_allowed_type=lambda *a: auto, late_allow=lambda e: late)
+def run(ev, audit=False):
+    return decide(ev, POLICY, audit_mode=audit, event_id="id-1", host="h1")
 
 
-@pytest.mark.parametrize("ev, late, expected_type, notify", [
-    (event(allowed=True), None, "connection_allowed", False),
-    (event(allowed=True), "x.com", "connection_allowed", False),
-    (event(proto=47, src_port=0, dst_port=47), None, "protocol_blocked", True),
-    (event(proto=1, src_port=0, dst_port=1), None, "protocol_blocked", True),
+@pytest.mark.parametrize("ev, expected_type, notify", [
+    (event(allowed=True), "connection_allowed", False),
+    (event(allowed=True, host="x.com"), "connection_allowed", False),
+    (event(proto=47, src_port=0, dst_port=47), "protocol_blocked", True),
+    (event(proto=1, src_port=0, dst_port=1), "protocol_blocked", True),
     # Non-first UDP fragment: protocol-block shape wins over late-allow.
-    (event(proto=17, src_port=0, dst_port=0), "x.com", "protocol_blocked", True),
-    (event(host="x.com"), "x.com", "connection_late_allowed", False),
-    (event(host="x.com"), None, "connection_blocked", True),
-    (event(proto=17, src_port=5353, dst_port=53), None, "connection_blocked", True),
+    (event(proto=17, src_port=0, dst_port=0, host="x.com"), "protocol_blocked", True),
+    (event(host="x.com"), "connection_late_allowed", False),
+    (event(host="y.com"), "connection_blocked", True),
+    (event(proto=17, src_port=5353, dst_port=53), "connection_blocked", True),
 ])
-def test_outcome_table(ev, late, expected_type, notify):
-    outcome = run(ev, late=late)
+def test_outcome_table(ev, expected_type, notify):
+    outcome = run(ev)
     assert outcome.record.event_type == expected_type
     assert outcome.notify is notify
 
@@ -44,10 +54,10 @@ def test_blocks_are_normalized_by_mode(audit, expected):
 
 
 @pytest.mark.parametrize("audit", [True, False])
-@pytest.mark.parametrize("late", [None, "x.com"])
-def test_allowed_and_late_allowed_keep_false_flags(audit, late):
-    ev = event(allowed=late is None, host="x.com")
-    record = run(ev, audit=audit, late=late).record
+@pytest.mark.parametrize("allowed", [True, False])
+def test_allowed_and_late_allowed_keep_false_flags(audit, allowed):
+    ev = event(allowed=allowed, host="x.com")
+    record = run(ev, audit=audit).record
     assert (record.would_deny, record.blocked) == (False, False)
 
 
@@ -59,12 +69,12 @@ def test_protocol_block_names_the_protocol_and_clears_the_port():
 
 
 def test_record_carries_the_event_fields():
-    record = run(event(allowed=True, host="example.com", packets=3, chain=["a.com", "b.net"]),
-                 auto="dns").record
+    record = run(event(allowed=True, host="example.com", packets=3, chain=["a.com", "b.net"],
+                       dst_port=8080)).record
     assert (record.timestamp, record.src_ip, record.dst_ip, record.dst_hostname) == (
         T0, "10.0.0.2", "93.184.216.34", "example.com")
     assert (record.dst_port, record.protocol, record.process, record.pid) == (
-        443, "TCP", "curl", 321)
+        8080, "TCP", "curl", 321)
     assert (record.packets, record.cname_chain, record.auto_allowed_type) == (
         3, ["a.com", "b.net"], "dns")
     assert (record.event_id, record.host) == ("id-1", "h1")
@@ -93,4 +103,33 @@ def test_mid_stream_block_is_flagged():
 
 
 def test_late_allow_records_the_rule():
-    assert run(event(host="api.x.com"), late="*.x.com").record.matched_rule == "*.x.com"
+    assert run(event(host="api.x.com")).record.matched_rule == "x.com"
+
+
+# ------------------------------------------------------------------ the late-allow plan
+
+X_GRANT = Grant("allow", (PortSpec(443, "tcp"), PortSpec(53, "udp")), "x.com")
+
+
+def test_a_late_allow_is_a_plan_and_the_block_that_stands_if_it_cannot_be_written():
+    outcome = run(event(host="x.com"))
+    assert (outcome.late_allow.ip, outcome.late_allow.grants) == ("93.184.216.34", (X_GRANT,))
+    assert outcome.settled(True) is outcome
+    unwritten = outcome.settled(False)
+    assert (unwritten.record.event_type, unwritten.notify) == ("connection_blocked", True)
+    assert unwritten.record.blocked and not unwritten.record.matched_rule
+    assert (unwritten.record.event_id, unwritten.record.dst_port) == ("id-1", 443)
+
+
+def test_a_block_the_rule_does_not_cover_still_plans_the_rules_ports():
+    outcome = run(event(host="x.com", dst_port=80))
+    assert (outcome.record.event_type, outcome.notify) == ("connection_blocked", True)
+    assert outcome.late_allow.grants == (X_GRANT,) and not outcome.late_allow.covers
+    assert outcome.settled(False) is outcome.settled(True) is outcome
+
+
+@pytest.mark.parametrize("ev", [event(allowed=True, host="x.com"), event(host="y.com"),
+                                event(proto=17, src_port=0, dst_port=0, host="x.com")])
+def test_no_plan_where_late_allow_has_nothing_to_write(ev):
+    outcome = run(ev)
+    assert outcome.late_allow is None and outcome.settled(False) is outcome

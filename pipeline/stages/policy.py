@@ -19,7 +19,8 @@ Names:    an event enrich could not name, for an address this stage opened for a
           named_by_answers.
 Late-allow: a blocked TCP/UDP event whose hostname an allow rule matches gets its address
           written for exactly that rule's ports (deny side first, CIDR conflicts respected)
-          and is recorded connection_late_allowed when its own port is covered.
+          and is recorded connection_late_allowed when its own port is covered: the pure
+          decision (pipeline/outcome.py) plans the writes, this stage applies them.
 Reload:   when the policy file changes, or on SIGHUP (pipeline/livepolicy.py): a valid policy
           replaces the old one by a diff of the maps; an invalid one is logged in one line and
           changes nothing (counted: policy_reloads, policy_reload_failures).
@@ -45,13 +46,12 @@ from ..answernames import AnswerNames
 from ..audit import AuditEvent, existing_connection_record, normalize
 from ..events import AllowReply, AllowRequest
 from ..firewall import Firewall, apply_existing_connection
-from ..jit import allow_answer, late_allow
+from ..jit import allow_answer, write_plan
 from ..kernel.maps import KernelRuleMaps, pins_present
 from ..livepolicy import LivePolicy
 from ..loop import BaseStage, StageIO, batched, run_stage
 from ..notify import notice_of
 from ..outcome import decide
-from ..policy.autoallow import get_auto_allowed_type
 from ..policy.existing import gate_existing_connection, scan_connections
 from ..policy.startup import HostFiles
 from ..recentblocks import RecentBlocks, late_allowed_record
@@ -175,12 +175,10 @@ class PolicyStage(BaseStage):
             if not event.dst_hostname and (named := self.answers.name_of(event.dst_ip, now)):
                 event.dst_hostname, event.cname_chain = named
                 self.io.counters.add("named_by_answers")
-            outcome = decide(
-                event, audit_mode=audit_mode, event_id=event.event_id or self.ids.next(),
-                host=self.host,
-                auto_allowed_type=lambda ip, port, proto, name: get_auto_allowed_type(
-                    policy, ip, port, proto, name),
-                late_allow=lambda e: late_allow(policy, firewall, e))
+            outcome = decide(event, policy, audit_mode=audit_mode,
+                             event_id=event.event_id or self.ids.next(), host=self.host)
+            if outcome.late_allow is not None:
+                outcome = outcome.settled(write_plan(firewall, outcome.late_allow))
             self.recent.remember(outcome.record, self.clock())
             out.append(outcome.record)
             if outcome.notify:
