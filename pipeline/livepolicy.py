@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import PolicyError
+from .loop import StageIO
 from .policy.model import Policy
 from .policy.startup import HostFiles, load_startup_policy
 
@@ -55,7 +56,7 @@ class LivePolicy:
     the file changes (`tick`) or on SIGHUP (`reload`). `apply(policy)` makes the stage use
     a new policy (the policy stage moves its maps there) before it becomes `current`."""
 
-    def __init__(self, io, apply: Callable[[Policy], None] = lambda policy: None,
+    def __init__(self, io: StageIO, apply: Callable[[Policy], None] = lambda policy: None,
                  files: HostFiles | None = None) -> None:
         self.io, self.apply = io, apply
         self.files = files or HostFiles()
