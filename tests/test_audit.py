@@ -253,32 +253,39 @@ def _kernel_event(allowed=False, proto=6, src_port=40000, dst_port=443, host="")
     return EnrichedEvent.from_raw(raw, host)
 
 
-# (the seed's method and its arguments, the event the pipeline judges, its late-allow rule)
+# The policy the pipeline judges the twins by: *.example late-allows, the address is an
+# auto-allowed (dns) one where the kernel let the connection through.
+TWIN_POLICY = """{"defaultAction": "deny", "rules": [
+  {"type": "hostname", "value": "*.example", "action": "allow"},
+  {"type": "cidr", "value": "93.184.216.34/32", "action": "allow", "autoAddedType": "dns"}]}"""
+
+# (the seed's method and its arguments, the event the pipeline judges)
 PIPELINE_TWINS = [
     ("log_connection_allowed",
      ("10.0.0.2", "93.184.216.34", "one.one", 443, "curl", 321, "dns", "TCP"),
-     _kernel_event(allowed=True, host="one.one"), None),
+     _kernel_event(allowed=True, host="one.one")),
     ("log_connection_blocked", ("10.0.0.2", "93.184.216.34", "", 443, "curl", 321, "TCP"),
-     _kernel_event(), None),
+     _kernel_event()),
     ("log_connection_late_allowed",
      ("10.0.0.2", "93.184.216.34", "x.example", "*.example", 443, "curl", 321, "TCP"),
-     _kernel_event(host="x.example"), "*.example"),
+     _kernel_event(host="x.example")),
     ("log_protocol_blocked", ("10.0.0.2", "93.184.216.34", "", "GRE", "curl", 321),
-     _kernel_event(proto=47, src_port=0, dst_port=47), None),
+     _kernel_event(proto=47, src_port=0, dst_port=47)),
 ]
 
 
 @pytest.mark.parametrize("audit_mode", [True, False])
-@pytest.mark.parametrize("method, args, event, late", PIPELINE_TWINS,
+@pytest.mark.parametrize("method, args, event", PIPELINE_TWINS,
                          ids=[twin[0] for twin in PIPELINE_TWINS])
 def test_seed_log_methods_write_what_the_pipeline_writes(tmp_path, audit_mode, method, args,
-                                                         event, late):
+                                                         event):
     """The seed's methods are adapters over the pipeline's path, not a copy of it: the line
     one writes is the line policy's decision, stored by persist's writer, becomes."""
     from pipeline.outcome import decide
+    from pipeline.policy.load import policy_from_text
 
-    record = decide(event, audit_mode=audit_mode, event_id="", host="",
-                    auto_allowed_type=lambda *_: "dns", late_allow=lambda _: late).record
+    policy = policy_from_text(TWIN_POLICY, "policy.json")
+    record = decide(event, policy, audit_mode=audit_mode, event_id="", host="").record
     pipeline_log = AuditLogger(tmp_path / "pipeline.jsonl", audit_mode)
     pipeline_log.write([record])
     pipeline_log.close()
