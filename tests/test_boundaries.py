@@ -19,6 +19,7 @@ from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.notify import NotifyStage
 from pipeline.stages.policy import PolicyStage
 from pipeline.store import AuditStore
+from pipeline.topology import inbox_address
 from tests.support.stagekit import Peer, StageThread, stage_settings
 from tests.support.tools.httpsink import HttpSink
 from tests.support.tools.ptrserver import PtrServer
@@ -69,14 +70,14 @@ def test_a_multipart_allow_request_is_rejected_and_policy_keeps_serving(tmp_path
     req = peer.ctx.socket(zmq.REQ)
     req.setsockopt(zmq.LINGER, 0)
     req.setsockopt(zmq.RCVTIMEO, 5000)
-    req.connect(f"ipc://{tmp_path}/run/policy-allow.sock")
+    req.connect(inbox_address(tmp_path / "run", "policy-allow"))
     peer.sockets.append(req)
     req.send_multipart([allow_frame(), b"a second frame"])
     assert req.recv() == b""  # rejected, answered
     dealer = peer.ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.RCVTIMEO, 5000)
-    dealer.connect(f"ipc://{tmp_path}/run/policy-allow.sock")
+    dealer.connect(inbox_address(tmp_path / "run", "policy-allow"))
     peer.sockets.append(dealer)
     dealer.send_multipart([b"", allow_frame(), allow_frame(), b""])
     assert dealer.recv_multipart() == [b"", b""]

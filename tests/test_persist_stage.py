@@ -13,6 +13,7 @@ from pipeline import wire
 from pipeline.audit import AuditEvent, parse_timestamp
 from pipeline.stages.persist import PersistStage
 from pipeline.store import audit_events, open_readonly
+from pipeline.topology import inbox_address
 from tests.support.stagekit import StageThread, stage_settings
 from tests.support.wait import wait_for
 
@@ -33,7 +34,7 @@ def pusher(zmq_context):
         if not sockets:
             sock = zmq_context.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 5000)
-            sock.connect(f"ipc://{settings.run_dir}/persist.sock")
+            sock.connect(inbox_address(settings.run_dir, "persist"))
             sockets.append(sock)
         for frame in frames:
             sockets[0].send(frame)

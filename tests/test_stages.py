@@ -12,6 +12,7 @@ from pipeline.rulemaps import ALLOW, DENY, DictRuleMaps
 from pipeline.reverse import ReverseResolver
 from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.policy import PolicyStage
+from pipeline.topology import inbox_address
 from tests.support.stagekit import Peer, StageThread, stage_settings
 from tests.support.tools.ptrserver import PtrServer
 from tests.support.wait import wait_for
@@ -175,7 +176,7 @@ def test_a_full_audit_path_never_holds_back_an_allow_request(tmp_path, peer):
     request = peer.ctx.socket(zmq.REQ)
     peer.sockets.append(request)
     request.setsockopt(zmq.LINGER, 0)
-    request.connect(f"ipc://{settings.run_dir}/policy-allow.sock")
+    request.connect(inbox_address(settings.run_dir, "policy-allow"))
     request.send(messages.encode([AllowRequest("r1", "www.allowed.test", ["192.0.2.7"], 60, [],
                                                T0)]))
     assert request.poll(10_000), "no answer while the audit path is full"

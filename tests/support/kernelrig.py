@@ -19,6 +19,7 @@ from pipeline.kernel.loader import Attachment, detach_instance
 from pipeline.kernel.maps import KernelRuleMaps, pins_present
 from pipeline.rulemaps import ALLOW, DENY
 from pipeline.settings import Settings
+from pipeline.topology import inbox_address
 from tests.support.netns import Lab, base_env
 from tests.support.wait import wait_for
 
@@ -44,7 +45,7 @@ class CaptureRig:
     def start(self, default_action: int = DENY, program=None) -> CaptureRig:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.inbox = self.ctx.socket(zmq.PULL)
-        self.inbox.bind(f"ipc://{self.run_dir}/enrich.sock")
+        self.inbox.bind(inbox_address(self.run_dir, "enrich"))
         self.proc = self.lab.spawn_in_client_net(
             [sys.executable, "-m", "pipeline.cli", "run", "capture"], self.env,
             stderr=subprocess.PIPE, text=True)

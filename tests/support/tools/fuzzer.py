@@ -29,7 +29,7 @@ import msgspec
 import zmq
 
 from pipeline import messages, wire
-from pipeline.topology import STAGES
+from pipeline.topology import STAGES, inbox_address
 
 INBOXES = {inbox.name: inbox for wiring in STAGES.values() for inbox in wiring.inboxes}
 EDGY_INTS = [-1, 0, 1, 255, 256, 65535, 65536, (1 << 32) - 1, 1 << 32, (1 << 63) - 1, 1 << 63,
@@ -129,7 +129,7 @@ def fuzz_pull(ctx: zmq.Context, run_dir: Path, inbox: str, rnd: Random, count: i
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 5000)
     sock.setsockopt(zmq.SNDTIMEO, 5000)
-    sock.connect(f"ipc://{run_dir}/{inbox}.sock")
+    sock.connect(inbox_address(run_dir, inbox))
     multipart = 0
     for _ in range(count):
         frames = rnd.frame(inbox)
@@ -138,7 +138,7 @@ def fuzz_pull(ctx: zmq.Context, run_dir: Path, inbox: str, rnd: Random, count: i
     sock.close()
     big = ctx.socket(zmq.PUSH)  # libzmq drops the sender of a frame over the limit
     big.setsockopt(zmq.LINGER, 2000)
-    big.connect(f"ipc://{run_dir}/{inbox}.sock")
+    big.connect(inbox_address(run_dir, inbox))
     big.send(b"\x00" * (messages.MAX_FRAME + 1), zmq.NOBLOCK)
     big.close()
     return {"messages": count + 1, "multipart": multipart, "oversized": 1}
@@ -148,7 +148,7 @@ def fuzz_rep(ctx: zmq.Context, run_dir: Path, inbox: str, rnd: Random, count: in
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 5000)
-    sock.connect(f"ipc://{run_dir}/{inbox}.sock")
+    sock.connect(inbox_address(run_dir, inbox))
     answered = rejected = 0
     for _ in range(count):
         sock.send_multipart([b""] + rnd.frame(inbox))
