@@ -632,11 +632,12 @@ def from_row(row: Sequence) -> AuditEvent:
     """The record of an audit_events row in COLUMNS order (as_row's inverse)."""
     (event_id, host, timestamp, event_type, src_ip, dst_ip, dst_hostname, dst_port, protocol,
      process, pid, matched_rule, auto_allowed_type, cname_chain, mid_stream, would_deny,
-     blocked, packets) = row
+     blocked, packets, cgroup, container) = row
     return AuditEvent(parse_timestamp(timestamp), event_type, src_ip, dst_ip, dst_hostname,
                       dst_port, protocol, process, pid, matched_rule, auto_allowed_type,
                       json.loads(cname_chain) if cname_chain else [], bool(mid_stream),
-                      bool(would_deny), bool(blocked), packets, event_id, host)
+                      bool(would_deny), bool(blocked), packets, event_id, host,
+                      cgroup=cgroup, container=container)
 
 
 # PostgreSQL takes a batch fastest as COPY into a scratch table that every commit empties,

@@ -12,7 +12,7 @@ import zmq
 from pipeline import wire
 from pipeline.audit import AuditEvent, parse_timestamp
 from pipeline.stages.persist import PersistStage
-from pipeline.store import audit_events, open_readonly
+from pipeline.store import AuditStore, audit_events, open_readonly
 from pipeline.topology import inbox_address
 from tests.support.stagekit import StageThread, stage_settings
 from tests.support.wait import wait_for
@@ -176,6 +176,58 @@ def test_a_restarted_stage_appends_and_skips_what_is_stored(tmp_path, pusher):
     assert stage.counters()["duplicates_skipped"] == 5
     assert jsonl_fields(settings.audit_log) == expected_fields(first + second)
     assert sql_fields(settings) == expected_fields(first + second)
+
+
+def committed_without_lines(settings, records):
+    """What a persist killed between its SQL commit and its JSONL write leaves behind."""
+    store = AuditStore(settings.db)
+    try:
+        assert store.insert(records) == records
+    finally:
+        store.close()
+
+
+def test_rows_a_crash_kept_from_the_file_are_appended_to_it(tmp_path, pusher):
+    settings = make_settings(tmp_path)
+    stored = [record(n, host="test-host") for n in range(10)]
+    crashed = [record(n, host="test-host") for n in range(10, 15)]
+    stage = StageThread(PersistStage(), settings).start()
+    try:
+        pusher(settings, wire.encode(stored))
+        wait_for(lambda: len(jsonl_fields(settings.audit_log)) == 10, "the first lines")
+    finally:
+        stage.finish()
+    committed_without_lines(settings, crashed)
+    stage = StageThread(PersistStage(), settings).start()
+    wait_for(lambda: len(jsonl_fields(settings.audit_log)) == 15, "the caught-up lines")
+    stage.finish()
+    assert stage.counters()["jsonl_caught_up"] == 5
+    assert jsonl_fields(settings.audit_log) == sql_fields(settings) == expected_fields(
+        stored + crashed)
+
+
+def test_a_new_empty_file_gets_only_the_rows_a_crash_kept_from_it(tmp_path, pusher):
+    """logrotate moved the file away; persist then committed rows and was killed before it
+    wrote their first line: the new file has no line to go by, persist's mark has."""
+    settings = make_settings(tmp_path)
+    stored = [record(n, host="test-host") for n in range(10)]
+    crashed = [record(n, host="test-host") for n in range(10, 15)]
+    stage = StageThread(PersistStage(), settings).start()
+    try:
+        pusher(settings, wire.encode(stored))
+        wait_for(lambda: len(jsonl_fields(settings.audit_log)) == 10, "the first lines")
+    finally:
+        stage.finish()
+    rotated = settings.audit_log.rename(tmp_path / "audit.jsonl.1")
+    stage = StageThread(PersistStage(), settings).start()  # a restart with nothing missing
+    stage.finish()
+    assert jsonl_fields(settings.audit_log) == []
+    committed_without_lines(settings, crashed)
+    stage = StageThread(PersistStage(), settings).start()
+    wait_for(lambda: len(jsonl_fields(settings.audit_log)) == 5, "the caught-up lines")
+    stage.finish()
+    assert jsonl_fields(settings.audit_log) == expected_fields(crashed)
+    assert jsonl_fields(rotated) == expected_fields(stored)
 
 
 def test_a_locked_database_delays_records_but_loses_none(tmp_path, pusher):

@@ -22,7 +22,9 @@ Exactly once: records from capture's journal carry a journal number and a stable
           and capture deletes a segment when every record of it is marked; at start capture
           sends the unmarked ones again and the event-id dedup stores each once. At start,
           rows that a crash left committed to SQL but not yet written to JSONL are appended
-          to the file (jsonl_caught_up), found after the file's last line.
+          to the file (jsonl_caught_up), found after the file's last line, or, when the file
+          has none (logrotate just moved it away), after the last line persist wrote
+          (SLUICE_JOURNAL_DIR/jsonl.last; a failure to keep it is counted, jsonl_mark_errors).
 Back-pressure: persist takes no new messages while it holds a commit's worth of records
           (SLUICE_BATCH_MAX x 16) or while the database or the file fails; the backlog then
           waits upstream, in the end in capture's journal, never in memory here.
@@ -46,12 +48,15 @@ Example:  SLUICE_DB=sqlite:////var/lib/sluice/audit.db sluice run persist
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import zmq
 
+from .. import private
 from ..audit import AuditEvent, AuditLogger, new_event_id
 from ..errors import StoreError
 from ..events import DeliveredDestination
@@ -72,6 +77,33 @@ DELIVERED_HELD = 200_000   # ... and held at most, waiting for the database
 RETRY_FIRST_S = 0.1
 RETRY_MAX_S = 5.0
 
+
+JSONL_MARK = "jsonl.last"  # in SLUICE_JOURNAL_DIR: it outlives a reboot, as the file does
+
+
+class JsonlMark:
+    """The event id of the last line persist wrote to the JSONL file, kept beside the
+    journal: what the catch-up starts after when the file itself has no line to go by."""
+
+    def __init__(self, path: Path, gid: int | None) -> None:
+        self.path, self.gid = path, gid
+
+    def read(self) -> str:
+        try:
+            return self.path.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return ""
+
+    def write(self, event_id: str) -> bool:
+        """False when the disk refuses it (the caller counts it; the file is what counts)."""
+        temporary = self.path.with_suffix(".tmp")
+        try:
+            private.create_file(temporary, self.gid)
+            temporary.write_text(event_id)
+            os.replace(temporary, self.path)
+        except OSError:
+            return False
+        return True
 
 class _Retry:
     """Backoff for one kind of write; logs each distinct error once, and the recovery."""
@@ -136,6 +168,7 @@ class PersistStage(BaseStage):
         self.retention = (Retention(settings.retention_days, self.clock)
                           if settings.retention_days else None)
         self.ack_retry = _Retry("journal acknowledgement", "ack_errors", io)
+        self.jsonl_mark = JsonlMark(settings.journal_dir / JSONL_MARK, settings.gid)
         self._catch_up_jsonl()
         io.bind_inboxes()
         io.ready = True
@@ -175,8 +208,10 @@ class PersistStage(BaseStage):
             self.io.log.warning("skipping audit record: %s (counted, logged once)", reason)
 
     def _catch_up_jsonl(self) -> None:
-        """Append the rows a crash left in SQL without their JSONL lines."""
-        last = self.logger.last_event_id()
+        """Append the rows a crash left in SQL without their JSONL lines: those after the
+        file's last line or, when the file has none (a crash before its first line, or a
+        file logrotate just started), after the last line persist ever wrote."""
+        last = self.logger.last_event_id() or self.jsonl_mark.read()
         if not last:
             return
         try:
@@ -284,6 +319,8 @@ class PersistStage(BaseStage):
                 return
             del self.unjournaled[:len(chunk)]
             self.io.counters.add("records_stored", len(chunk))
+            if not self.jsonl_mark.write(chunk[-1].event_id):
+                self.io.counters.add("jsonl_mark_errors")
         self.jsonl_retry.succeeded()
 
     def _acknowledge(self, now: float) -> None:
