@@ -1,7 +1,7 @@
 """The policy a stage judges by, kept current: one loader and one reload path for every stage.
 
 policy (the map writer), dns (the query filter) and enrich (the namer) all load the start-up
-policy (pipeline/policy/startup.py: the file or SLUICE_* form plus the auto-allows sluice
+policy (pipeline/startup.py: the file or SLUICE_* form plus the auto-allows sluice
 itself needs: the DNS upstream, cloud metadata, the CI preset's services), so the three agree
 on every rule, the hostnames the namer tracks included. The file is watched (and reread on
 SIGHUP); a policy that loads replaces the old one through the stage's `apply`, one that does
@@ -17,7 +17,8 @@ from pathlib import Path
 from .errors import PolicyError
 from .loop import StageIO
 from .policy.model import Policy
-from .policy.startup import HostFiles, load_startup_policy
+from .hostfiles import HostFiles
+from .startup import load_startup_policy
 
 CHECK_INTERVAL_S = 1.0
 

@@ -14,7 +14,7 @@ from pipeline.errors import PolicyError
 from pipeline.events import RawEvent
 from pipeline.livepolicy import LivePolicy
 from pipeline.loop import StageIO
-from pipeline.policy.startup import HostFiles
+from pipeline.hostfiles import HostFiles
 from pipeline.reverse import ReverseResolver
 from pipeline.stages.enrich import EnrichStage
 from tests.support.stagekit import Peer, StageThread, stage_settings

@@ -1,7 +1,8 @@
 """The policy: rules users write, how they match, and what the firewall maps should hold.
 
 Everything here is pure (no sockets, no BPF, no clock, no environment): time and file
-contents are passed in. pipeline.firewall writes the maps from it.
+contents are passed in. pipeline.firewall writes the maps from it; pipeline/startup.py adds
+what the host needs (it reads resolv.conf and DMI, so it is not in here).
 """
 
 from .autoallow import (add_search_domains, cloud_metadata_allows, detect_cloud_provider,

@@ -91,7 +91,8 @@ from ..kernel.structs import DNS_MARK
 from ..livepolicy import LivePolicy
 from ..loop import BaseStage, StageIO, batched, run_stage
 from ..policy.model import Policy
-from ..policy.startup import HostFiles, proxy_upstream
+from ..hostfiles import HostFiles
+from ..startup import proxy_upstream
 from ..settings import Settings
 
 MAX_IN_FLIGHT = 2048      # queries waiting on the upstream or the policy at once

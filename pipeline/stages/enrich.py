@@ -50,7 +50,8 @@ from ..kernel.structs import DNS_MARK
 from ..livepolicy import LivePolicy
 from ..loop import BaseStage, StageIO, batched, run_stage
 from ..names import HeldEvents, Namer
-from ..policy.startup import HostFiles, proxy_upstream
+from ..hostfiles import HostFiles
+from ..startup import proxy_upstream
 from ..recording import NoRecorder, open_recorder
 from ..reverse import CONCURRENCY, NAMED, NOT_SENT, ReverseResolver
 from ..settings import Settings

@@ -53,7 +53,7 @@ from ..loop import BaseStage, StageIO, batched, run_stage
 from ..notify import notice_of
 from ..outcome import decide
 from ..policy.existing import gate_existing_connection, scan_connections
-from ..policy.startup import HostFiles
+from ..hostfiles import HostFiles
 from ..recentblocks import RecentBlocks, late_allowed_record
 from ..rulemaps import RuleMaps
 from ..settings import Settings

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import cast
 
 from ...errors import ExitCode, SluiceError
-from ...policy.startup import HostFiles
+from ...hostfiles import HostFiles
 from ...reactor import READ, Reactor
 from ..endpoints import Endpoint
 from ..holders import holder_inodes

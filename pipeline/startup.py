@@ -2,35 +2,29 @@
 
 The policy, dns and enrich stages all load it (through pipeline/livepolicy.py), so the DNS
 filter, the map writer and the namer agree on the same rules, including the auto-allowed DNS
-upstream (the one the proxy really forwards to).
+upstream (the one the proxy really forwards to). It reads the host (resolv.conf, DMI), so it
+lives outside the pure policy/ package, and it joins policy/ and dns/ without either
+importing the other.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..dns.endpoints import RESOLVED_UPSTREAMS, Endpoint, choose_upstream, parse_listen
-from .autoallow import cloud_metadata_allows, ensure_infra_allowed
-from .cipresets import ci_service_allows
-from .load import load_policy
-from .model import Policy
-from .verdict import PortSpec
+from .dns.endpoints import RESOLVED_UPSTREAMS, Endpoint, choose_upstream, parse_listen
+from .hostfiles import HostFiles
+from .policy.autoallow import cloud_metadata_allows, ensure_infra_allowed
+from .policy.cipresets import ci_service_allows
+from .policy.load import load_policy
+from .policy.model import Policy
+from .policy.verdict import PortSpec
 
 if TYPE_CHECKING:
-    from ..settings import Settings
+    from .settings import Settings
 
 DNS_PORTS = (PortSpec(53, "udp"), PortSpec(53, "tcp"))  # the proxy retries over TCP
 
 
-class HostFiles:
-    """What the stages read from the host (resolv.conf, /proc/net, DMI); a seam for tests."""
-
-    def read(self, path: str) -> str:
-        try:
-            return Path(path).read_text()
-        except OSError:
-            return ""
 
 
 def proxy_upstream(settings: Settings, files: HostFiles) -> Endpoint:
