@@ -327,7 +327,7 @@ class AuditLogger:
     # that policy, dns and the start-up scan built and normalized; these are thin adapters
     # over the same pieces for a library user: build the record (outcome.decide's fields,
     # existing_connection_record), normalize() it with this logger's mode, write() it.
-    # tests/test_audit.py checks that they write what the pipeline writes.
+    # tests/unit/test_audit.py checks that they write what the pipeline writes.
 
     def set_audit_mode(self, audit_mode: bool) -> None:
         self._audit_mode = audit_mode

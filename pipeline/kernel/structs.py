@@ -1,4 +1,4 @@
-"""ctypes mirrors of bpf/sluice.h (tests/test_layout.py compiles the header and compares)."""
+"""ctypes mirrors of bpf/sluice.h (tests/unit/test_layout.py compiles the header and compares)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ plan keeps each connection that is allowed before and after allowed at every ste
 - port denies, and the removal of stale port allows (longest first), come once every LPM
   entry is final.
 
-tests/test_firewall.py checks the promise after every single operation of random reloads.
+tests/unit/test_firewall.py checks the promise after every single operation of random reloads.
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from tests.e2e.test_dns_e2e import ZONE, DnsLab
 from tests.support.netns import Lab
+from tests.support.pipeline import Pipeline, find
 from tests.support.wait import wait_for
-from tests.test_dns_e2e import ZONE, DnsLab
-from tests.test_e2e import Pipeline, find
 
 pytestmark = pytest.mark.e2e
 SERVICES = {"runtime.ci.test": "10.203.0.50", "results.ci.test": "10.203.0.51",

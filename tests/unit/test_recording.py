@@ -15,7 +15,7 @@ from pipeline.recording import (FRAME_HEAD, Header, Recorder, Recording, Recordi
 from tests.support.stagekit import stage_settings
 
 T0 = 1_767_225_600_000_000_000
-SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "schemas" / "recording.json")
+SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "schemas" / "recording.json")
                     .read_text())
 log = logging.getLogger("test")
 

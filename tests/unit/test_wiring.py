@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.topology import STAGES, inbox_address, inbox_file, inbox_taking
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "pipeline"
 STAGE_FILES = sorted(p for p in (PACKAGE / "stages").glob("*.py") if p.stem in STAGES)
 INBOXES = {inbox.name: inbox for wiring in STAGES.values() for inbox in wiring.inboxes}

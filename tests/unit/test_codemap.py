@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pipeline
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "pipeline"
 ENTRY = re.compile(r"^  (\S+\.py) +(\S.*)$", re.M)
 

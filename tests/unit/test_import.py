@@ -6,7 +6,7 @@ from pathlib import Path
 from pipeline.importer import import_file
 from pipeline.query import run_query
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "cargowall-audit.ndjson"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "cargowall-audit.ndjson"
 
 
 def rows(url):

@@ -3,7 +3,7 @@
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted(p for d in ("pipeline", "tests", "benchmarks") for p in (ROOT / d).rglob("*.py"))
 MODULES = {p.stem for p in (ROOT / "pipeline").rglob("*.py") if p.stem != "__init__"}
 

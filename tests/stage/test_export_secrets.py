@@ -15,11 +15,11 @@ from pipeline.events import Notice
 from pipeline.settings import Settings
 from pipeline.stages.export import ExportStage
 from pipeline.stages.notify import NotifyStage
+from tests.support.exportkit import Store, fast_retry, free_port
 from tests.support.stagekit import StageThread, stage_settings
 from tests.support.tools.httpsink import HttpSink
 from tests.support.tools.otlpreceiver import OtlpReceiver
 from tests.support.wait import wait_for
-from tests.support.exportkit import Store, fast_retry, free_port
 
 SECRETS = {"token": "tok-S3CRET-1", "header": "hdr-S3CRET-2", "password": "pw-S3CRET-3",
            "query": "q-S3CRET-4", "path": "path-S3CRET-5", "user": "usr-S3CRET-6"}

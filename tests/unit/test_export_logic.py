@@ -23,11 +23,11 @@ from pipeline.metrics import SluiceCollector, kernel_metrics
 from pipeline.otlp import LogEncoder, parse_endpoint, parse_headers, stored_ns
 from pipeline.store import AuditStore, audit_events, as_row
 from pipeline.syslog import format_message, parse_target, wanted
+from tests.support.exportkit import event, parse_syslog
 from tests.support.postgres import postgres_schema
 from tests.support.tools.otlpreceiver import decode, value_of
-from tests.support.exportkit import event, parse_syslog
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("text, url, origin, auth", [

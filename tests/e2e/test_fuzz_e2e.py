@@ -12,10 +12,10 @@ import subprocess
 import pytest
 
 from pipeline.topology import STAGES
+from tests.e2e.test_notify_e2e import counters, delivered
 from tests.support.netns import PYTHON, ROOT, Lab
+from tests.support.pipeline import Pipeline, find
 from tests.support.wait import wait_for
-from tests.test_e2e import Pipeline, find
-from tests.test_notify_e2e import counters, delivered
 
 pytestmark = pytest.mark.e2e
 SINK_PORT = 18097

@@ -7,8 +7,8 @@ import pytest
 
 from pipeline.topology import STAGES
 from tests.support.netns import PYTHON, ROOT, Lab
+from tests.support.pipeline import Pipeline, find
 from tests.support.wait import wait_for
-from tests.test_e2e import Pipeline, find
 
 pytestmark = pytest.mark.e2e
 TARGET = "10.202.0.3"

@@ -19,8 +19,8 @@ import pytest
 
 from pipeline.kernel.loader import cgroup2_mounts
 from tests.support.netns import ROOT, Lab
+from tests.support.pipeline import Pipeline
 from tests.support.wait import wait_for
-from tests.test_e2e import Pipeline
 
 pytestmark = pytest.mark.e2e
 

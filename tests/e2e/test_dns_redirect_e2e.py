@@ -20,8 +20,8 @@ import pytest
 
 from pipeline.dns.endpoints import REDIRECT_V4, REDIRECT_V6
 from tests.support.netns import ROOT, Lab, sh
+from tests.support.pipeline import Pipeline, attached_cgroup_prog_ids, find
 from tests.support.wait import wait_for
-from tests.test_e2e import Pipeline, attached_cgroup_prog_ids, find
 
 pytestmark = pytest.mark.e2e
 PYTHON = sys.executable

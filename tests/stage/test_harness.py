@@ -1,6 +1,8 @@
-"""The harness's own promises: a leaked socket or thread fails a test instead of hanging it."""
+"""The harness's own promises: a leaked socket or thread fails a test instead of hanging it,
+and every test file sits in the directory of its level."""
 
 import threading
+from pathlib import Path
 
 import pytest
 import zmq
@@ -44,3 +46,10 @@ def test_wait_for_returns_the_value_or_fails_naming_what():
         wait_for(lambda: None, "nothing", timeout=0.1)
     with pytest.raises(TypeError):
         wait_for(lambda: 1, 5, "the old argument order")  # timeout is keyword-only
+
+
+def test_every_test_file_sits_in_the_directory_of_its_level():
+    tests = Path(__file__).resolve().parents[1]
+    assert not list(tests.glob("test_*.py")), "a test file outside the level directories"
+    levels = {path.parent.name for path in tests.glob("*/test_*.py")}
+    assert levels == {"unit", "stage", "kernel", "e2e"}

@@ -15,9 +15,9 @@ from pipeline.query import run_query
 from pipeline.retention import Retention
 from pipeline.stages.persist import PersistStage
 from pipeline.store import AuditStore
+from tests.stage.test_persist_stage import jsonl_fields, make_settings, pusher  # noqa: F401
 from tests.support.stagekit import StageThread
 from tests.support.wait import wait_for
-from tests.test_persist_stage import jsonl_fields, make_settings, pusher  # noqa: F401
 
 T = 1_767_225_600_000_000_000  # 2026-01-01T00:00:00Z
 DAY = 86_400 * 1_000_000_000

@@ -11,10 +11,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.topology import STAGES
-from tests.support.netns import PYTHON, ROOT, Lab
-from tests.support.wait import wait_for
-from tests.test_e2e import Pipeline, find
 from tests.support.exportkit import SyslogListener, parse_syslog
+from tests.support.netns import PYTHON, ROOT, Lab
+from tests.support.pipeline import Pipeline, find
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 METRICS = "127.0.0.1:9464"

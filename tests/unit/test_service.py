@@ -13,7 +13,7 @@ from pipeline.cli import app
 from pipeline.service import Record, procfile_text, process_start, recorded_settings
 from pipeline.topology import STAGES
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

@@ -13,7 +13,7 @@ import pipeline.audit
 import pipeline.events
 from pipeline import wire
 
-SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 JSON_TYPES = {int: "integer", bool: "boolean", str: "string", float: "number", list[str]: "array"}
 
 

@@ -11,7 +11,7 @@ import pytest
 from pipeline.kernel.structs import DNS_MARK, MIRRORS, Event
 from pipeline.kernel.event_layout import RECORD, BpfBlockedEvent
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The store on both backends: the same migrations, rows, duplicates and read-only rules on
-SQLite and PostgreSQL (tests/test_store.py covers what only SQLite files have: WAL, locks)."""
+SQLite and PostgreSQL (tests/unit/test_store.py covers what only SQLite files have: WAL, locks)."""
 
 import json
 

@@ -12,7 +12,7 @@ from pipeline.settings import SETTINGS, Settings
 from pipeline.errors import SettingsError
 from pipeline.topology import STAGES
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 runner = CliRunner()
 

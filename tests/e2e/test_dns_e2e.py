@@ -1,7 +1,7 @@
 """End to end, enforce mode: the whole Procfile with the DNS proxy in the client namespace,
 the client's resolver pointed at it, and a local authoritative upstream in the server namespace.
 
-Run as `python -m tests.test_dns_e2e resolve-connect|query ...` inside the client namespace,
+Run as `python -m tests.e2e.test_dns_e2e resolve-connect|query ...` inside the client namespace,
 this module is also the client: it resolves through the namespace's resolv.conf (glibc for
 connections, dnspython for queries whose answer code matters) and connects at once, so the
 SYN follows the answer as closely as a real program's would.
@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 from tests.support.netns import Lab, sh
+from tests.support.pipeline import Pipeline, find
 from tests.support.wait import wait_for
-from tests.test_e2e import Pipeline, find
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 NAMES = 100
 CHAIN = ["www.chain.test", "hop.middle.test", "edge.cdn.test"]
@@ -134,7 +134,7 @@ class DnsLab:
 
     def client(self, *args: str) -> dict:
         result = subprocess.run(
-            self.lab.exec_args(self.lab.client) + [PYTHON, "-m", "tests.test_dns_e2e", *args],
+            self.lab.exec_args(self.lab.client) + [PYTHON, "-m", "tests.e2e.test_dns_e2e", *args],
             cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
