@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.flood import counters  # noqa: E402
 from pipeline import messages  # noqa: E402
-from pipeline.events import DnsMapping, RawEvent  # noqa: E402
+from pipeline.events import DnsMapping, EnrichedEvent, RawEvent  # noqa: E402
 from pipeline.loop import run_stage  # noqa: E402
 from pipeline.reverse import ReverseResolver  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
@@ -53,7 +53,9 @@ VENV_BIN = Path(sys.executable).parent
 KNOWN = 1_000
 BATCH = 256           # events per message, about what capture sends under load
 PTR_DELAY_S = 2.0
-DST_IP, TIMESTAMP, HOSTNAME = 5, 8, 13  # positions in an enriched_events record
+# positions in an enriched_events record, from its definition (a new field moves them)
+DST_IP, TIMESTAMP, HOSTNAME = (EnrichedEvent.__struct_fields__.index(name)
+                               for name in ("dst_ip", "timestamp_ns", "dst_hostname"))
 
 
 def known_ip(i: int) -> str:
