@@ -187,16 +187,21 @@ def committed_without_lines(settings, records):
         store.close()
 
 
-def test_rows_a_crash_kept_from_the_file_are_appended_to_it(tmp_path, pusher):
-    settings = make_settings(tmp_path)
+def store_ten_then_five_more(settings, pusher):
+    """A first run stores ten records; returns them and five more for a crash to keep."""
     stored = [record(n, host="test-host") for n in range(10)]
-    crashed = [record(n, host="test-host") for n in range(10, 15)]
     stage = StageThread(PersistStage(), settings).start()
     try:
         pusher(settings, wire.encode(stored))
         wait_for(lambda: len(jsonl_fields(settings.audit_log)) == 10, "the first lines")
     finally:
         stage.finish()
+    return stored, [record(n, host="test-host") for n in range(10, 15)]
+
+
+def test_rows_a_crash_kept_from_the_file_are_appended_to_it(tmp_path, pusher):
+    settings = make_settings(tmp_path)
+    stored, crashed = store_ten_then_five_more(settings, pusher)
     committed_without_lines(settings, crashed)
     stage = StageThread(PersistStage(), settings).start()
     wait_for(lambda: len(jsonl_fields(settings.audit_log)) == 15, "the caught-up lines")
@@ -210,14 +215,7 @@ def test_a_new_empty_file_gets_only_the_rows_a_crash_kept_from_it(tmp_path, push
     """logrotate moved the file away; persist then committed rows and was killed before it
     wrote their first line: the new file has no line to go by, persist's mark has."""
     settings = make_settings(tmp_path)
-    stored = [record(n, host="test-host") for n in range(10)]
-    crashed = [record(n, host="test-host") for n in range(10, 15)]
-    stage = StageThread(PersistStage(), settings).start()
-    try:
-        pusher(settings, wire.encode(stored))
-        wait_for(lambda: len(jsonl_fields(settings.audit_log)) == 10, "the first lines")
-    finally:
-        stage.finish()
+    stored, crashed = store_ten_then_five_more(settings, pusher)
     rotated = settings.audit_log.rename(tmp_path / "audit.jsonl.1")
     stage = StageThread(PersistStage(), settings).start()  # a restart with nothing missing
     stage.finish()
