@@ -363,6 +363,13 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
             stage.setup(io)
             _loop(stage, io, signals, ready)
         except SluiceError as err:
+            if stop.is_set():
+                # Stopped while starting (honcho stops every stage when one fails, and the
+                # signal also ends a child such as capture's compiler): the error is the
+                # stop's doing, so no failure marker names this stage in place of the one
+                # that failed.
+                log.info("stopped while starting (%s)", err)
+                return 0
             write_atomic(failed, f"{err}\n")
             log.error("%s", err)
             return err.exit_code

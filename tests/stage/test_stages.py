@@ -1,13 +1,16 @@
 """enrich and policy on real ipc:// sockets, each in a thread, fed and read by the test."""
 
 import json
+import threading
 
 import msgpack
 import pytest
 import zmq
 
 from pipeline import messages
+from pipeline.errors import KernelError
 from pipeline.events import AllowRequest, RawEvent
+from pipeline.loop import BaseStage, run_stage
 from pipeline.rulemaps import ALLOW, DENY, DictRuleMaps
 from pipeline.reverse import ReverseResolver
 from pipeline.stages.enrich import EnrichStage
@@ -148,6 +151,26 @@ def test_a_bad_policy_stops_the_stage_with_one_line(tmp_path, text, message):
     assert stage.exit_code == 3
     failed = (settings.run_dir / "policy.failed").read_text()
     assert failed.count("\n") == 1 and message in failed
+
+
+class _StoppedWhileStarting(BaseStage):
+    """A stage whose set-up fails because a stop came in the middle of it."""
+
+    name = "policy"
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+
+    def setup(self, io) -> None:
+        self.stop.set()
+        raise KernelError("cannot load sluice.c: no answer from the compiler")
+
+
+def test_a_stage_stopped_while_starting_is_not_reported_failed(tmp_path):
+    settings = stage_settings(tmp_path)
+    stop = threading.Event()
+    assert run_stage(_StoppedWhileStarting(stop), settings, stop=stop) == 0
+    assert not (settings.run_dir / "policy.failed").exists()
 
 
 def test_a_full_audit_path_never_holds_back_an_allow_request(tmp_path, peer):
