@@ -43,7 +43,7 @@ from benchmarks.flood import counters  # noqa: E402
 from pipeline import messages  # noqa: E402
 from pipeline.events import DnsMapping, EnrichedEvent, RawEvent  # noqa: E402
 from pipeline.loop import run_stage  # noqa: E402
-from pipeline.reverse import ReverseResolver  # noqa: E402
+from pipeline.names.reverse import ReverseResolver  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 from pipeline.stages.enrich import EnrichStage  # noqa: E402
 from pipeline.topology import inbox_address  # noqa: E402

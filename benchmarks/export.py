@@ -43,7 +43,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (  # noqa: E4
     ExportLogsServiceRequest)
 
 from pipeline import messages  # noqa: E402
-from pipeline.audit import AuditEvent, new_event_id  # noqa: E402
+from pipeline.audit.records import AuditEvent, new_event_id  # noqa: E402
 from pipeline.topology import inbox_address  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent

@@ -1,7 +1,7 @@
 """Records/s that persist can store: AuditStore.write + AuditLogger.write, against a baseline.
 
 sluice's side is what persist does per batch: one transaction with the rows and their rollups
-(pipeline/rollups.py: the summary views read those), then the Go-compatible JSONL lines.
+(pipeline/audit/rollups.py: the summary views read those), then the Go-compatible JSONL lines.
 
 The baseline, measured in the same run on the same machine, is the least any writer must do
 for the same rows: plain sqlite3 executemany of ready-made tuples into the same table (WAL,
@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import msgspec
 
-from pipeline.audit import AuditEvent, AuditLogger, new_event_id
+from pipeline.audit.records import AuditEvent, AuditLogger, new_event_id
 from pipeline.settings import Settings
 from pipeline.stages.persist import COMMIT_FACTOR
-from pipeline.store import COLUMNS, AuditStore, as_row
+from pipeline.audit.store import COLUMNS, AuditStore, as_row
 
 T0 = 1_767_225_600_000_000_000
 INSERT = (f"INSERT INTO audit_events ({', '.join(COLUMNS)}) VALUES "

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.firewall import Firewall
+from pipeline.firewall.writer import Firewall
 from pipeline.policy.load import load_policy_file, policy_from_text
 from pipeline.rulemaps import ALLOW, DENY, DictRuleMaps
 

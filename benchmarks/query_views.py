@@ -36,10 +36,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.audit import AuditEvent, sql_timestamp  # noqa: E402
+from pipeline.audit.records import AuditEvent, sql_timestamp  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
-from pipeline.store import VIEWS, VIEWS_0003, AuditStore, open_readonly, views_0003  # noqa: E402
+from pipeline.audit.store import VIEWS, VIEWS_0003, AuditStore, open_readonly, views_0003  # noqa: E402
 from tests.support.postgres import postgres_schema  # noqa: E402
 
 T0 = 1_767_225_600_000_000_000

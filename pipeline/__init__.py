@@ -46,10 +46,11 @@ The kernel side
   rulemaps.py              the firewall maps as userspace sees them, and a dict-backed twin
 
 The firewall: decisions and map writes
-  firewall.py              the one writer of the firewall maps: programs, diffs, grants
-  jit.py                   late-allow plans and a DNS answer's writes
-  outcome.py               one event's outcome (pure), with the late-allow plan to apply
-  recentblocks.py          recent blocks a later DNS answer re-labels late-allowed
+  firewall/__init__.py     (package) the map writer and the decisions that ask it to write
+  firewall/writer.py       the one writer of the firewall maps: programs, diffs, grants
+  firewall/jit.py          late-allow plans and a DNS answer's writes
+  firewall/outcome.py      one event's outcome (pure), with the late-allow plan to apply
+  firewall/recentblocks.py recent blocks a later DNS answer re-labels late-allowed
 
 The policy language (pure: no sockets, no clock, no host files)
   policy/__init__.py       the policy's public face
@@ -91,21 +92,23 @@ The DNS proxy's logic (pure) and its I/O side (net/)
   dns/net/allow.py         allow requests to the policy stage over a DEALER
 
 Names
-  names.py                 what enrich knows of a destination's name (pure)
-  reverse.py               reverse (PTR) lookups beside the stage loop
-  answernames.py           names of the addresses policy opened for DNS answers (pure)
+  names/__init__.py        (package) what enrich and policy know of a name
+  names/namer.py           what enrich knows of a destination's name (pure)
+  names/reverse.py         reverse (PTR) lookups beside the stage loop
+  names/answers.py         names of the addresses policy opened for DNS answers (pure)
   containers.py            which container a process belongs to, from its cgroup
 
 The audit trail
-  audit.py                 audit records: the seed's types, normalization, the JSONL form
-  store.py                 the SQL store: tables, migrations, the writer, readers
-  rollups.py               what new rows add to the rollup tables (pure)
-  retention.py             old rows deleted a small batch at a time
-  timestamps.py            audit timestamps as text, and back
-  query.py                 `sluice query`: read-only SQL and its output formats
-  importer.py              `sluice import`: NDJSON audit logs into the store
-  suggest.py               `sluice suggest`: a policy that would allow what was seen
-  browse.py                `sluice browse`: the store in Datasette, read-only
+  audit/__init__.py        (package) the audit trail: records, store, what reads it
+  audit/records.py         audit records: the seed's types, normalization, the JSONL form
+  audit/store.py           the SQL store: tables, migrations, the writer, readers
+  audit/rollups.py         what new rows add to the rollup tables (pure)
+  audit/retention.py       old rows deleted a small batch at a time
+  audit/timestamps.py      audit timestamps as text, and back
+  audit/query.py           `sluice query`: read-only SQL and its output formats
+  audit/importer.py        `sluice import`: NDJSON audit logs into the store
+  audit/suggest.py         `sluice suggest`: a policy that would allow what was seen
+  audit/browse.py          `sluice browse`: the store in Datasette, read-only
   recording.py             recordings of what entered enrich
   replay.py                `sluice replay`: into a running pipeline, or offline
   limited.py               files people hand us, read with limits
@@ -113,11 +116,12 @@ The audit trail
 
 Alerts and export
   notify.py                the dedup, clients and retry schedule of notify
-  delivery.py              delivery to an outside sink: failures, backoff, the worker
-  otlp.py                  audit rows as OpenTelemetry log records, and their client
-  syslog.py                audit rows as RFC 5424 syslog messages, and their socket
-  exportstore.py           what export reads from the store, and its cursors
-  metrics.py               Prometheus metrics: what `sluice status` shows
+  export/__init__.py       (package) the stored trail out: OTLP, syslog, metrics
+  export/delivery.py       delivery to an outside sink: failures, backoff, the worker
+  export/otlp.py           audit rows as OpenTelemetry log records, and their client
+  export/syslog.py         audit rows as RFC 5424 syslog messages, and their socket
+  export/store.py          what export reads from the store, and its cursors
+  export/metrics.py        Prometheus metrics: what `sluice status` shows
 
 Status, service and the command line
   posture.py               every protection layer and its state
@@ -130,11 +134,12 @@ Status, service and the command line
   report/html.py           the report as one self-contained HTML page
   report/gate.py           which blocks a run did not expect, and how CI is told
   report/make.py           a report put together: facts, policy, posture
-  cli.py                   the `sluice` command: run, wait, detach, doctor, policy
-  cli_data.py              the data commands: replay, query, import, suggest, prune, browse
-  cli_service.py           the service commands: up, down, report, systemd-units
-  cli_shared.py            what every command shares: settings, errors as one line
-  entry.py                 the `sluice` executable
+  cli/__init__.py          (package) the `sluice` command line
+  cli/app.py               the `sluice` command: run, wait, detach, doctor, policy
+  cli/data.py              the data commands: replay, query, import, suggest, prune, browse
+  cli/service.py           the service commands: up, down, report, systemd-units
+  cli/shared.py            what every command shares: settings, errors as one line
+  cli/entry.py             the `sluice` executable
 """
 
 __version__ = "0.1.0"

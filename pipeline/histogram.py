@@ -3,7 +3,7 @@
 A Histogram counts observations (seconds) into fixed buckets, as Prometheus histograms do:
 bucket i counts values <= bounds[i], the last one (+Inf) counts the rest. The stage loop
 writes snapshot() of each into <run_dir>/<stage>.counters.json under "histograms", where the
-export stage's /metrics reads them (pipeline/metrics.py).
+export stage's /metrics reads them (pipeline/export/metrics.py).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from . import __version__
-from .audit import AuditEvent, format_timestamp
+from .audit.records import AuditEvent, format_timestamp
 from .errors import SettingsError
 from .events import Notice
 

@@ -37,7 +37,7 @@ from .errors import SluiceError
 from .events import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, AllowRequest, DnsMapping, RawEvent
 from .loop import DRAIN_QUIET_S, StageIO
 from .recording import Frame, Recording
-from .reverse import NO_NAME, Lookup
+from .names.reverse import NO_NAME, Lookup
 from .rulemaps import ALLOW, DictRuleMaps
 from .settings import Settings
 from .stages.enrich import EnrichStage

@@ -123,7 +123,7 @@ def check_privileges() -> Check:
 
 def private_paths(settings: Settings) -> list[Path]:
     """What sluice writes that holds the audit trail, and the directories holding it."""
-    from ..store import sqlite_file
+    from ..audit.store import sqlite_file
 
     files = []
     database = sqlite_file(settings.db)

@@ -1,7 +1,7 @@
 """The policy: rules users write, how they match, and what the firewall maps should hold.
 
 Everything here is pure (no sockets, no BPF, no clock, no environment): time and file
-contents are passed in. pipeline.firewall writes the maps from it; pipeline/startup.py adds
+contents are passed in. pipeline.firewall.writer writes the maps from it; pipeline/startup.py adds
 what the host needs (it reads resolv.conf and DMI, so it is not in here).
 """
 

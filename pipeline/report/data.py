@@ -18,9 +18,9 @@ from collections.abc import Iterable
 
 import sqlalchemy as sa
 
-from ..audit import sql_timestamp
+from ..audit.records import sql_timestamp
 from ..errors import StoreError
-from ..store import open_readonly
+from ..audit.store import open_readonly
 
 
 @dataclasses.dataclass(frozen=True)

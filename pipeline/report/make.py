@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..audit import sql_timestamp
+from ..audit.records import sql_timestamp
 from ..policy.load import ENV_RULE_LISTS, ENV_SETTINGS
 from .data import read_facts
 from .render import Report

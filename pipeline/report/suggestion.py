@@ -1,6 +1,6 @@
 """The allowlist additions that would let a run's blocked destinations through, as a diff.
 
-The rules come from the `suggest` engine (pipeline/suggest.py: names get hostname rules,
+The rules come from the `suggest` engine (pipeline/audit/suggest.py: names get hostname rules,
 addresses CIDR rules, siblings grouped where no public suffix is opened). The diff is of the
 policy the pipeline ran with: for a policy file, the file's JSON with the rules appended
 (both sides written with two-space indentation, so `git apply` takes it for a file kept in
@@ -17,7 +17,7 @@ import ipaddress
 import json
 from collections.abc import Iterable, Mapping
 
-from ..suggest import RULE_PROTOCOLS, Seen, draft_policy
+from ..audit.suggest import RULE_PROTOCOLS, Seen, draft_policy
 from .data import Blocked
 
 

@@ -68,7 +68,7 @@ import dns.message
 import dns.rdatatype
 import zmq
 
-from ..audit import AuditEvent, new_event_id, normalize
+from ..audit.records import AuditEvent, new_event_id, normalize
 from ..dns import packets
 from ..dns.answers import AnswerFacts, parse_answer
 from ..dns.cache import ResponseCache

@@ -6,14 +6,14 @@ Produces: `enriched_events` batches (address text, protocol name, the process na
           kernel recorded, the hostname wherever it is known, the CNAME chain), pushed to
           policy (ipc://<run_dir>/policy.sock).
 Binds:    enrich.sock. Connects: policy.
-Names:    (pipeline/names.py, reference §2.2) the DNS-derived cache, bounded and aged: the
+Names:    (pipeline/names/namer.py, reference §2.2) the DNS-derived cache, bounded and aged: the
           exact address, else the forward match over the policy's tracked hostnames; for an
           address it does not know and that was never looked up, one reverse (PTR) lookup
           against the system resolver (the first nameserver of /etc/resolv.conf; with the
           DNS redirect, the proxy's upstream from marked sockets), 500 ms at most, whose
           name is reported as the tracked hostname a rule knows it by; a recorded CNAME
           chain names its origin.
-Never stalls: lookups run beside the loop (pipeline/reverse.py). While one is in flight,
+Never stalls: lookups run beside the loop (pipeline/names/reverse.py). While one is in flight,
           events for that address wait, in arrival order, for at most its 500 ms; events for
           every other address go on at once. At most MAX_HELD events wait in all: beyond,
           the address that has waited longest is sent on unnamed (held_over_limit), and
@@ -49,11 +49,11 @@ from ..kernel.redirect import check_mark
 from ..kernel.structs import DNS_MARK
 from ..livepolicy import LivePolicy
 from ..loop import BaseStage, StageIO, batched, run_stage
-from ..names import HeldEvents, Namer
+from ..names.namer import HeldEvents, Namer
 from ..hostfiles import HostFiles
 from ..startup import proxy_upstream
 from ..recording import NoRecorder, open_recorder
-from ..reverse import CONCURRENCY, NAMED, NOT_SENT, ReverseResolver
+from ..names.reverse import CONCURRENCY, NAMED, NOT_SENT, ReverseResolver
 from ..settings import Settings
 from ..topology import wiring_text
 
@@ -135,7 +135,7 @@ class EnrichStage(BaseStage):
             self.io.counters.add(f"ptr_{lookup.outcome}")
             if lookup.outcome == NOT_SENT:
                 self.namer.attempted.discard(lookup.ip)  # never asked: a later event may
-            # Only a forward-confirmed name is trusted (pipeline/reverse.py says why).
+            # Only a forward-confirmed name is trusted (pipeline/names/reverse.py says why).
             elif self.namer.lookup_ended(lookup.ip, lookup.answer if lookup.outcome == NAMED
                                          else "", asked_at):
                 self.io.counters.add("names_from_lookups")
@@ -176,7 +176,7 @@ class EnrichStage(BaseStage):
 
 def reverse_resolver(settings: Settings) -> ReverseResolver:
     """The system resolver; with the redirect, the proxy's upstream, asked around the proxy
-    (pipeline/reverse.py says why)."""
+    (pipeline/names/reverse.py says why)."""
     if not settings.dns_redirect:
         return ReverseResolver.from_resolv_conf()
     try:

@@ -7,10 +7,10 @@ Produces: with SLUICE_OTLP_ENDPOINT, one OpenTelemetry log record per audit reco
           as OTLP/HTTP protobuf to <endpoint>/v1/logs in batches of OTLP_BATCH
           (schemas/otlp_log_record.json documents a record), with SLUICE_OTLP_HEADERS;
           with SLUICE_SYSLOG, one RFC 5424 message per blocked, would-deny, late-allowed
-          or refused-DNS record (pipeline/syslog.py);
+          or refused-DNS record (pipeline/export/syslog.py);
           with SLUICE_METRICS_LISTEN, Prometheus /metrics of every stage's counters, the
           kernel's per-CPU counters, the dns stage's latency histograms and the export
-          backlog (pipeline/metrics.py).
+          backlog (pipeline/export/metrics.py).
 Binds:    no inbox (the metrics port, when set). Connects: nothing.
 Delivery: each sink sends one batch at a time from a worker thread and moves its cursor
           past a batch only once the collector answered 2xx (syslog: once the socket took
@@ -25,7 +25,7 @@ Delivery: each sink sends one batch at a time from a worker thread and moves its
           sent again: at least once, never lost.
           A 4xx answer other than 429 is permanent: that batch is counted (otlp_rejected),
           logged once per status, and skipped. On PostgreSQL rows are read only up to the
-          id below which no transaction can still commit one (pipeline/exportstore.py).
+          id below which no transaction can still commit one (pipeline/export/store.py).
 Idle:     with neither SLUICE_OTLP_ENDPOINT nor SLUICE_SYSLOG set the stage opens no
           database and only serves /metrics (or nothing): it wakes 10 times a second on the
           shared loop and does nothing else.
@@ -57,14 +57,14 @@ from collections.abc import Callable
 
 import zmq
 
-from ..delivery import Courier, DeliveryFailed, retry_delay
+from ..export.delivery import Courier, DeliveryFailed, retry_delay
 from ..errors import StoreError
-from ..exportstore import BOOLEANS, COLUMNS, StoredRows
+from ..export.store import BOOLEANS, COLUMNS, StoredRows
 from ..loop import BaseStage, StageIO, run_stage
-from ..metrics import SluiceCollector
-from ..otlp import LogEncoder, OtlpClient, parse_endpoint, parse_headers
+from ..export.metrics import SluiceCollector
+from ..export.otlp import LogEncoder, OtlpClient, parse_endpoint, parse_headers
 from ..settings import Settings
-from ..syslog import SyslogClient, format_message, parse_target, wanted
+from ..export.syslog import SyslogClient, format_message, parse_target, wanted
 from ..topology import STAGES
 
 OTLP_BATCH = 1024     # records per request (the OpenTelemetry batch processor sends 512)

@@ -71,7 +71,7 @@ from ..notify import (DeliveryError, LogClient, Notification, NotificationTracke
                       StateMachineClient, Storm, Summary, WebhookClient, destination_key,
                       retry_delay, sink_origin)
 from ..settings import Settings
-from ..store import notified_destinations, open_readonly
+from ..audit.store import notified_destinations, open_readonly
 from ..topology import wiring_text
 from ..workers import Worker
 

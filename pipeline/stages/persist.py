@@ -40,7 +40,7 @@ Failures: an unusable database or log file at start stops the stage with one lin
           then exits; what could not be stored is counted (records_unstored_at_stop) and, when
           it came from capture, sent again at the next start.
 Retention: with SLUICE_RETENTION_DAYS, rows older than that are deleted in small batches
-          while nothing waits to be committed (rows_pruned; pipeline/retention.py).
+          while nothing waits to be committed (rows_pruned; pipeline/audit/retention.py).
 
 Example:  SLUICE_DB=sqlite:////var/lib/sluice/audit.db sluice run persist
 """
@@ -57,14 +57,14 @@ from pathlib import Path
 import zmq
 
 from .. import private
-from ..audit import AuditEvent, AuditLogger, new_event_id
+from ..audit.records import AuditEvent, AuditLogger, new_event_id
 from ..errors import StoreError
 from ..events import DeliveredDestination
 from ..journal import Acks, JournalError
 from ..loop import BaseStage, StageIO, run_stage
-from ..retention import Retention
+from ..audit.retention import Retention
 from ..settings import Settings
-from ..store import AuditStore, StoreRejected
+from ..audit.store import AuditStore, StoreRejected
 from ..topology import wiring_text
 
 # Records per SQL transaction, in units of SLUICE_BATCH_MAX (512 -> 8192). Under a flood the

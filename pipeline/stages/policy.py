@@ -15,12 +15,12 @@ Kernel:   the single writer of the firewall maps. Once capture has pinned them u
           policy re-adopts the pinned maps and moves them by a diff (no empty-allowlist window).
 Names:    an event enrich could not name, for an address this stage opened for a DNS answer
           that is still live, gets that answer's name and CNAME chain (the event reached
-          enrich before the answer's mapping did; pipeline/answernames.py), counted as
+          enrich before the answer's mapping did; pipeline/names/answers.py), counted as
           named_by_answers.
 Late-allow: a blocked TCP/UDP event whose hostname an allow rule matches gets its address
           written for exactly that rule's ports (deny side first, CIDR conflicts respected)
           and is recorded connection_late_allowed when its own port is covered: the pure
-          decision (pipeline/outcome.py) plans the writes, this stage applies them.
+          decision (pipeline/firewall/outcome.py) plans the writes, this stage applies them.
 Reload:   when the policy file changes, or on SIGHUP (pipeline/livepolicy.py): a valid policy
           replaces the old one by a diff of the maps; an invalid one is logged in one line and
           changes nothing (counted: policy_reloads, policy_reload_failures).
@@ -42,19 +42,19 @@ from collections.abc import Callable
 import zmq
 
 from .. import messages
-from ..answernames import AnswerNames
-from ..audit import AuditEvent, existing_connection_record, normalize
+from ..names.answers import AnswerNames
+from ..audit.records import AuditEvent, existing_connection_record, normalize
 from ..events import AllowReply, AllowRequest
-from ..firewall import Firewall, apply_existing_connection
-from ..jit import allow_answer, write_plan
+from ..firewall.writer import Firewall, apply_existing_connection
+from ..firewall.jit import allow_answer, write_plan
 from ..kernel.maps import KernelRuleMaps, pins_present
 from ..livepolicy import LivePolicy
 from ..loop import BaseStage, StageIO, batched, run_stage
 from ..notify import notice_of
-from ..outcome import decide
+from ..firewall.outcome import decide
 from ..policy.existing import gate_existing_connection, scan_connections
 from ..hostfiles import HostFiles
-from ..recentblocks import RecentBlocks, late_allowed_record
+from ..firewall.recentblocks import RecentBlocks, late_allowed_record
 from ..rulemaps import RuleMaps
 from ..settings import Settings
 

@@ -13,12 +13,12 @@ import zmq
 
 from pipeline import messages
 from pipeline.events import AllowRequest, EnrichedEvent, Notice, RawEvent
-from pipeline.reverse import ReverseResolver
+from pipeline.names.reverse import ReverseResolver
 from pipeline.rulemaps import DictRuleMaps
 from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.notify import NotifyStage
 from pipeline.stages.policy import PolicyStage
-from pipeline.store import AuditStore
+from pipeline.audit.store import AuditStore
 from pipeline.topology import inbox_address
 from tests.support.stagekit import Peer, StageThread, stage_settings
 from tests.support.tools.httpsink import HttpSink

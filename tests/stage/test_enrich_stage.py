@@ -6,7 +6,7 @@ import pytest
 
 from pipeline import messages
 from pipeline.events import DnsMapping, RawEvent
-from pipeline.reverse import ReverseResolver
+from pipeline.names.reverse import ReverseResolver
 from pipeline.stages.enrich import EnrichStage
 from tests.support.stagekit import Peer, StageThread, stage_settings
 from tests.support.tools.ptrserver import PtrServer

@@ -10,7 +10,7 @@ import urllib.request
 from typer.testing import CliRunner
 
 from pipeline import messages
-from pipeline.cli import app
+from pipeline.cli.app import app
 from pipeline.events import Notice
 from pipeline.settings import Settings
 from pipeline.stages.export import ExportStage

@@ -12,11 +12,11 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.audit import AuditEvent
-from pipeline.exportstore import COLUMNS
+from pipeline.audit.records import AuditEvent
+from pipeline.export.store import COLUMNS
 from pipeline.histogram import Histogram
 from pipeline.stages.export import ExportStage
-from pipeline.store import as_row, audit_events
+from pipeline.audit.store import as_row, audit_events
 from tests.support.exportkit import (Store, SyslogListener, event, fast_retry, free_port,
                                      parse_syslog)
 from tests.support.postgres import postgres_schema
@@ -259,7 +259,7 @@ def test_a_crash_loses_nothing_and_repeats_at_most_the_unsaved_tail(tmp_path, st
            "SLUICE_RUN_DIR": str(run_dir), "SLUICE_DB": f"sqlite:///{tmp_path}/audit.db",
            "SLUICE_HOST": "test-host", "SLUICE_OTLP_ENDPOINT": collector.endpoint,
            "SLUICE_BPF_DIR": str(tmp_path / "no-bpffs"), "SLUICE_COUNTER_INTERVAL": "0.2"}
-    sluice = [sys.executable, "-c", "from pipeline.entry import main; main()", "run", "export"]
+    sluice = [sys.executable, "-c", "from pipeline.cli.entry import main; main()", "run", "export"]
     first = subprocess.Popen(sluice, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: len(collector.records()) >= 2500, "part of the rows", timeout=30)

@@ -6,7 +6,7 @@ from pipeline import messages
 from pipeline.events import Notice
 from pipeline.stages.notify import NotifyStage
 from pipeline.stages.persist import PersistStage
-from pipeline.store import AuditStore
+from pipeline.audit.store import AuditStore
 from tests.support.stagekit import StageThread, stage_settings
 from tests.support.tools.httpsink import HttpSink
 from tests.support.wait import wait_for

@@ -10,9 +10,9 @@ import sqlalchemy as sa
 import zmq
 
 from pipeline import wire
-from pipeline.audit import AuditEvent, parse_timestamp
+from pipeline.audit.records import AuditEvent, parse_timestamp
 from pipeline.stages.persist import PersistStage
-from pipeline.store import AuditStore, audit_events, open_readonly
+from pipeline.audit.store import AuditStore, audit_events, open_readonly
 from pipeline.topology import inbox_address
 from tests.support.stagekit import StageThread, stage_settings
 from tests.support.wait import wait_for

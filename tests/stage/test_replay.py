@@ -18,7 +18,7 @@ from pipeline.rulemaps import ALLOW, DENY, DictRuleMaps
 from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.persist import PersistStage
 from pipeline.stages.policy import PolicyStage
-from pipeline.store import open_readonly
+from pipeline.audit.store import open_readonly
 from tests.support.stagekit import Peer, StageThread, stage_settings
 from tests.support.wait import wait_for
 

@@ -12,7 +12,7 @@ from pipeline.errors import KernelError
 from pipeline.events import AllowRequest, RawEvent
 from pipeline.loop import BaseStage, run_stage
 from pipeline.rulemaps import ALLOW, DENY, DictRuleMaps
-from pipeline.reverse import ReverseResolver
+from pipeline.names.reverse import ReverseResolver
 from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.policy import PolicyStage
 from pipeline.topology import inbox_address

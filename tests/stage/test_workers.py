@@ -13,13 +13,13 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline import messages
-from pipeline.cli import app
+from pipeline.cli.app import app
 from pipeline.events import Notice, RawEvent
 from pipeline.notify import WebhookClient
-from pipeline.reverse import ReverseResolver
+from pipeline.names.reverse import ReverseResolver
 from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.notify import NotifyStage
-from pipeline.store import AuditStore
+from pipeline.audit.store import AuditStore
 from pipeline.workers import Worker, WorkerDied
 from tests.support.stagekit import Peer, StageThread, stage_settings
 from tests.support.tools.httpsink import HttpSink
@@ -168,7 +168,7 @@ def test_a_failing_lookup_is_counted_and_its_event_goes_on(tmp_path, peer):
 def test_an_internal_error_in_an_export_send_is_a_failed_send_and_the_thread_lives(caplog):
     """export's delivery thread caught only DeliveryFailed: any other error ended it, and the
     stage went on running with nothing exported again."""
-    from pipeline.delivery import Courier
+    from pipeline.export.delivery import Courier
 
     sent = []
 

@@ -7,8 +7,8 @@ import re
 import socket
 import threading
 
-from pipeline.audit import AuditEvent, new_event_id
-from pipeline.store import AuditStore
+from pipeline.audit.records import AuditEvent, new_event_id
+from pipeline.audit.store import AuditStore
 
 T0 = 1_767_225_600_000_000_000
 KINDS = ("connection_allowed", "connection_blocked", "connection_late_allowed",

@@ -47,7 +47,7 @@ class CaptureRig:
         self.inbox = self.ctx.socket(zmq.PULL)
         self.inbox.bind(inbox_address(self.run_dir, "enrich"))
         self.proc = self.lab.spawn_in_client_net(
-            [sys.executable, "-m", "pipeline.cli", "run", "capture"], self.env,
+            [sys.executable, "-m", "pipeline.cli.app", "run", "capture"], self.env,
             stderr=subprocess.PIPE, text=True)
         wait_for(lambda: pins_present(self.bpf_dir) or self.proc.poll() is not None,
                  "pinned maps", timeout=30)

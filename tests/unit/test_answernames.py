@@ -1,6 +1,6 @@
 """AnswerNames: the policy stage's memory of which answer opened which address."""
 
-from pipeline.answernames import MIN_TTL_S, AnswerNames
+from pipeline.names.answers import MIN_TTL_S, AnswerNames
 
 S = 1_000_000_000
 

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from pipeline.audit import (FLAG_EXEMPT_TYPES, AuditEvent, AuditEventType, AuditLogger,
+from pipeline.audit.records import (FLAG_EXEMPT_TYPES, AuditEvent, AuditEventType, AuditLogger,
                             format_timestamp, json_lines, new_event_id, normalize,
                             parse_timestamp, sql_timestamp, to_json_line)
 from pipeline.errors import StoreError
@@ -281,7 +281,7 @@ def test_seed_log_methods_write_what_the_pipeline_writes(tmp_path, audit_mode, m
                                                          event):
     """The seed's methods are adapters over the pipeline's path, not a copy of it: the line
     one writes is the line policy's decision, stored by persist's writer, becomes."""
-    from pipeline.outcome import decide
+    from pipeline.firewall.outcome import decide
     from pipeline.policy.load import policy_from_text
 
     policy = policy_from_text(TWIN_POLICY, "policy.json")

@@ -11,11 +11,11 @@ import urllib.request
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.audit import AuditEvent
-from pipeline.browse import DESCRIPTIONS, QUERIES
-from pipeline.cli import app
-from pipeline.query import run_query
-from pipeline.store import VIEWS, AuditStore
+from pipeline.audit.records import AuditEvent
+from pipeline.audit.browse import DESCRIPTIONS, QUERIES
+from pipeline.cli.app import app
+from pipeline.audit.query import run_query
+from pipeline.audit.store import VIEWS, AuditStore
 
 T = 1_767_225_600_000_000_000
 
@@ -53,7 +53,7 @@ def test_browse_serves_the_views_with_descriptions_read_only(store_url, tmp_path
     port = free_port()
     log = open(tmp_path / "browse.log", "wb")  # a pipe nobody reads would block the server
     server = subprocess.Popen(
-        [sys.executable, "-c", "from pipeline.entry import main; main()", "browse", "--db",
+        [sys.executable, "-c", "from pipeline.cli.entry import main; main()", "browse", "--db",
          store_url, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60

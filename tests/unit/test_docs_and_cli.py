@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline import __version__
-from pipeline.cli import app
+from pipeline.cli.app import app
 from pipeline.settings import SETTINGS, Settings
 from pipeline.errors import SettingsError
 from pipeline.topology import STAGES
@@ -224,8 +224,8 @@ def test_every_error_exit_code_is_one_of_the_table():
 def test_command_modules_do_not_import_each_other():
     import ast
 
-    for module in ("cli_data", "cli_service", "cli_shared"):
-        tree = ast.parse((ROOT / "pipeline" / f"{module}.py").read_text())
+    for module in ("data", "service", "shared"):
+        tree = ast.parse((ROOT / "pipeline" / "cli" / f"{module}.py").read_text())
         imported = {node.module for node in ast.walk(tree)
-                    if isinstance(node, ast.ImportFrom) and node.module}
-        assert not imported & {"cli", "cli_data", "cli_service"}, module
+                    if isinstance(node, ast.ImportFrom) and node.module and node.level == 1}
+        assert not imported & {"app", "data", "service"}, module

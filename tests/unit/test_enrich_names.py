@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.events import DnsMapping
-from pipeline.names import AttemptedSet, HeldEvents, Namer, ptr_hostname
+from pipeline.names.namer import AttemptedSet, HeldEvents, Namer, ptr_hostname
 from pipeline.policy.load import policy_from_document
 from pipeline.policy.namecache import HostnameCache
 

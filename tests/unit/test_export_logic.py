@@ -15,14 +15,14 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from pipeline.audit import AuditEvent
-from pipeline.delivery import MAX_RETRY_S, retry_delay
-from pipeline.exportstore import BOOLEANS, COLUMNS, StoredRows
+from pipeline.audit.records import AuditEvent
+from pipeline.export.delivery import MAX_RETRY_S, retry_delay
+from pipeline.export.store import BOOLEANS, COLUMNS, StoredRows
 from pipeline.histogram import Histogram, cumulative
-from pipeline.metrics import SluiceCollector, kernel_metrics
-from pipeline.otlp import LogEncoder, parse_endpoint, parse_headers, stored_ns
-from pipeline.store import AuditStore, audit_events, as_row
-from pipeline.syslog import format_message, parse_target, wanted
+from pipeline.export.metrics import SluiceCollector, kernel_metrics
+from pipeline.export.otlp import LogEncoder, parse_endpoint, parse_headers, stored_ns
+from pipeline.audit.store import AuditStore, audit_events, as_row
+from pipeline.export.syslog import format_message, parse_target, wanted
 from tests.support.exportkit import event, parse_syslog
 from tests.support.postgres import postgres_schema
 from tests.support.tools.otlpreceiver import decode, value_of

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pipeline.firewall import Firewall, apply_existing_connection
+from pipeline.firewall.writer import Firewall, apply_existing_connection
 from pipeline.policy.existing import gate_existing_connection
 from pipeline.rulemaps import ALLOW, DENY, DictRuleMaps
 from test_policy_match import make_policy, specs

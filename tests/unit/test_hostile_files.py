@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 
 from pipeline import limited, messages
 from pipeline.events import EnrichedEvent, RawEvent
-from pipeline.importer import import_file
+from pipeline.audit.importer import import_file
 from pipeline.policy.load import InvalidPolicy, load_policy_file
-from pipeline.query import run_query
+from pipeline.audit.query import run_query
 from pipeline.recording import FRAME_HEAD, Header, Recording, RecordingError
-from pipeline.reverse import ReverseResolver
+from pipeline.names.reverse import ReverseResolver
 from pipeline.rulemaps import ALLOW, DictRuleMaps
 from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.policy import PolicyStage
@@ -168,7 +168,7 @@ def test_import_stores_every_valid_line_and_reports_each_rejected_one(tmp_path):
 def test_the_import_command_lists_each_rejected_line_on_stderr(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from pipeline.cli.app import app
 
     path = tmp_path / "log.ndjson"
     path.write_text(json.dumps(GOOD) + "\n" + "[" * 5000 + "\n" + json.dumps(

@@ -3,8 +3,8 @@ and a second import that adds nothing."""
 
 from pathlib import Path
 
-from pipeline.importer import import_file
-from pipeline.query import run_query
+from pipeline.audit.importer import import_file
+from pipeline.audit.query import run_query
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "cargowall-audit.ndjson"
 
@@ -62,7 +62,7 @@ def test_importing_the_same_log_twice_adds_nothing(db_url, tmp_path):
 def test_the_command_reports_lines_stored_and_reasons(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from pipeline.cli.app import app
 
     url = f"sqlite:///{tmp_path}/audit.db"
     result = CliRunner().invoke(app, ["import", str(FIXTURE), "--db", url, "--host", "ci-1"])

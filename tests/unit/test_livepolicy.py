@@ -15,7 +15,7 @@ from pipeline.events import RawEvent
 from pipeline.livepolicy import LivePolicy
 from pipeline.loop import StageIO
 from pipeline.hostfiles import HostFiles
-from pipeline.reverse import ReverseResolver
+from pipeline.names.reverse import ReverseResolver
 from pipeline.stages.enrich import EnrichStage
 from tests.support.stagekit import Peer, StageThread, stage_settings
 from tests.support.tools.ptrserver import PtrServer

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pipeline.events import EnrichedEvent, RawEvent
-from pipeline.outcome import decide
+from pipeline.firewall.outcome import decide
 from pipeline.policy.load import policy_from_text
 from pipeline.policy.mapstate import Grant
 from pipeline.policy.verdict import PortSpec

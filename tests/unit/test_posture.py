@@ -7,7 +7,7 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from pipeline.cli.app import app
 from pipeline.posture import (LAYERS, StageState, classifier_report, combine, hooks_report,
                               ipv6_report, read_posture)
 from pipeline.rulemaps import DictRuleMaps

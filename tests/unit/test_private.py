@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline import messages
-from pipeline.audit import AuditEvent
-from pipeline.cli import app
+from pipeline.audit.records import AuditEvent
+from pipeline.cli.app import app
 from pipeline.errors import SettingsError
 from pipeline.events import RawEvent
 from pipeline.kernel.doctor import check_private

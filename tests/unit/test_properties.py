@@ -30,15 +30,15 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline import limited, messages, wire
-from pipeline.audit import AuditEvent
+from pipeline.audit.records import AuditEvent
 from pipeline.dns import packets
 from pipeline.dns.cnames import LearnedTargets
 from pipeline.dns.enforce import plan_answer
 from pipeline.events import AllowRequest, DnsMapping, EnrichedEvent, Notice, RawEvent
-from pipeline.importer import ImportReport, read_events
+from pipeline.audit.importer import ImportReport, read_events
 from pipeline.loop import StageIO
 from pipeline.policy.load import InvalidPolicy, policy_from_document, policy_from_text
-from pipeline.query import QueryError, check_read_only, run_query
+from pipeline.audit.query import QueryError, check_read_only, run_query
 from pipeline.kernel.event_layout import RECORD_SIZE, ShortRecord, decode_record
 from pipeline.recording import FRAME_HEAD, Header, Recording, RecordingError
 from pipeline.replay import NoReverseLookups
@@ -48,7 +48,7 @@ from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.notify import NotifyStage
 from pipeline.stages.persist import PersistStage
 from pipeline.stages.policy import PolicyStage
-from pipeline.store import AuditStore
+from pipeline.audit.store import AuditStore
 from tests.support.stagekit import stage_settings
 from tests.unit.test_schemas import load, sample
 

@@ -9,9 +9,9 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.audit import AuditEvent
-from pipeline.cli import app
-from pipeline.store import AuditStore
+from pipeline.audit.records import AuditEvent
+from pipeline.cli.app import app
+from pipeline.audit.store import AuditStore
 
 runner = CliRunner()
 T = 1_767_225_600_000_000_000
@@ -99,7 +99,7 @@ def test_a_time_that_is_not_one_is_one_line_and_exit_2(url, option):
 
 def sluice_process(*args):
     """The `sluice` entry point in a fresh interpreter, as a user's shell runs it."""
-    return subprocess.run([sys.executable, "-c", "from pipeline.entry import main; main()",
+    return subprocess.run([sys.executable, "-c", "from pipeline.cli.entry import main; main()",
                            "query", *args], capture_output=True, text=True, timeout=60)
 
 
@@ -115,7 +115,7 @@ def test_the_quick_path_answers_as_the_full_command_line(url, args):
 
 
 def test_the_quick_path_loads_neither_typer_nor_sqlalchemy(url):
-    probe = ("import sys; from pipeline.entry import quick_query; "
+    probe = ("import sys; from pipeline.cli.entry import quick_query; "
              "code = quick_query(sys.argv[2:]); "
              "print(code, 'typer' in sys.modules, 'sqlalchemy' in sys.modules, file=sys.stderr)")
     result = subprocess.run([sys.executable, "-c", probe, "query", "SELECT 1 AS one", "--db",

@@ -3,9 +3,9 @@ answers."""
 
 import pytest
 
-from pipeline.audit import AuditEvent, sql_timestamp
-from pipeline.query import run_query
-from pipeline.store import AuditStore
+from pipeline.audit.records import AuditEvent, sql_timestamp
+from pipeline.audit.query import run_query
+from pipeline.audit.store import AuditStore
 
 T = 1_767_225_600_000_000_000  # 2026-01-01T00:00:00Z
 S = 1_000_000_000

@@ -2,9 +2,9 @@
 
 import pytest
 
-from pipeline.audit import AuditEvent
+from pipeline.audit.records import AuditEvent
 from pipeline.policy.verdict import PortSpec
-from pipeline.recentblocks import RecentBlocks, late_allowed_record
+from pipeline.firewall.recentblocks import RecentBlocks, late_allowed_record
 
 S = 1_000_000_000
 TCP443 = (PortSpec(443, "tcp"),)

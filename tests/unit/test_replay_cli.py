@@ -5,10 +5,10 @@ import logging
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from pipeline.cli.app import app
 from pipeline.events import DnsMapping, RawEvent
 from pipeline.loop import Counters
-from pipeline.query import run_query
+from pipeline.audit.query import run_query
 from pipeline.recording import Header, Recorder, RecordingWriter
 
 runner = CliRunner()

@@ -12,15 +12,15 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.audit import AuditEvent, sql_timestamp
-from pipeline.cli import app
+from pipeline.audit.records import AuditEvent, sql_timestamp
+from pipeline.cli.app import app
 from pipeline.report.data import Blocked, read_facts
 from pipeline.report.html import as_html, buckets
 from pipeline.report.make import make_report
 from pipeline.report.render import as_json, as_markdown
 from pipeline.report.suggestion import environment_diff, file_diff, suggest
 from pipeline.settings import Settings
-from pipeline.store import AuditStore
+from pipeline.audit.store import AuditStore
 
 runner = CliRunner()
 S = 1_000_000_000

@@ -9,12 +9,12 @@ import time
 from typer.testing import CliRunner
 
 from pipeline import wire
-from pipeline.audit import AuditEvent
-from pipeline.cli import app
-from pipeline.query import run_query
-from pipeline.retention import Retention
+from pipeline.audit.records import AuditEvent
+from pipeline.cli.app import app
+from pipeline.audit.query import run_query
+from pipeline.audit.retention import Retention
 from pipeline.stages.persist import PersistStage
-from pipeline.store import AuditStore
+from pipeline.audit.store import AuditStore
 from tests.stage.test_persist_stage import jsonl_fields, make_settings, pusher  # noqa: F401
 from tests.support.stagekit import StageThread
 from tests.support.wait import wait_for

@@ -2,7 +2,7 @@
 
 import select
 
-from pipeline.reverse import NAMED, NO_NAME, UNCONFIRMED, ReverseResolver
+from pipeline.names.reverse import NAMED, NO_NAME, UNCONFIRMED, ReverseResolver
 from tests.support.tools.ptrserver import PtrServer
 
 

@@ -16,13 +16,13 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from pipeline.audit import AuditEvent, to_json_line
-from pipeline.cli import app
+from pipeline.audit.records import AuditEvent, to_json_line
+from pipeline.cli.app import app
 from pipeline.errors import StoreError
-from pipeline.importer import import_file
-from pipeline.query import run_query
-from pipeline.store import (CGROUP_COLUMNS, COLUMNS, MIGRATIONS, ROLLUP_VIEWS, VIEWS, VIEWS_0003,
-                            AuditStore, as_row, views_0003)
+from pipeline.audit.importer import import_file
+from pipeline.audit.query import run_query
+from pipeline.audit.store import (CGROUP_COLUMNS, COLUMNS, MIGRATIONS, ROLLUP_VIEWS, VIEWS,
+                                  VIEWS_0003, AuditStore, as_row, views_0003)
 
 T = 1_767_311_880_000_000_000  # 2026-01-01T23:58:00Z: histories cross a day
 S = 1_000_000_000

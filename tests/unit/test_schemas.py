@@ -9,7 +9,7 @@ import msgpack
 import msgspec
 import pytest
 
-import pipeline.audit
+import pipeline.audit.records
 import pipeline.events
 from pipeline import wire
 

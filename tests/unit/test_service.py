@@ -9,7 +9,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from pipeline.cli.app import app
 from pipeline.service import Record, procfile_text, process_start, recorded_settings
 from pipeline.topology import STAGES
 

@@ -7,10 +7,10 @@ import msgspec
 import pytest
 import sqlalchemy as sa
 
-from pipeline.audit import AuditEvent, new_event_id, parse_timestamp
+from pipeline.audit.records import AuditEvent, new_event_id, parse_timestamp
 from pipeline.errors import StoreError
-from pipeline.store import (MIGRATIONS, AuditStore, StoreRejected, audit_events, open_readonly,
-                            schema_migrations)
+from pipeline.audit.store import (MIGRATIONS, AuditStore, StoreRejected, audit_events,
+                                  open_readonly, schema_migrations)
 
 T0 = 1_767_225_600_123_456_789
 

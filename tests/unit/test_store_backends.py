@@ -6,9 +6,9 @@ import json
 import pytest
 import sqlalchemy as sa
 
-from pipeline.audit import AuditEvent, parse_timestamp
-from pipeline.query import QueryError, run_query
-from pipeline.store import (MIGRATIONS, VIEWS, AuditStore, StoreRejected, audit_events,
+from pipeline.audit.records import AuditEvent, parse_timestamp
+from pipeline.audit.query import QueryError, run_query
+from pipeline.audit.store import (MIGRATIONS, VIEWS, AuditStore, StoreRejected, audit_events,
                             open_readonly)
 
 T0 = 1_767_225_600_123_456_789

@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from pipeline.audit import AuditEvent
-from pipeline.firewall import Firewall
+from pipeline.audit.records import AuditEvent
+from pipeline.firewall.writer import Firewall
 from pipeline.policy.load import policy_from_text
 from pipeline.policy.verdict import PortSpec
 from pipeline.rulemaps import ALLOW, DictRuleMaps
-from pipeline.store import AuditStore
-from pipeline.suggest import (Seen, SuggestError, draft_policy, name_allowed, parse_since,
+from pipeline.audit.store import AuditStore
+from pipeline.audit.suggest import (Seen, SuggestError, draft_policy, name_allowed, parse_since,
                               seen_in)
 
 T = 1_767_225_600_000_000_000
@@ -132,7 +132,7 @@ def test_a_bad_since_is_one_line():
 def test_policy_check_accepts_what_the_command_writes(store_url, tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from pipeline.cli.app import app
 
     runner = CliRunner()
     out = tmp_path / "draft.json"

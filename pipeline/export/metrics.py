@@ -28,8 +28,8 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 from prometheus_client.registry import Collector
 
-from .histogram import cumulative
-from .posture import stage_states
+from ..histogram import cumulative
+from ..posture import stage_states
 
 _NAME = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -93,8 +93,8 @@ def read_kernel_counters(bpf_dir: Path) -> dict[str, list[int]]:
     if not pin.exists():
         return {}
     try:
-        from .kernel import libbpf
-        from .kernel.structs import COUNTER_SLOTS, KERNEL_COUNTERS
+        from ..kernel import libbpf
+        from ..kernel.structs import COUNTER_SLOTS, KERNEL_COUNTERS
 
         fd = libbpf.obj_get(str(pin))
     except (OSError, ImportError, AttributeError):

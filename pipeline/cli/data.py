@@ -1,6 +1,6 @@
 """The data commands: replay, query, import, suggest, prune and browse.
 
-Registered on the main typer app by pipeline/cli.py (register). Errors are one line on
+Registered on the main typer app by pipeline/cli/app.py (register). Errors are one line on
 stderr with the error's exit code; results go to stdout, progress and notes to stderr.
 """
 
@@ -21,7 +21,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TextColumn, TimeRemainingColumn)
 from rich.text import Text
 
-from .cli_shared import one_line_errors, settings_from_env
+from .shared import one_line_errors, settings_from_env
 
 DB_HELP = "database URL (default: the built-in SLUICE_DB)"
 
@@ -69,8 +69,8 @@ def replay(
     policy.
 
     Example: sluice replay --offline --policy new.json --db sqlite:///whatif.db week.rec"""
-    from .recording import in_replay_order
-    from .replay import ReplayError, count_records, parse_pace, replay_live, replay_offline
+    from ..recording import in_replay_order
+    from ..replay import ReplayError, count_records, parse_pace, replay_live, replay_offline
 
     with one_line_errors():
         settings = settings_from_env()
@@ -107,7 +107,7 @@ def query(
     """Run one read-only SQL query on the audit store; anything that writes is refused.
 
     Example: sluice query "SELECT * FROM blocked_destinations" --format csv"""
-    from .query import answer
+    from ..audit.query import answer
 
     with one_line_errors():
         answer(sql, db=db or settings_from_env().db, out=sys.stdout, now_ns=time.time_ns(),
@@ -126,7 +126,7 @@ def import_ndjson(
     valid line is stored; each rejected one is reported on stderr as FILE:LINE: reason.
 
     Example: sluice import /var/log/cargowall/audit.json --host runner-7"""
-    from .importer import import_file
+    from ..audit.importer import import_file
 
     def rejected(line: int, reason: str) -> None:
         typer.echo(f"{file}:{line}: {reason}", err=True)
@@ -154,7 +154,7 @@ def suggest(
     """Draft a policy JSON that would allow what audit-mode runs saw.
 
     Example: sluice suggest --since 7d -o policy.json"""
-    from .suggest import draft_policy, parse_since, seen_in
+    from ..audit.suggest import draft_policy, parse_since, seen_in
 
     with one_line_errors():
         since_ns = parse_since(since, time.time_ns()) if since else 0
@@ -179,8 +179,8 @@ def prune(
     """Delete old audit rows in small batches; the daily rollups keep counting them.
 
     Example: sluice prune --before 2026-01-01"""
-    from .store import AuditStore
-    from .timestamps import parse_moment, sql_timestamp
+    from ..audit.store import AuditStore
+    from ..audit.timestamps import parse_moment, sql_timestamp
 
     with one_line_errors():
         cutoff = sql_timestamp(parse_moment(before, "--before"))
@@ -202,7 +202,7 @@ def browse(
     """Open the store read-only in Datasette on 127.0.0.1, with the views described.
 
     Example: sluice browse --port 8001"""
-    from .browse import serve
+    from ..audit.browse import serve
 
     with one_line_errors():
         serve(db or settings_from_env().db, port)

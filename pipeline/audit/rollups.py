@@ -1,6 +1,6 @@
 """What a batch of new audit rows adds to the rollup tables (pure: no SQL, no clock).
 
-The store (pipeline/store.py) keeps small aggregate tables in step with `audit_events`, in the
+The store (pipeline/audit/store.py) keeps small aggregate tables in step with `audit_events`, in the
 same transaction as the rows, so the summary views read them instead of scanning every row:
 
 * `late_keys`: per host and (dst_ip, dst_port, protocol), the latest late-allow's timestamp.

@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import limited
-from .audit import AuditEvent, parse_timestamp
-from .errors import StoreError
+from .. import limited
+from .records import AuditEvent, parse_timestamp
+from ..errors import StoreError
 from .store import AuditStore, StoreRejected
 
 BATCH = 5_000

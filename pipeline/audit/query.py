@@ -24,7 +24,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, TextIO
 
-from .errors import StoreError
+from ..errors import StoreError
 
 READING_KEYWORDS = ("select", "with", "values")
 # What may hide a semicolon, a keyword or a parameter: string literals, quoted names, comments.

@@ -25,9 +25,10 @@ import time
 
 import sqlalchemy as sa
 
-from .errors import StoreError
-from .store import _INSERTS, AuditStore, _one_line, audit_events, export_cursors, open_readonly
-from .timestamps import sql_timestamp
+from ..errors import StoreError
+from ..audit.store import (_INSERTS, AuditStore, _one_line, audit_events, export_cursors,
+                           open_readonly)
+from ..audit.timestamps import sql_timestamp
 
 COLUMNS = tuple(c.name for c in audit_events.columns)  # id first
 BOOLEANS = {c.name for c in audit_events.columns if isinstance(c.type, sa.Boolean)}

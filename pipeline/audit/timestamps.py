@@ -1,6 +1,6 @@
 """Audit timestamps as text: the JSONL form, the fixed-width SQL form, and parsing them back.
 
-Kept apart from the rest of audit.py so that `sluice query` and `sluice prune` import only
+Kept apart from records.py so that `sluice query` and `sluice prune` import only
 this to read a --since, --until or --before.
 """
 
@@ -10,7 +10,7 @@ import datetime
 import re
 import time
 
-from .errors import ExitCode, SluiceError
+from ..errors import ExitCode, SluiceError
 
 _NS = 1_000_000_000
 _SECONDS: dict[int, str] = {}  # records come in bursts within a second: format each once

@@ -1,7 +1,7 @@
 """What every `sluice` command shares: the settings, and errors as one line and an exit code.
 
-pipeline/cli.py, cli_data.py and cli_service.py import this; none of them imports another
-command module (cli.py only registers theirs).
+app.py, data.py and service.py import this; none of them imports another
+command module (app.py only registers theirs).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any, NoReturn
 
 import typer
 
-from .errors import ExitCode, SluiceError, report
-from .settings import Settings
+from ..errors import ExitCode, SluiceError, report
+from ..settings import Settings
 
 
 def settings_from_env(**overrides: Any) -> Settings:

@@ -46,8 +46,8 @@ import dns.rcode
 import dns.rdatatype
 import dns.reversename
 
-from .addresses import canonical
-from .workers import Worker
+from ..addresses import canonical
+from ..workers import Worker
 
 log = logging.getLogger("sluice.enrich")
 

@@ -4,7 +4,7 @@
 framework, so its long-lived process does not hold it. `sluice query` loads neither the
 command framework nor the writer's SQLAlchemy, only the database driver: a question over a
 rollup view is answered in a fraction of a second, start-up included. Anything the short
-path does not parse (help, a mistake) goes to the full command line in pipeline/cli.py,
+path does not parse (help, a mistake) goes to the full command line in pipeline/cli/app.py,
 which runs the same query code.
 """
 
@@ -38,12 +38,12 @@ def quick_query(args: list[str]) -> int | None:
             sql.append(arg)
     if len(sql) != 1:
         return None
-    from .errors import SluiceError, report
-    from .query import answer
+    from ..errors import SluiceError, report
+    from ..audit.query import answer
 
     try:
         if "db" not in values:
-            from .settings import Settings
+            from ..settings import Settings
 
             values["db"] = Settings.from_env(os.environ).db
         answer(sql[0], out=sys.stdout, now_ns=time.time_ns(), **values)
@@ -57,12 +57,12 @@ def quick_query(args: list[str]) -> int | None:
 def quick_run(stage: str) -> int | None:
     """`sluice run STAGE` without the command framework: six long-lived processes would each
     keep its modules in memory for nothing. None when the full command line should explain."""
-    from .topology import STAGES
+    from ..topology import STAGES
 
     if stage not in STAGES:
         return None
-    from .errors import SluiceError, report
-    from .stages import run_named
+    from ..errors import SluiceError, report
+    from ..stages import run_named
 
     try:
         return run_named(stage)
@@ -79,7 +79,7 @@ def main() -> None:
         code = quick_query(sys.argv[2:])
         if code is not None:
             sys.exit(code)
-    from .cli import main as full
+    from .app import main as full
 
     full()
 

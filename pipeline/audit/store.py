@@ -43,10 +43,10 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from . import private
-from .audit import AuditEvent, parse_timestamp, sql_timestamp
-from .errors import StoreError
-from .events import DeliveredDestination
+from .. import private
+from .records import AuditEvent, parse_timestamp, sql_timestamp
+from ..errors import StoreError
+from ..events import DeliveredDestination
 from .rollups import (GROUP_VALUES, MINUTE_KEY, TIMELINE_COUNTS, TOTAL_KEY, Deltas, Flipped,
                       Row, aggregate, flip, gather)
 
@@ -120,7 +120,7 @@ export_cursors = sa.Table(
     sa.Column("updated_at", sa.Text, nullable=False),
 )
 
-# The rollups (pipeline/rollups.py says what each holds); persist and `sluice import` keep
+# The rollups (pipeline/audit/rollups.py says what each holds); persist and `sluice import` keep
 # them in step with audit_events in the same transaction. Counts are 64-bit; the views cast
 # their sums back to BIGINT, which PostgreSQL would otherwise widen to numeric.
 _NO_ROWID = {"sqlite_with_rowid": False}  # SQLite: one B-tree per table, keyed like the PK

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import msgspec
 
-from . import private
-from .errors import StoreError
+from .. import private
+from ..errors import StoreError
 from .timestamps import format_timestamp, parse_timestamp, sql_timestamp  # noqa: F401
-from .wire import (ADDRESS_OR_EMPTY, EVENT_ID, HOST, I64, NAME, NAMES, PROCESS, SHORT, TEXT, U16,
+from ..wire import (ADDRESS_OR_EMPTY, EVENT_ID, HOST, I64, NAME, NAMES, PROCESS, SHORT, TEXT, U16,
                    U32, Limit, WireRecord, limited, register)
 
 log = logging.getLogger("sluice.audit")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .errors import StoreError
+from ..errors import StoreError
 from .store import AuditStore
 from .timestamps import sql_timestamp
 

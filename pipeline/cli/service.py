@@ -1,6 +1,6 @@
 """The service commands: `sluice up`, `sluice down`, `sluice report`, `sluice systemd-units`.
 
-Registered on the main typer app by pipeline/cli.py (register). Every input is checked
+Registered on the main typer app by pipeline/cli/app.py (register). Every input is checked
 before anything is stopped or written (a bad expected-blocks file, a --since that is not a
 time, a summary file that cannot be written: one line, exit 2, the pipeline untouched).
 Notes go to stderr; stdout carries the report and, in GitHub Actions, the `::error::`
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import typer
 
-from .cli_shared import one_line_errors
-from .errors import ExitCode, SluiceError
-from .topology import STAGES
+from .shared import one_line_errors
+from ..errors import ExitCode, SluiceError
+from ..topology import STAGES
 
 FORMATS = ("markdown", "json", "html")
 SUFFIX_FORMATS = {".md": "markdown", ".markdown": "markdown", ".json": "json", ".html": "html",
@@ -61,7 +61,7 @@ def up(
     stops what it started, removes what was attached and says why, with the log's tail.
 
     Example: SLUICE_MODE=enforce sluice up --timeout 60"""
-    from .service import up as start
+    from ..service import up as start
 
     with one_line_errors():
         record, posture = start(os.environ, log=log, pid_file=pid_file, env_file=env_file,
@@ -76,14 +76,14 @@ def up(
 def _gate_inputs(settings, fail_on_block: bool | None, expected: Path | None):
     gate = settings.fail_on_block if fail_on_block is None else fail_on_block
     path = expected or settings.expected_blocks
-    from .report.gate import read_expected
+    from ..report.gate import read_expected
 
     return gate, read_expected(path) if path else []
 
 
 def _apply_gate(report, entries, ci_env) -> int:
     """Print what nobody expected; the number of such blocks."""
-    from .report.gate import annotation, unexpected
+    from ..report.gate import annotation, unexpected
 
     findings = unexpected(report.facts.blocked, report.facts.refused, entries,
                           report.blocked_word)
@@ -97,8 +97,8 @@ def _apply_gate(report, entries, ci_env) -> int:
 
 
 def _render(report, output_format: str) -> str:
-    from .report.html import as_html
-    from .report.render import as_json, as_markdown
+    from ..report.html import as_html
+    from ..report.render import as_json, as_markdown
 
     return {"markdown": as_markdown, "json": as_json, "html": as_html}[output_format](report)
 
@@ -138,10 +138,10 @@ def down(
     markdown report to $GITHUB_STEP_SUMMARY when it is set.
 
     Example: sluice down --fail-on-block --expected expected-blocks.txt --report run.html"""
-    from .posture import read_posture
-    from .report.gate import GateFailed
-    from .report.make import make_report
-    from .service import detach_leftovers, down as stop, recorded_settings
+    from ..posture import read_posture
+    from ..report.gate import GateFailed
+    from ..report.make import make_report
+    from ..service import detach_leftovers, down as stop, recorded_settings
 
     with one_line_errors():
         settings, record = recorded_settings(os.environ)
@@ -211,10 +211,10 @@ def report(
     Ends with the allowlist change that would let the blocked destinations through.
 
     Example: sluice report --since 24h --format html -o report.html"""
-    from .posture import read_posture
-    from .report.make import make_report
-    from .service import recorded_settings
-    from .suggest import parse_since
+    from ..posture import read_posture
+    from ..report.make import make_report
+    from ..service import recorded_settings
+    from ..audit.suggest import parse_since
 
     with one_line_errors():
         if output_format not in FORMATS:
@@ -255,7 +255,7 @@ def systemd_units(
     """Write systemd units for a server: sluice.target and one service per stage.
 
     Example: sluice systemd-units /etc/systemd/system --env-file /etc/sluice/sluice.env"""
-    from .service import sluice_executable, systemd_units as units
+    from ..service import sluice_executable, systemd_units as units
 
     with one_line_errors():
         try:

@@ -11,9 +11,9 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from .audit import AuditEvent
-from .policy.ports import ports_cover
-from .policy.verdict import PortSpec
+from ..audit.records import AuditEvent
+from ..policy.ports import ports_cover
+from ..policy.verdict import PortSpec
 
 TTL_NS = 5 * 60 * 1_000_000_000
 CAPACITY = 4096

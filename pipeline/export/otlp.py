@@ -41,9 +41,9 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import SeverityNumber
 
-from . import __version__
+from .. import __version__
 from .delivery import DeliveryFailed
-from .timestamps import parse_timestamp
+from ..audit.timestamps import parse_timestamp
 
 LOGS_PATH = "v1/logs"
 SCOPE = "sluice"

@@ -28,12 +28,12 @@ import sqlalchemy as sa
 from publicsuffixlist import PublicSuffixList
 
 from .timestamps import TimeError, parse_moment, sql_timestamp
-from .errors import ExitCode, SluiceError
-from .policy.hostnames import hostname_problem
-from .policy.load import policy_from_text
-from .policy.model import Policy
-from .policy.ports import ports_cover
-from .policy.verdict import PortSpec
+from ..errors import ExitCode, SluiceError
+from ..policy.hostnames import hostname_problem
+from ..policy.load import policy_from_text
+from ..policy.model import Policy
+from ..policy.ports import ports_cover
+from ..policy.verdict import PortSpec
 from .store import open_readonly
 
 RULE_PROTOCOLS = {"TCP": "tcp", "UDP": "udp", "ICMP": "icmp"}

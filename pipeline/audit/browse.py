@@ -13,7 +13,7 @@ import tempfile
 import urllib.parse
 from pathlib import Path
 
-from .errors import ExitCode, SluiceError
+from ..errors import ExitCode, SluiceError
 
 LOOPBACK = "127.0.0.1"
 DESCRIPTIONS = {

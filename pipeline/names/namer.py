@@ -6,7 +6,7 @@ Resolution of one address (reference §2.2), stopping at the first hit:
    mappings): the exact address, else the forward match over the current policy's tracked
    hostnames (a tracked name whose answers included the address);
 2. a reverse (PTR) lookup, once per address: the lookup runs elsewhere
-   (pipeline/reverse.py); this module decides when one is due and what its answer means;
+   (pipeline/names/reverse.py); this module decides when one is due and what its answer means;
 3. the CNAME origin override: a chain recorded for the address replaces what 1-2 found.
 
 The reference asks the forward match again after an empty PTR answer. Here it is part of
@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
-from .events import DnsMapping
-from .policy.model import Policy
-from .policy.namecache import HostnameCache
+from ..events import DnsMapping
+from ..policy.model import Policy
+from ..policy.namecache import HostnameCache
 
 ATTEMPTED_CAPACITY = 10_000  # addresses remembered as looked up (reference §2.2)
 NS_PER_S = 1e9

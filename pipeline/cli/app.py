@@ -9,14 +9,14 @@ from pathlib import Path
 
 import typer
 
-from . import __version__
-from .cli_data import register as register_data_commands
-from .cli_service import register as register_service_commands
-from .cli_shared import fail, one_line_errors, settings_from_env
-from .errors import ExitCode, SluiceError, report
-from .private import UMASK
-from .settings import SETTINGS, shown
-from .topology import STAGES
+from .. import __version__
+from .data import register as register_data_commands
+from .service import register as register_service_commands
+from .shared import fail, one_line_errors, settings_from_env
+from ..errors import ExitCode, SluiceError, report
+from ..private import UMASK
+from ..settings import SETTINGS, shown
+from ..topology import STAGES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="sluice: an egress firewall for CI runners and servers.")
@@ -43,7 +43,7 @@ def run(stage: str = typer.Argument(..., help=f"one of: {', '.join(STAGES)}")) -
     Example: sluice run policy"""
     if stage not in STAGES:
         fail(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}", ExitCode.BAD_INPUT)
-    from .stages import run_named
+    from ..stages import run_named
 
     raise typer.Exit(run_named(stage))
 
@@ -56,7 +56,7 @@ def wait_ready(
     """Exit 0 once every stage is up and every requested protection layer is on.
 
     Example: sluice wait-ready --timeout 30 --stages capture,policy"""
-    from .service import wait_until_ready
+    from ..service import wait_until_ready
 
     settings = settings_from_env()
     wanted = stages.split(",") if stages else list(STAGES)
@@ -75,7 +75,7 @@ def detach() -> None:
     running).
 
     Example: SLUICE_BPF_DIR=/sys/fs/bpf/sluice sluice detach"""
-    from .kernel.loader import detach_instance
+    from ..kernel.loader import detach_instance
 
     settings = settings_from_env()
     removed = detach_instance(settings)
@@ -89,7 +89,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="print one JSON ob
     why). Exits 0 when every requested layer is on, 1 otherwise.
 
     Example: sluice status --json"""
-    from .posture import read_posture, table
+    from ..posture import read_posture, table
 
     posture = read_posture(settings_from_env(), STAGES)
     if as_json:
@@ -104,7 +104,7 @@ def doctor() -> None:
     """Check every kernel and system requirement; one line each, with how to fix.
 
     Example: sudo sluice doctor"""
-    from .kernel.doctor import run_checks
+    from ..kernel.doctor import run_checks
 
     settings = settings_from_env()
     problems = 0
@@ -119,7 +119,7 @@ def print_bpf() -> None:
     """Print the BPF source and flags capture would load (needs no root).
 
     Example: SLUICE_RINGBUF_PAGES=256 sluice print-bpf | less"""
-    from .kernel.loader import printable_source
+    from ..kernel.loader import printable_source
 
     typer.echo(printable_source(settings_from_env()))
 
@@ -143,7 +143,7 @@ app.add_typer(policy_app, name="policy")
 
 
 def _load(file: Path | None):
-    from .policy.load import InvalidPolicy, load_policy, load_policy_file
+    from ..policy.load import InvalidPolicy, load_policy, load_policy_file
 
     try:
         return load_policy_file(file) if file else load_policy(settings_from_env())
@@ -160,7 +160,7 @@ def policy_check(file: Path | None = typer.Argument(
     """Validate a policy and print its resolved rules; exit 1 with every problem otherwise.
 
     Example: sluice policy check /etc/sluice/policy.json"""
-    from .policy.explain import render_table
+    from ..policy.explain import render_table
 
     typer.echo(render_table(_load(file)), nl=False)
 
@@ -176,7 +176,7 @@ def policy_explain(
     """Say which rule decides NAME_OR_IP (for a port and protocol when given) and why.
 
     Example: sluice policy explain api.github.com --port 443 --protocol tcp"""
-    from .policy.explain import explain
+    from ..policy.explain import explain
 
     try:
         result = explain(_load(policy), target, port, protocol)
@@ -193,8 +193,8 @@ def policy_explain(
     typer.echo(f"  why: {result['reason']}")
 
 
-register_data_commands(app)  # replay, query, import, suggest: pipeline/cli_data.py
-register_service_commands(app)  # up, down, report, systemd-units: pipeline/cli_service.py
+register_data_commands(app)  # replay, query, import, suggest: pipeline/cli/data.py
+register_service_commands(app)  # up, down, report, systemd-units: pipeline/cli/service.py
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import random
 import threading
 from collections.abc import Callable
 
-from .workers import Worker
+from ..workers import Worker
 
 FIRST_RETRY_S = 1.0
 MAX_RETRY_S = 30.0     # an hour-long outage is retried every 30 s; recovery is seen that soon

@@ -20,13 +20,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from .policy.existing import ExistingConnection
-from .policy.mapdiff import plan_move
-from .policy.mapstate import (ACTION_CODES, CidrValue, Grant, PortEntry, adopted_grants,
+from ..policy.existing import ExistingConnection
+from ..policy.mapdiff import plan_move
+from ..policy.mapstate import (ACTION_CODES, CidrValue, Grant, PortEntry, adopted_grants,
                               desired_state, host_network, rejudge)
-from .policy.model import Policy
-from .policy.verdict import PortSpec
-from .rulemaps import ALLOW, DENY, Network, RuleMaps
+from ..policy.model import Policy
+from ..policy.verdict import PortSpec
+from ..rulemaps import ALLOW, DENY, Network, RuleMaps
 
 log = logging.getLogger("policy")
 

@@ -4,7 +4,7 @@ Both apply one hostname verdict to one address the same way (reference §5.4 app
 the deny side first, then the allow side, each through the CIDR conflict check (which the
 reference skipped for late-allow, letting a /32 allow override a CIDR deny) and skipped when
 the outcome equals the default action. Late-allow is planned without touching the maps
-(plan_late_allow: pure, for pipeline/outcome.py) and written by the policy stage
+(plan_late_allow: pure, for pipeline/firewall/outcome.py) and written by the policy stage
 (write_plan); a DNS answer is written at once. The firewall is passed in, so tests use the
 dict-backed maps; nothing here reads a clock or a socket.
 """
@@ -15,12 +15,12 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
-from .events import IPPROTO_TCP, IPPROTO_UDP, EnrichedEvent
-from .firewall import FirewallUpdater
-from .policy.mapstate import Grant, side_grants
-from .policy.model import Policy
-from .policy.ports import ports_cover
-from .policy.verdict import HostnameVerdict
+from ..events import IPPROTO_TCP, IPPROTO_UDP, EnrichedEvent
+from .writer import FirewallUpdater
+from ..policy.mapstate import Grant, side_grants
+from ..policy.model import Policy
+from ..policy.ports import ports_cover
+from ..policy.verdict import HostnameVerdict
 
 log = logging.getLogger("sluice.policy")
 
