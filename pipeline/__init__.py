@@ -48,7 +48,7 @@ The kernel side
 The firewall: decisions and map writes
   firewall/__init__.py     (package) the map writer and the decisions that ask it to write
   firewall/writer.py       the one writer of the firewall maps: programs, diffs, grants
-  firewall/jit.py          late-allow plans and a DNS answer's writes
+  firewall/opening.py      late-allow plans and a DNS answer's writes
   firewall/outcome.py      one event's outcome (pure), with the late-allow plan to apply
   firewall/recentblocks.py recent blocks a later DNS answer re-labels late-allowed
 

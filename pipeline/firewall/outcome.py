@@ -6,7 +6,7 @@ non-first UDP fragment has both shapes), connection_late_allowed (late-allow's w
 the maps for its own port), connection_blocked. Blocks are also notices for notify.
 The record is normalized here, once, where it is created.
 
-Nothing here writes the maps: an outcome carries the late-allow plan (pipeline/firewall/jit.py) and
+Nothing here writes the maps: an outcome carries the late-allow plan (firewall/opening.py) and
 the outcome that stands if the policy stage cannot write it (`settled`).
 """
 
@@ -17,7 +17,7 @@ import dataclasses
 from ..audit.records import AuditEvent, AuditEventType, normalize
 from ..containers import container_of
 from ..events import EnrichedEvent, protocol_name
-from .jit import LateAllowPlan, plan_late_allow
+from .opening import LateAllowPlan, plan_late_allow
 from ..policy.autoallow import get_auto_allowed_type
 from ..policy.model import Policy
 

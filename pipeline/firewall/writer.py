@@ -33,7 +33,7 @@ log = logging.getLogger("policy")
 
 class FirewallUpdater(Protocol):
     """The seed's FirewallUpdater: open (or close) an address for ports, for the hostname
-    whose rule asked. Late-allow, the DNS path (jit.py) and the start-up scan of existing
+    whose rule asked. Late-allow, the DNS path (opening.py) and the start-up scan of existing
     connections write through it; Firewall is the implementation."""
 
     def add_ip(self, ip: str, action: str, ports: Sequence[PortSpec],

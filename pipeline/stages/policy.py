@@ -46,7 +46,7 @@ from ..names.answers import AnswerNames
 from ..audit.records import AuditEvent, existing_connection_record, normalize
 from ..events import AllowReply, AllowRequest
 from ..firewall.writer import Firewall, apply_existing_connection
-from ..firewall.jit import allow_answer, write_plan
+from ..firewall.opening import allow_answer, write_plan
 from ..kernel.maps import KernelRuleMaps, pins_present
 from ..livepolicy import LivePolicy
 from ..loop import BaseStage, StageIO, batched, run_stage

@@ -1,4 +1,4 @@
-"""Just-in-time firewall writes: late-allow of a blocked event, and a resolved name's answer.
+"""Opening the firewall for a hostname: late-allow of a blocked event, and a DNS answer.
 
 Both apply one hostname verdict to one address the same way (reference §5.4 apply_side):
 the deny side first, then the allow side, each through the CIDR conflict check (which the

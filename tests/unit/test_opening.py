@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.events import EnrichedEvent, RawEvent
 from pipeline.firewall.writer import Firewall
-from pipeline.firewall.jit import allow_answer, plan_late_allow, write_plan
+from pipeline.firewall.opening import allow_answer, plan_late_allow, write_plan
 from pipeline.policy.load import policy_from_text
 from pipeline.policy.mapstate import Grant
 from pipeline.policy.verdict import PortSpec
