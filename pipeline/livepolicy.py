@@ -24,17 +24,13 @@ CHECK_INTERVAL_S = 1.0
 
 
 class PolicyWatch:
-    """Tells a stage when its policy file changed; looks at most once per interval."""
+    """Tells a stage when its policy file changed since it was last read."""
 
-    def __init__(self, path: Path, interval: float = CHECK_INTERVAL_S) -> None:
-        self.path, self.interval = path, interval
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self.mtime = self._mtime()
-        self.next_check = 0.0
 
-    def changed(self, now: float) -> bool:
-        if now < self.next_check:
-            return False
-        self.next_check = now + self.interval
+    def changed(self) -> bool:
         mtime = self._mtime()
         if mtime == self.mtime:
             return False
@@ -54,8 +50,9 @@ class PolicyWatch:
 
 class LivePolicy:
     """Loads the policy at set-up (a PolicyError there stops the stage) and reloads it when
-    the file changes (`tick`) or on SIGHUP (`reload`). `apply(policy)` makes the stage use
-    a new policy (the policy stage moves its maps there) before it becomes `current`."""
+    the file changes (looked at once per CHECK_INTERVAL_S on the stage's reactor) or on
+    SIGHUP (`reload`). `apply(policy)` makes the stage use a new policy (the policy stage
+    moves its maps there) before it becomes `current`."""
 
     def __init__(self, io: StageIO, apply: Callable[[Policy], None] = lambda policy: None,
                  files: HostFiles | None = None) -> None:
@@ -63,13 +60,15 @@ class LivePolicy:
         self.files = files or HostFiles()
         self.watch = PolicyWatch(io.settings.policy)
         self.current = self._load()
+        io.reactor.after(CHECK_INTERVAL_S, self._look)
 
     def _load(self) -> Policy:
         return load_startup_policy(self.io.settings, self.files)
 
-    def tick(self, now: float) -> None:
-        if self.watch.changed(now):
+    def _look(self) -> None:
+        if self.watch.changed():
             self.reload("the policy file changed")
+        self.io.reactor.after(CHECK_INTERVAL_S, self._look)
 
     def reload(self, why: str) -> bool:
         self.watch.seen()

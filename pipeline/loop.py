@@ -7,9 +7,11 @@ handlers, periodic counter logs (also written to <run_dir>/<stage>.counters.json
 
 Raw descriptors (a ring buffer, an eventfd, client sockets) and timers register with the
 stage's reactor, `io.reactor` (pipeline/reactor.py), which this loop polls beside the ZeroMQ
-sockets: no stage runs a loop of its own. A stage's timers and its tick(now) follow the
-stage's `monotonic` clock, so a test can build a stage with a clock it moves; the loop's own
-pace (counter logs, the drain at a stop) stays on real time, as honcho's 5 s are.
+sockets: no stage runs a loop of its own. Work due at a time (a policy file to look at, a
+storm summary, maps to wait for) is a reactor timer; tick(now) runs after every pass of the
+loop, to send on what the pass buffered. Both follow the stage's `monotonic` clock, so a
+test can build a stage with a clock it moves; the loop's own pace (counter logs, the drain
+at a stop) stays on real time, as honcho's 5 s are.
 
 Back-pressure: every send is non-blocking, and queues are short (QUEUE_MESSAGES batches a
 socket), so no stage holds a flood in memory. A batch that finds the peer's queue full waits

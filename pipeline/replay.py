@@ -294,7 +294,7 @@ class OfflinePipeline:
             for stage in started:
                 stage.teardown()  # as run_stage does: also after a failed setup
             raise
-        self.policy.tick(time.monotonic())  # programs the maps
+        self._pass(self.policy)  # its timer programs the maps
 
     def feed(self, frame: Frame) -> int:
         """Handle one recorded batch; returns how many events were left out."""
@@ -314,20 +314,26 @@ class OfflinePipeline:
 
     def settle(self) -> bool:
         """Tick every stage and pass on what each sent; True if anything moved."""
-        now = time.monotonic()
-        self.io["enrich"].reactor.run_ready()  # what the loop does when a descriptor is ready
-        self.enrich.tick(now)
+        self._pass(self.enrich)
         enriched = self.io["enrich"].outputs["enriched_events"].take()
         if enriched:
             self.policy.handle("policy", "enriched_events", enriched)
-        self.policy.tick(now)
+        self._pass(self.policy)
         records = self.io["policy"].outputs["audit_records"].take()
         self.io["policy"].outputs["notices"].take()  # a what-if run alerts nobody
         self.outcomes.update(r.event_type for r in records)
         if records:
             self.persist.handle("persist", "audit_records", records)
-        self.persist.tick(now)
+        self._pass(self.persist)
         return bool(enriched or records)
+
+    def _pass(self, stage) -> None:
+        """What one pass of the loop does for a stage, less its sockets: ready descriptors,
+        due timers, then the tick."""
+        reactor = self.io[stage.name].reactor
+        reactor.run_ready()
+        reactor.run_due()
+        stage.tick(reactor.clock())
 
     def finish(self) -> int:
         """Let enrich hand over what it still holds, store everything; returns rows stored."""

@@ -200,7 +200,6 @@ class DnsStage(BaseStage):
     def tick(self, now: float) -> None:
         self.allow.drain()
         self._flush_records()  # mappings reach enrich before the client's first packet can
-        self.live.tick(now)
 
     def hangup(self) -> None:
         self.live.reload("SIGHUP")

@@ -155,7 +155,6 @@ class EnrichStage(BaseStage):
 
     def tick(self, now: float) -> None:
         self.recorder.flush()
-        self.live.tick(now)
 
     def hangup(self) -> None:
         self.live.reload("SIGHUP")

@@ -72,12 +72,14 @@ from ..notify import (DeliveryError, LogClient, Notification, NotificationTracke
                       retry_delay, sink_origin)
 from ..settings import Settings
 from ..audit.store import notified_destinations, open_readonly
+from ..reactor import Timer
 from ..topology import wiring_text
 from ..workers import Worker
 
 MAX_ATTEMPTS = 8      # one to three minutes of a dead sink before a key is released
 MAX_PENDING = 1_000   # keys in delivery at once
 STORE_WAIT_S = 30.0   # how long to wait at start for persist to create the table
+STORE_POLL_S = 0.1    # how often it looks for the table meanwhile
 STOP_WAIT_S = 1.0     # a post in progress at a stop is abandoned after this
 SUMMARY_INTERVAL_S = 10.0  # at most one storm summary per interval
 _STOP = object()
@@ -255,6 +257,7 @@ class NotifyStage(BaseStage):
         self.storm = Storm()
         self.summary_out = False  # a summary is in delivery
         self.next_summary = 0.0
+        self.summary_timer: Timer | None = None
         self.delivered: list[DeliveredDestination] = []  # for persist, sent on the tick
         self.errors_logged: set[str] = set()
 
@@ -277,28 +280,41 @@ class NotifyStage(BaseStage):
                                capacity=self.max_pending, delay=self.delay)
         io.watch_fd(self.courier.fd, self._reports)  # the loop polls what setup registers
         io.watch_worker(self.courier.worker)
-        self.store_deadline = time.monotonic() + STORE_WAIT_S
+        self.store_deadline = io.reactor.clock() + STORE_WAIT_S
+        io.reactor.after(0, self._wait_for_store)
         io.log.info("%s; posting to %s (%s)", wiring_text(self.name),
                     sink_origin(settings.notify_url),
                     "bearer token set" if settings.notify_token else "no token")
 
     def tick(self, now: float) -> None:
-        if self.courier is None:
-            return
-        if self.tracker is None:
-            if not self.memory.ready():
-                if now > self.store_deadline:
-                    raise StoreError(f"{self.memory.url}: no table notified_destinations after "
-                                     f"{STORE_WAIT_S:.0f} s (persist creates it at start)")
-                return
-            self._start_delivery(self.memory.load())
-        if self.storm and not self.summary_out and now >= self.next_summary:
-            self.courier.send_first(self.storm.take())
-            self.summary_out = True
-            self.next_summary = now + self.summary_interval
         for batch in batched(self.delivered, self.io.settings.batch_max):
             self.persist.send(batch)
         self.delivered = []
+
+    def _wait_for_store(self) -> None:
+        """Delivery starts once persist has made the delivered-destinations table."""
+        if self.memory.ready():
+            self._start_delivery(self.memory.load())
+        elif self.io.reactor.clock() > self.store_deadline:
+            raise StoreError(f"{self.memory.url}: no table notified_destinations after "
+                             f"{STORE_WAIT_S:.0f} s (persist creates it at start)")
+        else:
+            self.io.reactor.after(STORE_POLL_S, self._wait_for_store)
+
+    def _summary_due(self) -> None:
+        """Arm the timer of the next storm summary: one in delivery at a time, at most one
+        per summary_interval."""
+        if self.summary_timer is None and self.storm and not self.summary_out:
+            delay = max(0.0, self.next_summary - self.io.reactor.clock())
+            self.summary_timer = self.io.reactor.after(delay, self._summarize)
+
+    def _summarize(self) -> None:
+        self.summary_timer = None
+        if self.tracker is None or not self.storm or self.summary_out:
+            return  # delivery has not started: _start_delivery arms the timer again
+        self.courier.send_first(self.storm.take())
+        self.summary_out = True
+        self.next_summary = self.io.reactor.clock() + self.summary_interval
 
     def _start_delivery(self, notified: set[str]) -> None:
         self.courier.start()
@@ -309,6 +325,7 @@ class NotifyStage(BaseStage):
         self.io.log.info("%d destination(s) notified before; delivering", len(notified))
         early, self.early = self.early, []
         self.handle("notify", "notices", early)
+        self._summary_due()
 
     def handle(self, inbox: str, kind: str, records: list[Notice]) -> None:
         if self.tracker is None:
@@ -348,6 +365,7 @@ class NotifyStage(BaseStage):
                                 self.summary_interval)
         self.storm.add(notification)
         self.io.counters.add("stormed")
+        self._summary_due()
 
     def _reports(self) -> None:
         for report in self.courier.finished():
@@ -374,6 +392,7 @@ class NotifyStage(BaseStage):
                                 summary.count)
             for member in summary.members:
                 self._remember(member)
+            self._summary_due()
             return
         self.io.counters.add("summary_failures")
         if report.retry_in is None:
@@ -381,6 +400,7 @@ class NotifyStage(BaseStage):
             self.storm.give_back(summary)  # into the next summary: never dropped
             self.io.log.warning("gave up on a summary of %d destination(s) (%s); they go into "
                                 "the next one", summary.count, report.error)
+            self._summary_due()
 
     def _remember(self, n: Notification) -> None:
         self.delivered.append(DeliveredDestination(

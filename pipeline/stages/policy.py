@@ -62,6 +62,7 @@ from ..settings import Settings
 
 # Allow requests waiting on the REP inbox are answered between every this many events.
 REQUEST_CHECK_EVERY = 32
+MAPS_RETRY_S = 0.1  # how often policy looks for the maps capture pins at its start
 
 
 class EventIds:
@@ -102,15 +103,16 @@ class PolicyStage(BaseStage):
                         f"capture's maps in {self.settings.bpf_dir}", **policy_facts(self.policy))
         io.log.info("loaded %r (%s mode); waiting for capture's maps in %s", self.policy,
                     self.settings.mode, self.settings.bpf_dir)
+        io.reactor.after(0, self._look_for_maps)
 
     # ------------------------------------------------------------- maps
 
-    def tick(self, now: float) -> None:
-        if self.firewall is None:
-            maps = self.open_maps(self.settings)
-            if maps is not None:
-                self._program(maps)
-        self.live.tick(now)
+    def _look_for_maps(self) -> None:
+        maps = self.open_maps(self.settings)
+        if maps is None:
+            self.io.reactor.after(MAPS_RETRY_S, self._look_for_maps)
+        else:
+            self._program(maps)
 
     @property
     def policy(self):

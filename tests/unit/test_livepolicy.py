@@ -31,13 +31,30 @@ class Files(HostFiles):
         return {"/etc/resolv.conf": "nameserver 10.53.0.1\n"}.get(path, "")
 
 
+class Clock:
+    """The stage's monotonic clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def live(tmp_path: Path, applied: list, **env) -> tuple[LivePolicy, StageIO]:
     path = tmp_path / "policy.json"
     if not path.exists():
         path.write_text(json.dumps(POLICY))
     settings = stage_settings(tmp_path, SLUICE_POLICY=str(path), **env)
-    io = StageIO("policy", settings, None, threading.Event(), logging.getLogger("test"))
+    io = StageIO("policy", settings, None, threading.Event(), logging.getLogger("test"),
+                 Clock())
     return LivePolicy(io, applied.append, Files()), io
+
+
+def at(io: StageIO, seconds: float) -> None:
+    """Move the stage's clock and run the timers due by then, as the loop does."""
+    io.reactor.clock.now = seconds
+    io.reactor.run_due()
 
 
 def rewrite(path: Path, policy) -> None:
@@ -57,12 +74,12 @@ def test_the_loaded_policy_is_the_start_up_policy_with_what_sluice_needs(tmp_pat
 def test_a_changed_file_is_applied_and_counted(tmp_path):
     applied = []
     policy, io = live(tmp_path, applied)
-    policy.tick(100.0)
+    at(io, 1.0)
     assert applied == [] and io.counters.get("policy_reloads") == 0
     rewrite(tmp_path / "policy.json", {"defaultAction": "allow"})
-    policy.tick(100.5)  # the file is looked at once per interval
+    at(io, 1.5)  # the file is looked at once per interval
     assert applied == []
-    policy.tick(101.0)
+    at(io, 2.0)
     assert [p.default_action for p in applied] == ["allow"]
     assert policy.current is applied[0]
     assert io.counters.snapshot() == {"policy_reloads": 1}
@@ -75,7 +92,7 @@ def test_a_policy_that_does_not_load_changes_nothing_and_is_counted(tmp_path, te
     policy, io = live(tmp_path, applied)
     before = policy.current
     rewrite(tmp_path / "policy.json", text)
-    policy.tick(1.0)
+    at(io, 1.0)
     assert applied == [] and policy.current is before
     assert io.counters.snapshot() == {"policy_reload_failures": 1}
 
@@ -85,7 +102,7 @@ def test_a_hangup_rereads_an_unchanged_file_and_the_watch_does_not_report_it_aga
     policy, io = live(tmp_path, applied)
     rewrite(tmp_path / "policy.json", {"defaultAction": "allow"})
     assert policy.reload("SIGHUP")
-    policy.tick(1.0)
+    at(io, 1.0)
     assert len(applied) == 1 and io.counters.get("policy_reloads") == 1
 
 

@@ -463,7 +463,7 @@ def test_policy_logic_takes_any_record_in_range(tmp_path, peer, mode):
     harness = Harness(PolicyStage(open_maps=lambda s: maps), tmp_path, peer.ctx,
                       SLUICE_MODE=mode)
     try:
-        harness.stage.tick(0.0)  # programs the maps
+        harness.io.reactor.run_due()  # policy's timer programs the maps
         assert harness.io.ready
 
         @settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
