@@ -106,7 +106,9 @@ class ReverseResolver:
         self._done: collections.deque[Lookup] = collections.deque()
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(self._on_loop_error)
-        self._slots: asyncio.Semaphore | None = None
+        # Binds to the loop that first waits on it (the worker's, Python 3.10+), so it can be
+        # made here, before that loop runs.
+        self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task] = set()
         self._stopping = threading.Event()
         self.worker = Worker("lookups", self._run, log, stopping=self._stopping)
@@ -129,8 +131,6 @@ class ReverseResolver:
     def _run(self) -> None:
         """The worker's body: the event loop, until close() stops it."""
         asyncio.set_event_loop(self._loop)
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.concurrency)
         self._loop.run_forever()
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
