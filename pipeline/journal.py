@@ -368,16 +368,16 @@ class Journal:
         self.next_seq += frame.count
         data = frame.encode()
         try:
-            segment = self._active(index)
+            segment, fd = self._active(index)
             written = 0
             while written < len(data):
-                written += os.pwrite(self._fd, data[written:], segment.size + written)
+                written += os.pwrite(fd, data[written:], segment.size + written)
         except OSError as err:
             self._close_active()  # the next append starts a fresh segment
             self.next_seq = (index + 1) * SEGMENT_RECORDS + 1
-            segment = self.segments.get(index)
-            if segment is not None and segment.records == 0:  # nothing in it: no file left
-                self._delete(segment)
+            failed = self.segments.get(index)
+            if failed is not None and failed.records == 0:  # nothing in it: no file left
+                self._delete(failed)
             raise JournalError(f"cannot write journal in {self.directory}: "
                                f"{err.strerror or err}") from None
         segment.size += len(data)
@@ -385,10 +385,11 @@ class Journal:
             segment.first_seq = frame.first_seq
         segment.last_seq = frame.first_seq + frame.count - 1
 
-    def _active(self, index: int) -> Segment:
+    def _active(self, index: int) -> tuple[Segment, int]:
+        """The segment index, open for writing, and its descriptor."""
         segment = self.segments.get(index)
         if segment is not None and self._fd is not None:
-            return segment
+            return segment, self._fd
         self._close_active()
         self._write_next_index(index + 1)  # first: a number on disk is a number used
         path = self.directory / f"{index:010d}.seg"
@@ -401,7 +402,7 @@ class Journal:
             raise
         self._fd = fd
         segment = self.segments[index] = Segment(index, path, SEGMENT_HEAD.size)
-        return segment
+        return segment, fd
 
     def _close_active(self) -> None:
         if self._fd is not None:
