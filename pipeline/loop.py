@@ -143,8 +143,10 @@ class Feed:
 class StageIO:
     """What a stage gets at setup: its settings, logger, counters and socket factory."""
 
-    def __init__(self, name: str, settings: Settings, ctx: zmq.Context, stop: threading.Event,
-                 log: logging.Logger, clock: Clock = time.monotonic) -> None:
+    def __init__(self, name: str, settings: Settings, ctx: zmq.Context | None,
+                 stop: threading.Event, log: logging.Logger,
+                 clock: Clock = time.monotonic) -> None:
+        """ctx None: a StageIO that opens no sockets (an offline replay's)."""
         self.name = name
         self.settings = settings
         self.ctx = ctx
@@ -177,11 +179,16 @@ class StageIO:
         except OSError as err:  # the posture then says the layer is unreported: not on
             self.log.warning("cannot write the layers file: %s", err)
 
+    def _socket(self, kind: int) -> zmq.Socket:
+        if self.ctx is None:
+            raise RuntimeError(f"{self.name}'s StageIO has no ZeroMQ context: it opens no sockets")
+        return self.ctx.socket(kind)
+
     def bind_inboxes(self) -> dict[str, zmq.Socket]:
         """Bind every inbox the topology gives this stage; returns them by name."""
         bound = {}
         for inbox in STAGES[self.name].inboxes:
-            sock = self.ctx.socket(zmq.PULL if inbox.pattern == "pull" else zmq.REP)
+            sock = self._socket(zmq.PULL if inbox.pattern == "pull" else zmq.REP)
             sock.setsockopt(zmq.RCVHWM, QUEUE_MESSAGES if inbox.pattern == "pull"
                             else HIGH_WATER_MARK)
             sock.setsockopt(zmq.MAXMSGSIZE, messages.MAX_FRAME)  # a larger one drops its sender
@@ -207,7 +214,7 @@ class StageIO:
         return feeds
 
     def _connect_feed(self, link: Link) -> Feed:
-        sock = self.ctx.socket(zmq.PUSH)
+        sock = self._socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, QUEUE_MESSAGES)
         sock.setsockopt(zmq.LINGER, LINGER_MS)
         sock.connect(inbox_address(self.settings.run_dir, link.inbox))
@@ -221,7 +228,7 @@ class StageIO:
         many requests in flight, replies matched by the caller."""
         sockets = {}
         for link in STAGES[self.name].requests:
-            sock = self.ctx.socket(zmq.DEALER)
+            sock = self._socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)  # an unanswered request is worthless after a stop
             sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
             sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)

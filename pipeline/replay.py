@@ -263,6 +263,8 @@ class _LocalIO(StageIO):
     def bind_inboxes(self) -> dict:
         return {}
 
+    # A _Collector is no Feed (it has no socket) but has what stages use of one: send(),
+    # holding_back.
     def _connect_feed(self, link: Link) -> _Collector:  # type: ignore[override]
         collector = _Collector()
         self.outputs.update(dict.fromkeys(link.kinds, collector))

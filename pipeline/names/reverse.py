@@ -37,6 +37,7 @@ import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 import dns.asyncbackend
 import dns.asyncquery
@@ -95,6 +96,26 @@ def first_ptr(response: dns.message.Message) -> str:
         if rrset.rdtype == dns.rdatatype.PTR and len(rrset):
             return rrset[0].target.to_text()
     return ""
+
+
+class ReverseLookups(Protocol):
+    """What enrich asks of its reverse lookups: ReverseResolver, or a replay's stand-in."""
+
+    @property
+    def fd(self) -> int:
+        """An eventfd that becomes readable when lookups have finished."""
+
+    @property
+    def worker(self) -> Worker | None:
+        """The thread the lookups run in, for the loop to watch (None: no thread)."""
+
+    def start(self) -> None: ...
+
+    def submit(self, ips: Iterable[str]) -> None: ...
+
+    def finished(self) -> list[Lookup]: ...
+
+    def close(self) -> None: ...
 
 
 class ReverseResolver:

@@ -53,7 +53,7 @@ from ..names.namer import HeldEvents, Namer
 from ..hostfiles import HostFiles
 from ..startup import proxy_upstream
 from ..recording import NoRecorder, open_recorder
-from ..names.reverse import CONCURRENCY, NAMED, NOT_SENT, ReverseResolver
+from ..names.reverse import CONCURRENCY, NAMED, NOT_SENT, ReverseLookups, ReverseResolver
 from ..settings import Settings
 from ..topology import wiring_text
 
@@ -64,7 +64,7 @@ MAX_LOOKUPS = CONCURRENCY  # more in flight than can be sent would only hold eve
 class EnrichStage(BaseStage):
     name = "enrich"
 
-    def __init__(self, reverse: ReverseResolver | None = None, max_held: int = MAX_HELD,
+    def __init__(self, reverse: ReverseLookups | None = None, max_held: int = MAX_HELD,
                  max_lookups: int = MAX_LOOKUPS, files: HostFiles | None = None) -> None:
         self.reverse = reverse
         self.files = files
