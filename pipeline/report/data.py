@@ -152,12 +152,10 @@ def read_facts(url: str, host: str, since_ns: int | None) -> Facts:
                         for d, ip, p, proto, rule, n, first, last, processes in rows(_LATE_VIEW)]
                 refused = [Refused(*row) for row in rows(_REFUSED_VIEW)]
             else:
-                blocked = [Blocked(*key, n, first, last, procs) for key, n, first, last, procs
-                           in _fold(rows(_BLOCKED_ROWS, _BLOCKED_MINUTES), 3)]
-                late = [LateAllowed(*key, n, first, last, procs) for key, n, first, last, procs
-                        in _fold(rows(_LATE_ROWS, _LATE_MINUTES), 5)]
-                refused = [Refused(*key, n, first, last) for key, n, first, last, _
-                           in _fold(rows(_REFUSED_ROWS, _REFUSED_MINUTES), 1)]
+                blocked = [Blocked(*row) for row in _fold(rows(_BLOCKED_ROWS, _BLOCKED_MINUTES), 3)]
+                late = [LateAllowed(*row) for row in _fold(rows(_LATE_ROWS, _LATE_MINUTES), 5)]
+                refused = [Refused(*row[:-1])  # a refused name has no processes
+                           for row in _fold(rows(_REFUSED_ROWS, _REFUSED_MINUTES), 1)]
             timeline = [Minute(*row) for row in rows(_TIMELINE)]
     except sa.exc.SQLAlchemyError as err:
         raise StoreError(f"cannot read the report from the store: "
@@ -176,7 +174,7 @@ def _split(processes: str | None) -> tuple[str, ...]:
 
 
 def _fold(rows: Iterable, width: int) -> list[tuple]:
-    """Rows grouped per process -> (key, count, first, last, processes) per key."""
+    """Rows grouped per process -> (*key, count, first, last, processes) per key."""
     groups: dict[tuple, list] = collections.OrderedDict()
     for row in rows:
         key, process, count, first, last = (tuple(row[:width]), row[width], row[width + 1],
@@ -186,5 +184,5 @@ def _fold(rows: Iterable, width: int) -> list[tuple]:
         group[1], group[2] = min(group[1], first), max(group[2], last)
         if process:
             group[3].add(process)
-    return [(key, n, first, last, tuple(sorted(procs)))
+    return [(*key, n, first, last, tuple(sorted(procs)))
             for key, (n, first, last, procs) in groups.items()]
