@@ -465,7 +465,10 @@ MIGRATIONS: tuple[Migration, ...] = (
 
 _encode_json = msgspec.json.encode
 BUSY_TIMEOUT_MS = 1000  # short: a stopping persist must finish within honcho's 5 seconds
-_INSERTS = {"sqlite": sqlite_dialect.insert, "postgresql": pg_dialect.insert}
+# Each backend's own INSERT, the one that can say ON CONFLICT (the generic one cannot).
+DialectInsert = sqlite_dialect.Insert | pg_dialect.Insert
+_INSERTS: dict[str, Callable[[sa.Table], DialectInsert]] = {
+    "sqlite": sqlite_dialect.insert, "postgresql": pg_dialect.insert}
 _ID_CHUNK = 500  # ids per IN (...) when looking for already stored records
 
 

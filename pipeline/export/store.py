@@ -65,8 +65,10 @@ class StoredRows:
             column.host == sa.bindparam("host"), column.id > sa.bindparam("after"))
 
     def _run(self, what: str, work, engine: sa.Engine | None = None):
+        engine = engine or self.reader
+        assert engine is not None, "reads come after ready(), which opens the reader"
         try:
-            with (engine or self.reader).connect() as conn:
+            with engine.connect() as conn:
                 return work(conn)
         except sa.exc.SQLAlchemyError as err:
             raise StoreError(f"{self.url}: cannot {what}: {_one_line(err)}") from None
