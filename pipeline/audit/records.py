@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -57,8 +58,12 @@ FLAG_EXEMPT_TYPES = frozenset({
 # Every type a record may have: sluice's own and those cargowall logs carry.
 KNOWN_EVENT_TYPES = (*(t.value for t in AuditEventType), "step_boundary",
                      "container_attribution", "cgroup_would_block")
-EVENT_TYPE = limited(str, Limit(choices=KNOWN_EVENT_TYPES))
-CONTAINER = limited(str, Limit(max_len=128))
+if TYPE_CHECKING:  # what the checker needs to know; at run time, the limited wire types
+    EVENT_TYPE = str
+    CONTAINER = str
+else:
+    EVENT_TYPE = limited(str, Limit(choices=KNOWN_EVENT_TYPES))
+    CONTAINER = limited(str, Limit(max_len=128))
 
 
 @register
@@ -216,13 +221,14 @@ class AuditLogger:
         self._closed = False
         self._last_sync: float | None = None
         if path is not None:
-            self._open()
+            self._open(path)
 
     # -- file handling
 
-    def _open(self) -> None:
+    def _open(self, path: Path) -> int:
+        """Open path (self.path) for appending, its tail repaired; the descriptor."""
         try:
-            fd = private.open_private(self.path, os.O_RDWR | os.O_APPEND, self._gid)
+            fd = private.open_private(path, os.O_RDWR | os.O_APPEND, self._gid)
         except OSError as err:
             raise StoreError(f"cannot open audit log {self.path}: {err.strerror or err}") from None
         try:
@@ -232,6 +238,7 @@ class AuditLogger:
             raise StoreError(
                 f"cannot repair audit log {self.path}: {err.strerror or err}") from None
         self._fd = fd
+        return fd
 
     def _repair_tail(self, fd: int) -> None:
         """Cut a line a crash left half-written, so the next line starts on its own."""
@@ -258,13 +265,13 @@ class AuditLogger:
                 pass  # the descriptor is gone either way; nothing more to save
             self._fd = None
 
-    def _sync(self, force: bool = False) -> None:
+    def _sync(self, fd: int, force: bool = False) -> None:
         now = time.monotonic()
         if not force and self._last_sync is not None and now - self._last_sync <= SYNC_INTERVAL_S:
             return
         self._last_sync = now  # also after a failure: warn at most once a second
         try:
-            os.fsync(self._fd)
+            os.fsync(fd)
         except OSError as err:
             # The lines are written (in the page cache); writing them again would duplicate them.
             log.warning("cannot sync audit log %s: %s", self.path, err.strerror or err)
@@ -279,18 +286,17 @@ class AuditLogger:
         with self._lock:
             if self._closed:
                 raise StoreError(f"audit log {self.path} is closed")
-            if self._fd is None:
-                self._open()
+            fd = self._fd if self._fd is not None else self._open(self.path)
             view, done = memoryview(data), 0
             try:
                 while done < len(data):
-                    done += os.write(self._fd, view[done:])
+                    done += os.write(fd, view[done:])
             except OSError as err:
                 # A failed write may leave part of a line: reopening repairs the tail.
                 self._drop_fd()
                 raise StoreError(f"cannot write audit log {self.path}: "
                                  f"{err.strerror or err}") from None
-            self._sync()
+            self._sync(fd)
 
     def last_event_id(self) -> str:
         """The event id of the file's last line ("" when empty, unreadable or without one)."""
@@ -311,15 +317,15 @@ class AuditLogger:
             if self.path is None or self._closed:
                 return
             if self._fd is not None:
-                self._sync(force=True)
+                self._sync(self._fd, force=True)
                 self._drop_fd()
-            self._open()
+            self._open(self.path)
 
     def close(self) -> None:
         """Sync and close; closing twice is fine."""
         with self._lock:
             if self._fd is not None:
-                self._sync(force=True)
+                self._sync(self._fd, force=True)
                 self._drop_fd()
             self._closed = True
 
