@@ -266,6 +266,7 @@ class Stage(Protocol):
 
     def setup(self, io: StageIO) -> None: ...
     def handle(self, inbox: str, kind: str, records: list) -> None: ...
+    def reply(self, inbox: str, kind: str, records: list) -> bytes: ...
     def tick(self, now: float) -> None: ...
     def accepting(self) -> bool: ...
     def hangup(self) -> None: ...
@@ -414,7 +415,8 @@ def _loop(stage: Stage, io: StageIO, signals: _Signals, ready_marker: Path) -> N
     reactor = io.reactor
     next_counters = time.monotonic() + interval
     marked_ready = False
-    drain_started = quiet_since = None
+    drain_started: float | None = None
+    quiet_since = 0.0  # set with drain_started
 
     while True:
         if io.ready and not marked_ready:
@@ -489,8 +491,8 @@ def _decode(sock: zmq.Socket, inbox: Inbox, io: StageIO, complain) -> tuple[str,
         return None
     if bad:
         io.counters.add("malformed_records", len(bad))
-        for err in bad:
-            complain(inbox.name, err)
+        for problem in bad:
+            complain(inbox.name, problem)
     io.counters.add(f"{kind}_received", len(records))
     return kind, records
 
