@@ -123,13 +123,13 @@ class PolicyStage(BaseStage):
         firewall.program(self.policy, self.settings.audit_mode)
         self.firewall = firewall
         if self.settings.allow_existing_connections:
-            self._allow_existing_connections()
+            self._allow_existing_connections(firewall)
         self._report_programmed(self.policy, firewall.mark_programmed())
         self.io.ready = True
         self.io.log.info("maps programmed: default %s, %d rule(s), %s mode",
                          self.policy.default_action, len(self.policy.rules), self.settings.mode)
 
-    def _allow_existing_connections(self) -> None:
+    def _allow_existing_connections(self, firewall: Firewall) -> None:
         """Keep connections opened before sluice started (reference §6.3)."""
         read = self.files.read
         remotes = scan_connections(read("/proc/net/tcp"), read("/proc/net/tcp6"),
@@ -137,7 +137,7 @@ class PolicyStage(BaseStage):
         records = []
         for ip, observed in remotes.items():
             gate = gate_existing_connection(self.policy, ip, observed)
-            if apply_existing_connection(self.firewall, gate):
+            if apply_existing_connection(firewall, gate):
                 records.append(self._record(existing_connection_record(
                     ip, gate.dst_hostname, gate.matched_rule, gate.allowed,
                     gate.auto_allowed_type)))
