@@ -111,6 +111,7 @@ class EnrichStage(BaseStage):
                 ready += self._hold(event, begin=True)
             else:
                 ready.append(event)
+        assert self.reverse is not None, "setup() made the reverse lookups"
         self.reverse.submit(starting)
         self._send(ready)
 
@@ -130,6 +131,7 @@ class EnrichStage(BaseStage):
 
     def _lookups_ended(self) -> None:
         ready: list[RawEvent] = []
+        assert self.reverse is not None, "setup() made the reverse lookups"
         for lookup in self.reverse.finished():
             asked_at = self.lookups.pop(lookup.ip)
             self.io.counters.add(f"ptr_{lookup.outcome}")
