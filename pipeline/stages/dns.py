@@ -59,6 +59,7 @@ Example:  SLUICE_MODE=enforce SLUICE_DNS_UPSTREAM=1.1.1.1 sluice run dns
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -123,14 +124,12 @@ class DnsStage(BaseStage):
         self.files = files or HostFiles()
         self.clock, self.monotonic, self.waits = clock, monotonic, waits
         self.generation = generation
-        self.pinned: PinnedGeneration | None = None
         self.confirmed = ConfirmedOpen()
         self.policy_memory = PolicyMemory()  # per name: its verdict under this policy
         self.cache = ResponseCache()
         self.learned = LearnedTargets()
         self.pre_resolved = PreResolveMemory()
-        self.listeners: Listeners | None = None
-        self.upstream: Upstream | None = None
+        self.opened = contextlib.ExitStack()  # what setup() opened, for teardown to close
         self.mappings: list[DnsMapping] = []
         self.audits: list[AuditEvent] = []
         self.allow_in_flight = self.pre_resolving = 0
@@ -165,12 +164,14 @@ class DnsStage(BaseStage):
                                  io.histogram("allow_round_trip_seconds"), io.log)
         self.answer_latency = io.histogram("answer_latency_seconds")
         self.upstream = Upstream(reactor, upstream, settings.dns_timeout, mark, io.counters)
+        self.opened.callback(self.upstream.close)
         if self.generation is None:
-            self.pinned = PinnedGeneration(settings.bpf_dir, self.waits.pin_check_s,
-                                           self.monotonic)
-            self.generation = self.pinned.read
+            pinned = PinnedGeneration(settings.bpf_dir, self.waits.pin_check_s, self.monotonic)
+            self.opened.callback(pinned.close)
+            self.generation = pinned.read
         self.listeners = Listeners(reactor, io.counters, self.waits.tcp_idle_s, self.on_query,
                                    self.files)
+        self.opened.callback(self.listeners.close)
         for endpoint in listen:
             self.listeners.bind(endpoint)
         for endpoint in redirected:
@@ -188,12 +189,7 @@ class DnsStage(BaseStage):
                     if redirected else "no DNS redirect (SLUICE_DNS_REDIRECT=false)")
 
     def teardown(self) -> None:
-        if self.upstream is not None:
-            self.upstream.close()
-        if self.listeners is not None:
-            self.listeners.close()
-        if self.pinned is not None:
-            self.pinned.close()
+        self.opened.close()  # also after a setup that failed part way: what it opened
 
     # ------------------------------------------------------------- the loop's hooks
 
@@ -265,6 +261,7 @@ class DnsStage(BaseStage):
         if decided.route == LOCAL:
             self._reply(query, client, decided.rcode)
         elif decided.route == CACHED:
+            assert decided.cached is not None, "triage routes to the cache only with an entry"
             self._answer(query, client, decided.cached.wire, decided.cached.facts)
         else:
             self._forward(query, client)
@@ -350,6 +347,7 @@ class DnsStage(BaseStage):
     def _open(self, ask: AllowAsk, facts: AnswerFacts, done: Callable[[bool], None]) -> None:
         """Have the policy stage open the answer's addresses, unless it already confirmed
         them all for this name at the maps' current generation."""
+        assert self.generation is not None, "setup() chose the generation's source"
         generation = self.generation()
         if self.confirmed.covers(ask.name, facts.ips, generation):
             self.io.counters.add("already_open")
