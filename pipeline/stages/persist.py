@@ -47,6 +47,7 @@ Example:  SLUICE_DB=sqlite:////var/lib/sluice/audit.db sluice run persist
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -139,11 +140,13 @@ class _Progress:
 
 class PersistStage(BaseStage):
     name = "persist"
+    store: AuditStore    # the two outputs, opened by setup()
+    logger: AuditLogger
 
     def __init__(self, *, clock: Callable[[], int] = time.time_ns) -> None:
         self.clock = clock
-        self.store: AuditStore | None = None
-        self.logger: AuditLogger | None = None
+        self.opened = contextlib.ExitStack()  # what setup() opened, for teardown to close
+        self.storing = False  # setup() opened both outputs: teardown stores what is left
         self.retention: Retention | None = None
         self.pending: list[AuditEvent] = []      # received, not yet committed to SQL
         self.unjournaled: list[AuditEvent] = []  # committed to SQL, not yet in the JSONL file
@@ -162,9 +165,12 @@ class PersistStage(BaseStage):
         self.jsonl_retry = _Retry("JSONL write", "jsonl_errors", io)
         self.delivered_retry = _Retry("delivered destinations write", "store_errors", io)
         self.store = AuditStore(settings.db, gid=settings.gid)
+        self.opened.callback(self.store.close)
         applied = self.store.migrate()
         self.logger = AuditLogger(settings.audit_log, settings.audit_mode, clock=self.clock,
                                   gid=settings.gid)
+        self.opened.callback(self.logger.close)
+        self.storing = True
         self.retention = (Retention(settings.retention_days, self.clock)
                           if settings.retention_days else None)
         self.ack_retry = _Retry("journal acknowledgement", "ack_errors", io)
@@ -235,7 +241,7 @@ class PersistStage(BaseStage):
         if self.unjournaled and now >= self.jsonl_retry.next_at:
             self._journal(now)
         if self.retention is not None and not self.pending:
-            self._retain(now)
+            self._retain(self.retention, now)
         if self.to_ack and not self.unjournaled and now >= self.ack_retry.next_at:
             self._acknowledge(now)
         if self.delivered and not self.pending and now >= self.delivered_retry.next_at:
@@ -245,6 +251,7 @@ class PersistStage(BaseStage):
     def _commit_due(self, now: float) -> bool:
         if not self.pending or now < self.sql_retry.next_at:
             return False
+        assert self.pending_since is not None, "tick() noted when records became pending"
         return (len(self.pending) >= self.commit_rows
                 or now - self.pending_since >= self.io.settings.flush_interval)
 
@@ -285,9 +292,9 @@ class PersistStage(BaseStage):
         self.io.counters.add("rows_inserted", len(stored))
         self.io.counters.add("duplicates_skipped", len(batch) - len(stored))
 
-    def _retain(self, now: float) -> None:
+    def _retain(self, retention: Retention, now: float) -> None:
         try:
-            rows, summary = self.retention.step(self.store, now)
+            rows, summary = retention.step(self.store, now)
         except StoreError as err:
             self.io.log.warning("%s (retention tries again in an hour)", err)
             return
@@ -344,7 +351,7 @@ class PersistStage(BaseStage):
     # ------------------------------------------------------------- signals and stop
 
     def hangup(self) -> None:
-        if self.logger is None or self.logger.path is None:
+        if self.logger.path is None:
             return
         try:
             self.logger.reopen()
@@ -356,8 +363,8 @@ class PersistStage(BaseStage):
 
     def teardown(self) -> None:
         """Store what was received before the stop: one last attempt, losses counted."""
-        try:
-            if self.store is not None and self.logger is not None:
+        with self.opened:  # then the JSONL file and the store are closed
+            if self.storing:
                 now = time.monotonic()
                 self._commit_all(now)
                 self._journal(now)
@@ -372,11 +379,6 @@ class PersistStage(BaseStage):
                     self.io.log.error("%d record(s) could not be stored before the stop "
                                       "(counted as records_unstored_at_stop; those from "
                                       "capture's journal come again at the next start)", left)
-        finally:
-            if self.logger is not None:
-                self.logger.close()
-            if self.store is not None:
-                self.store.close()
 
 
 def run(settings: Settings, *, ctx: zmq.Context | None = None,
