@@ -21,6 +21,7 @@ import queue
 import random
 import threading
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from ..workers import Worker
 
@@ -28,6 +29,7 @@ FIRST_RETRY_S = 1.0
 MAX_RETRY_S = 30.0     # an hour-long outage is retried every 30 s; recovery is seen that soon
 MAX_RETRY_AFTER_S = 300.0
 _STOP = object()
+J = TypeVar("J")  # what a sink's send takes
 
 
 class DeliveryFailed(Exception):
@@ -55,10 +57,10 @@ class Result:
     error: DeliveryFailed | None = None
 
 
-class Courier:
+class Courier(Generic[J]):
     """One worker thread that runs send(job) for one job at a time."""
 
-    def __init__(self, name: str, send: Callable[[object], None],
+    def __init__(self, name: str, send: Callable[[J], None],
                  log: logging.Logger | None = None) -> None:
         self.send = send
         self.log = log or logging.getLogger("sluice.delivery")
@@ -74,7 +76,7 @@ class Courier:
         self._thread = self.worker.thread
         self.worker.start()
 
-    def submit(self, job: object) -> None:
+    def submit(self, job: J) -> None:
         assert not self.busy, "one job at a time"
         self.busy = True
         self._idle.clear()

@@ -54,6 +54,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -66,6 +67,9 @@ from ..export.otlp import LogEncoder, OtlpClient, parse_endpoint, parse_headers
 from ..settings import Settings
 from ..export.syslog import SyslogClient, format_message, parse_target, wanted
 from ..topology import STAGES
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer  # what prometheus_client serves /metrics with
 
 OTLP_BATCH = 1024     # records per request (the OpenTelemetry batch processor sends 512)
 SYSLOG_BATCH = 512    # rows looked at per send
@@ -267,7 +271,7 @@ class ExportStage(BaseStage):
         self.delay = delay
         self.lanes: list[Lane] = []
         self.store: StoredRows | None = None
-        self.metrics_server = None
+        self.metrics_server: WSGIServer | None = None
         self.store_retry_at = self.next_backlog = 0.0
         self.next_save = time.monotonic() + CURSOR_SAVE_S
         self.store_logged: set[str] = set()
@@ -280,11 +284,7 @@ class ExportStage(BaseStage):
         logging.getLogger("urllib3").setLevel(logging.WARNING)
         for sink in (self._otlp_sink(settings), self._syslog_sink(settings)):
             if sink is not None:
-                courier = Courier(sink.name, lambda job, sink=sink: sink.send(job), io.log)
-                io.watch_worker(courier.worker)
-                lane = Lane(sink, io, courier, self.delay)
-                io.watch_fd(courier.fd, lambda lane=lane: lane.on_results(time.monotonic()))
-                self.lanes.append(lane)
+                self._add_lane(io, sink)
         self._serve_metrics(settings)
         if self.lanes:
             self.store = StoredRows(settings.db, settings.host_name)
@@ -296,6 +296,13 @@ class ExportStage(BaseStage):
                     "SLUICE_OTLP_ENDPOINT or SLUICE_SYSLOG): idle",
                     f"; /metrics on {settings.metrics_listen}" if self.metrics_server else "")
 
+    def _add_lane(self, io: StageIO, sink: Sink) -> None:
+        courier = Courier(sink.name, sink.send, io.log)
+        io.watch_worker(courier.worker)
+        lane = Lane(sink, io, courier, self.delay)
+        io.watch_fd(courier.fd, lambda: lane.on_results(time.monotonic()))
+        self.lanes.append(lane)
+
     def _config_error(self, counter: str, variable: str, problem: str) -> None:
         self.io.counters.add(counter)
         self.io.log.error("%s %s: going on without it", variable, problem)
@@ -306,11 +313,13 @@ class ExportStage(BaseStage):
         try:
             endpoint = parse_endpoint(settings.otlp_endpoint)
         except ValueError as err:
-            return self._config_error("otlp_config_errors", "SLUICE_OTLP_ENDPOINT", str(err))
+            self._config_error("otlp_config_errors", "SLUICE_OTLP_ENDPOINT", str(err))
+            return None
         try:
             headers = parse_headers(settings.otlp_headers)
         except ValueError as err:
-            return self._config_error("otlp_config_errors", "SLUICE_OTLP_HEADERS", str(err))
+            self._config_error("otlp_config_errors", "SLUICE_OTLP_HEADERS", str(err))
+            return None
         return OtlpSink(OtlpClient(endpoint, headers), settings.host_name)
 
     def _syslog_sink(self, settings: Settings) -> SyslogSink | None:
@@ -319,7 +328,8 @@ class ExportStage(BaseStage):
         try:
             return SyslogSink(SyslogClient(parse_target(settings.syslog)))
         except ValueError as err:
-            return self._config_error("syslog_config_errors", "SLUICE_SYSLOG", str(err))
+            self._config_error("syslog_config_errors", "SLUICE_SYSLOG", str(err))
+            return None
 
     def _serve_metrics(self, settings: Settings) -> None:
         if not settings.metrics_listen:
@@ -329,8 +339,9 @@ class ExportStage(BaseStage):
 
         host, colon, port = settings.metrics_listen.strip().rpartition(":")
         if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            return self._config_error("metrics_config_errors", "SLUICE_METRICS_LISTEN",
-                                      "is not host:port")
+            self._config_error("metrics_config_errors", "SLUICE_METRICS_LISTEN",
+                               "is not host:port")
+            return
         registry = CollectorRegistry(auto_describe=False)
         registry.register(SluiceCollector(settings.run_dir, settings.bpf_dir, STAGES))
         try:
@@ -343,14 +354,15 @@ class ExportStage(BaseStage):
     # ------------------------------------------------------------- the loop
 
     def tick(self, now: float) -> None:
-        if self.store is None or now < self.store_retry_at:
+        store = self.store
+        if store is None or now < self.store_retry_at:
             return
         try:
-            if not self.lanes[0].started and not self._start(now):
+            if not self.lanes[0].started and not self._start(store, now):
                 return
-            self._pump(now)
+            self._pump(store, now)
             if now >= self.next_backlog:
-                self._count_backlog()
+                self._count_backlog(store)
                 self.next_backlog = now + BACKLOG_EVERY_S
         except StoreError as err:
             self.store_retry_at = now + STORE_RETRY_S
@@ -360,7 +372,7 @@ class ExportStage(BaseStage):
                                         for lane in self.lanes):
             self.next_save = now + CURSOR_SAVE_S
             try:  # a store busy for longer than its timeout delays the save, not delivery
-                self._save()
+                self._save(store)
             except StoreError as err:
                 self._store_failed(err)
 
@@ -370,33 +382,33 @@ class ExportStage(BaseStage):
             self.store_logged.add(str(err))
             self.io.log.warning("%s (counted as store_errors, logged once; retried)", err)
 
-    def _start(self, now: float) -> bool:
+    def _start(self, store: StoredRows, now: float) -> bool:
         """Begin once persist's migrations made the cursor table."""
-        if not self.store.ready():
+        if not store.ready():
             if self.waiting_since is not None and now - self.waiting_since > STORE_WAIT_LOG_S:
                 self.io.log.warning("no table export_cursors in %s yet (persist creates it at "
-                                    "start); still waiting", self.store.url)
+                                    "start); still waiting", store.url)
                 self.waiting_since = None
             return False
         for lane in self.lanes:
-            lane.start(self.store.cursor(lane.sink.name))
+            lane.start(store.cursor(lane.sink.name))
             self.io.log.info("%s: delivering from row id %d on", lane.sink.name, lane.acked)
         return True
 
-    def _pump(self, now: float) -> None:
+    def _pump(self, store: StoredRows, now: float) -> None:
         settled = None
         for lane in self.lanes:
             lane.send_next(now)
             if lane.wants_rows(now):
                 if settled is None:
-                    settled = self.store.settled()
-                lane.read(self.store, settled, now)
+                    settled = store.settled()
+                lane.read(store, settled, now)
                 lane.send_next(now)
 
-    def _save(self) -> None:
+    def _save(self, store: StoredRows) -> None:
         changed = {lane.sink.name: lane.acked for lane in self.lanes
                    if lane.started and lane.acked != lane.saved}
-        self.store.save(changed)
+        store.save(changed)
         for lane in self.lanes:
             lane.saved = lane.acked
 
@@ -409,20 +421,20 @@ class ExportStage(BaseStage):
         if self.store is not None:
             try:
                 if self.lanes[0].started:
-                    self._final_save()
-                    self._count_backlog()  # the final counters say what is left
+                    self._final_save(self.store)
+                    self._count_backlog(self.store)  # the final counters say what is left
             except StoreError:
                 pass  # said by _final_save, or the backlog stays as last counted
             finally:
                 self.store.close()
 
-    def _count_backlog(self) -> None:
+    def _count_backlog(self, store: StoredRows) -> None:
         for lane in self.lanes:
-            self.io.counters.level(f"{lane.sink.name}_backlog", self.store.backlog(lane.acked))
+            self.io.counters.level(f"{lane.sink.name}_backlog", store.backlog(lane.acked))
 
-    def _final_save(self) -> None:
+    def _final_save(self, store: StoredRows) -> None:
         try:  # one attempt: with the wait for the batch in flight it fits honcho's 5 s
-            self._save()
+            self._save(store)
         except StoreError as err:
             self.io.log.warning("%s: the cursors were not stored; records since the last save "
                                 "are sent again at the next start", err)
