@@ -185,6 +185,14 @@ class StateMachineClient(Protocol):
         """Deliver one notification; raise DeliveryError when the sink did not take it."""
 
 
+class NotifySink(Protocol):
+    """Where the notify stage's courier delivers: notifications, and storm summaries sent
+    like them (WebhookClient)."""
+
+    def send(self, notification: Notification | Summary) -> None:
+        """Deliver one; raise DeliveryError when the sink did not take it."""
+
+
 class NotificationTracker:
     """The destinations already notified (or being notified), and the client that sends."""
 
@@ -268,7 +276,7 @@ class WebhookClient:
     def __repr__(self) -> str:
         return f"WebhookClient({sink_origin(self.url)})"
 
-    def send(self, notification: Notification) -> None:
+    def send(self, notification: Notification | Summary) -> None:
         data = json.dumps(notification.body(self.host)).encode()
         request = urllib.request.Request(self.url, data=data, headers=self._headers,
                                          method="POST")

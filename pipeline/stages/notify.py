@@ -68,8 +68,8 @@ from ..errors import StoreError
 from ..events import DeliveredDestination, Notice
 from ..loop import BaseStage, StageIO, batched, run_stage
 from ..notify import (DeliveryError, LogClient, Notification, NotificationTracker,
-                      StateMachineClient, Storm, Summary, WebhookClient, destination_key,
-                      retry_delay, sink_origin)
+                      NotifySink, Storm, Summary, WebhookClient, destination_key, retry_delay,
+                      sink_origin)
 from ..settings import Settings
 from ..audit.store import notified_destinations, open_readonly
 from ..reactor import Timer
@@ -117,6 +117,7 @@ class DeliveredKeys:
     def load(self) -> set[str]:
         column = notified_destinations.c
         query = sa.select(column.destination).where(column.host == self.host)
+        assert self.engine is not None, "ready() opened it"
         try:
             with self.engine.connect() as conn:
                 return set(conn.execute(query).scalars())
@@ -136,7 +137,7 @@ class Courier:
     like any other); one anywhere else restarts the thread (pipeline/workers.py) with what
     was due kept, so no notification is lost with it."""
 
-    def __init__(self, client: StateMachineClient, *, log: logging.Logger,
+    def __init__(self, client: NotifySink, *, log: logging.Logger,
                  max_attempts: int = MAX_ATTEMPTS, capacity: int = MAX_PENDING,
                  delay: Callable[[int], float] = retry_delay) -> None:
         self.client, self.delay, self.log = client, delay, log
@@ -242,7 +243,7 @@ class Courier:
 class NotifyStage(BaseStage):
     name = "notify"
 
-    def __init__(self, client: StateMachineClient | None = None,
+    def __init__(self, client: NotifySink | None = None,
                  delay: Callable[[int], float] = retry_delay,
                  max_attempts: int = MAX_ATTEMPTS, max_pending: int = MAX_PENDING,
                  summary_interval: float = SUMMARY_INTERVAL_S,
@@ -274,14 +275,14 @@ class NotifyStage(BaseStage):
             return
         webhook = self.client or WebhookClient(settings.notify_url, settings.notify_token,
                                                settings.host_name)
-        self.memory = DeliveredKeys(settings.db, settings.host_name)
+        self.memory = memory = DeliveredKeys(settings.db, settings.host_name)
         self.persist = io.connect_feeds()["delivered_destinations"]
-        self.courier = Courier(webhook, log=io.log, max_attempts=self.max_attempts,
-                               capacity=self.max_pending, delay=self.delay)
-        io.watch_fd(self.courier.fd, self._reports)  # the loop polls what setup registers
-        io.watch_worker(self.courier.worker)
+        self.courier = courier = Courier(webhook, log=io.log, max_attempts=self.max_attempts,
+                                         capacity=self.max_pending, delay=self.delay)
+        io.watch_fd(courier.fd, lambda: self._reports(courier))  # polled once setup is done
+        io.watch_worker(courier.worker)
         self.store_deadline = io.reactor.clock() + STORE_WAIT_S
-        io.reactor.after(0, self._wait_for_store)
+        io.reactor.after(0, lambda: self._wait_for_store(courier, memory))
         io.log.info("%s; posting to %s (%s)", wiring_text(self.name),
                     sink_origin(settings.notify_url),
                     "bearer token set" if settings.notify_token else "no token")
@@ -291,15 +292,15 @@ class NotifyStage(BaseStage):
             self.persist.send(batch)
         self.delivered = []
 
-    def _wait_for_store(self) -> None:
+    def _wait_for_store(self, courier: Courier, memory: DeliveredKeys) -> None:
         """Delivery starts once persist has made the delivered-destinations table."""
-        if self.memory.ready():
-            self._start_delivery(self.memory.load())
+        if memory.ready():
+            self._start_delivery(courier, memory.load())
         elif self.io.reactor.clock() > self.store_deadline:
-            raise StoreError(f"{self.memory.url}: no table notified_destinations after "
+            raise StoreError(f"{memory.url}: no table notified_destinations after "
                              f"{STORE_WAIT_S:.0f} s (persist creates it at start)")
         else:
-            self.io.reactor.after(STORE_POLL_S, self._wait_for_store)
+            self.io.reactor.after(STORE_POLL_S, lambda: self._wait_for_store(courier, memory))
 
     def _summary_due(self) -> None:
         """Arm the timer of the next storm summary: one in delivery at a time, at most one
@@ -310,17 +311,21 @@ class NotifyStage(BaseStage):
 
     def _summarize(self) -> None:
         self.summary_timer = None
-        if self.tracker is None or not self.storm or self.summary_out:
+        courier = self.courier
+        if courier is None or self.tracker is None or self.summary_out:
             return  # delivery has not started: _start_delivery arms the timer again
-        self.courier.send_first(self.storm.take())
+        summary = self.storm.take()
+        if summary is None:
+            return
+        courier.send_first(summary)
         self.summary_out = True
         self.next_summary = self.io.reactor.clock() + self.summary_interval
 
-    def _start_delivery(self, notified: set[str]) -> None:
-        self.courier.start()
-        self.tracker = NotificationTracker(self.courier, notified)
+    def _start_delivery(self, courier: Courier, notified: set[str]) -> None:
+        courier.start()
+        self.tracker = tracker = NotificationTracker(courier, notified)
         for member in self.storm.members:  # what came early beyond the buffer: summarized
-            self.tracker.claim(member.key)
+            tracker.claim(member.key)
         self.io.ready = True
         self.io.log.info("%d destination(s) notified before; delivering", len(notified))
         early, self.early = self.early, []
@@ -328,29 +333,30 @@ class NotifyStage(BaseStage):
         self._summary_due()
 
     def handle(self, inbox: str, kind: str, records: list[Notice]) -> None:
-        if self.tracker is None:
+        tracker = self.tracker
+        if tracker is None:
             room = max(0, self.max_pending - len(self.early))
             self.early += records[:room]
             for n in records[room:]:
                 self._storm(self._notification(n))
             return
         for n in records:
-            self._notice(n)
+            self._notice(tracker, n)
 
     @staticmethod
     def _notification(n: Notice) -> Notification:
         return Notification(destination_key(n.hostname, n.ip, n.port), n.hostname, n.ip,
                             n.port, n.protocol, n.process, n.timestamp_ns, n.mode, n.event_type)
 
-    def _notice(self, n: Notice) -> None:
+    def _notice(self, tracker: NotificationTracker, n: Notice) -> None:
         if self.courier is not None and self.courier.full():
             notification = self._notification(n)
-            if self.tracker.claim(notification.key):
+            if tracker.claim(notification.key):
                 self._storm(notification)
             else:
                 self.io.counters.add("duplicates_suppressed")
             return
-        sent = self.tracker.send_notification(
+        sent = tracker.send_notification(
             n.hostname, n.ip, n.port, protocol=n.protocol, process=n.process,
             first_seen_ns=n.timestamp_ns, mode=n.mode, event_type=n.event_type)
         if not sent:
@@ -367,14 +373,14 @@ class NotifyStage(BaseStage):
         self.io.counters.add("stormed")
         self._summary_due()
 
-    def _reports(self) -> None:
-        for report in self.courier.finished():
+    def _reports(self, courier: Courier) -> None:
+        for report in courier.finished():
             if report.attempt > 1:
                 self.io.counters.add("retries")
             if report.internal:
                 self.io.counters.add("internal_errors")
             if isinstance(report.notification, Summary):
-                self._summary_report(report)
+                self._summary_report(report, report.notification)
             elif report.error:
                 self._failed(report)
             else:
@@ -382,8 +388,7 @@ class NotifyStage(BaseStage):
                 self.errors_logged.clear()
                 self._remember(report.notification)
 
-    def _summary_report(self, report: Report) -> None:
-        summary = report.notification
+    def _summary_report(self, report: Report, summary: Summary) -> None:
         if not report.error:
             self.summary_out = False
             self.io.counters.add("summaries_delivered")
@@ -411,6 +416,7 @@ class NotifyStage(BaseStage):
         key = report.notification.key
         self.io.counters.add("delivery_failures")
         if report.retry_in is None:
+            assert self.tracker is not None, "delivery started with it: there are reports"
             self.tracker.release(key)
             self.io.counters.add("gave_up")
             self.io.log.warning("gave up on %s after %d attempt(s) (%s); its next block "
@@ -424,7 +430,8 @@ class NotifyStage(BaseStage):
         undelivered = len(self.early) + len(self.storm)
         if self.courier is not None:
             if self.tracker is not None:
-                self._reports()  # attempts that ended before the stop count as such
+                # attempts that ended before the stop count as such
+                self._reports(self.courier)
             self.courier.close()
             undelivered += self.courier.pending
             for batch in batched(self.delivered, self.io.settings.batch_max):
