@@ -123,7 +123,7 @@ export_cursors = sa.Table(
 # The rollups (pipeline/audit/rollups.py says what each holds); persist and `sluice import` keep
 # them in step with audit_events in the same transaction. Counts are 64-bit; the views cast
 # their sums back to BIGINT, which PostgreSQL would otherwise widen to numeric.
-_NO_ROWID = {"sqlite_with_rowid": False}  # SQLite: one B-tree per table, keyed like the PK
+# sqlite_with_rowid=False: on SQLite, one B-tree per table, keyed like the primary key.
 
 
 def _counts() -> list[sa.Column]:
@@ -137,19 +137,19 @@ late_keys = sa.Table(
     sa.Column("dst_port", sa.Integer, primary_key=True),
     sa.Column("protocol", sa.Text, primary_key=True),
     sa.Column("last_late", sa.Text, nullable=False),
-    **_NO_ROWID,
+    sqlite_with_rowid=False,
 )
 activity_minutes = sa.Table(
     "activity_minutes", metadata,
     sa.Column("host", sa.Text, primary_key=True),
     sa.Column("minute", sa.Text, primary_key=True),  # 2026-01-01T10:00Z
-    *_counts(), **_NO_ROWID,
+    *_counts(), sqlite_with_rowid=False,
 )
 activity_days = sa.Table(
     "activity_days", metadata,
     sa.Column("host", sa.Text, primary_key=True),
     sa.Column("day", sa.Text, primary_key=True),  # 2026-01-01
-    *_counts(), **_NO_ROWID,
+    *_counts(), sqlite_with_rowid=False,
 )
 
 
@@ -165,7 +165,7 @@ def _groups(name: str, key: Sequence[str], meta: sa.MetaData = metadata) -> sa.T
         sa.Column("counted", sa.BigInteger, nullable=False),
         sa.Column("counted_first", sa.Text),  # NULL when every row of the group is superseded
         sa.Column("counted_last", sa.Text),
-        **_NO_ROWID,
+        sqlite_with_rowid=False,
     )
 
 
@@ -658,8 +658,10 @@ def _copy(conn: sa.Connection, sql: str, rows: Sequence[tuple]) -> None:
     """COPY rows into a scratch table on PostgreSQL, in the connection's transaction."""
     import psycopg
 
+    driver = conn.connection.dbapi_connection
+    assert isinstance(driver, psycopg.Connection), "PostgreSQL is reached through psycopg 3"
     try:
-        with conn.connection.dbapi_connection.cursor() as cursor:
+        with driver.cursor() as cursor:
             with cursor.copy(sql) as copy:
                 for row in rows:
                     copy.write_row(row)
@@ -940,7 +942,7 @@ class AuditStore:
         insert = _INSERTS[dialect.name](audit_events).on_conflict_do_nothing(
             index_elements=["event_id"])
         compiled = insert.compile(dialect=dialect, column_keys=list(COLUMNS))
-        if compiled.positional and list(compiled.positiontup) != list(COLUMNS):
+        if compiled.positional and list(compiled.positiontup or ()) != list(COLUMNS):
             raise StoreError(f"{self.url}: unexpected parameter order from {dialect.name}")
         self._insert_sql = compiled.string
         self._positional = compiled.positional
@@ -991,8 +993,10 @@ class AuditStore:
         try:
             with self.engine.connect() as conn:
                 stored = self._insert(conn, events)
-                if self._checkpointer is not None:
-                    self._checkpointer.committed(conn.connection.driver_connection)
+                if self._checkpointer is not None:  # SQLite: its driver is the sqlite3 module
+                    driver = conn.connection.driver_connection
+                    assert isinstance(driver, sqlite3.Connection)
+                    self._checkpointer.committed(driver)
                 return stored
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as err:
             raise StoreError(f"{self.url}: {_one_line(err)}") from None
