@@ -58,9 +58,9 @@ from ..kernel.cgroups import CgroupPaths
 from ..kernel.doctor import blocking_failures
 from ..kernel.generation import programmed, read_config
 from ..kernel.loader import (AGG_WINDOW_NS, HOOKS, MIDSTREAM_WINDOW_NS, V6_HOOKS, Attachment,
-                             Hook, attach_filter, attach_hooks, cgroup_dir, cgroup_root,
-                             detach_filter, detach_hooks, egress_interface, ipv6_disabled,
-                             load_classifier, remove_pins)
+                             Classifier, Hook, attach_filter, attach_hooks, cgroup_dir,
+                             cgroup_root, detach_filter, detach_hooks, egress_interface,
+                             ipv6_disabled, load_classifier, remove_pins)
 from ..kernel.maps import read_counters
 from ..kernel.ringbuf import RingReader
 from ..kernel.structs import FlowKey, FlowState
@@ -120,20 +120,20 @@ class _Sender:
         """The next records to send (up to size) and whether they are resent ones."""
         while not self.current:
             if self.frame is not None:
-                self._decode(size)
+                self._decode(self.frame, size)
             elif not self._load():
                 return None
         batch, self.current = self.current[:size], self.current[size:]
         return batch, self.from_recovery
 
-    def _decode(self, size: int) -> None:
+    def _decode(self, frame: Frame, size: int) -> None:
         """The frame's next size records: a frame of a whole flood is never all in memory
         as objects at once."""
         start = self.frame_at
-        self.frame_at = min(start + size, self.frame.count)
-        self.current = decode_frame(self.frame, self.journal.journal_id, self.skip, start,
+        self.frame_at = min(start + size, frame.count)
+        self.current = decode_frame(frame, self.journal.journal_id, self.skip, start,
                                     self.frame_at, self.cgroup_path)
-        if self.frame_at == self.frame.count:
+        if self.frame_at == frame.count:
             self.frame = None
 
     @property
@@ -154,8 +154,8 @@ class _Sender:
             frame = self.unjournaled.popleft()
             self.unjournaled_bytes -= len(frame.payload)
             return self._take(frame, recovery=False)
-        frame = self.journal.read(self.live)
-        return frame is not None and self._take(frame, recovery=False)
+        stored = self.journal.read(self.live)
+        return stored is not None and self._take(stored, recovery=False)
 
     def _from_recovery(self) -> bool:
         if self.recovery.index >= self.recovery_until:
@@ -184,6 +184,7 @@ class _Sender:
 
 class CaptureStage(BaseStage):
     name = "capture"
+    ring: RingReader  # set by setup() once the classifier is loaded
 
     def __init__(self, kernel_ns: Callable[[], int] = time.monotonic_ns,
                  wall_ns: Callable[[], int] = time.time_ns, paces: Paces = Paces()) -> None:
@@ -191,11 +192,11 @@ class CaptureStage(BaseStage):
         it and the stage's loop runs on it; wall_ns converts those timestamps."""
         self.kernel_ns, self.wall_ns, self.paces = kernel_ns, wall_ns, paces
         self.monotonic = lambda: kernel_ns() / 1e9
-        self.classifier = None
-        self.ring: RingReader | None = None
+        # Made by setup() in this order; teardown closes what it got to.
         self.journal: Journal | None = None
-        self.attachment = Attachment()
         self.cgroups: CgroupPaths | None = None
+        self.classifier: Classifier | None = None
+        self.attachment = Attachment()
         self.has_v6 = False
         self.redirect_layer: dict = {}
         self.next_sweep = self.next_counters = self.next_release = 0.0
@@ -208,41 +209,42 @@ class CaptureStage(BaseStage):
         for failure in blocking_failures(settings):
             raise KernelError(failure.line())
         self.interface = egress_interface(settings)
-        self.journal = Journal(settings.journal_dir, settings.journal_max_bytes)
+        self.journal = journal = Journal(settings.journal_dir, settings.journal_max_bytes)
         try:
-            found = self.journal.open()
+            found = journal.open()
         except JournalError as err:
             # Enforcement never waits on the disk: run without durability, loudly.
             found = Recovery()
-            self.journal.broken = str(err)
+            journal.broken = str(err)
             io.log.error("%s: every record goes on from memory, not durable (counted as "
                          "journal_errors)", err)
         io.counters.add("journal_damaged_bytes", found.damaged_bytes)
-        self.cgroups = CgroupPaths(cgroup_root(settings))
-        self.sender = _Sender(self.journal, self.journal.recovered_until, self.cgroups.path)
-        self.classifier = load_classifier(settings)
+        self.cgroups = cgroups = CgroupPaths(cgroup_root(settings))
+        self.sender = _Sender(journal, journal.recovered_until, cgroups.path)
+        self.classifier = classifier = load_classifier(settings)
+        self.egress_fd = classifier.egress_fd
         previous = Attachment.load(settings.run_dir) or Attachment()
         self.attachment = Attachment(interface=self.interface, bpf_dir=str(settings.bpf_dir))
         if previous.interface == self.interface:
             self.attachment.qdisc_created = previous.qdisc_created  # so a detach removes it
         cgroup = cgroup_dir(settings)
         self.attachment.cgroup = str(cgroup)
-        self.redirect_fd = self.classifier.map_fd("map_dns_redirect")
+        self.redirect_fd = classifier.map_fd("map_dns_redirect")
         self.attachment.redirect_addresses = self._redirect_addresses(previous)
-        self.attachment.hooks, failures = attach_hooks(self.classifier, cgroup)
+        self.attachment.hooks, failures = attach_hooks(classifier, cgroup)
         # The hooks a stopped (enforce mode) or killed run left go once ours are on: never a
         # moment without the redirect, nor two of each for long.
         detach_hooks(previous.cgroup, [h for h in previous.hooks if h not in self.attachment.hooks])
         self.attachment.save(settings.run_dir)
         self._redirect_state(failures)
         self.feed = io.connect_feeds()["raw_events"]
-        self.ring = RingReader(self.classifier.map_fd("map_events"),
+        self.ring = RingReader(classifier.map_fd("map_events"),
                                settings.ringbuf_pages * 4096, RECORD_SIZE)
-        io.watch_fd(self.classifier.map_fd("map_events"), self.drain)
-        self.config_fd = self.classifier.map_fd("map_config")
-        self.counters_fd = self.classifier.map_fd("map_counters")
-        self.flows_fd = self.classifier.map_fd("map_flows")
-        self.overflow_fd = self.classifier.map_fd("map_overflow")
+        io.watch_fd(classifier.map_fd("map_events"), self.drain)
+        self.config_fd = classifier.map_fd("map_config")
+        self.counters_fd = classifier.map_fd("map_counters")
+        self.flows_fd = classifier.map_fd("map_flows")
+        self.overflow_fd = classifier.map_fd("map_overflow")
         self._report_layers()
         io.log.info("loaded classifier, maps pinned in %s, %d cgroup hook(s) on %s; journal %s "
                     "(%d unfinished segment(s) from an earlier run); waiting for policy to "
@@ -316,6 +318,7 @@ class CaptureStage(BaseStage):
     def _journal(self, frame: Frame) -> None:
         """Append frame, split at segment ends; what cannot be journaled goes on from memory."""
         journal, counters = self.journal, self.io.counters
+        assert journal is not None, "setup() opened it"
         while frame.count:
             part = frame
             room = journal.room(frame.count)
@@ -394,10 +397,12 @@ class CaptureStage(BaseStage):
             self._sweep_overflow()
         if now >= self.next_release:
             self.next_release = now + self.paces.release_s
-            deleted, unstored = self.journal.release()
+            journal = self.journal
+            assert journal is not None, "setup() opened it"
+            deleted, unstored = journal.release()
             self.io.counters.add("journal_segments_released", deleted)
             self.io.counters.level("journal_unstored", unstored)
-            self.io.counters.level("journal_bytes", self.journal.size)
+            self.io.counters.level("journal_bytes", journal.size)
         if now >= self.next_counters:
             self.next_counters = now + self.paces.counters_s
             for name, value in read_counters(self.counters_fd).items():
@@ -409,7 +414,7 @@ class CaptureStage(BaseStage):
         return self.feed.holding_back or self.sender.idle
 
     def _attach(self) -> None:
-        created = attach_filter(self.interface, self.classifier.egress_fd)
+        created = attach_filter(self.interface, self.egress_fd)
         self.attachment.qdisc_created = created or self.attachment.qdisc_created
         self.attachment.filter_attached = True
         self.attachment.save(self.io.settings.run_dir)
@@ -477,9 +482,10 @@ class CaptureStage(BaseStage):
     # ------------------------------------------------------------- stop
 
     def teardown(self) -> None:
-        if self.classifier is None:
-            if self.journal is not None:
-                self.journal.close()
+        classifier, journal, cgroups = self.classifier, self.journal, self.cgroups
+        if classifier is None or journal is None or cgroups is None:  # no classifier loaded
+            if journal is not None:
+                journal.close()
             return
         settings = self.io.settings
         try:
@@ -488,22 +494,22 @@ class CaptureStage(BaseStage):
             self._sweep_overflow()
             self.send()
         finally:
-            self.journal.close()
+            journal.close()
             self.ring.close()
-            self.cgroups.close()
+            cgroups.close()
             if settings.audit_mode:
                 detach_hooks(self.attachment.cgroup, self.attachment.hooks)
                 redirect.remove_addresses(self.attachment.redirect_addresses)
                 detach_filter(self.interface, self.attachment.qdisc_created)
                 self.attachment.filter_attached = False
-                self.classifier.cleanup()
+                classifier.cleanup()
                 remove_pins(settings.bpf_dir)
                 Attachment.path(settings.run_dir).unlink(missing_ok=True)
                 self.io.log.info("audit mode: detached from %s, removed the hooks, the DNS "
                                  "redirect and the pins", self.interface)
             else:
                 self.attachment.save(settings.run_dir)
-                self.classifier.cleanup()
+                classifier.cleanup()
                 self.io.log.info("enforce mode: the hooks%s stay in place (fail closed) "
                                  "until `sluice detach`",
                                  f" and the filter on {self.interface}"
