@@ -9,7 +9,7 @@ import pytest
 from pipeline.firewall.writer import Firewall, apply_existing_connection
 from pipeline.policy.existing import gate_existing_connection
 from pipeline.rulemaps import ALLOW, DENY, DictRuleMaps
-from test_policy_match import make_policy, specs
+from tests.support.policykit import make_policy, specs
 
 TCP, UDP, ICMP = 6, 17, 1
 net = ipaddress.ip_network

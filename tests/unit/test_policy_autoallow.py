@@ -5,7 +5,7 @@ import pytest
 from pipeline.policy import autoallow
 from pipeline.policy.rules import Rule
 from pipeline.policy.verdict import PortSpec
-from test_policy_match import make_policy, specs
+from tests.support.policykit import make_policy, specs
 
 INFRA = [
     ([], ["10.1.2.3"], "53/udp", ["10.1.2.3/32"]),

@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.policy.existing import gate_existing_connection, parse_proc_net, scan_connections
-from test_policy_match import make_policy, specs
+from tests.support.policykit import make_policy, specs
 
 HEADER = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  "
           "timeout inode")

@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.policy.explain import explain, render_table
-from test_policy_match import make_policy
+from tests.support.policykit import make_policy
 
 POLICY = make_policy(
     "allow 10.0.0.0/8 443/tcp", "deny 10.9.0.0/16", "allow 0.0.0.0/0 53/udp",

@@ -11,6 +11,7 @@ from pipeline.policy.load import (InvalidPolicy, load_policy, load_policy_file,
 from pipeline.policy.rules import Rule
 from pipeline.policy.verdict import PortSpec
 from pipeline.settings import Settings
+from tests.support.policykit import make_policy, specs
 
 CARGOWALL_EXAMPLE = """{
   "defaultAction": "deny",
@@ -271,7 +272,6 @@ MERGES = [
 
 @pytest.mark.parametrize("specs_, expected", MERGES)
 def test_duplicates_merge_at_the_first_position(specs_, expected):
-    from test_policy_match import make_policy, specs
     policy = make_policy(*specs_)
     assert [(r.value, r.action, r.ports) for r in policy.rules] == [
         (value, action, specs(ports)) for value, action, ports in expected]

@@ -6,32 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.policy.cidrs import canonical_cidr
 from pipeline.policy.hostnames import Glob, glob_matches
-from pipeline.policy.load import policy_from_document
 from pipeline.policy.ports import (expand_ports, ports_cover, protocols_overlap, union_ports)
-from pipeline.policy.verdict import PortSpec
+from tests.support.policykit import make_policy, specs
 
 CORP = ".corp.example.com"
-
-
-def make_policy(*specs, domains=(), default="deny"):
-    """Rules as "action value [port/proto ...]"; a value that parses as a CIDR is a cidr rule."""
-    rules = [{"type": "cidr" if canonical_cidr(value) else "hostname", "value": value,
-              "action": action, "ports": [port_json(p) for p in ports]}
-             for action, value, *ports in (spec.split() for spec in specs)]
-    return policy_from_document({"defaultaction": default, "rules": rules,
-                                 "searchdomains": list(domains)}, "test")
-
-
-def port_json(text):
-    port, _, protocol = text.rpartition("/")
-    return {"port": int(port or 0), "protocol": protocol}
-
-
-def specs(text):
-    return tuple(PortSpec(int(p or 0), proto)
-                 for p, _, proto in (item.rpartition("/") for item in text.split()))
 
 
 def summary(verdict):
