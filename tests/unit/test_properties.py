@@ -50,7 +50,7 @@ from pipeline.stages.persist import PersistStage
 from pipeline.stages.policy import PolicyStage
 from pipeline.audit.store import AuditStore
 from tests.support.stagekit import stage_settings
-from tests.unit.test_schemas import load, sample
+from tests.support.schemas import load, sample
 
 T0 = 1_764_000_000_000_000_000
 I64_MAX = (1 << 63) - 1

@@ -1,8 +1,6 @@
 """The classes in pipeline/ and the contracts in schemas/ describe the same messages."""
 
-import json
 import typing
-from pathlib import Path
 
 import jsonschema
 import msgpack
@@ -12,13 +10,9 @@ import pytest
 import pipeline.audit.records
 import pipeline.events
 from pipeline import wire
+from tests.support.schemas import SCHEMAS, load, sample
 
-SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 JSON_TYPES = {int: "integer", bool: "boolean", str: "string", float: "number", list[str]: "array"}
-
-
-def load(kind):
-    return json.loads((SCHEMAS / f"{kind}.json").read_text())
 
 
 def test_every_schema_has_a_class_and_every_class_a_schema():
@@ -74,21 +68,6 @@ def test_every_value_range_is_in_the_schema(kind):
         assert limit is not None or item["type"] == "boolean", f"{kind}.{item['title']} unbounded"
         if limit is not None:
             assert {k: item.get(k) for k in fragment(limit)} == fragment(limit), item["title"]
-
-
-def sample_value(hint, limit):
-    if limit is not None and limit.choices:
-        return limit.choices[0]
-    if limit is not None and limit.address:
-        return ["10.0.0.7", "2001:db8::7"] if hint == list[str] else "10.0.0.7"
-    return {int: 7, bool: True, str: "x", float: 1.5, list[str]: ["a", "b"]}[hint]
-
-
-def sample(cls):
-    hints = typing.get_type_hints(cls)
-    limits = wire.limits(cls)
-    return cls(*[sample_value(wire.plain_type(hints[f.name]), limits.get(f.name))
-                 for f in msgspec.structs.fields(cls)])
 
 
 @pytest.mark.parametrize("kind", sorted(wire.REGISTRY))
