@@ -8,6 +8,7 @@ import pytest
 import zmq
 
 from tests.support.leaks import terminate_or_fail
+from tests.support.persistkit import Pusher
 from tests.support.postgres import POSTGRES_URL_VARIABLE, postgres_schema, postgres_unavailable
 from tests.support.stagekit import Peer
 
@@ -73,6 +74,14 @@ def peer(zmq_context, tmp_path):
     peer = Peer(tmp_path / "run", zmq_context)
     yield peer
     peer.close()
+
+
+@pytest.fixture
+def pusher(zmq_context):
+    """Frames to persist's inbox (tests/support/persistkit.py: Pusher)."""
+    pusher = Pusher(zmq_context)
+    yield pusher
+    pusher.close()
 
 
 # ---------------------------------------------------------------- kernel and end to end

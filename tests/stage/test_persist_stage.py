@@ -5,43 +5,17 @@ import sqlite3
 
 import msgpack
 import msgspec
-import pytest
 import sqlalchemy as sa
-import zmq
 
 from pipeline import wire
 from pipeline.audit.records import AuditEvent, parse_timestamp
 from pipeline.stages.persist import PersistStage
 from pipeline.audit.store import AuditStore, audit_events, open_readonly
-from pipeline.topology import inbox_address
-from tests.support.stagekit import StageThread, stage_settings
+from tests.support.persistkit import jsonl_fields, make_settings
+from tests.support.stagekit import StageThread
 from tests.support.wait import wait_for
 
 T0 = 1_767_225_600_123_456_789  # 2026-01-01T00:00:00.123456789Z
-
-
-def make_settings(tmp_path, **env):
-    # The database one directory down: persist creates it.
-    return stage_settings(tmp_path, **{"SLUICE_DB": f"sqlite:///{tmp_path / 'db' / 'audit.db'}",
-                                       **env})
-
-
-@pytest.fixture
-def pusher(zmq_context):
-    sockets = []
-
-    def push(settings, *frames):
-        if not sockets:
-            sock = zmq_context.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 5000)
-            sock.connect(inbox_address(settings.run_dir, "persist"))
-            sockets.append(sock)
-        for frame in frames:
-            sockets[0].send(frame)
-
-    yield push
-    for sock in sockets:
-        sock.close()
 
 
 def record(n, **fields):
@@ -51,21 +25,6 @@ def record(n, **fields):
                 event_id=f"id-{n:06d}")
     base.update(fields)
     return AuditEvent(**base)
-
-
-def jsonl_fields(path):
-    """Each line as a dict of every AuditEvent field, defaults filled in."""
-    if not path.exists():
-        return []
-    defaults = msgspec.structs.asdict(AuditEvent(0, ""))
-    del defaults["seq"]  # the journal number is not part of the stored record
-    text = path.read_text()
-    out = []
-    for line in text[:text.rfind("\n") + 1].splitlines():  # a line being written is not yet one
-        data = {**defaults, **json.loads(line)}
-        data["timestamp"] = parse_timestamp(data["timestamp"])
-        out.append(data)
-    return out
 
 
 def sql_fields(settings):

@@ -15,7 +15,7 @@ from pipeline.audit.query import run_query
 from pipeline.audit.retention import Retention
 from pipeline.stages.persist import PersistStage
 from pipeline.audit.store import AuditStore
-from tests.stage.test_persist_stage import jsonl_fields, make_settings, pusher  # noqa: F401
+from tests.support.persistkit import jsonl_fields, make_settings
 from tests.support.stagekit import StageThread
 from tests.support.wait import wait_for
 
@@ -103,7 +103,7 @@ def test_retention_prunes_a_pass_in_steps_then_waits_an_hour(db_url):
     store.close()
 
 
-def test_persist_prunes_old_rows_when_retention_is_set(tmp_path, pusher):  # noqa: F811
+def test_persist_prunes_old_rows_when_retention_is_set(tmp_path, pusher):
     settings = make_settings(tmp_path, SLUICE_RETENTION_DAYS="1")
     filled(settings.db)  # a store with three old days
     stage = StageThread(PersistStage(), settings).start()
