@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.netns import ROOT, Lab, LabCgroup, sh
-from tests.support.wait import wait_for
-from tests.e2e.test_dns_redirect_e2e import (BYSTANDER, POLICY, PYTHON, ZONE, DnsWorld, client,
-                                         first_syn_for_all, stop_and_detach)
+from tests.support.dnsworld import (BYSTANDER, POLICY, ZONE, DnsWorld, client, first_syn_for_all,
+                                    stop_and_detach)
+from tests.support.netns import PYTHON, ROOT, Lab, LabCgroup, sh
 from tests.support.pipeline import Pipeline, find
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 BRIDGE_V4, CONTAINER_V4 = "172.30.0.1", "172.30.0.2"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_dns_redirect_e2e import BYSTANDER, POLICY, ZONE, DnsWorld, stop_and_detach
+from tests.support.dnsworld import BYSTANDER, POLICY, ZONE, DnsWorld, stop_and_detach
 from tests.support.netns import Lab, LabCgroup
 from tests.support.pipeline import Pipeline, find
 from tests.support.wait import wait_for
