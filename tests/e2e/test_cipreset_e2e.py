@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.e2e.test_dns_e2e import ZONE, DnsLab
+from tests.support.dnslab import ZONE, DnsLab
 from tests.support.netns import Lab
 from tests.support.pipeline import Pipeline, find
 from tests.support.wait import wait_for

@@ -1,102 +1,22 @@
 """End to end, enforce mode: the whole Procfile with the DNS proxy in the client namespace,
-the client's resolver pointed at it, and a local authoritative upstream in the server namespace.
-
-Run as `python -m tests.e2e.test_dns_e2e resolve-connect|query ...` inside the client namespace,
-this module is also the client: it resolves through the namespace's resolv.conf (glibc for
-connections, dnspython for queries whose answer code matters) and connects at once, so the
-SYN follows the answer as closely as a real program's would.
+the client's resolver pointed at it, and a local authoritative upstream in the server namespace
+(tests/support/dnslab.py); the client resolves through resolv.conf and connects at once
+(tests/support/tools/resolvclient.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from tests.support.netns import Lab, sh
+from tests.support.dnslab import NAMES, DnsLab
+from tests.support.netns import Lab
 from tests.support.pipeline import Pipeline, find
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[2]
-PYTHON = sys.executable
-NAMES = 100
 CHAIN = ["www.chain.test", "hop.middle.test", "edge.cdn.test"]
-ZONE = {
-    **{f"n{i}.allowed.test": {"A": [f"10.203.0.{i + 1}"], "ttl": 30} for i in range(NAMES)},
-    "www.chain.test": {"CNAME": "hop.middle.test", "ttl": 300},
-    "hop.middle.test": {"CNAME": "edge.cdn.test", "ttl": 60},
-    "edge.cdn.test": {"A": ["10.203.1.1"], "ttl": 60},
-    "cut.chain.test": {"CNAME": "far.cdn.test", "stop": True, "ttl": 60},
-    "far.cdn.test": {"A": ["10.203.1.2"], "ttl": 60},
-    "late.allowed.test": {"A": ["10.203.2.1"], "ttl": 60},
-    "www.denied.test": {"A": ["10.203.2.2"], "ttl": 60},
-}
-
-
-def _retransmitted_segments() -> int:
-    """TcpRetransSegs of this network namespace (/proc/net/snmp)."""
-    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()
-             if line.startswith("Tcp:")]
-    header, values = lines[0], lines[1]
-    return int(values[header.index("RetransSegs")])
-
-
-def resolve_connect(names: list[str], port: int) -> dict:
-    before = _retransmitted_segments()
-    results = []
-    for name in names:
-        started = time.monotonic()
-        try:
-            address = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_STREAM)[0][4]
-            resolved = time.monotonic()
-            with socket.create_connection(address, timeout=3):
-                pass
-            results.append({"name": name, "ip": address[0], "ok": True,
-                            "connect_s": time.monotonic() - resolved})
-        except OSError as err:
-            results.append({"name": name, "ok": False, "error": str(err),
-                            "seconds": time.monotonic() - started})
-    return {"results": results, "retransmitted": _retransmitted_segments() - before}
-
-
-def query(name: str, rdtype: str) -> dict:
-    import dns.message
-    import dns.query
-    import dns.rcode
-    import dns.resolver
-
-    server = dns.resolver.Resolver().nameservers[0]   # from this namespace's resolv.conf
-    answer = dns.query.udp(dns.message.make_query(name, rdtype), server, timeout=5)
-    return {"rcode": dns.rcode.to_text(answer.rcode()),
-            "records": [rrset.to_text() for rrset in answer.answer]}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="what", required=True)
-    connect = sub.add_parser("resolve-connect")
-    connect.add_argument("port", type=int)
-    connect.add_argument("names", nargs="+")
-    ask = sub.add_parser("query")
-    ask.add_argument("name")
-    ask.add_argument("rdtype", nargs="?", default="A")
-    args = parser.parse_args()
-    if args.what == "resolve-connect":
-        print(json.dumps(resolve_connect(args.names, args.port)))
-    else:
-        print(json.dumps(query(args.name, args.rdtype)))
-
-
-# ------------------------------------------------------------------ the tests
-
 
 POLICY = {"defaultAction": "deny", "rules": [
     {"type": "hostname", "value": "allowed.test", "action": "allow",
@@ -107,40 +27,6 @@ POLICY = {"defaultAction": "deny", "rules": [
     {"type": "cidr", "value": f"{Lab.SERVER_V4}/32", "action": "allow",
      "ports": [{"port": 53, "protocol": "udp"}, {"port": 53, "protocol": "tcp"}]},
 ]}
-
-
-class DnsLab:
-    """The lab plus what DNS needs: routes to 10.203/16 served by the server namespace, the
-    upstream there, and the client namespace's resolv.conf naming the proxy."""
-
-    def __init__(self, lab, tmp_path: Path, zone: dict = ZONE) -> None:
-        self.lab = lab
-        for third in range(3):
-            for host in range(1, NAMES + 1 if third == 0 else 3):
-                sh("ip", "-n", lab.server, "addr", "add", f"10.203.{third}.{host}/32", "dev", "lo")
-        sh("ip", "-n", lab.client, "route", "add", "10.203.0.0/16", "via", Lab.SERVER_V4)
-        zone_file = tmp_path / "zone.json"
-        zone_file.write_text(json.dumps(zone))
-        upstream = subprocess.Popen(
-            lab.exec_args(lab.server) + [PYTHON, "-m", "tests.support.tools.dnsserver",
-                                         f"{Lab.SERVER_V4}:53", str(zone_file)],
-            cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        lab.processes.append(upstream)
-        assert upstream.stdout.readline().strip() == "ready"
-        lab.start_server(80)
-        self.netns_etc = Path("/etc/netns") / lab.client
-        self.netns_etc.mkdir(parents=True, exist_ok=True)
-        (self.netns_etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions attempts:1\n")
-
-    def client(self, *args: str) -> dict:
-        result = subprocess.run(
-            self.lab.exec_args(self.lab.client) + [PYTHON, "-m", "tests.e2e.test_dns_e2e", *args],
-            cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)
-
-    def close(self) -> None:
-        shutil.rmtree(self.netns_etc, ignore_errors=True)
 
 
 @pytest.fixture
@@ -257,6 +143,3 @@ def _reload(pipeline: Pipeline, policy: dict, count: int) -> None:
     wait_for(lambda: all(_counters(pipeline, stage).get("policy_reloads", 0) >= count
                          for stage in ("policy", "dns")), f"reload {count}", timeout=15)
 
-
-if __name__ == "__main__":
-    main()
