@@ -12,9 +12,9 @@ import subprocess
 import pytest
 
 from pipeline.topology import STAGES
-from tests.e2e.test_notify_e2e import counters, delivered
 from tests.support.netns import PYTHON, ROOT, Lab
 from tests.support.pipeline import Pipeline, find
+from tests.support.tools.httpsink import delivered
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -56,10 +56,10 @@ def test_a_fuzzed_pipeline_still_enforces_records_and_alerts(lab, tmp_path):
     for stage in ("enrich", "policy", "persist", "notify"):
         # Both counters, waited for: a stage's counters file is written on a timer, so one
         # snapshot can hold the rejected frames and not yet the rejected records after them.
-        wait_for(lambda stage=stage: all(counters(tmp_path, stage).get(name, 0) > 0
+        wait_for(lambda stage=stage: all(pipeline.counters(stage).get(name, 0) > 0
                                          for name in ("malformed_messages", "malformed_records")),
                  f"{stage} counting rejected frames and records", timeout=20)
-    wait_for(lambda: counters(tmp_path, "dns").get("malformed", 0) > 0, "dns counting", timeout=10)
+    wait_for(lambda: pipeline.counters("dns").get("malformed", 0) > 0, "dns counting", timeout=10)
 
     # Still enforcing, still recording, still alerting.
     allowed = lab.client_run("tcp", Lab.SERVER_V4, "80", "--name", "sl-fuzz")

@@ -1,6 +1,5 @@
 """End to end: notify posts one alert per blocked destination, across a restart, through honcho."""
 
-import json
 import subprocess
 
 import pytest
@@ -8,6 +7,7 @@ import pytest
 from pipeline.topology import STAGES
 from tests.support.netns import PYTHON, ROOT, Lab
 from tests.support.pipeline import Pipeline
+from tests.support.tools.httpsink import delivered, posts
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -32,20 +32,6 @@ def attempt(lab: Lab, host: str, port: int, count: int) -> None:
                                                 str(count)], check=True, timeout=30)
 
 
-def posts(record) -> list[dict]:
-    if not record.exists():
-        return []
-    return [json.loads(line) for line in record.read_text().splitlines()]
-
-
-def delivered(record) -> list[dict]:
-    return [p["body"] for p in posts(record) if p["status"] == 200]
-
-
-def counters(tmp_path, stage):
-    return json.loads((tmp_path / "run" / f"{stage}.counters.json").read_text())["counters"]
-
-
 def run_pipeline(lab, tmp_path, record, attempts, alerts) -> tuple[dict, str]:
     """Start the whole pipeline, make the attempts, wait for `alerts` delivered in all, stop;
     notify's final counters and honcho's output."""
@@ -57,11 +43,11 @@ def run_pipeline(lab, tmp_path, record, attempts, alerts) -> tuple[dict, str]:
         attempt(lab, host, 443, count)
     wait_for(lambda: len(delivered(record)) == alerts, f"{alerts} alert(s)", timeout=20)
     notices = sum(count for _, count in attempts)
-    wait_for(lambda: counters(tmp_path, "notify").get("notices_received", 0) >= notices,
+    wait_for(lambda: pipeline.counters("notify").get("notices_received", 0) >= notices,
              "every notice counted", timeout=10)
     assert pipeline.stop() == {stage: "rc=0" for stage in STAGES}
     assert pipeline.sluice("detach", netns=True).returncode == 0
-    return counters(tmp_path, "notify"), pipeline.output()
+    return pipeline.counters("notify"), pipeline.output()
 
 
 def test_one_post_per_destination_with_retry_and_none_again_after_a_restart(lab, tmp_path):

@@ -3,7 +3,7 @@
 In a test:       with HttpSink(fail_first=2) as sink: ... sink.url, sink.requests
 In a namespace:  python -m tests.support.tools.httpsink 127.0.0.1 8099 --record FILE
                      [--fail-first N]   (prints "ready"; appends one JSON line per request
-                 to FILE)
+                 to FILE, which posts(FILE) and delivered(FILE) read back)
 
 Each request is recorded as {"path", "headers", "body", "status"}: the first `fail_first`
 requests are answered `fail_status` (with a Location header when `redirect_to` is set), the
@@ -57,6 +57,18 @@ class HttpSink:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def posts(record: Path) -> list[dict]:
+    """The requests a sink run with --record wrote to record, in order."""
+    if not record.exists():
+        return []
+    return [json.loads(line) for line in record.read_text().splitlines()]
+
+
+def delivered(record: Path) -> list[dict]:
+    """Bodies of the recorded requests answered 200."""
+    return [p["body"] for p in posts(record) if p["status"] == 200]
 
 
 def _handler(sink: HttpSink):
