@@ -1,5 +1,6 @@
 """The package explains itself: a code map with one line per module (in pipeline/__init__.py
-and the README, the same), no import cycles, and pure packages that read nothing of the host."""
+and the README, the same), no import cycles, and pure packages that read nothing of the host.
+The tests share only tests/support/: no test file or benchmark imports (or runs) a test file."""
 
 import ast
 import re
@@ -127,3 +128,34 @@ def test_the_pure_packages_import_nothing_that_reads_the_host():
     for module, imported in import_graph().items():
         if unit(module) in ("pipeline.policy", "pipeline.dns"):
             assert not {unit(other) for other in imported} & impure, module
+
+
+# ------------------------------------------------------------------ the tests' own imports
+
+TEST_MODULE = re.compile(r"^tests(\.\w+)*\.test_\w+$")  # a test file run by name: python -m
+
+
+def uses_of_test_files(path: Path) -> list[str]:
+    """The test files path imports (any form, at any depth) or names for `python -m`."""
+    used = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [node.value] if TEST_MODULE.match(node.value) else []
+        else:
+            continue
+        used += [name for name in names if name.rpartition(".")[2].startswith("test_")]
+    return sorted(set(used))
+
+
+def test_no_test_file_or_benchmark_uses_a_test_file():
+    """What tests share lives in tests/support/; a test file is a leaf, so moving or
+    renaming one breaks nothing else."""
+    paths = sorted([*(ROOT / "tests").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")])
+    offenders = [f"{p.relative_to(ROOT)} uses {', '.join(used)}"
+                 for p in paths if (used := uses_of_test_files(p))]
+    assert not offenders, "\n".join(offenders)
