@@ -184,7 +184,6 @@ class _Sender:
 
 class CaptureStage(BaseStage):
     name = "capture"
-    ring: RingReader  # set by setup() once the classifier is loaded
 
     def __init__(self, kernel_ns: Callable[[], int] = time.monotonic_ns,
                  wall_ns: Callable[[], int] = time.time_ns, paces: Paces = Paces()) -> None:
@@ -196,6 +195,7 @@ class CaptureStage(BaseStage):
         self.journal: Journal | None = None
         self.cgroups: CgroupPaths | None = None
         self.classifier: Classifier | None = None
+        self.ring: RingReader | None = None  # mapped last: set-up got through once it is
         self.attachment = Attachment()
         self.has_v6 = False
         self.redirect_layer: dict = {}
@@ -238,13 +238,13 @@ class CaptureStage(BaseStage):
         self.attachment.save(settings.run_dir)
         self._redirect_state(failures)
         self.feed = io.connect_feeds()["raw_events"]
-        self.ring = RingReader(classifier.map_fd("map_events"),
-                               settings.ringbuf_pages * 4096, RECORD_SIZE)
-        io.watch_fd(classifier.map_fd("map_events"), self.drain)
         self.config_fd = classifier.map_fd("map_config")
         self.counters_fd = classifier.map_fd("map_counters")
         self.flows_fd = classifier.map_fd("map_flows")
         self.overflow_fd = classifier.map_fd("map_overflow")
+        self.ring = RingReader(classifier.map_fd("map_events"),
+                               settings.ringbuf_pages * 4096, RECORD_SIZE)
+        io.watch_fd(classifier.map_fd("map_events"), self.drain)
         self._report_layers()
         io.log.info("loaded classifier, maps pinned in %s, %d cgroup hook(s) on %s; journal %s "
                     "(%d unfinished segment(s) from an earlier run); waiting for policy to "
@@ -307,13 +307,15 @@ class CaptureStage(BaseStage):
 
     def drain(self) -> None:
         """Move every finished record from the ring buffer into the journal."""
+        ring = self.ring
+        assert ring is not None, "drain() runs once setup() mapped the ring buffer"
         while True:
-            slots, count = self.ring.read(DRAIN_BYTES)
+            slots, count = ring.read(DRAIN_BYTES)
             if not count:
                 return
             self.io.counters.add("records_read", count)
             shift = self.wall_ns() - self.kernel_ns()
-            self._journal(Frame(0, count, self.ring.slot, 8, RECORD_SIZE, shift, slots))
+            self._journal(Frame(0, count, ring.slot, 8, RECORD_SIZE, shift, slots))
 
     def _journal(self, frame: Frame) -> None:
         """Append frame, split at segment ends; what cannot be journaled goes on from memory."""
@@ -487,15 +489,17 @@ class CaptureStage(BaseStage):
             if journal is not None:
                 journal.close()
             return
-        settings = self.io.settings
+        settings, ring = self.io.settings, self.ring
         try:
-            self.drain()
-            self._sweep_flows()
-            self._sweep_overflow()
-            self.send()
+            if ring is not None:  # set-up got through: what the kernel holds goes on disk
+                self.drain()
+                self._sweep_flows()
+                self._sweep_overflow()
+                self.send()
         finally:
             journal.close()
-            self.ring.close()
+            if ring is not None:
+                ring.close()
             cgroups.close()
             if settings.audit_mode:
                 detach_hooks(self.attachment.cgroup, self.attachment.hooks)

@@ -1,7 +1,12 @@
 """The real classifier, loaded by the capture stage, judging real packets on namespaced veths."""
 
 import ipaddress
+import subprocess
+import sys
+
 import pytest
+
+from pipeline.errors import ExitCode
 
 from pipeline.rulemaps import ALLOW, DENY
 from tests.support.kernelrig import CaptureRig
@@ -142,3 +147,26 @@ def test_ring_buffer_loss_is_counted_and_packet_counts_still_add_up(lab, rig):
     counters = rig.counters()
     assert counters["kernel_ringbuf_full"] > 0
     assert sum(e.packets for e in to(rig.events, Lab.SERVER_V4)) == sent["sent"]
+
+
+def test_a_start_that_fails_after_the_load_exits_in_one_line_and_can_be_detached(
+        lab, tmp_path, zmq_context):
+    """Hooks that cannot attach (SLUICE_CGROUP is no cgroup) stop an enforce-mode start after
+    the classifier is loaded and the attachment saved, before the ring buffer is mapped:
+    teardown closes what set-up got to, the error stays one line, and detach clears it all."""
+    not_a_cgroup = tmp_path / "not-a-cgroup"
+    not_a_cgroup.mkdir()
+    rig = CaptureRig(lab, tmp_path, zmq_context)
+    rig.env["SLUICE_CGROUP"] = str(not_a_cgroup)
+    try:
+        rig.run_dir.mkdir(parents=True)
+        proc = lab.spawn_in_client_net(
+            [sys.executable, "-m", "pipeline.cli.app", "run", "capture"], rig.env,
+            stderr=subprocess.PIPE, text=True)
+        rc, stderr = proc.wait(60), proc.stderr.read()
+    finally:
+        rig.close()  # detaches, and fails the test if a pin is left
+    assert rc == ExitCode.KERNEL, stderr
+    assert "Traceback" not in stderr, stderr
+    assert "DNS redirect: hook(s)" in stderr and "enforce mode does not run without it" in stderr
+    assert (rig.run_dir / "capture.failed").read_text().count("\n") == 1
