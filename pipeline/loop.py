@@ -160,9 +160,22 @@ class StageIO:
         self.sockets: list[zmq.Socket] = []
         self.bound_paths: list[Path] = []
         self.workers: list[Worker] = []
-        self.ready = False
+        self._ready = False
+        self.ready_marker: Path | None = None  # run_stage's; None where no loop runs
         self.serve_requests: Callable[[], int] = lambda: 0  # set by the loop
         self.layers: dict[str, dict] = {}
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        """A stage is ready: its marker (what `sluice wait-ready` looks for) is written at
+        once, before anything the stage starts next (a delivery thread) can be seen."""
+        if value and not self._ready and self.ready_marker is not None:
+            write_atomic(self.ready_marker, f"pid={os.getpid()}\n")
+        self._ready = value
 
     def report_layer(self, name: str, state: str, detail: str, *, requested: bool = True,
                      **facts) -> None:
@@ -366,12 +379,13 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
     for stale in (failed, ready, layers, counters):
         stale.unlink(missing_ok=True)
     io = StageIO(stage.name, settings, ctx, stop, log, stage.monotonic)
+    io.ready_marker = ready
     signals = _Signals(stop)
     signals.install()
     try:
         try:
             stage.setup(io)
-            _loop(stage, io, signals, ready)
+            _loop(stage, io, signals)
         except SluiceError as err:
             if stop.is_set():
                 # Stopped while starting (honcho stops every stage when one fails, and the
@@ -406,7 +420,7 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
             layers.unlink(missing_ok=True)  # a stopped stage vouches for no layer
 
 
-def _loop(stage: Stage, io: StageIO, signals: _Signals, ready_marker: Path) -> None:
+def _loop(stage: Stage, io: StageIO, signals: _Signals) -> None:
     requests = [(sock, inbox) for sock, inbox in io.inboxes.items() if inbox.pattern == "rep"]
     events_in = [(sock, inbox) for sock, inbox in io.inboxes.items() if inbox.pattern == "pull"]
     complain = _OncePerKind(io.log)
@@ -414,14 +428,10 @@ def _loop(stage: Stage, io: StageIO, signals: _Signals, ready_marker: Path) -> N
     interval = io.settings.counter_interval
     reactor = io.reactor
     next_counters = time.monotonic() + interval
-    marked_ready = False
     drain_started: float | None = None
     quiet_since = 0.0  # set with drain_started
 
     while True:
-        if io.ready and not marked_ready:
-            write_atomic(ready_marker, f"pid={os.getpid()}\n")
-            marked_ready = True
         taking = _taking(stage, io)
         poller = zmq.Poller()
         for sock, _ in requests:

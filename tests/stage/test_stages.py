@@ -173,6 +173,32 @@ def test_a_stage_stopped_while_starting_is_not_reported_failed(tmp_path):
     assert not (settings.run_dir / "policy.failed").exists()
 
 
+class _SaysReady(BaseStage):
+    """Says it is ready from a timer, and looks at once for the marker wait-ready reads."""
+
+    name = "probe"
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop, self.marked = stop, False
+
+    def setup(self, io) -> None:
+        self.io = io
+        io.reactor.after(0, self._ready)
+
+    def _ready(self) -> None:
+        self.io.ready = True
+        self.marked = (self.io.settings.run_dir / "probe.ready").exists()
+        self.stop.set()
+
+
+def test_a_stage_is_marked_ready_the_moment_it_says_so(tmp_path):
+    """Before anything it starts next (notify's delivery thread) can be seen outside."""
+    stop = threading.Event()
+    stage = _SaysReady(stop)
+    assert run_stage(stage, stage_settings(tmp_path), stop=stop) == 0
+    assert stage.marked
+
+
 def test_a_full_audit_path_never_holds_back_an_allow_request(tmp_path, peer):
     """persist takes nothing (its inbox is bound and never read): policy stops taking events,
     and still answers the dns stage's requests, opening the maps first."""
