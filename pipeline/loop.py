@@ -23,7 +23,11 @@ journal holds it. Feeds to observers drop a batch when their backlog is full and
 
 Priority: request/reply inboxes (policy-allow) are served before event inboxes on every turn,
 between any two event batches, and whenever a stage calls `io.serve_requests()` in the middle
-of a long batch, so a flood of events never holds back a DNS answer.
+of a long batch, so a flood of events never holds back a DNS answer. Across processes, each
+stage takes the CPU priority step the topology gives it (cpu_step): the bulk work of a flood
+(enrich, persist, notify, export) steps back, the DNS proxy and the policy stage that answers
+it step forward, so a flood that fills every core never stands between a client and its
+answer.
 """
 
 from __future__ import annotations
@@ -349,6 +353,32 @@ class _Signals:
         signal.signal(signal.SIGHUP, lambda *_: self.hup.set())
 
 
+def _set_priority(step: int, log: logging.Logger) -> None:
+    """Move this stage's CPU priority by step (the topology's cpu_step; threads started later
+    inherit it) and, when the stage leads its own session as under honcho, its session's
+    autogroup to the same nice value: where the kernel groups tasks by session
+    (sched_autogroup) it shares the CPU between sessions first, and a nice value alone orders
+    a task only within its own. Raising needs CAP_SYS_NICE; without it the stage runs as it
+    was started, with one line saying so. Stages run in test threads are left alone."""
+    if not step or threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        nice = os.nice(step)
+    except PermissionError:
+        log.warning("cannot raise the CPU priority by %d (needs CAP_SYS_NICE): a flood's "
+                    "bulk work may delay this stage", -step)
+        return
+    autogroup = ""
+    if os.getsid(0) == os.getpid():
+        try:
+            Path("/proc/self/autogroup").write_text(f"{nice}\n")
+            autogroup = " (and its session's autogroup)"
+        except OSError:
+            pass  # a kernel without autogroups: the nice value is what counts
+    log.info("CPU nice %d%s: %s", nice, autogroup,
+             "bulk work, after DNS answers" if step > 0 else "on the path of DNS answers")
+
+
 class _OncePerKind:
     """Log a malformed-input complaint once per (inbox, reason), count every one."""
 
@@ -382,6 +412,9 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
     io.ready_marker = ready
     signals = _Signals(stop)
     signals.install()
+    wiring = STAGES.get(stage.name)
+    if wiring is not None:
+        _set_priority(wiring.cpu_step, log)
     try:
         try:
             stage.setup(io)

@@ -33,17 +33,24 @@ class StageWiring:
     inboxes: tuple[Inbox, ...]
     feeds: tuple[Link, ...] = ()     # inboxes this stage pushes to
     requests: tuple[Link, ...] = ()  # REP inboxes this stage sends requests to and awaits
+    # The stage's CPU priority step, a nice increment (pipeline/loop.py): the bulk work of a
+    # flood steps back (a third of a normal share at +5), the path of a DNS answer steps
+    # forward (three times one at -5), capture draining the kernel stays as started.
+    cpu_step: int = 0
 
     @property
     def feed_names(self) -> tuple[str, ...]:
         return tuple(link.inbox for link in self.feeds)
 
 
+BULK, ANSWER_PATH = 5, -5
+
 STAGES: dict[str, StageWiring] = {
     "capture": StageWiring(inboxes=(), feeds=(Link("enrich", ("raw_events",), audit_path=True),)),
     "enrich": StageWiring(
         inboxes=(Inbox("enrich", "pull", ("raw_events", "dns_mappings")),),
         feeds=(Link("policy", ("enriched_events",), audit_path=True),),
+        cpu_step=BULK,
     ),
     "policy": StageWiring(
         inboxes=(Inbox("policy", "pull", ("enriched_events",)),
@@ -51,22 +58,26 @@ STAGES: dict[str, StageWiring] = {
         # Observers never hold up the audit path: notify's batches beyond the backlog drop.
         feeds=(Link("persist", ("audit_records",), audit_path=True),
                Link("notify", ("notices",))),
+        cpu_step=ANSWER_PATH,  # it opens the maps for each answer (policy-allow)
     ),
     "persist": StageWiring(
         inboxes=(Inbox("persist", "pull", ("audit_records", "delivered_destinations")),),
+        cpu_step=BULK,
     ),
     "notify": StageWiring(
         inboxes=(Inbox("notify", "pull", ("notices",)),),
         feeds=(Link("persist", ("delivered_destinations",), backlog=1024),),
+        cpu_step=BULK,
     ),
     "dns": StageWiring(
         inboxes=(),
         feeds=(Link("enrich", ("dns_mappings",), backlog=1024),
                Link("persist", ("audit_records",), backlog=1024)),
         requests=(Link("policy-allow", ("allow_requests",)),),
+        cpu_step=ANSWER_PATH,
     ),
     # Reads the stored rows, not a socket: it is never on the path of an event.
-    "export": StageWiring(inboxes=()),
+    "export": StageWiring(inboxes=(), cpu_step=BULK),
 }
 
 
