@@ -24,10 +24,9 @@ journal holds it. Feeds to observers drop a batch when their backlog is full and
 Priority: request/reply inboxes (policy-allow) are served before event inboxes on every turn,
 between any two event batches, and whenever a stage calls `io.serve_requests()` in the middle
 of a long batch, so a flood of events never holds back a DNS answer. Across processes, each
-stage takes the CPU priority step the topology gives it (cpu_step): the bulk work of a flood
-(enrich, persist, notify, export) steps back, the DNS proxy and the policy stage that answers
-it step forward, so a flood that fills every core never stands between a client and its
-answer.
+stage takes the CPU priority step the topology gives it (cpu_step): the DNS proxy and the
+policy stage that answers it step forward, so a flood that fills every core does not stand
+between a client and its answer.
 """
 
 from __future__ import annotations
@@ -376,7 +375,7 @@ def _set_priority(step: int, log: logging.Logger) -> None:
         except OSError:
             pass  # a kernel without autogroups: the nice value is what counts
     log.info("CPU nice %d%s: %s", nice, autogroup,
-             "bulk work, after DNS answers" if step > 0 else "on the path of DNS answers")
+             "after DNS answers" if step > 0 else "on the path of DNS answers")
 
 
 class _OncePerKind:

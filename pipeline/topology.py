@@ -33,9 +33,10 @@ class StageWiring:
     inboxes: tuple[Inbox, ...]
     feeds: tuple[Link, ...] = ()     # inboxes this stage pushes to
     requests: tuple[Link, ...] = ()  # REP inboxes this stage sends requests to and awaits
-    # The stage's CPU priority step, a nice increment (pipeline/loop.py): the bulk work of a
-    # flood steps back (a third of a normal share at +5), the path of a DNS answer steps
-    # forward (three times one at -5), capture draining the kernel stays as started.
+    # The stage's CPU priority step, a nice increment (pipeline/loop.py): the path of a DNS
+    # answer steps forward (about three times a normal share at -5). The bulk work of a flood
+    # (enrich, persist, notify, export) stays as started rather than stepping back: its
+    # evidence would then wait behind every busy job on the host, not only behind answers.
     cpu_step: int = 0
 
     @property
@@ -43,14 +44,13 @@ class StageWiring:
         return tuple(link.inbox for link in self.feeds)
 
 
-BULK, ANSWER_PATH = 5, -5
+ANSWER_PATH = -5
 
 STAGES: dict[str, StageWiring] = {
     "capture": StageWiring(inboxes=(), feeds=(Link("enrich", ("raw_events",), audit_path=True),)),
     "enrich": StageWiring(
         inboxes=(Inbox("enrich", "pull", ("raw_events", "dns_mappings")),),
         feeds=(Link("policy", ("enriched_events",), audit_path=True),),
-        cpu_step=BULK,
     ),
     "policy": StageWiring(
         inboxes=(Inbox("policy", "pull", ("enriched_events",)),
@@ -62,12 +62,10 @@ STAGES: dict[str, StageWiring] = {
     ),
     "persist": StageWiring(
         inboxes=(Inbox("persist", "pull", ("audit_records", "delivered_destinations")),),
-        cpu_step=BULK,
     ),
     "notify": StageWiring(
         inboxes=(Inbox("notify", "pull", ("notices",)),),
         feeds=(Link("persist", ("delivered_destinations",), backlog=1024),),
-        cpu_step=BULK,
     ),
     "dns": StageWiring(
         inboxes=(),
@@ -77,7 +75,7 @@ STAGES: dict[str, StageWiring] = {
         cpu_step=ANSWER_PATH,
     ),
     # Reads the stored rows, not a socket: it is never on the path of an event.
-    "export": StageWiring(inboxes=(), cpu_step=BULK),
+    "export": StageWiring(inboxes=()),
 }
 
 

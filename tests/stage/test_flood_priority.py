@@ -112,12 +112,12 @@ def stepped(own: int, step: int) -> int:
     return max(-20, min(19, own + step))
 
 
-def test_bulk_stages_step_back_on_the_cpu_and_the_answer_path_steps_forward(tmp_path):
-    """notify (bulk work) and policy (it answers the DNS proxy) as real processes, each
+def test_the_answer_path_steps_forward_on_the_cpu_and_bulk_work_stays_as_started(tmp_path):
+    """policy (it answers the DNS proxy) and notify (bulk work) as real processes, each
     leading its own session as honcho starts them: each moves by its topology's cpu_step,
     its session's autogroup with it."""
     own = os.getpriority(os.PRIO_PROCESS, 0)
-    assert STAGES["notify"].cpu_step > 0 > STAGES["policy"].cpu_step
+    assert STAGES["policy"].cpu_step < 0 == STAGES["notify"].cpu_step
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")},
            "SLUICE_RUN_DIR": str(tmp_path / "run"), "SLUICE_HOST": "test-host",
            "SLUICE_DB": f"sqlite:///{tmp_path}/audit.db",
@@ -125,7 +125,7 @@ def test_bulk_stages_step_back_on_the_cpu_and_the_answer_path_steps_forward(tmp_
            "SLUICE_BPF_DIR": str(tmp_path / "no-bpffs"), "SLUICE_COUNTER_INTERVAL": "0.1",
            "SLUICE_POLICY": write_policy(tmp_path)}
     procs = {stage: subprocess.Popen(
-        [sys.executable, "-c", "from pipeline.entry import main; main()", "run", stage],
+        [sys.executable, "-c", "from pipeline.cli.entry import main; main()", "run", stage],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         for stage in ("notify", "policy")}
     try:
