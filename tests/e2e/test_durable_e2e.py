@@ -41,14 +41,6 @@ def flood_done(proc: subprocess.Popen, count: int) -> None:
     assert result == {**result, "judged": count, "errors": {}}, result
 
 
-def counters(pipeline: Pipeline, stage: str) -> dict:
-    try:
-        path = pipeline.tmp / "run" / f"{stage}.counters.json"
-        return json.loads(path.read_text())["counters"]
-    except (OSError, ValueError):
-        return {}
-
-
 def flood_rows(pipeline: Pipeline) -> collections.Counter:
     """How often each flooded destination is stored (SQL)."""
     return collections.Counter(
@@ -71,10 +63,10 @@ def restart_until_stored(pipeline: Pipeline, count: int, timeout: float = 90) ->
         wait_for(lambda: sum(flood_rows(pipeline).values()) >= count,
                  f"{count} flooded destinations stored after the restart", timeout=timeout)
     except AssertionError as err:
-        state = {s: counters(pipeline, s) for s in ("capture", "enrich", "policy", "persist")}
+        state = {s: pipeline.counters(s) for s in ("capture", "enrich", "policy", "persist")}
         stored = sum(flood_rows(pipeline).values())
         raise AssertionError(f"{err}; {stored} stored; {state}") from None
-    wait_for(lambda: counters(pipeline, "capture").get("journal_unstored") == 0,
+    wait_for(lambda: pipeline.counters("capture").get("journal_unstored") == 0,
              "the journal to hold nothing unstored", timeout=15)
 
 
@@ -122,7 +114,7 @@ def test_kill_9_of_a_stage_in_a_flood_loses_and_repeats_nothing(lab, pipeline, s
     count = 20_000
     pipeline.start()
     flood = flooding(lab, count, per_second=8_000)
-    wait_for(lambda: counters(pipeline, "capture").get("records_read", 0) >= 3_000,
+    wait_for(lambda: pipeline.counters("capture").get("records_read", 0) >= 3_000,
              "the flood to reach capture", timeout=30)
     os.kill(stage_pid(pipeline, stage), signal.SIGKILL)
     pipeline.proc.wait(20)  # honcho stops the other stages when one dies
@@ -131,7 +123,7 @@ def test_kill_9_of_a_stage_in_a_flood_loses_and_repeats_nothing(lab, pipeline, s
     flood_done(flood, count)
 
     restart_until_stored(pipeline, count)
-    assert counters(pipeline, "capture").get("kernel_lost", 0) == 0
+    assert pipeline.counters("capture").get("kernel_lost", 0) == 0
     finish(pipeline)
     assert_each_stored_once(pipeline, count)
 
@@ -148,7 +140,7 @@ def test_a_stop_with_a_backlog_of_100000_records_loses_nothing(lab, pipeline):
     assert first_run < count, "no backlog at the stop: the test proves nothing"
 
     restart_until_stored(pipeline, count, timeout=180)
-    capture = counters(pipeline, "capture")
+    capture = pipeline.counters("capture")
     assert capture["records_resent"] >= count - first_run
     finish(pipeline)
     assert_each_stored_once(pipeline, count)
@@ -161,7 +153,7 @@ def test_a_full_journal_is_counted_and_the_pipeline_keeps_enforcing(lab, pipelin
     count = 5_000
     flood_done(flooding(lab, count), count)
     wait_for(lambda: sum(flood_rows(pipeline).values()) >= count, "every record stored", timeout=60)
-    capture = counters(pipeline, "capture")
+    capture = pipeline.counters("capture")
     assert capture["journal_full"] > 0 and capture.get("records_lost", 0) == 0
     assert "journal" in pipeline.output() and "is full" in pipeline.output()
     assert not lab.client_run("tcp", Lab.SERVER_V4, "80", "--timeout", "1")["ok"]
@@ -182,9 +174,9 @@ def test_a_damaged_journal_is_skipped_with_a_warning_and_never_stored_twice(lab,
     (journal / "acks").joinpath(f"{segment.stem}.ack").unlink(missing_ok=True)  # all unstored
 
     pipeline.start()
-    wait_for(lambda: counters(pipeline, "capture").get("journal_unstored") == 0,
+    wait_for(lambda: pipeline.counters("capture").get("journal_unstored") == 0,
              "the resent records to be acknowledged again", timeout=30)
-    assert counters(pipeline, "capture")["journal_damaged_bytes"] > 0
+    assert pipeline.counters("capture")["journal_damaged_bytes"] > 0
     assert "cut or corrupt" in pipeline.output()
     finish(pipeline)
     assert_each_stored_once(pipeline, count)
@@ -196,7 +188,7 @@ def test_a_journal_directory_that_cannot_be_used_never_stops_capture(lab, pipeli
     count = 2_000
     flood_done(flooding(lab, count), count)
     wait_for(lambda: sum(flood_rows(pipeline).values()) >= count, "every record stored", timeout=60)
-    assert counters(pipeline, "capture")["journal_errors"] >= count
+    assert pipeline.counters("capture")["journal_errors"] >= count
     assert "cannot use journal directory" in pipeline.output()
     finish(pipeline)
     assert_each_stored_once(pipeline, count)
@@ -213,7 +205,7 @@ def test_a_full_disk_under_the_journal_is_counted_and_nothing_waits_on_it(lab, p
         flood_done(flooding(lab, count), count)
         wait_for(lambda: sum(flood_rows(pipeline).values()) >= count,
                  "every record stored", timeout=60)
-        capture = counters(pipeline, "capture")
+        capture = pipeline.counters("capture")
         assert capture["journal_errors"] > 0 and capture["records_journaled"] > 0
         assert "No space left on device" in pipeline.output()
         finish(pipeline)

@@ -64,8 +64,12 @@ class Pipeline:
         return (self.tmp / "honcho.log").read_text()
 
     def counters(self, stage: str) -> dict:
-        path = self.tmp / "run" / f"{stage}.counters.json"
-        return json.loads(path.read_text())["counters"] if path.exists() else {}
+        """A stage's last counters; {} while it has none (not started, or restarting: a
+        stage removes its old file at start)."""
+        try:
+            return json.loads((self.tmp / "run" / f"{stage}.counters.json").read_text())["counters"]
+        except (OSError, ValueError):
+            return {}
 
     def reloaded(self, counter: str, count: int = 1) -> bool:
         """Every stage that follows the policy counted `counter` count times."""
