@@ -20,6 +20,7 @@ import pytest
 from pipeline.kernel.loader import cgroup2_mounts
 from tests.support.netns import ROOT, Lab
 from tests.support.pipeline import Pipeline
+from tests.support.tools.flood import destinations
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -57,17 +58,40 @@ def assert_each_stored_once(pipeline: Pipeline, count: int) -> None:
     assert len(lines) == len(set(lines)) and set(lines) == rows, "JSONL and SQL disagree"
 
 
+STAGES = ("capture", "enrich", "policy", "persist")
+
+
 def restart_until_stored(pipeline: Pipeline, count: int, timeout: float = 90) -> None:
+    before = {s: pipeline.counters(s) for s in STAGES}
+    first_log = pipeline.output()
     pipeline.start()
     try:
         wait_for(lambda: sum(flood_rows(pipeline).values()) >= count,
                  f"{count} flooded destinations stored after the restart", timeout=timeout)
     except AssertionError as err:
-        state = {s: pipeline.counters(s) for s in ("capture", "enrich", "policy", "persist")}
-        stored = sum(flood_rows(pipeline).values())
-        raise AssertionError(f"{err}; {stored} stored; {state}") from None
+        raise AssertionError(f"{err}\n{shortfall(pipeline, count, before, first_log)}") from None
     wait_for(lambda: pipeline.counters("capture").get("journal_unstored") == 0,
              "the journal to hold nothing unstored", timeout=15)
+
+
+def shortfall(pipeline: Pipeline, count: int, before: dict, first_log: str) -> str:
+    """Which destinations are missing, what else the flood's rows became, and what each run
+    counted and complained about: enough to tell where a record went."""
+    stored = flood_rows(pipeline)
+    expected = set(destinations(count, TARGETS, FIRST_PORT))
+    missing = sorted(expected - set(stored))
+    others = collections.Counter(
+        (r["event_type"], r["dst_ip"]) for r in pipeline.rows()
+        if r["event_type"] != "connection_blocked" or r["dst_ip"] not in TARGETS)
+    complaints = [line for log in (first_log, pipeline.output()) for line in log.splitlines()
+                  if any(word in line for word in ("WARNING", "ERROR", "rc="))
+                  and "blocked destination" not in line]  # notify's alerts, one per row
+    return "\n".join([
+        f"{sum(stored.values())} stored; missing (first 20): {missing[:20]}",
+        f"other rows: {dict(others)}",
+        f"first run: {before}",
+        f"second run: { {s: pipeline.counters(s) for s in STAGES} }",
+        "log lines:", *complaints[-40:]])
 
 
 def stage_pid(pipeline: Pipeline, stage: str) -> int:
