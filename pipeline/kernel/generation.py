@@ -48,14 +48,19 @@ class PinnedGeneration:
         self.maps: PinnedMaps | None = None
         self.inode = 0
         self.next_check = float("-inf")
+        self.config = Config()
 
     def read(self) -> tuple[int, int] | None:
         now = self.clock()
         if now >= self.next_check:
             self.next_check = now + self.check_every
             self._follow_pin()
-        config = read_config(self.maps.fds["map_config"]) if self.maps is not None else None
-        return (self.inode, config.generation) if config and config.generation else None
+        # One lookup per DNS answer: into a buffer kept for it, not a new struct each time.
+        if self.maps is None or not libbpf.lookup(self.maps.fds["map_config"], _KEY,
+                                                  self.config):
+            return None
+        generation = self.config.generation
+        return (self.inode, generation) if generation else None
 
     def _follow_pin(self) -> None:
         try:

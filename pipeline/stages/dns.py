@@ -194,8 +194,10 @@ class DnsStage(BaseStage):
     # ------------------------------------------------------------- the loop's hooks
 
     def tick(self, now: float) -> None:
+        """After each pass of the loop: the pass's mappings and records, one message each
+        to enrich and persist however many answers left in it."""
         self.allow.drain()
-        self._flush_records()  # mappings reach enrich before the client's first packet can
+        self._flush_records()
 
     def hangup(self) -> None:
         self.live.reload("SIGHUP")
@@ -336,9 +338,6 @@ class DnsStage(BaseStage):
         if plan.pre_resolve and self.pre_resolving < MAX_PRE_RESOLVING and (
                 self.pre_resolved.claim(plan.pre_resolve, now)):
             self._pre_resolve(plan.pre_resolve, depth + 1)
-        # The mapping leaves before the answer can: policy's reply may be read, and the
-        # answer sent, within this same turn of the loop.
-        self._flush_records()
         if plan.ask is None:
             done(True)
         else:
@@ -359,6 +358,11 @@ class DnsStage(BaseStage):
                 self.confirmed.confirm(ask.name, facts.ips, generation)
             done(ok)
 
+        # A new name's mapping leaves before policy is asked, so enrich usually has it before
+        # the connection's first record. An answer already open leaves at once and its
+        # mapping at the end of the pass; an event that overtakes it is named by policy,
+        # which opened the address for the same answer (pipeline/names/answers.py).
+        self._flush_records()
         self.allow.request(ask, facts, answered)
 
     def _pre_resolve(self, target: str, depth: int) -> None:
