@@ -111,7 +111,7 @@ def test_a_cached_answer_leaves_at_once_while_open_and_asks_again_after_a_reload
     names = ["n0.allowed.test", "n1.allowed.test", "n2.allowed.test"]
     for _ in range(2):   # fresh, then cached: already open, so released without asking
         _resolve_and_connect(dns_lab, names)
-    wait_for(lambda: _counters(pipeline, "dns").get("already_open", 0) >= len(names),
+    wait_for(lambda: pipeline.counters("dns").get("already_open", 0) >= len(names),
              "cached answers released as already open", timeout=10)
     # Dropping the rule removes the names' addresses from the maps; bringing it back does
     # not put them back: only a new round trip for each answer can.
@@ -119,9 +119,9 @@ def test_a_cached_answer_leaves_at_once_while_open_and_asks_again_after_a_reload
                                            if r["value"] != "allowed.test"]}, 1)
     assert not dns_lab.lab.client_run("tcp", "10.203.0.3", "80", "--timeout", "1")["ok"]
     _reload(pipeline, POLICY, 2)
-    before = _counters(pipeline, "dns")
+    before = pipeline.counters("dns")
     _resolve_and_connect(dns_lab, names[:2])   # n2's blocked try might be late-allowed
-    after = wait_for(lambda: (c := _counters(pipeline, "dns"))["allow_requests"] >=
+    after = wait_for(lambda: (c := pipeline.counters("dns"))["allow_requests"] >=
                      before["allow_requests"] + 2 and c, "a round trip per answer", timeout=10)
     assert after["cache_hits"] >= before["cache_hits"] + 2
 
@@ -132,14 +132,9 @@ def _resolve_and_connect(dns_lab: DnsLab, names: list[str]) -> None:
     assert outcome["retransmitted"] == 0
 
 
-def _counters(pipeline: Pipeline, stage: str) -> dict:
-    path = pipeline.tmp / "run" / f"{stage}.counters.json"
-    return json.loads(path.read_text())["counters"] if path.exists() else {}
-
-
 def _reload(pipeline: Pipeline, policy: dict, count: int) -> None:
     """Write the policy file and wait until both the policy and the dns stage took it."""
     (pipeline.tmp / "policy.json").write_text(json.dumps(policy))
-    wait_for(lambda: all(_counters(pipeline, stage).get("policy_reloads", 0) >= count
+    wait_for(lambda: all(pipeline.counters(stage).get("policy_reloads", 0) >= count
                          for stage in ("policy", "dns")), f"reload {count}", timeout=15)
 

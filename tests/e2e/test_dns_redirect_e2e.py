@@ -9,7 +9,6 @@ missed would be answered there, and show in their logs.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -73,9 +72,9 @@ def test_a_client_asking_any_resolver_gets_the_proxys_answer_from_the_address_it
              "the dns_blocked rows", timeout=15)
     assert {r["dst_hostname"] for r in pipeline.rows() if r["event_type"] == "dns_blocked"} == {
         "www.denied.test"}
-    wait_for(lambda: capture_counters(tmp_path).get("kernel_dns_redirected", 0) >= 6,
+    wait_for(lambda: pipeline.counters("capture").get("kernel_dns_redirected", 0) >= 6,
              "the kernel's count of redirected queries", timeout=10)
-    assert capture_counters(tmp_path)["dns_redirect"] == 1
+    assert pipeline.counters("capture")["dns_redirect"] == 1
     stop_and_detach(pipeline)
 
 
@@ -139,10 +138,6 @@ def test_after_detach_no_redirect_hook_or_address_is_left_and_dns_works_as_befor
     answer = client(lab, "ask", BYSTANDER, "n3.allowed.test")
     assert (answer["rcode"], answer["source"]) == ("NOERROR", BYSTANDER)
     assert world.asked("bystander") == ["n3.allowed.test"]
-
-
-def capture_counters(tmp_path: Path) -> dict:
-    return json.loads((tmp_path / "run" / "capture.counters.json").read_text())["counters"]
 
 
 def test_a_program_already_on_port_53_at_the_redirect_address_stops_the_start_in_one_line(
