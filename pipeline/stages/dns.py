@@ -236,7 +236,7 @@ class DnsStage(BaseStage):
         if self.settings.dns_filter and not self.policy_memory.of(self.policy, query.name)[1]:
             return False
         decided = triage(query, refused=False, audit_mode=self.settings.audit_mode,
-                         overloaded=self._overloaded(), cached=cached)
+                         overloaded=self._overloaded(), cached=True)
         if decided.route != CACHED:
             return False
         self.io.counters.add(decided.counter)
@@ -252,10 +252,10 @@ class DnsStage(BaseStage):
             client.dropped()
             return
         now = self.monotonic()
+        cached = self.cache.live(query.cache_key, now) if query.question else None
         decided = triage(query, refused=self._refuses(query, now),
                          audit_mode=self.settings.audit_mode, overloaded=self._overloaded(),
-                         cached=self.cache.live(query.cache_key, now) if query.question
-                         else None)
+                         cached=cached is not None)
         if decided.blocked:
             self._record_blocked(query.name)
         if decided.counter:
@@ -263,8 +263,8 @@ class DnsStage(BaseStage):
         if decided.route == LOCAL:
             self._reply(query, client, decided.rcode)
         elif decided.route == CACHED:
-            assert decided.cached is not None, "triage routes to the cache only with an entry"
-            self._answer(query, client, decided.cached.wire, decided.cached.facts)
+            assert cached is not None, "triage routes to the cache only with an entry"
+            self._answer(query, client, cached.wire, cached.facts)
         else:
             self._forward(query, client)
 
