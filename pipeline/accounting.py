@@ -17,7 +17,8 @@ def lines(counters: Mapping[str, Counters]) -> list[str]:
     c, p = capture.get, persist.get
     read, journaled = c("records_read", 0), c("records_journaled", 0)
     unjournaled = c("journal_full", 0) + c("journal_errors", 0)
-    lost = {"records_lost": c("records_lost", 0), "short_records": c("short_records", 0)}
+    lost = {"records_lost": c("records_lost", 0), "short_records": c("short_records", 0),
+            "ring_records_skipped": c("ring_records_skipped", 0)}
     return [
         f"kernel:  denied {c('kernel_denied', 0)} packet(s); the ring buffer refused "
         f"{c('kernel_ringbuf_full', 0)} record(s): {c('kernel_parked', 0)} packet(s) parked "

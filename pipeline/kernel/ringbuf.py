@@ -35,6 +35,7 @@ class RingReader:
         self.mask = size - 1
         self.slot = (record_size + HEADER + 7) & ~7
         self.record_size = record_size
+        self.skipped = 0  # discarded records and records of another size stepped over
         self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._producer = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
@@ -49,27 +50,32 @@ class RingReader:
     def read(self, limit: int = 1 << 30) -> tuple[bytes, int]:
         """Take the finished records at the head of the buffer, at most about `limit` bytes:
         (slots, count), slots being `count` records of self.slot bytes each (header first).
-        Records of another size or discarded ones are skipped; a record still being written
-        ends the run (the next read takes it)."""
-        cons = _POS.unpack_from(self._consumer, 0)[0]
-        prod = _POS.unpack_from(self._producer, 0)[0]
-        available = min(prod - cons, limit - limit % self.slot, self.size)
-        if available <= 0:
-            return b"", 0
-        start = cons & self.mask
-        n = available // self.slot
-        ready = self._uniform_prefix(start, n)
-        if ready:
-            slots = bytes(self._data[start:start + ready * self.slot])
-            self._advance(cons + ready * self.slot)
-            return slots, ready
-        # The first record is odd (busy, discarded, or another size): step over it alone.
-        header = _LEN.unpack_from(self._data, start)[0]
-        if header & BUSY:
-            return b"", 0
-        length = header & ~(BUSY | DISCARD)
-        self._advance(cons + ((length + HEADER + 7) & ~7))
-        return b"", 0
+        Discarded records and records of another size are stepped over and counted in
+        self.skipped; a record still being written ends the run (the next read takes it)."""
+        while True:
+            cons = _POS.unpack_from(self._consumer, 0)[0]
+            prod = _POS.unpack_from(self._producer, 0)[0]
+            available = min(prod - cons, limit - limit % self.slot, self.size)
+            if available <= 0:
+                return b"", 0
+            start = cons & self.mask
+            whole = available // self.slot
+            ready = self._uniform_prefix(start, whole) if whole else 0
+            if ready:
+                slots = bytes(self._data[start:start + ready * self.slot])
+                self._advance(cons + ready * self.slot)
+                return slots, ready
+            # The head was not a finished record of our size when the columns were read.
+            # Its header is read once more and that one value decides: the producer may
+            # have finished it in between, and then it is read, never stepped over.
+            header = _LEN.unpack_from(self._data, start)[0]
+            if header & BUSY:
+                return b"", 0
+            if header & DISCARD or header != self.record_size:
+                self.skipped += 1
+                self._advance(cons + (((header & ~DISCARD) + HEADER + 7) & ~7))
+            elif not whole:
+                return b"", 0  # less than a whole record written: never spin on it
 
     def _uniform_prefix(self, start: int, n: int) -> int:
         """How many slots from start are finished records of the expected size: checked on

@@ -24,12 +24,14 @@ Never blocks: draining the ring buffer only copies it to the journal. Sending re
           journal back as fast as enrich takes it: when enrich is behind, the backlog waits
           on disk, not in memory. At start, what an earlier run journaled and persist has not
           marked stored is sent again (records_resent), beside the new records.
-Losses:   a journal that is full (SLUICE_JOURNAL_MAX_BYTES) or failing is one log line and a
-          counter (journal_full, journal_errors); those records travel from memory (not
-          durable), and beyond MAX_UNJOURNALED_BYTES of them the oldest are dropped
-          (records_lost). Short records are counted (short_records) and skipped. Records
-          the ring buffer refused are swept from map_overflow (overflow_swept); packets the
-          kernel could not park at all are counted there (kernel_lost).
+Losses:   ring-buffer records the kernel discarded or of another size are stepped over
+          and counted (ring_records_skipped; the classifier makes neither). A journal that
+          is full (SLUICE_JOURNAL_MAX_BYTES) or failing is one log line and a counter
+          (journal_full, journal_errors); those records travel from memory (not durable),
+          and beyond MAX_UNJOURNALED_BYTES of them the oldest are dropped (records_lost).
+          Short records are counted (short_records) and skipped. Records the ring buffer
+          refused are swept from map_overflow (overflow_swept); packets the kernel could
+          not park at all are counted there (kernel_lost).
 Stop:     drains the ring buffer into the journal and exits without waiting for the backlog
           to be sent (the next start sends it). In audit mode a clean stop detaches
           everything; in enforce mode the filter, the hooks (DNS keeps going to the proxy, or
@@ -409,6 +411,8 @@ class CaptureStage(BaseStage):
             self.next_counters = now + self.paces.counters_s
             for name, value in read_counters(self.counters_fd).items():
                 self.io.counters.set(f"kernel_{name}", value)
+            if self.ring is not None and self.ring.skipped:
+                self.io.counters.set("ring_records_skipped", self.ring.skipped)
             self._report_layers()
 
     def accepting(self) -> bool:
