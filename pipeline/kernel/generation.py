@@ -22,9 +22,10 @@ PIN_CHECK_S = 1.0   # how soon maps pinned anew (after a detach) are followed
 _KEY = ctypes.c_uint32(0)
 
 
-def read_config(fd: int) -> Config | None:
-    """map_config's one entry, None when it cannot be read."""
-    config = Config()
+def read_config(fd: int, into: Config | None = None) -> Config | None:
+    """map_config's one entry (read into `into` when given, a buffer kept by a caller that
+    reads it often), None when it cannot be read."""
+    config = Config() if into is None else into
     return config if libbpf.lookup(fd, _KEY, config) else None
 
 
@@ -56,11 +57,9 @@ class PinnedGeneration:
             self.next_check = now + self.check_every
             self._follow_pin()
         # One lookup per DNS answer: into a buffer kept for it, not a new struct each time.
-        if self.maps is None or not libbpf.lookup(self.maps.fds["map_config"], _KEY,
-                                                  self.config):
-            return None
-        generation = self.config.generation
-        return (self.inode, generation) if generation else None
+        config = (read_config(self.maps.fds["map_config"], self.config)
+                  if self.maps is not None else None)
+        return (self.inode, config.generation) if config and config.generation else None
 
     def _follow_pin(self) -> None:
         try:
