@@ -27,6 +27,7 @@ pytestmark = pytest.mark.e2e
 
 TARGETS = ["10.202.0.1", "10.202.0.2", "10.202.0.3"]
 FIRST_PORT = 1024
+STAGES = ("capture", "enrich", "policy", "persist")  # the audit path, in order
 
 
 def flooding(lab: Lab, count: int, per_second: float = 0) -> subprocess.Popen:
@@ -56,9 +57,6 @@ def assert_each_stored_once(pipeline: Pipeline, count: int) -> None:
     rows = {r["event_id"] for r in pipeline.rows() if r["dst_ip"] in TARGETS}
     lines = [line["event_id"] for line in pipeline.jsonl() if line.get("dst_ip") in TARGETS]
     assert len(lines) == len(set(lines)) and set(lines) == rows, "JSONL and SQL disagree"
-
-
-STAGES = ("capture", "enrich", "policy", "persist")
 
 
 def restart_until_stored(pipeline: Pipeline, count: int, timeout: float = 90) -> None:
