@@ -1072,13 +1072,14 @@ class AuditStore:
             if batch.done:
                 return batch._replace(rows=rows)
 
-    def events_after(self, event_id: str, host: str, limit: int = 1_000_000) -> list[AuditEvent]:
-        """This host's rows written after the row of event_id, in the order they were
-        written ([] when event_id is not stored)."""
+    def events_after(self, event_id: str | None, host: str,
+                     limit: int = 1_000_000) -> list[AuditEvent]:
+        """This host's rows written after the row of event_id (every one for None), in the
+        order they were written ([] when event_id is not stored)."""
         table = audit_events
         try:
             with self.engine.connect() as conn:
-                after = conn.execute(sa.select(table.c.id).where(
+                after = 0 if event_id is None else conn.execute(sa.select(table.c.id).where(
                     table.c.event_id == event_id)).scalar()
                 if after is None:
                     return []
@@ -1089,6 +1090,17 @@ class AuditStore:
         except sa.exc.SQLAlchemyError as err:
             raise StoreError(f"{self.url}: {_one_line(err)}") from None
         return [from_row(row) for row in rows]
+
+    def last_event_id(self, host: str) -> str:
+        """The event id of this host's last row written ("" when it has none)."""
+        table = audit_events
+        try:
+            with self.engine.connect() as conn:
+                value = conn.execute(sa.select(table.c.event_id).where(table.c.host == host)
+                                     .order_by(table.c.id.desc()).limit(1)).scalar()
+        except sa.exc.SQLAlchemyError as err:
+            raise StoreError(f"{self.url}: {_one_line(err)}") from None
+        return value or ""
 
     def remember_delivered(self, rows: Sequence[DeliveredDestination]) -> None:
         """Store notify's delivered destinations in one transaction; one stored before is

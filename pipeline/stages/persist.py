@@ -25,6 +25,7 @@ Exactly once: records from capture's journal carry a journal number and a stable
           to the file (jsonl_caught_up), found after the file's last line, or, when the file
           has none (logrotate just moved it away), after the last line persist wrote
           (SLUICE_JOURNAL_DIR/jsonl.last; a failure to keep it is counted, jsonl_mark_errors).
+          Before its first line ever, that mark is the last row stored at start.
 Back-pressure: persist takes no new messages while it holds a commit's worth of records
           (SLUICE_BATCH_MAX x 16) or while the database or the file fails; the backlog then
           waits upstream, in the end in capture's journal, never in memory here.
@@ -84,7 +85,10 @@ JSONL_MARK = "jsonl.last"  # in SLUICE_JOURNAL_DIR: it outlives a reboot, as the
 
 class JsonlMark:
     """The event id of the last line persist wrote to the JSONL file, kept beside the
-    journal: what the catch-up starts after when the file itself has no line to go by."""
+    journal: what the catch-up starts after when the file itself has no line to go by.
+    START means before every row: no line was written yet, so every row belongs in it."""
+
+    START = "-"
 
     def __init__(self, path: Path, gid: int | None) -> None:
         self.path, self.gid = path, gid
@@ -217,11 +221,15 @@ class PersistStage(BaseStage):
         """Append the rows a crash left in SQL without their JSONL lines: those after the
         file's last line or, when the file has none (a crash before its first line, or a
         file logrotate just started), after the last line persist ever wrote."""
-        last = self.logger.last_event_id() or self.jsonl_mark.read()
-        if not last:
+        if self.logger.path is None:
             return
+        last = self.logger.last_event_id() or self.jsonl_mark.read()
         try:
-            missing = self.store.events_after(last, self.host)
+            if not last:
+                self._start_mark()
+                return
+            missing = self.store.events_after(None if last == JsonlMark.START else last,
+                                              self.host)
         except StoreError as err:
             self.io.log.warning("cannot compare %s with the database: %s", self.logger.path, err)
             return
@@ -230,6 +238,15 @@ class PersistStage(BaseStage):
             self.io.counters.add("jsonl_caught_up", len(missing))
             self.io.log.warning("%d row(s) were in SQL but not in %s (a crash between the two "
                                 "writes): appending them", len(missing), self.logger.path)
+
+    def _start_mark(self) -> None:
+        """No line and no mark: a first start, or a store older than the mark. Mark the last
+        row stored now, before this run commits any, so a crash before this run's first line
+        is caught up; rows from before are taken to be in the file already (never appended
+        twice)."""
+        last = self.store.last_event_id(self.host) or JsonlMark.START
+        if not self.jsonl_mark.write(last):
+            self.io.counters.add("jsonl_mark_errors")
 
     # ------------------------------------------------------------- storing
 

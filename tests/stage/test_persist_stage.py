@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from pipeline import wire
 from pipeline.audit.records import AuditEvent, parse_timestamp
-from pipeline.stages.persist import PersistStage
+from pipeline.stages.persist import JSONL_MARK, PersistStage
 from pipeline.audit.store import AuditStore, audit_events, open_readonly
 from tests.support.persistkit import jsonl_fields, make_settings
 from tests.support.stagekit import StageThread
@@ -185,6 +185,43 @@ def test_a_new_empty_file_gets_only_the_rows_a_crash_kept_from_it(tmp_path, push
     stage.finish()
     assert jsonl_fields(settings.audit_log) == expected_fields(crashed)
     assert jsonl_fields(rotated) == expected_fields(stored)
+
+
+def test_rows_a_crash_kept_from_the_first_line_ever_are_appended(tmp_path, pusher):
+    """Killed between the first SQL commit and the first JSONL line: no line and no
+    last-written mark to go by, yet the file gets every row."""
+    settings = make_settings(tmp_path)
+    StageThread(PersistStage(), settings).start().finish()  # a first start, nothing stored
+    crashed = [record(n, host="test-host") for n in range(5)]
+    committed_without_lines(settings, crashed)
+    stage = StageThread(PersistStage(), settings).start()
+    try:
+        wait_for(lambda: len(jsonl_fields(settings.audit_log)) == 5, "the caught-up lines")
+    finally:
+        stage.finish()
+    assert stage.counters()["jsonl_caught_up"] == 5
+    assert jsonl_fields(settings.audit_log) == expected_fields(crashed)
+
+
+def test_a_store_without_a_mark_keeps_its_history_out_of_an_empty_file(tmp_path, pusher):
+    """A store from before the mark, and an empty file: its rows are not appended again,
+    but a crash in this run before its first line still is."""
+    settings = make_settings(tmp_path)
+    StageThread(PersistStage(), settings).start().finish()  # the schema
+    (settings.journal_dir / JSONL_MARK).unlink()  # ... as a persist from before the mark
+    committed_without_lines(settings, [record(n, host="test-host") for n in range(10)])
+    stage = StageThread(PersistStage(), settings).start()
+    stage.finish()
+    assert jsonl_fields(settings.audit_log) == []
+    assert stage.counters().get("jsonl_caught_up", 0) == 0
+    crashed = [record(n, host="test-host") for n in range(10, 15)]
+    committed_without_lines(settings, crashed)
+    stage = StageThread(PersistStage(), settings).start()
+    try:
+        wait_for(lambda: len(jsonl_fields(settings.audit_log)) == 5, "the caught-up lines")
+    finally:
+        stage.finish()
+    assert jsonl_fields(settings.audit_log) == expected_fields(crashed)
 
 
 def test_a_locked_database_delays_records_but_loses_none(tmp_path, pusher):
