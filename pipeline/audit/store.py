@@ -1124,3 +1124,37 @@ class AuditStore:
         if self._checkpointer is not None:
             self._checkpointer.close()
         self.engine.dispose()
+
+
+class DeliveredKeys:
+    """The keys this host has delivered, read (read-only) from notified_destinations,
+    which persist writes."""
+
+    def __init__(self, url: str, host: str) -> None:
+        self.url, self.host = url, host
+        self.engine: sa.Engine | None = None
+
+    def ready(self) -> bool:
+        """Whether persist's migrations have created the table yet (a database that is
+        not there or down for now is not ready either)."""
+        try:
+            if self.engine is None:
+                self.engine = open_readonly(self.url)
+            return sa.inspect(self.engine).has_table(notified_destinations.name)
+        except (StoreError, sa.exc.SQLAlchemyError):
+            return False
+
+    def load(self) -> set[str]:
+        column = notified_destinations.c
+        query = sa.select(column.destination).where(column.host == self.host)
+        assert self.engine is not None, "ready() opened it"
+        try:
+            with self.engine.connect() as conn:
+                return set(conn.execute(query).scalars())
+        except sa.exc.SQLAlchemyError as err:
+            raise StoreError(f"{self.url}: cannot read notified destinations: "
+                             f"{type(err).__name__}") from None
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.dispose()

@@ -60,8 +60,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
 import zmq
 
 from ..errors import StoreError
@@ -71,10 +71,12 @@ from ..notify import (DeliveryError, LogClient, Notification, NotificationTracke
                       NotifySink, Storm, Summary, WebhookClient, destination_key, retry_delay,
                       sink_origin)
 from ..settings import Settings
-from ..audit.store import notified_destinations, open_readonly
 from ..reactor import Timer
 from ..topology import wiring_text
 from ..workers import Worker
+
+if TYPE_CHECKING:  # imported in setup, with a URL only: SQLAlchemy is most of this
+    from ..audit.store import DeliveredKeys  # stage's memory, and without a URL unused
 
 MAX_ATTEMPTS = 8      # one to three minutes of a dead sink before a key is released
 MAX_PENDING = 1_000   # keys in delivery at once
@@ -94,40 +96,6 @@ class Report:
     error: str = ""               # "" when delivered
     retry_in: float | None = None  # seconds to the next attempt; None when none follows
     internal: bool = False        # the attempt failed on an error of sluice's own (logged)
-
-
-class DeliveredKeys:
-    """The keys this host has delivered, read (read-only) from notified_destinations,
-    which persist writes."""
-
-    def __init__(self, url: str, host: str) -> None:
-        self.url, self.host = url, host
-        self.engine: sa.Engine | None = None
-
-    def ready(self) -> bool:
-        """Whether persist's migrations have created the table yet (a database that is
-        not there or down for now is not ready either)."""
-        try:
-            if self.engine is None:
-                self.engine = open_readonly(self.url)
-            return sa.inspect(self.engine).has_table(notified_destinations.name)
-        except (StoreError, sa.exc.SQLAlchemyError):
-            return False
-
-    def load(self) -> set[str]:
-        column = notified_destinations.c
-        query = sa.select(column.destination).where(column.host == self.host)
-        assert self.engine is not None, "ready() opened it"
-        try:
-            with self.engine.connect() as conn:
-                return set(conn.execute(query).scalars())
-        except sa.exc.SQLAlchemyError as err:
-            raise StoreError(f"{self.url}: cannot read notified destinations: "
-                             f"{type(err).__name__}") from None
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.dispose()
 
 
 class Courier:
@@ -275,6 +243,7 @@ class NotifyStage(BaseStage):
             return
         webhook = self.client or WebhookClient(settings.notify_url, settings.notify_token,
                                                settings.host_name)
+        from ..audit.store import DeliveredKeys
         self.memory = memory = DeliveredKeys(settings.db, settings.host_name)
         self.persist = io.connect_feeds()["delivered_destinations"]
         self.courier = courier = Courier(webhook, log=io.log, max_attempts=self.max_attempts,

@@ -2,6 +2,8 @@
 
 import logging
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -175,3 +177,11 @@ def test_log_client_summarizes_a_flood_of_new_destinations(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert len([line for line in lines if line.startswith("blocked destination")]) == 4
     assert "7 more new blocked destinations were not logged" in lines[3]
+
+
+def test_the_notify_stage_without_a_url_leaves_sqlalchemy_unloaded():
+    """Its memory of delivered destinations, the only use of SQL here, is for a webhook."""
+    probe = "import sys, pipeline.stages.notify; print('sqlalchemy' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout == "False\n"
