@@ -87,6 +87,9 @@ def test_the_pipeline_exports_every_record_and_its_metrics_match_status(lab, tmp
             return [json.loads(line) for line in text.splitlines()]
 
         wait_for(lambda: len(exported()) == len(pipeline.rows()), "every row exported", timeout=20)
+        # The backlog is a level export recounts every BACKLOG_EVERY_S, so it may trail.
+        wait_for(lambda: scrape(lab).get("sluice_export_otlp_backlog") == 0, "no backlog left",
+                 timeout=10)
         metrics, stages = quiet_snapshot(lab, pipeline)
         rows = pipeline.rows()
         assert pipeline.stop() == {stage: "rc=0" for stage in STAGES}
