@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 
 from pipeline.loop import BaseStage
 from pipeline.reactor import READ, Reactor
@@ -98,3 +100,30 @@ def test_the_loop_serves_the_reactor_on_the_stage_clock(tmp_path):
         wait_for(lambda: stage.fired == ["fd", "timer"], "the timer run")
     finally:
         assert thread.finish() == 0
+
+
+FROZEN_PROBE = """
+import gc, sys
+from pathlib import Path
+from pipeline.loop import BaseStage, run_stage
+from tests.support.stagekit import stage_settings
+
+class Probe(BaseStage):
+    name = "probe"
+    def setup(self, io):
+        self.built = [[n] for n in range(1000)]  # what a stage builds at start
+        self.stop = io.stop
+        io.ready = True
+    def tick(self, now):
+        print(gc.get_freeze_count() >= len(self.built))
+        self.stop.set()
+
+sys.exit(run_stage(Probe(), stage_settings(Path(sys.argv[1]))))
+"""
+
+
+def test_what_a_stage_builds_at_start_is_out_of_the_collectors_passes(tmp_path):
+    result = subprocess.run([sys.executable, "-c", FROZEN_PROBE, str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "True"
