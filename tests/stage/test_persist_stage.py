@@ -158,13 +158,21 @@ def store_ten_then_five_more(settings, pusher):
     return stored, [record(n, host="test-host") for n in range(10, 15)]
 
 
+def restart_until_lines(settings, count):
+    """persist started again, until its file has count lines; the finished stage."""
+    stage = StageThread(PersistStage(), settings).start()
+    try:
+        wait_for(lambda: len(jsonl_fields(settings.audit_log)) == count, "the caught-up lines")
+    finally:
+        stage.finish()
+    return stage
+
+
 def test_rows_a_crash_kept_from_the_file_are_appended_to_it(tmp_path, pusher):
     settings = make_settings(tmp_path)
     stored, crashed = store_ten_then_five_more(settings, pusher)
     committed_without_lines(settings, crashed)
-    stage = StageThread(PersistStage(), settings).start()
-    wait_for(lambda: len(jsonl_fields(settings.audit_log)) == 15, "the caught-up lines")
-    stage.finish()
+    stage = restart_until_lines(settings, 15)
     assert stage.counters()["jsonl_caught_up"] == 5
     assert jsonl_fields(settings.audit_log) == sql_fields(settings) == expected_fields(
         stored + crashed)
@@ -180,9 +188,7 @@ def test_a_new_empty_file_gets_only_the_rows_a_crash_kept_from_it(tmp_path, push
     stage.finish()
     assert jsonl_fields(settings.audit_log) == []
     committed_without_lines(settings, crashed)
-    stage = StageThread(PersistStage(), settings).start()
-    wait_for(lambda: len(jsonl_fields(settings.audit_log)) == 5, "the caught-up lines")
-    stage.finish()
+    stage = restart_until_lines(settings, 5)
     assert jsonl_fields(settings.audit_log) == expected_fields(crashed)
     assert jsonl_fields(rotated) == expected_fields(stored)
 
@@ -194,11 +200,7 @@ def test_rows_a_crash_kept_from_the_first_line_ever_are_appended(tmp_path, pushe
     StageThread(PersistStage(), settings).start().finish()  # a first start, nothing stored
     crashed = [record(n, host="test-host") for n in range(5)]
     committed_without_lines(settings, crashed)
-    stage = StageThread(PersistStage(), settings).start()
-    try:
-        wait_for(lambda: len(jsonl_fields(settings.audit_log)) == 5, "the caught-up lines")
-    finally:
-        stage.finish()
+    stage = restart_until_lines(settings, 5)
     assert stage.counters()["jsonl_caught_up"] == 5
     assert jsonl_fields(settings.audit_log) == expected_fields(crashed)
 
@@ -216,11 +218,7 @@ def test_a_store_without_a_mark_keeps_its_history_out_of_an_empty_file(tmp_path,
     assert stage.counters().get("jsonl_caught_up", 0) == 0
     crashed = [record(n, host="test-host") for n in range(10, 15)]
     committed_without_lines(settings, crashed)
-    stage = StageThread(PersistStage(), settings).start()
-    try:
-        wait_for(lambda: len(jsonl_fields(settings.audit_log)) == 5, "the caught-up lines")
-    finally:
-        stage.finish()
+    stage = restart_until_lines(settings, 5)
     assert jsonl_fields(settings.audit_log) == expected_fields(crashed)
 
 
