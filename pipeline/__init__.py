@@ -116,6 +116,7 @@ The audit trail
 
 Alerts and export
   notify.py                the dedup, clients and retry schedule of notify
+  fingerprints.py          a set of strings kept as 8-byte fingerprints (alerted keys)
   export/__init__.py       (package) the stored trail out: OTLP, syslog, metrics
   export/delivery.py       delivery to an outside sink: failures, backoff, the worker
   export/otlp.py           audit rows as OpenTelemetry log records, and their client

@@ -34,6 +34,7 @@ from . import __version__
 from .audit.records import AuditEvent, format_timestamp
 from .errors import SettingsError
 from .events import Notice
+from .fingerprints import FingerprintSet
 
 HTTP_TIMEOUT_S = 5.0
 RETRY_FIRST_S = 1.0
@@ -196,9 +197,12 @@ class NotifySink(Protocol):
 class NotificationTracker:
     """The destinations already notified (or being notified), and the client that sends."""
 
-    def __init__(self, client: StateMachineClient, notified: Iterable[str] = ()) -> None:
+    def __init__(self, client: StateMachineClient,
+                 notified: Iterable[str] | FingerprintSet = ()) -> None:
         self.client = client
-        self.claimed: set[str] = set(notified)
+        # Every destination ever alerted on, 8 bytes each: a scan brings hundreds of thousands.
+        self.claimed = (notified if isinstance(notified, FingerprintSet)
+                        else FingerprintSet(notified))
 
     def send_notification(self, hostname: str, ip: str, port: int, *, protocol: str = "",
                           process: str = "", first_seen_ns: int = 0, mode: str = "",
@@ -206,9 +210,8 @@ class NotificationTracker:
         """Send a notification unless its destination has one already; True when sent.
         DeliveryError from the client is passed on, after the key is released."""
         key = destination_key(hostname, ip, port)
-        if key in self.claimed:
+        if not self.claimed.add(key):  # before sending: duplicates meanwhile stay quiet
             return False
-        self.claimed.add(key)  # before sending: duplicates that arrive meanwhile stay quiet
         try:
             self.client.send(Notification(key, hostname, ip, port, protocol, process,
                                           first_seen_ns, mode, event_type))
@@ -219,10 +222,7 @@ class NotificationTracker:
 
     def claim(self, key: str) -> bool:
         """Claim a key without sending (a storm summarizes it); False if claimed already."""
-        if key in self.claimed:
-            return False
-        self.claimed.add(key)
-        return True
+        return self.claimed.add(key)
 
     def release(self, key: str) -> None:
         """Forget a key whose notification was not delivered: its next block retries."""

@@ -47,6 +47,7 @@ from .. import private
 from .records import AuditEvent, parse_timestamp, sql_timestamp
 from ..errors import StoreError
 from ..events import DeliveredDestination
+from ..fingerprints import FingerprintSet
 from .rollups import (GROUP_VALUES, MINUTE_KEY, TIMELINE_COUNTS, TOTAL_KEY, Deltas, Flipped,
                       Row, aggregate, flip, gather)
 
@@ -1144,13 +1145,14 @@ class DeliveredKeys:
         except (StoreError, sa.exc.SQLAlchemyError):
             return False
 
-    def load(self) -> set[str]:
+    def load(self) -> FingerprintSet:
+        """Streamed into fingerprints: never a set of every key as text at once."""
         column = notified_destinations.c
         query = sa.select(column.destination).where(column.host == self.host)
         assert self.engine is not None, "ready() opened it"
         try:
             with self.engine.connect() as conn:
-                return set(conn.execute(query).scalars())
+                return FingerprintSet(conn.execute(query).scalars())
         except sa.exc.SQLAlchemyError as err:
             raise StoreError(f"{self.url}: cannot read notified destinations: "
                              f"{type(err).__name__}") from None

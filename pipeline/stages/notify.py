@@ -66,6 +66,7 @@ import zmq
 
 from ..errors import StoreError
 from ..events import DeliveredDestination, Notice
+from ..fingerprints import FingerprintSet
 from ..loop import BaseStage, StageIO, batched, run_stage
 from ..notify import (DeliveryError, LogClient, Notification, NotificationTracker,
                       NotifySink, Storm, Summary, WebhookClient, destination_key, retry_delay,
@@ -290,7 +291,7 @@ class NotifyStage(BaseStage):
         self.summary_out = True
         self.next_summary = self.io.reactor.clock() + self.summary_interval
 
-    def _start_delivery(self, courier: Courier, notified: set[str]) -> None:
+    def _start_delivery(self, courier: Courier, notified: FingerprintSet) -> None:
         courier.start()
         self.tracker = tracker = NotificationTracker(courier, notified)
         for member in self.storm.members:  # what came early beyond the buffer: summarized
