@@ -26,6 +26,7 @@ dst_ip, dst_port and protocol has a timestamp at or after its own (reference §2
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sqlite3
@@ -35,13 +36,15 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from operator import itemgetter
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
-from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+if TYPE_CHECKING:
+    from sqlalchemy.dialects import postgresql, sqlite
+    DialectInsert = sqlite.Insert | postgresql.Insert
 
 from .. import private
 from .records import AuditEvent, parse_timestamp, sql_timestamp
@@ -466,15 +469,19 @@ MIGRATIONS: tuple[Migration, ...] = (
 
 _encode_json = msgspec.json.encode
 BUSY_TIMEOUT_MS = 1000  # short: a stopping persist must finish within honcho's 5 seconds
-# Each backend's own INSERT, the one that can say ON CONFLICT (the generic one cannot).
-DialectInsert = sqlite_dialect.Insert | pg_dialect.Insert
-_INSERTS: dict[str, Callable[[sa.Table], DialectInsert]] = {
-    "sqlite": sqlite_dialect.insert, "postgresql": pg_dialect.insert}
+BACKENDS = ("sqlite", "postgresql")
 _ID_CHUNK = 500  # ids per IN (...) when looking for already stored records
 
 
 class StoreRejected(StoreError):
     """The database refuses the data itself: retrying the same rows cannot help."""
+
+
+def dialect_insert(backend: str, table: sa.Table) -> DialectInsert:
+    """The backend's own INSERT, the one that can say ON CONFLICT (the generic one cannot).
+    Imported for the backend in use only: PostgreSQL's dialect brings asyncio and more."""
+    module = importlib.import_module(f"sqlalchemy.dialects.{backend}")
+    return module.insert(table)
 
 
 def _one_line(err: BaseException) -> str:
@@ -542,7 +549,7 @@ def _engine(url_text: str, *, readonly: bool, busy_timeout_ms: int,
         raise StoreError(f"not a database URL: {url_text!r}") from None
     shown = url.render_as_string(hide_password=True)
     backend = url.get_backend_name()
-    if backend not in _INSERTS:
+    if backend not in BACKENDS:
         raise StoreError(f"{shown}: unsupported database {backend!r} (use sqlite or postgresql)")
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg")  # SQLAlchemy would pick psycopg2
@@ -940,7 +947,7 @@ class AuditStore:
                                         autocheckpoint=path is None, gid=gid)
         self._checkpointer = _Checkpointer(path) if path is not None else None
         dialect = self.engine.dialect
-        insert = _INSERTS[dialect.name](audit_events).on_conflict_do_nothing(
+        insert = dialect_insert(dialect.name, audit_events).on_conflict_do_nothing(
             index_elements=["event_id"])
         compiled = insert.compile(dialect=dialect, column_keys=list(COLUMNS))
         if compiled.positional and list(compiled.positiontup or ()) != list(COLUMNS):
@@ -1112,7 +1119,7 @@ class AuditStore:
                    "ip": r.ip, "port": r.port, "protocol": r.protocol,
                    "first_seen": sql_timestamp(r.first_seen_ns),
                    "delivered_at": sql_timestamp(r.delivered_ns)} for r in rows]
-        insert = _INSERTS[self.engine.dialect.name](notified_destinations) \
+        insert = dialect_insert(self.engine.dialect.name, notified_destinations) \
             .on_conflict_do_nothing(index_elements=["host", "destination"])
         try:
             with self.engine.begin() as conn:

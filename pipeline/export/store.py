@@ -26,7 +26,7 @@ import time
 import sqlalchemy as sa
 
 from ..errors import StoreError
-from ..audit.store import (_INSERTS, AuditStore, _one_line, audit_events, export_cursors,
+from ..audit.store import (AuditStore, dialect_insert, _one_line, audit_events, export_cursors,
                            open_readonly)
 from ..audit.timestamps import sql_timestamp
 
@@ -93,7 +93,7 @@ class StoredRows:
         if not cursors:
             return
         now = sql_timestamp(time.time_ns())
-        insert = _INSERTS[self.store.engine.dialect.name](export_cursors)
+        insert = dialect_insert(self.store.engine.dialect.name, export_cursors)
         statement = insert.on_conflict_do_update(
             index_elements=["host", "sink"],
             set_={"last_id": insert.excluded.last_id, "updated_at": insert.excluded.updated_at})
