@@ -567,12 +567,14 @@ def _engine(url_text: str, *, readonly: bool, busy_timeout_ms: int,
         if readonly:
             pragmas.append("PRAGMA query_only=ON")  # also refuses writes to attached files
         else:
-            # A 32 MiB page cache keeps the indexes' hot pages in memory under a flood (every
-            # stage shares the host's memory budget: benchmarks/flood.py prints the total).
+            # A 16 MiB page cache keeps the indexes' hot pages in memory under a flood: 32
+            # stored no faster in the flood or benchmarks/persist_throughput.py, 8 stored
+            # about 15% slower (every stage shares the host's memory budget: the flood
+            # benchmark prints the total).
             # 16 KiB pages (for a new file; an existing one keeps its own): fewer, fuller
             # B-tree pages to update per batch (benchmarks/persist_throughput.py).
             pragmas += ["PRAGMA page_size=16384", "PRAGMA journal_mode=WAL",
-                        "PRAGMA synchronous=NORMAL", "PRAGMA cache_size=-32768"]
+                        "PRAGMA synchronous=NORMAL", "PRAGMA cache_size=-16384"]
             if not autocheckpoint:
                 pragmas.append("PRAGMA wal_autocheckpoint=0")
         _sqlite_events(engine, begin="BEGIN" if readonly else "BEGIN IMMEDIATE", pragmas=pragmas)
