@@ -4,18 +4,49 @@
 Run inside a test namespace against the DNS proxy. Each query asks a name never asked
 before (n<i>.<suffix>), so every answer takes the proxy's full path: the upstream, then the
 policy stage's map write before release. Stops when the file --stop-file exists (or after
---count queries) and prints one JSON line: each query's latency in ms and the answer codes.
+--count queries) and prints one JSON line: each query's latency in ms, as the probe saw it
+and as far as the answer's arrival at its socket (the kernel's receive timestamp: what is
+left is the probe's own wait for a CPU), and the answer codes.
 """
 
 import argparse
 import json
 import os
+import socket
+import struct
 import time
 
-import dns.exception
 import dns.message
-import dns.query
 import dns.rcode
+
+SO_TIMESTAMPNS = 35  # Linux (asm-generic): receive times as a struct timespec, CLOCK_REALTIME
+TIMESPEC = struct.Struct("qq")
+
+
+def ask(server: str, query: dns.message.Message, timeout: float) -> tuple[str, int, int, int]:
+    """(rcode, sent, arrived at the socket, seen by the probe), in ns of CLOCK_REALTIME."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.connect((server, 53))
+        sock.settimeout(timeout)
+        sent = time.time_ns()
+        sock.send(query.to_wire())
+        while True:
+            try:
+                data, ancillary, _, _ = sock.recvmsg(65535, socket.CMSG_SPACE(TIMESPEC.size))
+            except TimeoutError:
+                now = time.time_ns()
+                return "TIMEOUT", sent, now, now
+            seen = time.time_ns()
+            answer = dns.message.from_wire(data)
+            if answer.id != query.id:
+                continue
+            arrived = seen
+            for level, kind, value in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    seconds, nanoseconds = TIMESPEC.unpack(value[:TIMESPEC.size])
+                    arrived = seconds * 1_000_000_000 + nanoseconds
+            return dns.rcode.to_text(answer.rcode()), sent, arrived, seen
 
 
 def main() -> None:
@@ -27,7 +58,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=0, help="0: until --stop-file appears")
     parser.add_argument("--stop-file", default="")
     args = parser.parse_args()
-    latencies, rcodes = [], {}
+    latencies, at_socket, rcodes = [], [], {}
     start = time.monotonic()
     n = 0
     while ((args.count and n < args.count)
@@ -36,16 +67,12 @@ def main() -> None:
         if wait > 0:
             time.sleep(wait)
         query = dns.message.make_query(f"n{args.first + n}.{args.suffix}", "A")
-        asked = time.perf_counter()
-        try:
-            answer = dns.query.udp(query, args.server, timeout=5)
-            code = dns.rcode.to_text(answer.rcode())
-        except dns.exception.Timeout:
-            code = "TIMEOUT"
-        latencies.append((time.perf_counter() - asked) * 1000)
+        code, sent, arrived, seen = ask(args.server, query, timeout=5)
+        latencies.append((seen - sent) / 1e6)
+        at_socket.append((arrived - sent) / 1e6)
         rcodes[code] = rcodes.get(code, 0) + 1
         n += 1
-    print(json.dumps({"latencies_ms": latencies, "rcodes": rcodes}))
+    print(json.dumps({"latencies_ms": latencies, "at_socket_ms": at_socket, "rcodes": rcodes}))
 
 
 if __name__ == "__main__":
