@@ -72,7 +72,7 @@ from ..kernel.event_layout import RECORD_SIZE, decode_frame, reported_record
 from ..rulemaps import ALLOW
 from ..settings import Settings
 
-DRAIN_BYTES = 4 << 20          # one journal frame at most: a read of the ring buffer
+DRAIN_BYTES = 1 << 20          # one journal frame at most: a read of the ring buffer
 SENDS_PER_TURN = 8             # batches sent per loop turn before the ring is drained again
 MAX_UNJOURNALED_BYTES = 64 << 20
 
