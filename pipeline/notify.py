@@ -31,9 +31,8 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from . import __version__
-from .audit.records import AuditEvent, format_timestamp
+from .audit.records import format_timestamp
 from .errors import SettingsError
-from .events import Notice
 from .fingerprints import FingerprintSet
 
 HTTP_TIMEOUT_S = 5.0
@@ -68,13 +67,6 @@ class Notification:
                 "protocol": self.protocol, "process": self.process,
                 "first_seen": format_timestamp(self.first_seen_ns), "mode": self.mode,
                 "event_type": self.event_type, "host": host}
-
-
-def notice_of(record: AuditEvent, port: int, mode: str) -> Notice:
-    """The notice for policy's audit record of a block; port is the event's own (a
-    protocol block's record has it cleared, its notice carries the protocol number)."""
-    return Notice(record.event_type, record.dst_hostname, record.dst_ip, port, record.protocol,
-                  record.process, record.pid, record.timestamp, mode)
 
 
 SUMMARY_EVENT = "blocked_destinations_summary"

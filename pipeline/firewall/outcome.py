@@ -16,7 +16,7 @@ import dataclasses
 
 from ..audit.records import AuditEvent, AuditEventType, normalize
 from ..containers import container_of
-from ..events import EnrichedEvent, protocol_name
+from ..events import EnrichedEvent, Notice, protocol_name
 from .opening import LateAllowPlan, plan_late_allow
 from ..policy.autoallow import get_auto_allowed_type
 from ..policy.model import Policy
@@ -32,6 +32,13 @@ class Outcome:
     def settled(self, written: bool) -> Outcome:
         """The outcome once the late-allow writes were applied (written) or failed."""
         return self if written or self.unwritten is None else self.unwritten
+
+    def notice(self, port: int, mode: str) -> Notice:
+        """The notice of a block for notify; port is the event's own (a protocol block's
+        record has it cleared, its notice carries the protocol number)."""
+        r = self.record
+        return Notice(r.event_type, r.dst_hostname, r.dst_ip, port, r.protocol, r.process,
+                      r.pid, r.timestamp, mode)
 
 
 def decide(event: EnrichedEvent, policy: Policy, *, audit_mode: bool, event_id: str,

@@ -50,7 +50,6 @@ from ..firewall.opening import allow_answer, write_plan
 from ..kernel.maps import KernelRuleMaps, pins_present
 from ..livepolicy import LivePolicy
 from ..loop import BaseStage, StageIO, batched, run_stage
-from ..notify import notice_of
 from ..firewall.outcome import decide
 from ..policy.existing import gate_existing_connection, scan_connections
 from ..hostfiles import HostFiles
@@ -184,7 +183,7 @@ class PolicyStage(BaseStage):
             self.recent.remember(outcome.record, self.clock())
             out.append(outcome.record)
             if outcome.notify:
-                notices.append(notice_of(outcome.record, event.dst_port, self.settings.mode))
+                notices.append(outcome.notice(event.dst_port, self.settings.mode))
         self._send(out)
         self.notify.send(notices)
 
