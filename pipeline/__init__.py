@@ -115,8 +115,9 @@ The audit trail
   private.py               what sluice creates is readable by root alone
 
 Alerts and export
-  notify.py                the dedup, clients and retry schedule of notify
+  notify.py                the dedup, log client and retry schedule of notify
   fingerprints.py          a set of strings kept as 8-byte fingerprints (alerted keys)
+  webhook.py               notify's webhook client, loaded only with a URL
   export/__init__.py       (package) the stored trail out: OTLP, syslog, metrics
   export/delivery.py       delivery to an outside sink: failures, backoff, the worker
   export/otlp.py           audit rows as OpenTelemetry log records, and their client

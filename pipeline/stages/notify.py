@@ -10,7 +10,7 @@ Produces: with SLUICE_NOTIFY_URL, one HTTP POST per destination key (`<hostname 
           Without a URL: one log line per new key. To persist: `delivered_destinations`,
           what was alerted on (below).
 Binds:    notify.sock. Connects: persist.
-Delivery: a worker thread posts (pipeline.notify.WebhookClient, 5 s per attempt), so a slow
+Delivery: a worker thread posts (pipeline.webhook.WebhookClient, 5 s per attempt), so a slow
           or dead sink never stops this loop from draining its inbox. For each key:
           * its first notice claims it; later notices for a claimed key are suppressed;
           * a failed attempt (no 2xx answer: an error status, a redirect, no answer) is
@@ -69,15 +69,16 @@ from ..events import DeliveredDestination, Notice
 from ..fingerprints import FingerprintSet
 from ..loop import BaseStage, StageIO, batched, run_stage
 from ..notify import (DeliveryError, LogClient, Notification, NotificationTracker,
-                      NotifySink, Storm, Summary, WebhookClient, destination_key, retry_delay,
-                      sink_origin)
+                      NotifySink, Storm, Summary, destination_key, retry_delay, sink_origin)
 from ..settings import Settings
 from ..reactor import Timer
 from ..topology import wiring_text
 from ..workers import Worker
 
-if TYPE_CHECKING:  # imported in setup, with a URL only: SQLAlchemy is most of this
-    from ..audit.store import DeliveredKeys  # stage's memory, and without a URL unused
+# Imported in setup, with a URL only: SQLAlchemy and the HTTP client would be most of this
+# stage's memory, and without a URL they are unused.
+if TYPE_CHECKING:
+    from ..audit.store import DeliveredKeys
 
 MAX_ATTEMPTS = 8      # one to three minutes of a dead sink before a key is released
 MAX_PENDING = 1_000   # keys in delivery at once
@@ -242,9 +243,10 @@ class NotifyStage(BaseStage):
             io.log.info("%s; no SLUICE_NOTIFY_URL: each new blocked destination gets one "
                         "line in this log", wiring_text(self.name))
             return
+        from ..audit.store import DeliveredKeys
+        from ..webhook import WebhookClient
         webhook = self.client or WebhookClient(settings.notify_url, settings.notify_token,
                                                settings.host_name)
-        from ..audit.store import DeliveredKeys
         self.memory = memory = DeliveredKeys(settings.db, settings.host_name)
         self.persist = io.connect_feeds()["delivered_destinations"]
         self.courier = courier = Courier(webhook, log=io.log, max_attempts=self.max_attempts,

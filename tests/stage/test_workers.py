@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from pipeline import messages
 from pipeline.cli.app import app
 from pipeline.events import Notice, RawEvent
-from pipeline.notify import WebhookClient
+from pipeline.webhook import WebhookClient
 from pipeline.names.reverse import ReverseResolver
 from pipeline.stages.enrich import EnrichStage
 from pipeline.stages.notify import NotifyStage

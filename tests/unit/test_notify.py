@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.errors import SettingsError
 from pipeline.notify import (DeliveryError, LogClient, Notification, NotificationTracker,
-                             WebhookClient, destination_key, retry_delay, sink_origin)
+                             destination_key, retry_delay, sink_origin)
+from pipeline.webhook import WebhookClient
 from tests.support.tools.httpsink import HttpSink
 
 T0 = 1_764_000_000_123_000_000
@@ -179,9 +180,11 @@ def test_log_client_summarizes_a_flood_of_new_destinations(caplog):
     assert "7 more new blocked destinations were not logged" in lines[3]
 
 
-def test_the_notify_stage_without_a_url_leaves_sqlalchemy_unloaded():
-    """Its memory of delivered destinations, the only use of SQL here, is for a webhook."""
-    probe = "import sys, pipeline.stages.notify; print('sqlalchemy' in sys.modules)"
+def test_the_notify_stage_without_a_url_leaves_sqlalchemy_and_http_unloaded():
+    """Its memory of delivered destinations, the only use of SQL here, is for a webhook,
+    and so is the HTTP client."""
+    probe = ("import sys, pipeline.stages.notify; "
+             "print([m for m in ('sqlalchemy', 'urllib.request', 'ssl') if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             timeout=60, check=True)
-    assert result.stdout == "False\n"
+    assert result.stdout == "[]\n"
