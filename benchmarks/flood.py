@@ -14,8 +14,9 @@ the DNS answers' latency during the flood against the same with no flood (as the
 it, and when each answer reached the probe's socket by the kernel's receive timestamp: the
 difference is the probe's own wait for a CPU), whether that meets the target (at most
 DNS_ADDED_P99_MS more at p99, every answer NOERROR), and where the time went: the dns
-stage's own counters and histograms over the flood (the allow round trip to policy, the
-whole answer from query in to answer out) and each stage's CPU seconds.
+stage's own counters and histograms over the flood (a query's wait in the proxy's socket,
+the allow round trip to policy, the whole answer from query in to answer out) and each
+stage's CPU seconds.
 
 Baselines, measured in the same run: the sender alone with no classifier (its packet rate),
 and the DNS latency of the same proxy before the flood.
@@ -99,7 +100,7 @@ class DnsWatch:
 
     COUNTERS = ("queries", "servfail", "upstream_timeouts", "allow_failures",
                 "late_allow_replies", "already_open")
-    HISTOGRAMS = ("allow_round_trip_seconds", "answer_latency_seconds")
+    HISTOGRAMS = ("query_wait_seconds", "allow_round_trip_seconds", "answer_latency_seconds")
 
     def __init__(self, run_dir: Path, pids: dict[str, int]) -> None:
         self.run_dir, self.pids = run_dir, pids

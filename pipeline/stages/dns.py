@@ -43,9 +43,11 @@ Reload:   SIGHUP, or a change of the policy file (pipeline/livepolicy.py): a val
           replaces the old one, an invalid one is logged and the old one stays.
 Start:    an address that cannot be bound stops the stage with one line naming the address
           and the process holding it.
-Timing:   histograms answer_latency_seconds (a query's arrival to its answer) and
-          allow_round_trip_seconds (an allow request to policy's reply) are written with the
-          counters (<run_dir>/dns.counters.json); the export stage's /metrics serves them.
+Timing:   histograms answer_latency_seconds (a query's arrival in the socket to its
+          answer), query_wait_seconds (its arrival to this stage reading it: the wait for a
+          CPU, UDP only) and allow_round_trip_seconds (an allow request to policy's reply)
+          are written with the counters (<run_dir>/dns.counters.json); the export stage's
+          /metrics serves them.
 
 Concurrency: one thread, no locks. Every socket (listeners, client TCP connections, one UDP
 socket per upstream query, upstream TCP retries, the ZeroMQ DEALER to policy) and every
@@ -163,6 +165,7 @@ class DnsStage(BaseStage):
                                  self.waits.allow_s, self.clock, io.counters,
                                  io.histogram("allow_round_trip_seconds"), io.log)
         self.answer_latency = io.histogram("answer_latency_seconds")
+        self.query_wait = io.histogram("query_wait_seconds")
         self.upstream = Upstream(reactor, upstream, settings.dns_timeout, mark, io.counters)
         self.opened.callback(self.upstream.close)
         if self.generation is None:
@@ -170,7 +173,7 @@ class DnsStage(BaseStage):
             self.opened.callback(pinned.close)
             self.generation = pinned.read
         self.listeners = Listeners(reactor, io.counters, self.waits.tcp_idle_s, self.on_query,
-                                   self.files)
+                                   self.files, wall_ns=self.clock)
         self.opened.callback(self.listeners.close)
         for endpoint in listen:
             self.listeners.bind(endpoint)
@@ -215,9 +218,10 @@ class DnsStage(BaseStage):
 
     # ------------------------------------------------------------- queries in
 
-    def on_query(self, data: bytes, client: Client) -> None:
+    def on_query(self, data: bytes, client: Client, waited: float = 0.0) -> None:
         self.io.counters.add("queries")
-        client = Timed(client, self.answer_latency, self.monotonic)
+        self.query_wait.observe(waited)
+        client = Timed(client, self.answer_latency, self.monotonic, waited)
         if not self._answered_from_cache(data, client):
             self._on_full_query(data, client)
 

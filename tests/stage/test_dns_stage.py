@@ -23,9 +23,14 @@ import pytest
 import zmq
 
 from pipeline import messages
+from pipeline.dns.endpoints import Endpoint
+from pipeline.dns.net.listeners import Listeners
 from pipeline.events import AllowReply
+from pipeline.hostfiles import HostFiles
 from pipeline.kernel.loader import load_classifier, remove_pins
 from pipeline.kernel.maps import KernelRuleMaps
+from pipeline.loop import Counters
+from pipeline.reactor import Reactor
 from pipeline.rulemaps import DENY
 from pipeline.kernel.generation import PinnedGeneration
 from pipeline.stages.dns import DnsStage, Waits
@@ -153,9 +158,9 @@ class Proxy:
     """The stage under test with everything it talks to."""
 
     def __init__(self, tmp_path, upstream, peer, policy=POLICY, answer=None, generation=None,
-                 **env) -> None:
+                 wall=time.time_ns, **env) -> None:
         """generation: the maps' generation as the stage reads it; by default the stage's
-        own reader, on a bpf dir without pins (so there is none)."""
+        own reader, on a bpf dir without pins (so there is none). wall: its wall clock."""
         self.port = free_port()
         policy_path = tmp_path / "policy.json"
         policy_path.write_text(json.dumps(policy))
@@ -171,8 +176,8 @@ class Proxy:
         self.policy = FakePolicy(peer.ctx, self.settings.run_dir,
                                  answer or (lambda request: OK))
         self.clock = SteppingClock()
-        self.stage = StageThread(DnsStage(generation=generation, monotonic=self.clock),
-                                 self.settings)
+        self.stage = StageThread(DnsStage(generation=generation, monotonic=self.clock,
+                                          clock=wall), self.settings)
 
     def start(self) -> Proxy:
         self.stage.start()
@@ -230,6 +235,44 @@ def test_an_allowed_answer_opens_the_maps_and_names_the_addresses(proxy):
         "www.allowed.test", ["10.0.0.1", "10.0.0.2"], 120, [])
     six = p.ask("www.allowed.test", "AAAA", tcp=True)
     assert addresses(six) == ["fd00::1"] and p.policy.requests[-1].ips == ["fd00::1"]
+
+
+def test_a_udp_query_is_timed_from_its_arrival_in_the_socket(proxy):
+    """The kernel stamps each datagram's arrival; the stage's wall clock here runs 0.3 s
+    ahead of it, so each UDP query has waited that long by the time it is read."""
+    p = proxy(wall=lambda: time.time_ns() + 300_000_000)
+    p.ask("www.allowed.test")
+    p.ask("www.allowed.test", "AAAA", tcp=True)  # TCP: no arrival time, no wait
+    waited = p.stage.stage.query_wait.snapshot()
+    latency = p.stage.stage.answer_latency.snapshot()
+    slow = [bound > 0.25 for bound in waited["bounds"]] + [True]
+    assert sum(waited["counts"]) == 2
+    assert sum(n for n, late in zip(waited["counts"], slow, strict=True) if late) == 1
+    assert sum(n for n, late in zip(latency["counts"], slow, strict=True) if late) == 1
+
+
+def test_a_query_read_late_has_waited_in_the_socket(tmp_path):
+    """Real time: a datagram left unread for 0.2 s is reported as having waited as long.
+    The kernel turns arrival stamps on a moment after the first socket asks for them (until
+    then a datagram is stamped when read), so a few tries are allowed."""
+    reactor, got = Reactor(), []
+    listeners = Listeners(reactor, Counters(), 5.0,
+                          lambda data, client, waited=0.0: got.append((data, waited)),
+                          HostFiles())
+    try:
+        port = free_port()
+        listeners.bind(Endpoint("127.0.0.1", port))
+        for _ in range(5):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+                sender.sendto(b"query", ("127.0.0.1", port))
+            time.sleep(0.2)
+            reactor.run_ready()
+            if got[-1][1] >= 0.2:
+                break
+    finally:
+        listeners.close()
+    data, waited = got[-1]
+    assert data == b"query" and 0.2 <= waited < 10, got
 
 
 def test_the_answer_waits_for_the_policy_and_other_queries_do_not(proxy):

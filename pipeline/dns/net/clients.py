@@ -53,13 +53,15 @@ class UdpClient:
 
 
 class Timed:
-    """One query's client, timing the query from its arrival to its answer."""
+    """One query's client, timing the query from its arrival to its answer (waited: the
+    seconds it spent in the socket before it was read)."""
 
     __slots__ = ("client", "started", "latency", "clock")
 
-    def __init__(self, client: Client, latency: Histogram, clock: Clock) -> None:
+    def __init__(self, client: Client, latency: Histogram, clock: Clock,
+                 waited: float = 0.0) -> None:
         self.client, self.latency, self.clock = client, latency, clock
-        self.started = clock()
+        self.started = clock() - waited
 
     def send(self, wire: bytes, query: Query) -> None:
         self.latency.observe(self.clock() - self.started)

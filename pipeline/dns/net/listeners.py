@@ -1,17 +1,21 @@
 """The proxy's listening sockets: bound at start, UDP queries read, TCP clients admitted.
 
-A TCP newcomer gets a slot as pipeline/dns/tcpslots.py decides (an idle connection may be
-closed for it). An address that cannot be bound is a ListenError naming the address and,
-from /proc, the process holding it.
+A UDP query comes with the kernel's time of its arrival (SO_TIMESTAMPNS), so the stage can
+tell how long it waited in the socket: the proxy's own wait for a CPU. A TCP newcomer gets
+a slot as pipeline/dns/tcpslots.py decides (an idle connection may be closed for it). An
+address that cannot be bound is a ListenError naming the address and, from /proc, the
+process holding it.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import struct
+import time
 from pathlib import Path
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 from ...errors import ExitCode, SluiceError
 from ...hostfiles import HostFiles
@@ -25,6 +29,15 @@ MAX_TCP_CLIENTS = 256
 MAX_TCP_PER_ADDRESS = 64  # one client address's share of the TCP slots
 UDP_BURST = 64            # datagrams read from one socket before looking at the others
 IP_FREEBIND = 15          # bind before capture has put the address on lo
+SO_TIMESTAMPNS = 35       # Linux: each datagram's arrival time, a timespec of CLOCK_REALTIME
+MAX_WAIT_S = 10.0         # beyond this, a wall clock step rather than a wait
+_TIMESPEC = struct.Struct("qq")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
+
+
+class QueryHandler(Protocol):
+    def __call__(self, data: bytes, client: Client, waited: float = 0.0) -> None:
+        """waited: seconds between the query's arrival in the socket and its reading."""
 
 
 class ListenError(SluiceError):
@@ -32,13 +45,14 @@ class ListenError(SluiceError):
 
 
 class Listeners:
-    """Every listening socket and the TCP clients they accepted; on_query(data, client)
-    takes each query."""
+    """Every listening socket and the TCP clients they accepted; on_query(data, client,
+    waited) takes each query."""
 
     def __init__(self, reactor: Reactor, counters: Counters, tcp_idle_s: float,
-                 on_query: Callable[[bytes, Client], None], files: HostFiles) -> None:
+                 on_query: QueryHandler, files: HostFiles,
+                 wall_ns: Callable[[], int] = time.time_ns) -> None:
         self.reactor, self.counters, self.tcp_idle_s = reactor, counters, tcp_idle_s
-        self.on_query, self.files = on_query, files
+        self.on_query, self.files, self.wall_ns = on_query, files, wall_ns
         self.sockets: list[socket.socket] = []
         self.tcp_clients: set[TcpClient] = set()
 
@@ -60,16 +74,30 @@ class Listeners:
             sock.setblocking(False)
             if kind == socket.SOCK_STREAM:
                 sock.listen(128)
+            else:
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             handler = self._accept if kind == socket.SOCK_STREAM else self._on_udp
             self.reactor.register(sock, READ, _when_ready(handler, sock))
 
     def _on_udp(self, sock: socket.socket) -> None:
         for _ in range(UDP_BURST):
             try:
-                data, address = sock.recvfrom(MAX_MESSAGE)
+                data, ancillary, _flags, address = sock.recvmsg(MAX_MESSAGE, _ANCILLARY)
             except OSError:
                 return
-            self.on_query(data, UdpClient(sock, address, self.counters))
+            self.on_query(data, UdpClient(sock, address, self.counters),
+                          self._waited(ancillary))
+
+    def _waited(self, ancillary: list[tuple[int, int, bytes]]) -> float:
+        # Just after the first socket of the host asks for stamps, the kernel may stamp a
+        # datagram when it is read instead (turning stamps on is deferred): a wait of 0.
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS \
+                    and len(value) >= _TIMESPEC.size:
+                seconds, nanoseconds = _TIMESPEC.unpack_from(value)
+                waited = (self.wall_ns() - seconds * 1_000_000_000 - nanoseconds) / 1e9
+                return waited if 0.0 <= waited <= MAX_WAIT_S else 0.0
+        return 0.0
 
     def _accept(self, listener: socket.socket) -> None:
         try:
