@@ -47,13 +47,30 @@ class FingerprintSet:
         return isinstance(key, str) and self._find(_fingerprint(key)) >= 0
 
     def add(self, key: str) -> bool:
-        """True when the key was not in the set."""
+        """True when the key was not in the set. One pass along the key's run: it ends at
+        the key or at an empty slot, and the first free slot on the way takes the key."""
         fingerprint = _fingerprint(key)
-        if self._find(fingerprint) >= 0:
-            return False
-        if (self._filled + 1) * 3 > len(self._slots) * 2:
+        slots, mask = self._slots, self._mask
+        index, free = fingerprint & mask, -1
+        while True:
+            found = slots[index]
+            if found == fingerprint:
+                return False
+            if found == _EMPTY:
+                break
+            if found == _GONE and free < 0:
+                free = index
+            index = (index + 1) & mask
+        if free >= 0:
+            slots[free] = fingerprint
+            self._live += 1
+        elif (self._filled + 1) * 3 > len(slots) * 2:
             self._rehash()
-        self._place(fingerprint)
+            self._place(fingerprint)
+        else:
+            slots[index] = fingerprint
+            self._filled += 1
+            self._live += 1
         return True
 
     def discard(self, key: str) -> None:
