@@ -32,7 +32,7 @@ IP_FREEBIND = 15          # bind before capture has put the address on lo
 SO_TIMESTAMPNS = 35       # Linux: each datagram's arrival time, a timespec of CLOCK_REALTIME
 MAX_WAIT_S = 10.0         # beyond this, a wall clock step rather than a wait
 _TIMESPEC = struct.Struct("qq")
-_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
+ANCILLARY_BYTES = socket.CMSG_SPACE(_TIMESPEC.size)  # room for the arrival time
 
 
 class QueryHandler(Protocol):
@@ -82,7 +82,7 @@ class Listeners:
     def _on_udp(self, sock: socket.socket) -> None:
         for _ in range(UDP_BURST):
             try:
-                data, ancillary, _flags, address = sock.recvmsg(MAX_MESSAGE, _ANCILLARY)
+                data, ancillary, _flags, address = sock.recvmsg(MAX_MESSAGE, ANCILLARY_BYTES)
             except OSError:
                 return
             self.on_query(data, UdpClient(sock, address, self.counters),
@@ -91,13 +91,11 @@ class Listeners:
     def _waited(self, ancillary: list[tuple[int, int, bytes]]) -> float:
         # Just after the first socket of the host asks for stamps, the kernel may stamp a
         # datagram when it is read instead (turning stamps on is deferred): a wait of 0.
-        for level, kind, value in ancillary:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS \
-                    and len(value) >= _TIMESPEC.size:
-                seconds, nanoseconds = _TIMESPEC.unpack_from(value)
-                waited = (self.wall_ns() - seconds * 1_000_000_000 - nanoseconds) / 1e9
-                return waited if 0.0 <= waited <= MAX_WAIT_S else 0.0
-        return 0.0
+        arrived = arrival_ns(ancillary)
+        if arrived is None:
+            return 0.0
+        waited = (self.wall_ns() - arrived) / 1e9
+        return waited if 0.0 <= waited <= MAX_WAIT_S else 0.0
 
     def _accept(self, listener: socket.socket) -> None:
         try:
@@ -121,6 +119,17 @@ class Listeners:
             client.close()
         for sock in self.sockets:
             sock.close()
+
+
+def arrival_ns(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    """A datagram's arrival (ns of CLOCK_REALTIME) from recvmsg's ancillary data on a socket
+    with SO_TIMESTAMPNS; None without it."""
+    for level, kind, value in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS \
+                and len(value) >= _TIMESPEC.size:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(value)
+            return int(seconds) * 1_000_000_000 + int(nanoseconds)
+    return None
 
 
 def _when_ready(handler: Callable[[socket.socket], None],

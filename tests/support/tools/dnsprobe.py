@@ -13,14 +13,12 @@ import argparse
 import json
 import os
 import socket
-import struct
 import time
 
 import dns.message
 import dns.rcode
 
-SO_TIMESTAMPNS = 35  # Linux (asm-generic): receive times as a struct timespec, CLOCK_REALTIME
-TIMESPEC = struct.Struct("qq")
+from pipeline.dns.net.listeners import ANCILLARY_BYTES, SO_TIMESTAMPNS, arrival_ns
 
 
 def ask(server: str, query: dns.message.Message, timeout: float) -> tuple[str, int, int, int]:
@@ -33,7 +31,7 @@ def ask(server: str, query: dns.message.Message, timeout: float) -> tuple[str, i
         sock.send(query.to_wire())
         while True:
             try:
-                data, ancillary, _, _ = sock.recvmsg(65535, socket.CMSG_SPACE(TIMESPEC.size))
+                data, ancillary, _, _ = sock.recvmsg(65535, ANCILLARY_BYTES)
             except TimeoutError:
                 now = time.time_ns()
                 return "TIMEOUT", sent, now, now
@@ -41,11 +39,7 @@ def ask(server: str, query: dns.message.Message, timeout: float) -> tuple[str, i
             answer = dns.message.from_wire(data)
             if answer.id != query.id:
                 continue
-            arrived = seen
-            for level, kind, value in ancillary:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                    seconds, nanoseconds = TIMESPEC.unpack(value[:TIMESPEC.size])
-                    arrived = seconds * 1_000_000_000 + nanoseconds
+            arrived = arrival_ns(ancillary) or seen
             return dns.rcode.to_text(answer.rcode()), sent, arrived, seen
 
 
