@@ -51,6 +51,7 @@ ZONE = {
     "far.cdn.test": {"A": ["10.0.2.2"], "AAAA": ["fd00::22"], "ttl": 60},
     "big.allowed.test": {"A": MANY, "truncate": True},
     "slow.allowed.test": {"A": ["10.0.0.5"], "slow": 3},
+    "lost.allowed.test": {"A": ["10.0.0.9"], "lose": 1},
     "forged.allowed.test": {"A": ["10.0.0.6"], "forge": True},
     "www.denied.test": {"A": ["10.0.0.7"]},
     "free.other.test": {"A": ["10.0.0.8"]},
@@ -573,6 +574,22 @@ def test_a_slow_upstream_gives_servfail_without_stalling_others(proxy, upstream)
     counters = wait_for(lambda: p.stage.counters().get("upstream_timeouts") and
                         p.stage.counters(), "counters")
     assert counters["upstream_timeouts"] == 1
+
+
+def test_a_question_the_upstream_never_answered_is_sent_again(proxy, upstream):
+    """A lost datagram costs a second, not a SERVFAIL (the upstream drops the first)."""
+    p = proxy(SLUICE_DNS_TIMEOUT="5")
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(lost=p.ask("lost.allowed.test")))
+    waiter.start()
+    wait_for(lambda: upstream.asked[("lost.allowed.test", "A")], "the first question upstream")
+    p.clock.advance(1.0)               # RESEND_FIRST_S
+    waiter.join(5)
+    assert addresses(result["lost"]) == ["10.0.0.9"]
+    assert upstream.asked[("lost.allowed.test", "A")] == 2
+    counters = wait_for(lambda: p.stage.counters().get("upstream_resends") and
+                        p.stage.counters(), "counters")
+    assert counters["upstream_resends"] == 1 and not counters.get("upstream_timeouts")
 
 
 def test_answers_that_do_not_match_the_question_are_discarded(proxy):

@@ -1,5 +1,10 @@
 """Questions to the upstream resolver: UDP first, TCP again when the answer is truncated.
 
+A UDP question with no answer is sent again after RESEND_FIRST_S, then after twice as long
+and so on until the deadline (upstream_resends), as stub resolvers do: one lost datagram
+costs a second, not a SERVFAIL. The resend keeps the socket and the id, so a late answer
+to the first send still counts.
+
 Each exchange has its own socket and a random id (the client's may be guessable); an answer
 whose source, id or question does not match is discarded and counted (mismatched_answers).
 done(wire) is called once, with the checked answer, or with None after an error or the
@@ -19,6 +24,7 @@ from ..endpoints import Endpoint
 from .clients import MAX_MESSAGE, Counters
 
 UDP_BURST = 64   # datagrams read from one socket before looking at the others
+RESEND_FIRST_S = 1.0  # a UDP question unanswered this long is sent again (then 2 s, 4 s...)
 
 Done = Callable[[bytes | None], None]
 
@@ -57,6 +63,8 @@ class Exchange:
         self.tcp_in, self.tcp_out = bytearray(), b""
         self.finished = False
         self.deadline = self.reactor.after(upstream.timeout_s, self._timed_out)
+        self.resend_in = RESEND_FIRST_S
+        self.resend = self.reactor.after(self.resend_in, self._resend_udp)
         upstream.exchanges.add(self)
         self._send_udp()
 
@@ -83,6 +91,15 @@ class Exchange:
             return
         self.reactor.register(sock, READ, self._on_udp)
 
+    def _resend_udp(self) -> None:
+        try:
+            self._live.sendto(self.wire, self.upstream.endpoint.sockaddr)
+        except OSError:
+            pass  # the deadline still ends it; a later resend may get through
+        self.counters.add("upstream_resends")
+        self.resend_in *= 2
+        self.resend = self.reactor.after(self.resend_in, self._resend_udp)
+
     def _on_udp(self, mask: int) -> None:
         for _ in range(UDP_BURST):
             try:
@@ -101,6 +118,7 @@ class Exchange:
             return
 
     def _switch_to_tcp(self) -> None:
+        self.resend.cancel()
         self._close_socket()
         sock = self._open(socket.SOCK_STREAM)
         err = sock.connect_ex(self.upstream.endpoint.sockaddr)
@@ -166,5 +184,6 @@ class Exchange:
     def abandon(self) -> None:
         self.finished = True
         self.deadline.cancel()
+        self.resend.cancel()
         self._close_socket()
         self.upstream.exchanges.discard(self)

@@ -12,6 +12,7 @@ A zone is a dict: name (lowercase, no trailing dot) -> entry with any of
                              this zone alone would answer (the client asks for the target)
   "truncate": true           over UDP: TC set and no records; over TCP: the full answer
   "slow": seconds            the answer leaves this much later
+  "lose": n                  the first n UDP questions for the name get no answer at all
   "forge": true              first three answers that must be discarded: a wrong id, another
                              question, and the right answer from another port; then the real one
 Names not in the zone get NXDOMAIN.
@@ -113,6 +114,8 @@ class AuthoritativeServer:
         except Exception:  # noqa: BLE001 - a test upstream ignores what it cannot read
             return
         entry, answer = self._answer(query)
+        if entry.get("lose", 0) >= self.asked[self._key(query)]:
+            return
         if entry.get("truncate"):
             answer = dns.message.make_response(query)
             answer.flags |= dns.flags.TC
@@ -149,12 +152,16 @@ class AuthoritativeServer:
 
     # ------------------------------------------------------------- answers
 
+    @staticmethod
+    def _key(query: dns.message.Message) -> tuple[str, str]:
+        question = query.question[0]
+        return (question.name.to_text(omit_final_dot=True).lower(),
+                dns.rdatatype.to_text(question.rdtype))
+
     def _answer(self, query: dns.message.Message) -> tuple[dict, dns.message.Message]:
         answer = dns.message.make_response(query)
         answer.flags |= dns.flags.AA
-        question = query.question[0]
-        name = question.name.to_text(omit_final_dot=True).lower()
-        rdtype = dns.rdatatype.to_text(question.rdtype)
+        name, rdtype = self._key(query)
         self.asked[(name, rdtype)] += 1
         if self.log:
             self.log.write(f"{name} {rdtype}\n")
