@@ -98,8 +98,8 @@ class DnsWatch:
     """The dns stage's own view of the flood: its counters and latency histograms (the allow
     round trip to policy, the whole answer) between two snapshots."""
 
-    COUNTERS = ("queries", "servfail", "upstream_timeouts", "allow_failures",
-                "late_allow_replies", "already_open")
+    COUNTERS = ("queries", "servfail", "upstream_resends", "upstream_timeouts",
+                "allow_failures", "late_allow_replies", "already_open")
     HISTOGRAMS = ("query_wait_seconds", "allow_round_trip_seconds", "answer_latency_seconds")
 
     def __init__(self, run_dir: Path, pids: dict[str, int]) -> None:
