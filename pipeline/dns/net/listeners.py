@@ -29,7 +29,10 @@ MAX_TCP_CLIENTS = 256
 MAX_TCP_PER_ADDRESS = 64  # one client address's share of the TCP slots
 UDP_BURST = 64            # datagrams read from one socket before looking at the others
 IP_FREEBIND = 15          # bind before capture has put the address on lo
-SO_TIMESTAMPNS = 35       # Linux: each datagram's arrival time, a timespec of CLOCK_REALTIME
+# Linux: each datagram's arrival time, a timespec of CLOCK_REALTIME. While any socket asks,
+# the kernel stamps every packet the host receives: one clock read each, tens of
+# nanoseconds (chrony, tcpdump and the like turn the same on).
+SO_TIMESTAMPNS = 35
 MAX_WAIT_S = 10.0         # beyond this, a wall clock step rather than a wait
 _TIMESPEC = struct.Struct("qq")
 ANCILLARY_BYTES = socket.CMSG_SPACE(_TIMESPEC.size)  # room for the arrival time
