@@ -95,8 +95,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 class DnsWatch:
-    """The dns stage's own view of the flood: its counters and latency histograms (the allow
-    round trip to policy, the whole answer) between two snapshots."""
+    """The dns stage's own view of the flood: its counters and latency histograms (a query's
+    wait in the socket, the allow round trip to policy, the whole answer) between two
+    snapshots."""
 
     COUNTERS = ("queries", "servfail", "upstream_resends", "upstream_timeouts",
                 "allow_failures", "late_allow_replies", "already_open")
@@ -324,10 +325,9 @@ def report(args, sent, send_s, baseline_s, stored_s, complete, rss, stage_counte
               f"{percentile(sock, 50):.2f} ms, p99 {percentile(sock, 99):.2f} ms); "
               f"answers {result['rcodes']}")
     if quiet["latencies_ms"] and flood["latencies_ms"]:
-        added = {p: percentile(flood["latencies_ms"], p) - percentile(quiet["latencies_ms"], p)
-                 for p in (50, 99)}
-        at_socket = {p: percentile(flood["at_socket_ms"], p)
-                     - percentile(quiet["at_socket_ms"], p) for p in (50, 99)}
+        added, at_socket = (
+            {p: percentile(flood[key], p) - percentile(quiet[key], p) for p in (50, 99)}
+            for key in ("latencies_ms", "at_socket_ms"))
         print(f"DNS added by the flood    p50 {added[50]:+.2f} ms, p99 {added[99]:+.2f} ms "
               f"(at the probe's socket: p50 {at_socket[50]:+.2f} ms, p99 "
               f"{at_socket[99]:+.2f} ms; the rest is the probe's own wait for a CPU)")

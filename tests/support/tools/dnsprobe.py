@@ -27,8 +27,9 @@ def ask(server: str, query: dns.message.Message, timeout: float) -> tuple[str, i
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         sock.connect((server, 53))
         sock.settimeout(timeout)
+        wire = query.to_wire()
         sent = time.time_ns()
-        sock.send(query.to_wire())
+        sock.send(wire)
         while True:
             try:
                 data, ancillary, _, _ = sock.recvmsg(65535, ANCILLARY_BYTES)
