@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -85,6 +86,12 @@ class Paces:
     counters_s: float = 1.0       # the kernel's counters and the layers read back
     release_s: float = 1.0        # stored journal segments deleted
     journal_retry_s: float = 1.0  # after a failed write, the disk is tried again this much later
+
+
+# A flow's state starts with its last emit (u64) and its pending packets (u32); its key's
+# fourth byte is its flags (kernel/structs.py: FlowState, FlowKey).
+_EMIT_AND_PENDING = struct.Struct("=QI")
+_FLAGS_AT = FlowKey.flags.offset
 
 
 def tail_due(flags: int, last_emit_ns: int, now_ns: int) -> bool:
@@ -456,14 +463,15 @@ class CaptureStage(BaseStage):
         now_ns = self.kernel_ns()
         tails = []
         state = FlowState()
-        for key in libbpf.keys(self.flows_fd, FlowKey):
-            if not libbpf.lookup(self.flows_fd, key, state) or state.pending == 0:
+        for key_bytes, value_bytes in libbpf.entries(self.flows_fd, FlowKey, FlowState):
+            last_emit, pending = _EMIT_AND_PENDING.unpack_from(value_bytes)
+            if pending == 0 or not tail_due(key_bytes[_FLAGS_AT], last_emit, now_ns):
                 continue
-            if not tail_due(key.flags, state.last_emit, now_ns):
-                continue
-            packets = state.pending
-            libbpf.delete(self.flows_fd, key)  # the flow's next packet starts a fresh record
-            tails.append(reported_record(state.last, now_ns, packets))
+            # Taken, not read then deleted: packets the kernel adds meanwhile are in the tail.
+            # The flow's next packet starts a fresh record.
+            if libbpf.take(self.flows_fd, FlowKey.from_buffer_copy(key_bytes), state) \
+                    and state.pending:
+                tails.append(reported_record(state.last, now_ns, state.pending))
         if tails:
             self.io.counters.add("flow_tails_reported", len(tails))
             self._journal_records(tails)
@@ -471,9 +479,9 @@ class CaptureStage(BaseStage):
     def _sweep_overflow(self) -> None:
         """Records the ring buffer refused, parked by the kernel: into the journal."""
         parked = []
-        state = FlowState()
-        for key in libbpf.keys(self.overflow_fd, FlowKey):
-            if libbpf.take(self.overflow_fd, key, state) and state.pending:
+        for _, value_bytes in libbpf.entries(self.overflow_fd, FlowKey, FlowState, delete=True):
+            state = FlowState.from_buffer_copy(value_bytes)
+            if state.pending:
                 parked.append(reported_record(state.last, state.last.timestamp, state.pending))
         if parked:
             self.io.counters.add("overflow_swept", len(parked))
