@@ -321,6 +321,7 @@ def report_pipeline(results: dict, args) -> None:
               f"{enrich.get('policy_sent', 0)}, named {named} ({named / until['named']:,.0f}/s, "
               f"{kept_up[share]:.2f} of the offered pace; last at {until['named']:.2f} s), "
               f"ptr lookups {enrich.get('ptr_lookups', 0)}, busy {enrich.get('ptr_busy', 0)}, "
+              f"over budget {enrich.get('ptr_over_budget', 0)}, "
               f"held over limit {enrich.get('held_over_limit', 0)}")
     print(f"  ratio of named/s to offered pace, 50% / 0%: {kept_up[0.5] / kept_up[0.0]:.2f} "
           f"(target >= 0.90)")

@@ -295,8 +295,11 @@ def report(args, sent, send_s, baseline_s, stored_s, complete, rss, stage_counte
           f"overflow map {k.get('overflow_swept', 0)}, flow tails "
           f"{k.get('flow_tails_reported', 0)}), journaled {k.get('records_journaled', 0)}, "
           f"sent {k.get('enrich_sent', 0)}")
-    print(f"enrich                    in {c['enrich'].get('raw_events_received', 0)}, out "
-          f"{c['enrich'].get('policy_sent', 0)}")
+    e = c["enrich"]
+    print(f"enrich                    in {e.get('raw_events_received', 0)}, out "
+          f"{e.get('policy_sent', 0)}; reverse lookups {e.get('ptr_lookups', 0)} (not made: "
+          f"{e.get('ptr_busy', 0)} with every slot busy, {e.get('ptr_over_budget', 0)} over "
+          f"the budget)")
     print(f"policy                    in {c['policy'].get('enriched_events_received', 0)}, out "
           f"{c['policy'].get('persist_sent', 0)} (notices {c['policy'].get('notify_sent', 0)} "
           f"sent, {c['policy'].get('notify_dropped', 0)} dropped); allow requests "

@@ -27,6 +27,9 @@ from ..policy.model import Policy
 from ..policy.namecache import HostnameCache
 
 ATTEMPTED_CAPACITY = 10_000  # addresses remembered as looked up (reference §2.2)
+# Reverse lookups begun: LOOKUP_RATE a second over time, LOOKUP_BURST at once.
+LOOKUP_RATE = 100.0
+LOOKUP_BURST = 256
 NS_PER_S = 1e9
 
 Held = TypeVar("Held")
@@ -40,6 +43,33 @@ def ptr_hostname(answer: str, policy: Policy) -> str:
     if not name:
         return ""
     return policy.find_tracked_hostname(name) or name
+
+
+class LookupBudget:
+    """How many reverse lookups may begin: a token bucket on the events' own clock.
+
+    A scan sends packets to thousands of addresses nothing named; one PTR question each
+    would turn it into as many questions at the resolver that also answers the DNS proxy
+    (and, measured in a flood, make enrich the busiest stage after persist). Beyond the
+    budget an address goes on unnamed and is not marked attempted: a later event may look
+    it up.
+    """
+
+    def __init__(self, rate: float = LOOKUP_RATE, burst: int = LOOKUP_BURST) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.at: float | None = None  # the latest time seen; events may arrive out of order
+
+    def take(self, now_s: float) -> bool:
+        """Whether a lookup may begin at now_s (one token is used if so)."""
+        if self.at is None or now_s > self.at:
+            if self.at is not None:
+                self.tokens = min(self.burst, self.tokens + (now_s - self.at) * self.rate)
+            self.at = now_s
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 class AttemptedSet:

@@ -18,16 +18,19 @@ Never stalls: lookups run beside the loop (pipeline/names/reverse.py). While one
           every other address go on at once. At most MAX_HELD events wait in all: beyond,
           the address that has waited longest is sent on unnamed (held_over_limit), and
           beyond MAX_LOOKUPS lookups in flight a new address goes on unnamed without one
-          (ptr_busy; a later event may look it up). No event is dropped here: at a stop,
+          (ptr_busy; a later event may look it up). Lookups begin at most LOOKUP_RATE a
+          second, LOOKUP_BURST at once (pipeline/names/namer.py: LookupBudget), so a scan is
+          not echoed as PTR questions to the resolver; beyond, an address goes on unnamed
+          the same way (ptr_over_budget). No event is dropped here: at a stop,
           what still waits is sent unnamed (held_at_stop).
 Policy:   the start-up policy the policy and dns stages judge by (pipeline/livepolicy.py), for its
           tracked hostnames; reloaded on SIGHUP and when the file changes (an invalid file
           keeps the previous policy). A policy that does not load stops the stage at start.
 Counters: ptr_lookups, ptr_named, ptr_no_name, ptr_timeout, ptr_error, ptr_not_sent,
-          names_from_lookups, events_named, held_over_limit, ptr_busy, held_at_stop,
-          policy_reloads, policy_reload_failures, lookups_thread_errors (the lookup thread's
-          own errors, each logged; `sluice status` shows whether it is alive; if it dies
-          the stage exits non-zero).
+          names_from_lookups, events_named, held_over_limit, ptr_busy, ptr_over_budget,
+          held_at_stop, policy_reloads, policy_reload_failures, lookups_thread_errors (the
+          lookup thread's own errors, each logged; `sluice status` shows whether it is
+          alive; if it dies the stage exits non-zero).
 Records: with SLUICE_RECORD, every raw_events and dns_mappings batch, as it arrives, goes to
           that file for `sluice replay` (pipeline/recording.py), written on each loop tick.
 Bad input: a malformed message or record is counted and skipped (logged once per kind).
@@ -49,7 +52,7 @@ from ..kernel.redirect import check_mark
 from ..kernel.structs import DNS_MARK
 from ..livepolicy import LivePolicy
 from ..loop import BaseStage, StageIO, batched, run_stage
-from ..names.namer import HeldEvents, Namer
+from ..names.namer import NS_PER_S, HeldEvents, LookupBudget, Namer
 from ..hostfiles import HostFiles
 from ..startup import proxy_upstream
 from ..recording import NoRecorder, open_recorder
@@ -65,8 +68,10 @@ class EnrichStage(BaseStage):
     name = "enrich"
 
     def __init__(self, reverse: ReverseLookups | None = None, max_held: int = MAX_HELD,
-                 max_lookups: int = MAX_LOOKUPS, files: HostFiles | None = None) -> None:
+                 max_lookups: int = MAX_LOOKUPS, files: HostFiles | None = None,
+                 budget: LookupBudget | None = None) -> None:
         self.reverse = reverse
+        self.budget = LookupBudget() if budget is None else budget
         self.files = files
         self.held: HeldEvents[RawEvent] = HeldEvents(max_held)
         self.max_lookups = max_lookups
@@ -118,6 +123,9 @@ class EnrichStage(BaseStage):
     def _may_look_up(self, event: RawEvent) -> bool:
         if len(self.lookups) >= self.max_lookups:
             self.io.counters.add("ptr_busy")
+            return False
+        if not self.budget.take(event.timestamp_ns / NS_PER_S):
+            self.io.counters.add("ptr_over_budget")
             return False
         self.lookups[event.dst_ip] = event.timestamp_ns
         self.namer.attempted.add(event.dst_ip)

@@ -2,10 +2,12 @@
 
 import json
 
+import msgspec
 import pytest
 
 from pipeline import messages
 from pipeline.events import DnsMapping, RawEvent
+from pipeline.names.namer import LookupBudget
 from pipeline.names.reverse import ReverseResolver
 from pipeline.stages.enrich import EnrichStage
 from tests.support.stagekit import Peer, StageThread, stage_settings
@@ -39,7 +41,8 @@ def test_known_names_flow_past_slow_lookups_and_every_slow_event_still_arrives(
     known = [f"10.9.0.{i + 1}" for i in range(20)]
     with PtrServer({ip: f"slow-{n}.example." for n, ip in enumerate(slow)}, delay=2.0) as dns:
         out = peer.inbox("policy")
-        stage = start(settings, dns, max_lookups=1000)  # every slow address is looked up
+        # Every slow address is looked up.
+        stage = start(settings, dns, max_lookups=1000, budget=LookupBudget(burst=1000))
         push = peer.pusher("enrich")
         push.send(messages.encode([DnsMapping(f"known-{n}.example", [ip], 60, [], T0)
                                    for n, ip in enumerate(known)]))
@@ -138,6 +141,29 @@ def test_lookups_beyond_the_bound_are_not_made_and_a_later_event_may_make_them(
     assert [e.dst_hostname for e in first] == ["", ""]
     assert later.dst_hostname == "late.example"
     assert stage.counters()["ptr_busy"] == 1
+
+
+def test_a_scan_past_the_lookup_budget_goes_on_unnamed_and_a_later_event_may_look_up(
+        settings, peer):
+    names = {f"10.6.0.{i}": f"host-{i}.example." for i in range(1, 6)}
+    with PtrServer(names) as dns:
+        out = peer.inbox("policy")
+        stage = start(settings, dns, budget=LookupBudget(rate=1.0, burst=2))
+        push = peer.pusher("enrich")
+        push.send(messages.encode([event(ip) for ip in names]))  # five new addresses at once
+        first = Peer.receive(out, 5)
+        wait_for(lambda: stage.counters().get("ptr_named", 0) == 2, "the two lookups to end")
+        later = RawEvent(**{**msgspec.structs.asdict(event("10.6.0.5")),
+                            "timestamp_ns": T0 + 1_000_000_000})  # a second later: one token
+        push.send(messages.encode([later]))
+        [named] = Peer.receive(out, 1)
+        assert stage.finish() == 0
+    assert sorted(e.dst_hostname for e in first) == ["", "", "", "host-1.example",
+                                                      "host-2.example"]
+    assert named.dst_hostname == "host-5.example"
+    counters = stage.counters()
+    assert (counters["ptr_lookups"], counters["ptr_over_budget"]) == (3, 3)
+    assert dns.questions.count("10.6.0.5") == 1, "looked up once, by the later event"
 
 
 def test_names_follow_a_changed_policy(settings, peer, tmp_path):

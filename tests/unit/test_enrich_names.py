@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.events import DnsMapping
-from pipeline.names.namer import AttemptedSet, HeldEvents, Namer, ptr_hostname
+from pipeline.names.namer import AttemptedSet, HeldEvents, LookupBudget, Namer, ptr_hostname
 from pipeline.policy.load import policy_from_document
 from pipeline.policy.namecache import HostnameCache
 
@@ -61,6 +61,22 @@ def test_held_events_stay_within_their_limit_in_order(steps, released, held):
     assert let_go == released
     assert {ip: waiting.release(ip) for ip in waiting} == held
     assert waiting.count == 0 and waiting.release("a") == []
+
+
+def test_the_lookup_budget_allows_a_burst_then_its_rate():
+    budget = LookupBudget(rate=4.0, burst=3)
+    assert [budget.take(100.0) for _ in range(4)] == [True, True, True, False]
+    assert budget.take(100.125) is False  # half a token back
+    assert budget.take(100.25) is True
+    assert [budget.take(200.0) for _ in range(4)] == [True, True, True, False], \
+        "a long quiet refills it to the burst, no further"
+
+
+def test_an_event_from_before_the_latest_neither_refills_nor_drains_the_budget():
+    budget = LookupBudget(rate=4.0, burst=1)
+    assert budget.take(100.0) is True
+    assert budget.take(99.0) is False  # out of order: no time passed for the budget
+    assert budget.take(100.25) is True
 
 
 def test_held_events_need_room_for_one():
