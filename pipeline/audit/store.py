@@ -692,6 +692,11 @@ def _copy_insert(conn: sa.Connection, rows: list[tuple]) -> int:
 
 _ROW_FIELDS = itemgetter(*(COLUMNS.index(f) for f in Row._fields))
 _LATE_CHUNK = 200  # keys per lookup: four parameters each
+# From this many keys of one host, its late-allowed keys are read whole when there are at
+# most _LATE_SCAN_MAX of them.
+_LATE_SCAN_FROM, _LATE_SCAN_MAX = 256, 4096
+_HOST_LATE_SQL = ("SELECT dst_ip, dst_port, protocol, last_late FROM late_keys WHERE host = ? "
+                  "LIMIT ?")
 _KEY_WHERE = "host = ? AND dst_ip = ? AND dst_port = ? AND protocol = ?"
 # The minute groups of blocks with counted rows at or before a late-allow (a range of the
 # table's key).
@@ -773,7 +778,7 @@ class _Rollups:
         self.postgresql = dialect == "postgresql"
         # One text per statement, in the driver's placeholder style.
         self.sql = {name: self._driver(text) for name, text in
-                    {"counted_groups": _COUNTED_GROUPS_SQL,
+                    {"counted_groups": _COUNTED_GROUPS_SQL, "host_late": _HOST_LATE_SQL,
                      "group_rows": _GROUP_ROWS_SQL, "set_group": _SET_GROUP_SQL,
                      "total_span": _TOTAL_SPAN_SQL, "set_total": _SET_TOTAL_SQL}.items()}
 
@@ -807,6 +812,25 @@ class _Rollups:
             self._respan(conn, deltas.refresh)
 
     def _late_of(self, conn: sa.Connection, keys: set[tuple]) -> dict[tuple, str]:
+        """The stored latest late-allow of each key that has one."""
+        found: dict[tuple, str] = {}
+        by_host: dict[str, list[tuple]] = {}
+        for key in keys:
+            by_host.setdefault(key[0], []).append(key)
+        for host, host_keys in by_host.items():
+            if len(host_keys) >= _LATE_SCAN_FROM:
+                # A flood of new destinations brings thousands of keys, and a host has few
+                # late-allowed keys: reading all of those is one short range of the primary
+                # key, where a lookup per key would cost more than the row's own insert.
+                rows = conn.exec_driver_sql(self.sql["host_late"], (host, _LATE_SCAN_MAX + 1))
+                late = {(host, ip, port, protocol): last for ip, port, protocol, last in rows}
+                if len(late) <= _LATE_SCAN_MAX:
+                    found.update((k, last) for k, last in late.items() if k in keys)
+                    continue
+            found.update(self._late_by_key(conn, host_keys))
+        return found
+
+    def _late_by_key(self, conn: sa.Connection, keys: list[tuple]) -> dict[tuple, str]:
         found: dict[tuple, str] = {}
         ordered = sorted(keys)
         for start in range(0, len(ordered), _LATE_CHUNK):

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from pipeline.audit.records import AuditEvent, to_json_line
 from pipeline.cli.app import app
 from pipeline.errors import StoreError
+from pipeline.audit import store as store_module
 from pipeline.audit.importer import import_file
 from pipeline.audit.query import run_query
 from pipeline.audit.store import (CGROUP_COLUMNS, COLUMNS, MIGRATIONS, ROLLUP_VIEWS, VIEWS,
@@ -124,6 +125,20 @@ def test_every_rollup_view_answers_as_a_plain_recomputation(db_url, tmp_path, se
     add_oracle(db_url)
     assert_same_answers(db_url)
     assert sum(r["events"] for r in answers(db_url, "timeline")) == len(records)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("scan_max", [100, 1], ids=["host-read-whole", "host-has-too-many"])
+def test_a_batch_reading_its_hosts_late_allows_whole_answers_the_same(
+        db_url, tmp_path, seed, scan_max, monkeypatch):
+    # A flood's batch brings hundreds of keys of one host; here every batch takes that path.
+    monkeypatch.setattr(store_module, "_LATE_SCAN_FROM", 1)
+    monkeypatch.setattr(store_module, "_LATE_SCAN_MAX", scan_max)
+    rng = random.Random(seed)
+    records = random_history(rng, 400)
+    write_randomly(db_url, records, rng, tmp_path)
+    add_oracle(db_url)
+    assert_same_answers(db_url)
 
 
 @pytest.mark.parametrize("written_at", ["0004_notified_destinations", "0005_rollups"])
