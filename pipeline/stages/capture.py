@@ -416,11 +416,14 @@ class CaptureStage(BaseStage):
             self.io.counters.level("journal_bytes", journal.size)
         if now >= self.next_counters:
             self.next_counters = now + self.paces.counters_s
-            for name, value in read_counters(self.counters_fd).items():
-                self.io.counters.set(f"kernel_{name}", value)
-            if self.ring is not None and self.ring.skipped:
-                self.io.counters.set("ring_records_skipped", self.ring.skipped)
+            self._read_kernel_counters()
             self._report_layers()
+
+    def _read_kernel_counters(self) -> None:
+        for name, value in read_counters(self.counters_fd).items():
+            self.io.counters.set(f"kernel_{name}", value)
+        if self.ring is not None and self.ring.skipped:
+            self.io.counters.set("ring_records_skipped", self.ring.skipped)
 
     def accepting(self) -> bool:
         # More to send and room for it: come back at once rather than after a poll timeout.
@@ -508,6 +511,9 @@ class CaptureStage(BaseStage):
                 self._sweep_flows()
                 self._sweep_overflow()
                 self.send()
+                # The last counters file holds the kernel's final figures, however short
+                # the run was since the last read.
+                self._read_kernel_counters()
         finally:
             journal.close()
             if ring is not None:
