@@ -82,7 +82,10 @@ MAX_UNJOURNALED_BYTES = 64 << 20
 class Paces:
     """How often capture does its periodic work, in seconds of its clock."""
 
-    sweep_s: float = 1.0          # flow tails and map_overflow into the journal
+    sweep_s: float = 1.0          # flow tails into the journal
+    # map_overflow into the journal: a full-speed flood with the ring buffer full fills its
+    # 65,536 entries in about a second, and what finds it full is lost.
+    overflow_s: float = 0.1
     counters_s: float = 1.0       # the kernel's counters and the layers read back
     release_s: float = 1.0        # stored journal segments deleted
     journal_retry_s: float = 1.0  # after a failed write, the disk is tried again this much later
@@ -208,7 +211,7 @@ class CaptureStage(BaseStage):
         self.attachment = Attachment()
         self.has_v6 = False
         self.redirect_layer: dict = {}
-        self.next_sweep = self.next_counters = self.next_release = 0.0
+        self.next_sweep = self.next_overflow = self.next_counters = self.next_release = 0.0
         self.journal_failing = False
         self.journal_retry_at = 0.0
 
@@ -405,6 +408,8 @@ class CaptureStage(BaseStage):
         if now >= self.next_sweep:
             self.next_sweep = now + self.paces.sweep_s
             self._sweep_flows()
+        if now >= self.next_overflow:
+            self.next_overflow = now + self.paces.overflow_s
             self._sweep_overflow()
         if now >= self.next_release:
             self.next_release = now + self.paces.release_s
