@@ -124,8 +124,8 @@ def entries(fd: int, key_type, value_type, *, delete: bool = False,
             chunk: int = BATCH_ENTRIES) -> Iterator[tuple[bytes, bytes]]:
     """Every (key, value) of a hash map as bytes, read a chunk per system call (Linux 5.6+);
     with delete, each bucket is read and emptied in one step, so nothing added meanwhile is
-    lost. Walking a map key by key costs two calls an entry: capture sweeps maps of 16,384
-    and 65,536 entries every second."""
+    lost. Walking a map key by key costs two calls an entry, and capture sweeps maps of
+    16,384 and 65,536 entries (pipeline/stages/capture.py: Paces)."""
     call = lib().bpf_map_lookup_and_delete_batch if delete else lib().bpf_map_lookup_batch
     key_size, value_size = ctypes.sizeof(key_type), ctypes.sizeof(value_type)
     keys = ctypes.create_string_buffer(key_size * chunk)
