@@ -153,8 +153,8 @@ def test_a_scan_past_the_lookup_budget_goes_on_unnamed_and_a_later_event_may_loo
         push.send(messages.encode([event(ip) for ip in names]))  # five new addresses at once
         first = Peer.receive(out, 5)
         wait_for(lambda: stage.counters().get("ptr_named", 0) == 2, "the two lookups to end")
-        later = RawEvent(**{**msgspec.structs.asdict(event("10.6.0.5")),
-                            "timestamp_ns": T0 + 1_000_000_000})  # a second later: one token
+        # A second later: one token.
+        later = msgspec.structs.replace(event("10.6.0.5"), timestamp_ns=T0 + 1_000_000_000)
         push.send(messages.encode([later]))
         [named] = Peer.receive(out, 1)
         assert stage.finish() == 0
