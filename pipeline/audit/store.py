@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     DialectInsert = sqlite.Insert | postgresql.Insert
 
 from .. import private
-from .records import AuditEvent, parse_timestamp, sql_timestamp
+from .records import AuditEvent, collector_paused, parse_timestamp, sql_timestamp
 from ..errors import StoreError
 from ..events import DeliveredDestination
 from ..fingerprints import FingerprintSet
@@ -1025,7 +1025,7 @@ class AuditStore:
         if not events:
             return []
         try:
-            with self.engine.connect() as conn:
+            with collector_paused(), self.engine.connect() as conn:
                 stored = self._insert(conn, events)
                 if self._checkpointer is not None:  # SQLite: its driver is the sqlite3 module
                     driver = conn.connection.driver_connection

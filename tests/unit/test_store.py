@@ -1,5 +1,6 @@
 """The SQL store on real SQLite files: migrations, rows, duplicates, WAL, read-only, errors."""
 
+import gc
 import json
 import sqlite3
 
@@ -7,7 +8,8 @@ import msgspec
 import pytest
 import sqlalchemy as sa
 
-from pipeline.audit.records import AuditEvent, new_event_id, parse_timestamp
+from pipeline.audit.records import (AuditEvent, AuditLogger, collector_paused, new_event_id,
+                                    parse_timestamp)
 from pipeline.errors import StoreError
 from pipeline.audit.store import (MIGRATIONS, AuditStore, StoreRejected, audit_events,
                                   open_readonly, schema_migrations)
@@ -146,6 +148,7 @@ def test_a_value_the_database_cannot_hold_is_rejected_not_retried(store, db):
     with pytest.raises(StoreRejected):
         store.write(events(2) + events(1, start=2, packets=2**64))
     assert stored(db) == []
+    assert gc.isenabled(), "a failed batch gives the cycle collector back"
 
 
 def test_a_locked_database_is_an_error_to_retry_and_stores_nothing(tmp_path, db):
@@ -236,3 +239,48 @@ def test_open_problems_are_one_line_store_errors(tmp_path, case, message):
         if holder is not None:
             holder.close()
     assert "\n" not in str(err.value) and "hunter2" not in str(err.value)
+
+
+# ---------------------------------------------------------------- batch work and the collector
+
+@pytest.fixture
+def collector_passes():
+    """The generation of each cycle-collector pass that starts while the test runs."""
+    passes: list[int] = []
+
+    def note(phase, info):
+        if phase == "start":
+            passes.append(info["generation"])
+
+    gc.callbacks.append(note)
+    yield passes
+    gc.callbacks.remove(note)
+
+
+def test_writing_a_batch_leaves_out_the_collector(store, tmp_path, collector_passes):
+    # A scan: every record a new destination, so every rollup group is new too.
+    batch = [AuditEvent(T0 + i, "connection_blocked", "10.0.0.2", f"10.9.{i >> 8}.{i & 255}",
+                        f"host{i}.example", 443, "TCP", "curl", 100, cname_chain=["a.example"],
+                        event_id=new_event_id(T0 + i), host="h") for i in range(8192)]
+    logger = AuditLogger(tmp_path / "audit.jsonl", audit_mode=True)
+    collector_passes.clear()
+    assert store.write(batch) == 8192
+    logger.write(batch)
+    logger.close()
+    # Unpaused, the two calls start about a hundred passes; paused, at most the one pass
+    # after each call that catches up on what it left.
+    assert len(collector_passes) <= 2, collector_passes
+    assert gc.isenabled()
+
+
+def test_a_collector_the_caller_paused_stays_paused():
+    gc.disable()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError), collector_paused():
+        raise RuntimeError("the batch failed")
+    assert gc.isenabled()
