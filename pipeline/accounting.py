@@ -22,7 +22,8 @@ def lines(counters: Mapping[str, Counters]) -> list[str]:
     return [
         f"kernel:  denied {c('kernel_denied', 0)} packet(s); the ring buffer refused "
         f"{c('kernel_ringbuf_full', 0)} record(s): {c('kernel_parked', 0)} packet(s) parked "
-        f"and swept ({c('overflow_swept', 0)} record(s)), {c('kernel_lost', 0)} lost",
+        f"and swept ({c('overflow_swept', 0)} record(s)), {c('kernel_lost', 0)} lost"
+        + (f"; {c('map_read_errors')} failed map read(s)" if c("map_read_errors") else ""),
         f"capture: read {read} = journaled {journaled} + unjournaled {unjournaled}"
         f"{'' if read == journaled + unjournaled else ' (MISMATCH)'}; sent to enrich "
         f"{c('enrich_sent', 0)}, of them {c('records_resent', 0)} resent from an earlier run",

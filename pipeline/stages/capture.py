@@ -31,7 +31,8 @@ Losses:   ring-buffer records the kernel discarded or of another size are steppe
           and beyond MAX_UNJOURNALED_BYTES of them the oldest are dropped (records_lost).
           Short records are counted (short_records) and skipped. Records the ring buffer
           refused are swept from map_overflow (overflow_swept); packets the kernel could
-          not park at all are counted there (kernel_lost).
+          not park at all are counted there (kernel_lost). A failed map read is logged and
+          counted (map_read_errors); the map is read again at the next sweep.
 Stop:     drains the ring buffer into the journal and exits without waiting for the backlog
           to be sent (the next start sends it). In audit mode a clean stop detaches
           everything; in enforce mode the filter, the hooks (DNS keeps going to the proxy, or
@@ -214,6 +215,7 @@ class CaptureStage(BaseStage):
         self.next_sweep = self.next_overflow = self.next_counters = self.next_release = 0.0
         self.journal_failing = False
         self.journal_retry_at = 0.0
+        self.maps_failing: set[str] = set()  # maps whose last sweep failed (logged once)
 
     def setup(self, io: StageIO) -> None:
         self.io = io
@@ -471,29 +473,54 @@ class CaptureStage(BaseStage):
         now_ns = self.kernel_ns()
         tails = []
         state = FlowState()
-        for key_bytes, value_bytes in libbpf.entries(self.flows_fd, FlowKey, FlowState):
-            last_emit, pending = _EMIT_AND_PENDING.unpack_from(value_bytes)
-            if pending == 0 or not tail_due(key_bytes[_FLAGS_AT], last_emit, now_ns):
-                continue
-            # Taken, not read then deleted: packets the kernel adds meanwhile are in the tail.
-            # The flow's next packet starts a fresh record.
-            if libbpf.take(self.flows_fd, FlowKey.from_buffer_copy(key_bytes), state) \
-                    and state.pending:
-                tails.append(reported_record(state.last, now_ns, state.pending))
-        if tails:
+        try:
+            for key_bytes, value_bytes in libbpf.entries(self.flows_fd, FlowKey, FlowState):
+                last_emit, pending = _EMIT_AND_PENDING.unpack_from(value_bytes)
+                if pending == 0 or not tail_due(key_bytes[_FLAGS_AT], last_emit, now_ns):
+                    continue
+                # Taken, not read then deleted: packets the kernel adds meanwhile are in the
+                # tail. The flow's next packet starts a fresh record.
+                if libbpf.take(self.flows_fd, FlowKey.from_buffer_copy(key_bytes), state) \
+                        and state.pending:
+                    tails.append(reported_record(state.last, now_ns, state.pending))
+            self._map_read("map_flows", None)
+        except OSError as err:
+            self._map_read("map_flows", err)
+        if tails:  # what was taken before a failure is journaled all the same
             self.io.counters.add("flow_tails_reported", len(tails))
             self._journal_records(tails)
 
     def _sweep_overflow(self) -> None:
         """Records the ring buffer refused, parked by the kernel: into the journal."""
         parked = []
-        for _, value_bytes in libbpf.entries(self.overflow_fd, FlowKey, FlowState, delete=True):
-            state = FlowState.from_buffer_copy(value_bytes)
-            if state.pending:
-                parked.append(reported_record(state.last, state.last.timestamp, state.pending))
-        if parked:
+        try:
+            for _, value_bytes in libbpf.entries(self.overflow_fd, FlowKey, FlowState,
+                                                 delete=True):
+                state = FlowState.from_buffer_copy(value_bytes)
+                if state.pending:
+                    parked.append(reported_record(state.last, state.last.timestamp,
+                                                  state.pending))
+            self._map_read("map_overflow", None)
+        except OSError as err:
+            self._map_read("map_overflow", err)
+        if parked:  # taken from the kernel before a failure: journaled all the same
             self.io.counters.add("overflow_swept", len(parked))
             self._journal_records(parked)
+
+    def _map_read(self, name: str, err: OSError | None) -> None:
+        """A sweep's outcome. A failed read is counted and logged once until a sweep of that
+        map works again; capture goes on draining and enforcing, and what the map still
+        holds is read at the next sweep."""
+        if err is None:
+            if name in self.maps_failing:
+                self.maps_failing.discard(name)
+                self.io.log.info("reading %s works again", name)
+            return
+        self.io.counters.add("map_read_errors")
+        if name not in self.maps_failing:
+            self.maps_failing.add(name)
+            self.io.log.error("cannot read %s: %s (counted as map_read_errors; tried again at "
+                              "the next sweep)", name, err.strerror or err)
 
     def _journal_records(self, records: list[bytes]) -> None:
         shift = self.wall_ns() - self.kernel_ns()

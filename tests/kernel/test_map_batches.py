@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+import threading
 
 import pytest
 
 from pipeline.kernel import libbpf
+from pipeline.loop import StageIO
+from pipeline.stages.capture import CaptureStage
+from tests.support.stagekit import stage_settings
 
 pytestmark = pytest.mark.kernel
 
@@ -49,3 +54,48 @@ def test_a_read_with_delete_takes_every_entry_and_leaves_the_map_empty(filled):
     assert read(filled, delete=True, chunk=1000) == {i: i * 7 for i in range(ENTRIES)}
     assert libbpf.keys(filled, ctypes.c_uint32) == []
     assert read(filled) == {}
+
+
+QUEUE = 22  # a map type without batch reads: any read of it fails
+
+
+@pytest.fixture
+def unreadable(kernel):
+    create = libbpf.lib().bpf_map_create
+    create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
+                       ctypes.c_uint32, ctypes.c_void_p]
+    create.restype = ctypes.c_int
+    fd = create(QUEUE, b"sluice_test", 0, 8, 16, None)
+    assert fd >= 0, os.strerror(-fd)
+    yield fd
+    os.close(fd)
+
+
+def test_a_map_that_cannot_be_read_is_an_os_error(unreadable):
+    with pytest.raises(OSError, match="batch map read failed"):
+        read(unreadable)
+
+
+def test_capture_counts_a_failed_sweep_logs_it_once_and_goes_on(unreadable, tmp_path, caplog):
+    stage = CaptureStage()
+    stage.io = StageIO("capture", stage_settings(tmp_path), None, threading.Event(),
+                       logging.getLogger("sluice.capture.under-test"))
+    stage.flows_fd = stage.overflow_fd = unreadable
+    with caplog.at_level(logging.INFO, "sluice.capture.under-test"):
+        for _ in range(3):
+            stage._sweep_flows()
+            stage._sweep_overflow()
+        assert stage.io.counters.get("map_read_errors") == 6
+        failures = [r.getMessage() for r in caplog.records if "cannot read" in r.getMessage()]
+        assert len(failures) == 2, failures  # one line per map, not one per sweep
+        assert any("map_overflow" in line for line in failures)
+        # A map that reads again (empty of due tails here) says so once and counts no more.
+        empty = libbpf.lib().bpf_map_create(HASH, b"sluice_test", 4, 8, 16, None)
+        try:
+            stage.overflow_fd = empty
+            stage._sweep_overflow()
+            stage._sweep_overflow()
+        finally:
+            os.close(empty)
+    assert stage.io.counters.get("map_read_errors") == 6
+    assert [r.getMessage() for r in caplog.records].count("reading map_overflow works again") == 1
