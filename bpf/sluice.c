@@ -63,9 +63,10 @@ BPF_TABLE_PINNED("lru_hash", struct sluice_flow_key, struct sluice_flow_state, m
 		 SLUICE_FLOW_ENTRIES, PIN(map_flows));
 BPF_TABLE_PINNED("percpu_array", u32, u64, map_counters, SLUICE_CNT_MAX, PIN(map_counters));
 /* A plain hash, not an LRU: when it is full an insert fails and the loss is counted, where an
- * LRU would evict a parked record without a trace. */
-BPF_TABLE_PINNED("hash", struct sluice_flow_key, struct sluice_flow_state, map_overflow,
-		 SLUICE_OVERFLOW_ENTRIES, PIN(map_overflow));
+ * LRU would evict a parked record without a trace. Its pin is not map_overflow's, the map
+ * before records had keys of their own: bcc adopts a pin whatever its key size. */
+BPF_TABLE_PINNED("hash", struct sluice_park_key, struct sluice_flow_state, map_parked,
+		 SLUICE_OVERFLOW_ENTRIES, PIN(map_parked));
 BPF_PERCPU_ARRAY(map_scratch, struct sluice_flow_state, 1); /* too big for the stack */
 
 /* bcc's BPF_RINGBUF_OUTPUT cannot be pinned; this is the same table with a pin path. */
@@ -166,28 +167,27 @@ static __always_inline void fill_owner(struct __sk_buff *skb, struct sluice_even
 	__builtin_memcpy(ev->comm, owner->comm, SLUICE_COMM_LEN);
 }
 
-/* The ring buffer refused a record: park it in map_overflow (per flow, packets added up),
- * where capture's sweep turns it into a record; counted as lost only if that map is full. */
+/* The ring buffer refused a record: park it, complete, in map_parked, where capture's sweep
+ * turns it into a record; counted as lost only if that map is full. */
 static __always_inline void park(struct sluice_flow_key *key, struct sluice_event *ev, u32 packets)
 {
-	struct sluice_flow_state *parked = map_overflow.lookup(key);
-	if (!parked) {
-		u32 zero = 0;
-		struct sluice_flow_state *fresh = map_scratch.lookup(&zero);
-		if (fresh) {
-			fresh->last_emit = ev->timestamp;
-			fresh->pending = 0;
-			__builtin_memcpy(&fresh->last, ev, sizeof(*ev));
-			/* Fails when full, or when another CPU parked this flow first. */
-			map_overflow.insert(key, fresh);
-			parked = map_overflow.lookup(key);
-		}
-	}
+	u32 zero = 0;
+	struct sluice_flow_state *parked = map_scratch.lookup(&zero);
 	if (!parked) {
 		count(SLUICE_CNT_LOST, packets);
 		return;
 	}
-	__sync_fetch_and_add(&parked->pending, packets);
+	struct sluice_park_key at = { .cpu = bpf_get_smp_processor_id(), .pad = 0,
+				      .time = ev->timestamp };
+	__builtin_memcpy(&at.flow, key, sizeof(*key));
+	parked->last_emit = ev->timestamp;
+	parked->pending = packets;
+	parked->pad = 0;
+	__builtin_memcpy(&parked->last, ev, sizeof(*ev));
+	if (map_parked.insert(&at, parked)) {
+		count(SLUICE_CNT_LOST, packets);
+		return;
+	}
 	count(SLUICE_CNT_PARKED, packets);
 }
 

@@ -127,8 +127,8 @@ struct sluice_dns_origin {
 	__u8 addr[16];          /* IPv4 in the first 4 bytes, network order */
 };
 
-/* Flood aggregation: one entry per flow that recently emitted an event. The same key and
- * value hold a record the ring buffer refused, in map_overflow, until capture sweeps it. */
+/* Flood aggregation: one entry per flow that recently emitted an event. The same value
+ * holds a record the ring buffer refused, in map_parked, until capture sweeps it. */
 struct sluice_flow_key {
 	__u8 ip_version;
 	__u8 ip_proto;
@@ -146,6 +146,17 @@ struct sluice_flow_state {
 	struct sluice_event last; /* template for the record that reports them */
 };
 
+/* map_parked's key. A refused record is inserted whole under a key no other record has (its
+ * flow, CPU and time; one CPU never handles two packets in the same nanosecond) and never
+ * changed after: capture takes entries while the kernel parks more, and an entry the kernel
+ * could still add to might be taken, freed and reused between its lookup and its add. */
+struct sluice_park_key {
+	struct sluice_flow_key flow;
+	__u32 cpu;
+	__u32 pad;
+	__u64 time;             /* the record's timestamp */
+};
+
 /* Per-CPU counters, indexes into map_counters. */
 #define SLUICE_CNT_PACKETS        0
 #define SLUICE_CNT_ALLOWED        1
@@ -154,8 +165,8 @@ struct sluice_flow_state {
 #define SLUICE_CNT_AGGREGATED     4  /* packets folded into a pending count instead */
 #define SLUICE_CNT_RINGBUF_FULL   5  /* ring-buffer reserve failures (the record is parked) */
 #define SLUICE_CNT_MALFORMED      6  /* headers that could not be read */
-#define SLUICE_CNT_PARKED         7  /* packets of refused records kept in map_overflow */
-#define SLUICE_CNT_LOST           8  /* packets of refused records map_overflow had no room for */
+#define SLUICE_CNT_PARKED         7  /* packets of refused records kept in map_parked */
+#define SLUICE_CNT_LOST           8  /* packets of refused records map_parked had no room for */
 #define SLUICE_CNT_DNS_REDIRECTED 9  /* DNS connects/sends sent to the proxy instead */
 #define SLUICE_CNT_DNS_REFUSED    10 /* IPv6 DNS refused: no IPv6 redirect address */
 #define SLUICE_CNT_MAX            16

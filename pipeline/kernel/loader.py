@@ -205,8 +205,10 @@ class Attachment:
 
 # ---------------------------------------------------------------- load
 
-MAPS = ("map_events", "map_config", "map_counters", "map_flows", "map_overflow",
+MAPS = ("map_events", "map_config", "map_counters", "map_flows", "map_parked",
         "map_dns_redirect")
+# Pins of maps this sluice no longer has, removed when it loads (an upgrade leaves none).
+RETIRED_PINS = ("map_overflow",)
 COMPILE_TIMEOUT_S = 120
 MAX_FDS = 32
 
@@ -233,6 +235,8 @@ class Classifier:
 
 def load_classifier(settings: Settings) -> Classifier:
     ensure_bpffs(settings.bpf_dir)
+    for name in RETIRED_PINS:
+        (settings.bpf_dir / name).unlink(missing_ok=True)
     if settings.ringbuf_pages & (settings.ringbuf_pages - 1):
         raise KernelError(f"SLUICE_RINGBUF_PAGES={settings.ringbuf_pages}: must be a power of two")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -80,12 +80,17 @@ class FlowState(ctypes.Structure):
     _fields_ = [("last_emit", u64), ("pending", u32), ("pad", u32), ("last", Event)]
 
 
+class ParkKey(ctypes.Structure):
+    _fields_ = [("flow", FlowKey), ("cpu", u32), ("pad", u32), ("time", u64)]
+
+
 # struct name in sluice.h -> mirror, for the layout test.
 MIRRORS = {
     "sluice_event": Event, "sluice_config": Config, "sluice_lpm_v4": LpmV4,
     "sluice_lpm_v6": LpmV6, "sluice_cidr_value": CidrValue, "sluice_port_lpm_v4": PortLpmV4,
     "sluice_port_lpm_v6": PortLpmV6, "sluice_port_value": PortValue,
     "sluice_sock_owner": SockOwner, "sluice_flow_key": FlowKey, "sluice_flow_state": FlowState,
+    "sluice_park_key": ParkKey,
     "sluice_flow_tuple": FlowTuple, "sluice_dns_redirect": DnsRedirect,
     "sluice_dns_origin": DnsOrigin,
 }

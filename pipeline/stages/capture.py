@@ -2,7 +2,7 @@
 
 Consumes: the kernel ring buffer (struct sluice_event, bpf/sluice.h), read straight from its
           memory mapping (pipeline/kernel/ringbuf.py), and the records the kernel parked in
-          map_overflow when the ring buffer was full.
+          map_parked when the ring buffer was full.
 Produces: `raw_events` batches, pushed to enrich (ipc://<run_dir>/enrich.sock). Every record
           is first appended to the journal in SLUICE_JOURNAL_DIR (pipeline/journal.py) and
           carries its journal number and a stable event id, so persist stores it exactly
@@ -30,7 +30,7 @@ Losses:   ring-buffer records the kernel discarded or of another size are steppe
           (journal_full, journal_errors); those records travel from memory (not durable),
           and beyond MAX_UNJOURNALED_BYTES of them the oldest are dropped (records_lost).
           Short records are counted (short_records) and skipped. Records the ring buffer
-          refused are swept from map_overflow (overflow_swept); packets the kernel could
+          refused are swept from map_parked (overflow_swept); packets the kernel could
           not park at all are counted there (kernel_lost). A failed map read is logged and
           counted (map_read_errors); the map is read again at the next sweep.
 Stop:     drains the ring buffer into the journal and exits without waiting for the backlog
@@ -67,7 +67,7 @@ from ..kernel.loader import (AGG_WINDOW_NS, HOOKS, MIDSTREAM_WINDOW_NS, V6_HOOKS
                              ipv6_disabled, load_classifier, remove_pins)
 from ..kernel.maps import read_counters
 from ..kernel.ringbuf import RingReader
-from ..kernel.structs import FlowKey, FlowState
+from ..kernel.structs import FlowKey, FlowState, ParkKey
 from ..loop import BaseStage, StageIO, run_stage
 from ..posture import classifier_report, hooks_report, ipv6_report, ring_buffer_report
 from ..kernel.event_layout import RECORD_SIZE, decode_frame, reported_record
@@ -84,7 +84,7 @@ class Paces:
     """How often capture does its periodic work, in seconds of its clock."""
 
     sweep_s: float = 1.0          # flow tails into the journal
-    # map_overflow into the journal: a full-speed flood with the ring buffer full fills its
+    # map_parked into the journal: a full-speed flood with the ring buffer full fills its
     # 65,536 entries in about a second, and what finds it full is lost.
     overflow_s: float = 0.1
     counters_s: float = 1.0       # the kernel's counters and the layers read back
@@ -255,7 +255,7 @@ class CaptureStage(BaseStage):
         self.config_fd = classifier.map_fd("map_config")
         self.counters_fd = classifier.map_fd("map_counters")
         self.flows_fd = classifier.map_fd("map_flows")
-        self.overflow_fd = classifier.map_fd("map_overflow")
+        self.overflow_fd = classifier.map_fd("map_parked")
         self.ring = RingReader(classifier.map_fd("map_events"),
                                settings.ringbuf_pages * 4096, RECORD_SIZE)
         io.watch_fd(classifier.map_fd("map_events"), self.drain)
@@ -494,15 +494,15 @@ class CaptureStage(BaseStage):
         """Records the ring buffer refused, parked by the kernel: into the journal."""
         parked = []
         try:
-            for _, value_bytes in libbpf.entries(self.overflow_fd, FlowKey, FlowState,
+            for _, value_bytes in libbpf.entries(self.overflow_fd, ParkKey, FlowState,
                                                  delete=True):
                 state = FlowState.from_buffer_copy(value_bytes)
                 if state.pending:
                     parked.append(reported_record(state.last, state.last.timestamp,
                                                   state.pending))
-            self._map_read("map_overflow", None)
+            self._map_read("map_parked", None)
         except OSError as err:
-            self._map_read("map_overflow", err)
+            self._map_read("map_parked", err)
         if parked:  # taken from the kernel before a failure: journaled all the same
             self.io.counters.add("overflow_swept", len(parked))
             self._journal_records(parked)

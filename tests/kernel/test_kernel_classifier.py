@@ -1,12 +1,15 @@
 """The real classifier, loaded by the capture stage, judging real packets on namespaced veths."""
 
+import ctypes
 import ipaddress
+import os
 import subprocess
 import sys
 
 import pytest
 
 from pipeline.errors import ExitCode
+from pipeline.kernel import libbpf
 
 from pipeline.rulemaps import ALLOW, DENY
 from tests.support.kernelrig import CaptureRig
@@ -147,6 +150,25 @@ def test_ring_buffer_loss_is_counted_and_packet_counts_still_add_up(lab, rig):
     counters = rig.counters()
     assert counters["kernel_ringbuf_full"] > 0
     assert sum(e.packets for e in to(rig.events, Lab.SERVER_V4)) == sent["sent"]
+
+
+def test_a_pin_an_older_sluice_left_is_removed_at_load(lab, rig):
+    """map_overflow (before parked records had keys of their own) is a pin no map of this
+    sluice adopts: bcc would take it whatever its key size."""
+    rig.bpf_dir.mkdir(parents=True, exist_ok=True)
+    create = libbpf.lib().bpf_map_create
+    create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
+                       ctypes.c_uint32, ctypes.c_void_p]
+    fd = create(1, b"map_overflow", 24, 112, 16, None)  # a hash map, as that one was
+    assert fd >= 0, os.strerror(-fd)
+    old_pin = rig.bpf_dir / "map_overflow"
+    try:
+        assert libbpf.lib().bpf_obj_pin(fd, str(old_pin).encode()) == 0
+    finally:
+        os.close(fd)
+    rig.start(DENY)
+    assert not old_pin.exists()
+    assert (rig.bpf_dir / "map_parked").exists()
 
 
 def test_a_start_that_fails_after_the_load_exits_in_one_line_and_can_be_detached(
