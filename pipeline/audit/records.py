@@ -127,10 +127,10 @@ def collector_paused() -> Iterator[None]:
 
     Writing a batch of 8,192 records makes tens of thousands of short-lived tuples, lists and
     structs, none of them in a cycle: reference counting frees them all, yet the collector
-    would start about a hundred passes per batch to look, a fifth of persist's time for
-    benchmarks/persist_throughput.py. Whatever garbage with cycles a batch does leave is
-    collected by the first pass after it. Process-wide: another thread's work in the
-    meantime only runs without passes too.
+    would start about a hundred passes per batch to look, a tenth of the write path's time
+    in benchmarks/persist_throughput.py (a fifth in a scan). Whatever garbage with cycles a
+    batch does leave is collected by the first pass after it. Process-wide: another thread's
+    work in the meantime only runs without passes too.
     """
     if not gc.isenabled():
         yield

@@ -483,9 +483,9 @@ class CaptureStage(BaseStage):
                 if libbpf.take(self.flows_fd, FlowKey.from_buffer_copy(key_bytes), state) \
                         and state.pending:
                     tails.append(reported_record(state.last, now_ns, state.pending))
-            self._map_read("map_flows", None)
+            self._map_read_again("map_flows")
         except OSError as err:
-            self._map_read("map_flows", err)
+            self._map_read_failed("map_flows", err)
         if tails:  # what was taken before a failure is journaled all the same
             self.io.counters.add("flow_tails_reported", len(tails))
             self._journal_records(tails)
@@ -500,22 +500,21 @@ class CaptureStage(BaseStage):
                 if state.pending:
                     parked.append(reported_record(state.last, state.last.timestamp,
                                                   state.pending))
-            self._map_read("map_parked", None)
+            self._map_read_again("map_parked")
         except OSError as err:
-            self._map_read("map_parked", err)
+            self._map_read_failed("map_parked", err)
         if parked:  # taken from the kernel before a failure: journaled all the same
             self.io.counters.add("overflow_swept", len(parked))
             self._journal_records(parked)
 
-    def _map_read(self, name: str, err: OSError | None) -> None:
-        """A sweep's outcome. A failed read is counted and logged once until a sweep of that
-        map works again; capture goes on draining and enforcing, and what the map still
-        holds is read at the next sweep."""
-        if err is None:
-            if name in self.maps_failing:
-                self.maps_failing.discard(name)
-                self.io.log.info("reading %s works again", name)
-            return
+    def _map_read_again(self, name: str) -> None:
+        if name in self.maps_failing:
+            self.maps_failing.discard(name)
+            self.io.log.info("reading %s works again", name)
+
+    def _map_read_failed(self, name: str, err: OSError) -> None:
+        """Counted, and logged once until a sweep of that map works again; capture goes on
+        draining and enforcing, and what the map still holds is read at the next sweep."""
         self.io.counters.add("map_read_errors")
         if name not in self.maps_failing:
             self.maps_failing.add(name)

@@ -159,7 +159,7 @@ def test_a_pin_an_older_sluice_left_is_removed_at_load(lab, rig):
     create = libbpf.lib().bpf_map_create
     create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
                        ctypes.c_uint32, ctypes.c_void_p]
-    fd = create(1, b"map_overflow", 24, 112, 16, None)  # a hash map, as that one was
+    fd = create(1, b"map_overflow", 24, 104, 16, None)  # a hash map shaped as that one
     assert fd >= 0, os.strerror(-fd)
     old_pin = rig.bpf_dir / "map_overflow"
     try:
