@@ -633,12 +633,16 @@ def _chain_text(chain: list[str]) -> str:
 
 def as_row(e: AuditEvent) -> tuple:
     """The audit_events values of one record, in COLUMNS order."""
-    # Values are already what every driver takes (str, int, bool): passing them through
-    # Connection.execute's per-value bind processing halves the insert rate.
+    # Values are already what every driver takes (str, int): passing them through
+    # Connection.execute's per-value bind processing halves the insert rate. The three flags
+    # go as 0 and 1, which both databases store in their boolean columns: sqlite3 binds a
+    # bool only after looking for an adapter, which raises and drops an AttributeError per
+    # value, about a sixth of the insert's time.
     return (e.event_id, e.host, sql_timestamp(e.timestamp), e.event_type, e.src_ip, e.dst_ip,
             e.dst_hostname, e.dst_port, e.protocol, e.process, e.pid, e.matched_rule,
             e.auto_allowed_type, _chain_text(e.cname_chain) if e.cname_chain else "",
-            e.mid_stream, e.would_deny, e.blocked, e.packets, e.cgroup, e.container)
+            int(e.mid_stream), int(e.would_deny), int(e.blocked), e.packets, e.cgroup,
+            e.container)
 
 
 def from_row(row: Sequence) -> AuditEvent:

@@ -153,9 +153,14 @@ def test_a_store_of_an_earlier_version_is_migrated_to_the_same_answers(db_url, t
     quoted = ", ".join(f'"{c}"' for c in old_columns)
     placeholders = ", ".join("?" if store.engine.dialect.name == "sqlite" else "%s"
                              for _ in old_columns)
+    # The rows as bound parameters: PostgreSQL takes a flag so as a boolean only (the store
+    # itself copies rows in, where 0 and 1 are booleans too).
+    flags = {old_columns.index(c) for c in ("mid_stream", "would_deny", "blocked")}
+    rows = [tuple(bool(v) if i in flags else v for i, v in enumerate(as_row(r)))
+            for r in records[:200]]
     with store.engine.begin() as conn:
         conn.exec_driver_sql(f"INSERT INTO audit_events ({quoted}) VALUES ({placeholders})",
-                             [as_row(r)[:len(old_columns)] for r in records[:200]])
+                             [row[:len(old_columns)] for row in rows])
     store.migrate(MIGRATIONS[:names.index(written_at) + 1])
     assert store.migrate() == names[names.index(written_at) + 1:]
     store.close()
