@@ -9,7 +9,8 @@ synchronous=NORMAL, the same indexes) with no rollups, and the fastest encoder a
 (msgspec) writing plain dicts of the records as lines, without the omit-empty and escaping
 rules of the Go form. The ratio is what sluice costs on top. Like persist, the run leaves
 what it built before timing out of the cycle collector's passes. Each variant runs several
-times into fresh files and keeps its best: the machine's noise only ever adds time.
+times into fresh files, the two taking turns, and keeps its best: the machine's noise only
+ever adds time.
 
 The flood has --destinations distinct destinations (a name each): 1,000 by default; as many as
 --records for a scan that never repeats one, where every rollup group is new.
@@ -114,12 +115,16 @@ def baseline_batches(records: list[AuditEvent],
     return list(zip(chunks(rows, size), chunks(dicts, size), strict=True))
 
 
-def best(run, batches, repeat: int) -> tuple[float, float]:
-    times = []
+def best_of_turns(variants: dict, repeat: int) -> dict[str, tuple[float, float]]:
+    """Each variant's best (SQL, JSONL) seconds. The variants take turns, one run each per
+    round, so a drift of the machine's speed over the minutes reaches both sides alike."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for _ in range(repeat):
-        with tempfile.TemporaryDirectory(prefix="sluice-bench-") as workdir:
-            times.append(run(batches, Path(workdir)))
-    return min(t[0] for t in times), min(t[1] for t in times)
+        for name, (run, batches) in variants.items():
+            with tempfile.TemporaryDirectory(prefix="sluice-bench-") as workdir:
+                times[name].append(run(batches, Path(workdir)))
+    return {name: (min(t[0] for t in runs), min(t[1] for t in runs))
+            for name, runs in times.items()}
 
 
 GOAL = 150_000
@@ -145,8 +150,9 @@ def main() -> int:
     print(f"{args.records:,} records to {args.destinations:,} destinations, {args.batch:,} per "
           f"commit, best of {args.repeat} runs; load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} CPUs")
-    results = {"sluice": best(sluice_run, chunks(records, args.batch), args.repeat),
-               "baseline": best(baseline_run, baseline_batches(records, args.batch), args.repeat)}
+    results = best_of_turns({"sluice": (sluice_run, chunks(records, args.batch)),
+                             "baseline": (baseline_run, baseline_batches(records, args.batch))},
+                            args.repeat)
     rates = {}
     for name, (sql, jsonl) in results.items():
         rates[name] = [args.records / t for t in (sql, jsonl, sql + jsonl)]
