@@ -1,6 +1,5 @@
 """The real classifier, loaded by the capture stage, judging real packets on namespaced veths."""
 
-import ctypes
 import ipaddress
 import os
 import subprocess
@@ -12,7 +11,7 @@ from pipeline.errors import ExitCode
 from pipeline.kernel import libbpf
 
 from pipeline.rulemaps import ALLOW, DENY
-from tests.support.kernelrig import CaptureRig
+from tests.support.kernelrig import HASH_MAP, CaptureRig, create_map
 from tests.support.netns import Lab
 
 pytestmark = pytest.mark.kernel
@@ -156,11 +155,7 @@ def test_a_pin_an_older_sluice_left_is_removed_at_load(lab, rig):
     """map_overflow (before parked records had keys of their own) is a pin no map of this
     sluice adopts: bcc would take it whatever its key size."""
     rig.bpf_dir.mkdir(parents=True, exist_ok=True)
-    create = libbpf.lib().bpf_map_create
-    create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
-                       ctypes.c_uint32, ctypes.c_void_p]
-    fd = create(1, b"map_overflow", 24, 104, 16, None)  # a hash map shaped as that one
-    assert fd >= 0, os.strerror(-fd)
+    fd = create_map(HASH_MAP, 24, 104, 16, b"map_overflow")  # shaped as that one
     old_pin = rig.bpf_dir / "map_overflow"
     try:
         assert libbpf.lib().bpf_obj_pin(fd, str(old_pin).encode()) == 0

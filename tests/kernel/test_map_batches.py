@@ -12,6 +12,7 @@ import pytest
 from pipeline.kernel import libbpf
 from pipeline.loop import StageIO
 from pipeline.stages.capture import CaptureStage
+from tests.support.kernelrig import create_map
 from tests.support.stagekit import stage_settings
 
 pytestmark = pytest.mark.kernel
@@ -23,12 +24,7 @@ ENTRIES = 10_000
 @pytest.fixture(params=[HASH, LRU_HASH], ids=["hash", "lru_hash"])
 def filled(kernel, request):
     """A map of ENTRIES u32 keys, each with its own u64 value."""
-    create = libbpf.lib().bpf_map_create
-    create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
-                       ctypes.c_uint32, ctypes.c_void_p]
-    create.restype = ctypes.c_int
-    fd = create(request.param, b"sluice_test", 4, 8, ENTRIES * 2, None)
-    assert fd >= 0, os.strerror(-fd)
+    fd = create_map(request.param, 4, 8, ENTRIES * 2)
     for i in range(ENTRIES):
         libbpf.update(fd, ctypes.c_uint32(i), ctypes.c_uint64(i * 7))
     yield fd
@@ -61,12 +57,7 @@ QUEUE = 22  # a map type without batch reads: any read of it fails
 
 @pytest.fixture
 def unreadable(kernel):
-    create = libbpf.lib().bpf_map_create
-    create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
-                       ctypes.c_uint32, ctypes.c_void_p]
-    create.restype = ctypes.c_int
-    fd = create(QUEUE, b"sluice_test", 0, 8, 16, None)
-    assert fd >= 0, os.strerror(-fd)
+    fd = create_map(QUEUE, 0, 8, 16)
     yield fd
     os.close(fd)
 
@@ -90,7 +81,7 @@ def test_capture_counts_a_failed_sweep_logs_it_once_and_goes_on(unreadable, tmp_
         assert len(failures) == 2, failures  # one line per map, not one per sweep
         assert any("map_parked" in line for line in failures)
         # A map that reads again (empty of due tails here) says so once and counts no more.
-        empty = libbpf.lib().bpf_map_create(HASH, b"sluice_test", 4, 8, 16, None)
+        empty = create_map(HASH, 4, 8, 16)
         try:
             stage.overflow_fd = empty
             stage._sweep_overflow()

@@ -59,9 +59,11 @@ def classifier(kernel, tmp_path):
 
 
 def send(classifier, dst_port: int) -> int:
-    data = ctypes.create_string_buffer(udp_frame(dst_port))
+    """The classifier's verdict on one datagram."""
+    frame = udp_frame(dst_port)
+    data = ctypes.create_string_buffer(frame, len(frame))
     opts = RunOpts(sz=ctypes.sizeof(RunOpts), data_in=ctypes.addressof(data),
-                       data_size_in=len(data.raw) - 1, repeat=1)
+                   data_size_in=len(frame), repeat=1)
     run = libbpf.lib().bpf_prog_test_run_opts
     run.argtypes = [ctypes.c_int, ctypes.POINTER(RunOpts)]
     assert run(classifier.egress_fd, ctypes.byref(opts)) == 0, os.strerror(ctypes.get_errno())
@@ -86,8 +88,7 @@ def test_a_flow_refused_twice_is_parked_as_two_whole_records(classifier):
     assert send(classifier, 7000) == TC_ACT_SHOT
     time.sleep(AGG_WINDOW_NS / 1e9 + 0.2)  # the flow's window ends: its next packet emits
     assert send(classifier, 7000) == TC_ACT_SHOT
-    port = 7000
-    assert sorted(p for p in parked(classifier) if p[0] == port) == [(port, 1), (port, 1)]
+    assert sorted(p for p in parked(classifier) if p[0] == 7000) == [(7000, 1), (7000, 1)]
     counters = read_counters(classifier.map_fd("map_counters"))
     assert counters["parked"] == sum(packets for _, packets in parked(classifier))
     assert counters["lost"] == 0

@@ -6,7 +6,9 @@ through KernelRuleMaps, as the policy stage would.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 import zmq
 
 from pipeline import messages
+from pipeline.kernel import libbpf
 from pipeline.kernel.loader import Attachment, detach_instance
 from pipeline.kernel.maps import KernelRuleMaps, pins_present
 from pipeline.rulemaps import ALLOW, DENY
@@ -22,6 +25,21 @@ from pipeline.settings import Settings
 from pipeline.topology import inbox_address
 from tests.support.netns import Lab, base_env
 from tests.support.wait import wait_for
+
+
+HASH_MAP = 1  # enum bpf_map_type
+
+
+def create_map(map_type: int, key_size: int, value_size: int, entries: int,
+               name: bytes = b"sluice_test") -> int:
+    """A BPF map of the test's own (an fd the caller closes)."""
+    create = libbpf.lib().bpf_map_create
+    create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
+                       ctypes.c_uint32, ctypes.c_void_p]
+    create.restype = ctypes.c_int
+    fd = create(map_type, name, key_size, value_size, entries, None)
+    assert fd >= 0, os.strerror(-fd)
+    return fd
 
 
 class CaptureRig:
