@@ -7,10 +7,11 @@ The baseline, measured in the same run on the same machine, is the least any wri
 for the same rows: plain sqlite3 executemany of ready-made tuples into the same table (WAL,
 synchronous=NORMAL, the same indexes) with no rollups, and the fastest encoder at hand
 (msgspec) writing plain dicts of the records as lines, without the omit-empty and escaping
-rules of the Go form. The ratio is what sluice costs on top. Like persist, the run leaves
-what it built before timing out of the cycle collector's passes. Each variant runs several
-times into fresh files, the two taking turns, and keeps its best: the machine's noise only
-ever adds time.
+rules of the Go form. Both run SQLite as persist does, without its memory statistics
+(pipeline/audit/sqlite_memory.py). The ratio is what sluice costs on top. Like persist, the
+run leaves what it built before timing out of the cycle collector's passes. Each variant
+runs several times into fresh files, the two taking turns, and keeps its best: the machine's
+noise only ever adds time.
 
 The flood has --destinations distinct destinations (a name each): 1,000 by default; as many as
 --records for a scan that never repeats one, where every rollup group is new.
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sqlite3
 import sys
 import tempfile
 import time
@@ -40,6 +40,7 @@ import msgspec
 from pipeline.audit.records import AuditEvent, AuditLogger, new_event_id
 from pipeline.settings import Settings
 from pipeline.stages.persist import COMMIT_FACTOR
+from pipeline.audit.sqlite_memory import skip_memory_statistics
 from pipeline.audit.store import COLUMNS, AuditStore, as_row
 
 T0 = 1_767_225_600_000_000_000
@@ -88,6 +89,8 @@ def sluice_run(batches: list[list[AuditEvent]], workdir: Path) -> tuple[float, f
 
 def baseline_run(batches: list[tuple[list[tuple], list[dict]]],
                  workdir: Path) -> tuple[float, float]:
+    import sqlite3  # here: SQLite starts as persist starts it (main)
+
     AuditStore(f"sqlite:///{workdir / 'audit.db'}").migrate()  # the same schema and indexes
     conn = sqlite3.connect(workdir / "audit.db", isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -142,6 +145,8 @@ def main() -> int:
                         help="distinct destinations of the flood (= --records: a scan that "
                              "never repeats one)")
     args = parser.parse_args()
+    # As in persist: SQLite without its allocation statistics, for both variants alike.
+    statistics = "off" if skip_memory_statistics() else "on (could not be turned off)"
     records = make_records(args.records, args.destinations)
     # persist leaves what its start-up built out of the cycle collector's passes
     # (pipeline/loop.py); here that is the records made above, which persist never holds.
@@ -149,7 +154,7 @@ def main() -> int:
     gc.freeze()
     print(f"{args.records:,} records to {args.destinations:,} destinations, {args.batch:,} per "
           f"commit, best of {args.repeat} runs; load average {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs; SQLite's memory statistics {statistics}")
     results = best_of_turns({"sluice": (sluice_run, chunks(records, args.batch)),
                              "baseline": (baseline_run, baseline_batches(records, args.batch))},
                             args.repeat)

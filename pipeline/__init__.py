@@ -104,6 +104,7 @@ The audit trail
   audit/store.py           the SQL store: tables, migrations, the writer, readers
   audit/rollups.py         what new rows add to the rollup tables (pure)
   audit/retention.py       old rows deleted a small batch at a time
+  audit/sqlite_memory.py   SQLite started without its allocation statistics (faster)
   audit/timestamps.py      audit timestamps as text, and back
   audit/query.py           `sluice query`: read-only SQL and its output formats
   audit/importer.py        `sluice import`: NDJSON audit logs into the store

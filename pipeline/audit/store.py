@@ -29,7 +29,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import sqlite3
 import threading
 import time
 import urllib.parse
@@ -43,11 +42,14 @@ import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 
 if TYPE_CHECKING:
+    import sqlite3
+
     from sqlalchemy.dialects import postgresql, sqlite
     DialectInsert = sqlite.Insert | postgresql.Insert
 
 from .. import private
 from .records import AuditEvent, collector_paused, parse_timestamp, sql_timestamp
+from .sqlite_memory import skip_memory_statistics
 from ..errors import StoreError
 from ..events import DeliveredDestination
 from ..fingerprints import FingerprintSet
@@ -556,6 +558,8 @@ def _engine(url_text: str, *, readonly: bool, busy_timeout_ms: int,
     path = _sqlite_file(url) if backend == "sqlite" else None
     if path is not None:
         url = _prepare_sqlite_path(url, path, readonly, shown, gid)
+    if backend == "sqlite":
+        skip_memory_statistics()  # before the driver loads: it starts SQLite
     try:
         engine = sa.create_engine(url, pool_pre_ping=backend != "sqlite")
     except ImportError as err:
@@ -601,6 +605,8 @@ def _prepare_sqlite_path(url: sa.URL, path: Path, readonly: bool, shown: str,
 
 def _check(engine: sa.Engine, backend: str, path: Path | None, readonly: bool,
            shown: str) -> None:
+    import sqlite3  # not at the top: SQLite must not start before skip_memory_statistics
+
     try:
         with engine.connect() as conn:
             if backend != "sqlite":
@@ -937,6 +943,8 @@ class _Checkpointer:
         self._thread.start()
 
     def _run(self) -> None:
+        import sqlite3
+
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -1032,6 +1040,8 @@ class AuditStore:
             with collector_paused(), self.engine.connect() as conn:
                 stored = self._insert(conn, events)
                 if self._checkpointer is not None:  # SQLite: its driver is the sqlite3 module
+                    import sqlite3
+
                     driver = conn.connection.driver_connection
                     assert isinstance(driver, sqlite3.Connection)
                     self._checkpointer.committed(driver)
