@@ -149,11 +149,14 @@ class StageIO:
 
     def __init__(self, name: str, settings: Settings, ctx: zmq.Context | None,
                  stop: threading.Event, log: logging.Logger,
-                 clock: Clock = time.monotonic) -> None:
-        """ctx None: a StageIO that opens no sockets (an offline replay's)."""
+                 clock: Clock = time.monotonic, *,
+                 answer_ctx: zmq.Context | None = None) -> None:
+        """ctx None: a StageIO that opens no sockets (an offline replay's). answer_ctx: the
+        context of the request/reply sockets, if they have their own (answer_context)."""
         self.name = name
         self.settings = settings
         self.ctx = ctx
+        self.answer_ctx = answer_ctx
         self.stop = stop
         self.log = log
         self.counters = Counters()
@@ -199,6 +202,8 @@ class StageIO:
     def _socket(self, kind: int) -> zmq.Socket:
         if self.ctx is None:
             raise RuntimeError(f"{self.name}'s StageIO has no ZeroMQ context: it opens no sockets")
+        if kind in (zmq.REP, zmq.DEALER) and self.answer_ctx is not None:
+            return self.answer_ctx.socket(kind)
         return self.ctx.socket(kind)
 
     def bind_inboxes(self) -> dict[str, zmq.Socket]:
@@ -379,6 +384,50 @@ def _set_priority(step: int, log: logging.Logger) -> None:
              "after DNS answers" if step > 0 else "on the path of DNS answers")
 
 
+def answer_context(log: logging.Logger) -> zmq.Context:
+    """The ZeroMQ context of a stage's request/reply sockets (dns asking policy to open the
+    maps for an answer), apart from its event feeds, with its I/O thread under real-time
+    round-robin scheduling at the lowest priority.
+
+    Every message passes through a context's I/O thread, which under a flood waits for a CPU
+    behind the bulk stages like any other thread: in benchmarks/flood.py those waits were
+    most of the DNS answers' added tail. This thread only carries allow requests and their
+    replies, as many as the DNS answers, so running it ahead of the bulk work cannot take a
+    flood's CPU; the stage's own thread, which also handles event batches, is not made
+    real-time. Without the right to (CAP_SYS_NICE or RLIMIT_RTPRIO) the thread runs as
+    started, with one line saying so: libzmq would abort a thread it cannot schedule.
+    """
+    ctx = zmq.Context()
+    if _may_run_realtime():
+        ctx.set(zmq.THREAD_SCHED_POLICY, os.SCHED_RR)
+        ctx.set(zmq.THREAD_PRIORITY, REALTIME_PRIORITY)
+    else:
+        log.warning("cannot run the answer path's socket thread real-time (needs CAP_SYS_NICE "
+                    "or RLIMIT_RTPRIO): a flood may delay DNS answers")
+    return ctx
+
+
+REALTIME_PRIORITY = 1  # the lowest: ahead of every ordinary thread, behind the kernel's own
+
+
+def _may_run_realtime() -> bool:
+    """Whether a thread of this process may take real-time scheduling: tried on a thread of
+    its own, which ends, so no thread that stays is changed."""
+    allowed = []
+
+    def attempt() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(REALTIME_PRIORITY))
+            allowed.append(True)
+        except OSError:
+            pass
+
+    trial = threading.Thread(target=attempt, name="sluice-rt-check")
+    trial.start()
+    trial.join()
+    return bool(allowed)
+
+
 def _freeze_setup_objects() -> None:
     """Leave what start-up built (modules, SQLAlchemy's tables, policy, caches) out of the
     cycle collector's passes. A flood makes and drops objects fast enough for a full pass
@@ -419,11 +468,13 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
     counters = marker_path(settings.run_dir, stage.name, "counters.json")
     for stale in (failed, ready, layers, counters):
         stale.unlink(missing_ok=True)
-    io = StageIO(stage.name, settings, ctx, stop, log, stage.monotonic)
+    wiring = STAGES.get(stage.name)
+    answer_ctx = (answer_context(log) if own_ctx and wiring is not None and wiring.cpu_step < 0
+                  else None)
+    io = StageIO(stage.name, settings, ctx, stop, log, stage.monotonic, answer_ctx=answer_ctx)
     io.ready_marker = ready
     signals = _Signals(stop)
     signals.install()
-    wiring = STAGES.get(stage.name)
     if wiring is not None:
         _set_priority(wiring.cpu_step, log)
     try:
@@ -461,6 +512,8 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
                 path.unlink(missing_ok=True)
             if own_ctx:
                 ctx.term()
+            if answer_ctx is not None:
+                answer_ctx.term()
             ready.unlink(missing_ok=True)
             layers.unlink(missing_ok=True)  # a stopped stage vouches for no layer
 
