@@ -3,6 +3,7 @@ requests are served between event batches) and across processes (the bulk stages
 on the CPU, the answer path steps forward)."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import zmq
 
 from pipeline import messages
 from pipeline.events import AllowRequest, RawEvent
+from pipeline.loop import answer_context
 from pipeline.rulemaps import ALLOW, DictRuleMaps
 from pipeline.stages.policy import PolicyStage
 from pipeline.topology import STAGES, inbox_address
@@ -105,6 +107,16 @@ def autogroup_nice_of(pid: int) -> int | None:
         return None
 
 
+def realtime_threads(pid: int) -> list[str]:
+    """The names of the process's threads under a real-time policy (SCHED_FIFO or SCHED_RR)."""
+    names = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        if int(fields[38]) in (os.SCHED_FIFO, os.SCHED_RR):  # field 41 of proc(5): policy
+            names.append((task / "comm").read_text().strip())
+    return sorted(names)
+
+
 def stepped(own: int, step: int) -> int:
     """The nice value a stage started at own ends at; raising needs root (CAP_SYS_NICE)."""
     if step < 0 and os.geteuid() != 0:
@@ -115,7 +127,8 @@ def stepped(own: int, step: int) -> int:
 def test_the_answer_path_steps_forward_on_the_cpu_and_bulk_work_stays_as_started(tmp_path):
     """policy (it answers the DNS proxy) and notify (bulk work) as real processes, each
     leading its own session as honcho starts them: each moves by its topology's cpu_step,
-    its session's autogroup with it."""
+    its session's autogroup with it. In policy, the socket thread of its request/reply
+    inbox runs real-time (as root); no other thread of either stage does."""
     own = os.getpriority(os.PRIO_PROCESS, 0)
     assert STAGES["policy"].cpu_step < 0 == STAGES["notify"].cpu_step
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")},
@@ -137,8 +150,35 @@ def test_the_answer_path_steps_forward_on_the_cpu_and_bulk_work_stays_as_started
             assert nice_of(proc.pid) == nice, stage
             if autogroup_nice_of(proc.pid) is not None and nice != own:
                 assert autogroup_nice_of(proc.pid) == nice, stage
+        # The answer context's I/O thread and its reaper; the event feeds' context and the
+        # stage's own thread, which handles event batches, stay ordinary.
+        root = os.geteuid() == 0
+        assert realtime_threads(procs["policy"].pid) == (
+            ["ZMQbg/IO/0", "ZMQbg/Reaper"] if root else [])
+        assert len(list(Path(f"/proc/{procs['policy'].pid}/task").iterdir())) >= 5
+        assert realtime_threads(procs["notify"].pid) == []
     finally:
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)
         codes = {stage: proc.wait(10) for stage, proc in procs.items()}
     assert codes == {"notify": 0, "policy": 0}
+
+
+def test_without_the_right_to_real_time_the_answer_context_is_ordinary_and_says_so(
+        monkeypatch, caplog):
+    """libzmq aborts a thread it cannot schedule as asked: where real-time scheduling is
+    refused, the answer context asks for none, with one line saying what that costs."""
+    def refuse(*_):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    ctx = answer_context(logging.getLogger("sluice.test"))
+    try:
+        assert ctx.get(zmq.THREAD_SCHED_POLICY) == -1  # libzmq's default: as started
+        sock = ctx.socket(zmq.REP)  # starts the context's threads: no abort
+        sock.close(linger=0)
+    finally:
+        ctx.term()
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot run the answer path's socket thread real-time (needs CAP_SYS_NICE or "
+        "RLIMIT_RTPRIO): a flood may delay DNS answers"]
