@@ -392,12 +392,12 @@ def answer_context(log: logging.Logger) -> zmq.Context:
 
     Every message passes through a context's I/O thread, which under a flood waits for a CPU
     behind the bulk stages like any other thread, twice on each side of a request: with this one
-    real-time, the p99 of DNS answers during benchmarks/flood.py's flood fell by about a fifth
-    (six runs each, in turns). It only carries allow requests and their replies, each made first
-    by the stage's ordinary thread, so running it ahead of the bulk work cannot take a flood's
-    CPU; the stage's own thread, which also handles event batches, is not made real-time.
-    Without the right to (CAP_SYS_NICE or RLIMIT_RTPRIO) the thread runs as started, with one
-    line saying so: libzmq would abort a thread it cannot schedule.
+    real-time, the p99 of DNS answers during benchmarks/flood.py's flood was lower in seven of
+    ten runs in turns (a tenth at the median). It only carries allow requests and their replies,
+    each made first by the stage's ordinary thread, so running it ahead of the bulk work cannot
+    take a flood's CPU; the stage's own thread, which also handles event batches, is not made
+    real-time. Without the right to (CAP_SYS_NICE or RLIMIT_RTPRIO) the thread runs as started,
+    with one line saying so: libzmq would abort a thread it cannot schedule.
     """
     ctx = zmq.Context()
     if _may_run_realtime():
