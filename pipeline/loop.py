@@ -471,9 +471,8 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
     for stale in (failed, ready, layers, counters):
         stale.unlink(missing_ok=True)
     wiring = STAGES.get(stage.name)
-    asks_or_answers = wiring is not None and (
-        bool(wiring.requests) or any(inbox.pattern == "rep" for inbox in wiring.inboxes))
-    answer_ctx = answer_context(log) if own_ctx and asks_or_answers else None
+    answer_ctx = (answer_context(log) if own_ctx and wiring is not None and wiring.request_reply
+                  else None)
     io = StageIO(stage.name, settings, ctx, stop, log, stage.monotonic, answer_ctx=answer_ctx)
     io.ready_marker = ready
     signals = _Signals(stop)

@@ -43,6 +43,11 @@ class StageWiring:
     def feed_names(self) -> tuple[str, ...]:
         return tuple(link.inbox for link in self.feeds)
 
+    @property
+    def request_reply(self) -> bool:
+        """The stage asks another's REP inbox or has one of its own (the answer path)."""
+        return bool(self.requests) or any(inbox.pattern == "rep" for inbox in self.inboxes)
+
 
 ANSWER_PATH = -5
 

@@ -66,7 +66,8 @@ def send(classifier, dst_port: int) -> int:
                    data_size_in=len(frame), repeat=1)
     run = libbpf.lib().bpf_prog_test_run_opts
     run.argtypes = [ctypes.c_int, ctypes.POINTER(RunOpts)]
-    assert run(classifier.egress_fd, ctypes.byref(opts)) == 0, os.strerror(ctypes.get_errno())
+    rc = run(classifier.egress_fd, ctypes.byref(opts))
+    assert rc == 0, os.strerror(-rc)  # libbpf returns the error negated
     return opts.retval
 
 
