@@ -22,6 +22,7 @@ The stages and what every stage shares
   errors.py                typed start-up errors and their exit codes
   workers.py               helper threads that cannot die silently
   histogram.py             latency histograms written beside a stage's counters
+  cpushare.py              the DNS proxy's share of a CPU ahead of a flood (pure)
 
 Messages between the stages
   messages.py              every message kind, registered: encode and decode any of them

@@ -26,7 +26,8 @@ between any two event batches, and whenever a stage calls `io.serve_requests()` 
 of a long batch, so a flood of events never holds back a DNS answer. Across processes, each
 stage takes the CPU priority step the topology gives it (cpu_step): the DNS proxy and the
 policy stage that answers it step forward, and their request/reply sockets have a context
-of their own whose I/O thread runs real-time (answer_context), so a flood that fills every
+of their own whose I/O thread runs real-time (answer_context), and the DNS proxy's own
+thread runs real-time within a share of one CPU (RealtimeThread), so a flood that fills every
 core does not stand between a client and its answer.
 """
 
@@ -49,11 +50,12 @@ from typing import Protocol
 import zmq
 
 from . import messages
+from .cpushare import RealtimeShare
 from .errors import MessageError, SluiceError
 from .histogram import LATENCY_BOUNDS, Histogram
 from .reactor import Clock, Reactor
 from .settings import Settings
-from .topology import STAGES, Inbox, Link, inbox_address, inbox_path
+from .topology import STAGES, Inbox, Link, StageWiring, inbox_address, inbox_path
 from .workers import Worker
 
 POLL_MS = 100
@@ -430,6 +432,72 @@ def _may_run_realtime() -> bool:
     return bool(allowed)
 
 
+REALTIME_WINDOW_S = 0.1  # how often a stage's real-time share of the CPU is renewed
+
+
+class RealtimeThread:
+    """The stage's own thread run real-time within the topology's share of one CPU
+    (realtime_share; pipeline/cpushare.py decides): the DNS proxy, so that a flood filling
+    every core does not keep a client waiting for its answer. Past its share in a window it
+    runs as an ordinary thread until the next, counted as realtime_share_spent and logged
+    once. Started after setup, so the threads setup started stay as they were; children
+    forked later start ordinary (SCHED_RESET_ON_FORK)."""
+
+    def __init__(self, share: float, log: logging.Logger, counters: Counters,
+                 cpu_time: Callable[[], float] = time.thread_time) -> None:
+        self.share = RealtimeShare(share, REALTIME_WINDOW_S)
+        self.log, self.counters, self.cpu_time = log, counters, cpu_time
+        self.realtime = False
+        self.spent_logged = False
+
+    def start(self) -> bool:
+        """Real-time from now on; False (and one line) where it is refused."""
+        try:
+            self._schedule(realtime=True)
+        except OSError:
+            self.log.warning("cannot run this stage's thread real-time (needs CAP_SYS_NICE or "
+                             "RLIMIT_RTPRIO): a flood may delay DNS answers")
+            return False
+        return True
+
+    def follow(self, now: float) -> float | None:
+        """Keep to the share at now; while it is spent, the seconds until it is renewed."""
+        allowed = self.share.allows(now, self.cpu_time())
+        if allowed != self.realtime:
+            self._schedule(realtime=allowed)
+            if not allowed:
+                self._spent()
+        return None if allowed else self.share.renews_in(now)
+
+    def _schedule(self, *, realtime: bool) -> None:
+        if realtime:
+            os.sched_setscheduler(0, os.SCHED_RR | os.SCHED_RESET_ON_FORK,
+                                  os.sched_param(REALTIME_PRIORITY))
+        else:  # ordinary again, with the nice value it had
+            os.sched_setscheduler(0, os.SCHED_OTHER | os.SCHED_RESET_ON_FORK, os.sched_param(0))
+        self.realtime = realtime
+
+    def _spent(self) -> None:
+        self.counters.add("realtime_share_spent")
+        if not self.spent_logged:
+            self.spent_logged = True
+            self.log.warning(
+                "used its real-time share of the CPU (%d%% of one CPU every %g s): an ordinary "
+                "thread until the share is renewed (counted: realtime_share_spent; logged once)",
+                round(self.share.budget_s / self.share.window_s * 100), self.share.window_s)
+
+
+def _realtime_thread(wiring: StageWiring | None, log: logging.Logger,
+                     counters: Counters) -> RealtimeThread | None:
+    """The stage's own thread made real-time, where the topology gives it a share; stages run
+    in test threads are left alone."""
+    if (wiring is None or not wiring.realtime_share
+            or threading.current_thread() is not threading.main_thread()):
+        return None
+    thread = RealtimeThread(wiring.realtime_share, log, counters)
+    return thread if thread.start() else None
+
+
 def _freeze_setup_objects() -> None:
     """Leave what start-up built (modules, SQLAlchemy's tables, policy, caches) out of the
     cycle collector's passes. A flood makes and drops objects fast enough for a full pass
@@ -483,7 +551,7 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
         try:
             stage.setup(io)
             _freeze_setup_objects()
-            _loop(stage, io, signals)
+            _loop(stage, io, signals, _realtime_thread(wiring, log, io.counters))
         except SluiceError as err:
             if stop.is_set():
                 # Stopped while starting (honcho stops every stage when one fails, and the
@@ -520,7 +588,8 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
             layers.unlink(missing_ok=True)  # a stopped stage vouches for no layer
 
 
-def _loop(stage: Stage, io: StageIO, signals: _Signals) -> None:
+def _loop(stage: Stage, io: StageIO, signals: _Signals,
+          realtime: RealtimeThread | None = None) -> None:
     requests = [(sock, inbox) for sock, inbox in io.inboxes.items() if inbox.pattern == "rep"]
     events_in = [(sock, inbox) for sock, inbox in io.inboxes.items() if inbox.pattern == "pull"]
     complain = _OncePerKind(io.log)
@@ -530,6 +599,7 @@ def _loop(stage: Stage, io: StageIO, signals: _Signals) -> None:
     next_counters = time.monotonic() + interval
     drain_started: float | None = None
     quiet_since = 0.0  # set with drain_started
+    realtime_renews_in: float | None = None  # while its real-time share is spent
 
     while True:
         taking = _taking(stage, io)
@@ -549,7 +619,11 @@ def _loop(stage: Stage, io: StageIO, signals: _Signals) -> None:
         due = reactor.next_due_in()
         if due is not None:
             timeout = min(timeout, math.ceil(due * 1000))
+        if realtime_renews_in is not None:  # wake real-time again as soon as it may
+            timeout = min(timeout, math.ceil(realtime_renews_in * 1000))
         events = dict(poller.poll(timeout))
+        if realtime is not None:
+            realtime_renews_in = realtime.follow(time.monotonic())
         io.serve_requests()
         received = False
         for sock, inbox in events_in:

@@ -38,6 +38,10 @@ class StageWiring:
     # (enrich, persist, notify, export) stays as started rather than stepping back: its
     # evidence would then wait behind every busy job on the host, not only behind answers.
     cpu_step: int = 0
+    # The share of one CPU the stage's own thread may take real-time, ahead of every ordinary
+    # thread (pipeline/cpushare.py): only for a stage whose work is nothing but answering
+    # clients. policy's thread also judges the flood's events, so it takes none.
+    realtime_share: float = 0.0
 
     @property
     def feed_names(self) -> tuple[str, ...]:
@@ -78,6 +82,7 @@ STAGES: dict[str, StageWiring] = {
                Link("persist", ("audit_records",), backlog=1024)),
         requests=(Link("policy-allow", ("allow_requests",)),),
         cpu_step=ANSWER_PATH,
+        realtime_share=0.25,  # a query flood takes at most a quarter of one CPU ahead
     ),
     # Reads the stored rows, not a socket: it is never on the path of an event.
     "export": StageWiring(inboxes=()),

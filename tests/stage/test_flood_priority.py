@@ -6,18 +6,23 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import dns.message
 import zmq
 
 from pipeline import messages
 from pipeline.events import AllowRequest, RawEvent
-from pipeline.loop import answer_context
+from pipeline.loop import REALTIME_WINDOW_S, Counters, RealtimeThread, answer_context
 from pipeline.rulemaps import ALLOW, DictRuleMaps
 from pipeline.stages.policy import PolicyStage
 from pipeline.topology import STAGES, inbox_address
+from tests.support.exportkit import free_port
 from tests.support.stagekit import StageThread, stage_settings
 from tests.support.wait import wait_for
 
@@ -182,3 +187,130 @@ def test_without_the_right_to_real_time_the_answer_context_is_ordinary_and_says_
     assert [r.getMessage() for r in caplog.records] == [
         "cannot run the answer path's socket thread real-time (needs CAP_SYS_NICE or "
         "RLIMIT_RTPRIO): a flood may delay DNS answers"]
+
+
+class ThreadCpu:
+    """A thread's CPU time as the test sets it (the seam RealtimeThread reads it through)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self) -> float:
+        return self.seconds
+
+
+def in_own_thread(work):
+    """Run work on a thread of its own (scheduling changes stay with that thread)."""
+    result, failure = [], []
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except BaseException as err:  # noqa: BLE001 (re-raised on the test's thread)
+            failure.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def test_a_real_time_thread_keeps_to_its_share_and_keeps_its_nice_value(caplog):
+    """Real-time while within its share of a window; past it, ordinary (with the nice value
+    it had) until the next window, counted every time and logged once. Without the right to
+    real-time, start says so and the thread stays as it was."""
+    cpu, counters = ThreadCpu(), Counters()
+
+    def work():
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 3)  # this thread only
+        thread = RealtimeThread(0.25, logging.getLogger("sluice.test"), counters, cpu)
+        if not thread.start():
+            return [("refused", os.sched_getscheduler(0))]
+        seen = [("started", os.sched_getscheduler(0))]
+        budget = 0.25 * REALTIME_WINDOW_S
+        for now, used, what in [(0.0, 0.0, "window opens"), (0.01, budget * 0.9, "within"),
+                                (0.02, budget * 1.1, "spent"),
+                                (REALTIME_WINDOW_S, budget * 1.2, "renewed"),
+                                (REALTIME_WINDOW_S + 0.01, budget * 2.3, "spent again")]:
+            cpu.seconds = used
+            renews_in = thread.follow(now)
+            seen.append((what, os.sched_getscheduler(0), renews_in is not None,
+                         os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return seen
+
+    seen = in_own_thread(work)
+    if os.geteuid() != 0 and seen[0][0] == "refused":
+        assert seen == [("refused", os.SCHED_OTHER)]
+        return
+    realtime = os.SCHED_RR | os.SCHED_RESET_ON_FORK
+    ordinary = os.SCHED_OTHER | os.SCHED_RESET_ON_FORK
+    assert seen == [("started", realtime),
+                    ("window opens", realtime, False, 3), ("within", realtime, False, 3),
+                    ("spent", ordinary, True, 3), ("renewed", realtime, False, 3),
+                    ("spent again", ordinary, True, 3)]
+    assert counters.get("realtime_share_spent") == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "used its real-time share of the CPU (25% of one CPU every 0.1 s): an ordinary thread "
+        "until the share is renewed (counted: realtime_share_spent; logged once)"]
+
+
+def main_thread_policy(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[38])
+
+
+def test_the_dns_proxy_answers_real_time_and_a_query_flood_runs_past_its_share_ordinary(
+        tmp_path):
+    """dns as a real process, leading its own session as honcho starts it: its own thread and
+    its answer context's two run real-time (as root), nothing else. A flood of queries on
+    loopback (bounded: at most 5 s) spends the share: the proxy goes on as an ordinary thread,
+    counts it, and is real-time again once the flood is over."""
+    silent_upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # takes, never answers
+    silent_upstream.bind(("127.0.0.1", 0))
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")},
+           "SLUICE_RUN_DIR": str(tmp_path / "run"), "SLUICE_HOST": "test-host",
+           "SLUICE_JOURNAL_DIR": str(tmp_path / "journal"),
+           "SLUICE_BPF_DIR": str(tmp_path / "no-bpffs"), "SLUICE_COUNTER_INTERVAL": "0.1",
+           "SLUICE_POLICY": write_policy(tmp_path), "SLUICE_DNS_REDIRECT": "false",
+           "SLUICE_DNS_LISTEN": f"127.0.0.1:{port}",
+           "SLUICE_DNS_UPSTREAM": f"127.0.0.1:{silent_upstream.getsockname()[1]}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from pipeline.cli.entry import main; main()", "run", "dns"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    counters = tmp_path / "run" / "dns.counters.json"
+    flood = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        wait_for(counters.exists, "dns running", timeout=30)
+        if os.geteuid() != 0:
+            assert realtime_threads(proc.pid) == []
+            return
+        main_comm = Path(f"/proc/{proc.pid}/comm").read_text().strip()
+        assert realtime_threads(proc.pid) == sorted([main_comm, "ZMQbg/IO/0", "ZMQbg/Reaper"])
+        assert main_thread_policy(proc.pid) == os.SCHED_RR
+        queries = [dns.message.make_query(f"n{i}.flood.test", "A").to_wire()
+                   for i in range(2000)]
+        flood.setblocking(False)
+        deadline, sent = time.monotonic() + 5, 0
+        spent = 0
+        while time.monotonic() < deadline and not spent:
+            for wire in queries:
+                try:
+                    flood.sendto(wire, ("127.0.0.1", port))
+                    sent += 1
+                except BlockingIOError:
+                    time.sleep(0.001)
+            spent = json.loads(counters.read_text())["counters"].get("realtime_share_spent", 0)
+        assert spent, f"{sent} queries in 5 s never spent the share"
+        wait_for(lambda: main_thread_policy(proc.pid) == os.SCHED_RR,
+                 "the proxy real-time again after the flood")
+    finally:
+        flood.close()
+        silent_upstream.close()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(10)
+        log = proc.stderr.read()
+    assert code == 0
+    assert log.count("used its real-time share of the CPU") == (1 if os.geteuid() == 0 else 0)
