@@ -440,8 +440,10 @@ class RealtimeThread:
     (realtime_share; pipeline/cpushare.py decides): the DNS proxy, so that a flood filling
     every core does not keep a client waiting for its answer. Past its share in a window it
     runs as an ordinary thread until the next, counted as realtime_share_spent and logged
-    once. Started after setup, so the threads setup started stay as they were; children
-    forked later start ordinary (SCHED_RESET_ON_FORK)."""
+    once. It looks once a loop turn, so a turn can run past the share by at most what one turn
+    does (the proxy reads at most 64 datagrams from a socket a turn). Started after setup, so
+    the threads setup started stay as they were; children forked later start ordinary
+    (SCHED_RESET_ON_FORK)."""
 
     def __init__(self, share: float, log: logging.Logger, counters: Counters,
                  cpu_time: Callable[[], float] = time.thread_time) -> None:
