@@ -462,6 +462,12 @@ class RealtimeThread:
             return False
         return True
 
+    def end(self) -> None:
+        """Ordinary again, as the thread was before start (a stage run in a longer-lived
+        process, such as a test's, leaves its thread as it found it)."""
+        if self.realtime:
+            self._schedule(realtime=False)
+
     def follow(self, now: float) -> float | None:
         """Keep to the share at now; while it is spent, the seconds until it is renewed."""
         allowed = self.share.allows(now, self.cpu_time())
@@ -553,7 +559,12 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
         try:
             stage.setup(io)
             _freeze_setup_objects()
-            _loop(stage, io, signals, _realtime_thread(wiring, log, io.counters))
+            realtime = _realtime_thread(wiring, log, io.counters)
+            try:
+                _loop(stage, io, signals, realtime)
+            finally:
+                if realtime is not None:
+                    realtime.end()
         except SluiceError as err:
             if stop.is_set():
                 # Stopped while starting (honcho stops every stage when one fails, and the

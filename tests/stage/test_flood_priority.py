@@ -219,8 +219,9 @@ def in_own_thread(work):
 
 def test_a_real_time_thread_keeps_to_its_share_and_keeps_its_nice_value(caplog):
     """Real-time while within its share of a window; past it, ordinary (with the nice value
-    it had) until the next window, counted every time and logged once. Without the right to
-    real-time, start says so and the thread stays as it was."""
+    it had) until the next window, counted every time and logged once; ordinary again when
+    the stage ends. Without the right to real-time, start says so and the thread stays as it
+    was."""
     cpu, counters = ThreadCpu(), Counters()
 
     def work():
@@ -238,6 +239,10 @@ def test_a_real_time_thread_keeps_to_its_share_and_keeps_its_nice_value(caplog):
             renews_in = thread.follow(now)
             seen.append((what, os.sched_getscheduler(0), renews_in is not None,
                          os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        cpu.seconds = budget * 2.4  # within the share: real-time when the stage ends
+        thread.follow(REALTIME_WINDOW_S + 0.02 + REALTIME_WINDOW_S)
+        thread.end()
+        seen.append(("ended", os.sched_getscheduler(0)))
         return seen
 
     seen = in_own_thread(work)
@@ -249,7 +254,7 @@ def test_a_real_time_thread_keeps_to_its_share_and_keeps_its_nice_value(caplog):
     assert seen == [("started", realtime),
                     ("window opens", realtime, False, 3), ("within", realtime, False, 3),
                     ("spent", ordinary, True, 3), ("renewed", realtime, False, 3),
-                    ("spent again", ordinary, True, 3)]
+                    ("spent again", ordinary, True, 3), ("ended", ordinary)]
     assert counters.get("realtime_share_spent") == 2
     assert [r.getMessage() for r in caplog.records] == [
         "used its real-time share of the CPU (25% of one CPU every 0.1 s): an ordinary thread "
