@@ -239,7 +239,10 @@ def test_a_full_disk_under_the_journal_is_counted_and_nothing_waits_on_it(lab, p
     try:
         pipeline.start()
         count = 5_000
-        flood_done(flooding(lab, count), count)
+        # Paced, so capture drains many small frames and the disk fills partway through them:
+        # sent at once, the whole flood could come in one drain, a frame larger than the
+        # disk, and nothing would be journaled before the disk was full.
+        flood_done(flooding(lab, count, per_second=2_000), count)
         wait_for(lambda: flood_stored(pipeline) >= count,
                  "every record stored", timeout=60)
         capture = pipeline.counters("capture")
