@@ -15,7 +15,8 @@ it, and when each answer reached the probe's socket by the kernel's receive time
 difference is the probe's own wait for a CPU), whether that meets the target (at most
 DNS_ADDED_P99_MS more at p99, every answer NOERROR), and where the time went: the dns
 stage's own counters and histograms over the flood (a query's wait in the proxy's socket,
-the allow round trip to policy, the whole answer from query in to answer out) and each
+the upstream's round trip, the allow round trip to policy, the whole answer from query in
+to answer out) and each
 stage's CPU seconds.
 
 Baselines, measured in the same run: the sender alone with no classifier (its packet rate),
@@ -99,12 +100,13 @@ def cpu_seconds(pid: int) -> float:
 
 class DnsWatch:
     """The dns stage's own view of the flood: its counters and latency histograms (a query's
-    wait in the socket, the allow round trip to policy, the whole answer) between two
+    wait in the socket, the upstream's and policy's round trips, the whole answer) between two
     snapshots."""
 
     COUNTERS = ("queries", "servfail", "upstream_resends", "upstream_timeouts",
                 "allow_failures", "late_allow_replies", "already_open")
-    HISTOGRAMS = ("query_wait_seconds", "allow_round_trip_seconds", "answer_latency_seconds")
+    HISTOGRAMS = ("query_wait_seconds", "upstream_round_trip_seconds", "allow_round_trip_seconds",
+                  "answer_latency_seconds")
 
     def __init__(self, run_dir: Path, pids: dict[str, int]) -> None:
         self.run_dir, self.pids = run_dir, pids
@@ -123,7 +125,7 @@ class DnsWatch:
                 counts = [b - a for a, b in zip(h0.get(name, {}).get("counts", [0] * len(
                     h1[name]["counts"])), h1[name]["counts"], strict=True)]
                 bounds = h1[name]["bounds"]
-                out.append(f"  {name:24} {sum(counts)} observed: p50 <= "
+                out.append(f"  {name:27} {sum(counts)} observed: p50 <= "
                            f"{bucket_bound(bounds, counts, 0.5)}, p99 <= "
                            f"{bucket_bound(bounds, counts, 0.99)}")
         out.append("CPU s in the flood        " + ", ".join(

@@ -11,7 +11,7 @@ The export stage serves this on SLUICE_METRICS_LISTEN. Every scrape reads the sa
 * sluice_ringbuf_lost_total: records the kernel could not put in the ring buffer (all CPUs;
   their packets are reported by later records);
 * sluice_<stage>_<name> histograms a stage keeps (the dns stage's answer_latency_seconds,
-  query_wait_seconds and allow_round_trip_seconds);
+  query_wait_seconds, upstream_round_trip_seconds and allow_round_trip_seconds);
 * the export backlog is the export stage's otlp_backlog and syslog_backlog gauges.
 """
 

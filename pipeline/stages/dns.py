@@ -45,8 +45,9 @@ Start:    an address that cannot be bound stops the stage with one line naming t
           and the process holding it.
 Timing:   histograms answer_latency_seconds (a query's arrival in the socket to its
           answer), query_wait_seconds (its arrival to this stage reading it: the wait for a
-          CPU, UDP only) and allow_round_trip_seconds (an allow request to policy's reply)
-          are written with the counters (<run_dir>/dns.counters.json); the export stage's
+          CPU, UDP only), upstream_round_trip_seconds (a question to the upstream's answer)
+          and allow_round_trip_seconds (an allow request to policy's reply) are written
+          with the counters (<run_dir>/dns.counters.json); the export stage's
           /metrics serves them.
 
 Concurrency: one thread, no locks. Every socket (listeners, client TCP connections, one UDP
@@ -166,7 +167,8 @@ class DnsStage(BaseStage):
                                  io.histogram("allow_round_trip_seconds"), io.log)
         self.answer_latency = io.histogram("answer_latency_seconds")
         self.query_wait = io.histogram("query_wait_seconds")
-        self.upstream = Upstream(reactor, upstream, settings.dns_timeout, mark, io.counters)
+        self.upstream = Upstream(reactor, upstream, settings.dns_timeout, mark, io.counters,
+                                 io.histogram("upstream_round_trip_seconds"))
         self.opened.callback(self.upstream.close)
         if self.generation is None:
             pinned = PinnedGeneration(settings.bpf_dir, self.waits.pin_check_s, self.monotonic)

@@ -135,3 +135,4 @@ def test_the_pipeline_exports_every_record_and_its_metrics_match_status(lab, tmp
     assert "sluice_ringbuf_lost_total" in metrics
     assert "sluice_dns_answer_latency_seconds_count" in metrics
     assert "sluice_dns_allow_round_trip_seconds_count" in metrics
+    assert "sluice_dns_upstream_round_trip_seconds_count" in metrics

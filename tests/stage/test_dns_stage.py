@@ -253,6 +253,18 @@ def test_a_udp_query_is_timed_from_its_arrival_in_the_socket(proxy):
     assert sum(n for n, late in zip(latency["counts"], slow, strict=True) if late) == 1
 
 
+def test_each_answer_from_the_upstream_is_one_upstream_round_trip(proxy):
+    """A fresh answer is timed from the question to the upstream's answer; an answer from
+    the cache asked the upstream nothing."""
+    p = proxy()
+    p.ask("www.allowed.test")
+    p.ask("www.allowed.test")  # cached
+    p.ask("www.allowed.test", "AAAA", tcp=True)
+    trips = p.stage.stage.upstream.round_trip.snapshot()
+    assert sum(trips["counts"]) == 2
+    assert sum(p.stage.stage.answer_latency.snapshot()["counts"]) == 3
+
+
 def test_a_query_read_late_has_waited_in_the_socket(tmp_path):
     """Real time: a datagram left unread for 0.2 s is reported as having waited as long.
     The kernel turns arrival stamps on a moment after the first socket asks for them (until

@@ -8,7 +8,8 @@ to the first send still counts.
 Each exchange has its own socket and a random id (the client's may be guessable); an answer
 whose source, id or question does not match is discarded and counted (mismatched_answers).
 done(wire) is called once, with the checked answer, or with None after an error or the
-deadline.
+deadline. Each answer's round trip (the question's first send to its answer, resends and a
+TCP retry included) goes to the round_trip histogram: the upstream's part of a fresh answer.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import socket
 from collections.abc import Callable
 
+from ...histogram import Histogram
 from ...reactor import READ, WRITE, Reactor
 from .. import packets
 from ..endpoints import Endpoint
@@ -34,9 +36,9 @@ class Upstream:
     hooks let through (0 for none), so the proxy's own queries never come back to it."""
 
     def __init__(self, reactor: Reactor, endpoint: Endpoint, timeout_s: float, mark: int,
-                 counters: Counters) -> None:
+                 counters: Counters, round_trip: Histogram) -> None:
         self.reactor, self.endpoint, self.timeout_s = reactor, endpoint, timeout_s
-        self.mark, self.counters = mark, counters
+        self.mark, self.counters, self.round_trip = mark, counters, round_trip
         self.exchanges: set[Exchange] = set()
 
     def ask(self, question: bytes, wire: bytes, done: Done) -> None:
@@ -62,6 +64,7 @@ class Exchange:
         self.sock: socket.socket | None = None
         self.tcp_in, self.tcp_out = bytearray(), b""
         self.finished = False
+        self.asked = self.reactor.clock()
         self.deadline = self.reactor.after(upstream.timeout_s, self._timed_out)
         self.resend_in = RESEND_FIRST_S
         self.resend = self.reactor.after(self.resend_in, self._resend_udp)
@@ -169,6 +172,8 @@ class Exchange:
         self.abandon()
         if failure:
             self.counters.add(failure)
+        if wire is not None:
+            self.upstream.round_trip.observe(self.reactor.clock() - self.asked)
         self.done(wire)
 
     def _close_socket(self) -> None:
