@@ -396,10 +396,11 @@ def answer_context(log: logging.Logger) -> zmq.Context:
     behind the bulk stages like any other thread, twice on each side of a request: with this one
     real-time, the p99 of DNS answers during benchmarks/flood.py's flood was lower in seven of
     ten runs in turns (a tenth at the median). It only carries allow requests and their replies,
-    each made first by the stage's ordinary thread, so running it ahead of the bulk work cannot
-    take a flood's CPU; the stage's own thread, which also handles event batches, is not made
-    real-time. Without the right to (CAP_SYS_NICE or RLIMIT_RTPRIO) the thread runs as started,
-    with one line saying so: libzmq would abort a thread it cannot schedule.
+    each made first by the stage's own thread, so running it ahead of the bulk work cannot
+    take a flood's CPU. policy's own thread, which also handles event batches, stays ordinary;
+    dns's runs real-time within a share (RealtimeThread). Without the right to (CAP_SYS_NICE
+    or RLIMIT_RTPRIO) the thread runs as started, with one line saying so: libzmq would abort
+    a thread it cannot schedule.
     """
     ctx = zmq.Context()
     if _may_run_realtime():
@@ -421,7 +422,7 @@ def _may_run_realtime() -> bool:
 
     def attempt() -> None:
         try:
-            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(REALTIME_PRIORITY))
+            _schedule_this_thread(realtime=True)
             allowed.append(True)
         except OSError:
             pass
@@ -430,6 +431,16 @@ def _may_run_realtime() -> bool:
     trial.start()
     trial.join()
     return bool(allowed)
+
+
+def _schedule_this_thread(*, realtime: bool) -> None:
+    """The calling thread real-time (round-robin, the lowest priority) or ordinary again
+    with the nice value it had; a child it forks starts ordinary. OSError where refused."""
+    if realtime:
+        os.sched_setscheduler(0, os.SCHED_RR | os.SCHED_RESET_ON_FORK,
+                              os.sched_param(REALTIME_PRIORITY))
+    else:
+        os.sched_setscheduler(0, os.SCHED_OTHER | os.SCHED_RESET_ON_FORK, os.sched_param(0))
 
 
 REALTIME_WINDOW_S = 0.1  # how often a stage's real-time share of the CPU is renewed
@@ -478,11 +489,7 @@ class RealtimeThread:
         return None if allowed else self.share.renews_in(now)
 
     def _schedule(self, *, realtime: bool) -> None:
-        if realtime:
-            os.sched_setscheduler(0, os.SCHED_RR | os.SCHED_RESET_ON_FORK,
-                                  os.sched_param(REALTIME_PRIORITY))
-        else:  # ordinary again, with the nice value it had
-            os.sched_setscheduler(0, os.SCHED_OTHER | os.SCHED_RESET_ON_FORK, os.sched_param(0))
+        _schedule_this_thread(realtime=realtime)
         self.realtime = realtime
 
     def _spent(self) -> None:
