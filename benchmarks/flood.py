@@ -16,8 +16,8 @@ difference is the probe's own wait for a CPU), whether that meets the target (at
 DNS_ADDED_P99_MS more at p99, every answer NOERROR), and where the time went: the dns
 stage's own counters and histograms over the flood (a query's wait in the proxy's socket,
 the upstream's round trip, the allow round trip to policy, the whole answer from query in
-to answer out) and each
-stage's CPU seconds.
+to answer out), each stage's CPU seconds, and where each stage's loop spent the flood (on
+a CPU, waiting for one, or asleep waiting for input, for room downstream or for a timer).
 
 Baselines, measured in the same run: the sender alone with no classifier (its packet rate),
 and the DNS latency of the same proxy before the flood.
@@ -96,6 +96,39 @@ def cpu_seconds(pid: int) -> float:
     """User and system time of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class LoopTimes:
+    """Where each stage's main thread (its loop) spent the flood, from /proc/<pid>/schedstat:
+    on a CPU, ready but waiting for one, or asleep in its poll (for input, for room
+    downstream or for a timer). Which of the three dominates tells a stage that is short of
+    CPU from one that waits on its neighbours."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.before = self._snapshot()
+        self.spans: dict[str, tuple[float, float, float]] = {}
+
+    def _snapshot(self) -> tuple[dict[str, tuple[int, int]], float]:
+        times = {}
+        for stage, pid in self.pids.items():
+            try:
+                on_cpu, waiting, _slices = Path(f"/proc/{pid}/schedstat").read_text().split()
+            except (OSError, ValueError):
+                continue  # a kernel that keeps no such figures: the line is left out
+            times[stage] = (int(on_cpu), int(waiting))
+        return times, time.monotonic()
+
+    def stop(self) -> None:
+        (start, t0), (end, t1) = self.before, self._snapshot()
+        for stage in (s for s in start if s in end):  # in the stages' order
+            run, wait = ((b - a) / 1e9 for a, b in zip(start[stage], end[stage], strict=True))
+            self.spans[stage] = (run, wait, t1 - t0 - run - wait)
+
+    def line(self) -> str:
+        return "main thread in the flood  s on a CPU/waiting for one/asleep: " + ", ".join(
+            f"{s} {run:.1f}/{wait:.1f}/{asleep:.1f}" for s, (run, wait, asleep)
+            in self.spans.items())
 
 
 class DnsWatch:
@@ -243,11 +276,13 @@ def main() -> None:
         watch = DnsWatch(run_dir, pids)
         dns_during = probe(lab, tmp / "stop", first=1000)
         start = time.perf_counter()
+        loops = LoopTimes(pids)
         sent, send_s = send(lab, args.packets, args.rate)
         deadline = start + DEADLINE_S
         while not everything_stored(run_dir) and time.perf_counter() < deadline:
             time.sleep(0.05)
         stored_s = time.perf_counter() - start
+        loops.stop()
         complete = everything_stored(run_dir)
         (tmp / "stop").write_text("")
         flood = probed(dns_during)
@@ -262,6 +297,8 @@ def main() -> None:
         report(args, sent, send_s, baseline_s, stored_s, complete, rss,
                {s: counters(run_dir, s) for s in STAGES}, tmp, quiet, flood)
         print("\n".join(dns_lines))
+        if loops.spans:
+            print(loops.line())
     finally:
         if busy is not None:
             busy.kill()
