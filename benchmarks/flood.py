@@ -306,6 +306,7 @@ def main() -> None:
             honcho.kill()
         lab.close()
         shutil.rmtree(run_dir.parent, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # the run's database, log and journal: 330 MB
 
 
 def percentile(values: list[float], q: float) -> float:
