@@ -80,7 +80,10 @@ class Pipeline:
         path = self.tmp / "audit.jsonl"
         # Lines end at "\n" only: a record may hold U+0085, which Go's encoder (and so
         # sluice's) writes unescaped and str.splitlines() would take for a line end.
-        text = path.read_text() if path.exists() else ""
+        data = path.read_bytes() if path.exists() else b""
+        # persist may be mid-write: what follows the last "\n" is not yet a line (it may
+        # even end inside a UTF-8 character).
+        text = data[:data.rfind(b"\n") + 1].decode()
         return [json.loads(line) for line in text.split("\n") if line]
 
     def rows(self) -> list[dict]:
