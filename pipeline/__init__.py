@@ -23,6 +23,7 @@ The stages and what every stage shares
   workers.py               helper threads that cannot die silently
   histogram.py             latency histograms written beside a stage's counters
   cpushare.py              the DNS proxy's share of a CPU ahead of a flood (pure)
+  lending.py               real-time lent to the thread that answers a DNS allow request
 
 Messages between the stages
   messages.py              every message kind, registered: encode and decode any of them

@@ -26,9 +26,11 @@ between any two event batches, and whenever a stage calls `io.serve_requests()` 
 of a long batch, so a flood of events never holds back a DNS answer. Across processes, each
 stage takes the CPU priority step the topology gives it (cpu_step): the DNS proxy and the
 policy stage that answers it step forward, and their request/reply sockets have a context
-of their own whose I/O thread runs real-time (answer_context), and the DNS proxy's own
-thread runs real-time within a share of one CPU (RealtimeThread), so a flood that fills every
-core does not stand between a client and its answer.
+of their own whose I/O thread runs real-time (answer_context), the DNS proxy's own thread
+runs real-time within a share of one CPU (RealtimeThread), and the thread that answers a
+request is lent real-time for it by the stage that asks (pipeline/lending.py: published in
+<run_dir>/<inbox>.thread, given back once served or after the next event batch), so a flood
+that fills every core does not stand between a client and its answer.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from . import messages
 from .cpushare import RealtimeShare
 from .errors import MessageError, SluiceError
 from .histogram import LATENCY_BOUNDS, Histogram
+from .lending import AnswerLender, answering_thread_text, give_back, thread_file
 from .reactor import Clock, Reactor
 from .settings import Settings
 from .topology import STAGES, Inbox, Link, StageWiring, inbox_address, inbox_path
@@ -174,6 +177,11 @@ class StageIO:
         self.ready_marker: Path | None = None  # run_stage's; None where no loop runs
         self.serve_requests: Callable[[], int] = lambda: 0  # set by the loop
         self.layers: dict[str, dict] = {}
+        # The stage is its process's main thread: it may say which thread answers its REP
+        # inboxes, and be lent real-time priority for a request (pipeline/lending.py).
+        self.own_process = False
+        self.thread_files: list[Path] = []
+        self.lenders: dict[str, AnswerLender] = {}  # by request kind
 
     @property
     def ready(self) -> bool:
@@ -223,6 +231,9 @@ class StageIO:
                 path.unlink()  # a stale socket file from a stage that died
             sock.bind(inbox_address(self.settings.run_dir, inbox.name))
             self.bound_paths.append(path)
+            if inbox.pattern == "rep" and self.own_process:
+                self.thread_files.append(thread_file(self.settings.run_dir, inbox.name))
+                write_atomic(self.thread_files[-1], answering_thread_text())
             self.sockets.append(sock)
             self.inboxes[sock] = inbox
             bound[inbox.name] = sock
@@ -250,9 +261,12 @@ class StageIO:
 
     def connect_requests(self) -> dict[str, zmq.Socket]:
         """A DEALER to every REP inbox the topology says this stage asks, by request kind:
-        many requests in flight, replies matched by the caller."""
+        many requests in flight, replies matched by the caller. Each kind also gets a lender
+        (self.lenders) that lends the answering thread real-time priority for a request."""
         sockets = {}
         for link in STAGES[self.name].requests:
+            lender = AnswerLender(self.settings.run_dir, link.inbox, self.log, self.counters)
+            self.lenders.update(dict.fromkeys(link.kinds, lender))
             sock = self._socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)  # an unanswered request is worthless after a stop
             sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
@@ -397,8 +411,9 @@ def answer_context(log: logging.Logger) -> zmq.Context:
     real-time, the p99 of DNS answers during benchmarks/flood.py's flood was lower in seven of
     ten runs in turns (a tenth at the median). It only carries allow requests and their replies,
     each made first by the stage's own thread, so running it ahead of the bulk work cannot
-    take a flood's CPU. policy's own thread, which also handles event batches, stays ordinary;
-    dns's runs real-time within a share (RealtimeThread). Without the right to (CAP_SYS_NICE
+    take a flood's CPU. policy's own thread, which also handles event batches, is ordinary
+    except while dns lends it real-time for a request (pipeline/lending.py); dns's runs
+    real-time within a share (RealtimeThread). Without the right to (CAP_SYS_NICE
     or RLIMIT_RTPRIO) the thread runs as started, with one line saying so: libzmq would abort
     a thread it cannot schedule.
     """
@@ -558,6 +573,7 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
                   else None)
     io = StageIO(stage.name, settings, ctx, stop, log, stage.monotonic, answer_ctx=answer_ctx)
     io.ready_marker = ready
+    io.own_process = own_ctx and threading.current_thread() is threading.main_thread()
     signals = _Signals(stop)
     signals.install()
     if wiring is not None:
@@ -600,6 +616,10 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
                 sock.close()
             for path in io.bound_paths:  # libzmq leaves ipc socket files behind
                 path.unlink(missing_ok=True)
+            for path in io.thread_files:
+                path.unlink(missing_ok=True)
+            for lender in set(io.lenders.values()):
+                lender.close()
             if own_ctx:
                 ctx.term()
             if answer_ctx is not None:
@@ -712,7 +732,8 @@ def _receive(stage: Stage, sock: zmq.Socket, inbox: Inbox, io: StageIO, complain
         received = True
         if message is not None:
             stage.handle(inbox.name, *message)
-        io.serve_requests()
+        if not io.serve_requests():
+            _give_back(io)  # lent for a request that never came: not kept for the flood
         if not _taking(stage, io):
             break
     return received
@@ -730,7 +751,15 @@ def _serve_requests(stage: Stage, requests, io: StageIO, complain) -> int:
             served += 1
             # A REP socket must answer; an empty frame means "rejected".
             sock.send(b"" if message is None else stage.reply(inbox.name, *message))
+    if served:
+        _give_back(io)
     return served
+
+
+def _give_back(io: StageIO) -> None:
+    """Ordinary again, if a requester lent this thread real-time priority (lending.py)."""
+    if io.thread_files and give_back():
+        io.counters.add("lent_priority_returned")
 
 
 def _log_counters(io: StageIO, log: logging.Logger, final: bool = False) -> None:

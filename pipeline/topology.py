@@ -40,7 +40,9 @@ class StageWiring:
     cpu_step: int = 0
     # The share of one CPU the stage's own thread may take real-time, ahead of every ordinary
     # thread (pipeline/cpushare.py): only for a stage whose work is nothing but answering
-    # clients. policy's thread also judges the flood's events, so it takes none.
+    # clients. policy's thread also judges the flood's events, so it takes none: dns lends
+    # it real-time for each allow request instead (pipeline/lending.py; every REP inbox's
+    # answering thread can be lent it by the stages that send it requests).
     realtime_share: float = 0.0
 
     @property

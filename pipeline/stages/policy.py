@@ -2,7 +2,8 @@
 
 Consumes: `enriched_events` batches on ipc://<run_dir>/policy.sock; `allow_requests` from
           the dns stage on the REP socket policy-allow.sock (when the topology has it),
-          served ahead of the event backlog.
+          served ahead of the event backlog. This stage's thread is real-time while dns
+          has lent it that for a request (pipeline/lending.py), ordinary otherwise.
 Produces: `audit_records` (one per event, normalized here, once; existing_connection and
           reconciled connection_late_allowed records too) to persist; a `notices` record
           per connection_blocked and protocol_blocked outcome to notify, never waiting for it.

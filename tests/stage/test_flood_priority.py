@@ -18,6 +18,7 @@ import zmq
 
 from pipeline import messages
 from pipeline.events import AllowRequest, RawEvent
+from pipeline.lending import AnswerLender, process_start_time, thread_file
 from pipeline.loop import REALTIME_WINDOW_S, Counters, RealtimeThread, answer_context
 from pipeline.rulemaps import ALLOW, DictRuleMaps
 from pipeline.stages.policy import PolicyStage
@@ -319,3 +320,117 @@ def test_the_dns_proxy_answers_real_time_and_a_query_flood_runs_past_its_share_o
         log = proc.stderr.read()
     assert code == 0
     assert log.count("used its real-time share of the CPU") == (1 if os.geteuid() == 0 else 0)
+
+
+def stage_env(tmp_path: Path) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")},
+            "SLUICE_RUN_DIR": str(tmp_path / "run"), "SLUICE_HOST": "test-host",
+            "SLUICE_DB": f"sqlite:///{tmp_path}/audit.db",
+            "SLUICE_JOURNAL_DIR": str(tmp_path / "journal"),
+            "SLUICE_BPF_DIR": str(tmp_path / "no-bpffs"), "SLUICE_COUNTER_INTERVAL": "0.1",
+            "SLUICE_POLICY": write_policy(tmp_path)}
+
+
+def blocked_batch(n: int) -> bytes:
+    return messages.encode([messages.REGISTRY["enriched_events"].from_raw(RawEvent(
+        4, False, 6, 0, "10.0.0.2", f"10.204.0.{i + 1}", 40000, 1000 + i, T0, 77, "curl", 1,
+        "", 0, "")) for i in range(n)])
+
+
+def test_dns_lends_policys_thread_real_time_for_a_request_and_policy_gives_it_back(
+        tmp_path, peer):
+    """policy as a real process says which thread answers its REP inbox; a lend (as dns makes
+    before each allow request) makes that thread real-time, and policy is ordinary again
+    (its nice value kept) once it has answered. A lend with no request after it is given back
+    after the next batch of events: the flood is never judged real-time for long."""
+    if os.geteuid() != 0:
+        return  # lending needs CAP_SYS_NICE: AnswerLender's own test covers the refusal
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from pipeline.cli.entry import main; main()", "run", "policy"],
+        env=stage_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    counters = Counters()
+    lender = AnswerLender(run, "policy-allow", logging.getLogger("sluice.test"), counters)
+    request = peer.ctx.socket(zmq.REQ)
+    request.setsockopt(zmq.LINGER, 0)
+    peer.sockets.append(request)
+    try:
+        wait_for(lambda: (run / "policy.counters.json").exists(), "policy running", timeout=30)
+        assert (run / "policy-allow.thread").read_text().split()[0] == str(proc.pid)
+        nice = nice_of(proc.pid)
+        assert main_thread_policy(proc.pid) == os.SCHED_OTHER
+        lender.lend()
+        assert main_thread_policy(proc.pid) == os.SCHED_RR
+        request.connect(inbox_address(run, "policy-allow"))
+        request.send(messages.encode([AllowRequest("r1", "www.allowed.test", ["192.0.2.7"], 60,
+                                                   [], T0)]))
+        assert request.poll(30_000), "no answer to the allow request"
+        assert messages.decode(request.recv())[1][0].request_id == "r1"
+        wait_for(lambda: main_thread_policy(proc.pid) == os.SCHED_OTHER,
+                 "policy's thread given back once it answered")
+        assert nice_of(proc.pid) == nice
+
+        lender.lend()  # and no request follows
+        assert main_thread_policy(proc.pid) == os.SCHED_RR
+        peer.pusher("policy").send(blocked_batch(8))
+        wait_for(lambda: main_thread_policy(proc.pid) == os.SCHED_OTHER,
+                 "an unused lend given back after the next batch")
+        assert counters.get("priority_lent") == 2
+        wait_for(lambda: json.loads((run / "policy.counters.json").read_text())["counters"]
+                 .get("lent_priority_returned") == 2, "policy counted both returns")
+    finally:
+        lender.close()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(10)
+    assert code == 0
+    assert not (run / "policy-allow.thread").exists(), "the thread file outlived policy"
+
+
+def test_a_lender_lends_only_to_the_process_the_thread_file_names_while_it_lives(
+        tmp_path, caplog):
+    """No thread file: nothing lent. A file whose pid has since been given to another
+    process (its start time differs), or whose process has ended: nothing lent, no error.
+    Without the right to real-time: one line, and no more attempts."""
+    counters = Counters()
+    lender = AnswerLender(tmp_path, "answers", logging.getLogger("sluice.test"), counters)
+    path = thread_file(tmp_path, "answers")
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        lender.lend()  # no file yet
+        start = process_start_time(child.pid)
+        path.write_text(f"{child.pid} {start + 1}\n")  # the pid, but another process's
+        lender.lend()
+        assert main_thread_policy(child.pid) == os.SCHED_OTHER
+        path.write_text(f"{child.pid} {start}\n")
+        os.utime(path, ns=(time.time_ns(), time.time_ns()))  # seen as changed on any clock
+        lender.lend()
+        root = os.geteuid() == 0
+        assert main_thread_policy(child.pid) == (os.SCHED_RR if root else os.SCHED_OTHER)
+        assert counters.get("priority_lent") == (1 if root else 0)
+        child.kill()
+        child.wait()
+        lender.lend()  # that process has ended
+        assert lender.pid is None
+        assert counters.get("priority_lent") == (1 if root else 0)
+        assert [r.getMessage() for r in caplog.records] == ([] if root else [
+            "cannot lend real-time scheduling to the thread that answers answers (needs "
+            "CAP_SYS_NICE): a flood may delay its answers"])
+    finally:
+        child.kill()
+        child.wait()
+        lender.close()
+
+
+def test_a_stage_run_in_a_thread_names_no_answering_thread(tmp_path):
+    """Only a stage that is its process's main thread may be lent real-time: one run in a
+    test's thread (sharing the test's process) writes no thread file."""
+    maps = DictRuleMaps()
+    settings = stage_settings(tmp_path, SLUICE_POLICY=write_policy(tmp_path),
+                              SLUICE_ALLOW_EXISTING_CONNECTIONS="false")
+    running = StageThread(PolicyStage(open_maps=lambda s: maps), settings).start()
+    try:
+        wait_for(lambda: (settings.run_dir / "policy-allow.sock").exists(), "policy bound")
+        assert not (settings.run_dir / "policy-allow.thread").exists()
+    finally:
+        assert running.finish() == 0

@@ -4,6 +4,9 @@ Many requests can be in flight; replies are matched by request_id, and a lost re
 times out its own query (after wait_s), so there is no REQ state machine to reset. An empty
 reply frame is the REP inbox rejecting a request as malformed: REP answers in order, so it
 is the oldest still waiting.
+
+Each request is preceded by lend(): the thread that answers is lent real-time priority for
+it (pipeline/lending.py), so that under a flood it does not wait for a CPU behind bulk work.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ class AllowClient:
 
     def __init__(self, sock: zmq.Socket[bytes], reactor: Reactor, wait_s: float,
                  clock_ns: Callable[[], int], counters: Counters, round_trip: Histogram,
-                 log: logging.Logger) -> None:
+                 log: logging.Logger, lend: Callable[[], None] = lambda: None) -> None:
         self.sock, self.reactor, self.wait_s, self.clock_ns = sock, reactor, wait_s, clock_ns
+        self.lend = lend
         self.counters, self.round_trip, self.log = counters, round_trip, log
         self.complained = False
         # ZeroMQ's descriptor only says "look at EVENTS": every look drains until empty.
@@ -50,6 +54,7 @@ class AllowClient:
         record = AllowRequest(request_id, ask.name, list(facts.ips), facts.ttl, list(ask.chain),
                               self.clock_ns())
         self.counters.add("allow_requests")
+        self.lend()  # before the request can arrive, so it is answered ahead of the flood
         try:
             self.sock.send_multipart([b"", messages.encode([record])], zmq.NOBLOCK)
         except zmq.Again:

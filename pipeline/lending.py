@@ -1,0 +1,130 @@
+"""Real-time priority lent along the answer path: from the stage that asks (dns) to the
+thread that answers it (policy's), for one request at a time.
+
+dns's own thread runs real-time (pipeline/loop.py: RealtimeThread), but before it may
+release an answer the policy stage must write the answer's addresses into the maps, and
+policy's thread stays ordinary because it also judges the flood's events. Under a flood that
+thread waits for a CPU behind the bulk stages, and an allow request waits with it. So dns
+lends it real-time scheduling just before each request (AnswerLender.lend), and policy gives
+it back as soon as it has answered, or after its next batch of events if no request came
+(give_back): the thread runs ahead of the bulk work for a request's sake, never for the
+flood's.
+
+The answering stage says which thread answers an inbox in <run_dir>/<inbox>.thread: its pid
+and the start time the kernel gave that process, so that a pid the kernel has handed to
+another process since is never lent anything. The run dir is the stages' own (mode 0700), and
+a lender also lends only to a process of its own user. Only a stage that runs as its
+process's main thread publishes one (not a stage run in a test's thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+from pathlib import Path
+
+LENT_PRIORITY = 1  # the lowest real-time priority, as the answer path's other threads
+_POLICY_BITS = ~os.SCHED_RESET_ON_FORK
+
+
+def thread_file(run_dir: Path, inbox: str) -> Path:
+    return run_dir / f"{inbox}.thread"
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (proc(5) stat field 22)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _same_user(pid: int) -> bool:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
+def answering_thread_text() -> str:
+    """What a thread file holds for this process's main thread."""
+    return f"{os.getpid()} {process_start_time(os.getpid())}\n"
+
+
+def give_back() -> bool:
+    """The calling thread ordinary again (nice value kept) if it was lent real-time; True then."""
+    if os.sched_getscheduler(0) & _POLICY_BITS == os.SCHED_OTHER:
+        return False
+    os.sched_setscheduler(0, os.SCHED_OTHER | os.SCHED_RESET_ON_FORK, os.sched_param(0))
+    return True
+
+
+class AnswerLender:
+    """Lends real-time scheduling to the thread published for an inbox, if there is one. A
+    lend that cannot be made is skipped (the request goes out all the same); without the
+    right to (CAP_SYS_NICE) it says so once and lends no more."""
+
+    def __init__(self, run_dir: Path, inbox: str, log: logging.Logger, counters) -> None:
+        self.path = thread_file(run_dir, inbox)
+        self.log, self.counters = log, counters
+        self.seen: tuple[int, int] | None = None  # the thread file's (inode, mtime) last read
+        self.pid: int | None = None
+        self.pidfd: int | None = None  # readable once that process has exited
+        self.exited = select.poll()
+        self.refused = False
+
+    def lend(self) -> None:
+        if self.refused or (pid := self._answering_pid()) is None:
+            return
+        try:
+            os.sched_setscheduler(pid, os.SCHED_RR | os.SCHED_RESET_ON_FORK,
+                                  os.sched_param(LENT_PRIORITY))
+        except ProcessLookupError:
+            self._drop()
+            return
+        except PermissionError:
+            self.refused = True
+            self.log.warning("cannot lend real-time scheduling to the thread that answers "
+                             "%s (needs CAP_SYS_NICE): a flood may delay its answers",
+                             self.path.name.removesuffix(".thread"))
+            return
+        self.counters.add("priority_lent")
+
+    def close(self) -> None:
+        self._drop()
+
+    def _answering_pid(self) -> int | None:
+        """The published pid while that process lives; the file is read again when it changes."""
+        try:
+            stat = self.path.stat()
+        except OSError:
+            self._drop()
+            self.seen = None
+            return None
+        if (stat.st_ino, stat.st_mtime_ns) != self.seen:
+            self._drop()
+            self.seen = (stat.st_ino, stat.st_mtime_ns)
+            self._adopt()
+        elif self.pidfd is not None and self.exited.poll(0):
+            self._drop()  # that process has ended; its pid may come back as another's
+        return self.pid
+
+    def _adopt(self) -> None:
+        try:
+            pid_text, start_text = self.path.read_text().split()
+            pid, start = int(pid_text), int(start_text)
+            pidfd = os.pidfd_open(pid)
+        except (OSError, ValueError):
+            return
+        if process_start_time(pid) != start or not _same_user(pid):
+            os.close(pidfd)  # the pid is another process's by now
+            return
+        self.pid, self.pidfd = pid, pidfd
+        self.exited.register(pidfd, select.POLLIN)
+
+    def _drop(self) -> None:
+        if self.pidfd is not None:
+            self.exited.unregister(self.pidfd)
+            os.close(self.pidfd)
+        self.pid = self.pidfd = None
