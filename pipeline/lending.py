@@ -25,7 +25,6 @@ import select
 from pathlib import Path
 
 LENT_PRIORITY = 1  # the lowest real-time priority, as the answer path's other threads
-_POLICY_BITS = ~os.SCHED_RESET_ON_FORK
 
 
 def thread_file(run_dir: Path, inbox: str) -> Path:
@@ -54,7 +53,7 @@ def answering_thread_text() -> str:
 
 def give_back() -> bool:
     """The calling thread ordinary again (nice value kept) if it was lent real-time; True then."""
-    if os.sched_getscheduler(0) & _POLICY_BITS == os.SCHED_OTHER:
+    if os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK == os.SCHED_OTHER:
         return False
     os.sched_setscheduler(0, os.SCHED_OTHER | os.SCHED_RESET_ON_FORK, os.sched_param(0))
     return True
