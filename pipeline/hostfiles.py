@@ -10,6 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def process_start(pid: int) -> str:
+    """The start time of a live pid (jiffies since boot, /proc/<pid>/stat field 22), or ""
+    when it is gone (a zombie counts as gone): with the pid, it names one process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 and fields[0] != "Z" else ""
+
+
 class HostFiles:
     """What the stages read from the host (resolv.conf, /proc/net, DMI); a seam for tests."""
 

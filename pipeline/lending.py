@@ -24,19 +24,13 @@ import os
 import select
 from pathlib import Path
 
+from .hostfiles import process_start
+
 LENT_PRIORITY = 1  # the lowest real-time priority, as the answer path's other threads
 
 
 def thread_file(run_dir: Path, inbox: str) -> Path:
     return run_dir / f"{inbox}.thread"
-
-
-def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (proc(5) stat field 22)."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _same_user(pid: int) -> bool:
@@ -48,7 +42,7 @@ def _same_user(pid: int) -> bool:
 
 def answering_thread_text() -> str:
     """What a thread file holds for this process's main thread."""
-    return f"{os.getpid()} {process_start_time(os.getpid())}\n"
+    return f"{os.getpid()} {process_start(os.getpid())}\n"
 
 
 def give_back() -> bool:
@@ -111,12 +105,12 @@ class AnswerLender:
 
     def _adopt(self) -> None:
         try:
-            pid_text, start_text = self.path.read_text().split()
-            pid, start = int(pid_text), int(start_text)
+            pid_text, start = self.path.read_text().split()
+            pid = int(pid_text)
             pidfd = os.pidfd_open(pid)
         except (OSError, ValueError):
             return
-        if process_start_time(pid) != start or not _same_user(pid):
+        if process_start(pid) != start or not _same_user(pid):
             os.close(pidfd)  # the pid is another process's by now
             return
         self.pid, self.pidfd = pid, pidfd

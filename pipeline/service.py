@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from .errors import ExitCode, SluiceError
+from .hostfiles import process_start
 from .loop import prepare_run_dir, write_atomic
 from .posture import LAYERS, Posture, pid_alive, read_posture
 from .settings import Settings
@@ -131,17 +132,6 @@ class Record:
 
     def running(self) -> bool:
         return process_start(self.pid) == self.pid_start
-
-
-def process_start(pid: int) -> str:
-    """The start time of a live pid (jiffies since boot, /proc/<pid>/stat field 22), or ""
-    when it is gone (a zombie counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    fields = stat.rsplit(")", 1)[-1].split()
-    return fields[19] if len(fields) > 19 and fields[0] != "Z" else ""
 
 
 def recorded_settings(environ: Mapping[str, str]) -> tuple[Settings, Record | None]:
