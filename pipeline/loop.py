@@ -21,6 +21,12 @@ inboxes until the peer takes it: the backlog travels upstream to capture, whose 
 journal holds it. Feeds to observers drop a batch when their backlog is full and count it
 (<feed>_dropped): capture and the enforcement path never wait on an observer.
 
+Batching: what a stage sends in one turn of its loop leaves at the turn's end as one message
+per kind (up to SLUICE_BATCH_MAX records; a full one leaves at once). A stage that fell
+behind takes a burst of small batches in one turn, so under a flood messages grow on their
+own and the per-message cost (a wake-up, a poll, a decode, a send in every stage) is paid
+far less often; a quiet pipeline still sends each record in the turn it arrived.
+
 Priority: request/reply inboxes (policy-allow) are served before event inboxes on every turn,
 between any two event batches, and whenever a stage calls `io.serve_requests()` in the middle
 of a long batch, so a flood of events never holds back a DNS answer. Across processes, each
@@ -104,18 +110,42 @@ class Feed:
     """
 
     def __init__(self, socket: zmq.Socket, name: str, counters: Counters, backlog: int,
-                 backpressure: bool = False) -> None:
+                 backpressure: bool = False, batch_max: int = 512) -> None:
         self.socket = socket
         self.name = name
         self.counters = counters
+        # Records given to send since the last flush: a stage that handles a burst of small
+        # batches in one turn of its loop passes them on as one message, so under a flood
+        # each message carries many records and the per-message cost is paid less often.
+        self.outgoing: list = []
+        self.outgoing_kind: str | None = None
+        self.batch_max = batch_max
         self.backlog: collections.deque[tuple[bytes, int]] = collections.deque()
         self.backlog_limit = backlog
         self.backpressure = backpressure
 
     def send(self, records: list, kind: str | None = None) -> None:
+        """Take records to send; they leave together at the loop's next flush, or at once as
+        each batch_max of them is full."""
         if not records:
             return
-        self._queue(messages.encode(records, kind), len(records))
+        kind = kind or records[0].KIND
+        if kind != self.outgoing_kind:
+            self._seal()
+            self.outgoing_kind = kind
+        self.outgoing.extend(records)
+        if len(self.outgoing) >= self.batch_max:
+            self._seal(whole_only=True)
+
+    def _seal(self, whole_only: bool = False) -> None:
+        """What send took becomes messages of at most batch_max records, queued in order;
+        whole_only: only full ones, the rest waits for more."""
+        held, size = self.outgoing, self.batch_max
+        end = len(held) - len(held) % size if whole_only else len(held)
+        for start in range(0, end, size):
+            batch = held[start:start + size]
+            self._queue(messages.encode(batch, self.outgoing_kind), len(batch))
+        self.outgoing = held[end:]
 
     def _queue(self, frame: bytes, count: int) -> None:
         if not self.backlog and self._try(frame):
@@ -134,7 +164,9 @@ class Feed:
             return False
 
     def flush(self) -> None:
-        """Retry the backlog; called by the loop on every iteration."""
+        """Send what send took, retrying the backlog first; called by the loop on every
+        iteration."""
+        self._seal()
         while self.backlog:
             frame, count = self.backlog[0]
             if not self._try(frame):
@@ -143,7 +175,7 @@ class Feed:
             self.counters.add(f"{self.name}_sent", count)
 
     def pending(self) -> int:
-        return sum(count for _, count in self.backlog)
+        return len(self.outgoing) + sum(count for _, count in self.backlog)
 
     @property
     def holding_back(self) -> bool:
@@ -255,7 +287,8 @@ class StageIO:
         sock.setsockopt(zmq.LINGER, LINGER_MS)
         sock.connect(inbox_address(self.settings.run_dir, link.inbox))
         self.sockets.append(sock)
-        feed = Feed(sock, link.inbox, self.counters, link.backlog, link.audit_path)
+        feed = Feed(sock, link.inbox, self.counters, link.backlog, link.audit_path,
+                    self.settings.batch_max)
         self.feeds.append(feed)
         return feed
 
