@@ -31,7 +31,8 @@ Priority: request/reply inboxes (policy-allow) are served before event inboxes o
 between any two event batches, and whenever a stage calls `io.serve_requests()` in the middle
 of a long batch, so a flood of events never holds back a DNS answer. Across processes, each
 stage takes the CPU priority step the topology gives it (cpu_step): the DNS proxy and the
-policy stage that answers it step forward, and their request/reply sockets have a context
+policy stage that answers it step forward (persist too, a flood's slowest stage: topology.py
+says why), and their request/reply sockets have a context
 of their own whose I/O thread runs real-time (answer_context), the DNS proxy's own thread
 runs real-time within a share of one CPU (RealtimeThread), and the thread that answers a
 request is lent real-time for it by the stage that asks (pipeline/lending.py: published in
@@ -430,8 +431,7 @@ def _set_priority(step: int, log: logging.Logger) -> None:
             autogroup = " (and its session's autogroup)"
         except OSError:
             pass  # a kernel without autogroups: the nice value is what counts
-    log.info("CPU nice %d%s: %s", nice, autogroup,
-             "after DNS answers" if step > 0 else "on the path of DNS answers")
+    log.info("CPU nice %d%s", nice, autogroup)
 
 
 def answer_context(log: logging.Logger) -> zmq.Context:

@@ -47,6 +47,7 @@ def stage_env(tmp_path: Path) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")},
             "SLUICE_RUN_DIR": str(tmp_path / "run"), "SLUICE_HOST": "test-host",
             "SLUICE_DB": f"sqlite:///{tmp_path}/audit.db",
+            "SLUICE_AUDIT_LOG": str(tmp_path / "audit.jsonl"),
             "SLUICE_JOURNAL_DIR": str(tmp_path / "journal"),
             "SLUICE_BPF_DIR": str(tmp_path / "no-bpffs"), "SLUICE_COUNTER_INTERVAL": "0.1",
             "SLUICE_POLICY": write_policy(tmp_path)}
@@ -141,18 +142,21 @@ def stepped(own: int, step: int) -> int:
     return max(-20, min(19, own + step))
 
 
-def test_the_answer_path_steps_forward_on_the_cpu_and_bulk_work_stays_as_started(tmp_path):
-    """policy (it answers the DNS proxy) and notify (bulk work) as real processes, each
-    leading its own session as honcho starts them: each moves by its topology's cpu_step,
-    its session's autogroup with it. In policy, the socket thread of its request/reply
-    inbox runs real-time (as root); no other thread of either stage does."""
+def test_the_answer_path_and_persist_step_forward_on_the_cpu_and_bulk_work_stays_as_started(
+        tmp_path):
+    """policy (it answers the DNS proxy), persist (the end of the audit path) and notify
+    (bulk work) as real processes, each leading its own session as honcho starts them: each
+    moves by its topology's cpu_step, its session's autogroup with it. In policy, the socket
+    thread of its request/reply inbox runs real-time (as root); no other thread of these
+    stages does."""
     own = os.getpriority(os.PRIO_PROCESS, 0)
     assert STAGES["policy"].cpu_step < 0 == STAGES["notify"].cpu_step
+    assert STAGES["persist"].cpu_step < 0  # a flood's slowest stage: topology.py
     procs = {stage: subprocess.Popen(
         [sys.executable, "-c", "from pipeline.cli.entry import main; main()", "run", stage],
         env=stage_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
-        for stage in ("notify", "policy")}
+        for stage in ("notify", "policy", "persist")}
     try:
         for stage in procs:  # the loop writes counters only once its stage is set up
             wait_for(lambda s=stage: (tmp_path / "run" / f"{s}.counters.json").exists(),
@@ -169,11 +173,12 @@ def test_the_answer_path_steps_forward_on_the_cpu_and_bulk_work_stays_as_started
             ["ZMQbg/IO/0", "ZMQbg/Reaper"] if root else [])
         assert len(list(Path(f"/proc/{procs['policy'].pid}/task").iterdir())) >= 5
         assert realtime_threads(procs["notify"].pid) == []
+        assert realtime_threads(procs["persist"].pid) == []
     finally:
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)
         codes = {stage: proc.wait(10) for stage, proc in procs.items()}
-    assert codes == {"notify": 0, "policy": 0}
+    assert codes == {"notify": 0, "policy": 0, "persist": 0}
 
 
 def test_without_the_right_to_real_time_the_answer_context_is_ordinary_and_says_so(
