@@ -165,8 +165,8 @@ class Feed:
             return False
 
     def flush(self) -> None:
-        """Send what send took, retrying the backlog first; called by the loop on every
-        iteration."""
+        """Send the backlog, then what send took since (order kept: a sealed message goes
+        behind any backlog); called by the loop on every iteration."""
         self._seal()
         while self.backlog:
             frame, count = self.backlog[0]

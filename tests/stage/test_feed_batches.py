@@ -88,9 +88,9 @@ def test_records_of_another_kind_end_the_message_and_keep_their_order(peer):
         ("dns_mappings", 2), ("raw_events", 1), ("dns_mappings", 1)]
 
 
-def test_what_a_full_peer_cannot_take_waits_and_is_counted_as_pending(peer):
-    """An observer's feed (no back-pressure) drops what is beyond its backlog, counted; what
-    it still holds is pending, sealed or not."""
+def test_an_observers_feed_drops_beyond_its_backlog_and_accounts_for_every_record(peer):
+    """An observer's feed (no back-pressure) to a full peer drops what is beyond its backlog,
+    counted; what it still holds is pending: sent + dropped + pending = given."""
     feed, inbox, counters = feed_to(peer, "notify", batch_max=4, backpressure=False, backlog=2,
                                     queue=1)
     for n in range(200):
