@@ -118,22 +118,19 @@ class Feed:
         # Records given to send since the last flush: a stage that handles a burst of small
         # batches in one turn of its loop passes them on as one message, so under a flood
         # each message carries many records and the per-message cost is paid less often.
-        self.outgoing: list = []
-        self.outgoing_kind: str | None = None
+        self.outgoing: list = []  # of one kind
         self.batch_max = batch_max
         self.backlog: collections.deque[tuple[bytes, int]] = collections.deque()
         self.backlog_limit = backlog
         self.backpressure = backpressure
 
-    def send(self, records: list, kind: str | None = None) -> None:
-        """Take records to send; they leave together at the loop's next flush, or at once as
-        each batch_max of them is full."""
+    def send(self, records: list) -> None:
+        """Take records (of one kind) to send; they leave together at the loop's next flush,
+        or at once as each batch_max of them is full."""
         if not records:
             return
-        kind = kind or records[0].KIND
-        if kind != self.outgoing_kind:
-            self._seal()
-            self.outgoing_kind = kind
+        if self.outgoing and self.outgoing[0].KIND != records[0].KIND:
+            self._seal()  # one kind per message
         self.outgoing.extend(records)
         if len(self.outgoing) >= self.batch_max:
             self._seal(whole_only=True)
@@ -145,7 +142,7 @@ class Feed:
         end = len(held) - len(held) % size if whole_only else len(held)
         for start in range(0, end, size):
             batch = held[start:start + size]
-            self._queue(messages.encode(batch, self.outgoing_kind), len(batch))
+            self._queue(messages.encode(batch), len(batch))
         self.outgoing = held[end:]
 
     def _queue(self, frame: bytes, count: int) -> None:

@@ -11,7 +11,6 @@ from pipeline.events import DnsMapping, RawEvent
 from pipeline.loop import Counters, Feed
 from pipeline.rulemaps import DictRuleMaps
 from pipeline.stages.policy import PolicyStage
-from pipeline.topology import inbox_address
 from tests.support.stagekit import StageThread, stage_settings
 from tests.support.wait import wait_for
 
@@ -29,15 +28,8 @@ def mapping(n: int) -> DnsMapping:
 
 def feed_to(peer, name: str, batch_max: int, backpressure: bool = True, backlog: int = 16,
             queue: int = 16) -> tuple[Feed, zmq.Socket, Counters]:
-    inbox = peer.ctx.socket(zmq.PULL)
-    inbox.setsockopt(zmq.RCVHWM, queue)
-    inbox.setsockopt(zmq.LINGER, 0)
-    inbox.bind(inbox_address(peer.run_dir, name))
-    push = peer.ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.SNDHWM, queue)
-    push.setsockopt(zmq.LINGER, 0)
-    push.connect(inbox_address(peer.run_dir, name))
-    peer.sockets += [inbox, push]
+    inbox = peer.inbox(name, queue)
+    push = peer.pusher(name, queue)
     counters = Counters()
     return Feed(push, name, counters, backlog, backpressure, batch_max), inbox, counters
 

@@ -71,16 +71,21 @@ class Peer:
         self.ctx = ctx
         self.sockets: list[zmq.Socket] = []
 
-    def pusher(self, inbox: str) -> zmq.Socket:
+    def pusher(self, inbox: str, queue: int | None = None) -> zmq.Socket:
+        """queue: messages the socket holds (its high-water mark), if not ZeroMQ's default."""
         sock = self.ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 1000)
+        if queue is not None:
+            sock.setsockopt(zmq.SNDHWM, queue)
         sock.connect(inbox_address(self.run_dir, inbox))
         self.sockets.append(sock)
         return sock
 
-    def inbox(self, name: str) -> zmq.Socket:
+    def inbox(self, name: str, queue: int | None = None) -> zmq.Socket:
         sock = self.ctx.socket(zmq.PULL)
         sock.setsockopt(zmq.LINGER, 0)
+        if queue is not None:
+            sock.setsockopt(zmq.RCVHWM, queue)
         sock.bind(inbox_address(self.run_dir, name))
         self.sockets.append(sock)
         return sock
