@@ -166,9 +166,17 @@ def test_kill_9_of_a_stage_in_a_flood_loses_and_repeats_nothing(lab, pipeline, s
 
 
 def test_a_stop_with_a_backlog_of_100000_records_loses_nothing(lab, pipeline):
+    """persist is held (SIGSTOP) through the flood, so the stop comes with the whole flood
+    still unstored: the pipeline now keeps up with this flood, and a stop that merely
+    followed it found nothing left to lose."""
     count = 100_000
     pipeline.start()
-    flood_done(flooding(lab, count), count)
+    persist = stage_pid(pipeline, "persist")
+    os.kill(persist, signal.SIGSTOP)
+    try:
+        flood_done(flooding(lab, count), count)
+    finally:
+        os.kill(persist, signal.SIGCONT)
     pipeline.proc.send_signal(signal.SIGINT)  # at once, with the backlog still in the pipeline
     pipeline.proc.wait(15)
     pipeline.log.close()
