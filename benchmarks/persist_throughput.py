@@ -16,11 +16,17 @@ noise only ever adds time.
 The flood has --destinations distinct destinations (a name each): 1,000 by default; as many as
 --records for a scan that never repeats one, where every rollup group is new.
 
+notify's delivered destinations (a storm's summary can bring one per scanned address) are
+timed the same way: persist's chunks of DELIVERED_CHUNK, one transaction each, against plain
+executemany of ready-made tuples into the same table. They have no goal of their own; what
+they cost comes out of the audit writes' time.
+
 The run ends on the goal: sluice stores at least 150,000 records/s into SQLite and the JSONL
 file together (exit 1 otherwise). The load average is printed first: other work on the
 machine only lowers the figures.
 
 Usage: .venv/bin/python benchmarks/persist_throughput.py [--records 100000] [--batch 8192]
+       [--delivered 100000]
 """
 
 from __future__ import annotations
@@ -39,9 +45,11 @@ import msgspec
 
 from pipeline.audit.records import AuditEvent, AuditLogger, new_event_id
 from pipeline.settings import Settings
-from pipeline.stages.persist import COMMIT_FACTOR
+from pipeline.events import DeliveredDestination
+from pipeline.stages.persist import COMMIT_FACTOR, DELIVERED_CHUNK
 from pipeline.audit.sqlite_memory import skip_memory_statistics
 from pipeline.audit.store import COLUMNS, AuditStore, as_row
+from pipeline.audit.timestamps import sql_timestamp
 
 T0 = 1_767_225_600_000_000_000
 INSERT = (f"INSERT INTO audit_events ({', '.join(COLUMNS)}) VALUES "
@@ -118,6 +126,56 @@ def baseline_batches(records: list[AuditEvent],
     return list(zip(chunks(rows, size), chunks(dicts, size), strict=True))
 
 
+def delivered_records(n: int) -> list[DeliveredDestination]:
+    return [DeliveredDestination("runner-17", f"10.{d >> 16 & 255}.{d >> 8 & 255}.{d & 255}:443",
+                                 "", f"10.{d >> 16 & 255}.{d >> 8 & 255}.{d & 255}", 443, "TCP",
+                                 T0 + d * 20_000, T0 + d * 20_000 + 3_000_000)
+            for d in range(n)]
+
+
+def sluice_delivered(chunked: list[list[DeliveredDestination]],
+                     workdir: Path) -> tuple[float, float]:
+    store = AuditStore(f"sqlite:///{workdir / 'audit.db'}")
+    store.migrate()
+    start = time.perf_counter()
+    for chunk in chunked:
+        store.remember_delivered(chunk)
+    elapsed = time.perf_counter() - start
+    store.close()
+    return elapsed, 0.0
+
+
+def baseline_delivered(chunked: list[list[tuple]], workdir: Path) -> tuple[float, float]:
+    import sqlite3
+
+    AuditStore(f"sqlite:///{workdir / 'audit.db'}").migrate()
+    conn = sqlite3.connect(workdir / "audit.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    start = time.perf_counter()
+    for rows in chunked:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT INTO notified_destinations VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                         "ON CONFLICT (host, destination) DO NOTHING", rows)
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return elapsed, 0.0
+
+
+def delivered_figures(n: int, repeat: int) -> None:
+    records = delivered_records(n)
+    tuples = [(r.host, r.destination, r.hostname, r.ip, r.port, r.protocol,
+               sql_timestamp(r.first_seen_ns), sql_timestamp(r.delivered_ns)) for r in records]
+    results = best_of_turns({"sluice": (sluice_delivered, chunks(records, DELIVERED_CHUNK)),
+                             "baseline": (baseline_delivered, chunks(tuples, DELIVERED_CHUNK))},
+                            repeat)
+    rates = {name: n / seconds for name, (seconds, _) in results.items()}
+    print(f"delivered destinations, {n:,} in chunks of {DELIVERED_CHUNK:,}: sluice "
+          f"{rates['sluice']:,.0f}/s, baseline {rates['baseline']:,.0f}/s, ratio "
+          f"{rates['sluice'] / rates['baseline']:.2f}")
+
+
 def best_of_turns(variants: dict, repeat: int) -> dict[str, tuple[float, float]]:
     """Each variant's best (SQL, JSONL) seconds. The variants take turns, one run each per
     round, so a drift of the machine's speed over the minutes reaches both sides alike."""
@@ -144,6 +202,8 @@ def main() -> int:
     parser.add_argument("--destinations", type=int, default=1_000,
                         help="distinct destinations of the flood (= --records: a scan that "
                              "never repeats one)")
+    parser.add_argument("--delivered", type=int, default=100_000,
+                        help="notify's delivered destinations to time (0: none)")
     args = parser.parse_args()
     # As in persist: SQLite without its allocation statistics, for both variants alike.
     statistics = "off" if skip_memory_statistics() else "on (could not be turned off)"
@@ -166,6 +226,8 @@ def main() -> int:
     ratios = [s / b for s, b in zip(rates["sluice"], rates["baseline"], strict=True)]
     print(f"    ratio: SQL {ratios[0]:>9.2f}     JSONL {ratios[1]:>9.2f}     "
           f"both {ratios[2]:>9.2f}     (sluice / baseline, higher is better)")
+    if args.delivered:
+        delivered_figures(args.delivered, args.repeat)
     reached = rates["sluice"][2] >= GOAL
     print(f"sluice stores at least {GOAL:,} records/s (SQL and JSONL): "
           f"{'yes' if reached else 'NO'}")

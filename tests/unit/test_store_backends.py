@@ -10,6 +10,7 @@ from pipeline.audit.records import AuditEvent, parse_timestamp
 from pipeline.audit.query import QueryError, run_query
 from pipeline.audit.store import (MIGRATIONS, VIEWS, AuditStore, StoreRejected, audit_events,
                             open_readonly)
+from pipeline.events import DeliveredDestination
 
 T0 = 1_767_225_600_123_456_789
 
@@ -93,6 +94,29 @@ def test_writes_are_idempotent_by_event_id(store, db_url):
     again = batch(3, first=4)  # one stored, two new
     assert [e.event_id for e in store.insert(again + again[1:2])] == ["h-00000005", "h-00000006"]
     assert count(db_url) == 7
+
+
+def delivered(ip, delivered_ns, host="h"):
+    return DeliveredDestination(host, f"{ip}:443", "", ip, 443, "TCP", T0, delivered_ns)
+
+
+def test_a_delivered_destination_is_kept_as_first_stored(store, db_url):
+    # A storm's summary brings thousands at once; a key delivered again (a crash between a
+    # POST and its row) keeps its first row, within a chunk and across chunks.
+    store.remember_delivered([delivered(f"1.2.{i // 250}.{i % 250}", T0 + 5) for i in range(5000)]
+                             + [delivered("1.2.0.0", T0 + 9)])
+    store.remember_delivered([delivered("1.2.0.1", T0 + 7), delivered("1.2.0.1", T0 + 8, "h2")])
+    sql = ("SELECT host, destination, hostname, ip, port, protocol, first_seen, delivered_at "
+           "FROM notified_destinations WHERE ip = '1.2.0.1' ORDER BY host")
+    with run_query(db_url, sql) as (_, rows):
+        assert list(rows) == [
+            ("h", "1.2.0.1:443", "", "1.2.0.1", 443, "TCP", "2026-01-01T00:00:00.123456789Z",
+             "2026-01-01T00:00:00.123456794Z"),
+            ("h2", "1.2.0.1:443", "", "1.2.0.1", 443, "TCP", "2026-01-01T00:00:00.123456789Z",
+             "2026-01-01T00:00:00.123456797Z")]
+    with run_query(db_url, "SELECT count(*), max(delivered_at) FROM notified_destinations "
+                           "WHERE host = 'h'") as (_, rows):
+        assert next(rows) == (5000, "2026-01-01T00:00:00.123456794Z")
 
 
 def test_hosts_share_one_store_and_batches_are_large(store, db_url):
