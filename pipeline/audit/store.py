@@ -1163,7 +1163,7 @@ class AuditStore:
         if not rows:
             return
         # Plain tuples through the driver, as the audit rows go: a storm's summary can bring
-        # thousands, and Connection.execute's per-value binding tripled their cost.
+        # thousands, and Connection.execute's per-value binding more than doubled their cost.
         values = [(r.host, r.destination, r.hostname, r.ip, r.port, r.protocol,
                    sql_timestamp(r.first_seen_ns), sql_timestamp(r.delivered_ns)) for r in rows]
         try:
