@@ -127,10 +127,13 @@ def baseline_batches(records: list[AuditEvent],
 
 
 def delivered_records(n: int) -> list[DeliveredDestination]:
-    return [DeliveredDestination("runner-17", f"10.{d >> 16 & 255}.{d >> 8 & 255}.{d & 255}:443",
-                                 "", f"10.{d >> 16 & 255}.{d >> 8 & 255}.{d & 255}", 443, "TCP",
-                                 T0 + d * 20_000, T0 + d * 20_000 + 3_000_000)
-            for d in range(n)]
+    """A scan's alerts: one per address, delivered 3 ms after its block."""
+    records = []
+    for d in range(n):
+        ip = f"10.{d >> 16 & 255}.{d >> 8 & 255}.{d & 255}"
+        records.append(DeliveredDestination("runner-17", f"{ip}:443", "", ip, 443, "TCP",
+                                            T0 + d * 20_000, T0 + d * 20_000 + 3_000_000))
+    return records
 
 
 def sluice_delivered(chunked: list[list[DeliveredDestination]],
