@@ -16,8 +16,10 @@ difference is the probe's own wait for a CPU), whether that meets the target (at
 DNS_ADDED_P99_MS more at p99, every answer NOERROR), and where the time went: the dns
 stage's own counters and histograms over the flood (a query's wait in the proxy's socket,
 the upstream's round trip, the allow round trip to policy, the whole answer from query in
-to answer out), each stage's CPU seconds, and where each stage's loop spent the flood (on
-a CPU, waiting for one, or asleep waiting for input, for room downstream or for a timer).
+to answer out), each stage's CPU seconds, where each stage's loop spent the flood (on a
+CPU, waiting for one, or asleep waiting for input, for room downstream or for a timer), and
+the whole machine's CPU over the flood: the six stages (and their CPU a stored event), the
+sender, everything else, idle.
 
 Baselines, measured in the same run: the sender alone with no classifier (its packet rate),
 and the DNS latency of the same proxy before the flood.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import sqlite3
@@ -129,6 +132,44 @@ class LoopTimes:
         return "main thread in the flood  s on a CPU/waiting for one/asleep: " + ", ".join(
             f"{s} {run:.1f}/{wait:.1f}/{asleep:.1f}" for s, (run, wait, asleep)
             in self.spans.items())
+
+
+class MachineCpu:
+    """The whole machine's CPU over the flood, from /proc/stat, split into the six stages, the
+    sender (its own time and the kernel's work done in its context: the classifier, the ring
+    buffer) and everything else (the kernel's own threads, the probe; with --busy-core the
+    busy program), with what stayed idle: how much of the CPU the pipeline had, and what it
+    spent a stored event."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.before = self.after = self._snapshot()
+        self.sender_s = 0.0
+
+    def _snapshot(self) -> tuple[float, float, float]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        tick = os.sysconf("SC_CLK_TCK")
+        idle = fields[3] + fields[4]  # idle, iowait
+        stages = sum(cpu_seconds(pid) for pid in self.pids.values())
+        return sum(fields[:8]) / tick, idle / tick, stages
+
+    def send(self, lab: Lab, packets: int, rate: float) -> tuple[int, float]:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        sent = send(lab, packets, rate)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.sender_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        return sent
+
+    def stop(self) -> None:
+        self.after = self._snapshot()
+
+    def line(self, rows: int) -> str:
+        (total0, idle0, stages0), (total1, idle1, stages1) = self.before, self.after
+        total, idle, stages = total1 - total0, idle1 - idle0, stages1 - stages0
+        rest = total - idle - stages - self.sender_s
+        return (f"machine in the flood      {total:.1f} CPU-s ({os.cpu_count()} CPUs): six stages "
+                f"{stages:.1f} ({stages / max(rows, 1) * 1e6:.0f} µs a stored event), the sender "
+                f"{self.sender_s:.1f}, everything else {rest:.1f}, idle {idle:.1f}")
 
 
 class DnsWatch:
@@ -276,13 +317,14 @@ def main() -> None:
         watch = DnsWatch(run_dir, pids)
         dns_during = probe(lab, tmp / "stop", first=1000)
         start = time.perf_counter()
-        loops = LoopTimes(pids)
-        sent, send_s = send(lab, args.packets, args.rate)
+        loops, machine = LoopTimes(pids), MachineCpu(pids)
+        sent, send_s = machine.send(lab, args.packets, args.rate)
         deadline = start + DEADLINE_S
         while not everything_stored(run_dir) and time.perf_counter() < deadline:
             time.sleep(0.05)
         stored_s = time.perf_counter() - start
         loops.stop()
+        machine.stop()
         complete = everything_stored(run_dir)
         (tmp / "stop").write_text("")
         flood = probed(dns_during)
@@ -294,11 +336,12 @@ def main() -> None:
         log.close()
         subprocess.run(lab.exec_args(lab.client) + [str(VENV_BIN / "sluice"), "detach"], env=env,
                        capture_output=True)
-        report(args, sent, send_s, baseline_s, stored_s, complete, rss,
-               {s: counters(run_dir, s) for s in STAGES}, tmp, quiet, flood)
+        rows = report(args, sent, send_s, baseline_s, stored_s, complete, rss,
+                      {s: counters(run_dir, s) for s in STAGES}, tmp, quiet, flood)
         print("\n".join(dns_lines))
         if loops.spans:
             print(loops.line())
+        print(machine.line(rows))
     finally:
         if busy is not None:
             busy.kill()
@@ -315,7 +358,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def report(args, sent, send_s, baseline_s, stored_s, complete, rss, stage_counters, tmp,
-           quiet, flood) -> None:
+           quiet, flood) -> int:
+    """Print the run's figures; returns the flooded destinations' rows stored."""
     c = stage_counters
     k = c["capture"]
     db = sqlite3.connect(f"file:{tmp}/audit.db?mode=ro", uri=True)
@@ -382,6 +426,7 @@ def report(args, sent, send_s, baseline_s, stored_s, complete, rss, stage_counte
         met = added[99] < DNS_ADDED_P99_MS and set(flood["rcodes"]) == {"NOERROR"}
         print(f"DNS target                added p99 under {DNS_ADDED_P99_MS:g} ms and every "
               f"answer NOERROR: {'met' if met else 'NOT met'}")
+    return rows
 
 
 if __name__ == "__main__":
