@@ -31,12 +31,12 @@ Priority: request/reply inboxes (policy-allow) are served before event inboxes o
 between any two event batches, and whenever a stage calls `io.serve_requests()` in the middle
 of a long batch, so a flood of events never holds back a DNS answer. Across processes, each
 stage takes the CPU priority step the topology gives it (cpu_step): the DNS proxy and the
-policy stage that answers it step forward (persist too, a flood's slowest stage: topology.py
-says why), and their request/reply sockets have a context of their own whose I/O thread
-runs real-time (answer_context), the DNS proxy's own thread runs real-time within a share of
-one CPU (RealtimeThread), and the thread that answers a request is lent real-time for it by
-the stage that asks (pipeline/lending.py: published in <run_dir>/<inbox>.thread, given back
-once served or after the next event batch), so a flood that fills every core does not stand
+policy stage that answers it step forward (the bulk stages stay as started: topology.py says
+why), and their request/reply sockets have a context of their own whose I/O thread runs
+real-time (answer_context), the DNS proxy's own thread runs real-time within a share of one
+CPU (RealtimeThread), and the thread that answers a request is lent real-time for it by the
+stage that asks (pipeline/lending.py: published in <run_dir>/<inbox>.thread, given back once
+served or after the next event batch), so a flood that fills every core does not stand
 between a client and its answer.
 """
 

@@ -34,10 +34,11 @@ class StageWiring:
     feeds: tuple[Link, ...] = ()     # inboxes this stage pushes to
     requests: tuple[Link, ...] = ()  # REP inboxes this stage sends requests to and awaits
     # The stage's CPU priority step, a nice increment (pipeline/loop.py): the path of a DNS
-    # answer steps forward (about three times a normal share at -5), and so does persist,
-    # the end of the audit path. The rest of a flood's bulk work (enrich, notify, export)
-    # stays as started rather than stepping back: its evidence would then wait behind every
-    # busy job on the host, not only behind answers.
+    # answer steps forward (about three times a normal share at -5). A flood's bulk work
+    # (capture, enrich, persist, notify, export) stays as started: ahead, it would keep the
+    # host's own programs waiting for a CPU (persist at -5 held it for up to 12 ms at a time
+    # while a DNS client whose answer had arrived waited); behind, its evidence would wait
+    # behind every busy job on the host. Its backlog waits in capture's journal meanwhile.
     cpu_step: int = 0
     # The share of one CPU the stage's own thread may take real-time, ahead of every ordinary
     # thread (pipeline/cpushare.py): only for a stage whose work is nothing but answering
@@ -57,11 +58,6 @@ class StageWiring:
 
 
 ANSWER_PATH = -5
-# persist is a flood's slowest stage (every record a row and its rollups). Ahead of the
-# stages before it, it keeps pace with them, and they, finding its inbox full more often,
-# pass their events on in fewer, larger batches: in the 300,000-event flood, runs in turns
-# stored a tenth more a second at the median, with a fifth less CPU in capture.
-AUDIT_END = -5
 
 STAGES: dict[str, StageWiring] = {
     "capture": StageWiring(inboxes=(), feeds=(Link("enrich", ("raw_events",), audit_path=True),)),
@@ -79,7 +75,6 @@ STAGES: dict[str, StageWiring] = {
     ),
     "persist": StageWiring(
         inboxes=(Inbox("persist", "pull", ("audit_records", "delivered_destinations")),),
-        cpu_step=AUDIT_END,
     ),
     "notify": StageWiring(
         inboxes=(Inbox("notify", "pull", ("notices",)),),

@@ -142,16 +142,13 @@ def stepped(own: int, step: int) -> int:
     return max(-20, min(19, own + step))
 
 
-def test_the_answer_path_and_persist_step_forward_on_the_cpu_and_bulk_work_stays_as_started(
-        tmp_path):
-    """policy (it answers the DNS proxy), persist (the end of the audit path) and notify
-    (bulk work) as real processes, each leading its own session as honcho starts them: each
-    moves by its topology's cpu_step, its session's autogroup with it. In policy, the socket
-    thread of its request/reply inbox runs real-time (as root); no other thread of these
-    stages does."""
+def test_the_answer_path_steps_forward_on_the_cpu_and_bulk_work_stays_as_started(tmp_path):
+    """policy (it answers the DNS proxy), and persist and notify (bulk work) as real
+    processes, each leading its own session as honcho starts them: each moves by its
+    topology's cpu_step, its session's autogroup with it. In policy, the socket thread of its
+    request/reply inbox runs real-time (as root); no other thread of these stages does."""
     own = os.getpriority(os.PRIO_PROCESS, 0)
-    assert STAGES["policy"].cpu_step < 0 == STAGES["notify"].cpu_step
-    assert STAGES["persist"].cpu_step < 0  # a flood's slowest stage: topology.py
+    assert STAGES["policy"].cpu_step < 0 == STAGES["notify"].cpu_step == STAGES["persist"].cpu_step
     procs = {stage: subprocess.Popen(
         [sys.executable, "-c", "from pipeline.cli.entry import main; main()", "run", stage],
         env=stage_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
