@@ -143,8 +143,7 @@ class MachineCpu:
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
-        self.before = self.after = self._snapshot()
-        self.sender_s = 0.0
+        self.before = self._snapshot()
 
     def _snapshot(self) -> tuple[float, float, float]:
         fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -153,15 +152,8 @@ class MachineCpu:
         stages = sum(cpu_seconds(pid) for pid in self.pids.values())
         return sum(fields[:8]) / tick, idle / tick, stages
 
-    def send(self, lab: Lab, packets: int, rate: float) -> tuple[int, float]:
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        sent = send(lab, packets, rate)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.sender_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-        return sent
-
-    def stop(self) -> None:
-        self.after = self._snapshot()
+    def stop(self, sender_s: float) -> None:
+        self.after, self.sender_s = self._snapshot(), sender_s
 
     def line(self, rows: int) -> str:
         (total0, idle0, stages0), (total1, idle1, stages1) = self.before, self.after
@@ -226,6 +218,12 @@ def peak_rss_kib(pid: int) -> int:
 
 def stage_pids(run_dir: Path) -> dict[str, int]:
     return {s: int((run_dir / f"{s}.ready").read_text().split("=")[1]) for s in STAGES}
+
+
+def children_cpu_seconds() -> float:
+    """User and system time of this process's finished children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def send(lab: Lab, packets: int, rate: float) -> tuple[int, float]:
@@ -318,13 +316,15 @@ def main() -> None:
         dns_during = probe(lab, tmp / "stop", first=1000)
         start = time.perf_counter()
         loops, machine = LoopTimes(pids), MachineCpu(pids)
-        sent, send_s = machine.send(lab, args.packets, args.rate)
+        children_s = children_cpu_seconds()
+        sent, send_s = send(lab, args.packets, args.rate)
+        sender_s = children_cpu_seconds() - children_s  # the one child that ended meanwhile
         deadline = start + DEADLINE_S
         while not everything_stored(run_dir) and time.perf_counter() < deadline:
             time.sleep(0.05)
         stored_s = time.perf_counter() - start
         loops.stop()
-        machine.stop()
+        machine.stop(sender_s)
         complete = everything_stored(run_dir)
         (tmp / "stop").write_text("")
         flood = probed(dns_during)
