@@ -180,6 +180,36 @@ def test_writer_uses_wal_normal_sync_and_a_busy_timeout(store, db):
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
+def test_a_wal_grown_past_its_limit_shrinks_back_and_its_thread_copies_it_again(db):
+    """A reader holding the WAL (a long query during a flood) lets it grow past its limit.
+    Once the reader has gone, the file shrinks back to the limit and the commits after
+    leave the copying to the checkpoint thread. (Before, the file kept its largest size, and
+    the writer, taking that as falling behind, checkpointed at every commit itself.)"""
+    limit = 4 << 20
+    store = AuditStore(url(db), wal_limit_bytes=limit)
+    store.migrate()
+    wal = db.parent / "audit.db-wal"
+    try:
+        with sqlite3.connect(db, isolation_level=None) as reader:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM audit_events").fetchone()  # its snapshot
+            start = 0
+            while wal.stat().st_size <= 2 * limit:
+                store.insert(events(500, start=start))
+                start += 500
+            reader.execute("ROLLBACK")
+        grown = wal.stat().st_size
+        checkpoints_before = store._checkpointer.on_writer
+        commits = 40
+        for _ in range(commits):
+            store.insert(events(500, start=start))
+            start += 500
+        assert wal.stat().st_size <= 1.5 * limit < grown
+        assert store._checkpointer.on_writer - checkpoints_before <= commits // 4
+    finally:
+        store.close()
+
+
 def test_the_read_only_opener_reads_but_refuses_writes(store, db):
     store.write(events(2))
     engine = open_readonly(url(db))
