@@ -190,14 +190,16 @@ def test_a_wal_grown_past_its_limit_shrinks_back_and_its_thread_copies_it_again(
     store.migrate()
     wal = db.parent / "audit.db-wal"
     try:
-        with sqlite3.connect(db, isolation_level=None) as reader:
+        reader = sqlite3.connect(db, isolation_level=None)
+        try:
             reader.execute("BEGIN")
             reader.execute("SELECT count(*) FROM audit_events").fetchone()  # its snapshot
             start = 0
             while wal.stat().st_size <= 2 * limit:
                 store.insert(events(500, start=start))
                 start += 500
-            reader.execute("ROLLBACK")
+        finally:
+            reader.close()  # (a connection's with-block ends its transaction, not itself)
         grown = wal.stat().st_size
         checkpoints_before = store._checkpointer.on_writer
         commits = 40
