@@ -945,19 +945,24 @@ class _Checkpointer:
     pages and syncing the file then holds up the next batch. Here the copying runs in
     SQLite's C code beside the writer (no GIL held) and never blocks it (PASSIVE).
 
-    The writer checkpoints too, once the WAL file has grown past limit_bytes: a reader kept
-    the checkpoints from finishing, or the writer's next transaction always began before the
-    thread had caught up, so the WAL could not start over from its beginning. Its own
-    checkpoint lets it do so, and the writer's journal_size_limit (_engine) then shrinks the
-    file back to the limit. Without that the file kept its largest size, and from then on
-    the writer copied every commit's pages itself: in a scan of 300,000 new destinations,
-    29 commits of 37 (benchmarks/persist_throughput.py --records 300000 --destinations
-    300000 stores about 15% more records a second with the limit).
+    The WAL starts over from its beginning only at a transaction that begins with every
+    page copied, and the writer's journal_size_limit (_engine) then shrinks the file back to
+    limit_bytes. Without that limit the file kept its largest size, and from then on the
+    writer copied every commit's pages itself: in a scan of 300,000 new destinations, 29
+    commits of 37 (benchmarks/persist_throughput.py --records 300000 --destinations 300000
+    stores about 15% more records a second with it). When the file has grown past the limit
+    anyway (a reader held the WAL, or under a flood the thread was still copying whenever the
+    writer's next transaction began: a million datagrams grew it to 280 MB), the writer
+    waits for the thread's pass in progress and copies the rest itself, so that its next
+    transaction starts the WAL over.
     """
+
+    PASS_WAIT_S = 1.0  # the writer's wait for the thread's pass (20-200 ms under a flood)
 
     def __init__(self, path: Path, limit_bytes: int) -> None:
         self.path, self.limit_bytes = path, limit_bytes
         self.on_writer = 0  # checkpoints the writer made itself
+        self._pass = threading.Lock()  # held by whichever is checkpointing: one at a time
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sluice-checkpoint",
@@ -973,23 +978,28 @@ class _Checkpointer:
             while not self._stop.is_set():
                 self._wake.wait(1.0)
                 self._wake.clear()
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error:
-                    pass  # busy or failing: the writer's own checkpoint bounds the WAL
+                with self._pass:
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    except sqlite3.Error:
+                        pass  # busy or failing: the writer's own checkpoint bounds the WAL
         finally:
             conn.close()
 
     def committed(self, writer: sqlite3.Connection) -> None:
-        """After each commit: wake the thread; checkpoint on the writer if it fell behind."""
-        self._wake.set()
+        """After each commit: wake the thread or, past the limit, checkpoint on the writer."""
         try:
             oversized = os.stat(f"{self.path}-wal").st_size > self.limit_bytes
         except OSError:
+            oversized = False
+        if not oversized or not self._pass.acquire(timeout=self.PASS_WAIT_S):
+            self._wake.set()
             return
-        if oversized:
+        try:
             self.on_writer += 1
             writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        finally:
+            self._pass.release()
 
     def close(self) -> None:
         self._stop.set()

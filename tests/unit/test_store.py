@@ -212,6 +212,33 @@ def test_a_wal_grown_past_its_limit_shrinks_back_and_its_thread_copies_it_again(
         store.close()
 
 
+def test_on_a_busy_machine_the_wal_still_starts_over_past_its_limit(db):
+    """Three CPU-bound programs beside the writer, as under a flood: the checkpoint thread is
+    often still copying when the writer's next transaction begins, and the WAL can start
+    over only at a transaction that begins with every page copied. Once past its limit the
+    writer waits for that copy and finishes it, so the file stays near the limit. (Before,
+    the writer's own checkpoint gave way to the thread's pass, and here the WAL file grew to
+    5.3-6.5 MB against its 2 MiB.)"""
+    limit = 2 << 20
+    store = AuditStore(url(db), wal_limit_bytes=limit)
+    store.migrate()
+    wal = db.parent / "audit.db-wal"
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
+    largest = 0
+    try:
+        for n in range(120):  # new destinations, under a MiB of pages a commit
+            store.insert([msgspec.structs.replace(e, dst_ip=f"10.{i >> 16 & 255}.{i >> 8 & 255}"
+                                                  f".{i & 255}")
+                          for i, e in enumerate(events(1000, start=n * 1000), n * 1000)])
+            largest = max(largest, wal.stat().st_size)
+    finally:
+        for program in busy:
+            program.kill()
+            program.wait()
+        store.close()
+    assert largest <= 2 * limit
+
+
 def test_the_read_only_opener_reads_but_refuses_writes(store, db):
     store.write(events(2))
     engine = open_readonly(url(db))
