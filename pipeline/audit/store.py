@@ -1075,18 +1075,22 @@ class AuditStore:
         try:
             with collector_paused(), self.engine.connect() as conn:
                 stored = self._insert(conn, events)
-                if self._checkpointer is not None:  # SQLite: its driver is the sqlite3 module
-                    import sqlite3
-
-                    driver = conn.connection.driver_connection
-                    assert isinstance(driver, sqlite3.Connection)
-                    self._checkpointer.committed(driver)
+                self._committed(conn)
                 return stored
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as err:
             raise StoreError(f"{self.url}: {_one_line(err)}") from None
         except (sa.exc.SQLAlchemyError, ValueError, OverflowError) as err:
             # Integrity and data errors, and values the driver cannot bind.
             raise StoreRejected(f"{self.url}: {_one_line(err)}") from None
+
+    def _committed(self, conn: sa.Connection) -> None:
+        """After each write transaction (the WAL's checkpoints, _Checkpointer)."""
+        if self._checkpointer is not None:  # SQLite: its driver is the sqlite3 module
+            import sqlite3
+
+            driver = conn.connection.driver_connection
+            assert isinstance(driver, sqlite3.Connection)
+            self._checkpointer.committed(driver)
 
     def _insert(self, conn: sa.Connection, events: Sequence[AuditEvent]) -> list[AuditEvent]:
         with conn.begin() as tx:
@@ -1196,8 +1200,10 @@ class AuditStore:
         values = [(r.host, r.destination, r.hostname, r.ip, r.port, r.protocol,
                    sql_timestamp(r.first_seen_ns), sql_timestamp(r.delivered_ns)) for r in rows]
         try:
-            with self.engine.begin() as conn:
-                _REMEMBER.write(conn, values, self._copy)
+            with self.engine.connect() as conn:
+                with conn.begin():
+                    _REMEMBER.write(conn, values, self._copy)
+                self._committed(conn)  # a storm's summary alone can grow the WAL far
         except sa.exc.SQLAlchemyError as err:
             raise StoreError(f"{self.url}: cannot store delivered destinations: "
                              f"{_one_line(err)}") from None
