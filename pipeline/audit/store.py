@@ -995,9 +995,13 @@ class _Checkpointer:
         if not oversized or not self._pass.acquire(timeout=self.PASS_WAIT_S):
             self._wake.set()
             return
+        import sqlite3
+
         try:
             self.on_writer += 1
             writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:
+            pass  # the commit is safe in the WAL; a later checkpoint copies it (disk full)
         finally:
             self._pass.release()
 
