@@ -1,5 +1,6 @@
 """The SQL store on real SQLite files: migrations, rows, duplicates, WAL, read-only, errors."""
 
+import contextlib
 import gc
 import json
 import sqlite3
@@ -35,6 +36,17 @@ def store(db):
     s.migrate()
     yield s
     s.close()
+
+
+@contextlib.contextmanager
+def wal_limited(db, limit):
+    """A store whose WAL may grow to limit bytes, and its WAL file."""
+    store = AuditStore(url(db), wal_limit_bytes=limit)
+    store.migrate()
+    try:
+        yield store, db.parent / "audit.db-wal"
+    finally:
+        store.close()
 
 
 def events(n, start=0, **fields):
@@ -187,10 +199,7 @@ def test_a_wal_grown_past_its_limit_shrinks_back_and_its_thread_copies_it_again(
     leave the copying to the checkpoint thread. (Before, the file kept its largest size, and
     the writer, taking that as falling behind, checkpointed at every commit itself.)"""
     limit = 4 << 20
-    store = AuditStore(url(db), wal_limit_bytes=limit)
-    store.migrate()
-    wal = db.parent / "audit.db-wal"
-    try:
+    with wal_limited(db, limit) as (store, wal):
         reader = sqlite3.connect(db, isolation_level=None)
         try:
             reader.execute("BEGIN")
@@ -209,8 +218,6 @@ def test_a_wal_grown_past_its_limit_shrinks_back_and_its_thread_copies_it_again(
             start += 500
         assert wal.stat().st_size <= 1.5 * limit < grown
         assert store._checkpointer.on_writer - checkpoints_before <= commits // 4
-    finally:
-        store.close()
 
 
 def test_on_a_busy_machine_the_wal_still_starts_over_past_its_limit(db):
@@ -221,22 +228,19 @@ def test_on_a_busy_machine_the_wal_still_starts_over_past_its_limit(db):
     the writer's own checkpoint gave way to the thread's pass, and here the WAL file grew to
     5.3-6.5 MB against its 2 MiB.)"""
     limit = 2 << 20
-    store = AuditStore(url(db), wal_limit_bytes=limit)
-    store.migrate()
-    wal = db.parent / "audit.db-wal"
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
     largest = 0
     try:
-        for n in range(120):  # new destinations, under a MiB of pages a commit
-            store.insert([msgspec.structs.replace(e, dst_ip=f"10.{i >> 16 & 255}.{i >> 8 & 255}"
-                                                  f".{i & 255}")
-                          for i, e in enumerate(events(1000, start=n * 1000), n * 1000)])
-            largest = max(largest, wal.stat().st_size)
+        with wal_limited(db, limit) as (store, wal):
+            for n in range(120):  # new destinations, under a MiB of pages a commit
+                store.insert([msgspec.structs.replace(e, dst_ip=f"10.{i >> 16 & 255}."
+                                                      f"{i >> 8 & 255}.{i & 255}")
+                              for i, e in enumerate(events(1000, start=n * 1000), n * 1000)])
+                largest = max(largest, wal.stat().st_size)
     finally:
         for program in busy:
             program.kill()
             program.wait()
-        store.close()
     assert largest <= 2 * limit
 
 
@@ -246,19 +250,14 @@ def test_a_storm_of_delivered_destinations_keeps_the_wal_near_its_limit(db):
     audit rows' are. (Before, none was, and 60 of them grew the WAL to many times its
     limit.)"""
     limit = 2 << 20
-    store = AuditStore(url(db), wal_limit_bytes=limit)
-    store.migrate()
-    wal = db.parent / "audit.db-wal"
     largest = 0
-    try:
+    with wal_limited(db, limit) as (store, wal):
         for chunk in range(60):
             store.remember_delivered([
                 DeliveredDestination("h", f"10.9.{i >> 8 & 255}.{i & 255}:443", "",
                                      f"10.9.{i >> 8 & 255}.{i & 255}", 443, "TCP", T0, T0)
                 for i in range(chunk * 1000, (chunk + 1) * 1000)])
             largest = max(largest, wal.stat().st_size)
-    finally:
-        store.close()
     assert largest <= 2 * limit
 
 
