@@ -182,7 +182,6 @@ static __always_inline void park(struct sluice_flow_key *key, struct sluice_even
 	__builtin_memcpy(&at.flow, key, sizeof(*key));
 	parked->last_emit = ev->timestamp;
 	parked->pending = packets;
-	parked->pad = 0;
 	__builtin_memcpy(&parked->last, ev, sizeof(*ev));
 	if (map_parked.insert(&at, parked)) {
 		count(SLUICE_CNT_LOST, packets);
@@ -218,9 +217,9 @@ static __always_inline void emit(struct __sk_buff *skb, struct sluice_event *ev,
 			count(SLUICE_CNT_AGGREGATED, 1);
 			return;
 		}
-		u32 pending = state->pending;
-		__sync_fetch_and_add(&state->pending, -pending);
-		packets += pending;
+		/* Exchanged, not read then subtracted: capture claims tails the same way
+		 * (sluice_claim_tail), so each pending packet is reported by one of the two. */
+		packets += __sync_lock_test_and_set(&state->pending, 0);
 		state->last_emit = now;
 	}
 
@@ -640,4 +639,27 @@ int sluice_sock_egress(struct __sk_buff *skb)
 		return 1; /* a UDP flow already recorded: no map write per datagram */
 	map_flow_owner.update(&flow, owner);
 	return 1;
+}
+
+/* Not attached: capture runs it (BPF_PROG_TEST_RUN) to claim a quiet flow's tail, the packets
+ * still pending in map_flows. The test packet carries the flow's key after an Ethernet header's
+ * room; the program exchanges the pending count for 0 and returns it, and writes the flow's
+ * last record over the key for capture to read back. Deleting the entry instead (a lookup and
+ * delete from userspace) raced the classifier: a packet between its lookup and its exchange
+ * reported the same tail again, or added to an entry already freed and reused by another flow.
+ * The entry stays; the LRU evicts it when the map needs room. */
+int sluice_claim_tail(struct __sk_buff *skb)
+{
+	struct sluice_flow_key key;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &key, sizeof(key)) < 0)
+		return 0;
+	struct sluice_flow_state *state = map_flows.lookup(&key);
+	if (!state)
+		return 0;
+	u64 pending = __sync_lock_test_and_set(&state->pending, 0);
+	if (pending && bpf_skb_store_bytes(skb, ETH_HLEN, &state->last, sizeof(state->last), 0) < 0) {
+		__sync_fetch_and_add(&state->pending, pending); /* given back: claimed next sweep */
+		return 0;
+	}
+	return pending;
 }

@@ -141,8 +141,9 @@ struct sluice_flow_key {
 
 struct sluice_flow_state {
 	__u64 last_emit;        /* ns of the last record emitted for this flow */
-	__u32 pending;          /* packets seen since then, not yet reported */
-	__u32 pad;
+	__u64 pending;          /* packets seen since then, not yet reported (64 bits: the
+				 * width the kernel exchanges atomically; it was a u32 and a
+				 * zero pad, so pinned maps read the same) */
 	struct sluice_event last; /* template for the record that reports them */
 };
 

@@ -16,14 +16,17 @@ import socket
 import sys
 from pathlib import Path
 
-from .loader import BPF_SOURCE, HOOKS, MAPS, SOCK_EGRESS, cflags
+from .loader import BPF_SOURCE, CLAIM_PROGRAM, EGRESS_PROGRAM, HOOKS, MAPS, SOCK_EGRESS, cflags
 
 
 def load(bpf_dir: Path, ringbuf_pages: int) -> tuple[list[str], list[int], object]:
     from bcc import BPF
 
     bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags(bpf_dir, ringbuf_pages))
-    names, fds = ["sluice_egress"], [bpf.load_func(b"sluice_egress", BPF.SCHED_CLS).fd]
+    names, fds = [], []
+    for program in (EGRESS_PROGRAM, CLAIM_PROGRAM):  # the claim is run, never attached
+        names.append(program)
+        fds.append(bpf.load_func(program.encode(), BPF.SCHED_CLS).fd)
     for hook in HOOKS:
         names.append(hook.function)
         if hook.attach_type == SOCK_EGRESS:

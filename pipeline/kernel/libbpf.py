@@ -29,6 +29,17 @@ class TcOpts(ctypes.Structure):
                 ("priority", ctypes.c_uint32)]
 
 
+class TestRunOpts(ctypes.Structure):
+    """libbpf's struct bpf_test_run_opts (the fields up to flags)."""
+    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p),
+                ("data_out", ctypes.c_void_p), ("data_size_in", ctypes.c_uint32),
+                ("data_size_out", ctypes.c_uint32), ("ctx_in", ctypes.c_void_p),
+                ("ctx_out", ctypes.c_void_p), ("ctx_size_in", ctypes.c_uint32),
+                ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32),
+                ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32)]
+
+
 BPF_TC_INGRESS, BPF_TC_EGRESS = 1, 2
 BPF_TC_F_REPLACE = 1
 
@@ -46,7 +57,6 @@ def lib() -> ctypes.CDLL:
         "bpf_map_update_elem": ([i32, vp, vp, ctypes.c_uint64], i32),
         "bpf_map_lookup_elem": ([i32, vp, vp], i32),
         "bpf_map_delete_elem": ([i32, vp], i32),
-        "bpf_map_lookup_and_delete_elem": ([i32, vp, vp], i32),
         "bpf_map_get_next_key": ([i32, vp, vp], i32),
         "bpf_map_lookup_batch": ([i32, vp, vp, vp, vp, ctypes.POINTER(u32), vp], i32),
         "bpf_map_lookup_and_delete_batch": ([i32, vp, vp, vp, vp, ctypes.POINTER(u32), vp], i32),
@@ -55,6 +65,7 @@ def lib() -> ctypes.CDLL:
         "bpf_prog_attach": ([i32, i32, i32, u32], i32),
         "libbpf_num_possible_cpus": ([], i32),
         "bpf_obj_get_info_by_fd": ([i32, vp, ctypes.POINTER(u32)], i32),
+        "bpf_prog_test_run_opts": ([i32, ctypes.POINTER(TestRunOpts)], i32),
     }
     hook, opts = ctypes.POINTER(TcHook), ctypes.POINTER(TcOpts)
     signatures.update({
@@ -101,9 +112,19 @@ def delete(fd: int, key) -> bool:
     return lib().bpf_map_delete_elem(fd, ctypes.byref(key)) == 0
 
 
-def take(fd: int, key, value) -> bool:
-    """Look up and delete in one step (a hash map): nothing added meanwhile is lost."""
-    return lib().bpf_map_lookup_and_delete_elem(fd, ctypes.byref(key), ctypes.byref(value)) == 0
+def run_program(prog_fd: int, packet: bytes, repeat: int = 1) -> tuple[int, bytes]:
+    """Run a loaded tc program on packet (BPF_PROG_TEST_RUN, never on the wire), repeat
+    times: its last return value and the packet as it left it."""
+    data_in = ctypes.create_string_buffer(packet, len(packet))
+    data_out = ctypes.create_string_buffer(len(packet))
+    opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts), data_in=ctypes.addressof(data_in),
+                       data_out=ctypes.addressof(data_out), data_size_in=len(packet),
+                       data_size_out=len(packet), repeat=repeat)
+    rc = lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
+    if rc < 0:
+        err = _errno(rc)
+        raise OSError(err, f"program test run failed: {os.strerror(err)}")
+    return opts.retval, data_out.raw[:opts.data_size_out]
 
 
 def keys(fd: int, key_type):

@@ -30,7 +30,8 @@ BPF_SOURCE = BPF_SOURCE_DIR / "sluice.c"
 
 FILTER_PRIO = 0x51CE        # distinctive, so teardown removes exactly our filter
 FILTER_HANDLE = 1
-FILTER_NAME = "sluice_egress"  # tc shows the filter by its program's name
+EGRESS_PROGRAM = "sluice_egress"  # the classifier; tc shows the filter by this name
+CLAIM_PROGRAM = "sluice_claim_tail"  # run by capture to claim a quiet flow's tail
 BPF_F_ALLOW_MULTI = 2       # never displace other cgroup programs (systemd's)
 BPF_FS_MAGIC = 0xCAFE4A11
 
@@ -220,7 +221,8 @@ class Classifier:
 
     def __init__(self, fds: dict[str, int]) -> None:
         self.fds = fds
-        self.egress_fd = fds["sluice_egress"]
+        self.egress_fd = fds[EGRESS_PROGRAM]
+        self.claim_fd = fds[CLAIM_PROGRAM]
         self.hooks = [(fds[hook.function], hook) for hook in HOOKS]
 
     def map_fd(self, name: str) -> int:
@@ -377,7 +379,7 @@ def detach_instance(settings: Settings) -> list[str]:
     record = Attachment.load(settings.run_dir)
     interface = record.interface if record else settings.interface
     if interface and detach_filter(interface, record.qdisc_created if record else False):
-        done.append(f"filter {FILTER_NAME} on {interface}")
+        done.append(f"filter {EGRESS_PROGRAM} on {interface}")
     if record and (count := detach_hooks(record.cgroup, record.hooks)):
         done.append(f"{count} cgroup hook(s) on {record.cgroup}")
     if record and (addresses := redirect.remove_addresses(record.redirect_addresses)):

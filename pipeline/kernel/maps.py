@@ -2,7 +2,8 @@
 
 KernelRuleMaps implements pipeline.rulemaps.RuleMaps on the maps capture pinned under
 SLUICE_BPF_DIR; DictRuleMaps (pipeline/rulemaps.py) is its twin for tests. Keys are built
-here and only here: addresses as network-order bytes, ports host order, pads zero.
+here and only here: addresses as network-order bytes, ports host order, pads zero. Also the
+kernel's counters, and the claim of a quiet flow's tail (claim_tail).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import libbpf
-from .structs import (COUNTER_SLOTS, KERNEL_COUNTERS, CidrValue, Config, LpmV4, LpmV6,
-                      PortLpmV4, PortLpmV6, PortValue)
+from .structs import (COUNTER_SLOTS, KERNEL_COUNTERS, CidrValue, Config, Event, FlowKey,
+                      LpmV4, LpmV6, PortLpmV4, PortLpmV6, PortValue)
 from ..errors import KernelError
 from ..rulemaps import Network
 
@@ -130,3 +131,21 @@ def read_counters(fd: int) -> dict[str, int]:
         libbpf.lookup(fd, ctypes.c_uint32(index), values)
         totals[name] = sum(values)
     return totals
+
+
+# sluice_claim_tail's test packet: the flow's key after an Ethernet header's room, and room for
+# the flow's last record, which the program writes over the key.
+_CLAIM_AT = 14
+_CLAIM_PACKET = _CLAIM_AT + max(ctypes.sizeof(FlowKey), ctypes.sizeof(Event))
+
+
+def claim_tail(claim_fd: int, key: bytes) -> tuple[int, Event | None]:
+    """The packets still pending in the map_flows entry keyed by key, claimed by the kernel
+    (sluice_claim_tail, run once): the count, exchanged for 0 as the classifier exchanges
+    it, and the flow's last record as the template for reporting them; (0, None) when there
+    is nothing to claim. OSError when the kernel refuses the run."""
+    packet = (bytes(_CLAIM_AT) + key).ljust(_CLAIM_PACKET, b"\0")
+    claimed, out = libbpf.run_program(claim_fd, packet)
+    if not claimed:
+        return 0, None
+    return claimed, Event.from_buffer_copy(out, _CLAIM_AT)

@@ -77,7 +77,7 @@ class FlowKey(ctypes.Structure):
 
 
 class FlowState(ctypes.Structure):
-    _fields_ = [("last_emit", u64), ("pending", u32), ("pad", u32), ("last", Event)]
+    _fields_ = [("last_emit", u64), ("pending", u64), ("last", Event)]
 
 
 class ParkKey(ctypes.Structure):

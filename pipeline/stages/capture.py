@@ -1,8 +1,10 @@
 """capture: load the classifier, attach it once policy has programmed the maps, drain events.
 
 Consumes: the kernel ring buffer (struct sluice_event, bpf/sluice.h), read straight from its
-          memory mapping (pipeline/kernel/ringbuf.py), and the records the kernel parked in
-          map_parked when the ring buffer was full.
+          memory mapping (pipeline/kernel/ringbuf.py), the records the kernel parked in
+          map_parked when the ring buffer was full, and the tails of flows gone quiet: the
+          packets a flow folded into its map_flows entry after its last record, claimed by
+          the kernel for capture (sluice_claim_tail; flow_tails_reported).
 Produces: `raw_events` batches, pushed to enrich (ipc://<run_dir>/enrich.sock). Every record
           is first appended to the journal in SLUICE_JOURNAL_DIR (pipeline/journal.py) and
           carries its journal number and a stable event id, so persist stores it exactly
@@ -65,7 +67,7 @@ from ..kernel.loader import (AGG_WINDOW_NS, HOOKS, MIDSTREAM_WINDOW_NS, V6_HOOKS
                              Classifier, Hook, attach_filter, attach_hooks, cgroup_dir,
                              cgroup_root, detach_filter, detach_hooks, egress_interface,
                              ipv6_disabled, load_classifier, remove_pins)
-from ..kernel.maps import read_counters
+from ..kernel.maps import claim_tail, read_counters
 from ..kernel.ringbuf import RingReader
 from ..kernel.structs import FlowKey, FlowState, ParkKey
 from ..loop import BaseStage, StageIO, run_stage
@@ -92,9 +94,9 @@ class Paces:
     journal_retry_s: float = 1.0  # after a failed write, the disk is tried again this much later
 
 
-# A flow's state starts with its last emit (u64) and its pending packets (u32); its key's
+# A flow's state starts with its last emit and its pending packets (u64 each); its key's
 # fourth byte is its flags (kernel/structs.py: FlowState, FlowKey).
-_EMIT_AND_PENDING = struct.Struct("=QI")
+_EMIT_AND_PENDING = struct.Struct("=QQ")
 _FLAGS_AT = FlowKey.flags.offset
 
 
@@ -255,6 +257,7 @@ class CaptureStage(BaseStage):
         self.config_fd = classifier.map_fd("map_config")
         self.counters_fd = classifier.map_fd("map_counters")
         self.flows_fd = classifier.map_fd("map_flows")
+        self.claim_fd = classifier.claim_fd
         self.overflow_fd = classifier.map_fd("map_parked")
         self.ring = RingReader(classifier.map_fd("map_events"),
                                settings.ringbuf_pages * 4096, RECORD_SIZE)
@@ -472,21 +475,20 @@ class CaptureStage(BaseStage):
         """Report packets still pending in flows that went quiet inside their window."""
         now_ns = self.kernel_ns()
         tails = []
-        state = FlowState()
         try:
             for key_bytes, value_bytes in libbpf.entries(self.flows_fd, FlowKey, FlowState):
                 last_emit, pending = _EMIT_AND_PENDING.unpack_from(value_bytes)
                 if pending == 0 or not tail_due(key_bytes[_FLAGS_AT], last_emit, now_ns):
                     continue
-                # Taken, not read then deleted: packets the kernel adds meanwhile are in the
-                # tail. The flow's next packet starts a fresh record.
-                if libbpf.take(self.flows_fd, FlowKey.from_buffer_copy(key_bytes), state) \
-                        and state.pending:
-                    tails.append(reported_record(state.last, now_ns, state.pending))
+                # Claimed by the kernel, which exchanges the count for 0 as the classifier
+                # does: a packet of the flow meanwhile is reported by one of them, never both.
+                claimed, last = claim_tail(self.claim_fd, key_bytes)
+                if last is not None:
+                    tails.append(reported_record(last, now_ns, claimed))
             self._map_read_again("map_flows")
         except OSError as err:
             self._map_read_failed("map_flows", err)
-        if tails:  # what was taken before a failure is journaled all the same
+        if tails:  # what was claimed before a failure is journaled all the same
             self.io.counters.add("flow_tails_reported", len(tails))
             self._journal_records(tails)
 

@@ -1,11 +1,12 @@
-"""The classifier parks what the ring buffer refuses: run on frames through BPF_PROG_TEST_RUN,
-with nobody draining the ring buffer, and map_parked read in the batches capture's sweep uses."""
+"""The classifier's flow bookkeeping, run on frames through BPF_PROG_TEST_RUN with nobody
+draining the ring buffer: what the ring buffer refuses is parked (map_parked, read in the
+batches capture's sweep uses), and a quiet flow's tail is claimed in the kernel."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import pytest
 
 from pipeline.kernel import libbpf
 from pipeline.kernel.loader import AGG_WINDOW_NS, load_classifier, remove_pins
-from pipeline.kernel.maps import KernelRuleMaps, read_counters
-from pipeline.kernel.structs import FlowState, ParkKey
+from pipeline.kernel.maps import KernelRuleMaps, claim_tail, read_counters
+from pipeline.kernel.structs import FlowKey, FlowState, ParkKey
 from pipeline.rulemaps import DENY
 from pipeline.settings import Settings
 
@@ -22,17 +23,6 @@ pytestmark = pytest.mark.kernel
 
 SOURCE, DESTINATION = bytes([10, 203, 0, 1]), bytes([10, 203, 0, 9])
 TC_ACT_SHOT = 2
-
-
-class RunOpts(ctypes.Structure):  # struct bpf_test_run_opts (libbpf)
-    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p),
-                ("data_out", ctypes.c_void_p), ("data_size_in", ctypes.c_uint32),
-                ("data_size_out", ctypes.c_uint32), ("ctx_in", ctypes.c_void_p),
-                ("ctx_out", ctypes.c_void_p), ("ctx_size_in", ctypes.c_uint32),
-                ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32),
-                ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
-                ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-                ("batch_size", ctypes.c_uint32)]
 
 
 def udp_frame(dst_port: int) -> bytes:
@@ -58,17 +48,10 @@ def classifier(kernel, tmp_path):
         remove_pins(bpf_dir)  # and the directory
 
 
-def send(classifier, dst_port: int) -> int:
-    """The classifier's verdict on one datagram."""
-    frame = udp_frame(dst_port)
-    data = ctypes.create_string_buffer(frame, len(frame))
-    opts = RunOpts(sz=ctypes.sizeof(RunOpts), data_in=ctypes.addressof(data),
-                   data_size_in=len(frame), repeat=1)
-    run = libbpf.lib().bpf_prog_test_run_opts
-    run.argtypes = [ctypes.c_int, ctypes.POINTER(RunOpts)]
-    rc = run(classifier.egress_fd, ctypes.byref(opts))
-    assert rc == 0, os.strerror(-rc)  # libbpf returns the error negated
-    return opts.retval
+def send(classifier, dst_port: int, repeat: int = 1) -> int:
+    """The classifier's verdict on one datagram (sent repeat times)."""
+    verdict, _ = libbpf.run_program(classifier.egress_fd, udp_frame(dst_port), repeat)
+    return verdict
 
 
 def parked(classifier) -> list[tuple[int, int]]:
@@ -93,3 +76,49 @@ def test_a_flow_refused_twice_is_parked_as_two_whole_records(classifier):
     counters = read_counters(classifier.map_fd("map_counters"))
     assert counters["parked"] == sum(packets for _, packets in parked(classifier))
     assert counters["lost"] == 0
+
+
+def flow_entries(classifier) -> dict[int, int]:
+    """Destination port -> pending packets of each map_flows entry."""
+    return {FlowKey.from_buffer_copy(key).dst_port: FlowState.from_buffer_copy(value).pending
+            for key, value in libbpf.entries(classifier.map_fd("map_flows"), FlowKey,
+                                             FlowState)}
+
+
+def test_a_quiet_flows_tail_is_claimed_once_with_its_record_and_the_entry_stays(classifier):
+    assert send(classifier, 7100, repeat=5) == TC_ACT_SHOT  # one record, four pending
+    assert flow_entries(classifier) == {7100: 4}
+    [key] = [k for k, _ in libbpf.entries(classifier.map_fd("map_flows"), FlowKey, FlowState)]
+    claimed, last = claim_tail(classifier.claim_fd, key)
+    assert claimed == 4
+    assert (last.dst_ip, last.dst_port, last.src_port, last.allowed) == (
+        int.from_bytes(DESTINATION, "big"), 7100, 40000, 0)
+    assert claim_tail(classifier.claim_fd, key) == (0, None)  # claimed once
+    # The entry stays (nothing freed that the classifier could still be adding to): the
+    # flow's next packet in its window folds into it again.
+    assert flow_entries(classifier) == {7100: 0}
+    send(classifier, 7100)
+    assert flow_entries(classifier) == {7100: 1}
+    assert claim_tail(classifier.claim_fd, bytes(len(key))) == (0, None)  # no such flow
+
+
+def test_claims_beside_the_classifier_count_every_packet_once(classifier):
+    """Capture claims a flow's tail while the classifier, on the other CPU, folds packets
+    into it: every packet is in exactly one claim or still pending. (With the entry read and
+    deleted instead, packets folded into the deleted entry were lost, and the flow's next
+    packet made a second record.)"""
+    runs = 200_000
+    send(classifier, 7200)  # the flow's first record: the rest of the runs fold
+    [key] = [k for k, _ in libbpf.entries(classifier.map_fd("map_flows"), FlowKey, FlowState)]
+    claimed, claims = 0, 0
+    flooding = threading.Thread(target=send, args=(classifier, 7200, runs))
+    flooding.start()
+    while flooding.is_alive() or claims == 0:
+        claimed += claim_tail(classifier.claim_fd, key)[0]
+        claims += 1
+    flooding.join()
+    counters = read_counters(classifier.map_fd("map_counters"))
+    assert counters["events"] + counters["ringbuf_full"] == 1, \
+        "a second record of the flow: a claim removed its entry, or the runs outlasted its window"
+    assert claimed > 0, "no claim overlapped the runs"
+    assert claimed + flow_entries(classifier)[7200] == runs == counters["aggregated"]
