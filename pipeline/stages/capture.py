@@ -35,7 +35,8 @@ Losses:   ring-buffer records the kernel discarded or of another size are steppe
           refused are swept from map_parked (overflow_swept); packets the kernel could
           not park at all are counted there (kernel_lost). A failed map read is logged and
           counted (map_read_errors); the map is read again at the next sweep.
-Stop:     drains the ring buffer into the journal and exits without waiting for the backlog
+Stop:     drains the ring buffer, the parked records and every flow's pending packets (in
+          their window or not) into the journal, and exits without waiting for the backlog
           to be sent (the next start sends it). In audit mode a clean stop detaches
           everything; in enforce mode the filter, the hooks (DNS keeps going to the proxy, or
           fails) and the maps stay (fail closed) until `sluice detach`.
@@ -471,14 +472,17 @@ class CaptureStage(BaseStage):
                                                    counters.get("records_lost")))):
             self.io.report_layer(name, **report)
 
-    def _sweep_flows(self) -> None:
-        """Report packets still pending in flows that went quiet inside their window."""
+    def _sweep_flows(self, every_flow: bool = False) -> None:
+        """Report packets still pending in flows that went quiet inside their window, or
+        with every_flow (the stop) in every flow: an audit-mode stop removes the maps, and
+        the packets of a flow still in its window would go with them."""
         now_ns = self.kernel_ns()
         tails = []
         try:
             for key_bytes, value_bytes in libbpf.entries(self.flows_fd, FlowKey, FlowState):
                 last_emit, pending = _EMIT_AND_PENDING.unpack_from(value_bytes)
-                if pending == 0 or not tail_due(key_bytes[_FLAGS_AT], last_emit, now_ns):
+                if pending == 0 or not (every_flow or
+                                        tail_due(key_bytes[_FLAGS_AT], last_emit, now_ns)):
                     continue
                 # Claimed by the kernel, which exchanges the count for 0 as the classifier
                 # does: a packet of the flow meanwhile is reported by one of them, never both.
@@ -541,7 +545,7 @@ class CaptureStage(BaseStage):
         try:
             if ring is not None:  # set-up got through: what the kernel holds goes on disk
                 self.drain()
-                self._sweep_flows()
+                self._sweep_flows(every_flow=True)
                 self._sweep_overflow()
                 self.send()
                 # The last counters file holds the kernel's final figures, however short
