@@ -8,7 +8,8 @@ journal holds nothing unstored and persist has a row for every record capture re
 a deadline, which it reports as a failure, never as a rate.
 
 It prints in = out for the kernel and every stage; rows stored and stored events/s; packets
-unrecoverable (the kernel could not even park them) and any unexplained difference; the peak
+unrecoverable (the kernel could not even park them, or its flow map evicted them with their
+flow before they were reported) and any unexplained difference; the peak
 RSS of each stage and their total; whether honcho had to SIGKILL a stage at the stop; and
 the DNS answers' latency during the flood against the same with no flood (as the probe saw
 it, and when each answer reached the probe's socket by the kernel's receive timestamp: the
@@ -379,7 +380,8 @@ def report(args, sent, send_s, baseline_s, stored_s, complete, rss, stage_counte
     print(f"kernel                    judged {k.get('kernel_packets', 0)}, denied "
           f"{k.get('kernel_denied', 0)}, records {k.get('kernel_events', 0)}, ring buffer "
           f"full {k.get('kernel_ringbuf_full', 0)} -> parked {k.get('kernel_parked', 0)} "
-          f"packets, unrecoverable {k.get('kernel_lost', 0)}")
+          f"packets, not even parked {k.get('kernel_lost', 0)}, evicted with their flow "
+          f"{k.get('kernel_evicted', 0)}")
     print(f"capture                   read {k.get('records_read', 0)} (swept from the "
           f"overflow map {k.get('overflow_swept', 0)}, flow tails "
           f"{k.get('flow_tails_reported', 0)}), journaled {k.get('records_journaled', 0)}, "
@@ -402,9 +404,12 @@ def report(args, sent, send_s, baseline_s, stored_s, complete, rss, stage_counte
     if complete:
         print(f"stored events/s           {rows / stored_s:,.0f} (ratio to sender-alone packet "
               f"rate {rows / stored_s / (sent / baseline_s):.2f})")
-    unexplained = k.get("kernel_denied", 0) - row_packets - k.get("kernel_lost", 0)
-    print(f"unrecoverable packets     {k.get('kernel_lost', 0)} "
-          f"({k.get('kernel_lost', 0) / max(1, k.get('kernel_denied', 1)):.2%} of denied); "
+    # Unrecoverable: refused by the ring buffer and the overflow map both, or evicted from the
+    # flow map with their flow before a record or a claim took them.
+    unrecoverable = k.get("kernel_lost", 0) + k.get("kernel_evicted", 0)
+    unexplained = k.get("kernel_denied", 0) - row_packets - unrecoverable
+    print(f"unrecoverable packets     {unrecoverable} "
+          f"({unrecoverable / max(1, k.get('kernel_denied', 1)):.2%} of denied); "
           f"unexplained {unexplained} (denied - stored packets - unrecoverable)")
     print("peak RSS (MiB)            " + ", ".join(f"{s} {v / 1024:.0f}" for s, v in rss.items())
           + f"; total {sum(rss.values()) / 1024:.0f}")

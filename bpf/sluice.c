@@ -219,7 +219,10 @@ static __always_inline void emit(struct __sk_buff *skb, struct sluice_event *ev,
 		}
 		/* Exchanged, not read then subtracted: capture claims tails the same way
 		 * (sluice_claim_tail), so each pending packet is reported by one of the two. */
-		packets += __sync_lock_test_and_set(&state->pending, 0);
+		u64 taken = __sync_lock_test_and_set(&state->pending, 0);
+		if (taken)
+			count(SLUICE_CNT_TAIL_TAKEN, taken);
+		packets += taken;
 		state->last_emit = now;
 	}
 
@@ -228,10 +231,11 @@ static __always_inline void emit(struct __sk_buff *skb, struct sluice_event *ev,
 	fill_owner(skb, ev);
 
 	if (!state) {
+		/* Inserted only if absent: a packet of the same flow on another CPU may have made
+		 * the entry meanwhile, and packets since folded into it must not be overwritten. */
 		struct sluice_flow_state fresh = { .last_emit = now };
 		__builtin_memcpy(&fresh.last, ev, sizeof(*ev));
-		map_flows.update(&key, &fresh);
-		state = map_flows.lookup(&key);
+		map_flows.insert(&key, &fresh);
 	} else {
 		__builtin_memcpy(&state->last, ev, sizeof(*ev));
 	}
@@ -657,9 +661,12 @@ int sluice_claim_tail(struct __sk_buff *skb)
 	if (!state)
 		return 0;
 	u64 pending = __sync_lock_test_and_set(&state->pending, 0);
-	if (pending && bpf_skb_store_bytes(skb, ETH_HLEN, &state->last, sizeof(state->last), 0) < 0) {
+	if (!pending)
+		return 0;
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &state->last, sizeof(state->last), 0) < 0) {
 		__sync_fetch_and_add(&state->pending, pending); /* given back: claimed next sweep */
 		return 0;
 	}
+	count(SLUICE_CNT_TAIL_TAKEN, pending);
 	return pending;
 }

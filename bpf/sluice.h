@@ -170,6 +170,9 @@ struct sluice_park_key {
 #define SLUICE_CNT_LOST           8  /* packets of refused records map_parked had no room for */
 #define SLUICE_CNT_DNS_REDIRECTED 9  /* DNS connects/sends sent to the proxy instead */
 #define SLUICE_CNT_DNS_REFUSED    10 /* IPv6 DNS refused: no IPv6 redirect address */
+#define SLUICE_CNT_TAIL_TAKEN     11 /* aggregated packets a record or a claim took from a flow;
+				      * aggregated - this - what flows still hold: packets whose
+				      * flow the LRU evicted before they were reported */
 #define SLUICE_CNT_MAX            16
 
 #endif

@@ -23,6 +23,8 @@ def lines(counters: Mapping[str, Counters]) -> list[str]:
         f"kernel:  denied {c('kernel_denied', 0)} packet(s); the ring buffer refused "
         f"{c('kernel_ringbuf_full', 0)} record(s): {c('kernel_parked', 0)} packet(s) parked "
         f"and swept ({c('overflow_swept', 0)} record(s)), {c('kernel_lost', 0)} lost"
+        + (f"; {c('kernel_evicted')} packet(s) evicted with their flow before being "
+           "reported" if c("kernel_evicted") else "")
         + (f"; {c('map_read_errors')} failed map read(s)" if c("map_read_errors") else ""),
         f"capture: read {read} = journaled {journaled} + unjournaled {unjournaled}"
         f"{'' if read == journaled + unjournaled else ' (MISMATCH)'}; sent to enrich "

@@ -212,12 +212,15 @@ def _unreported(spec: LayerSpec, stage: StageState | None, requested: Mapping[st
     return Layer(spec.name, "down", True, f"stage {spec.stage} is not running", spec.stage)
 
 
-def ring_buffer_report(reserve_failures: int, kernel_lost: int = 0, records_lost: int = 0) -> dict:
+def ring_buffer_report(reserve_failures: int, kernel_lost: int = 0, records_lost: int = 0,
+                       kernel_evicted: int = 0) -> dict:
     """capture's view: records the ring buffer refused (parked by the kernel and swept into
-    the journal, not lost), packets the kernel could not even park, and records capture had
-    to drop (journal full and memory too); the reader adds the drops between stages."""
+    the journal, not lost), packets the kernel could not even park, packets evicted with
+    their flow before being reported, and records capture had to drop (journal full and
+    memory too); the reader adds the drops between stages."""
     return {"state": "on", "detail": "", "kernel_reserve_failures": reserve_failures,
-            "kernel_lost_packets": kernel_lost, "records_lost": records_lost}
+            "kernel_lost_packets": kernel_lost, "kernel_evicted_packets": kernel_evicted,
+            "records_lost": records_lost}
 
 
 def _ring_buffer(report: tuple[str, dict] | None, counters: Mapping[str, Mapping],
@@ -231,18 +234,21 @@ def _ring_buffer(report: tuple[str, dict] | None, counters: Mapping[str, Mapping
                      "capture", {"dropped_between_stages": dropped})
     refused = int(report[1].get("kernel_reserve_failures", 0))
     lost = int(report[1].get("kernel_lost_packets", 0))
+    evicted = int(report[1].get("kernel_evicted_packets", 0))
     records_lost = int(report[1].get("records_lost", 0))
     facts = {"kernel_reserve_failures": refused, "kernel_lost_packets": lost,
-             "records_lost": records_lost, "dropped_between_stages": dropped}
+             "kernel_evicted_packets": evicted, "records_lost": records_lost,
+             "dropped_between_stages": dropped}
     total = sum(dropped.values())
-    if not lost and not records_lost and not total:
+    if not lost and not evicted and not records_lost and not total:
         detail = "nothing lost so far" + (
             f" ({refused} record(s) the full ring buffer refused were parked and swept)"
             if refused else "")
         return Layer("ring_buffer", "on", True, detail, "capture", facts)
     return Layer("ring_buffer", "partial", True,
-                 f"{lost} packet(s) the kernel could not park, {records_lost} record(s) "
-                 f"dropped by capture, {total} event(s) dropped between stages", "capture", facts)
+                 f"{lost} packet(s) the kernel could not park, {evicted} evicted with their "
+                 f"flow before being reported, {records_lost} record(s) dropped by capture, "
+                 f"{total} event(s) dropped between stages", "capture", facts)
 
 
 # ------------------------------------------------------------------ reading a run dir

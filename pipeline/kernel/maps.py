@@ -124,13 +124,14 @@ class KernelRuleMaps(PinnedMaps):
 
 def read_counters(fd: int) -> dict[str, int]:
     """Sum the per-CPU counters of map_counters."""
-    cpus = libbpf.possible_cpus()
-    totals = {}
-    for index, name in enumerate(KERNEL_COUNTERS[:COUNTER_SLOTS]):
-        values = (ctypes.c_uint64 * cpus)()
-        libbpf.lookup(fd, ctypes.c_uint32(index), values)
-        totals[name] = sum(values)
-    return totals
+    return {name: read_counter(fd, name) for name in KERNEL_COUNTERS[:COUNTER_SLOTS]}
+
+
+def read_counter(fd: int, name: str) -> int:
+    """One counter of map_counters, summed over the CPUs."""
+    values = (ctypes.c_uint64 * libbpf.possible_cpus())()
+    libbpf.lookup(fd, ctypes.c_uint32(KERNEL_COUNTERS.index(name)), values)
+    return sum(values)
 
 
 # sluice_claim_tail's test packet: the flow's key after an Ethernet header's room, and room for

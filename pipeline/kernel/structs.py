@@ -10,7 +10,8 @@ DNS_MARK = 0x2D53  # SLUICE_DNS_MARK: sockets the DNS redirect lets through (the
 
 # Per-CPU counter indexes (SLUICE_CNT_*), by the name capture reports them under.
 KERNEL_COUNTERS = ("packets", "allowed", "denied", "events", "aggregated", "ringbuf_full",
-                   "malformed", "parked", "lost", "dns_redirected", "dns_refused")
+                   "malformed", "parked", "lost", "dns_redirected", "dns_refused",
+                   "tail_taken")
 COUNTER_SLOTS = 16
 
 

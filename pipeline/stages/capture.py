@@ -68,7 +68,7 @@ from ..kernel.loader import (AGG_WINDOW_NS, HOOKS, MIDSTREAM_WINDOW_NS, V6_HOOKS
                              Classifier, Hook, attach_filter, attach_hooks, cgroup_dir,
                              cgroup_root, detach_filter, detach_hooks, egress_interface,
                              ipv6_disabled, load_classifier, remove_pins)
-from ..kernel.maps import claim_tail, read_counters
+from ..kernel.maps import claim_tail, read_counter, read_counters
 from ..kernel.ringbuf import RingReader
 from ..kernel.structs import FlowKey, FlowState, ParkKey
 from ..loop import BaseStage, StageIO, run_stage
@@ -219,6 +219,7 @@ class CaptureStage(BaseStage):
         self.journal_failing = False
         self.journal_retry_at = 0.0
         self.maps_failing: set[str] = set()  # maps whose last sweep failed (logged once)
+        self.eviction_estimate = 0  # the last sweep's (_evicted)
 
     def setup(self, io: StageIO) -> None:
         self.io = io
@@ -469,7 +470,8 @@ class CaptureStage(BaseStage):
                 ("dns_redirect", self.redirect_layer),
                 ("ring_buffer", ring_buffer_report(counters.get("kernel_ringbuf_full"),
                                                    counters.get("kernel_lost"),
-                                                   counters.get("records_lost")))):
+                                                   counters.get("records_lost"),
+                                                   counters.get("kernel_evicted")))):
             self.io.report_layer(name, **report)
 
     def _sweep_flows(self, every_flow: bool = False) -> None:
@@ -479,22 +481,45 @@ class CaptureStage(BaseStage):
         now_ns = self.kernel_ns()
         tails = []
         try:
+            folded = read_counter(self.counters_fd, "aggregated")  # before the map: _evicted
+            unclaimed = 0
             for key_bytes, value_bytes in libbpf.entries(self.flows_fd, FlowKey, FlowState):
                 last_emit, pending = _EMIT_AND_PENDING.unpack_from(value_bytes)
-                if pending == 0 or not (every_flow or
-                                        tail_due(key_bytes[_FLAGS_AT], last_emit, now_ns)):
+                if pending == 0:
+                    continue
+                if not (every_flow or tail_due(key_bytes[_FLAGS_AT], last_emit, now_ns)):
+                    unclaimed += pending
                     continue
                 # Claimed by the kernel, which exchanges the count for 0 as the classifier
                 # does: a packet of the flow meanwhile is reported by one of them, never both.
                 claimed, last = claim_tail(self.claim_fd, key_bytes)
                 if last is not None:
                     tails.append(reported_record(last, now_ns, claimed))
+            self._evicted(folded - read_counter(self.counters_fd, "tail_taken") - unclaimed)
             self._map_read_again("map_flows")
         except OSError as err:
             self._map_read_failed("map_flows", err)
         if tails:  # what was claimed before a failure is journaled all the same
             self.io.counters.add("flow_tails_reported", len(tails))
             self._journal_records(tails)
+
+    def _evicted(self, estimate: int) -> None:
+        """Packets the LRU evicted with their flow before they were reported, as kernel_evicted.
+
+        Every packet the kernel counted as aggregated before the map was read has since been
+        taken (by a record or a claim, counted as tail_taken after the map was read), or is
+        still in its flow, or was evicted with it: so the estimate never exceeds the packets
+        evicted, but for a record taking packets at the instant the counter is read (between
+        its exchange and its count). The lower of two sweeps' estimates is kept."""
+        bound = min(estimate, self.eviction_estimate)
+        self.eviction_estimate = estimate
+        if bound <= self.io.counters.get("kernel_evicted"):
+            return
+        if not self.io.counters.get("kernel_evicted"):
+            self.io.log.warning("packets of quiet flows were evicted from map_flows before "
+                                "they were reported (a flood of new flows filled it): counted "
+                                "as kernel_evicted, not in any record")
+        self.io.counters.set("kernel_evicted", bound)
 
     def _sweep_overflow(self) -> None:
         """Records the ring buffer refused, parked by the kernel: into the journal."""

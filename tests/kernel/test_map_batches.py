@@ -17,7 +17,7 @@ from tests.support.stagekit import stage_settings
 
 pytestmark = pytest.mark.kernel
 
-HASH, LRU_HASH = 1, 9  # enum bpf_map_type
+HASH, PERCPU_ARRAY, LRU_HASH = 1, 6, 9  # enum bpf_map_type
 ENTRIES = 10_000
 
 
@@ -72,6 +72,7 @@ def test_capture_counts_a_failed_sweep_logs_it_once_and_goes_on(unreadable, tmp_
     stage.io = StageIO("capture", stage_settings(tmp_path), None, threading.Event(),
                        logging.getLogger("sluice.capture.under-test"))
     stage.flows_fd = stage.overflow_fd = unreadable
+    stage.counters_fd = create_map(PERCPU_ARRAY, 4, 8, 16)
     with caplog.at_level(logging.INFO, "sluice.capture.under-test"):
         for _ in range(3):
             stage._sweep_flows()
@@ -90,3 +91,4 @@ def test_capture_counts_a_failed_sweep_logs_it_once_and_goes_on(unreadable, tmp_
             os.close(empty)
     assert stage.io.counters.get("map_read_errors") == 6
     assert [r.getMessage() for r in caplog.records].count("reading map_parked works again") == 1
+    os.close(stage.counters_fd)

@@ -4,6 +4,7 @@ batches capture's sweep uses), and a quiet flow's tail is claimed in the kernel.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
@@ -16,8 +17,11 @@ from pipeline.kernel import libbpf
 from pipeline.kernel.loader import AGG_WINDOW_NS, load_classifier, remove_pins
 from pipeline.kernel.maps import KernelRuleMaps, claim_tail, read_counters
 from pipeline.kernel.structs import FlowKey, FlowState, ParkKey
+from pipeline.loop import StageIO
 from pipeline.rulemaps import DENY
 from pipeline.settings import Settings
+from pipeline.stages.capture import CaptureStage
+from tests.support.stagekit import stage_settings
 
 pytestmark = pytest.mark.kernel
 
@@ -122,3 +126,43 @@ def test_claims_beside_the_classifier_count_every_packet_once(classifier):
         "a second record of the flow: a claim removed its entry, or the runs outlasted its window"
     assert claimed > 0, "no claim overlapped the runs"
     assert claimed + flow_entries(classifier)[7200] == runs == counters["aggregated"]
+    assert counters["tail_taken"] == claimed  # what the flow reported, counted by the kernel
+
+
+def test_a_flood_of_new_flows_evicts_flows_with_nothing_pending_first(classifier):
+    """The flow map is an LRU, and a new flow's entry is not looked up again after it is made:
+    single-packet flows stay unreferenced and are evicted before a flow with packets pending
+    (it was looked up for each)."""
+    send(classifier, 7300, repeat=5)  # a record and four pending
+    for port in range(10_000, 60_000):  # three times the new flows map_flows holds
+        send(classifier, port)
+    assert flow_entries(classifier)[7300] == 4
+
+
+def sweeping_capture(classifier, tmp_path) -> CaptureStage:
+    stage = CaptureStage(kernel_ns=lambda: 0)  # no flow is due: nothing is claimed
+    stage.io = StageIO("capture", stage_settings(tmp_path), None, threading.Event(),
+                       logging.getLogger("sluice.capture.under-test"))
+    stage.flows_fd, stage.claim_fd = classifier.map_fd("map_flows"), classifier.claim_fd
+    stage.counters_fd = classifier.map_fd("map_counters")
+    return stage
+
+
+def test_packets_evicted_with_their_flow_are_counted_by_capture(classifier, tmp_path):
+    """A flow that went quiet with packets pending, then a flood of new flows of two packets
+    each (so each has a packet pending too): the LRU evicts entries with packets in them.
+    Those packets are in no record; capture's sweep counts them (kernel_evicted), from the
+    kernel's counters and what the flows still hold."""
+    send(classifier, 7300, repeat=5)  # a record and four pending
+    for port in range(10_000, 40_000):
+        send(classifier, port, repeat=2)
+    held = flow_entries(classifier)
+    assert 7300 not in held, "the flow map kept the quiet flow"
+    stage = sweeping_capture(classifier, tmp_path)
+    stage._sweep_flows()
+    assert stage.io.counters.get("kernel_evicted") == 0  # one sweep's estimate is not enough
+    stage._sweep_flows()
+    counters = read_counters(stage.counters_fd)
+    evicted = counters["aggregated"] - sum(held.values())
+    assert counters["tail_taken"] == 0 and evicted >= 4
+    assert stage.io.counters.get("kernel_evicted") == evicted

@@ -24,6 +24,8 @@ def test_losses_and_a_mismatch_are_named():
     assert "refused 4 record(s): 3 packet(s) parked" in text and "1 lost" in text
     assert "7 record(s) not stored yet" in text
     assert "1 lost; 2 failed map read(s)" in text
+    evicted = "\n".join(lines({"capture": {"kernel_lost": 1, "kernel_evicted": 4}}))
+    assert "1 lost; 4 packet(s) evicted with their flow before being reported" in evicted
     assert "lost:    records_lost 2" in text
 
 

@@ -184,3 +184,13 @@ def test_records_the_full_ring_buffer_parked_are_not_a_loss():
     reports["ring_buffer"][1]["kernel_lost_packets"] = 2
     layer = combine(reports, stages(), {}, {}, None).layers["ring_buffer"]
     assert layer.state == "partial" and "2 packet(s) the kernel could not park" in layer.detail
+
+
+def test_packets_evicted_with_their_flow_are_a_loss():
+    reports = everything_on()
+    reports["ring_buffer"] = ("capture", {**ON, "kernel_reserve_failures": 0,
+                                          "kernel_lost_packets": 0, "records_lost": 0,
+                                          "kernel_evicted_packets": 3})
+    layer = combine(reports, stages(), {}, {}, None).layers["ring_buffer"]
+    assert layer.state == "partial"
+    assert "3 evicted with their flow before being reported" in layer.detail
