@@ -33,8 +33,10 @@ Losses:   ring-buffer records the kernel discarded or of another size are steppe
           and beyond MAX_UNJOURNALED_BYTES of them the oldest are dropped (records_lost).
           Short records are counted (short_records) and skipped. Records the ring buffer
           refused are swept from map_parked (overflow_swept); packets the kernel could
-          not park at all are counted there (kernel_lost). A failed map read is logged and
-          counted (map_read_errors); the map is read again at the next sweep.
+          not park at all are counted there (kernel_lost), and packets a flood of new flows
+          evicted from map_flows with their flow before they were reported are counted at
+          each sweep (kernel_evicted). A failed map read is logged and counted
+          (map_read_errors); the map is read again at the next sweep.
 Stop:     drains the ring buffer, the parked records and every flow's pending packets (in
           their window or not) into the journal, and exits without waiting for the backlog
           to be sent (the next start sends it). In audit mode a clean stop detaches
