@@ -20,6 +20,7 @@ from pathlib import Path
 
 
 from . import libbpf, redirect
+from .maps import unreported
 from ..errors import KernelError
 from ..settings import Settings
 
@@ -385,8 +386,11 @@ def detach_instance(settings: Settings) -> list[str]:
     if record and (addresses := redirect.remove_addresses(record.redirect_addresses)):
         done.append(f"DNS redirect address(es) {', '.join(addresses)} on lo")
     bpf_dir = Path(record.bpf_dir) if record and record.bpf_dir else settings.bpf_dir
+    discarded = unreported(bpf_dir)  # with the filter off, nothing adds to it now
     if count := remove_pins(bpf_dir):
         done.append(f"{count} pinned map(s) in {bpf_dir}")
+        if discarded:
+            done.append(f"with them, not reported (no capture had journaled it): {discarded}")
     if record:
         Attachment.path(settings.run_dir).unlink(missing_ok=True)
     private_cgroup = settings.run_dir / "cgroup2"

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import libbpf
+from .ringbuf import unread_records
 from .structs import (COUNTER_SLOTS, KERNEL_COUNTERS, CidrValue, Config, Event, FlowKey,
-                      LpmV4, LpmV6, PortLpmV4, PortLpmV6, PortValue)
+                      FlowState, LpmV4, LpmV6, ParkKey, PortLpmV4, PortLpmV6, PortValue)
 from ..errors import KernelError
 from ..rulemaps import Network
 
@@ -150,3 +151,32 @@ def claim_tail(claim_fd: int, key: bytes) -> tuple[int, Event | None]:
     if not claimed:
         return 0, None
     return claimed, Event.from_buffer_copy(out, _CLAIM_AT)
+
+
+EVIDENCE_MAPS = ("map_events", "map_parked", "map_flows")
+
+
+def unreported(bpf_dir: Path) -> str:
+    """What this instance's pinned maps hold that no capture has journaled, as one phrase:
+    records in the ring buffer, parked records and packets pending in flows (the classifier
+    keeps enforcing in enforce mode after capture stops). "" when they hold nothing or are
+    not there. Reads only: a capture still running takes them as usual."""
+    try:
+        maps = PinnedMaps(bpf_dir, EVIDENCE_MAPS)
+    except KernelError:
+        return ""
+    try:
+        ring = unread_records(maps.fds["map_events"], ctypes.sizeof(Event))
+        parked = [FlowState.from_buffer_copy(v).pending for _, v in
+                  libbpf.entries(maps.fds["map_parked"], ParkKey, FlowState)]
+        pending = [p for p in (FlowState.from_buffer_copy(v).pending for _, v in
+                               libbpf.entries(maps.fds["map_flows"], FlowKey, FlowState)) if p]
+    except OSError:
+        return ""
+    finally:
+        maps.close()
+    parts = [text for count, text in (
+        (ring, f"{ring} record(s) in the ring buffer"),
+        (len(parked), f"{len(parked)} parked record(s) ({sum(parked)} packet(s))"),
+        (len(pending), f"{sum(pending)} packet(s) pending in {len(pending)} flow(s)")) if count]
+    return ", ".join(parts)

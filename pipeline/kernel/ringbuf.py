@@ -24,6 +24,20 @@ _POS = struct.Struct("<Q")
 _LEN = struct.Struct("<I")
 
 
+def slot_size(record_size: int) -> int:
+    """A record and its header, 8-aligned: the bytes one record takes in the buffer."""
+    return (record_size + HEADER + 7) & ~7
+
+
+def unread_records(map_fd: int, record_size: int) -> int:
+    """Records between the consumer's and the producer's positions, left unconsumed."""
+    page = mmap.PAGESIZE
+    with mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ, offset=0) as consumer, \
+            mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ, offset=page) as producer:
+        consumed, produced = _POS.unpack_from(consumer)[0], _POS.unpack_from(producer)[0]
+    return (produced - consumed) // slot_size(record_size)
+
+
 class RingReader:
     """Consume one ring buffer map (by fd) of `size` data bytes (a power of two)."""
 
@@ -33,7 +47,7 @@ class RingReader:
         page = mmap.PAGESIZE
         self.size = size
         self.mask = size - 1
-        self.slot = (record_size + HEADER + 7) & ~7
+        self.slot = slot_size(record_size)
         self.record_size = record_size
         self.skipped = 0  # discarded records and records of another size stepped over
         self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED,

@@ -2,6 +2,7 @@
 
 import ipaddress
 import os
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 
 from pipeline.errors import ExitCode
 from pipeline.kernel import libbpf
+from pipeline.kernel.loader import detach_instance
 
 from pipeline.rulemaps import ALLOW, DENY
 from tests.support.kernelrig import HASH_MAP, CaptureRig, create_map
@@ -150,6 +152,19 @@ def test_a_stop_reports_the_packets_of_flows_still_in_their_window(lab, rig):
     rig.receive(lambda ev: sum(e.packets for e in to(ev, Lab.SERVER_V4, 9998)) >= 50,
                 what="the packets still pending at the stop")
     assert sum(e.packets for e in to(rig.events, Lab.SERVER_V4, 9998)) == 50
+
+
+def test_a_detach_says_what_the_maps_held_that_no_capture_reported(lab, rig):
+    """After an enforce-mode stop the classifier goes on enforcing, and its records wait in
+    the pinned maps for the next capture; `sluice detach` removes them, and says so."""
+    rig.start(DENY)
+    assert rig.stop() == 0
+    assert lab.client_run("udp", Lab.SERVER_V4, "9997", "--count", "5")["sent"] == 5
+    assert lab.client_run("udp", Lab.SERVER_V4, "9996")["sent"] == 1
+    [line] = [part for part in detach_instance(rig.settings) if "not reported" in part]
+    ring = re.search(r"(\d+) record\(s\) in the ring buffer", line)
+    assert ring and int(ring.group(1)) >= 2, line  # a record for each flow's first packet
+    assert line.endswith("4 packet(s) pending in 1 flow(s)"), line
 
 
 @pytest.mark.parametrize("rig", [{"SLUICE_RINGBUF_PAGES": "1"}], indirect=True)
