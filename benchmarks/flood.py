@@ -26,8 +26,12 @@ Baselines, measured in the same run: the sender alone with no classifier (its pa
 and the DNS latency of the same proxy before the flood.
 
     sudo .venv/bin/python benchmarks/flood.py [--packets 300000] [--rate 0] [--busy-core]
+                                              [--per-flow 1]
 
---busy-core keeps one core busy with an unrelated program for the whole run.
+--busy-core keeps one core busy with an unrelated program for the whole run. --per-flow K
+sends K datagrams to each destination: the kernel aggregates all but each flow's first, and
+the run ends only once capture has claimed them too (or counted them as evicted with their
+flow), so the flow map's accounting is checked end to end.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ QUIET_NAMES = 600
 DNS_ADDED_P99_MS = 5.0  # the target: what the flood may add to a fresh answer's p99
 SENDER = r"""
 import socket, sys, time
-n, rate = int(sys.argv[1]), float(sys.argv[2])
+n, rate, per_flow = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setblocking(False)
 addrs = [(f"10.204.{(i % 60000) // 250}.{i % 250 + 1}", 10000 + i // 60000) for i in range(n)]
@@ -76,7 +80,7 @@ for i in range(n):
         if ahead > 0:
             time.sleep(ahead)
     try:
-        s.sendto(b"x", addrs[i]); sent += 1
+        s.sendto(b"x", addrs[i // per_flow]); sent += 1
     except OSError:
         sent += 1  # dropped by the classifier (ENOBUFS/EPERM): still a packet it judged
 print(sent, time.perf_counter() - start)
@@ -227,9 +231,9 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def send(lab: Lab, packets: int, rate: float) -> tuple[int, float]:
+def send(lab: Lab, packets: int, rate: float, per_flow: int) -> tuple[int, float]:
     out = subprocess.run(lab.exec_args(lab.client) + [sys.executable, "-c", SENDER, str(packets),
-                                                      str(rate)],
+                                                      str(rate), str(per_flow)],
                          check=True, capture_output=True, text=True,
                          start_new_session=OWN_SESSION).stdout.split()
     return int(out[0]), float(out[1])
@@ -268,7 +272,11 @@ def upstream(lab: Lab, tmp: Path) -> None:
 def everything_stored(run_dir: Path) -> bool:
     capture, persist = counters(run_dir, "capture"), counters(run_dir, "persist")
     read = capture.get("records_read", 0)
-    return (read > 0 and capture.get("journal_unstored", 1) == 0
+    # With --per-flow, packets after a flow's first wait in the kernel until capture claims
+    # them, a window after the flow went quiet: every one taken (or counted as evicted).
+    unclaimed = capture.get("kernel_aggregated", 0) - capture.get("kernel_tail_taken", 0) \
+        - capture.get("kernel_evicted", 0)
+    return (read > 0 and unclaimed <= 0 and capture.get("journal_unstored", 1) == 0
             and persist.get("rows_inserted", 0) + persist.get("duplicates_skipped", 0) >= read)
 
 
@@ -278,6 +286,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0, help="packets/s; 0: as fast as it can")
     parser.add_argument("--busy-core", action="store_true",
                         help="keep one core busy with an unrelated program for the whole run")
+    parser.add_argument("--per-flow", type=int, default=1,
+                        help="datagrams to each destination, back to back: the rest of a "
+                             "flow's are aggregated, and reported when capture claims them")
     args = parser.parse_args()
 
     busy = subprocess.Popen([sys.executable, "-c", BUSY], start_new_session=OWN_SESSION) \
@@ -293,7 +304,7 @@ def main() -> None:
     honcho = None
     try:
         upstream(lab, tmp)
-        _, baseline_s = send(lab, args.packets, args.rate)
+        _, baseline_s = send(lab, args.packets, args.rate, args.per_flow)
 
         (tmp / "policy.json").write_text(json.dumps({"defaultAction": "deny", "rules": [
             {"type": "hostname", "value": "*.fresh.bench.test", "action": "allow",
@@ -318,7 +329,7 @@ def main() -> None:
         start = time.perf_counter()
         loops, machine = LoopTimes(pids), MachineCpu(pids)
         children_s = children_cpu_seconds()
-        sent, send_s = send(lab, args.packets, args.rate)
+        sent, send_s = send(lab, args.packets, args.rate, args.per_flow)
         sender_s = children_cpu_seconds() - children_s  # the one child that ended meanwhile
         deadline = start + DEADLINE_S
         while not everything_stored(run_dir) and time.perf_counter() < deadline:
@@ -398,7 +409,9 @@ def report(args, sent, send_s, baseline_s, stored_s, complete, rss, stage_counte
     print(f"persist                   in {c['persist'].get('audit_records_received', 0)}, "
           f"stored {c['persist'].get('rows_inserted', 0)}, duplicates "
           f"{c['persist'].get('duplicates_skipped', 0)}")
-    print(f"rows stored               {rows} flooded destinations; "
+    flows = f" (records and claimed tails of {sent // args.per_flow} flows)" \
+        if args.per_flow > 1 else ""
+    print(f"rows stored               {rows} flooded destinations{flows}; "
           f"{row_packets} denied packets in all"
           f"{'' if complete else f'  FAILED: not everything stored within {DEADLINE_S} s'}")
     if complete:
