@@ -82,6 +82,11 @@ from ..settings import Settings
 DRAIN_BYTES = 1 << 20          # one journal frame at most: a read of the ring buffer
 SENDS_PER_TURN = 8             # batches sent per loop turn before the ring is drained again
 MAX_UNJOURNALED_BYTES = 64 << 20
+# Records the kernel makes in one overflow_s (each a flow's first packet in its window) from
+# which capture claims every flow's pending packets at the pressed pace: at twice this rate
+# new flows turn the flow map's 16,384 entries over in the two seconds a quiet flow's
+# packets wait for the normal sweep.
+PRESS_RECORDS = 400
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -89,6 +94,10 @@ class Paces:
     """How often capture does its periodic work, in seconds of its clock."""
 
     sweep_s: float = 1.0          # flow tails into the journal
+    # While new flows come fast enough to evict flows with packets pending (PRESS_RECORDS), or
+    # evictions are seen, every flow's pending packets are claimed this often, in their
+    # window or not, until a sweep_s passes with neither.
+    pressed_sweep_s: float = 0.1
     # map_parked into the journal: a full-speed flood with the ring buffer full fills its
     # 65,536 entries in about a second, and what finds it full is lost.
     overflow_s: float = 0.1
@@ -222,6 +231,8 @@ class CaptureStage(BaseStage):
         self.journal_retry_at = 0.0
         self.maps_failing: set[str] = set()  # maps whose last sweep failed (logged once)
         self.eviction_estimate = 0  # the last sweep's (_evicted)
+        self.pressed_until = 0.0  # claiming every flow's pending packets until then
+        self.records_made = 0  # the kernel's records and refused records at the last look
 
     def setup(self, io: StageIO) -> None:
         self.io = io
@@ -415,11 +426,16 @@ class CaptureStage(BaseStage):
         self.drain()
         self.send()
         if now >= self.next_sweep:
-            self.next_sweep = now + self.paces.sweep_s
-            self._sweep_flows()
+            if self._sweep_flows(every_flow=now < self.pressed_until):
+                self.pressed_until = now + self.paces.sweep_s
+            self.next_sweep = now + (self.paces.pressed_sweep_s if now < self.pressed_until
+                                     else self.paces.sweep_s)
         if now >= self.next_overflow:
             self.next_overflow = now + self.paces.overflow_s
             self._sweep_overflow()
+            if self._new_flows_fast():
+                self.pressed_until = now + self.paces.sweep_s
+                self.next_sweep = min(self.next_sweep, now + self.paces.pressed_sweep_s)
         if now >= self.next_release:
             self.next_release = now + self.paces.release_s
             journal = self.journal
@@ -476,12 +492,14 @@ class CaptureStage(BaseStage):
                                                    counters.get("kernel_evicted")))):
             self.io.report_layer(name, **report)
 
-    def _sweep_flows(self, every_flow: bool = False) -> None:
+    def _sweep_flows(self, every_flow: bool = False) -> bool:
         """Report packets still pending in flows that went quiet inside their window, or
-        with every_flow (the stop) in every flow: an audit-mode stop removes the maps, and
-        the packets of a flow still in its window would go with them."""
+        with every_flow in every flow: at the stop (an audit-mode stop removes the maps, and
+        the packets of a flow still in its window would go with them) and while the map
+        evicts flows with packets pending. True when this sweep saw such evictions."""
         now_ns = self.kernel_ns()
         tails = []
+        evicting = False
         try:
             folded = read_counter(self.counters_fd, "aggregated")  # before the map: _evicted
             unclaimed = 0
@@ -497,31 +515,44 @@ class CaptureStage(BaseStage):
                 claimed, last = claim_tail(self.claim_fd, key_bytes)
                 if last is not None:
                     tails.append(reported_record(last, now_ns, claimed))
-            self._evicted(folded - read_counter(self.counters_fd, "tail_taken") - unclaimed)
+            evicting = self._evicted(
+                folded - read_counter(self.counters_fd, "tail_taken") - unclaimed)
             self._map_read_again("map_flows")
         except OSError as err:
             self._map_read_failed("map_flows", err)
         if tails:  # what was claimed before a failure is journaled all the same
             self.io.counters.add("flow_tails_reported", len(tails))
             self._journal_records(tails)
+        return evicting
 
-    def _evicted(self, estimate: int) -> None:
+    def _new_flows_fast(self) -> bool:
+        """Whether the kernel made PRESS_RECORDS records since the last look."""
+        made = (read_counter(self.counters_fd, "events")
+                + read_counter(self.counters_fd, "ringbuf_full"))
+        fast = made - self.records_made >= PRESS_RECORDS
+        self.records_made = made
+        return fast
+
+    def _evicted(self, estimate: int) -> bool:
         """Packets the LRU evicted with their flow before they were reported, as kernel_evicted.
 
         Every packet the kernel counted as aggregated before the map was read has since been
         taken (by a record or a claim, counted as tail_taken after the map was read), or is
         still in its flow, or was evicted with it: so the estimate never exceeds the packets
         evicted, but for a record taking packets at the instant the counter is read (between
-        its exchange and its count). The lower of two sweeps' estimates is kept."""
+        its exchange and its count). The lower of two sweeps' estimates is kept. True when
+        the estimate grew since the last sweep: flows are being evicted with packets."""
+        grew = estimate > self.eviction_estimate
         bound = min(estimate, self.eviction_estimate)
         self.eviction_estimate = estimate
         if bound <= self.io.counters.get("kernel_evicted"):
-            return
+            return grew
         if not self.io.counters.get("kernel_evicted"):
             self.io.log.warning("packets of quiet flows were evicted from map_flows before "
                                 "they were reported (a flood of new flows filled it): counted "
                                 "as kernel_evicted, not in any record")
         self.io.counters.set("kernel_evicted", bound)
+        return grew
 
     def _sweep_overflow(self) -> None:
         """Records the ring buffer refused, parked by the kernel: into the journal."""

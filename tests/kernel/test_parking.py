@@ -166,3 +166,21 @@ def test_packets_evicted_with_their_flow_are_counted_by_capture(classifier, tmp_
     evicted = counters["aggregated"] - sum(held.values())
     assert counters["tail_taken"] == 0 and evicted >= 4
     assert stage.io.counters.get("kernel_evicted") == evicted
+
+
+def test_sweeps_claiming_every_flow_keep_what_the_same_flood_would_evict(classifier, tmp_path):
+    """The same flood with a sweep between chunks of it that claims every flow's pending
+    packets, in their window or not, as capture sweeps while it sees evictions: nothing is
+    evicted, and every packet is in a record or a claim."""
+    stage = sweeping_capture(classifier, tmp_path)
+    tails: list[bytes] = []
+    stage._journal_records = tails.extend
+    send(classifier, 7300, repeat=5)
+    for first in range(10_000, 40_000, 3_000):
+        for port in range(first, first + 3_000):
+            send(classifier, port, repeat=2)
+        stage._sweep_flows(every_flow=True)
+    counters = read_counters(stage.counters_fd)
+    assert counters["aggregated"] == 30_004 == counters["tail_taken"]
+    assert len(tails) == 30_001  # a claimed tail for each flow
+    assert stage.io.counters.get("kernel_evicted") == 0
