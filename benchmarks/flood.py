@@ -9,8 +9,8 @@ a deadline, which it reports as a failure, never as a rate.
 
 It prints in = out for the kernel and every stage; rows stored and stored events/s; packets
 unrecoverable (the kernel could not even park them, or its flow map evicted them with their
-flow before they were reported) and any unexplained difference; the peak
-RSS of each stage and their total; whether honcho had to SIGKILL a stage at the stop; and
+flow before they were reported) and any unexplained difference; the peak RSS of each stage
+and their total; whether honcho had to SIGKILL a stage at the stop; and
 the DNS answers' latency during the flood against the same with no flood (as the probe saw
 it, and when each answer reached the probe's socket by the kernel's receive timestamp: the
 difference is the probe's own wait for a CPU), whether that meets the target (at most

@@ -82,6 +82,12 @@ def test_a_flow_refused_twice_is_parked_as_two_whole_records(classifier):
     assert counters["lost"] == 0
 
 
+def only_flow_key(classifier) -> bytes:
+    """The key of map_flows' one entry."""
+    [key] = [k for k, _ in libbpf.entries(classifier.map_fd("map_flows"), FlowKey, FlowState)]
+    return key
+
+
 def flow_entries(classifier) -> dict[int, int]:
     """Destination port -> pending packets of each map_flows entry."""
     return {FlowKey.from_buffer_copy(key).dst_port: FlowState.from_buffer_copy(value).pending
@@ -92,7 +98,7 @@ def flow_entries(classifier) -> dict[int, int]:
 def test_a_quiet_flows_tail_is_claimed_once_with_its_record_and_the_entry_stays(classifier):
     assert send(classifier, 7100, repeat=5) == TC_ACT_SHOT  # one record, four pending
     assert flow_entries(classifier) == {7100: 4}
-    [key] = [k for k, _ in libbpf.entries(classifier.map_fd("map_flows"), FlowKey, FlowState)]
+    key = only_flow_key(classifier)
     claimed, last = claim_tail(classifier.claim_fd, key)
     assert claimed == 4
     assert (last.dst_ip, last.dst_port, last.src_port, last.allowed) == (
@@ -113,7 +119,7 @@ def test_claims_beside_the_classifier_count_every_packet_once(classifier):
     packet made a second record.)"""
     runs = 200_000
     send(classifier, 7200)  # the flow's first record: the rest of the runs fold
-    [key] = [k for k, _ in libbpf.entries(classifier.map_fd("map_flows"), FlowKey, FlowState)]
+    key = only_flow_key(classifier)
     claimed, claims = 0, 0
     flooding = threading.Thread(target=send, args=(classifier, 7200, runs))
     flooding.start()
