@@ -141,12 +141,12 @@ def keys(fd: int, key_type):
 BATCH_ENTRIES = 4096  # entries per batch call: a hash bucket never holds this many
 
 
-def entries(fd: int, key_type, value_type, *, delete: bool = False,
-            chunk: int = BATCH_ENTRIES) -> Iterator[tuple[bytes, bytes]]:
-    """Every (key, value) of a hash map as bytes, read a chunk per system call (Linux 5.6+);
-    with delete, each bucket is read and emptied in one step, so nothing added meanwhile is
-    lost. Walking a map key by key costs two calls an entry, and capture sweeps maps of
-    16,384 and 65,536 entries (pipeline/stages/capture.py: Paces)."""
+def chunks(fd: int, key_type, value_type, *, delete: bool = False,
+           chunk: int = BATCH_ENTRIES) -> Iterator[tuple[bytes, bytes, int]]:
+    """Every entry of a hash map, as (keys, values, count): count keys and values laid end
+    to end, read a chunk per system call (Linux 5.6+); with delete, each bucket is read and
+    emptied in one step, so nothing added meanwhile is lost. Walking a map key by key costs
+    two calls an entry, and capture sweeps maps of 65,536 entries (capture.py: Paces)."""
     call = lib().bpf_map_lookup_and_delete_batch if delete else lib().bpf_map_lookup_batch
     key_size, value_size = ctypes.sizeof(key_type), ctypes.sizeof(value_type)
     keys = ctypes.create_string_buffer(key_size * chunk)
@@ -160,15 +160,22 @@ def entries(fd: int, key_type, value_type, *, delete: bool = False,
         if rc < 0 and _errno(rc) != errno.ENOENT:  # ENOENT: the last chunk, maybe empty
             err = _errno(rc)
             raise OSError(err, f"batch map read failed: {os.strerror(err)}")
-        key_bytes = ctypes.string_at(keys, count.value * key_size)
-        value_bytes = ctypes.string_at(values, count.value * value_size)
-        for i in range(count.value):
-            yield (key_bytes[i * key_size:(i + 1) * key_size],
-                   value_bytes[i * value_size:(i + 1) * value_size])
+        yield (ctypes.string_at(keys, count.value * key_size),
+               ctypes.string_at(values, count.value * value_size), count.value)
         if rc < 0:
             return
         position.value = following.value
         start = ctypes.byref(position)
+
+
+def entries(fd: int, key_type, value_type, *, delete: bool = False,
+            chunk: int = BATCH_ENTRIES) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value) of a hash map as bytes (chunks, entry by entry)."""
+    key_size, value_size = ctypes.sizeof(key_type), ctypes.sizeof(value_type)
+    for keys, values, count in chunks(fd, key_type, value_type, delete=delete, chunk=chunk):
+        for i in range(count):
+            yield (keys[i * key_size:(i + 1) * key_size],
+                   values[i * value_size:(i + 1) * value_size])
 
 
 def possible_cpus() -> int:

@@ -49,6 +49,7 @@ Example:  SLUICE_INTERFACE=eth0 sluice run capture
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import struct
 import threading
@@ -84,9 +85,9 @@ SENDS_PER_TURN = 8             # batches sent per loop turn before the ring is d
 MAX_UNJOURNALED_BYTES = 64 << 20
 # Records the kernel makes in one overflow_s (each a flow's first packet in its window) from
 # which capture claims every flow's pending packets at the pressed pace: at twice this rate
-# new flows turn the flow map's 16,384 entries over in the two seconds a quiet flow's
+# new flows turn the flow map's 65,536 entries over in the two seconds a quiet flow's
 # packets wait for the normal sweep.
-PRESS_RECORDS = 400
+PRESS_RECORDS = 1_600
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -106,9 +107,10 @@ class Paces:
     journal_retry_s: float = 1.0  # after a failed write, the disk is tried again this much later
 
 
-# A flow's state starts with its last emit and its pending packets (u64 each); its key's
-# fourth byte is its flags (kernel/structs.py: FlowState, FlowKey).
-_EMIT_AND_PENDING = struct.Struct("=QQ")
+# A flow's state starts with its last emit and its pending packets (u64 each), then the
+# template of its next record; its key's fourth byte is its flags (kernel/structs.py).
+_EMIT_AND_PENDING = struct.Struct(f"=QQ{ctypes.sizeof(FlowState) - 16}x")
+_FLOW_KEY_SIZE = ctypes.sizeof(FlowKey)
 _FLAGS_AT = FlowKey.flags.offset
 
 
@@ -501,20 +503,24 @@ class CaptureStage(BaseStage):
         tails = []
         evicting = False
         try:
+            if self._nothing_pending():
+                return False
             folded = read_counter(self.counters_fd, "aggregated")  # before the map: _evicted
             unclaimed = 0
-            for key_bytes, value_bytes in libbpf.entries(self.flows_fd, FlowKey, FlowState):
-                last_emit, pending = _EMIT_AND_PENDING.unpack_from(value_bytes)
-                if pending == 0:
-                    continue
-                if not (every_flow or tail_due(key_bytes[_FLAGS_AT], last_emit, now_ns)):
-                    unclaimed += pending
-                    continue
-                # Claimed by the kernel, which exchanges the count for 0 as the classifier
-                # does: a packet of the flow meanwhile is reported by one of them, never both.
-                claimed, last = claim_tail(self.claim_fd, key_bytes)
-                if last is not None:
-                    tails.append(reported_record(last, now_ns, claimed))
+            for keys, values, _ in libbpf.chunks(self.flows_fd, FlowKey, FlowState):
+                # Unpacked in one pass over the chunk: most flows have nothing pending.
+                for i, (last_emit, pending) in enumerate(_EMIT_AND_PENDING.iter_unpack(values)):
+                    if pending == 0:
+                        continue
+                    key_bytes = keys[i * _FLOW_KEY_SIZE:(i + 1) * _FLOW_KEY_SIZE]
+                    if not (every_flow or tail_due(key_bytes[_FLAGS_AT], last_emit, now_ns)):
+                        unclaimed += pending
+                        continue
+                    # Claimed by the kernel, which exchanges the count for 0 as the classifier
+                    # does: a packet of the flow meanwhile is reported by one of them only.
+                    claimed, last = claim_tail(self.claim_fd, key_bytes)
+                    if last is not None:
+                        tails.append(reported_record(last, now_ns, claimed))
             evicting = self._evicted(
                 folded - read_counter(self.counters_fd, "tail_taken") - unclaimed)
             self._map_read_again("map_flows")
@@ -524,6 +530,16 @@ class CaptureStage(BaseStage):
             self.io.counters.add("flow_tails_reported", len(tails))
             self._journal_records(tails)
         return evicting
+
+    def _nothing_pending(self) -> bool:
+        """Whether no flow holds a packet pending, from the kernel's counters alone: every
+        packet it folded into a flow was taken by a record or a claim, or is counted as
+        evicted. Then the sweep need not read the map (a flood of single-packet flows folds
+        nothing). tail_taken is read first: a packet taken meanwhile only makes the figure
+        larger, never hides one still pending."""
+        taken = read_counter(self.counters_fd, "tail_taken")
+        folded = read_counter(self.counters_fd, "aggregated")
+        return folded - taken <= self.io.counters.get("kernel_evicted")
 
     def _new_flows_fast(self) -> bool:
         """Whether the kernel made PRESS_RECORDS records since the last look."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,9 +30,9 @@ SOURCE, DESTINATION = bytes([10, 203, 0, 1]), bytes([10, 203, 0, 9])
 TC_ACT_SHOT = 2
 
 
-def udp_frame(dst_port: int) -> bytes:
+def udp_frame(dst_port: int, destination: bytes = DESTINATION) -> bytes:
     """Ethernet, IPv4 and UDP headers of one datagram from port 40000 (checksums unchecked)."""
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, SOURCE, DESTINATION)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, SOURCE, destination)
     udp = struct.pack("!HHHH", 40000, dst_port, 8, 0)
     return b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + udp
 
@@ -52,10 +53,20 @@ def classifier(kernel, tmp_path):
         remove_pins(bpf_dir)  # and the directory
 
 
-def send(classifier, dst_port: int, repeat: int = 1) -> int:
+def send(classifier, dst_port: int, repeat: int = 1, destination: bytes = DESTINATION) -> int:
     """The classifier's verdict on one datagram (sent repeat times)."""
-    verdict, _ = libbpf.run_program(classifier.egress_fd, udp_frame(dst_port), repeat)
+    verdict, _ = libbpf.run_program(classifier.egress_fd, udp_frame(dst_port, destination),
+                                    repeat)
     return verdict
+
+
+FLOW_MAP_ENTRIES = 65_536  # bpf/sluice.c: SLUICE_FLOW_ENTRIES
+
+
+def flood(classifier, flows: range, repeat: int = 1) -> None:
+    """New flows of repeat datagrams each, one destination a flow (10.204.0.0 on, port 9)."""
+    for n in flows:
+        send(classifier, 9, repeat, bytes([10, 204 + (n >> 16), n >> 8 & 255, n & 255]))
 
 
 def parked(classifier) -> list[tuple[int, int]]:
@@ -89,10 +100,21 @@ def only_flow_key(classifier) -> bytes:
 
 
 def flow_entries(classifier) -> dict[int, int]:
-    """Destination port -> pending packets of each map_flows entry."""
-    return {FlowKey.from_buffer_copy(key).dst_port: FlowState.from_buffer_copy(value).pending
-            for key, value in libbpf.entries(classifier.map_fd("map_flows"), FlowKey,
-                                             FlowState)}
+    """Destination port -> pending packets of each map_flows entry to DESTINATION (the key
+    holds an IPv4 address as the kernel's u32, in this host's byte order)."""
+    found = {}
+    for key_bytes, value in libbpf.entries(classifier.map_fd("map_flows"), FlowKey, FlowState):
+        key = FlowKey.from_buffer_copy(key_bytes)
+        if int.from_bytes(bytes(key.dst[:4]), sys.byteorder) == int.from_bytes(DESTINATION,
+                                                                              "big"):
+            found[key.dst_port] = FlowState.from_buffer_copy(value).pending
+    return found
+
+
+def pending_in_flows(classifier) -> int:
+    """The packets pending in every map_flows entry."""
+    return sum(FlowState.from_buffer_copy(value).pending for _, value in
+               libbpf.entries(classifier.map_fd("map_flows"), FlowKey, FlowState))
 
 
 def test_a_quiet_flows_tail_is_claimed_once_with_its_record_and_the_entry_stays(classifier):
@@ -140,8 +162,7 @@ def test_a_flood_of_new_flows_evicts_flows_with_nothing_pending_first(classifier
     single-packet flows stay unreferenced and are evicted before a flow with packets pending
     (it was looked up for each)."""
     send(classifier, 7300, repeat=5)  # a record and four pending
-    for port in range(10_000, 60_000):  # three times the new flows map_flows holds
-        send(classifier, port)
+    flood(classifier, range(3 * FLOW_MAP_ENTRIES))  # three times the flows map_flows holds
     assert flow_entries(classifier)[7300] == 4
 
 
@@ -160,16 +181,15 @@ def test_packets_evicted_with_their_flow_are_counted_by_capture(classifier, tmp_
     Those packets are in no record; capture's sweep counts them (kernel_evicted), from the
     kernel's counters and what the flows still hold."""
     send(classifier, 7300, repeat=5)  # a record and four pending
-    for port in range(10_000, 40_000):
-        send(classifier, port, repeat=2)
-    held = flow_entries(classifier)
-    assert 7300 not in held, "the flow map kept the quiet flow"
+    flood(classifier, range(2 * FLOW_MAP_ENTRIES), repeat=2)
+    assert 7300 not in flow_entries(classifier), "the flow map kept the quiet flow"
+    held = pending_in_flows(classifier)
     stage = sweeping_capture(classifier, tmp_path)
     stage._sweep_flows()
     assert stage.io.counters.get("kernel_evicted") == 0  # one sweep's estimate is not enough
     stage._sweep_flows()
     counters = read_counters(stage.counters_fd)
-    evicted = counters["aggregated"] - sum(held.values())
+    evicted = counters["aggregated"] - held
     assert counters["tail_taken"] == 0 and evicted >= 4
     assert stage.io.counters.get("kernel_evicted") == evicted
 
@@ -182,11 +202,25 @@ def test_sweeps_claiming_every_flow_keep_what_the_same_flood_would_evict(classif
     tails: list[bytes] = []
     stage._journal_records = tails.extend
     send(classifier, 7300, repeat=5)
-    for first in range(10_000, 40_000, 3_000):
-        for port in range(first, first + 3_000):
-            send(classifier, port, repeat=2)
+    flows = 2 * FLOW_MAP_ENTRIES
+    for first in range(0, flows, flows // 8):
+        flood(classifier, range(first, first + flows // 8), repeat=2)
         stage._sweep_flows(every_flow=True)
     counters = read_counters(stage.counters_fd)
-    assert counters["aggregated"] == 30_004 == counters["tail_taken"]
-    assert len(tails) == 30_001  # a claimed tail for each flow
+    assert counters["aggregated"] == flows + 4 == counters["tail_taken"]
+    assert len(tails) == flows + 1  # a claimed tail for each flow
     assert stage.io.counters.get("kernel_evicted") == 0
+
+
+def test_a_sweep_reads_the_flow_map_only_while_a_packet_is_pending(classifier, tmp_path):
+    """The kernel's counters say whether any flow holds a packet: after a flood of
+    single-packet flows a sweep does not read map_flows at all (here a read would fail and be
+    counted: the stage's descriptor is no map), and it does once a packet is folded."""
+    stage = sweeping_capture(classifier, tmp_path)
+    flood(classifier, range(1_000))
+    stage.flows_fd = -1
+    stage._sweep_flows(every_flow=True)
+    assert stage.io.counters.get("map_read_errors") == 0
+    send(classifier, 7400, repeat=2)  # a record and one pending
+    stage._sweep_flows(every_flow=True)
+    assert stage.io.counters.get("map_read_errors") == 1
