@@ -200,6 +200,16 @@ def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> bool:
     return lib().bpf_prog_detach2(prog_fd, target_fd, attach_type) == 0
 
 
+def max_entries(map_fd: int) -> int:
+    """A map's max_entries as the kernel made it (struct bpf_map_info, at offset 16): for a
+    ring buffer, its size in bytes."""
+    info = (ctypes.c_uint32 * 64)()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    if lib().bpf_obj_get_info_by_fd(map_fd, info, ctypes.byref(size)) < 0:
+        raise OSError(ctypes.get_errno(), "cannot read map info")
+    return info[4]
+
+
 def prog_id(prog_fd: int) -> int:
     """The kernel's id of a loaded program (struct bpf_prog_info.id, at offset 4)."""
     info = (ctypes.c_uint32 * 64)()

@@ -58,6 +58,7 @@ V6_HOOKS = (11, 15)  # the IPv6 socket-owner hooks (connect6, sendmsg6)
 
 AGG_WINDOW_NS = 1_000_000_000
 MIDSTREAM_WINDOW_NS = 10_000_000_000
+FLOW_ENTRIES = 65_536  # map_flows: about 12 MB of kernel memory
 
 
 def cflags(bpf_dir: Path, ringbuf_pages: int) -> list[str]:
@@ -68,6 +69,7 @@ def cflags(bpf_dir: Path, ringbuf_pages: int) -> list[str]:
         f"-DSLUICE_RINGBUF_PAGES={ringbuf_pages}",
         f"-DSLUICE_AGG_WINDOW_NS={AGG_WINDOW_NS}ULL",
         f"-DSLUICE_MIDSTREAM_WINDOW_NS={MIDSTREAM_WINDOW_NS}ULL",
+        f"-DSLUICE_FLOW_ENTRIES={FLOW_ENTRIES}",
         "-w",  # kernel headers are noisy under bcc's clang; our own code compiles clean
     ]
 
@@ -279,6 +281,23 @@ def _classifier(message: bytes, fds: list[int], stderr: str) -> Classifier:
                           "stale SLUICE_BPF_DIR from an older build is removed by `sluice "
                           "detach`)")
     return Classifier(dict(zip(names, fds, strict=True)))
+
+
+def adopted_sizes(classifier: Classifier, settings: Settings) -> tuple[int, list[str]]:
+    """The ring buffer's size in bytes as the kernel made it, and how the maps' sizes differ
+    from this run's settings and build. Maps pinned by an earlier run (an enforce-mode stop
+    keeps them, so that the classifier never stops) are used as they were made, until
+    `sluice detach` removes them: reading the ring buffer by the setting instead failed, or
+    with a smaller setting read it at the wrong places."""
+    ring = libbpf.max_entries(classifier.map_fd("map_events"))
+    flows = libbpf.max_entries(classifier.map_fd("map_flows"))
+    differences = []
+    if ring != settings.ringbuf_pages * 4096:
+        differences.append(f"the ring buffer holds {ring // 4096} page(s), not "
+                           f"SLUICE_RINGBUF_PAGES={settings.ringbuf_pages}")
+    if flows != FLOW_ENTRIES:
+        differences.append(f"map_flows holds {flows:,} flows, not this build's {FLOW_ENTRIES:,}")
+    return ring, differences
 
 
 # ---------------------------------------------------------------- tc filter

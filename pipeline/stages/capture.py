@@ -68,9 +68,9 @@ from ..kernel.cgroups import CgroupPaths
 from ..kernel.doctor import blocking_failures
 from ..kernel.generation import programmed, read_config
 from ..kernel.loader import (AGG_WINDOW_NS, HOOKS, MIDSTREAM_WINDOW_NS, V6_HOOKS, Attachment,
-                             Classifier, Hook, attach_filter, attach_hooks, cgroup_dir,
-                             cgroup_root, detach_filter, detach_hooks, egress_interface,
-                             ipv6_disabled, load_classifier, remove_pins)
+                             Classifier, Hook, adopted_sizes, attach_filter, attach_hooks,
+                             cgroup_dir, cgroup_root, detach_filter, detach_hooks,
+                             egress_interface, ipv6_disabled, load_classifier, remove_pins)
 from ..kernel.maps import claim_tail, read_counter, read_counters
 from ..kernel.ringbuf import RingReader
 from ..kernel.structs import FlowKey, FlowState, ParkKey
@@ -276,8 +276,12 @@ class CaptureStage(BaseStage):
         self.flows_fd = classifier.map_fd("map_flows")
         self.claim_fd = classifier.claim_fd
         self.overflow_fd = classifier.map_fd("map_parked")
-        self.ring = RingReader(classifier.map_fd("map_events"),
-                               settings.ringbuf_pages * 4096, RECORD_SIZE)
+        ring_bytes, differences = adopted_sizes(classifier, settings)
+        if differences:
+            io.log.warning("maps pinned in %s by an earlier run are used as they were made: %s "
+                           "(a `sluice detach` while the pipeline is stopped removes them; the "
+                           "next start makes them anew)", settings.bpf_dir, "; ".join(differences))
+        self.ring = RingReader(classifier.map_fd("map_events"), ring_bytes, RECORD_SIZE)
         io.watch_fd(classifier.map_fd("map_events"), self.drain)
         self._report_layers()
         io.log.info("loaded classifier, maps pinned in %s, %d cgroup hook(s) on %s; journal %s "

@@ -215,3 +215,28 @@ def test_a_start_that_fails_after_the_load_exits_in_one_line_and_can_be_detached
     assert "Traceback" not in stderr, stderr
     assert "DNS redirect: hook(s)" in stderr and "enforce mode does not run without it" in stderr
     assert (rig.run_dir / "capture.failed").read_text().count("\n") == 1
+
+
+@pytest.mark.parametrize(("rig", "restart_pages"), [({"SLUICE_RINGBUF_PAGES": "1"}, "4"),
+                                                     ({"SLUICE_RINGBUF_PAGES": "4"}, "1")],
+                         indirect=["rig"], ids=["larger", "smaller"])
+def test_a_restart_with_another_ring_buffer_size_reads_the_pinned_one_and_says_so(
+        lab, rig, restart_pages):
+    """An enforce-mode stop keeps the maps pinned and the next start adopts them as they are:
+    with SLUICE_RINGBUF_PAGES changed meanwhile, capture reads the ring buffer at the size it
+    has (by the setting a larger one failed to map, and a smaller one was read at the wrong
+    places once its records passed the first page) and says why the setting waits."""
+    rig.start(DENY)
+    assert rig.stop() == 0
+    rig.inbox.close(0)
+    rig.env["SLUICE_RINGBUF_PAGES"] = restart_pages
+    rig.start(DENY)
+    sent = lab.client_run("udp", Lab.SERVER_V4, "20000", "--count", "300", "--spread", "300")
+    assert sent["sent"] == 300
+    rig.receive(lambda ev: len(to(ev, Lab.SERVER_V4)) >= 300, what="a record for each flow")
+    assert {e.dst_port for e in to(rig.events, Lab.SERVER_V4)} == set(range(20000, 20300))
+    assert rig.stop() == 0
+    log = rig.proc.stderr.read()
+    pinned = rig.settings.ringbuf_pages
+    assert f"the ring buffer holds {pinned} page(s), not SLUICE_RINGBUF_PAGES={restart_pages}" \
+        in log, log
