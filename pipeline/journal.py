@@ -238,6 +238,30 @@ def _scan(path: Path, index: int, journal_id: bytes) -> tuple[Segment, int]:
     return segment, len(data) - offset
 
 
+def _unstored_in(directory: Path, segment: Segment) -> int:
+    """The records of a segment that persist has not marked stored."""
+    bitmap = read_bitmap(directory, segment.index)
+    return segment.records - count_marked(bitmap, segment.first_seq, segment.last_seq)
+
+
+def unstored_records(directory: Path) -> int:
+    """The records a journal holds that persist has not marked stored, read without changing
+    anything (`sluice down`, after the stop); 0 when there is no journal. A segment that
+    cannot be read is left out here; the next start skips it too, counted."""
+    journal_id = read_journal_id(directory)
+    if journal_id is None:
+        return 0
+    unstored = 0
+    for path in directory.glob("*.seg"):
+        try:
+            segment, _ = _scan(path, int(path.stem), bytes.fromhex(journal_id))
+        except (ValueError, OSError):
+            continue
+        if segment.records:
+            unstored += _unstored_in(directory, segment)
+    return unstored
+
+
 def _frames(data: bytes, offset: int) -> Iterator[tuple[Frame, int]]:
     """Valid frames from offset on, each with the offset after it; stops at a bad one."""
     expected = 0
@@ -461,13 +485,12 @@ class Journal:
                 continue
             if segment.records == 0:
                 continue
-            bitmap = read_bitmap(self.directory, index)
-            stored = count_marked(bitmap, segment.first_seq, segment.last_seq)
-            if stored == segment.records and index != active:
+            left = _unstored_in(self.directory, segment)
+            if left == 0 and index != active:
                 self._delete(segment)
                 deleted += 1
             else:
-                unstored += segment.records - stored
+                unstored += left
         return deleted, unstored
 
     def _delete(self, segment: Segment) -> None:

@@ -141,6 +141,7 @@ def down(
     from ..posture import read_posture
     from ..report.gate import GateFailed
     from ..report.make import make_report
+    from ..journal import unstored_records
     from ..service import detach_leftovers, down as stop, recorded_settings
 
     with one_line_errors():
@@ -163,6 +164,12 @@ def down(
               + (f"; removed {'; '.join(stopped.removed)}" if stopped.removed else "")
               + ("; the filter stays in place (--keep-filter)" if keep_filter
                  and record.mode == "enforce" else ""))
+        if unstored := unstored_records(settings.journal_dir):
+            # Records in flight at the stop (a backlog, the flows' last packets) wait for
+            # the next start; on a runner thrown away after the job there is none.
+            _note(f"sluice: {unstored} record(s) captured before the stop are not stored "
+                  f"yet, so this report does not show them: they wait in "
+                  f"{settings.journal_dir} for the next start")
         report = make_report(settings, host=settings.host_name, mode=record.mode,
                              since_ns=record.started_ns, now_ns=time.time_ns(),
                              posture=posture.as_json() if posture else None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -359,4 +360,23 @@ def test_down_after_the_pipeline_died_fails_loudly_and_still_cleans_up(lab, tmp_
     assert (f"sluice: the pipeline (pid {record['pid']}) had stopped before `sluice down`: "
             "protection ended early") in down.stderr
     assert "report: 1 destination(s) blocked" in down.stderr, "the run is still reported"
+    assert_nothing_left(service, hooks)
+
+
+def test_down_says_what_was_captured_but_not_stored_before_the_stop(lab, tmp_path):
+    """persist stopped (SIGSTOP) while a block is captured: the record waits in capture's
+    journal, and `sluice down` says the report does not show it, with where it waits."""
+    service = Service(lab, tmp_path, ALLOW_80)
+    assert service.sluice("up").returncode == 0
+    hooks = hook_ids(service.run_dir)
+    record = json.loads((service.run_dir / "sluice.json").read_text())
+    os.kill(record["stages"]["persist"], signal.SIGSTOP)  # the stop kills it as it is
+    assert not lab.client_run("tcp", Lab.SERVER_V4, "443", "--timeout", "1")["ok"]
+    counters = service.run_dir / "capture.counters.json"
+    wait_for(lambda: json.loads(counters.read_text())["counters"].get(
+        "records_journaled", 0) > 0, "the block journaled", timeout=15)
+    down = service.sluice("down")
+    assert re.search(r"sluice: \d+ record\(s\) captured before the stop are not stored yet, "
+                     r"so this report does not show them: they wait in \S+ for the next "
+                     r"start", down.stderr), down.stderr
     assert_nothing_left(service, hooks)

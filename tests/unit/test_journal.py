@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from pipeline.journal import (SEGMENT_HEAD, SEGMENT_RECORDS, Acks, Cursor, Frame, Journal,
-                              JournalError, event_id, read_bitmap, segment_of)
+                              JournalError, event_id, read_bitmap, segment_of,
+                              unstored_records)
 from pipeline.kernel.event_layout import RECORD, RECORD_SIZE, decode_frame
 
 
@@ -141,6 +142,25 @@ def test_persist_marks_and_capture_releases_only_finished_segments(tmp_path):
     assert journal.release() == (1, 0)         # segment 0 goes; the active one stays
     assert sorted(journal.segments) == [1]
     assert not (tmp_path / "j" / "acks" / "0000000000.ack").exists()
+
+
+def test_unstored_records_are_counted_without_changing_the_journal(tmp_path):
+    """What `sluice down` says is left after the stop: records persist has not marked."""
+    assert unstored_records(tmp_path / "none") == 0
+    journal = opened(tmp_path / "j")
+    journal.append(frame(0, 3))
+    journal.close()
+    journal = opened(tmp_path / "j")
+    journal.append(frame(10, 2))
+    journal.close()
+    assert unstored_records(tmp_path / "j") == 5
+    acks = Acks.open(tmp_path / "j")
+    for seq in (1, 2, 3, SEGMENT_RECORDS + 1):
+        acks.mark(event_id(journal.journal_id, seq), seq)
+    acks.flush()
+    files = sorted(p.name for p in (tmp_path / "j").rglob("*"))
+    assert unstored_records(tmp_path / "j") == 1
+    assert sorted(p.name for p in (tmp_path / "j").rglob("*")) == files  # nothing released
 
 
 def test_acks_of_a_released_segment_are_not_written_again(tmp_path):
