@@ -138,10 +138,10 @@ def down(
     markdown report to $GITHUB_STEP_SUMMARY when it is set.
 
     Example: sluice down --fail-on-block --expected expected-blocks.txt --report run.html"""
+    from ..journal import unstored_records
     from ..posture import read_posture
     from ..report.gate import GateFailed
     from ..report.make import make_report
-    from ..journal import unstored_records
     from ..service import detach_leftovers, down as stop, recorded_settings
 
     with one_line_errors():

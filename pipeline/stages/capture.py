@@ -11,11 +11,13 @@ Produces: `raw_events` batches, pushed to enrich (ipc://<run_dir>/enrich.sock). 
           once whatever stops or crashes in between.
 Binds:    no inbox. Connects: enrich.
 Kernel:   compiles bpf/sluice.c with bcc and pins every map under SLUICE_BPF_DIR (re-adopting
-          pins a previous run left); attaches the cgroup hooks on SLUICE_CGROUP (socket owners,
-          the DNS redirect, owners of forwarded container flows), replacing those a previous
-          run left once its own are on; puts the classifier on SLUICE_INTERFACE's egress only
-          once the policy stage has marked the maps programmed (map_config.generation != 0),
-          so there is no start-up window of false blocks. Records name their owner's cgroup
+          pins a previous run left at the sizes they were made with: one line names a ring
+          buffer or flow map that differs from SLUICE_RINGBUF_PAGES or this build); attaches
+          the cgroup hooks on SLUICE_CGROUP (socket owners, the DNS redirect, owners of
+          forwarded container flows), replacing those a previous run left once its own are
+          on; puts the classifier on SLUICE_INTERFACE's egress only once the policy stage
+          has marked the maps programmed (map_config.generation != 0), so there is no
+          start-up window of false blocks. Records name their owner's cgroup
           (pipeline/kernel/cgroups.py).
 Redirect: with SLUICE_DNS_REDIRECT, puts the redirect addresses on lo and turns the hooks'
           redirect on (pipeline/kernel/redirect.py), then flushes systemd-resolved's cache and

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.kernel import libbpf
-from pipeline.kernel.loader import AGG_WINDOW_NS, load_classifier, remove_pins
+from pipeline.kernel.loader import AGG_WINDOW_NS, FLOW_ENTRIES, load_classifier, remove_pins
 from pipeline.kernel.maps import KernelRuleMaps, claim_tail, read_counters
 from pipeline.kernel.structs import FlowKey, FlowState, ParkKey
 from pipeline.loop import StageIO
@@ -58,9 +58,6 @@ def send(classifier, dst_port: int, repeat: int = 1, destination: bytes = DESTIN
     verdict, _ = libbpf.run_program(classifier.egress_fd, udp_frame(dst_port, destination),
                                     repeat)
     return verdict
-
-
-FLOW_MAP_ENTRIES = 65_536  # bpf/sluice.c: SLUICE_FLOW_ENTRIES
 
 
 def flood(classifier, flows: range, repeat: int = 1) -> None:
@@ -162,7 +159,7 @@ def test_a_flood_of_new_flows_evicts_flows_with_nothing_pending_first(classifier
     single-packet flows stay unreferenced and are evicted before a flow with packets pending
     (it was looked up for each)."""
     send(classifier, 7300, repeat=5)  # a record and four pending
-    flood(classifier, range(3 * FLOW_MAP_ENTRIES))  # three times the flows map_flows holds
+    flood(classifier, range(3 * FLOW_ENTRIES))  # three times the flows map_flows holds
     assert flow_entries(classifier)[7300] == 4
 
 
@@ -181,7 +178,7 @@ def test_packets_evicted_with_their_flow_are_counted_by_capture(classifier, tmp_
     Those packets are in no record; capture's sweep counts them (kernel_evicted), from the
     kernel's counters and what the flows still hold."""
     send(classifier, 7300, repeat=5)  # a record and four pending
-    flood(classifier, range(2 * FLOW_MAP_ENTRIES), repeat=2)
+    flood(classifier, range(2 * FLOW_ENTRIES), repeat=2)
     assert 7300 not in flow_entries(classifier), "the flow map kept the quiet flow"
     held = pending_in_flows(classifier)
     stage = sweeping_capture(classifier, tmp_path)
@@ -202,7 +199,7 @@ def test_sweeps_claiming_every_flow_keep_what_the_same_flood_would_evict(classif
     tails: list[bytes] = []
     stage._journal_records = tails.extend
     send(classifier, 7300, repeat=5)
-    flows = 2 * FLOW_MAP_ENTRIES
+    flows = 2 * FLOW_ENTRIES
     for first in range(0, flows, flows // 8):
         flood(classifier, range(first, first + flows // 8), repeat=2)
         stage._sweep_flows(every_flow=True)
