@@ -193,6 +193,7 @@ class Segment:
     first_seq: int = 0  # 0 while empty
     last_seq: int = 0
     damaged: bool = False
+    last_frame_at: int = 0  # offset of the last valid frame (0 while empty)
 
     @property
     def records(self) -> int:
@@ -232,7 +233,7 @@ def _scan(path: Path, index: int, journal_id: bytes) -> tuple[Segment, int]:
         if segment.first_seq == 0:
             segment.first_seq = frame.first_seq
         segment.last_seq = frame.first_seq + frame.count - 1
-        offset = end
+        segment.last_frame_at, offset = offset, end
     segment.size = offset
     segment.damaged = offset != len(data)
     return segment, len(data) - offset
@@ -404,6 +405,7 @@ class Journal:
                 self._delete(failed)
             raise JournalError(f"cannot write journal in {self.directory}: "
                                f"{err.strerror or err}") from None
+        segment.last_frame_at = segment.size
         segment.size += len(data)
         if segment.first_seq == 0:
             segment.first_seq = frame.first_seq
@@ -463,6 +465,14 @@ class Journal:
                 continue
             cursor.offset += FRAME_HEAD.size + len(frame.payload)
             return frame
+
+    def last_frame(self) -> Frame | None:
+        """The last frame written, by this run or (after open) an earlier one."""
+        written = [i for i, segment in self.segments.items() if segment.last_frame_at]
+        if not written:
+            return None
+        index = max(written)
+        return self.read(Cursor(index, self.segments[index].last_frame_at))
 
     def at_end(self, cursor: Cursor) -> bool:
         """No frame after cursor yet."""

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import mmap
 import struct
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..journal import Frame
 
 BUSY = 0x80000000
 DISCARD = 0x40000000
@@ -61,11 +65,13 @@ class RingReader:
         self._producer.close()
         self._consumer.close()
 
-    def read(self, limit: int = 1 << 30) -> tuple[bytes, int]:
+    def read(self, limit: int = 1 << 30, *, release: bool = True) -> tuple[bytes, int]:
         """Take the finished records at the head of the buffer, at most about `limit` bytes:
         (slots, count), slots being `count` records of self.slot bytes each (header first).
         Discarded records and records of another size are stepped over and counted in
-        self.skipped; a record still being written ends the run (the next read takes it)."""
+        self.skipped; a record still being written ends the run (the next read takes it).
+        With release False the records stay in the buffer, for the next read to return
+        again, until release() says how many of them are stored elsewhere."""
         while True:
             cons = _POS.unpack_from(self._consumer, 0)[0]
             prod = _POS.unpack_from(self._producer, 0)[0]
@@ -77,7 +83,8 @@ class RingReader:
             ready = self._uniform_prefix(start, whole) if whole else 0
             if ready:
                 slots = bytes(self._data[start:start + ready * self.slot])
-                self._advance(cons + ready * self.slot)
+                if release:
+                    self._advance(cons + ready * self.slot)
                 return slots, ready
             # The head was not a finished record of our size when the columns were read.
             # Its header is read once more and that one value decides: the producer may
@@ -108,8 +115,26 @@ class RingReader:
             end = start + ready * slot
         return ready
 
+    def release(self, count: int) -> None:
+        """Give the buffer back the room of the first count records read without release."""
+        self._advance(_POS.unpack_from(self._consumer, 0)[0] + count * self.slot)
+
     def _advance(self, position: int) -> None:
         _POS.pack_into(self._consumer, 0, position)
+
+    def skip_journaled(self, frame: Frame | None) -> int:
+        """Release the records at the head of the buffer that frame, the journal's last,
+        already holds: a reader killed after it journaled them but before it released them
+        finds them here again at its next start. A frame of ring-buffer slots holds them
+        byte for byte, kernel timestamps included, so only the same records compare equal
+        (never those of a new buffer). The number released."""
+        if frame is None or frame.stride != self.slot or frame.skip != HEADER:
+            return 0
+        slots, count = self.read(len(frame.payload), release=False)
+        if count != frame.count or slots != frame.payload:
+            return 0
+        self.release(count)
+        return count
 
     def pending(self) -> int:
         """Bytes written and not yet consumed."""

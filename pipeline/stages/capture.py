@@ -284,6 +284,8 @@ class CaptureStage(BaseStage):
                            "(a `sluice detach` while the pipeline is stopped removes them; the "
                            "next start makes them anew)", settings.bpf_dir, "; ".join(differences))
         self.ring = RingReader(classifier.map_fd("map_events"), ring_bytes, RECORD_SIZE)
+        io.counters.add("ring_records_journaled_before",
+                        self.ring.skip_journaled(journal.last_frame()))
         io.watch_fd(classifier.map_fd("map_events"), self.drain)
         self._report_layers()
         io.log.info("loaded classifier, maps pinned in %s, %d cgroup hook(s) on %s; journal %s "
@@ -350,16 +352,21 @@ class CaptureStage(BaseStage):
         ring = self.ring
         assert ring is not None, "drain() runs once setup() mapped the ring buffer"
         while True:
-            slots, count = ring.read(DRAIN_BYTES)
+            # The records stay in the ring buffer until each part of them is journaled (or
+            # kept in memory): a kill in between finds them there at the next start, where
+            # skip_journaled passes over those the journal's last frame already holds.
+            slots, count = ring.read(DRAIN_BYTES, release=False)
             if not count:
                 return
             self.io.counters.add("records_read", count)
             shift = self.wall_ns() - self.kernel_ns()
-            self._journal(Frame(0, count, ring.slot, 8, RECORD_SIZE, shift, slots))
+            self._journal(Frame(0, count, ring.slot, 8, RECORD_SIZE, shift, slots),
+                          handled=ring.release)
 
-    def _journal(self, frame: Frame) -> None:
-        """Append frame, split at segment ends; what cannot be journaled goes on from memory."""
-        journal, counters = self.journal, self.io.counters
+    def _journal(self, frame: Frame, handled: Callable[[int], None] | None = None) -> None:
+        """Append frame, split at segment ends; what cannot be journaled goes on from memory.
+        handled(n) follows each part: n more records are on disk or in memory."""
+        journal = self.journal
         assert journal is not None, "setup() opened it"
         while frame.count:
             part = frame
@@ -372,28 +379,32 @@ class CaptureStage(BaseStage):
                               frame.record_size, frame.mono_to_wall_ns, frame.payload[cut:])
             else:
                 frame = Frame(0, 0, 1, 0, 1, 0, b"")
-            if journal.broken:
-                self._unjournaled(part, "journal_errors", journal.broken)
-                continue
-            if not journal.fits(len(part.payload)):
-                self._unjournaled(part, "journal_full",
-                                  f"journal {journal.directory} is full "
-                                  f"(SLUICE_JOURNAL_MAX_BYTES={journal.max_bytes})")
-                continue
-            if self.journal_failing and self.monotonic() < self.journal_retry_at:
-                self._unjournaled(part, "journal_errors", "")  # not every drain hits a full disk
-                continue
-            try:
-                journal.append(part)
-            except JournalError as err:
-                part.first_seq = 0
-                self.journal_retry_at = self.monotonic() + self.paces.journal_retry_s
-                self._unjournaled(part, "journal_errors", str(err))
-                continue
-            counters.add("records_journaled", part.count)
-            if self.journal_failing:
-                self.journal_failing = False
-                self.io.log.info("journal writes work again")
+            self._journal_part(journal, part)
+            if handled is not None:
+                handled(part.count)
+
+    def _journal_part(self, journal: Journal, part: Frame) -> None:
+        if journal.broken:
+            self._unjournaled(part, "journal_errors", journal.broken)
+            return
+        if not journal.fits(len(part.payload)):
+            self._unjournaled(part, "journal_full", f"journal {journal.directory} is full "
+                              f"(SLUICE_JOURNAL_MAX_BYTES={journal.max_bytes})")
+            return
+        if self.journal_failing and self.monotonic() < self.journal_retry_at:
+            self._unjournaled(part, "journal_errors", "")  # not every drain hits a full disk
+            return
+        try:
+            journal.append(part)
+        except JournalError as err:
+            part.first_seq = 0
+            self.journal_retry_at = self.monotonic() + self.paces.journal_retry_s
+            self._unjournaled(part, "journal_errors", str(err))
+            return
+        self.io.counters.add("records_journaled", part.count)
+        if self.journal_failing:
+            self.journal_failing = False
+            self.io.log.info("journal writes work again")
 
     def _unjournaled(self, frame: Frame, counter: str, why: str) -> None:
         self.io.counters.add(counter, frame.count)

@@ -13,6 +13,7 @@ import struct
 
 import pytest
 
+from pipeline.journal import Frame, Journal
 from pipeline.kernel.ringbuf import BUSY, DISCARD, HEADER, RingReader
 
 PAGE = mmap.PAGESIZE
@@ -105,3 +106,42 @@ def test_discarded_records_and_other_sizes_are_stepped_over_counted_and_the_rest
     fake.write(3)
     slots, count = reader.read()
     assert (count, payloads(slots), reader.skipped) == (1, [3], 2)
+
+
+def test_records_journaled_before_a_kill_are_passed_over_at_the_next_start(ring, tmp_path):
+    """The reader keeps what it read until the journal holds it: killed between the append
+    and the release, the next start finds the same records at the head of the buffer and
+    passes over exactly those the journal's last frame holds, never a record more."""
+    fake, reader = ring
+    for n in (1, 2, 3):
+        fake.write(n)
+    slots, count = reader.read(release=False)
+    assert reader.read(release=False) == (slots, count)  # still there, read again
+    journal = Journal(tmp_path / "journal", 1 << 30)
+    journal.open()
+    journal.append(Frame(0, count, SLOT, HEADER, RECORD, 0, slots))
+    journal.close()  # killed here: never released
+    fake.write(4)
+    again = Journal(tmp_path / "journal", 1 << 30)
+    again.open()
+    restarted = RingReader(fake.fd, SIZE, RECORD)
+    try:
+        assert restarted.skip_journaled(again.last_frame()) == 3
+        slots, count = restarted.read()
+        assert (count, payloads(slots)) == (1, [4])
+        assert restarted.skip_journaled(again.last_frame()) == 0  # nothing of it is left
+    finally:
+        restarted.close()
+
+
+def test_a_journal_frame_that_is_not_the_buffers_head_passes_nothing_over(ring, tmp_path):
+    fake, reader = ring
+    fake.write(7)
+    journal = Journal(tmp_path / "journal", 1 << 30)
+    journal.open()
+    other = bytes(SLOT)  # a frame of other records (an earlier ring buffer's)
+    journal.append(Frame(0, 1, SLOT, HEADER, RECORD, 0, other))
+    assert reader.skip_journaled(journal.last_frame()) == 0
+    assert reader.skip_journaled(None) == 0
+    slots, count = reader.read()
+    assert (count, payloads(slots)) == (1, [7])
