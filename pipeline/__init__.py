@@ -14,6 +14,7 @@ The stages and what every stage shares
   stages/export.py         stored rows to OpenTelemetry and syslog; Prometheus /metrics
   loop.py                  the loop every stage runs in: sockets, polling, counters, stop
   reactor.py               raw descriptors and timers the loop serves beside its sockets
+  stopping.py              when a stopping stage has all its upstream sends (pure)
   topology.py              the wiring: who binds which inbox and feeds whom, and addresses
   livepolicy.py            the policy stages judge by, watched, reloaded and counted
   startup.py               the start-up policy: the loaded one plus what the host needs

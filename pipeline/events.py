@@ -1,23 +1,27 @@
-"""The records that flow from capture to policy.
+"""The records that flow between the stages (audit records: pipeline/audit/records.py).
 
 RawEvent is a decoded kernel record (capture -> enrich, and what a recording holds);
 EnrichedEvent adds what enrich knows about the destination (enrich -> policy).
-Their wire form is schemas/raw_events.json and schemas/enriched_events.json.
+Their wire form is schemas/raw_events.json and schemas/enriched_events.json. FeedEnd is
+the last message a stopping stage sends on each feed (pipeline/stopping.py).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .topology import STAGES
 from .wire import (ADDRESS, ADDRESSES, COMM, EVENT_ID, HOST, I64, IP_VERSION, MODE, NAME, NAMES,
                    PROCESS, SHORT, TEXT, U8, U16, U32, Limit, WireRecord, limited, register)
 
 BLOCK_TYPES = ("connection_blocked", "protocol_blocked")
 if TYPE_CHECKING:  # what the checker needs to know; at run time, the limited wire types
     BLOCK_TYPE = str
+    STAGE = str
     DESTINATION = str
 else:
     BLOCK_TYPE = limited(str, Limit(choices=BLOCK_TYPES))
+    STAGE = limited(str, Limit(choices=tuple(STAGES)))
     DESTINATION = limited(str, Limit(max_len=1100))
 
 FLAG_MID_STREAM = 0x01  # a denied TCP segment of an established flow
@@ -156,3 +160,15 @@ class DeliveredDestination(WireRecord):
     protocol: SHORT
     first_seen_ns: I64
     delivered_ns: I64
+
+
+@register
+class FeedEnd(WireRecord):
+    """any stage -> the stages it feeds: its last message before it stops. Everything it
+    sent came before, so the stage downstream may end once it has this from each upstream
+    that is stopping (pipeline/stopping.py)."""
+
+    KIND = "feed_ends"
+
+    stage: STAGE  # the stage that stops
+    pid: U32      # its process: a feed end vouches only for the run that sent it

@@ -3,7 +3,8 @@
 A stage supplies setup(io), handle(inbox, kind, records), tick(now) and teardown(); this
 module owns the ZeroMQ context, the poller with a short timeout, the stop flag set by signal
 handlers, periodic counter logs (also written to <run_dir>/<stage>.counters.json so
-`sluice status` can show them), the ready/failed markers and clean teardown.
+`sluice status` can show them), the ready/failed markers, the stop in the pipeline's order
+(_Drain, pipeline/stopping.py: finish() and finished() at a stop) and clean teardown.
 
 Raw descriptors (a ring buffer, an eventfd, client sockets) and timers register with the
 stage's reactor, `io.reactor` (pipeline/reactor.py), which this loop polls beside the ZeroMQ
@@ -61,11 +62,14 @@ import zmq
 from . import messages
 from .cpushare import RealtimeShare
 from .errors import MessageError, SluiceError
+from .events import FeedEnd
 from .histogram import LATENCY_BOUNDS, Histogram
 from .lending import AnswerLender, answering_thread_text, give_back, thread_file
 from .reactor import Clock, Reactor
 from .settings import Settings
-from .topology import STAGES, Inbox, Link, StageWiring, inbox_address, inbox_path
+from .stopping import Upstream, inputs_ended, upstream_state
+from .topology import (STAGES, Inbox, Link, StageWiring, inbox_address, inbox_owner, inbox_path,
+                       upstreams)
 from .workers import Worker
 
 POLL_MS = 100
@@ -74,7 +78,13 @@ HIGH_WATER_MARK = 10_000  # messages queued per socket on paths that are not the
 QUEUE_MESSAGES = 16       # batches queued per audit-path socket (each side): memory stays flat
 LINGER_MS = 2000          # a closing PUSH socket may take this long to hand over its queue
 DRAIN_QUIET_S = 0.3       # after a stop: keep receiving until inboxes are quiet this long
-DRAIN_DEADLINE_S = 1.5    # ... but no longer: what is left is in capture's journal
+# A stop ends by this time after the signal however much is still on its way, the rest in
+# capture's journal; the feeds' lingering ends by STOP_LINGER_UNTIL_S (a peer that stopped
+# taking would hold ZeroMQ's close for all of LINGER_MS), which leaves a stage's teardown
+# 1.5 s of honcho's 5 s before a SIGKILL.
+DRAIN_DEADLINE_S = 3.0
+STOP_LINGER_UNTIL_S = 3.5
+DRAIN_POLL_MS = 10        # a stop in progress looks at its upstreams' markers this often
 
 
 class Counters:
@@ -172,8 +182,19 @@ class Feed:
             self.backlog.popleft()
             self.counters.add(f"{self.name}_sent", count)
 
+    def end(self, frame: bytes) -> None:
+        """Queue a feed end behind everything sent (never dropped) and try to send it."""
+        self._seal()
+        self.backlog.append((frame, 0))
+        self.flush()
+
     def pending(self) -> int:
         return len(self.outgoing) + sum(count for _, count in self.backlog)
+
+    @property
+    def empty(self) -> bool:
+        """Everything given to send (feed ends too) is in ZeroMQ's hands."""
+        return not self.outgoing and not self.backlog
 
     @property
     def holding_back(self) -> bool:
@@ -212,6 +233,7 @@ class StageIO:
         self.own_process = False
         self.thread_files: list[Path] = []
         self.lenders: dict[str, AnswerLender] = {}  # by request kind
+        self.feed_ends: dict[str, int] = {}  # upstream stage -> the pid of its last feed end
 
     @property
     def ready(self) -> bool:
@@ -340,6 +362,8 @@ class Stage(Protocol):
     def tick(self, now: float) -> None: ...
     def accepting(self) -> bool: ...
     def hangup(self) -> None: ...
+    def finish(self) -> None: ...
+    def finished(self) -> bool: ...
     def teardown(self) -> None: ...
 
 
@@ -368,6 +392,13 @@ class BaseStage:
 
     def hangup(self) -> None:
         pass
+
+    def finish(self) -> None:
+        """At a stop, once nothing more will come in: pass on what the stage holds."""
+
+    def finished(self) -> bool:
+        """At a stop, after finish: whether everything the stage had to send is sent."""
+        return True
 
     def teardown(self) -> None:
         pass
@@ -596,7 +627,8 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
     ready = marker_path(settings.run_dir, stage.name, "ready")
     layers = marker_path(settings.run_dir, stage.name, "layers.json")
     counters = marker_path(settings.run_dir, stage.name, "counters.json")
-    for stale in (failed, ready, layers, counters):
+    stopping = marker_path(settings.run_dir, stage.name, "stopping")
+    for stale in (failed, ready, layers, counters, stopping):
         stale.unlink(missing_ok=True)
     wiring = STAGES.get(stage.name)
     answer_ctx = (answer_context(log) if own_ctx and wiring is not None and wiring.request_reply
@@ -654,7 +686,8 @@ def run_stage(stage: Stage, settings: Settings, *, ctx: zmq.Context | None = Non
                 ctx.term()
             if answer_ctx is not None:
                 answer_ctx.term()
-            ready.unlink(missing_ok=True)
+            stopping.unlink(missing_ok=True)
+            ready.unlink(missing_ok=True)  # after the feeds' lingering: see _Drain
             layers.unlink(missing_ok=True)  # a stopped stage vouches for no layer
 
 
@@ -667,8 +700,7 @@ def _loop(stage: Stage, io: StageIO, signals: _Signals,
     interval = io.settings.counter_interval
     reactor = io.reactor
     next_counters = time.monotonic() + interval
-    drain_started: float | None = None
-    quiet_since = 0.0  # set with drain_started
+    drain: _Drain | None = None
     realtime_renews_in: float | None = None  # while its real-time share is spent
 
     while True:
@@ -685,7 +717,7 @@ def _loop(stage: Stage, io: StageIO, signals: _Signals,
         poller.register(reactor.fileno(), zmq.POLLIN)
         # A stage that holds a full batch gets its tick at once; otherwise wait for input,
         # or for the reactor's next timer.
-        timeout = 0 if not stage.accepting() else POLL_MS if drain_started is None else 50
+        timeout = 0 if not stage.accepting() else POLL_MS if drain is None else DRAIN_POLL_MS
         due = reactor.next_due_in()
         if due is not None:
             timeout = min(timeout, math.ceil(due * 1000))
@@ -714,14 +746,77 @@ def _loop(stage: Stage, io: StageIO, signals: _Signals,
             _log_counters(io, io.log)
             next_counters = now + interval
         if io.stop.is_set():
-            # Keep taking what upstream stages already sent, then stop: anything from the
-            # kernel that is still on its way is in capture's journal and comes back later.
-            if drain_started is None:
-                drain_started = quiet_since = now
+            drain = drain or _Drain(stage, io, now)
             if received:
-                quiet_since = now
-            if now - quiet_since >= DRAIN_QUIET_S or now - drain_started >= DRAIN_DEADLINE_S:
+                drain.quiet_since = now
+            if drain.done(now):
+                linger = min(LINGER_MS, (STOP_LINGER_UNTIL_S - (now - drain.started)) * 1000)
+                for feed in io.feeds:
+                    feed.socket.setsockopt(zmq.LINGER, max(0, int(linger)))
                 return
+
+
+class _Drain:
+    """A stop in the pipeline's order (pipeline/stopping.py): take what the upstream stages
+    still send until each that is stopping has sent its feed end, pass on what the stage
+    holds (finish), send it all, then a feed end to each running stage this one feeds.
+    Whatever is still on its way at DRAIN_DEADLINE_S waits in capture's journal.
+
+    A stage says it is stopping with its <stage>.stopping marker (its pid), and is running
+    while its ready marker names a live process; both go only after its feeds' lingering,
+    so a stage gone from the markers has handed over all it sent."""
+
+    def __init__(self, stage: Stage, io: StageIO, now: float) -> None:
+        self.stage, self.io = stage, io
+        self.started = self.quiet_since = now
+        self.upstreams = upstreams(stage.name) if stage.name in STAGES else ()
+        self.finishing = self.ended = False
+        if io.ready_marker is not None:  # a stage run by run_stage, whose marker others read
+            write_atomic(marker_path(io.settings.run_dir, stage.name, "stopping"),
+                         f"pid={os.getpid()}\n")
+
+    def done(self, now: float) -> bool:
+        if now - self.started >= DRAIN_DEADLINE_S:
+            return True
+        if not self.finishing:
+            if not inputs_ended(self._upstream_states(), now - self.quiet_since):
+                return False
+            self.stage.finish()
+            self.finishing = True
+        if not self.ended:
+            if not (self.stage.finished() and self._feeds_empty()):
+                return False
+            self._end_feeds()
+            self.ended = True
+        return self._feeds_empty()
+
+    def _upstream_states(self) -> list[Upstream]:
+        run_dir = self.io.settings.run_dir
+        return [upstream_state(_live_pid(marker_path(run_dir, name, "ready")),
+                               _live_pid(marker_path(run_dir, name, "stopping")),
+                               self.io.feed_ends.get(name))
+                for name in self.upstreams]
+
+    def _feeds_empty(self) -> bool:
+        return all(feed.empty for feed in self.io.feeds)
+
+    def _end_feeds(self) -> None:
+        """A feed end to each stage fed that runs (a test's own socket gets none)."""
+        frame = messages.encode([FeedEnd(self.stage.name, os.getpid())])
+        for feed in self.io.feeds:
+            downstream = inbox_owner(feed.name)
+            if _live_pid(marker_path(self.io.settings.run_dir, downstream, "ready")):
+                feed.end(frame)
+
+
+def _live_pid(marker: Path) -> int | None:
+    """The pid a marker names ("pid=N"), if that process is alive."""
+    try:
+        pid = int(marker.read_text().strip().removeprefix("pid="))
+        os.kill(pid, 0)
+    except (OSError, ValueError):  # no marker, a torn one, or a process that is gone
+        return None
+    return pid
 
 
 def _taking(stage: Stage, io: StageIO) -> bool:
@@ -737,7 +832,7 @@ def _decode(sock: zmq.Socket, inbox: Inbox, io: StageIO, complain) -> tuple[str,
         if len(frames) != 1:
             raise MessageError("a message of several frames", f"{len(frames)} frames")
         kind, records, bad = messages.decode_records(frames[0])
-        if kind not in inbox.kinds:
+        if kind not in inbox.kinds and not (kind == FeedEnd.KIND and inbox.pattern == "pull"):
             raise MessageError(f"kind {kind} is not accepted here")
     except MessageError as err:
         io.counters.add("malformed_messages")
@@ -760,7 +855,9 @@ def _receive(stage: Stage, sock: zmq.Socket, inbox: Inbox, io: StageIO, complain
         except zmq.Again:
             break
         received = True
-        if message is not None:
+        if message is not None and message[0] == FeedEnd.KIND:
+            io.feed_ends.update((end.stage, end.pid) for end in message[1])
+        elif message is not None:
             stage.handle(inbox.name, *message)
         if not io.serve_requests():
             _give_back(io)  # lent for a request that never came: not kept for the flood

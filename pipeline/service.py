@@ -261,7 +261,7 @@ def _recorded(environ: Mapping[str, str]) -> dict[str, str]:
 def _clear_markers(run_dir: Path) -> None:
     """A failed marker of an earlier run must not fail this one before its stage starts."""
     for stage in STAGES:
-        for what in ("failed", "ready", "layers.json"):
+        for what in ("failed", "ready", "layers.json", "stopping"):
             (run_dir / f"{stage}.{what}").unlink(missing_ok=True)
 
 

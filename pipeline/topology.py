@@ -102,6 +102,19 @@ STAGES: dict[str, StageWiring] = {
 }
 
 
+def inbox_owner(inbox: str) -> str:
+    """The stage that binds inbox."""
+    [stage] = [name for name, wiring in STAGES.items() if inbox in (i.name for i in wiring.inboxes)]
+    return stage
+
+
+def upstreams(stage: str) -> tuple[str, ...]:
+    """The stages that feed one of stage's event inboxes: at a stop it takes their last
+    records before it ends (pipeline/stopping.py)."""
+    inboxes = {i.name for i in STAGES[stage].inboxes if i.pattern == "pull"}
+    return tuple(name for name, wiring in STAGES.items() if set(wiring.feed_names) & inboxes)
+
+
 def inbox_taking(kind: str) -> str:
     """The one inbox that accepts kind (where `sluice replay` sends a recording)."""
     [inbox] = [i.name for wiring in STAGES.values() for i in wiring.inboxes if kind in i.kinds]

@@ -40,8 +40,9 @@ Losses:   ring-buffer records the kernel discarded or of another size are steppe
           each sweep (kernel_evicted). A failed map read is logged and counted
           (map_read_errors); the map is read again at the next sweep.
 Stop:     drains the ring buffer, the parked records and every flow's pending packets (in
-          their window or not) into the journal, and exits without waiting for the backlog
-          to be sent (the next start sends it). In audit mode a clean stop detaches
+          their window or not) into the journal and sends them, then its feed end (enrich
+          ends after it: pipeline/stopping.py); a backlog still unsent when the stop's time
+          is up waits for the next start. In audit mode a clean stop detaches
           everything; in enforce mode the filter, the hooks (DNS keeps going to the proxy, or
           fails) and the maps stay (fail closed) until `sluice detach`.
 
@@ -625,6 +626,17 @@ class CaptureStage(BaseStage):
                             b"".join(records)))
 
     # ------------------------------------------------------------- stop
+
+    def finish(self) -> None:
+        """Into the journal, to be sent before the stop ends: the ring buffer, the parked
+        records and every flow's pending packets, in their window or not (teardown does it
+        again for what comes meanwhile)."""
+        self.drain()
+        self._sweep_flows(every_flow=True)
+        self._sweep_overflow()
+
+    def finished(self) -> bool:
+        return self.sender.idle
 
     def teardown(self) -> None:
         classifier, journal, cgroups = self.classifier, self.journal, self.cgroups

@@ -172,12 +172,16 @@ class EnrichStage(BaseStage):
     def _apply(self, policy) -> None:
         self.namer.set_policy(policy)
 
-    def teardown(self) -> None:
+    def finish(self) -> None:
+        """What waits for a name goes on unnamed: policy is stopping too."""
         waiting: list[RawEvent] = []
         for ip in self.held:
             waiting += self.held.release(ip)
         self.io.counters.add("held_at_stop", len(waiting))
         self._send(waiting)
+
+    def teardown(self) -> None:
+        self.finish()  # a stop that ran out of time, or a failed start: nothing is kept
         if self.reverse is not None:
             self.reverse.close()
         self.recorder.close()

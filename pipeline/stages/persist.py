@@ -37,9 +37,11 @@ Bad input: a frame that is not an audit_records message is counted (malformed_me
 Failures: an unusable database or log file at start stops the stage with one line (exit 5).
           Later, a failing SQL or JSONL write (database locked, disk full) keeps the records,
           is counted (store_errors, jsonl_errors), logged once per distinct error and retried
-          with backoff. SIGHUP reopens the JSONL file (logrotate). A stop stores what is held,
-          then exits; what could not be stored is counted (records_unstored_at_stop) and, when
-          it came from capture, sent again at the next start.
+          with backoff. SIGHUP reopens the JSONL file (logrotate). A stop takes what policy,
+          notify and dns still send until each has sent its feed end (pipeline/stopping.py),
+          stores what is held, then exits; what could not be stored is counted
+          (records_unstored_at_stop) and, when it came from capture, sent again at the next
+          start.
 Retention: with SLUICE_RETENTION_DAYS, rows older than that are deleted in small batches
           while nothing waits to be committed (rows_pruned; pipeline/audit/retention.py).
 
