@@ -75,7 +75,7 @@ from ..kernel.loader import (AGG_WINDOW_NS, HOOKS, MIDSTREAM_WINDOW_NS, V6_HOOKS
                              cgroup_dir, cgroup_root, detach_filter, detach_hooks,
                              egress_interface, ipv6_disabled, load_classifier, remove_pins)
 from ..kernel.maps import claim_tail, read_counter, read_counters
-from ..kernel.ringbuf import RingReader
+from ..kernel.ringbuf import HEADER, RingReader
 from ..kernel.structs import FlowKey, FlowState, ParkKey
 from ..loop import BaseStage, StageIO, run_stage
 from ..posture import classifier_report, hooks_report, ipv6_report, ring_buffer_report
@@ -361,7 +361,7 @@ class CaptureStage(BaseStage):
                 return
             self.io.counters.add("records_read", count)
             shift = self.wall_ns() - self.kernel_ns()
-            self._journal(Frame(0, count, ring.slot, 8, RECORD_SIZE, shift, slots),
+            self._journal(Frame(0, count, ring.slot, HEADER, RECORD_SIZE, shift, slots),
                           handled=ring.release)
 
     def _journal(self, frame: Frame, handled: Callable[[int], None] | None = None) -> None:
