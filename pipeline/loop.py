@@ -77,7 +77,6 @@ RECV_BURST = 64           # event batches taken from one inbox before the loop l
 HIGH_WATER_MARK = 10_000  # messages queued per socket on paths that are not the audit flow
 QUEUE_MESSAGES = 16       # batches queued per audit-path socket (each side): memory stays flat
 LINGER_MS = 2000          # a closing PUSH socket may take this long to hand over its queue
-DRAIN_QUIET_S = 0.3       # after a stop: keep receiving until inboxes are quiet this long
 # A stop ends by this time after the signal however much is still on its way, the rest in
 # capture's journal; the feeds' lingering ends by STOP_LINGER_UNTIL_S (a peer that stopped
 # taking would hold ZeroMQ's close for all of LINGER_MS), which leaves a stage's teardown
@@ -772,8 +771,11 @@ class _Drain:
         self.upstreams = upstreams(stage.name) if stage.name in STAGES else ()
         self.finishing = self.ended = False
         if io.ready_marker is not None:  # a stage run by run_stage, whose marker others read
-            write_atomic(marker_path(io.settings.run_dir, stage.name, "stopping"),
-                         f"pid={os.getpid()}\n")
+            try:
+                write_atomic(marker_path(io.settings.run_dir, stage.name, "stopping"),
+                             f"pid={os.getpid()}\n")
+            except OSError as err:  # the stages fed then end at a quiet moment, as before
+                io.log.warning("cannot write the stopping marker: %s", err)
 
     def done(self, now: float) -> bool:
         if now - self.started >= DRAIN_DEADLINE_S:

@@ -35,7 +35,7 @@ import zmq
 from . import messages
 from .errors import SluiceError
 from .events import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, AllowRequest, DnsMapping, RawEvent
-from .loop import DRAIN_QUIET_S, StageIO
+from .loop import StageIO
 from .recording import Frame, Recording
 from .names.reverse import NO_NAME, Lookup
 from .rulemaps import ALLOW, DictRuleMaps
@@ -43,6 +43,7 @@ from .settings import Settings
 from .stages.enrich import EnrichStage
 from .stages.persist import PersistStage
 from .stages.policy import PolicyStage
+from .stopping import QUIET_S
 from .topology import Link, inbox_address, inbox_path, inbox_taking
 
 SEND_TIMEOUT_MS = 10_000  # enrich taking nothing for this long means it is stuck or gone
@@ -340,7 +341,7 @@ class OfflinePipeline:
     def finish(self) -> int:
         """Let enrich hand over what it still holds, store everything; returns rows stored."""
         quiet_since = time.monotonic()
-        while time.monotonic() - quiet_since < DRAIN_QUIET_S:
+        while time.monotonic() - quiet_since < QUIET_S:
             if self.settle():
                 quiet_since = time.monotonic()
             time.sleep(0.02)
