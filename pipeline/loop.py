@@ -779,6 +779,7 @@ class _Drain:
 
     def done(self, now: float) -> bool:
         if now - self.started >= DRAIN_DEADLINE_S:
+            self._say_what_was_left()
             return True
         if not self.finishing:
             if not inputs_ended(self._upstream_states(), now - self.quiet_since):
@@ -801,6 +802,24 @@ class _Drain:
 
     def _feeds_empty(self) -> bool:
         return all(feed.empty for feed in self.io.feeds)
+
+    def _say_what_was_left(self) -> None:
+        """The stop's time is up: one line on what it did not wait for (capture's journal
+        holds the audit path's part; the feeds count what they still held)."""
+        self.io.counters.add("stop_time_up")
+        owing = [name for name, state in zip(self.upstreams, self._upstream_states(), strict=True)
+                 if state is Upstream.STOPPING]
+        if owing:
+            left = f"{', '.join(owing)} still sending"
+        elif not self.finishing:
+            left = "its inbox never quiet"
+        elif not self.stage.finished():
+            left = "records of its own still unsent"
+        else:
+            left = "the next stage not taking"
+        self.io.log.warning("stopped at the stop's %.0f s limit (%s): what was on its way "
+                            "waits in capture's journal for the next start", DRAIN_DEADLINE_S,
+                            left)
 
     def _end_feeds(self) -> None:
         """A feed end to each stage fed that runs (a test's own socket gets none)."""

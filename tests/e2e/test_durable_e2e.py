@@ -186,6 +186,7 @@ def test_a_stop_with_a_backlog_of_250000_records_loses_nothing(lab, pipeline):
     assert "SIGKILL" not in pipeline.output(), pipeline.output()[-3000:]
     first_run = flood_stored(pipeline)
     assert first_run < count, "no backlog at the stop: the test proves nothing"
+    assert "stopped at the stop's 3 s limit" in pipeline.output()
 
     restart_until_stored(pipeline, count, timeout=180)
     capture = pipeline.counters("capture")
@@ -206,6 +207,7 @@ def test_a_stop_right_after_a_burst_stores_everything_captured_before_the_stages
     flood_done(flooding(lab, count, per_flow=2), 2 * count)
     rc = pipeline.stop()  # at once: the flows' second datagrams are still in their window
     assert set(rc.values()) == {"rc=0"} and len(rc) == 7, rc
+    assert "stop's 3 s limit" not in pipeline.output(), "a stage ran out of the stop's time"
     journal = pipeline.tmp / "journal"
     assert unstored_records(journal) == 0, f"{unstored_records(journal)} records wait"
     rows = [r for r in pipeline.rows() if r["dst_ip"] in TARGETS]

@@ -91,9 +91,10 @@ def test_a_feed_end_is_never_dropped_on_an_observers_full_feed(peer):
     assert feed.pending() == 0
 
 
-def test_a_stop_waits_no_longer_than_its_deadline_for_an_upstream_that_never_ends(tmp_path):
+def test_a_stop_waits_no_longer_than_its_deadline_for_an_upstream_that_never_ends(tmp_path,
+                                                                                  caplog):
     """enrich says it is stopping but never sends its feed end (stuck, or killed mid-stop
-    with its marker left): policy still ends, by its deadline."""
+    with its marker left): policy still ends, by its deadline, and says what it left."""
     settings = stage_settings(tmp_path, SLUICE_MODE="audit",
                               SLUICE_ALLOW_EXISTING_CONNECTIONS="false")
     settings.run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,3 +102,6 @@ def test_a_stop_waits_no_longer_than_its_deadline_for_an_upstream_that_never_end
         (settings.run_dir / f"enrich.{marker}").write_text("pid=1\n")
     policy = StageThread(PolicyStage(open_maps=lambda s: DictRuleMaps()), settings).start()
     assert policy.finish() == 0  # within StageThread's 10 s
+    assert policy.counters()["stop_time_up"] == 1
+    assert ("stopped at the stop's 3 s limit (enrich still sending): what was on its way waits "
+            "in capture's journal for the next start") in caplog.text
