@@ -356,7 +356,9 @@ def _is_stage(pid: int, stage: str) -> bool:
 
 def systemd_units(sluice: str, env_file: Path, user: str = "root") -> dict[str, str]:
     """Unit files for servers: sluice.target and one service per stage, all reading their
-    settings from env_file when they start (so secrets stay in that one root-only file)."""
+    settings from env_file when they start (so secrets stay in that one root-only file).
+    No unit is ordered after another: a stop signals the stages at once, as honcho does, and
+    their feed ends put it in the pipeline's order (pipeline/stopping.py)."""
     units = {"sluice.target": (
         "[Unit]\n"
         "Description=sluice egress firewall (all stages)\n"

@@ -50,6 +50,11 @@ def test_systemd_units_name_the_commands_and_the_environment_file(tmp_path):
         assert service["User"] == "root" and service["Restart"] == "on-failure"
         assert unit["Unit"]["PartOf"] == "sluice.target"
         assert unit["Install"]["WantedBy"] == "sluice.target"
+        # No order between the stages: a stop signals them all at once and their feed ends
+        # order it (pipeline/stopping.py); systemd would stop an After= stage first, before
+        # its upstream, which would then have no one to hand its last records to.
+        ordering = " ".join(unit["Unit"].get(key, "") for key in ("After", "Before"))
+        assert "sluice-" not in ordering, ordering
     # The command the unit names really is sluice, and really has that stage.
     check = subprocess.run([sluice, "run", "--help"], capture_output=True, text=True)
     assert check.returncode == 0 and "capture" in check.stdout
