@@ -629,7 +629,7 @@ class CaptureStage(BaseStage):
 
     def finish(self) -> None:
         """Into the journal, to be sent before the stop ends: the ring buffer, the parked
-        records and every flow's pending packets, in their window or not (teardown does it
+        records and every flow's pending packets, in their window or not (teardown calls it
         again for what comes meanwhile)."""
         self.drain()
         self._sweep_flows(every_flow=True)
@@ -647,9 +647,7 @@ class CaptureStage(BaseStage):
         settings, ring = self.io.settings, self.ring
         try:
             if ring is not None:  # set-up got through: what the kernel holds goes on disk
-                self.drain()
-                self._sweep_flows(every_flow=True)
-                self._sweep_overflow()
+                self.finish()  # again: what came since the stop's, or all of it at a deadline
                 self.send()
                 # The last counters file holds the kernel's final figures, however short
                 # the run was since the last read.
