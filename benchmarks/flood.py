@@ -10,7 +10,9 @@ a deadline, which it reports as a failure, never as a rate.
 It prints in = out for the kernel and every stage; rows stored and stored events/s; packets
 unrecoverable (the kernel could not even park them, or its flow map evicted them with their
 flow before they were reported) and any unexplained difference; the peak RSS of each stage
-and their total; whether honcho had to SIGKILL a stage at the stop; and
+and their total (after persist's rollups have caught up with the flood's rows, which it
+stores apart from them while records keep coming: how long that took is printed too);
+whether honcho had to SIGKILL a stage at the stop; and
 the DNS answers' latency during the flood against the same with no flood (as the probe saw
 it, and when each answer reached the probe's socket by the kernel's receive timestamp: the
 difference is the probe's own wait for a CPU), whether that meets the target (at most
@@ -280,6 +282,16 @@ def everything_stored(run_dir: Path) -> bool:
             and persist.get("rows_inserted", 0) + persist.get("duplicates_skipped", 0) >= read)
 
 
+def rolled_up(run_dir: Path, deadline: float) -> float:
+    """Seconds until persist's rollups count every stored row (it stores a flood's rows
+    apart from them and adds them once records stop), or until the deadline."""
+    start = time.perf_counter()
+    while (counters(run_dir, "persist").get("rollup_lag", 1)
+           and time.perf_counter() < deadline):
+        time.sleep(0.05)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--packets", type=int, default=300_000)
@@ -342,6 +354,7 @@ def main() -> None:
         flood = probed(dns_during)
         time.sleep(1)
         dns_lines = watch.lines()
+        rolled_up_s = rolled_up(run_dir, deadline)  # peak RSS below includes the catch-up
         rss = {s: peak_rss_kib(pid) for s, pid in pids.items()}
         honcho.send_signal(signal.SIGINT)
         honcho.wait(30)
@@ -350,6 +363,10 @@ def main() -> None:
                        capture_output=True)
         rows = report(args, sent, send_s, baseline_s, stored_s, complete, rss,
                       {s: counters(run_dir, s) for s in STAGES}, tmp, quiet, flood)
+        lag = counters(run_dir, "persist").get("rollup_lag", 0)
+        print(f"rollups caught up         {rolled_up_s:.1f} s after the flood's last row was "
+              f"stored" if not lag else f"rollups caught up         NO: {lag} rows not counted "
+              "by the rollups at the deadline (the views add them)")
         print("\n".join(dns_lines))
         if loops.spans:
             print(loops.line())

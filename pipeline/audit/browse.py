@@ -39,13 +39,19 @@ DESCRIPTIONS = {
                            "and last (pruned with the rows).",
     "destinations": "The same as destination_minutes over all time, kept when rows are pruned.",
     "late_keys": "The latest late-allow per host, address, port and protocol.",
+    "audit_events_unrolled": "The classified records the rollups do not count yet (persist "
+                             "adds them once records stop coming); the summary views add "
+                             "them.",
+    "destination_minutes_all": "destination_minutes and, as a group of one each, the records "
+                               "it does not count yet: what a time window reads.",
+    "rollup_progress": "The last audit_events id the rollups count (SQLite).",
 }
 QUERIES = {
     "blocked_last_day": {
         "title": "Blocked in the last 24 hours, per process",
         "sql": "SELECT host, destination, dst_ip, dst_port, protocol, process, "
                "SUM(counted) AS attempts, MIN(counted_first) AS first_seen, "
-               "MAX(counted_last) AS last_seen FROM destination_minutes "
+               "MAX(counted_last) AS last_seen FROM destination_minutes_all "
                "WHERE event_type IN ('connection_blocked', 'protocol_blocked') "
                "AND counted > 0 AND minute >= strftime('%Y-%m-%dT%H:%M', 'now', '-1 day') "
                "GROUP BY host, destination, dst_ip, dst_port, protocol, process "

@@ -1,7 +1,9 @@
 """What a batch of new audit rows adds to the rollup tables (pure: no SQL, no clock).
 
 The store (pipeline/audit/store.py) keeps small aggregate tables in step with `audit_events`, in the
-same transaction as the rows, so the summary views read them instead of scanning every row:
+same transaction as the rows or, for persist on SQLite while records keep coming, in a later
+one (AuditStore.catch_up, rows in the order they were stored; the views add the rows not
+counted yet), so the summary views read them instead of scanning every row:
 
 * `late_keys`: per host and (dst_ip, dst_port, protocol), the latest late-allow's timestamp.
 * `activity_minutes` / `activity_days`: per host and UTC minute / day, a count per event type

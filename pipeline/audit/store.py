@@ -22,6 +22,10 @@ Views (README "Views"): `audit_events_classified` is every row plus `destination
 `dns_blocked_names`, `late_allowed` and `timeline` summarize it. A connection_blocked row is
 superseded, and not counted as a block, when a connection_late_allowed row of the same host,
 dst_ip, dst_port and protocol has a timestamp at or after its own (reference §2.8).
+
+The summaries read rollup tables (rollups.py). On SQLite a writer may store rows apart from
+them and add them later (defer_rollups, catch_up: persist during a burst); the views add the
+rows not counted yet (`audit_events_unrolled`), so they answer for every row at every moment.
 """
 
 from __future__ import annotations
@@ -53,8 +57,8 @@ from .sqlite_memory import skip_memory_statistics
 from ..errors import StoreError
 from ..events import DeliveredDestination
 from ..fingerprints import FingerprintSet
-from .rollups import (GROUP_VALUES, MINUTE_KEY, TIMELINE_COUNTS, TOTAL_KEY, Deltas, Flipped,
-                      Row, aggregate, flip, gather)
+from .rollups import (GROUP_VALUES, LATE_ALLOWED, MINUTE_KEY, TIMELINE_COUNTS, TOTAL_KEY,
+                      Deltas, Flipped, Row, aggregate, flip, gather)
 
 metadata = sa.MetaData()
 
@@ -136,6 +140,13 @@ def _counts() -> list[sa.Column]:
     return [sa.Column(name, sa.BigInteger, nullable=False) for name in TIMELINE_COUNTS]
 
 
+# SQLite: the last audit_events id whose row the rollups count (one row, 0009). A writer may
+# leave later rows for catch_up (persist does, while records keep coming); the summary views
+# add those rows themselves (audit_events_unrolled), so they answer for every row stored.
+rollup_progress = sa.Table(
+    "rollup_progress", metadata,
+    sa.Column("last_id", sa.BigInteger, nullable=False),
+)
 late_keys = sa.Table(
     "late_keys", metadata,
     sa.Column("host", sa.Text, primary_key=True),
@@ -315,9 +326,62 @@ def _timeline(name: str, source: str, bucket: str) -> str:
         FROM {source}"""
 
 
-def _view_statements(dialect: str) -> list[str]:
-    """The views since 0005: the per-row ones join late_keys, the summaries read rollups."""
+def _unrolled_groups() -> str:
+    """destinations' columns for the rows not yet in the rollups (SQLite), grouped alike."""
+    key = ", ".join(TOTAL_KEY)
+    return f"""SELECT {key}, COUNT(*) AS events, MIN(timestamp) AS first_seen,
+               MAX(timestamp) AS last_seen, SUM(1 - superseded) AS counted,
+               MIN(CASE WHEN superseded = 0 THEN timestamp END) AS counted_first,
+               MAX(CASE WHEN superseded = 0 THEN timestamp END) AS counted_last
+        FROM audit_events_unrolled GROUP BY {key}"""
+
+
+def _unrolled_activity(width: int) -> str:
+    """activity_minutes' (16: minute) or activity_days' (10: day) counts for the rows not yet
+    in the rollups."""
+    bucket = "substr(timestamp, 1, 16) || 'Z'" if width == 16 else "substr(timestamp, 1, 10)"
+    counts = ", ".join(("COUNT(*)" if name == "events" else "SUM(superseded)"
+                        if name == "superseded" else
+                        f"SUM(CASE WHEN event_type = '{name}' THEN 1 ELSE 0 END)")
+                       + f" AS {name}" for name in TIMELINE_COUNTS)
+    return (f"SELECT host, {bucket} AS bucket, {counts} FROM audit_events_unrolled "
+            f"GROUP BY host, {bucket}")
+
+
+def _all_groups(tail: bool) -> str:
+    """What the all-time views read: destinations, and with tail the rows it lacks yet."""
+    if not tail:
+        return "destinations"
+    columns = ", ".join((*TOTAL_KEY, "events", "first_seen", "last_seen", "counted",
+                         "counted_first", "counted_last"))
+    return (f"(SELECT {columns} FROM destinations UNION ALL {_unrolled_groups()}) "
+            "AS destinations")
+
+
+def _all_activity(table: str, bucket: str, tail: bool) -> str:
+    """What the timelines read: a rollup, and with tail the counts of the rows it lacks yet
+    (added to its bucket, or a bucket of their own). No GROUP BY over the rollup, so a
+    window's host and time still reach its key."""
+    if not tail:
+        return table
+    unrolled = _unrolled_activity(16 if bucket == "minute" else 10)
+    added = ", ".join(f"a.{name} + COALESCE(t.{name}, 0) AS {name}"
+                      for name in TIMELINE_COUNTS)
+    return f"""(SELECT a.host, a.{bucket}, {added}
+        FROM {table} AS a LEFT JOIN ({unrolled}) AS t
+          ON t.host = a.host AND t.bucket = a.{bucket}
+        UNION ALL
+        SELECT t.* FROM ({unrolled}) AS t
+        WHERE NOT EXISTS (SELECT 1 FROM {table} AS a
+                          WHERE a.host = t.host AND a.{bucket} = t.bucket)) AS {table}"""
+
+
+def _view_statements(dialect: str, tail: bool = False) -> list[str]:
+    """The views since 0005: the per-row ones join late_keys, the summaries read rollups.
+    With tail (0009, SQLite) the summaries add the rows persist has not rolled up yet
+    (audit_events_unrolled), so they answer for every row stored."""
     processes = _process_list(dialect, "process")
+    groups = _all_groups(tail)
     return [
         # `b.*` is expanded when the view is created: a migration that adds a column to
         # audit_events recreates these views.
@@ -343,7 +407,7 @@ def _view_statements(dialect: str) -> list[str]:
                {processes} AS processes
         FROM (SELECT host, destination, dst_port AS port, protocol, counted, counted_first,
                      counted_last, process
-              FROM destinations WHERE event_type IN {_BLOCK_TYPES} AND counted > 0
+              FROM {groups} WHERE event_type IN {_BLOCK_TYPES} AND counted > 0
               ORDER BY host, destination, dst_port, protocol, process) AS b
         GROUP BY host, destination, port, protocol""",
         f"""CREATE VIEW process_activity AS
@@ -354,12 +418,12 @@ def _view_statements(dialect: str) -> list[str]:
                {_total("events", "event_type = 'connection_late_allowed'")} AS late_allowed,
                COUNT(DISTINCT destination) AS destinations,
                MIN(first_seen) AS first_seen, MAX(last_seen) AS last_seen
-        FROM destinations WHERE event_type IN {_ACTIVITY_TYPES}
+        FROM {groups} WHERE event_type IN {_ACTIVITY_TYPES}
         GROUP BY host, process""",
         f"""CREATE VIEW dns_blocked_names AS
         SELECT host, destination AS name, {_total("events")} AS attempts,
                MIN(first_seen) AS first_seen, MAX(last_seen) AS last_seen
-        FROM destinations WHERE event_type = 'dns_blocked'
+        FROM {groups} WHERE event_type = 'dns_blocked'
         GROUP BY host, destination""",
         f"""CREATE VIEW late_allowed AS
         SELECT host, destination, dst_ip, port, protocol, matched_rule,
@@ -367,12 +431,12 @@ def _view_statements(dialect: str) -> list[str]:
                MAX(last_seen) AS last_seen, {processes} AS processes
         FROM (SELECT host, destination, dst_ip, dst_port AS port, protocol, matched_rule,
                      events, first_seen, last_seen, process
-              FROM destinations WHERE event_type = 'connection_late_allowed'
+              FROM {groups} WHERE event_type = 'connection_late_allowed'
               ORDER BY host, destination, dst_ip, dst_port, protocol, matched_rule,
                        process) AS l
         GROUP BY host, destination, dst_ip, port, protocol, matched_rule""",
-        _timeline("timeline", "activity_minutes", "minute"),
-        _timeline("timeline_daily", "activity_days", "day"),
+        _timeline("timeline", _all_activity("activity_minutes", "minute", tail), "minute"),
+        _timeline("timeline_daily", _all_activity("activity_days", "day", tail), "day"),
     ]
 
 
@@ -452,10 +516,51 @@ def _cgroup_columns_0008(conn: sa.Connection) -> None:
         conn.exec_driver_sql(statement)
 
 
+def _unrolled_view(dialect: str) -> str:
+    """The rows not in the rollups yet: on SQLite those after rollup_progress; PostgreSQL's
+    writers add every row to the rollups in its own transaction, so none wait there."""
+    after = ("c.id > (SELECT last_id FROM rollup_progress)" if dialect == "sqlite"
+             else "false")
+    return f"""CREATE VIEW audit_events_unrolled AS
+        SELECT c.* FROM audit_events_classified AS c WHERE {after}"""
+
+
+def _minute_groups_view() -> str:
+    """destination_minutes and, a group of one each, the rows not in it yet: what a time
+    window reads (a range of minutes, which reaches both parts)."""
+    columns = ", ".join((*MINUTE_KEY, *GROUP_VALUES))
+    counted = "CASE WHEN superseded = 0 THEN timestamp END"
+    return f"""CREATE VIEW destination_minutes_all AS
+        SELECT {columns} FROM destination_minutes
+        UNION ALL
+        SELECT {", ".join(MINUTE_KEY).replace("minute", "substr(timestamp, 1, 16) || 'Z'", 1)},
+               1, 1 - superseded, timestamp, {counted}, timestamp, {counted}
+        FROM audit_events_unrolled"""
+
+
+def _rollup_lag_0009(conn: sa.Connection) -> None:
+    """On SQLite a writer may leave the rollups behind the rows (AuditStore's catch_up adds
+    them later), and the summary views add what they lack from the rows after the mark."""
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        rollup_progress.create(conn)
+        conn.exec_driver_sql("INSERT INTO rollup_progress (last_id) "
+                             "SELECT COALESCE(MAX(id), 0) FROM audit_events")
+    for view in reversed(ROLLUP_VIEWS):  # none depends on another
+        conn.exec_driver_sql(f"DROP VIEW {view}")
+    conn.exec_driver_sql(_unrolled_view(dialect))
+    conn.exec_driver_sql(_minute_groups_view())
+    for statement in _view_statements(dialect, tail=True)[2:]:
+        conn.exec_driver_sql(statement)
+
+
 VIEWS_0003 = ("audit_events_classified", "audit_events_counted", "blocked_destinations",
               "process_activity", "dns_blocked_names", "late_allowed", "timeline")
-VIEWS = (*VIEWS_0003, "timeline_daily")
-ROLLUP_VIEWS = VIEWS[2:]  # the views that read rollups, not rows
+# The views that read rollups (and, since 0009, the rows not rolled up yet), not every row.
+ROLLUP_VIEWS = (*VIEWS_0003[2:], "timeline_daily")
+# The rows the rollups do not count yet, as rows and as minute groups (0009).
+VIEWS_0009 = ("audit_events_unrolled", "destination_minutes_all")
+VIEWS = (*VIEWS_0003, "timeline_daily", *VIEWS_0009)
 
 Migration = tuple[str, Callable[[sa.Connection], None]]
 MIGRATIONS: tuple[Migration, ...] = (
@@ -467,6 +572,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ("0006_minute_groups", _minute_groups_0006),
     ("0007_export_cursors", lambda conn: export_cursors.create(conn)),
     ("0008_cgroup_container", _cgroup_columns_0008),
+    ("0009_rollup_lag", _rollup_lag_0009),
 )
 
 _encode_json = msgspec.json.encode
@@ -918,6 +1024,16 @@ class _Rollups:
         conn.exec_driver_sql(self.sql["set_total"], updates)
 
 
+# SQLite's rows not in the rollups yet (0009): read back in chunks, oldest first.
+_EVENT_TYPE = COLUMNS.index("event_type")
+_MARK_SQL = "SELECT last_id FROM rollup_progress"
+_SET_MARK_SQL = "UPDATE rollup_progress SET last_id = ?"
+_UNROLLED_SQL = (f"SELECT id, {', '.join(COLUMNS)} FROM audit_events WHERE id > ? "
+                 "ORDER BY id LIMIT ?")
+CATCH_UP_CHUNK = 8192
+# A deferring writer keeps up once this many rows wait: each view reads them all.
+ROLLUP_LAG_MAX = 1_000_000
+
 # Retention: each batch is one short transaction, so a writer waits for at most one.
 PRUNE_BATCH = 5_000
 
@@ -929,6 +1045,8 @@ class Pruned(NamedTuple):
 
 _PRUNE_ROWS = sa.text("DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events "
                       "WHERE timestamp < :before ORDER BY timestamp LIMIT :limit)")
+_PRUNED_LAST_ID = sa.text("SELECT MAX(id) FROM (SELECT id FROM audit_events "
+                          "WHERE timestamp < :before ORDER BY timestamp LIMIT :limit) AS p")
 _PRUNE_MINUTES = (sa.text("DELETE FROM activity_minutes WHERE minute < :minute"),
                   sa.text("DELETE FROM destination_minutes WHERE minute < :minute"))
 
@@ -1011,13 +1129,21 @@ class _Checkpointer:
         self._thread.join(timeout=5)
 
 
+def _mark(conn: sa.Connection) -> int:
+    """SQLite: the last audit_events id the rollups count (rollup_progress)."""
+    return int(conn.exec_driver_sql(_MARK_SQL).scalar_one())
+
+
 class AuditStore:
     """The single writer of audit_events: batched inserts, one transaction per batch."""
 
     def __init__(self, url: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS,
-                 gid: int | None = None, wal_limit_bytes: int = WAL_LIMIT_BYTES) -> None:
+                 gid: int | None = None, wal_limit_bytes: int = WAL_LIMIT_BYTES,
+                 defer_rollups: bool = False) -> None:
         """gid: SLUICE_GROUP's, for a database file this creates (pipeline/private.py).
-        wal_limit_bytes: how far a SQLite file's WAL may grow (_Checkpointer)."""
+        wal_limit_bytes: how far a SQLite file's WAL may grow (_Checkpointer).
+        defer_rollups: SQLite leaves each batch's rows out of the rollups (but a late-allow's
+        batch, or beyond ROLLUP_LAG_MAX rows) until catch_up adds them."""
         path = _sqlite_file(sa.make_url(url)) if url.startswith("sqlite") else None
         self.engine, self.url = _engine(
             url, readonly=False, busy_timeout_ms=busy_timeout_ms, gid=gid,
@@ -1034,6 +1160,10 @@ class AuditStore:
         self._positional = compiled.positional
         self._copy = dialect.name == "postgresql"
         self._rollups = _Rollups(dialect.name)
+        # SQLite keeps a mark of the rows its rollups count (0009); defer_rollups leaves a
+        # batch's rows to catch_up, for a writer that has records waiting.
+        self._lagging = path is not None
+        self.defer_rollups = defer_rollups and self._lagging
 
     def migrate(self, migrations: Sequence[Migration] = MIGRATIONS) -> list[str]:
         """Apply the migrations this database lacks, in order; returns their names."""
@@ -1099,8 +1229,9 @@ class AuditStore:
     def _insert(self, conn: sa.Connection, events: Sequence[AuditEvent]) -> list[AuditEvent]:
         with conn.begin() as tx:
             rows = list(map(as_row, events))
+            before = self._last_id(conn)
             if self._execute(conn, rows) == len(events):
-                self._rollups.apply(conn, rows)
+                self._roll_up(conn, rows, before)
                 return list(events)
             tx.rollback()
         # Some ids are stored already (a batch written again): insert only the others, so
@@ -1109,9 +1240,79 @@ class AuditStore:
         with conn.begin():
             fresh = self._unstored(conn, events)
             rows = list(map(as_row, fresh))
+            before = self._last_id(conn)
             self._execute(conn, rows)
-            self._rollups.apply(conn, rows)
+            self._roll_up(conn, rows, before)
             return fresh
+
+    def _last_id(self, conn: sa.Connection) -> int:
+        """SQLite: the last row's id (a writer's transaction holds the file's only write
+        lock, so the rows it inserts next are the ids after it)."""
+        if not self._lagging:
+            return 0
+        return int(conn.exec_driver_sql("SELECT COALESCE(MAX(id), 0) FROM audit_events")
+                   .scalar_one())
+
+    def _roll_up(self, conn: sa.Connection, rows: list[tuple], before: int) -> None:
+        """Add rows just inserted (ids after before) to the rollups, or leave them to
+        catch_up: only a deferring SQLite writer does, and never a late-allow, so rows left
+        behind never supersede rows counted already (the views classify them by late_keys,
+        which every late-allow has updated before it is stored)."""
+        if not self._lagging:
+            self._rollups.apply(conn, rows)
+            return
+        mark = _mark(conn)
+        if mark > before:  # every newer row was pruned, and SQLite gives their ids again
+            mark = before
+            conn.exec_driver_sql(_SET_MARK_SQL, (mark,))
+        if self.defer_rollups and not any(row[_EVENT_TYPE] == LATE_ALLOWED for row in rows):
+            behind = before + len(rows) - mark
+            if behind > ROLLUP_LAG_MAX:  # keep up as fast as rows come
+                self._catch_up(conn, mark, len(rows))
+            return
+        if mark < before:  # rows left behind go first, in the order they were stored
+            self._catch_up(conn, mark, before - mark)
+        self._rollups.apply(conn, rows)
+        conn.exec_driver_sql(_SET_MARK_SQL, (before + len(rows),))
+
+    def catch_up(self, limit: int) -> int:
+        """Add up to limit of the rows a deferring writer left behind to the rollups, in
+        one transaction, oldest first; returns how many (0: the rollups count every row)."""
+        if not self._lagging:
+            return 0
+        try:
+            with collector_paused(), self.engine.connect() as conn:
+                with conn.begin():
+                    mark = _mark(conn)
+                    added = self._catch_up(conn, mark, limit)
+                if added:
+                    self._committed(conn)
+                return added
+        except sa.exc.SQLAlchemyError as err:
+            raise StoreError(f"{self.url}: {_one_line(err)}") from None
+
+    def rollup_lag(self) -> int:
+        """Rows stored that the rollups do not count yet (the views add them)."""
+        if not self._lagging:
+            return 0
+        try:
+            with self.engine.connect() as conn:
+                return max(0, self._last_id(conn) - _mark(conn))
+        except sa.exc.SQLAlchemyError as err:
+            raise StoreError(f"{self.url}: {_one_line(err)}") from None
+
+    def _catch_up(self, conn: sa.Connection, mark: int, limit: int) -> int:
+        added = 0
+        while added < limit:
+            rows = conn.exec_driver_sql(_UNROLLED_SQL, (mark, min(limit - added,
+                                                                  CATCH_UP_CHUNK))).all()
+            if not rows:
+                break
+            self._rollups.apply(conn, [row[1:] for row in rows])
+            mark, added = rows[-1][0], added + len(rows)
+        if added:
+            conn.exec_driver_sql(_SET_MARK_SQL, (mark,))
+        return added
 
     def _execute(self, conn: sa.Connection, rows: list[tuple]) -> int:
         if not rows:
@@ -1146,6 +1347,8 @@ class AuditStore:
         """
         try:
             with self.engine.begin() as conn:
+                if self._lagging:
+                    self._roll_up_pruned(conn, before, limit)
                 rows = conn.execute(_PRUNE_ROWS, {"before": before, "limit": limit}).rowcount
                 if rows == limit:
                     return Pruned(rows, 0, False)
@@ -1154,6 +1357,14 @@ class AuditStore:
                 return Pruned(rows, conn.execute(_PRUNE_MINUTES[0], minute).rowcount, True)
         except sa.exc.SQLAlchemyError as err:
             raise StoreError(f"{self.url}: pruning failed: {_one_line(err)}") from None
+
+    def _roll_up_pruned(self, conn: sa.Connection, before: str, limit: int) -> None:
+        """The daily and all-time rollups outlive the rows: count the ones about to go."""
+        mark = _mark(conn)
+        last: int | None = conn.execute(_PRUNED_LAST_ID,
+                                        {"before": before, "limit": limit}).scalar()
+        if last is not None and last > mark:
+            self._catch_up(conn, mark, last - mark)
 
     def prune(self, before: str, limit: int = PRUNE_BATCH) -> Pruned:
         """Every audit row older than before, in batches of limit; what was deleted."""

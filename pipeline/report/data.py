@@ -3,9 +3,10 @@
 Without a window every section is one read of a summary view (`blocked_destinations`,
 `late_allowed`, `dns_blocked_names`, `timeline`), which read the rollups. With a window
 (`--since`, or the run `sluice down` ends) counts and first/last times must be the window's
-alone: whole UTC minutes after the window's first minute come from the `destination_minutes`
-rollup (a range of its key), and the first, partial minute from the per-record views
-(`audit_events_counted`, `audit_events_classified`) for its rows at or after the start only
+alone: whole UTC minutes after the window's first minute come from `destination_minutes_all`
+(the rollup, a range of its key, and the rows it does not count yet), and the first, partial
+minute from the per-record views (`audit_events_counted`, `audit_events_classified`) for its
+rows at or after the start only
 (the timestamp index keeps that to those rows); `timeline` is read by its minute. So a report
 of the last week reads a week of rollup minutes and at most a minute of rows.
 """
@@ -96,7 +97,7 @@ WHERE counted_block = 1 AND host = :host AND timestamp >= :since AND timestamp <
 GROUP BY destination, dst_port, protocol, process"""
 _BLOCKED_MINUTES = f"""SELECT destination, dst_port, protocol, process, SUM(counted),
        MIN(counted_first), MAX(counted_last)
-FROM destination_minutes
+FROM destination_minutes_all
 WHERE host = :host AND minute > :minute AND event_type IN {_BLOCK_TYPES} AND counted > 0
 GROUP BY destination, dst_port, protocol, process"""
 _LATE_VIEW = """SELECT destination, dst_ip, port, protocol, matched_rule, late_allows,
@@ -110,7 +111,7 @@ WHERE event_type = 'connection_late_allowed' AND host = :host AND timestamp >= :
 GROUP BY destination, dst_ip, dst_port, protocol, matched_rule, process"""
 _LATE_MINUTES = """SELECT destination, dst_ip, dst_port, protocol, matched_rule, process,
        SUM(events), MIN(first_seen), MAX(last_seen)
-FROM destination_minutes
+FROM destination_minutes_all
 WHERE host = :host AND minute > :minute AND event_type = 'connection_late_allowed'
 GROUP BY destination, dst_ip, dst_port, protocol, matched_rule, process"""
 _REFUSED_VIEW = """SELECT name, attempts, first_seen, last_seen
@@ -121,7 +122,7 @@ WHERE event_type = 'dns_blocked' AND host = :host AND timestamp >= :since
   AND timestamp < :next_minute
 GROUP BY destination"""
 _REFUSED_MINUTES = """SELECT destination, '', SUM(events), MIN(first_seen), MAX(last_seen)
-FROM destination_minutes
+FROM destination_minutes_all
 WHERE host = :host AND minute > :minute AND event_type = 'dns_blocked'
 GROUP BY destination"""
 _TIMELINE = """SELECT minute, allowed, blocked, late_allowed, dns_blocked

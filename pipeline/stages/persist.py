@@ -42,6 +42,11 @@ Failures: an unusable database or log file at start stops the stage with one lin
           stores what is held, then exits; what could not be stored is counted
           (records_unstored_at_stop) and, when it came from capture, sent again at the next
           start.
+Rollups:  on SQLite, rows are stored without adding them to the rollup tables while records
+          keep coming (the summary views add such rows themselves: pipeline/audit/store.py,
+          0009); once nothing has come for ROLLUP_QUIET_S, persist adds them, a commit's
+          worth per tick (rows_rolled_up; rollup_lag: how many wait). A late-allow's batch,
+          or more than ROLLUP_LAG_MAX rows waiting, adds them at once.
 Retention: with SLUICE_RETENTION_DAYS, rows older than that are deleted in small batches
           while nothing waits to be committed (rows_pruned; pipeline/audit/retention.py).
 
@@ -77,6 +82,9 @@ from ..topology import wiring_text
 # takes about 0.1 s, so stop and SIGHUP are still handled promptly.
 COMMIT_FACTOR = 16
 DELIVERED_CHUNK = 4096     # notify's delivered destinations stored per tick
+# Rows wait for the rollups until records stop coming for this long: a flood's rows are
+# stored at the rate of the rows alone, and the rollups catch up when it ends.
+ROLLUP_QUIET_S = 0.5
 DELIVERED_HELD = 200_000   # ... and held at most, waiting for the database
 RETRY_FIRST_S = 0.1
 RETRY_MAX_S = 5.0
@@ -161,6 +169,8 @@ class PersistStage(BaseStage):
         self.complaints: set[str] = set()
         self.acks: Acks | None = None
         self.to_ack: list[tuple[str, int]] = []  # handled journal records, marked once on disk
+        self.received_at = 0.0   # the last tick that found records received
+        self.rollup_lag = 0      # rows stored that the rollups do not count yet
 
     def setup(self, io: StageIO) -> None:
         self.io = io
@@ -170,9 +180,11 @@ class PersistStage(BaseStage):
         self.sql_retry = _Retry("SQL write", "store_errors", io)
         self.jsonl_retry = _Retry("JSONL write", "jsonl_errors", io)
         self.delivered_retry = _Retry("delivered destinations write", "store_errors", io)
-        self.store = AuditStore(settings.db, gid=settings.gid)
+        self.store = AuditStore(settings.db, gid=settings.gid, defer_rollups=True)
         self.opened.callback(self.store.close)
         applied = self.store.migrate()
+        self.rollup_retry = _Retry("rollup catch-up", "store_errors", io)
+        self.rollup_lag = self.store.rollup_lag()  # a previous run's rows come first
         self.logger = AuditLogger(settings.audit_log, settings.audit_mode, clock=self.clock,
                                   gid=settings.gid)
         self.opened.callback(self.logger.close)
@@ -255,6 +267,8 @@ class PersistStage(BaseStage):
     def tick(self, now: float) -> None:
         if self.pending and self.pending_since is None:
             self.pending_since = now
+        if self.pending:
+            self.received_at = now
         if self._commit_due(now):
             self._commit_all(now)
         if self.unjournaled and now >= self.jsonl_retry.next_at:
@@ -265,7 +279,26 @@ class PersistStage(BaseStage):
             self._acknowledge(now)
         if self.delivered and not self.pending and now >= self.delivered_retry.next_at:
             self._store_delivered(now)
+        if (self.rollup_lag and not self.pending and now - self.received_at >= ROLLUP_QUIET_S
+                and now >= self.rollup_retry.next_at):
+            self._catch_up_rollups(now)
         self.io.counters.level("records_held", len(self.pending) + len(self.unjournaled))
+        self.io.counters.level("rollup_lag", self.rollup_lag)
+
+    def _catch_up_rollups(self, now: float) -> None:
+        """Add a commit's worth of the rows the rollups lack; one transaction per tick, so
+        records that arrive meanwhile wait for one at most."""
+        try:
+            added = self.store.catch_up(self.commit_rows)
+            if added < self.commit_rows:  # done; and an import may have added rows too
+                self.rollup_lag = self.store.rollup_lag()
+            else:
+                self.rollup_lag = max(0, self.rollup_lag - added)
+        except StoreError as err:
+            self.rollup_retry.failed(now, err)
+            return
+        self.io.counters.add("rows_rolled_up", added)
+        self.rollup_retry.succeeded()
 
     def _commit_due(self, now: float) -> bool:
         if not self.pending or now < self.sql_retry.next_at:
@@ -306,6 +339,7 @@ class PersistStage(BaseStage):
             return
         progress.handled += len(batch)
         progress.stored.extend(stored)
+        self.rollup_lag += len(stored)  # an over-count when they were added: caught up anyway
         # Stored now or before (a record sent again): either way done once JSONL has it.
         self.to_ack.extend((r.event_id, r.seq) for r in batch if r.seq)
         self.io.counters.add("rows_inserted", len(stored))

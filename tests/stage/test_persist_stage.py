@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from pipeline import wire
 from pipeline.audit.records import AuditEvent, parse_timestamp
 from pipeline.stages.persist import JSONL_MARK, PersistStage
+from pipeline.audit.query import run_query
 from pipeline.audit.store import AuditStore, audit_events, open_readonly
 from tests.support.persistkit import jsonl_fields, make_settings
 from tests.support.stagekit import StageThread
@@ -118,6 +119,31 @@ def test_stop_stores_everything_pushed_before_it(tmp_path, pusher):
     assert stage.finish() == 0
     assert len(jsonl_fields(settings.audit_log)) == 1000
     assert sql_fields(settings) == expected_fields(sent)
+
+
+def rollup_lag(settings):
+    conn = sqlite3.connect(f"file:{settings.db.removeprefix('sqlite:///')}?mode=ro", uri=True)
+    try:
+        return (conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit_events").fetchone()[0]
+                - conn.execute("SELECT last_id FROM rollup_progress").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_rows_stored_apart_from_the_rollups_are_added_once_records_stop(tmp_path, pusher):
+    settings = make_settings(tmp_path)
+    sent = [record(n) for n in range(3000)]
+    stage = StageThread(PersistStage(), settings).start()
+    try:
+        pusher(settings, *(wire.encode(sent[i:i + 100]) for i in range(0, len(sent), 100)))
+        wait_for(lambda: len(jsonl_fields(settings.audit_log)) == len(sent), "3000 lines")
+        wait_for(lambda: rollup_lag(settings) == 0, "the rollups to count every row")
+    finally:
+        assert stage.finish() == 0
+    counters = stage.counters()
+    assert counters["rows_rolled_up"] == counters["rows_inserted"] == len(sent)
+    with run_query(settings.db, "SELECT SUM(attempts) FROM blocked_destinations") as (_, rows):
+        assert list(map(tuple, rows)) == [(len(sent),)]
 
 
 def test_a_restarted_stage_appends_and_skips_what_is_stored(tmp_path, pusher):

@@ -79,7 +79,7 @@ def test_a_store_from_before_the_cgroup_columns_gains_them_and_its_views_show_th
             "cname_chain, mid_stream, would_deny, blocked, packets) VALUES ('old-1', 'h', "
             "'2026-01-01T00:00:00.000000000Z', 'connection_blocked', '', '1.2.3.4', '', 443, "
             "'TCP', 'curl', 1, '', '', '', false, false, true, 1)")
-    assert old.migrate() == ["0008_cgroup_container"]
+    assert old.migrate() == ["0008_cgroup_container", "0009_rollup_lag"]
     old.write(batch(1, cgroup=f"/docker/{CONTAINER}", container=CONTAINER))
     old.close()
     with run_query(db_url, "SELECT event_id, cgroup, container, counted_block FROM "
