@@ -347,6 +347,7 @@ def main() -> None:
         while not everything_stored(run_dir) and time.perf_counter() < deadline:
             time.sleep(0.05)
         stored_s = time.perf_counter() - start
+        rolled_in_flood = counters(run_dir, "persist").get("rows_rolled_up", 0)
         loops.stop()
         machine.stop(sender_s)
         complete = everything_stored(run_dir)
@@ -365,8 +366,9 @@ def main() -> None:
                       {s: counters(run_dir, s) for s in STAGES}, tmp, quiet, flood)
         lag = counters(run_dir, "persist").get("rollup_lag", 0)
         print(f"rollups caught up         {rolled_up_s:.1f} s after the flood's last row was "
-              f"stored" if not lag else f"rollups caught up         NO: {lag} rows not counted "
-              "by the rollups at the deadline (the views add them)")
+              f"stored ({rolled_in_flood} rows added to them during the flood)" if not lag
+              else f"rollups caught up         NO: {lag} rows not counted by the rollups at "
+              "the deadline (the views add them)")
         print("\n".join(dns_lines))
         if loops.spans:
             print(loops.line())
