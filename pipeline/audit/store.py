@@ -1162,8 +1162,8 @@ class AuditStore:
         self._rollups = _Rollups(dialect.name)
         # SQLite keeps a mark of the rows its rollups count (0009); defer_rollups leaves a
         # batch's rows to catch_up, for a writer that has records waiting.
-        self._lagging = path is not None
-        self.defer_rollups = defer_rollups and self._lagging
+        self._marked = path is not None
+        self.defer_rollups = defer_rollups and self._marked
 
     def migrate(self, migrations: Sequence[Migration] = MIGRATIONS) -> list[str]:
         """Apply the migrations this database lacks, in order; returns their names."""
@@ -1248,7 +1248,7 @@ class AuditStore:
     def _last_id(self, conn: sa.Connection) -> int:
         """SQLite: the last row's id (a writer's transaction holds the file's only write
         lock, so the rows it inserts next are the ids after it)."""
-        if not self._lagging:
+        if not self._marked:
             return 0
         return int(conn.exec_driver_sql("SELECT COALESCE(MAX(id), 0) FROM audit_events")
                    .scalar_one())
@@ -1258,7 +1258,7 @@ class AuditStore:
         catch_up: only a deferring SQLite writer does, and never a late-allow, so rows left
         behind never supersede rows counted already (the views classify them by late_keys,
         which every late-allow has updated before it is stored)."""
-        if not self._lagging:
+        if not self._marked:
             self._rollups.apply(conn, rows)
             return
         mark = _mark(conn)
@@ -1278,7 +1278,7 @@ class AuditStore:
     def catch_up(self, limit: int) -> int:
         """Add up to limit of the rows a deferring writer left behind to the rollups, in
         one transaction, oldest first; returns how many (0: the rollups count every row)."""
-        if not self._lagging:
+        if not self._marked:
             return 0
         try:
             with collector_paused(), self.engine.connect() as conn:
@@ -1293,7 +1293,7 @@ class AuditStore:
 
     def rollup_lag(self) -> int:
         """Rows stored that the rollups do not count yet (the views add them)."""
-        if not self._lagging:
+        if not self._marked:
             return 0
         try:
             with self.engine.connect() as conn:
@@ -1347,7 +1347,7 @@ class AuditStore:
         """
         try:
             with self.engine.begin() as conn:
-                if self._lagging:
+                if self._marked:
                     self._roll_up_pruned(conn, before, limit)
                 rows = conn.execute(_PRUNE_ROWS, {"before": before, "limit": limit}).rowcount
                 if rows == limit:
