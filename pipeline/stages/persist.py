@@ -82,10 +82,10 @@ from ..topology import wiring_text
 # takes about 0.1 s, so stop and SIGHUP are still handled promptly.
 COMMIT_FACTOR = 16
 DELIVERED_CHUNK = 4096     # notify's delivered destinations stored per tick
+DELIVERED_HELD = 200_000   # ... and held at most, waiting for the database
 # Rows wait for the rollups until records stop coming for this long: a flood's rows are
 # stored at the rate of the rows alone, and the rollups catch up when it ends.
 ROLLUP_QUIET_S = 0.5
-DELIVERED_HELD = 200_000   # ... and held at most, waiting for the database
 RETRY_FIRST_S = 0.1
 RETRY_MAX_S = 5.0
 
@@ -339,7 +339,8 @@ class PersistStage(BaseStage):
             return
         progress.handled += len(batch)
         progress.stored.extend(stored)
-        self.rollup_lag += len(stored)  # an over-count when they were added: caught up anyway
+        if self.store.defer_rollups:  # an over-count when a late-allow added them: found out
+            self.rollup_lag += len(stored)
         # Stored now or before (a record sent again): either way done once JSONL has it.
         self.to_ack.extend((r.event_id, r.seq) for r in batch if r.seq)
         self.io.counters.add("rows_inserted", len(stored))
