@@ -379,7 +379,8 @@ def main() -> None:
                       {s: counters(run_dir, s) for s in STAGES}, tmp, quiet, flood)
         lag = counters(run_dir, "persist").get("rollup_lag", 0)
         print(f"rollups caught up         {rolled_up_s:.1f} s after the flood's last row was "
-              f"stored ({rolled_in_flood} rows added to them during the flood)" if not lag
+              f"stored ({rolled_in_flood} rows added to them before the run's end was seen)"
+              if not lag
               else f"rollups caught up         NO: {lag} rows not counted by the rollups at "
               "the deadline (the views add them)")
         print("\n".join(dns_lines))
@@ -401,9 +402,10 @@ def percentile(values: list[float], q: float) -> float:
         else (values[0] if values else float("nan"))
 
 
-def report(args, sent, send_s, baseline_s, stored_s, complete, rss, stage_counters, tmp,
+def report(args, sent, send_s, baseline_s, seconds, complete, rss, stage_counters, tmp,
            quiet, flood) -> int:
-    """Print the run's figures; returns the flooded destinations' rows stored."""
+    """Print the run's figures; returns the flooded destinations' rows stored. seconds: until
+    persist had stored the last row, and until capture's journal said so too."""
     c = stage_counters
     k = c["capture"]
     db = sqlite3.connect(f"file:{tmp}/audit.db?mode=ro", uri=True)
@@ -446,7 +448,7 @@ def report(args, sent, send_s, baseline_s, stored_s, complete, rss, stage_counte
     print(f"rows stored               {rows} flooded destinations{flows}; "
           f"{row_packets} denied packets in all"
           f"{'' if complete else f'  FAILED: not everything stored within {DEADLINE_S} s'}")
-    persisted_s, stored_s = stored_s
+    persisted_s, stored_s = seconds
     if complete:
         print(f"stored events/s           {rows / persisted_s:,.0f} (ratio to sender-alone "
               f"packet rate {rows / persisted_s / (sent / baseline_s):.2f}); "
