@@ -326,26 +326,34 @@ def _timeline(name: str, source: str, bucket: str) -> str:
         FROM {source}"""
 
 
+# A destination group's values, in the tables' column order, from its classified rows: the
+# fills of 0005 and 0006, and the rows the rollups do not count yet.
+_GROUP_AGGREGATES = """COUNT(*) AS events, MIN(timestamp) AS first_seen,
+               MAX(timestamp) AS last_seen, SUM(1 - superseded) AS counted,
+               MIN(CASE WHEN superseded = 0 THEN timestamp END) AS counted_first,
+               MAX(CASE WHEN superseded = 0 THEN timestamp END) AS counted_last"""
+
+
+def _activity_counts() -> str:
+    """The activity tables' counts (TIMELINE_COUNTS) from classified rows, each named."""
+    return ", ".join(("COUNT(*)" if name == "events" else "SUM(superseded)"
+                      if name == "superseded" else
+                      f"SUM(CASE WHEN event_type = '{name}' THEN 1 ELSE 0 END)")
+                     + f" AS {name}" for name in TIMELINE_COUNTS)
+
+
 def _unrolled_groups() -> str:
     """destinations' columns for the rows not yet in the rollups (SQLite), grouped alike."""
     key = ", ".join(TOTAL_KEY)
-    return f"""SELECT {key}, COUNT(*) AS events, MIN(timestamp) AS first_seen,
-               MAX(timestamp) AS last_seen, SUM(1 - superseded) AS counted,
-               MIN(CASE WHEN superseded = 0 THEN timestamp END) AS counted_first,
-               MAX(CASE WHEN superseded = 0 THEN timestamp END) AS counted_last
-        FROM audit_events_unrolled GROUP BY {key}"""
+    return f"SELECT {key}, {_GROUP_AGGREGATES} FROM audit_events_unrolled GROUP BY {key}"
 
 
 def _unrolled_activity(width: int) -> str:
     """activity_minutes' (16: minute) or activity_days' (10: day) counts for the rows not yet
     in the rollups."""
     bucket = "substr(timestamp, 1, 16) || 'Z'" if width == 16 else "substr(timestamp, 1, 10)"
-    counts = ", ".join(("COUNT(*)" if name == "events" else "SUM(superseded)"
-                        if name == "superseded" else
-                        f"SUM(CASE WHEN event_type = '{name}' THEN 1 ELSE 0 END)")
-                       + f" AS {name}" for name in TIMELINE_COUNTS)
-    return (f"SELECT host, {bucket} AS bucket, {counts} FROM audit_events_unrolled "
-            f"GROUP BY host, {bucket}")
+    return (f"SELECT host, {bucket} AS bucket, {_activity_counts()} "
+            f"FROM audit_events_unrolled GROUP BY host, {bucket}")
 
 
 def _all_groups(tail: bool) -> str:
@@ -444,18 +452,14 @@ def _fill_groups(table: str, key: Sequence[str]) -> str:
     """Fill a table of destination groups from the rows, through audit_events_classified."""
     return f"""INSERT INTO {table} ({", ".join(key)}, events, first_seen, last_seen, counted,
                                     counted_first, counted_last)
-        SELECT {", ".join(key)}, COUNT(*), MIN(timestamp), MAX(timestamp), SUM(1 - superseded),
-               MIN(CASE WHEN superseded = 0 THEN timestamp END),
-               MAX(CASE WHEN superseded = 0 THEN timestamp END)
+        SELECT {", ".join(key)}, {_GROUP_AGGREGATES}
         FROM (SELECT substr(timestamp, 1, 10) AS day, substr(timestamp, 1, 16) || 'Z' AS minute,
                      c.* FROM audit_events_classified AS c) AS r
         GROUP BY {", ".join(key)}"""
 
 
 def _fill_statements_0005() -> list[str]:
-    types = ", ".join(f"SUM(CASE WHEN event_type = '{t}' THEN 1 ELSE 0 END)"
-                      if t != "superseded" else "SUM(superseded)"
-                      for t in TIMELINE_COUNTS[1:])
+    types = _activity_counts()
     counts = ", ".join(TIMELINE_COUNTS)
     return [
         """INSERT INTO late_keys (host, dst_ip, dst_port, protocol, last_late)
@@ -463,10 +467,10 @@ def _fill_statements_0005() -> list[str]:
         WHERE event_type = 'connection_late_allowed'
         GROUP BY host, dst_ip, dst_port, protocol""",
         f"""INSERT INTO activity_minutes (host, minute, {counts})
-        SELECT host, substr(timestamp, 1, 16) || 'Z', COUNT(*), {types}
+        SELECT host, substr(timestamp, 1, 16) || 'Z', {types}
         FROM audit_events_classified GROUP BY host, substr(timestamp, 1, 16)""",
         f"""INSERT INTO activity_days (host, day, {counts})
-        SELECT host, substr(timestamp, 1, 10), COUNT(*), {types}
+        SELECT host, substr(timestamp, 1, 10), {types}
         FROM audit_events_classified GROUP BY host, substr(timestamp, 1, 10)""",
         _fill_groups("destination_days", _DAY_KEY_0005),
         _fill_groups("destinations", TOTAL_KEY),

@@ -6,9 +6,9 @@ Without a window every section is one read of a summary view (`blocked_destinati
 alone: whole UTC minutes after the window's first minute come from `destination_minutes_all`
 (the rollup, a range of its key, and the rows it does not count yet), and the first, partial
 minute from the per-record views (`audit_events_counted`, `audit_events_classified`) for its
-rows at or after the start only
-(the timestamp index keeps that to those rows); `timeline` is read by its minute. So a report
-of the last week reads a week of rollup minutes and at most a minute of rows.
+rows at or after the start only (the timestamp index keeps that to those rows); `timeline` is
+read by its minute. So a report of the last week reads a week of rollup minutes and at most
+a minute of rows (and the rows a burst has left for the rollups, until they catch up).
 """
 
 from __future__ import annotations
