@@ -30,12 +30,14 @@ Baselines, measured in the same run: the sender alone with no classifier (its pa
 and the DNS latency of the same proxy before the flood.
 
     sudo .venv/bin/python benchmarks/flood.py [--packets 300000] [--rate 0] [--busy-core]
-                                              [--per-flow 1]
+                                              [--per-flow 1] [--trace-waits]
 
 --busy-core keeps one core busy with an unrelated program for the whole run. --per-flow K
 sends K datagrams to each destination: the kernel aggregates all but each flow's first, and
 the run ends only once capture has claimed them too (or counted them as evicted with their
-flow), so the flow map's accounting is checked end to end.
+flow), so the flow map's accounting is checked end to end. --trace-waits also prints how
+long the DNS probe waited for a CPU after each wake-up during the flood, and what held that
+CPU meanwhile (benchmarks/probe_waits.py).
 """
 
 from __future__ import annotations
@@ -235,12 +237,20 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def send(lab: Lab, packets: int, rate: float, per_flow: int) -> tuple[int, float]:
-    out = subprocess.run(lab.exec_args(lab.client) + [sys.executable, "-c", SENDER, str(packets),
-                                                      str(rate), str(per_flow)],
-                         check=True, capture_output=True, text=True,
-                         start_new_session=OWN_SESSION).stdout.split()
-    return int(out[0]), float(out[1])
+def send(lab: Lab, packets: int, rate: float, per_flow: int,
+         pids: list[int] | None = None) -> tuple[int, float]:
+    """(datagrams sent, seconds); the sender's process id is appended to pids."""
+    proc = subprocess.Popen(lab.exec_args(lab.client) + [sys.executable, "-c", SENDER,
+                                                         str(packets), str(rate), str(per_flow)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=OWN_SESSION)
+    if pids is not None:
+        pids.append(proc.pid)  # ip netns exec and the cgroup's sh exec it in place
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args, out, err)
+    sent, seconds = out.split()
+    return int(sent), float(seconds)
 
 
 def probe(lab: Lab, stop_file: Path, first: int, count: int = 0) -> subprocess.Popen:
@@ -256,7 +266,8 @@ def probed(proc: subprocess.Popen) -> dict:
     return json.loads(proc.communicate(timeout=60)[0])
 
 
-def upstream(lab: Lab, tmp: Path) -> None:
+def upstream(lab: Lab, tmp: Path) -> int:
+    """Starts the test upstream; returns its process id."""
     zone = {f"n{i}.fresh.bench.test": {"A": ["10.202.0.4"], "ttl": 60}
             for i in range(FRESH_NAMES)}
     (tmp / "zone.json").write_text(json.dumps(zone))
@@ -271,6 +282,7 @@ def upstream(lab: Lab, tmp: Path) -> None:
         cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=OWN_SESSION)
     lab.processes.append(proc)
     assert proc.stdout.readline().strip() == "ready"
+    return proc.pid
 
 
 def persisted(run_dir: Path) -> bool:
@@ -310,6 +322,9 @@ def main() -> None:
     parser.add_argument("--per-flow", type=int, default=1,
                         help="datagrams to each destination, back to back: the rest of a "
                              "flow's are aggregated, and reported when capture claims them")
+    parser.add_argument("--trace-waits", action="store_true",
+                        help="trace the probe's waits for a CPU during the flood and what its "
+                             "CPU ran meanwhile (benchmarks/probe_waits.py)")
     args = parser.parse_args()
 
     busy = subprocess.Popen([sys.executable, "-c", BUSY], start_new_session=OWN_SESSION) \
@@ -324,7 +339,7 @@ def main() -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="sluice-flood-run-", dir=RUN_DIR_IN_MEMORY)) / "run"
     honcho = None
     try:
-        upstream(lab, tmp)
+        labels = {upstream(lab, tmp): "DNS upstream"}
         _, baseline_s = send(lab, args.packets, args.rate, args.per_flow)
 
         (tmp / "policy.json").write_text(json.dumps({"defaultAction": "deny", "rules": [
@@ -342,15 +357,26 @@ def main() -> None:
         log = open(tmp / "honcho.log", "w")
         honcho = lab.start_pipeline(env, log)
         pids = stage_pids(run_dir)
+        labels |= {pid: stage for stage, pid in pids.items()}
+        if busy is not None:
+            labels[busy.pid] = "busy program"
+        waits = None
+        if args.trace_waits:
+            from benchmarks.probe_waits import ProbeWaits  # bcc only when asked
+            waits = ProbeWaits(os.cpu_count() or 1)
 
         quiet = probed(probe(lab, tmp / "stop", first=0, count=QUIET_NAMES))
         time.sleep(1)  # the counters file catches up with the quiet probe
         watch = DnsWatch(run_dir, pids)
         dns_during = probe(lab, tmp / "stop", first=1000)
+        if waits is not None:
+            waits.watch(dns_during.pid)  # ip netns exec and the cgroup's sh exec it in place
         start = time.perf_counter()
         loops, machine = LoopTimes(pids), MachineCpu(pids)
         children_s = children_cpu_seconds()
-        sent, send_s = send(lab, args.packets, args.rate, args.per_flow)
+        sender = []
+        sent, send_s = send(lab, args.packets, args.rate, args.per_flow, sender)
+        labels[sender[0]] = "sender"
         sender_s = children_cpu_seconds() - children_s  # the one child that ended meanwhile
         deadline = start + DEADLINE_S
         persisted_s = None  # when the last row was stored, to the counters' interval
@@ -387,6 +413,8 @@ def main() -> None:
         if loops.spans:
             print(loops.line())
         print(machine.line(rows))
+        if waits is not None:
+            print(waits.line(labels))
     finally:
         if busy is not None:
             busy.kill()

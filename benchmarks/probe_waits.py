@@ -1,0 +1,109 @@
+"""Where the flood benchmark's DNS probe waited for a CPU (`benchmarks/flood.py --trace-waits`).
+
+The probe's answer can reach its socket in time and still be seen late: the probe, woken by
+it, waits for a CPU. This traces, with the kernel's scheduler tracepoints, every wait of the
+probe's thread from its wake-up to its switch-in, and which processes held that CPU
+meanwhile, so the flood's report can say what the probe waited behind: sluice's stages, the
+sender, the busy program or anything else.
+
+A wait is put on the CPU the probe was woken onto; if the scheduler moves it to another
+before it runs, that wait's holders are the first CPU's (a small error, named here).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from bcc import BPF
+
+BUCKET_US = 100  # each wait in 0.1 ms buckets, the last one for everything longer
+BUCKETS = 200
+
+PROGRAM = r"""
+#define BUCKET_US %(bucket_us)d
+#define BUCKETS %(buckets)d
+#define CPUS %(cpus)d
+
+BPF_HASH(watched, u32, u8);             // the probe's thread ids (user space fills it)
+BPF_HASH(woken, u32, u64);              // a watched thread woken and not yet run: since when
+BPF_ARRAY(waiting_on, u32, CPUS);       // per CPU: the watched thread woken onto it, or 0
+BPF_ARRAY(running_since, u64, CPUS);    // per CPU: when its current task switched in
+BPF_HASH(held_ns, u32, u64);            // process id: its time on a CPU a watched thread waited for
+BPF_ARRAY(waits, u64, BUCKETS);
+
+TRACEPOINT_PROBE(sched, sched_wakeup) {
+    u32 tid = args->pid;
+    if (!watched.lookup(&tid))
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    woken.update(&tid, &now);
+    u32 cpu = args->target_cpu;
+    waiting_on.update(&cpu, &tid);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_switch) {
+    u32 cpu = bpf_get_smp_processor_id();
+    u64 now = bpf_ktime_get_ns();
+    u64 *since = running_since.lookup(&cpu);
+    u32 *waiter = waiting_on.lookup(&cpu);
+    if (since && waiter && *waiter) {
+        u64 *woke = woken.lookup(waiter);
+        if (woke) {
+            u64 from = *since > *woke ? *since : *woke;
+            u32 holder = bpf_get_current_pid_tgid() >> 32;  // the task switched out
+            u64 zero = 0, *held = held_ns.lookup_or_try_init(&holder, &zero);
+            if (held)
+                __sync_fetch_and_add(held, now - from);
+        }
+    }
+    if (since)
+        *since = now;
+    u32 next = args->next_pid;
+    u64 *woke = woken.lookup(&next);
+    if (!woke)
+        return 0;
+    u32 bucket = (now - *woke) / 1000 / BUCKET_US;
+    if (bucket >= BUCKETS)
+        bucket = BUCKETS - 1;
+    u64 *count = waits.lookup(&bucket);
+    if (count)
+        __sync_fetch_and_add(count, 1);
+    woken.delete(&next);
+    if (waiter && *waiter == next) {
+        u32 none = 0;
+        waiting_on.update(&cpu, &none);
+    }
+    return 0;
+}
+"""
+
+
+class ProbeWaits:
+    """Loaded before the flood; watch(pid) once the probe runs; line(labels) after."""
+
+    def __init__(self, cpus: int) -> None:
+        self.bpf = BPF(text=PROGRAM % {"bucket_us": BUCKET_US, "buckets": BUCKETS,
+                                       "cpus": cpus})
+
+    def watch(self, pid: int) -> None:
+        self.bpf["watched"][self.bpf["watched"].Key(pid)] = self.bpf["watched"].Leaf(1)
+
+    def line(self, labels: dict[int, str]) -> str:
+        """labels: process id -> name; the rest is "other", and 0 is the CPU left idle."""
+        counts = [self.bpf["waits"][self.bpf["waits"].Key(i)].value for i in range(BUCKETS)]
+        held: dict[str, float] = {}
+        for pid, ns in self.bpf["held_ns"].items():
+            name = labels.get(pid.value, "idle" if pid.value == 0 else "other")
+            held[name] = held.get(name, 0.0) + ns.value / 1e6
+        self.bpf.cleanup()
+        waits = [(i + 0.5) * BUCKET_US / 1000 for i, n in enumerate(counts) for _ in range(n)]
+        if len(waits) < 2:
+            return "probe's CPU waits         too few to trace"
+        quantile = statistics.quantiles(waits, n=100, method="inclusive")
+        total = sum(held.values()) or 1.0
+        return (f"probe's CPU waits         {len(waits)} wake-ups: p50 {quantile[49]:.2f} ms, "
+                f"p99 {quantile[98]:.2f} ms, {sum(w > 1 for w in waits)} over 1 ms; its CPU "
+                "meanwhile ran " + ", ".join(
+                    f"{name} {ms / total:.0%}" for name, ms in
+                    sorted(held.items(), key=lambda item: -item[1])))
