@@ -237,20 +237,17 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def send(lab: Lab, packets: int, rate: float, per_flow: int,
-         pids: list[int] | None = None) -> tuple[int, float]:
-    """(datagrams sent, seconds); the sender's process id is appended to pids."""
+def send(lab: Lab, packets: int, rate: float, per_flow: int) -> tuple[int, float, int]:
+    """(datagrams sent, seconds, the sender's process id)."""
     proc = subprocess.Popen(lab.exec_args(lab.client) + [sys.executable, "-c", SENDER,
                                                          str(packets), str(rate), str(per_flow)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=OWN_SESSION)
-    if pids is not None:
-        pids.append(proc.pid)  # ip netns exec and the cgroup's sh exec it in place
     out, err = proc.communicate()
     if proc.returncode:
         raise subprocess.CalledProcessError(proc.returncode, proc.args, out, err)
     sent, seconds = out.split()
-    return int(sent), float(seconds)
+    return int(sent), float(seconds), proc.pid  # ip netns exec and sh exec it in place
 
 
 def probe(lab: Lab, stop_file: Path, first: int, count: int = 0) -> subprocess.Popen:
@@ -338,9 +335,10 @@ def main() -> None:
     # disk a stage's counters write could stall it for a second, which no host would see.
     run_dir = Path(tempfile.mkdtemp(prefix="sluice-flood-run-", dir=RUN_DIR_IN_MEMORY)) / "run"
     honcho = None
+    waits = None
     try:
         labels = {upstream(lab, tmp): "DNS upstream"}
-        _, baseline_s = send(lab, args.packets, args.rate, args.per_flow)
+        _, baseline_s, _ = send(lab, args.packets, args.rate, args.per_flow)
 
         (tmp / "policy.json").write_text(json.dumps({"defaultAction": "deny", "rules": [
             {"type": "hostname", "value": "*.fresh.bench.test", "action": "allow",
@@ -360,7 +358,6 @@ def main() -> None:
         labels |= {pid: stage for stage, pid in pids.items()}
         if busy is not None:
             labels[busy.pid] = "busy program"
-        waits = None
         if args.trace_waits:
             from benchmarks.probe_waits import ProbeWaits  # bcc only when asked
             waits = ProbeWaits(os.cpu_count() or 1)
@@ -374,9 +371,8 @@ def main() -> None:
         start = time.perf_counter()
         loops, machine = LoopTimes(pids), MachineCpu(pids)
         children_s = children_cpu_seconds()
-        sender = []
-        sent, send_s = send(lab, args.packets, args.rate, args.per_flow, sender)
-        labels[sender[0]] = "sender"
+        sent, send_s, sender_pid = send(lab, args.packets, args.rate, args.per_flow)
+        labels[sender_pid] = "sender"
         sender_s = children_cpu_seconds() - children_s  # the one child that ended meanwhile
         deadline = start + DEADLINE_S
         persisted_s = None  # when the last row was stored, to the counters' interval
@@ -416,6 +412,8 @@ def main() -> None:
         if waits is not None:
             print(waits.line(labels))
     finally:
+        if waits is not None:
+            waits.close()
         if busy is not None:
             busy.kill()
         if honcho is not None and honcho.poll() is None:

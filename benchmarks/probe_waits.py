@@ -80,7 +80,7 @@ TRACEPOINT_PROBE(sched, sched_switch) {
 
 
 class ProbeWaits:
-    """Loaded before the flood; watch(pid) once the probe runs; line(labels) after."""
+    """Loaded before the flood; watch(pid) once the probe runs; line(labels) after; close()."""
 
     def __init__(self, cpus: int) -> None:
         self.bpf = BPF(text=PROGRAM % {"bucket_us": BUCKET_US, "buckets": BUCKETS,
@@ -96,7 +96,6 @@ class ProbeWaits:
         for pid, ns in self.bpf["held_ns"].items():
             name = labels.get(pid.value, "idle" if pid.value == 0 else "other")
             held[name] = held.get(name, 0.0) + ns.value / 1e6
-        self.bpf.cleanup()
         waits = [(i + 0.5) * BUCKET_US / 1000 for i, n in enumerate(counts) for _ in range(n)]
         if len(waits) < 2:
             return "probe's CPU waits         too few to trace"
@@ -107,3 +106,6 @@ class ProbeWaits:
                 "meanwhile ran " + ", ".join(
                     f"{name} {ms / total:.0%}" for name, ms in
                     sorted(held.items(), key=lambda item: -item[1])))
+
+    def close(self) -> None:
+        self.bpf.cleanup()
