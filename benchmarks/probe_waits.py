@@ -8,13 +8,20 @@ sender, the busy program or anything else.
 
 A wait is put on the CPU the probe was woken onto; if the scheduler moves it to another
 before it runs, that wait's holders are the first CPU's (a small error, named here).
+
+bcc reads the tracepoints' fields from tracefs: where the machine has not mounted it, it is
+mounted for the run and unmounted at its end.
 """
 
 from __future__ import annotations
 
 import statistics
+import subprocess
+from pathlib import Path
 
 from bcc import BPF
+
+TRACEFS = Path("/sys/kernel/tracing")
 
 BUCKET_US = 100  # each wait in 0.1 ms buckets, the last one for everything longer
 BUCKETS = 200
@@ -83,6 +90,9 @@ class ProbeWaits:
     """Loaded before the flood; watch(pid) once the probe runs; line(labels) after; close()."""
 
     def __init__(self, cpus: int) -> None:
+        self.mounted = not (TRACEFS / "events").is_dir()
+        if self.mounted:
+            subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=True)
         self.bpf = BPF(text=PROGRAM % {"bucket_us": BUCKET_US, "buckets": BUCKETS,
                                        "cpus": cpus})
 
@@ -109,3 +119,5 @@ class ProbeWaits:
 
     def close(self) -> None:
         self.bpf.cleanup()
+        if self.mounted:
+            subprocess.run(["umount", str(TRACEFS)], check=True)
