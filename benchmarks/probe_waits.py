@@ -6,8 +6,9 @@ probe's thread from its wake-up to its switch-in, and which processes held that 
 meanwhile, so the flood's report can say what the probe waited behind: sluice's stages, the
 sender, the busy program or anything else.
 
-A wait is put on the CPU the probe was woken onto; if the scheduler moves it to another
-before it runs, that wait's holders are the first CPU's (a small error, named here).
+A wait is followed from CPU to CPU: if the scheduler moves the waiting probe to another
+CPU before it runs, the holders of that one are counted from the move on, and only the CPU
+a wait is queued on is charged for it.
 
 bcc reads the tracepoints' fields from tracefs: where the machine has not mounted it, it is
 mounted for the run and unmounted at its end.
@@ -32,20 +33,41 @@ PROGRAM = r"""
 #define CPUS %(cpus)d
 
 BPF_HASH(watched, u32, u8);             // the probe's thread ids (user space fills it)
-BPF_HASH(woken, u32, u64);              // a watched thread woken and not yet run: since when
-BPF_ARRAY(waiting_on, u32, CPUS);       // per CPU: the watched thread woken onto it, or 0
+struct wait { u64 woke; u64 here; u32 cpu; };
+BPF_HASH(waiting, u32, struct wait);    // a watched thread woken and not yet run: since when,
+                                        // and since when on the CPU it is queued on
+BPF_ARRAY(waiting_on, u32, CPUS);       // per CPU: the watched thread queued on it, or 0
 BPF_ARRAY(running_since, u64, CPUS);    // per CPU: when its current task switched in
 BPF_HASH(held_ns, u32, u64);            // process id: its time on a CPU a watched thread waited for
 BPF_ARRAY(waits, u64, BUCKETS);
+
+static void queue_on(u32 cpu, u32 tid) {
+    waiting_on.update(&cpu, &tid);
+}
 
 TRACEPOINT_PROBE(sched, sched_wakeup) {
     u32 tid = args->pid;
     if (!watched.lookup(&tid))
         return 0;
     u64 now = bpf_ktime_get_ns();
-    woken.update(&tid, &now);
-    u32 cpu = args->target_cpu;
-    waiting_on.update(&cpu, &tid);
+    struct wait w = {.woke = now, .here = now, .cpu = args->target_cpu};
+    waiting.update(&tid, &w);
+    queue_on(w.cpu, tid);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_migrate_task) {
+    u32 tid = args->pid;
+    struct wait *w = waiting.lookup(&tid);
+    if (!w)
+        return 0;  // not waiting: a move as it is woken comes before its sched_wakeup
+    u32 none = 0, from = w->cpu;
+    u32 *queued = waiting_on.lookup(&from);
+    if (queued && *queued == tid)
+        waiting_on.update(&from, &none);
+    w->cpu = args->dest_cpu;
+    w->here = bpf_ktime_get_ns();
+    queue_on(w->cpu, tid);
     return 0;
 }
 
@@ -55,9 +77,9 @@ TRACEPOINT_PROBE(sched, sched_switch) {
     u64 *since = running_since.lookup(&cpu);
     u32 *waiter = waiting_on.lookup(&cpu);
     if (since && waiter && *waiter) {
-        u64 *woke = woken.lookup(waiter);
-        if (woke) {
-            u64 from = *since > *woke ? *since : *woke;
+        struct wait *w = waiting.lookup(waiter);
+        if (w && w->cpu == cpu) {
+            u64 from = *since > w->here ? *since : w->here;
             u32 holder = bpf_get_current_pid_tgid() >> 32;  // the task switched out
             u64 zero = 0, *held = held_ns.lookup_or_try_init(&holder, &zero);
             if (held)
@@ -67,16 +89,16 @@ TRACEPOINT_PROBE(sched, sched_switch) {
     if (since)
         *since = now;
     u32 next = args->next_pid;
-    u64 *woke = woken.lookup(&next);
-    if (!woke)
+    struct wait *w = waiting.lookup(&next);
+    if (!w)
         return 0;
-    u32 bucket = (now - *woke) / 1000 / BUCKET_US;
+    u32 bucket = (now - w->woke) / 1000 / BUCKET_US;
     if (bucket >= BUCKETS)
         bucket = BUCKETS - 1;
     u64 *count = waits.lookup(&bucket);
     if (count)
         __sync_fetch_and_add(count, 1);
-    woken.delete(&next);
+    waiting.delete(&next);
     if (waiter && *waiter == next) {
         u32 none = 0;
         waiting_on.update(&cpu, &none);
