@@ -41,10 +41,6 @@ BPF_ARRAY(running_since, u64, CPUS);    // per CPU: when its current task switch
 BPF_HASH(held_ns, u32, u64);            // process id: its time on a CPU a watched thread waited for
 BPF_ARRAY(waits, u64, BUCKETS);
 
-static void queue_on(u32 cpu, u32 tid) {
-    waiting_on.update(&cpu, &tid);
-}
-
 TRACEPOINT_PROBE(sched, sched_wakeup) {
     u32 tid = args->pid;
     if (!watched.lookup(&tid))
@@ -52,7 +48,7 @@ TRACEPOINT_PROBE(sched, sched_wakeup) {
     u64 now = bpf_ktime_get_ns();
     struct wait w = {.woke = now, .here = now, .cpu = args->target_cpu};
     waiting.update(&tid, &w);
-    queue_on(w.cpu, tid);
+    waiting_on.update(&w.cpu, &tid);
     return 0;
 }
 
@@ -67,7 +63,7 @@ TRACEPOINT_PROBE(sched, sched_migrate_task) {
         waiting_on.update(&from, &none);
     w->cpu = args->dest_cpu;
     w->here = bpf_ktime_get_ns();
-    queue_on(w->cpu, tid);
+    waiting_on.update(&w->cpu, &tid);
     return 0;
 }
 
@@ -115,8 +111,12 @@ class ProbeWaits:
         self.mounted = not (TRACEFS / "events").is_dir()
         if self.mounted:
             subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=True)
-        self.bpf = BPF(text=PROGRAM % {"bucket_us": BUCKET_US, "buckets": BUCKETS,
-                                       "cpus": cpus})
+        try:
+            self.bpf = BPF(text=PROGRAM % {"bucket_us": BUCKET_US, "buckets": BUCKETS,
+                                           "cpus": cpus})
+        except Exception:
+            self._unmount()  # no close() follows a failed start
+            raise
 
     def watch(self, pid: int) -> None:
         self.bpf["watched"][self.bpf["watched"].Key(pid)] = self.bpf["watched"].Leaf(1)
@@ -141,5 +141,8 @@ class ProbeWaits:
 
     def close(self) -> None:
         self.bpf.cleanup()
+        self._unmount()
+
+    def _unmount(self) -> None:
         if self.mounted:
             subprocess.run(["umount", str(TRACEFS)], check=True)
