@@ -73,7 +73,7 @@ UPSTREAM_RT_PRIORITY = 1
 QUIET_NAMES = 600
 DNS_ADDED_P99_MS = 5.0  # the target: what the flood may add to a fresh answer's p99
 SENDER = r"""
-import socket, sys, time
+import os, socket, sys, time
 n, rate, per_flow = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setblocking(False)
@@ -89,7 +89,7 @@ for i in range(n):
         s.sendto(b"x", addrs[i // per_flow]); sent += 1
     except OSError:
         sent += 1  # dropped by the classifier (ENOBUFS/EPERM): still a packet it judged
-print(sent, time.perf_counter() - start)
+print(sent, time.perf_counter() - start, os.getpid())
 """
 # The sender, the DNS client, the upstream and the busy program each lead a session of their
 # own, as separate programs on a host do: where the kernel shares the CPU between sessions
@@ -239,15 +239,11 @@ def children_cpu_seconds() -> float:
 
 def send(lab: Lab, packets: int, rate: float, per_flow: int) -> tuple[int, float, int]:
     """(datagrams sent, seconds, the sender's process id)."""
-    proc = subprocess.Popen(lab.exec_args(lab.client) + [sys.executable, "-c", SENDER,
-                                                         str(packets), str(rate), str(per_flow)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=OWN_SESSION)
-    out, err = proc.communicate()
-    if proc.returncode:
-        raise subprocess.CalledProcessError(proc.returncode, proc.args, out, err)
-    sent, seconds = out.split()
-    return int(sent), float(seconds), proc.pid  # ip netns exec and sh exec it in place
+    out = subprocess.run(lab.exec_args(lab.client) + [sys.executable, "-c", SENDER, str(packets),
+                                                      str(rate), str(per_flow)],
+                         check=True, capture_output=True, text=True,
+                         start_new_session=OWN_SESSION).stdout.split()
+    return int(out[0]), float(out[1]), int(out[2])
 
 
 def probe(lab: Lab, stop_file: Path, first: int, count: int = 0) -> subprocess.Popen:

@@ -123,7 +123,7 @@ class ProbeWaits:
 
     def line(self, labels: dict[int, str]) -> str:
         """labels: process id -> name; the rest is "other", and 0 is the CPU left idle."""
-        counts = [self.bpf["waits"][self.bpf["waits"].Key(i)].value for i in range(BUCKETS)]
+        counts = [count.value for count in self.bpf["waits"].values()]
         held: dict[str, float] = {}
         for pid, ns in self.bpf["held_ns"].items():
             name = labels.get(pid.value, "idle" if pid.value == 0 else "other")
