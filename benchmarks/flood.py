@@ -24,7 +24,9 @@ the upstream's round trip, the allow round trip to policy, the whole answer from
 to answer out), each stage's CPU seconds, where each stage's loop spent the flood (on a
 CPU, waiting for one, or asleep waiting for input, for room downstream or for a timer), and
 the whole machine's CPU over the flood: the six stages (and their CPU a stored event), the
-sender, everything else, idle.
+sender, everything else, idle; and how fast the CPU itself ran during the flood (on a
+virtual machine the host can slow it for seconds at a time, and a run's CPU figures are read
+with that).
 
 Baselines, measured in the same run: the sender alone with no classifier (its packet rate),
 and the DNS latency of the same proxy before the flood.
@@ -97,6 +99,20 @@ print(sent, time.perf_counter() - start, os.getpid())
 # for another machine) split the sender's share and time its flood instead of sluice.
 OWN_SESSION = True
 BUSY = "import os; os.sched_setaffinity(0, {0})\nwhile True: pass"
+# The CPU's own speed through the run: a fixed piece of Python work (about a millisecond)
+# every 100 ms, timed by the CPU time it took (never by a wait for a CPU). On a virtual
+# machine the host can halve it for seconds at a time, unseen as steal; a flood that falls
+# in such a stretch spends twice the CPU an event.
+SPEED_SAMPLER = r"""
+import sys, time
+out = open(sys.argv[1], "w", buffering=1)
+while True:
+    start, n = time.thread_time_ns(), 0
+    for i in range(20_000):
+        n += i * i
+    out.write(f"{time.monotonic()} {time.thread_time_ns() - start}\n")
+    time.sleep(0.1)
+"""
 
 
 def counters(run_dir: Path, stage: str, part: str = "counters") -> dict:
@@ -104,6 +120,31 @@ def counters(run_dir: Path, stage: str, part: str = "counters") -> dict:
         return json.loads((run_dir / f"{stage}.counters.json").read_text())[part]
     except (OSError, ValueError, KeyError):
         return {}
+
+
+class CpuSpeed:
+    """How fast the CPU itself ran during the flood (SPEED_SAMPLER): what the flood's CPU
+    figures, and the rate they allow, are to be read with."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.path = tmp / "cpu-speed.txt"
+        self.proc = subprocess.Popen([sys.executable, "-c", SPEED_SAMPLER, str(self.path)],
+                                     start_new_session=OWN_SESSION)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def line(self, start: float, end: float) -> str:
+        """start, end: the flood's, on the monotonic clock."""
+        took = sorted(ns / 1e6 for t, ns in (map(float, line.split()) for line in
+                                             self.path.read_text().splitlines()
+                                             if len(line.split()) == 2) if start <= t <= end)
+        if not took:
+            return "CPU speed in the flood    no samples"
+        return (f"CPU speed in the flood    a fixed piece of work took p50 "
+                f"{statistics.median(took):.2f} ms of CPU, {took[0]:.2f} at its fastest, "
+                f"{took[-1]:.2f} at its slowest ({len(took)} samples)")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -332,6 +373,7 @@ def main() -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="sluice-flood-run-", dir=RUN_DIR_IN_MEMORY)) / "run"
     honcho = None
     waits = None
+    speed = CpuSpeed(tmp)
     try:
         labels = {upstream(lab, tmp): "DNS upstream"}
         _, baseline_s, _ = send(lab, args.packets, args.rate, args.per_flow)
@@ -364,7 +406,7 @@ def main() -> None:
         dns_during = probe(lab, tmp / "stop", first=1000)
         if waits is not None:
             waits.watch(dns_during.pid)  # ip netns exec and the cgroup's sh exec it in place
-        start = time.perf_counter()
+        start, flood_start = time.perf_counter(), time.monotonic()
         loops, machine = LoopTimes(pids), MachineCpu(pids)
         children_s = children_cpu_seconds()
         sent, send_s, sender_pid = send(lab, args.packets, args.rate, args.per_flow)
@@ -405,11 +447,13 @@ def main() -> None:
         if loops.spans:
             print(loops.line())
         print(machine.line(rows))
+        print(speed.line(flood_start, flood_start + persisted_s))
         if waits is not None:
             print(waits.line(labels))
     finally:
         if waits is not None:
             waits.close()
+        speed.close()
         if busy is not None:
             busy.kill()
         if honcho is not None and honcho.poll() is None:
