@@ -144,6 +144,45 @@ def test_persist_marks_and_capture_releases_only_finished_segments(tmp_path):
     assert not (tmp_path / "j" / "acks" / "0000000000.ack").exists()
 
 
+def open_segments(directory) -> list[str]:
+    """The journal segments this process has open, by file name (a deleted one says so)."""
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(directory)) and ".seg" in target:
+            names.append(os.path.basename(target))
+    return sorted(names)
+
+
+def test_read_back_keeps_a_segment_open_per_cursor_and_none_that_was_deleted(tmp_path):
+    journal = opened(tmp_path / "j")
+    journal.append(frame(0, 2))
+    journal.close()
+    journal = opened(tmp_path / "j")
+    journal.append(frame(10, 2))
+    journal.close()
+    journal = opened(tmp_path / "j")
+    journal.append(frame(20, 2))  # segment 2, open for writing too
+    assert ports(read_all(journal, Cursor(0)), journal.journal_id) == [0, 1, 10, 11, 20, 21]
+    assert open_segments(tmp_path / "j") == ["0000000001.seg", "0000000002.seg",
+                                             "0000000002.seg"]
+    live = Cursor(2)
+    assert ports(read_all(journal, live), journal.journal_id) == [20, 21]
+    journal.append(frame(22, 1))  # written after its segment was opened for reading
+    assert ports(read_all(journal, live), journal.journal_id) == [22]
+    acks = Acks.open(tmp_path / "j")
+    for seq in (SEGMENT_RECORDS + 1, SEGMENT_RECORDS + 2):
+        acks.mark(event_id(journal.journal_id, seq), seq)
+    acks.flush()
+    assert journal.release() == (1, 5)  # segment 1 is stored; 0 and the active 2 stay
+    assert open_segments(tmp_path / "j") == ["0000000002.seg", "0000000002.seg"]
+    journal.close()
+    assert open_segments(tmp_path / "j") == []
+
+
 def test_unstored_records_are_counted_without_changing_the_journal(tmp_path):
     """What `sluice down` says is left after the stop: records persist has not marked."""
     assert unstored_records(tmp_path / "none") == 0
