@@ -37,7 +37,7 @@ import os
 import secrets
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import StoreError
@@ -149,14 +149,37 @@ class Acks:
         return cls(directory, journal_id) if journal_id else None
 
     def mark(self, event_id: str, seq: int) -> None:
-        if seq <= 0 or not event_id.startswith(self.prefix):
-            return  # not from this journal (dns, start-up scan, an older journal)
-        index = segment_of(seq)
+        self.mark_all([(event_id, seq)])
+
+    def mark_all(self, stored: Iterable[tuple[str, int]]) -> None:
+        """Mark each (event id, journal number) stored, a run of consecutive numbers at a
+        time: a flood's records come to persist in order, hundreds to a run."""
+        prefix, first, last = self.prefix, 0, -1
+        for event_id, seq in stored:
+            if seq <= 0 or not event_id.startswith(prefix):
+                continue  # not from this journal (dns, start-up scan, an older journal)
+            if seq == last + 1 and (seq - 1) % SEGMENT_RECORDS:  # the run goes on
+                last = seq
+                continue
+            if first:
+                self._mark_run(first, last)
+            first = last = seq
+        if first:
+            self._mark_run(first, last)
+
+    def _mark_run(self, first: int, last: int) -> None:
+        """Numbers first..last, all in one segment."""
+        index = segment_of(first)
         bitmap = self.bitmaps.get(index)
         if bitmap is None:
             bitmap = self.bitmaps[index] = read_bitmap(self.directory, index)
-        bit = bit_of(seq)
-        bitmap[bit >> 3] |= 1 << (bit & 7)
+        lo, hi = bit_of(first), bit_of(last)
+        if hi - lo < 64:
+            for bit in range(lo, hi + 1):
+                bitmap[bit >> 3] |= 1 << (bit & 7)
+        else:
+            whole = int.from_bytes(bitmap, "little") | (((1 << (hi - lo + 1)) - 1) << lo)
+            bitmap[:] = whole.to_bytes(len(bitmap), "little")
         self.touched.add(index)
 
     def flush(self) -> None:

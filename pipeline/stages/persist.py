@@ -390,8 +390,7 @@ class PersistStage(BaseStage):
             self.acks = Acks.open(self.io.settings.journal_dir)
             if self.acks is None:
                 return  # no journal yet: capture has not started; try again later
-        for event_id, seq in self.to_ack:
-            self.acks.mark(event_id, seq)
+        self.acks.mark_all(self.to_ack)
         try:
             self.acks.flush()
         except JournalError as err:

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from pipeline.journal import (SEGMENT_HEAD, SEGMENT_RECORDS, Acks, Cursor, Frame, Journal,
-                              JournalError, event_id, read_bitmap, segment_of,
+                              JournalError, event_id, is_marked, read_bitmap, segment_of,
                               unstored_records)
 from pipeline.kernel.event_layout import RECORD, RECORD_SIZE, decode_frame
 
@@ -142,6 +142,30 @@ def test_persist_marks_and_capture_releases_only_finished_segments(tmp_path):
     assert journal.release() == (1, 0)         # segment 0 goes; the active one stays
     assert sorted(journal.segments) == [1]
     assert not (tmp_path / "j" / "acks" / "0000000000.ack").exists()
+
+
+@pytest.mark.parametrize("seqs", [
+    [1, 2, 3, 5, 4],                                          # short runs, one out of order
+    list(range(1, 1001)),                                     # one long run (whole bytes)
+    list(range(SEGMENT_RECORDS - 99, SEGMENT_RECORDS + 101)),  # a run across two segments
+    [*range(70, 200), *range(3, 69), 69, 250],                # held back, sent on later
+])
+def test_marking_runs_at_once_sets_exactly_the_bits_one_by_one_would(tmp_path, seqs):
+    """persist marks what it stored a run of consecutive numbers at a time."""
+    journal = opened(tmp_path / "j")
+    jid = journal.journal_id
+    stored = [(event_id(jid, seq), seq) for seq in seqs]
+    stored += [("someone-else-000000000009", 9), (event_id(jid, 7), 0)]  # both ignored
+    at_once, one_by_one = Acks.open(tmp_path / "j"), Acks.open(tmp_path / "j")
+    at_once.mark_all(stored)
+    for event, seq in stored:
+        one_by_one.mark(event, seq)
+    assert at_once.touched == one_by_one.touched == {segment_of(seq) for seq in seqs}
+    assert at_once.bitmaps == one_by_one.bitmaps
+    marked = {seq for seq in range(1, 2 * SEGMENT_RECORDS + 1)
+              if at_once.bitmaps.get(segment_of(seq)) is not None
+              and is_marked(at_once.bitmaps[segment_of(seq)], seq)}
+    assert marked == set(seqs)
 
 
 def open_segments(directory) -> list[str]:
