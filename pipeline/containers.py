@@ -8,11 +8,13 @@ own container). The innermost id is the container the process runs in.
 
 from __future__ import annotations
 
+import functools
 import re
 
 _ID = re.compile(r"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])")
 
 
+@functools.lru_cache(maxsize=4096)  # a host's processes live in few cgroups; asked per event
 def container_of(cgroup: str) -> str:
     """The innermost 64-hex container id in a cgroup path; "" when there is none."""
     found = _ID.findall(cgroup)
