@@ -94,7 +94,9 @@ class HostnameCache:
 
     def cname_chain(self, ip: str, now: float) -> tuple[str, ...]:
         """The most recently seen live chain for ip, else the most recently seen one."""
-        records = self.cnames.get(ip, [])
+        records = self.cnames.get(ip)
+        if not records:
+            return ()  # most addresses: asked for every event enrich names
         live = [r for r in records if r.expiry > now]
         best = None
         for record in live or records:
