@@ -148,9 +148,6 @@ class Acks:
         journal_id = read_journal_id(directory)
         return cls(directory, journal_id) if journal_id else None
 
-    def mark(self, event_id: str, seq: int) -> None:
-        self.mark_all([(event_id, seq)])
-
     def mark_all(self, stored: Iterable[tuple[str, int]]) -> None:
         """Mark each (event id, journal number) stored, a run of consecutive numbers at a
         time: a flood's records come to persist in order, hundreds to a run."""

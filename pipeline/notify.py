@@ -46,8 +46,8 @@ def destination_key(hostname: str, ip: str, port: int) -> str:
 
 class Notification(msgspec.Struct, frozen=True):
     """One new blocked destination to deliver. A frozen Struct, made in C: one is made for
-    every notice that claims a new destination, which in a scan is every notice, and a frozen
-    dataclass took twelve times as long to make (a quarter of the stage's CPU)."""
+    every new destination, in a scan for every notice, and a frozen dataclass took twelve
+    times as long to make."""
 
     key: str
     hostname: str

@@ -130,14 +130,14 @@ def test_persist_marks_and_capture_releases_only_finished_segments(tmp_path):
     journal.append(frame(10, 2))      # segment 1 is the active one
     acks = Acks.open(tmp_path / "j")
     jid = journal.journal_id
-    for seq in (1, 3, SEGMENT_RECORDS + 1, SEGMENT_RECORDS + 2):
-        acks.mark(event_id(jid, seq), seq)
-    acks.mark("someone-else-000000000002", 2)  # not this journal's id: ignored
-    acks.mark(event_id(jid, 2), 0)             # not journaled: ignored
+    acks.mark_all([(event_id(jid, seq), seq)
+                   for seq in (1, 3, SEGMENT_RECORDS + 1, SEGMENT_RECORDS + 2)])
+    acks.mark_all([("someone-else-000000000002", 2),  # not this journal's id: ignored
+                   (event_id(jid, 2), 0)])             # not journaled: ignored
     acks.flush()
     assert journal.release() == (0, 1)         # seq 2 is not stored yet
-    acks.mark(event_id(jid, 2), 2)
-    acks.mark(event_id(jid, 2), 2)             # marking twice changes nothing
+    acks.mark_all([(event_id(jid, 2), 2)])
+    acks.mark_all([(event_id(jid, 2), 2)])     # marking twice changes nothing
     acks.flush()
     assert journal.release() == (1, 0)         # segment 0 goes; the active one stays
     assert sorted(journal.segments) == [1]
@@ -158,8 +158,8 @@ def test_marking_runs_at_once_sets_exactly_the_bits_one_by_one_would(tmp_path, s
     stored += [("someone-else-000000000009", 9), (event_id(jid, 7), 0)]  # both ignored
     at_once, one_by_one = Acks.open(tmp_path / "j"), Acks.open(tmp_path / "j")
     at_once.mark_all(stored)
-    for event, seq in stored:
-        one_by_one.mark(event, seq)
+    for pair in stored:
+        one_by_one.mark_all([pair])
     assert at_once.touched == one_by_one.touched == {segment_of(seq) for seq in seqs}
     assert at_once.bitmaps == one_by_one.bitmaps
     marked = {seq for seq in range(1, 2 * SEGMENT_RECORDS + 1)
@@ -198,8 +198,8 @@ def test_read_back_keeps_a_segment_open_per_cursor_and_none_that_was_deleted(tmp
     journal.append(frame(22, 1))  # written after its segment was opened for reading
     assert ports(read_all(journal, live), journal.journal_id) == [22]
     acks = Acks.open(tmp_path / "j")
-    for seq in (SEGMENT_RECORDS + 1, SEGMENT_RECORDS + 2):
-        acks.mark(event_id(journal.journal_id, seq), seq)
+    acks.mark_all([(event_id(journal.journal_id, seq), seq)
+                   for seq in (SEGMENT_RECORDS + 1, SEGMENT_RECORDS + 2)])
     acks.flush()
     assert journal.release() == (1, 5)  # segment 1 is stored; 0 and the active 2 stay
     assert open_segments(tmp_path / "j") == ["0000000002.seg", "0000000002.seg"]
@@ -218,8 +218,8 @@ def test_unstored_records_are_counted_without_changing_the_journal(tmp_path):
     journal.close()
     assert unstored_records(tmp_path / "j") == 5
     acks = Acks.open(tmp_path / "j")
-    for seq in (1, 2, 3, SEGMENT_RECORDS + 1):
-        acks.mark(event_id(journal.journal_id, seq), seq)
+    acks.mark_all([(event_id(journal.journal_id, seq), seq)
+                   for seq in (1, 2, 3, SEGMENT_RECORDS + 1)])
     acks.flush()
     files = sorted(p.name for p in (tmp_path / "j").rglob("*"))
     assert unstored_records(tmp_path / "j") == 1
@@ -232,7 +232,7 @@ def test_acks_of_a_released_segment_are_not_written_again(tmp_path):
     journal.close()
     acks = Acks.open(tmp_path / "j")
     (tmp_path / "j" / "0000000000.seg").unlink()  # capture released it
-    acks.mark(event_id(journal.journal_id, 1), 1)
+    acks.mark_all([(event_id(journal.journal_id, 1), 1)])
     acks.flush()
     assert not (tmp_path / "j" / "acks" / "0000000000.ack").exists()
     assert read_bitmap(tmp_path / "j", 0) == bytearray(SEGMENT_RECORDS // 8)
@@ -284,8 +284,7 @@ def test_numbers_are_never_given_twice_even_once_every_segment_is_deleted(tmp_pa
     first.append(frame(0, 2))
     first.close()
     acks = Acks.open(tmp_path / "j")
-    for seq in (1, 2):
-        acks.mark(event_id(first.journal_id, seq), seq)
+    acks.mark_all([(event_id(first.journal_id, seq), seq) for seq in (1, 2)])
     acks.flush()
     idle = opened(tmp_path / "j")  # a run with no traffic, whose release deletes segment 0
     assert idle.release() == (1, 0) and not idle.segments
