@@ -27,6 +27,10 @@ Reload:   when the policy file changes, or on SIGHUP (pipeline/livepolicy.py): a
           changes nothing (counted: policy_reloads, policy_reload_failures).
 Start:    a policy that does not load stops the stage with one line naming the file, the
           place and the problem.
+Counters: besides the inboxes', the feeds' and those above: existing_connections,
+          allow_requests (and _rejected), late_allowed_by_dns, recent_blocks (blocks kept
+          for late-allow) and recent_blocks_refused (new blocks not kept because all 4,096
+          entries were live, as a scan leaves them for 5 minutes: logged the first time).
 Bad input: a malformed message or record is counted and skipped (logged once per kind).
 
 Example:  SLUICE_POLICY=/etc/sluice/policy.json sluice run policy
@@ -82,13 +86,14 @@ class PolicyStage(BaseStage):
     name = "policy"
 
     def __init__(self, open_maps: Callable[[Settings], RuleMaps | None] | None = None,
-                 files: HostFiles | None = None, clock: Callable[[], int] = time.time_ns) -> None:
+                 files: HostFiles | None = None, clock: Callable[[], int] = time.time_ns,
+                 recent: RecentBlocks | None = None) -> None:
         self.open_maps = open_maps or _open_kernel_maps
         self.files = files or HostFiles()
         self.clock = clock
         self.firewall: Firewall | None = None
         self.ids = EventIds()
-        self.recent = RecentBlocks()
+        self.recent = RecentBlocks() if recent is None else recent
         self.answers = AnswerNames()
 
     def setup(self, io: StageIO) -> None:
@@ -187,6 +192,18 @@ class PolicyStage(BaseStage):
                 notices.append(outcome.notice(event.dst_port, self.settings.mode))
         self._send(out)
         self.notify.send(notices)
+        self._count_recent()
+
+    def _count_recent(self) -> None:
+        """The blocks kept for late-allow, and the new ones refused while every entry is live
+        (a scan fills them for their 5 minutes: a block then is never re-labeled)."""
+        recent, counters = self.recent, self.io.counters
+        counters.level("recent_blocks", recent.size)
+        if recent.dropped and not counters.get("recent_blocks_refused"):
+            self.io.log.warning("recent blocks are full (%d live): blocks of new destinations "
+                                "are not kept for late-allow until entries expire (counted as "
+                                "recent_blocks_refused)", recent.size)
+        counters.set("recent_blocks_refused", recent.dropped)
 
     def reply(self, inbox: str, kind: str, records: list) -> bytes:
         """An allow request from dns: the maps first, then the answer may be released."""

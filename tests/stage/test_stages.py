@@ -10,6 +10,7 @@ import zmq
 from pipeline import messages
 from pipeline.errors import KernelError
 from pipeline.events import AllowRequest, RawEvent
+from pipeline.firewall.recentblocks import RecentBlocks
 from pipeline.loop import BaseStage, run_stage
 from pipeline.rulemaps import ALLOW, DENY, DictRuleMaps
 from pipeline.names.reverse import ReverseResolver
@@ -113,6 +114,29 @@ def test_an_event_that_reaches_policy_before_its_answers_mapping_is_named_by_the
         ("10.9.0.1", "www.example.com", chain), ("10.9.0.2", "api.example.com", []),
         ("10.9.0.3", "", [])]
     assert stage.counters()["named_by_answers"] == 1
+
+
+def test_blocks_not_kept_for_late_allow_are_counted_and_logged_once(tmp_path, peer, caplog):
+    """Full of live blocks (a scan's), the late-allow memory refuses new ones: never silently."""
+    settings = stage_settings(tmp_path, SLUICE_MODE="enforce",
+                              SLUICE_ALLOW_EXISTING_CONNECTIONS="false")
+    out = peer.inbox("persist")
+    stage = StageThread(PolicyStage(open_maps=lambda s: DictRuleMaps(), clock=lambda: T0,
+                                    recent=RecentBlocks(capacity=2)), settings).start()
+    enriched = messages.REGISTRY["enriched_events"].from_raw
+    push = peer.pusher("policy")
+    for batch in ([raw(dst="10.7.0.1"), raw(dst="10.7.0.2"), raw(dst="10.7.0.3")],
+                  [raw(dst="10.7.0.1"), raw(dst="10.7.0.4")]):  # a kept one repeats
+        push.send(messages.encode([enriched(e) for e in batch]))
+    records = Peer.receive(out, 5)
+    assert stage.finish() == 0
+    assert [r.event_type for r in records] == ["connection_blocked"] * 5
+    counters = stage.counters()
+    assert counters["recent_blocks"] == 2 and counters["recent_blocks_refused"] == 2
+    assert [r.getMessage() for r in caplog.records
+            if "recent blocks are full" in r.getMessage()] == [
+        "recent blocks are full (2 live): blocks of new destinations are not kept for "
+        "late-allow until entries expire (counted as recent_blocks_refused)"]
 
 
 def test_policy_waits_for_the_maps_before_it_is_ready(tmp_path, peer):
