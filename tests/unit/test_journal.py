@@ -32,6 +32,23 @@ def opened(path, max_bytes=1 << 30) -> Journal:
     return journal
 
 
+def segments(path, *frames: Frame) -> Journal:
+    """A journal with one segment per frame, each written by a run of its own; the last
+    run's journal comes back open, its segment the active one."""
+    for earlier in frames[:-1]:
+        journal = opened(path)
+        journal.append(earlier)
+        journal.close()
+    journal = opened(path)
+    journal.append(frames[-1])
+    return journal
+
+
+def stored(journal_id: str, *seqs: int) -> list[tuple[str, int]]:
+    """What persist hands the acknowledgements for records seqs of a journal."""
+    return [(event_id(journal_id, seq), seq) for seq in seqs]
+
+
 def read_all(journal: Journal, cursor: Cursor) -> list[Frame]:
     frames = []
     while (f := journal.read(cursor)) is not None:
@@ -123,21 +140,16 @@ def test_a_segment_that_is_not_one_is_skipped(tmp_path, garbage):
 
 
 def test_persist_marks_and_capture_releases_only_finished_segments(tmp_path):
-    journal = opened(tmp_path / "j")
-    journal.append(frame(0, 3))
-    journal.close()
-    journal = opened(tmp_path / "j")  # segment 0 is finished now
-    journal.append(frame(10, 2))      # segment 1 is the active one
+    journal = segments(tmp_path / "j", frame(0, 3), frame(10, 2))  # segment 1 is active
     acks = Acks.open(tmp_path / "j")
     jid = journal.journal_id
-    acks.mark_all([(event_id(jid, seq), seq)
-                   for seq in (1, 3, SEGMENT_RECORDS + 1, SEGMENT_RECORDS + 2)])
+    acks.mark_all(stored(jid, 1, 3, SEGMENT_RECORDS + 1, SEGMENT_RECORDS + 2))
     acks.mark_all([("someone-else-000000000002", 2),  # not this journal's id: ignored
                    (event_id(jid, 2), 0)])             # not journaled: ignored
     acks.flush()
     assert journal.release() == (0, 1)         # seq 2 is not stored yet
-    acks.mark_all([(event_id(jid, 2), 2)])
-    acks.mark_all([(event_id(jid, 2), 2)])     # marking twice changes nothing
+    acks.mark_all(stored(jid, 2))
+    acks.mark_all(stored(jid, 2))              # marking twice changes nothing
     acks.flush()
     assert journal.release() == (1, 0)         # segment 0 goes; the active one stays
     assert sorted(journal.segments) == [1]
@@ -153,12 +165,12 @@ def test_persist_marks_and_capture_releases_only_finished_segments(tmp_path):
 def test_marking_runs_at_once_sets_exactly_the_bits_one_by_one_would(tmp_path, seqs):
     """persist marks what it stored a run of consecutive numbers at a time."""
     journal = opened(tmp_path / "j")
-    jid = journal.journal_id
-    stored = [(event_id(jid, seq), seq) for seq in seqs]
-    stored += [("someone-else-000000000009", 9), (event_id(jid, 7), 0)]  # both ignored
+    pairs = stored(journal.journal_id, *seqs)
+    pairs += [("someone-else-000000000009", 9),
+              (event_id(journal.journal_id, 7), 0)]  # both ignored
     at_once, one_by_one = Acks.open(tmp_path / "j"), Acks.open(tmp_path / "j")
-    at_once.mark_all(stored)
-    for pair in stored:
+    at_once.mark_all(pairs)
+    for pair in pairs:
         one_by_one.mark_all([pair])
     assert at_once.touched == one_by_one.touched == {segment_of(seq) for seq in seqs}
     assert at_once.bitmaps == one_by_one.bitmaps
@@ -182,24 +194,16 @@ def open_segments(directory) -> list[str]:
 
 
 def test_read_back_keeps_a_segment_open_per_cursor_and_none_that_was_deleted(tmp_path):
-    journal = opened(tmp_path / "j")
-    journal.append(frame(0, 2))
-    journal.close()
-    journal = opened(tmp_path / "j")
-    journal.append(frame(10, 2))
-    journal.close()
-    journal = opened(tmp_path / "j")
-    journal.append(frame(20, 2))  # segment 2, open for writing too
+    journal = segments(tmp_path / "j", frame(0, 2), frame(10, 2), frame(20, 2))
     assert ports(read_all(journal, Cursor(0)), journal.journal_id) == [0, 1, 10, 11, 20, 21]
     assert open_segments(tmp_path / "j") == ["0000000001.seg", "0000000002.seg",
-                                             "0000000002.seg"]
+                                             "0000000002.seg"]  # 2 is written to as well
     live = Cursor(2)
     assert ports(read_all(journal, live), journal.journal_id) == [20, 21]
     journal.append(frame(22, 1))  # written after its segment was opened for reading
     assert ports(read_all(journal, live), journal.journal_id) == [22]
     acks = Acks.open(tmp_path / "j")
-    acks.mark_all([(event_id(journal.journal_id, seq), seq)
-                   for seq in (SEGMENT_RECORDS + 1, SEGMENT_RECORDS + 2)])
+    acks.mark_all(stored(journal.journal_id, SEGMENT_RECORDS + 1, SEGMENT_RECORDS + 2))
     acks.flush()
     assert journal.release() == (1, 5)  # segment 1 is stored; 0 and the active 2 stay
     assert open_segments(tmp_path / "j") == ["0000000002.seg", "0000000002.seg"]
@@ -210,16 +214,11 @@ def test_read_back_keeps_a_segment_open_per_cursor_and_none_that_was_deleted(tmp
 def test_unstored_records_are_counted_without_changing_the_journal(tmp_path):
     """What `sluice down` says is left after the stop: records persist has not marked."""
     assert unstored_records(tmp_path / "none") == 0
-    journal = opened(tmp_path / "j")
-    journal.append(frame(0, 3))
-    journal.close()
-    journal = opened(tmp_path / "j")
-    journal.append(frame(10, 2))
+    journal = segments(tmp_path / "j", frame(0, 3), frame(10, 2))
     journal.close()
     assert unstored_records(tmp_path / "j") == 5
     acks = Acks.open(tmp_path / "j")
-    acks.mark_all([(event_id(journal.journal_id, seq), seq)
-                   for seq in (1, 2, 3, SEGMENT_RECORDS + 1)])
+    acks.mark_all(stored(journal.journal_id, 1, 2, 3, SEGMENT_RECORDS + 1))
     acks.flush()
     files = sorted(p.name for p in (tmp_path / "j").rglob("*"))
     assert unstored_records(tmp_path / "j") == 1
@@ -232,7 +231,7 @@ def test_acks_of_a_released_segment_are_not_written_again(tmp_path):
     journal.close()
     acks = Acks.open(tmp_path / "j")
     (tmp_path / "j" / "0000000000.seg").unlink()  # capture released it
-    acks.mark_all([(event_id(journal.journal_id, 1), 1)])
+    acks.mark_all(stored(journal.journal_id, 1))
     acks.flush()
     assert not (tmp_path / "j" / "acks" / "0000000000.ack").exists()
     assert read_bitmap(tmp_path / "j", 0) == bytearray(SEGMENT_RECORDS // 8)
@@ -284,7 +283,7 @@ def test_numbers_are_never_given_twice_even_once_every_segment_is_deleted(tmp_pa
     first.append(frame(0, 2))
     first.close()
     acks = Acks.open(tmp_path / "j")
-    acks.mark_all([(event_id(first.journal_id, seq), seq) for seq in (1, 2)])
+    acks.mark_all(stored(first.journal_id, 1, 2))
     acks.flush()
     idle = opened(tmp_path / "j")  # a run with no traffic, whose release deletes segment 0
     assert idle.release() == (1, 0) and not idle.segments
