@@ -100,9 +100,10 @@ print(sent, time.perf_counter() - start, os.getpid())
 OWN_SESSION = True
 BUSY = "import os; os.sched_setaffinity(0, {0})\nwhile True: pass"
 # The CPU's own speed through the run: a fixed piece of Python work (about a millisecond)
-# every 100 ms, timed by the CPU time it took (never by a wait for a CPU). On a virtual
-# machine the host can halve it for seconds at a time, unseen as steal; a flood that falls
-# in such a stretch spends twice the CPU an event.
+# every 100 ms, timed by the CPU time it took (never by a wait for a CPU), stamped with
+# perf_counter (CLOCK_MONOTONIC on Linux: the same clock in every process). On a virtual
+# machine the host can halve the speed for seconds at a time, unseen as steal; a flood in
+# such a stretch would spend twice the CPU an event.
 SPEED_SAMPLER = r"""
 import sys, time
 out = open(sys.argv[1], "w", buffering=1)
@@ -110,7 +111,7 @@ while True:
     start, n = time.thread_time_ns(), 0
     for i in range(20_000):
         n += i * i
-    out.write(f"{time.monotonic()} {time.thread_time_ns() - start}\n")
+    out.write(f"{time.perf_counter()} {time.thread_time_ns() - start}\n")
     time.sleep(0.1)
 """
 
@@ -136,10 +137,13 @@ class CpuSpeed:
         self.proc.wait()
 
     def line(self, start: float, end: float) -> str:
-        """start, end: the flood's, on the monotonic clock."""
-        took = sorted(ns / 1e6 for t, ns in (map(float, line.split()) for line in
-                                             self.path.read_text().splitlines()
-                                             if len(line.split()) == 2) if start <= t <= end)
+        """start, end: the flood's, by perf_counter."""
+        took = []
+        for line in self.path.read_text().splitlines():
+            fields = line.split()  # the line being written may be cut short
+            if len(fields) == 2 and start <= float(fields[0]) <= end:
+                took.append(int(fields[1]) / 1e6)
+        took.sort()
         if not took:
             return "CPU speed in the flood    no samples"
         return (f"CPU speed in the flood    a fixed piece of work took p50 "
@@ -406,7 +410,7 @@ def main() -> None:
         dns_during = probe(lab, tmp / "stop", first=1000)
         if waits is not None:
             waits.watch(dns_during.pid)  # ip netns exec and the cgroup's sh exec it in place
-        start, flood_start = time.perf_counter(), time.monotonic()
+        start = time.perf_counter()
         loops, machine = LoopTimes(pids), MachineCpu(pids)
         children_s = children_cpu_seconds()
         sent, send_s, sender_pid = send(lab, args.packets, args.rate, args.per_flow)
@@ -447,7 +451,7 @@ def main() -> None:
         if loops.spans:
             print(loops.line())
         print(machine.line(rows))
-        print(speed.line(flood_start, flood_start + persisted_s))
+        print(speed.line(start, start + persisted_s))
         if waits is not None:
             print(waits.line(labels))
     finally:
