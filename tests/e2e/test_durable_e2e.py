@@ -170,17 +170,19 @@ def test_kill_9_of_a_stage_in_a_flood_loses_and_repeats_nothing(lab, pipeline, s
 def test_a_stop_with_a_backlog_of_250000_records_loses_nothing(lab, pipeline):
     """persist is held (SIGSTOP) through the flood, so the stop comes with the whole flood
     still unstored: the pipeline now keeps up with this flood, and a stop that merely
-    followed it found nothing left to lose. A stop stores what it can in its 3 s (all of
-    100,000, 155,000-160,000 of 180,000 here): the next start stores the rest."""
+    followed it found nothing left to lose. It stays held until policy has ended at the
+    stop's 3 s limit: let go at once, it came to store all 250,000 within its own 3 s, and
+    the stop had no backlog left. The next start stores the rest."""
     count = 250_000
     pipeline.start()
-    persist = stage_pid(pipeline, "persist")
+    persist, policy = stage_pid(pipeline, "persist"), stage_pid(pipeline, "policy")
     os.kill(persist, signal.SIGSTOP)
     try:
         flood_done(flooding(lab, count), count)
+        pipeline.proc.send_signal(signal.SIGINT)  # with the backlog still in the pipeline
+        wait_for(lambda: not Path(f"/proc/{policy}").exists(), "policy ended", timeout=4.5)
     finally:
         os.kill(persist, signal.SIGCONT)
-    pipeline.proc.send_signal(signal.SIGINT)  # at once, with the backlog still in the pipeline
     pipeline.proc.wait(15)
     pipeline.log.close()
     assert "SIGKILL" not in pipeline.output(), pipeline.output()[-3000:]
