@@ -1,14 +1,20 @@
 """Reverse (PTR) lookups beside the stage loop, never in it.
 
-Why asyncio in one background thread, with dnspython's asyncio queries:
-* a lookup that takes its whole 500 ms budget costs a coroutine and a socket, not a thread,
-  so hundreds run at once (CONCURRENCY) and a burst of new addresses is worked through at
-  hundreds per second; a thread pool would need as many threads for the same;
-* every query has its own socket (an ephemeral source port chosen by the kernel) and a
-  random id, and answers from elsewhere are ignored: a spoofed PTR answer, which could
-  name an address after an allowed host, has to guess both;
-* the stage loop only hands over addresses (one wakeup of the asyncio loop per batch) and
-  reads finished lookups when an eventfd it polls (StageIO.watch_fd) becomes readable.
+Why one background thread with a selector of its own and questions written by hand:
+* a lookup that takes its whole 500 ms budget costs a socket and a few bytes of state, not
+  a thread, so hundreds run at once (CONCURRENCY) and a burst of new addresses is worked
+  through at hundreds per second; a thread pool would need as many threads for the same;
+* a question is a few dozen bytes, and most answers a scan gets are NXDOMAIN, which the
+  header alone says: dnspython parses only an answer that names something. Asked through
+  dnspython's asyncio queries, a lookup cost enrich about 250 us of CPU (a flood's few
+  hundred lookups a quarter of its CPU beside the events); this way a tenth of that;
+* every question has its own socket (an ephemeral source port chosen by the kernel, and
+  connected, so only the nameserver's datagrams reach it) and a random id, and a datagram
+  that does not answer the question asked (another id, another question, not a response)
+  is ignored: a spoofed PTR answer, which could name an address after an allowed host, has
+  to guess both;
+* the stage loop only hands over addresses (one write to an eventfd per batch) and reads
+  finished lookups when an eventfd it polls (StageIO.watch_fd) becomes readable.
 
 Each submitted address gets exactly one Lookup back, within `timeout` of its submission:
 the budget covers waiting for a free slot too, so nothing waits longer. A lookup whose
@@ -27,25 +33,27 @@ within the same budget, include the address; otherwise the lookup is "unconfirme
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
+import heapq
+import itertools
 import logging
 import os
+import secrets
+import selectors
 import socket
-import sys
+import struct
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
-import dns.asyncbackend
-import dns.asyncquery
 import dns.exception
 import dns.message
+import dns.name
 import dns.rcode
 import dns.rdatatype
-import dns.reversename
 
 from ..addresses import canonical
 from ..workers import Worker
@@ -80,6 +88,21 @@ def system_nameserver(resolv_conf: str) -> str:
 
 def forward_type(ip: str) -> dns.rdatatype.RdataType:
     return dns.rdatatype.AAAA if ":" in ip else dns.rdatatype.A
+
+
+def reverse_name(ip: str) -> bytes:
+    """The wire form of an address's PTR name (dns.reversename's, without its objects)."""
+    if ":" in ip:
+        nibbles = reversed(socket.inet_pton(socket.AF_INET6, ip).hex())
+        return b"".join(b"\x01" + n.encode() for n in nibbles) + b"\x03ip6\x04arpa\x00"
+    labels = reversed(socket.inet_pton(socket.AF_INET, ip))  # as numbers, so no leading zeros
+    return b"".join(bytes((len(t), *t)) for t in (str(n).encode() for n in labels)) + \
+        b"\x07in-addr\x04arpa\x00"
+
+
+# A standard query, recursion desired, one question (the id goes in front).
+_QUERY_FLAGS = b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+_HEADER = 12
 
 
 def forward_addresses(response: dns.message.Message) -> set[str]:
@@ -118,19 +141,48 @@ class ReverseLookups(Protocol):
     def close(self) -> None: ...
 
 
+class _Question:
+    """One address's lookup: its PTR question, then the name's forward one."""
+
+    __slots__ = ("ip", "deadline", "slot", "sock", "query_id", "question", "ptr", "done")
+
+    def __init__(self, ip: str, deadline: float) -> None:
+        self.ip, self.deadline = ip, deadline
+        self.slot = False    # it holds one of the concurrency slots
+        self.sock: socket.socket | None = None
+        self.query_id = b""
+        self.question = b""  # name, type and class as sent
+        self.ptr = ""        # the PTR name, once its forward question is asked
+        self.done = False
+
+    def answers(self, data: bytes) -> bool:
+        """Whether a datagram is the response to the question in flight (not another id,
+        another question, or a query)."""
+        end = _HEADER + len(self.question)
+        return (len(data) >= end and data[:2] == self.query_id and data[2] & 0xF8 == 0x80
+                and data[4:6] == b"\x00\x01"
+                and data[_HEADER:end - 4].lower() == self.question[:-4].lower()
+                and data[end - 4:end] == self.question[-4:])
+
+
 class ReverseResolver:
     def __init__(self, nameserver: str, port: int = 53, timeout: float = TIMEOUT_S,
-                 concurrency: int = CONCURRENCY, mark: int = 0) -> None:
+                 concurrency: int = CONCURRENCY, mark: int = 0,
+                 clock=time.monotonic) -> None:
         self.nameserver, self.port, self.timeout = nameserver, port, timeout
-        self.concurrency, self.mark = concurrency, mark
+        self.concurrency, self.mark, self.clock = concurrency, mark, clock
+        self.family = socket.AF_INET6 if ":" in nameserver else socket.AF_INET
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._done: collections.deque[Lookup] = collections.deque()
-        self._loop = asyncio.new_event_loop()
-        self._loop.set_exception_handler(self._on_loop_error)
-        # Binds to the loop that first waits on it (the worker's, Python 3.10+), so it can be
-        # made here, before that loop runs.
-        self._slots = asyncio.Semaphore(concurrency)
-        self._tasks: set[asyncio.Task] = set()
+        self._submitted: collections.deque[tuple[str, float]] = collections.deque()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake, selectors.EVENT_READ)
+        self._waiting: collections.deque[_Question] = collections.deque()  # for a free slot
+        self._in_flight = 0
+        self._deadlines: list[tuple[float, int, _Question]] = []
+        self._order = itertools.count()
+        self._ended = 0
         self._stopping = threading.Event()
         self.worker = Worker("lookups", self._run, log, stopping=self._stopping)
 
@@ -149,80 +201,13 @@ class ReverseResolver:
     def start(self) -> None:
         self.worker.start()
 
-    def _run(self) -> None:
-        """The worker's body: the event loop, until close() stops it."""
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_forever()
-
-    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        # asyncio would only log a failed callback; it is counted and logged here instead.
-        self.worker.survived(context.get("message", "event loop error"),
-                             context.get("exception"))
-
     def submit(self, ips: Iterable[str]) -> None:
         """Start a lookup for each address; safe to call from the stage's thread."""
-        ips = list(ips)
-        if ips:
-            self._loop.call_soon_threadsafe(self._start, ips)
-
-    def _start(self, ips: list[str]) -> None:
-        for ip in ips:
-            try:
-                task = self._loop.create_task(self._lookup(ip))
-            except Exception as err:  # noqa: BLE001 - every address gets its Lookup back
-                self.worker.survived(f"cannot start a lookup of {ip}", err)
-                self._finish(Lookup(ip, ERROR))
-                continue
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    def _finish(self, lookup: Lookup) -> None:
-        self._done.append(lookup)
-        os.eventfd_write(self.fd, 1)
-
-    async def _lookup(self, ip: str) -> None:
-        sent = False
-        try:
-            async with asyncio.timeout(self.timeout):
-                async with self._slots:
-                    sent = True
-                    lookup = await self._query(ip)
-        except TimeoutError:
-            lookup = Lookup(ip, TIMEOUT if sent else NOT_SENT)
-        except Exception:  # noqa: BLE001 - a surprise from the library must not strand events
-            self.worker.survived(f"reverse lookup of {ip} failed unexpectedly",
-                                 sys.exc_info()[1])
-            lookup = Lookup(ip, ERROR)
-        self._finish(lookup)
-
-    async def _query(self, ip: str) -> Lookup:
-        try:
-            response = await self._ask(dns.reversename.from_address(ip), dns.rdatatype.PTR)
-            answer = first_ptr(response) if response.rcode() == dns.rcode.NOERROR else ""
-            if not answer:
-                return Lookup(ip, NO_NAME)
-            forward = await self._ask(answer, forward_type(ip))
-        except (OSError, ValueError, dns.exception.DNSException):
-            return Lookup(ip, ERROR)
-        if canonical(ip) not in forward_addresses(forward):
-            return Lookup(ip, UNCONFIRMED, answer)
-        return Lookup(ip, NAMED, answer)
-
-    async def _ask(self, name, rdtype) -> dns.message.Message:
-        query = dns.message.make_query(name, rdtype)
-        if not self.mark:
-            return await dns.asyncquery.udp(query, self.nameserver, port=self.port,
-                                            ignore_unexpected=True)
-        family = socket.AF_INET6 if ":" in self.nameserver else socket.AF_INET
-        sock = await dns.asyncbackend.get_backend("asyncio").make_socket(family,
-                                                                         socket.SOCK_DGRAM)
-        try:  # marked before its first send, which is where the redirect would act
-            sock.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET,
-                                                               socket.SO_MARK, self.mark)
-            return await dns.asyncquery.udp(query, self.nameserver, port=self.port,
-                                            ignore_unexpected=True, sock=sock)
-        finally:
-            await sock.close()
+        deadline = self.clock() + self.timeout
+        before = len(self._submitted)
+        self._submitted.extend((ip, deadline) for ip in ips)
+        if len(self._submitted) != before:
+            os.eventfd_write(self._wake, 1)
 
     def finished(self) -> list[Lookup]:
         """Lookups that ended since the last call (reading resets the eventfd)."""
@@ -236,19 +221,138 @@ class ReverseResolver:
         return done
 
     def close(self) -> None:
-        """Cancel what is in flight and stop the thread; never waits for a lookup."""
+        """Stop the thread and close what is in flight; never waits for a lookup."""
         self._stopping.set()
         thread = self.worker.thread
         if thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop)
+            os.eventfd_write(self._wake, 1)
             thread.join(timeout=2)
-        if not thread.is_alive():  # a loop still running may yet write the fd
-            self._loop.close()
+        if not thread.is_alive():  # a loop still running may yet write the fds
+            for key in list(self._selector.get_map().values()):
+                if isinstance(key.data, _Question) and key.data.sock is not None:
+                    key.data.sock.close()
+            self._selector.close()
+            os.close(self._wake)
             os.close(self.fd)
 
-    def _stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        # Let the cancelled lookups close their sockets before the loop stops.
-        cancelled = asyncio.gather(*self._tasks, return_exceptions=True)
-        cancelled.add_done_callback(lambda _: self._loop.stop())
+    # ------------------------------------------------------------- the thread
+
+    def _run(self) -> None:
+        """The worker's body: turns of the selector until close()."""
+        while not self._stopping.is_set():
+            self._turn()
+
+    def _turn(self) -> None:
+        wait = None
+        if self._deadlines:
+            wait = max(0.0, self._deadlines[0][0] - self.clock())
+        for key, _ in self._selector.select(wait):
+            if key.data is None:
+                self._take_submitted()
+            else:
+                self._answered(key.data)
+        self._expire(self.clock())
+        self._ask_waiting()
+        if self._ended:
+            self._ended = 0
+            os.eventfd_write(self.fd, 1)
+
+    def _take_submitted(self) -> None:
+        try:
+            os.eventfd_read(self._wake)
+        except BlockingIOError:
+            pass
+        while self._submitted:
+            ip, deadline = self._submitted.popleft()
+            question = _Question(ip, deadline)
+            self._waiting.append(question)
+            heapq.heappush(self._deadlines, (deadline, next(self._order), question))
+
+    def _expire(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            question = heapq.heappop(self._deadlines)[2]
+            if not question.done:
+                self._finish(question, TIMEOUT if question.slot else NOT_SENT)
+
+    def _ask_waiting(self) -> None:
+        while self._waiting and self._in_flight < self.concurrency:
+            question = self._waiting.popleft()
+            if question.done:
+                continue
+            self._in_flight += 1
+            question.slot = True
+            self._guarded(question, self._ask, question, reverse_name(question.ip),
+                          dns.rdatatype.PTR)
+
+    def _guarded(self, question: _Question, step, *args) -> None:
+        """One lookup's step; an error ends that lookup alone (ERROR), never the others."""
+        try:
+            step(*args)
+        except (OSError, ValueError, dns.exception.DNSException):
+            self._finish(question, ERROR)
+        except Exception as err:  # noqa: BLE001 - a surprise must not strand the address
+            self.worker.survived(f"reverse lookup of {question.ip} failed unexpectedly", err)
+            self._finish(question, ERROR)
+
+    def _ask(self, question: _Question, name: bytes, rdtype: int) -> None:
+        """Send a question from a socket of its own (the previous one, if any, is closed)."""
+        self._close_socket(question)
+        query_id, asked = secrets.token_bytes(2), name + struct.pack("!HH", rdtype, 1)
+        sock = socket.socket(self.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                             | socket.SOCK_CLOEXEC)
+        try:
+            if self.mark:  # marked before its first send, where the redirect would act
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
+            sock.connect((self.nameserver, self.port))
+            sock.send(query_id + _QUERY_FLAGS + asked)
+            self._selector.register(sock, selectors.EVENT_READ, question)
+        except BaseException:
+            sock.close()
+            raise
+        question.sock, question.query_id, question.question = sock, query_id, asked
+
+    def _answered(self, question: _Question) -> None:
+        if question.sock is None:  # ended earlier in the same turn
+            return
+        try:
+            data = question.sock.recv(65535)
+        except BlockingIOError:
+            return
+        except OSError:  # the nameserver's port refused it (ICMP), and the like
+            self._finish(question, ERROR)
+            return
+        if question.answers(data):
+            self._guarded(question, self._read_answer, question, data)
+
+    def _read_answer(self, question: _Question, data: bytes) -> None:
+        if not question.ptr:
+            if data[3] & 0x0F != dns.rcode.NOERROR:  # NXDOMAIN, mostly: no need to parse it
+                self._finish(question, NO_NAME)
+                return
+            answer = first_ptr(dns.message.from_wire(data))
+            if not answer:
+                self._finish(question, NO_NAME)
+                return
+            question.ptr = answer
+            name = dns.name.from_text(answer).to_wire()
+            assert name is not None, "to_wire without a file returns the bytes"
+            self._ask(question, name, forward_type(question.ip))
+            return
+        confirmed = canonical(question.ip) in forward_addresses(dns.message.from_wire(data))
+        self._finish(question, NAMED if confirmed else UNCONFIRMED, question.ptr)
+
+    def _close_socket(self, question: _Question) -> None:
+        if question.sock is not None:
+            self._selector.unregister(question.sock)
+            question.sock.close()
+            question.sock = None
+
+    def _finish(self, question: _Question, outcome: str, answer: str = "") -> None:
+        if question.done:
+            return
+        question.done = True
+        self._close_socket(question)
+        if question.slot:
+            self._in_flight -= 1
+        self._done.append(Lookup(question.ip, outcome, answer))
+        self._ended += 1

@@ -143,7 +143,7 @@ def test_a_dead_courier_stops_notify_with_a_non_zero_exit(tmp_path, peer):
 # ---------------------------------------------------------------- enrich's lookups
 
 class BrokenResolver(ReverseResolver):
-    async def _query(self, ip):
+    def _ask(self, question, name, rdtype):
         raise RuntimeError("a bug in a lookup")
 
 
