@@ -61,10 +61,14 @@ class BpfBlockedEvent:
         return decode_record(self.pack(), mono_to_wall_ns, cgroup_path=cgroup_path)
 
 
+def _process_name(comm: bytes) -> str:
+    return comm.split(b"\0", 1)[0].decode("utf-8", "replace") if comm[0] else ""
+
+
 def decode_record(data: bytes, mono_to_wall_ns: int, event_id: str = "", seq: int = 0,
                   cgroup_path: Callable[[int], str] = _no_cgroup) -> RawEvent:
-    """BpfBlockedEvent.unpack(data).to_raw(...) without the intermediate object: this runs
-    for every record the ring buffer delivers. cgroup_path names a cgroup id ("" for 0)."""
+    """BpfBlockedEvent.unpack(data).to_raw(...) without the intermediate object (a frame's
+    records go through decode_frame). cgroup_path names a cgroup id ("" for 0)."""
     if len(data) < RECORD_SIZE:
         raise ShortRecord(f"kernel record of {len(data)} bytes, expected {RECORD_SIZE}")
     (version, allowed, proto, flags, src4, dst4, sport, dport, src6, dst6, ts, pid, packets,
@@ -73,9 +77,8 @@ def decode_record(data: bytes, mono_to_wall_ns: int, event_id: str = "", seq: in
         src, dst = ipv6_text(src6), ipv6_text(dst6)
     else:
         version, src, dst = 4, ipv4_text(src4), ipv4_text(dst4)
-    name = comm.split(b"\0", 1)[0].decode("utf-8", "replace") if comm[0] else ""
     return RawEvent(version, allowed == 1, proto, flags, src, dst, sport, dport,
-                    ts + mono_to_wall_ns, pid, name, packets or 1, event_id, seq,
+                    ts + mono_to_wall_ns, pid, _process_name(comm), packets or 1, event_id, seq,
                     cgroup_path(cgroup_id) if cgroup_id else "")
 
 
@@ -88,6 +91,41 @@ def decode_frame(frame: Frame, journal_id: str,
     its end). skip_seq(seq) -> True leaves a record out (one persist already stored).
     cgroup_path names the owners' cgroup ids (a cgroup gone by then is named "")."""
     stop = frame.count if stop is None else min(stop, frame.count)
+    if (not frame.first_seq or frame.record_size != RECORD_SIZE
+            or frame.stride < frame.skip + RECORD_SIZE):
+        return _decode_each(frame, journal_id, skip_seq, start, stop, cgroup_path)
+    # A journaled frame of today's layout: every record of a flood comes this way, so its
+    # slots are unpacked in one pass and what repeats from one record to the next (the
+    # source address, the process name) is decoded once (half the time of _decode_each).
+    stride, shift = frame.stride, frame.mono_to_wall_ns
+    events = []
+    seq = frame.first_seq + start
+    last_src4, last_src, last_comm, last_name = -1, "", b"", ""
+    for (version, allowed, proto, flags, src4, dst4, sport, dport, src6, dst6, ts, pid, packets,
+         comm, cgroup_id) in _slots(stride, frame.skip).iter_unpack(
+             memoryview(frame.payload)[start * stride:stop * stride]):
+        if skip_seq is not None and skip_seq(seq):
+            seq += 1
+            continue
+        if version == 6:
+            src, dst = ipv6_text(src6), ipv6_text(dst6)
+        else:
+            if src4 != last_src4:
+                last_src4, last_src = src4, ipv4_text(src4)
+            version, src, dst = 4, last_src, ipv4_text(dst4)
+        if comm != last_comm:
+            last_comm, last_name = comm, _process_name(comm)
+        events.append(RawEvent(version, allowed == 1, proto, flags, src, dst, sport, dport,
+                               ts + shift, pid, last_name, packets or 1,
+                               journal_event_id(journal_id, seq), seq,
+                               cgroup_path(cgroup_id) if cgroup_id else ""))
+        seq += 1
+    return events
+
+
+def _decode_each(frame: Frame, journal_id: str, skip_seq: Callable[[int], bool] | None,
+                 start: int, stop: int, cgroup_path: Callable[[int], str]) -> list[RawEvent]:
+    """decode_frame record by record: a frame not journaled, or of an older layout."""
     pad = b"\0" * max(0, RECORD_SIZE - frame.record_size)
     shift = frame.mono_to_wall_ns
     if not frame.first_seq:  # not journaled (the journal was full or failing)
@@ -104,6 +142,18 @@ def decode_frame(frame: Frame, journal_id: str,
         events.append(decode_record(data, shift, journal_event_id(journal_id, seq), seq,
                                     cgroup_path))
     return events
+
+
+_SLOT_LAYOUTS: dict[tuple[int, int], struct.Struct] = {}
+
+
+def _slots(stride: int, skip: int) -> struct.Struct:
+    """A ring-buffer slot: its header (skip bytes), the record, the padding to stride."""
+    layout = _SLOT_LAYOUTS.get((stride, skip))
+    if layout is None:
+        layout = _SLOT_LAYOUTS[stride, skip] = struct.Struct(
+            f"<{skip}x{RECORD.format[1:]}{stride - skip - RECORD_SIZE}x")
+    return layout
 
 
 def reported_record(template: Event, timestamp_ns: int, packets: int) -> bytes:

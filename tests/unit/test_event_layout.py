@@ -8,7 +8,9 @@ import struct
 import pytest
 
 from pipeline.addresses import canonical, ipv4_text, ipv6_text
-from pipeline.kernel.event_layout import RECORD_SIZE, BpfBlockedEvent, ShortRecord, decode_record
+from pipeline.journal import Frame, event_id
+from pipeline.kernel.event_layout import (RECORD_SIZE, BpfBlockedEvent, ShortRecord, decode_frame,
+                                          decode_record)
 
 
 def record(**fields):
@@ -108,3 +110,31 @@ def test_the_seeds_event_type_decodes_through_the_pipelines_decoder():
     cgroups = {7: "/ci.slice"}.get
     assert event.to_raw(1_000, cgroups) == decode_record(data, 1_000, cgroup_path=cgroups)
     assert event.to_raw(1_000, cgroups).dst_ip == "2001:db8::1"
+
+
+def test_a_frame_of_ring_buffer_slots_decodes_as_each_record_alone():
+    """decode_frame unpacks a journaled frame's slots in one pass and decodes a repeated
+    source address and process name once: the records must come out as decode_record
+    makes each of them, through changes of source, name, family and owner."""
+    records = []
+    for i in range(40):
+        fields = dict(src_ip=0x0A000002 + i // 7, dst_ip=0x0B000000 + i, src_port=40000 + i,
+                      dst_port=443, timestamp=1_000 + i, pid=100 + i // 5, packets=i % 3,
+                      comm=[b"curl", b"python3", b"", b"\xffbad\0x"][i // 10], cgroup_id=i % 4)
+        if i % 9 == 4:
+            fields.update(ip_version=6, src_ip6=socket.inet_pton(socket.AF_INET6, "2001:db8::2"),
+                          dst_ip6=socket.inet_pton(socket.AF_INET6, f"2001:db8::{i + 16:x}"))
+        records.append(record(**fields))
+    stride = 96  # as the ring buffer lays them out: an 8-byte header, then padding to 8
+    payload = b"".join(struct.pack("<II", RECORD_SIZE, 0) + r + bytes(stride - 8 - RECORD_SIZE)
+                       for r in records)
+    frame = Frame(501, len(records), stride, 8, RECORD_SIZE, 7_000, payload)
+    paths = {1: "/a.slice", 2: "/b.slice", 3: "/c.slice"}
+    skipped = {505, 511, 512}
+
+    got = decode_frame(frame, "0123456789abcdef", skipped.__contains__, 3, 37, paths.get)
+
+    expected = [decode_record(records[i], 7_000, event_id("0123456789abcdef", 501 + i),
+                              501 + i, paths.get)
+                for i in range(3, 37) if 501 + i not in skipped]
+    assert got == expected and len(got) == 31
