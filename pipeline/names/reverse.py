@@ -144,10 +144,10 @@ class ReverseLookups(Protocol):
 class _Question:
     """One address's lookup: its PTR question, then the name's forward one."""
 
-    __slots__ = ("ip", "deadline", "slot", "sock", "query_id", "question", "ptr", "done")
+    __slots__ = ("ip", "slot", "sock", "query_id", "question", "ptr", "done")
 
-    def __init__(self, ip: str, deadline: float) -> None:
-        self.ip, self.deadline = ip, deadline
+    def __init__(self, ip: str) -> None:
+        self.ip = ip
         self.slot = False    # it holds one of the concurrency slots
         self.sock: socket.socket | None = None
         self.query_id = b""
@@ -167,10 +167,9 @@ class _Question:
 
 class ReverseResolver:
     def __init__(self, nameserver: str, port: int = 53, timeout: float = TIMEOUT_S,
-                 concurrency: int = CONCURRENCY, mark: int = 0,
-                 clock=time.monotonic) -> None:
+                 concurrency: int = CONCURRENCY, mark: int = 0) -> None:
         self.nameserver, self.port, self.timeout = nameserver, port, timeout
-        self.concurrency, self.mark, self.clock = concurrency, mark, clock
+        self.concurrency, self.mark = concurrency, mark
         self.family = socket.AF_INET6 if ":" in nameserver else socket.AF_INET
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._done: collections.deque[Lookup] = collections.deque()
@@ -203,7 +202,7 @@ class ReverseResolver:
 
     def submit(self, ips: Iterable[str]) -> None:
         """Start a lookup for each address; safe to call from the stage's thread."""
-        deadline = self.clock() + self.timeout
+        deadline = time.monotonic() + self.timeout
         before = len(self._submitted)
         self._submitted.extend((ip, deadline) for ip in ips)
         if len(self._submitted) != before:
@@ -245,13 +244,13 @@ class ReverseResolver:
     def _turn(self) -> None:
         wait = None
         if self._deadlines:
-            wait = max(0.0, self._deadlines[0][0] - self.clock())
+            wait = max(0.0, self._deadlines[0][0] - time.monotonic())
         for key, _ in self._selector.select(wait):
             if key.data is None:
                 self._take_submitted()
             else:
                 self._answered(key.data)
-        self._expire(self.clock())
+        self._expire(time.monotonic())
         self._ask_waiting()
         if self._ended:
             self._ended = 0
@@ -264,7 +263,7 @@ class ReverseResolver:
             pass
         while self._submitted:
             ip, deadline = self._submitted.popleft()
-            question = _Question(ip, deadline)
+            question = _Question(ip)
             self._waiting.append(question)
             heapq.heappush(self._deadlines, (deadline, next(self._order), question))
 
