@@ -4,10 +4,11 @@ Why one background thread with a selector of its own and questions written by ha
 * a lookup that takes its whole 500 ms budget costs a socket and a few bytes of state, not
   a thread, so hundreds run at once (CONCURRENCY) and a burst of new addresses is worked
   through at hundreds per second; a thread pool would need as many threads for the same;
-* a question is a few dozen bytes, and most answers a scan gets are NXDOMAIN, which the
-  header alone says: dnspython parses only an answer that names something. Asked through
-  dnspython's asyncio queries, a lookup cost enrich about 250 us of CPU (a flood's few
-  hundred lookups a quarter of its CPU beside the events); this way a tenth of that;
+* a question is a header of a few bytes before dnspython's wire form of the name, and most
+  answers a scan gets are NXDOMAIN, which the header alone says: dnspython parses only an
+  answer that names something. Asked through dnspython's asyncio queries, a lookup cost
+  enrich about 250 us of CPU (a flood's few hundred lookups a quarter of its CPU beside
+  the events); this way about 35;
 * every question has its own socket (an ephemeral source port chosen by the kernel, and
   connected, so only the nameserver's datagrams reach it) and a random id, and a datagram
   that does not answer the question asked (another id, another question, not a response)
@@ -54,6 +55,7 @@ import dns.message
 import dns.name
 import dns.rcode
 import dns.rdatatype
+import dns.reversename
 
 from ..addresses import canonical
 from ..workers import Worker
@@ -88,16 +90,6 @@ def system_nameserver(resolv_conf: str) -> str:
 
 def forward_type(ip: str) -> dns.rdatatype.RdataType:
     return dns.rdatatype.AAAA if ":" in ip else dns.rdatatype.A
-
-
-def reverse_name(ip: str) -> bytes:
-    """The wire form of an address's PTR name (dns.reversename's, without its objects)."""
-    if ":" in ip:
-        nibbles = reversed(socket.inet_pton(socket.AF_INET6, ip).hex())
-        return b"".join(b"\x01" + n.encode() for n in nibbles) + b"\x03ip6\x04arpa\x00"
-    labels = reversed(socket.inet_pton(socket.AF_INET, ip))  # as numbers, so no leading zeros
-    return b"".join(bytes((len(t), *t)) for t in (str(n).encode() for n in labels)) + \
-        b"\x07in-addr\x04arpa\x00"
 
 
 # A standard query, recursion desired, one question (the id goes in front).
@@ -280,8 +272,8 @@ class ReverseResolver:
                 continue
             self._in_flight += 1
             question.slot = True
-            self._guarded(question, self._ask, question, reverse_name(question.ip),
-                          dns.rdatatype.PTR)
+            self._guarded(question, self._ask, question,
+                          dns.reversename.from_address(question.ip), dns.rdatatype.PTR)
 
     def _guarded(self, question: _Question, step, *args) -> None:
         """One lookup's step; an error ends that lookup alone (ERROR), never the others."""
@@ -293,10 +285,12 @@ class ReverseResolver:
             self.worker.survived(f"reverse lookup of {question.ip} failed unexpectedly", err)
             self._finish(question, ERROR)
 
-    def _ask(self, question: _Question, name: bytes, rdtype: int) -> None:
+    def _ask(self, question: _Question, name: dns.name.Name, rdtype: int) -> None:
         """Send a question from a socket of its own (the previous one, if any, is closed)."""
         self._close_socket(question)
-        query_id, asked = secrets.token_bytes(2), name + struct.pack("!HH", rdtype, 1)
+        wire = name.to_wire()
+        assert wire is not None, "to_wire without a file returns the bytes"
+        query_id, asked = secrets.token_bytes(2), wire + struct.pack("!HH", rdtype, 1)
         sock = socket.socket(self.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
                              | socket.SOCK_CLOEXEC)
         try:
@@ -333,9 +327,7 @@ class ReverseResolver:
                 self._finish(question, NO_NAME)
                 return
             question.ptr = answer
-            name = dns.name.from_text(answer).to_wire()
-            assert name is not None, "to_wire without a file returns the bytes"
-            self._ask(question, name, forward_type(question.ip))
+            self._ask(question, dns.name.from_text(answer), forward_type(question.ip))
             return
         confirmed = canonical(question.ip) in forward_addresses(dns.message.from_wire(data))
         self._finish(question, NAMED if confirmed else UNCONFIRMED, question.ptr)

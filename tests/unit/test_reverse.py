@@ -8,11 +8,9 @@ import types
 
 import dns.message
 import dns.rcode
-import dns.reversename
 import dns.rrset
-import pytest
 
-from pipeline.names.reverse import ERROR, NAMED, NO_NAME, UNCONFIRMED, ReverseResolver, reverse_name
+from pipeline.names.reverse import ERROR, NAMED, NO_NAME, UNCONFIRMED, ReverseResolver
 from tests.support.tools.ptrserver import PtrServer
 from tests.support.wait import wait_for
 
@@ -42,12 +40,6 @@ def test_named_unconfirmed_and_unnamed_addresses():
     assert (done["192.0.2.66"].outcome, done["192.0.2.66"].answer) == (
         UNCONFIRMED, "web.allowed.example.")
     assert done["192.0.2.99"].outcome == NO_NAME
-
-
-@pytest.mark.parametrize("ip", ["10.0.0.1", "192.0.2.10", "0.0.0.0", "255.255.255.255",
-                                "2001:db8::10", "::1", "fe80::1:2:3:4"])
-def test_a_ptr_question_asks_dnspythons_reverse_name(ip):
-    assert reverse_name(ip) == dns.reversename.from_address(ip).to_wire()
 
 
 class ForgingServer:
