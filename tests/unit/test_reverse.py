@@ -110,9 +110,18 @@ def test_questions_leave_from_sockets_carrying_the_mark():
         resolver.start()
         try:
             resolver.submit(["192.0.2.10", "192.0.2.11"])
-            wait_for(lambda: len(server.questions) == 2, "both questions asked")
-            sockets = [key.fileobj for key in resolver._selector.get_map().values()
-                       if isinstance(key.fileobj, socket.socket)]
+
+            def in_flight():
+                """The questions' sockets once both are registered (the server may hear a
+                question before its thread has registered the socket it left from)."""
+                try:
+                    keys = list(resolver._selector.get_map().values())
+                except RuntimeError:  # registered into while read: look again
+                    return None
+                sockets = [key.fileobj for key in keys if isinstance(key.fileobj, socket.socket)]
+                return sockets if len(sockets) == 2 else None
+
+            sockets = wait_for(in_flight, "both questions in flight")
             assert len(sockets) == 2
             assert {s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) for s in sockets} == {0x5eed}
         finally:
