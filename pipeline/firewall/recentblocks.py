@@ -46,6 +46,9 @@ class RecentBlocks:
         self.blocks: OrderedDict[Key, Block] = OrderedDict()
         self.keys_by_ip: dict[str, set[Key]] = {}
         self.dropped = 0  # new keys refused while full of live entries
+        # While full, the oldest entry's expiry: a scan's every new key is refused until then
+        # without a look at the entries. Any merge or removal may change the oldest: cleared.
+        self.full_until = 0
 
     @property
     def size(self) -> int:
@@ -61,11 +64,16 @@ class RecentBlocks:
         if previous is not None and now - previous.at < self.ttl_ns:
             _merge(previous, event)
             self.blocks.move_to_end(key)
+            self.full_until = 0
             return
         if previous is None and len(self.blocks) >= self.capacity:
+            if now < self.full_until:
+                self.dropped += 1
+                return
             self._prune(now)
             if len(self.blocks) >= self.capacity:
                 self.dropped += 1
+                self.full_until = next(iter(self.blocks.values())).at + self.ttl_ns
                 return
         self.blocks[key] = Block(event.src_ip, event.process, event.pid, list(event.cname_chain),
                                  event.timestamp, event.dst_ip, event.dst_port, event.protocol,
@@ -98,6 +106,7 @@ class RecentBlocks:
             self._remove(key)
 
     def _remove(self, key: Key) -> None:
+        self.full_until = 0
         del self.blocks[key]
         keys = self.keys_by_ip[key[0]]
         keys.discard(key)

@@ -186,7 +186,7 @@ class PolicyStage(BaseStage):
                              event_id=event.event_id or self.ids.next(), host=self.host)
             if outcome.late_allow is not None:
                 outcome = outcome.settled(write_plan(firewall, outcome.late_allow))
-            self.recent.remember(outcome.record, self.clock())
+            self.recent.remember(outcome.record, now)
             out.append(outcome.record)
             if outcome.notify:
                 notices.append(outcome.notice(event.dst_port, self.settings.mode))

@@ -3,6 +3,7 @@ late-allow plan the decision hands the policy stage (it writes nothing itself)."
 
 import json
 
+import msgspec
 import pytest
 
 from pipeline.events import EnrichedEvent, RawEvent
@@ -133,3 +134,19 @@ def test_a_block_the_rule_does_not_cover_still_plans_the_rules_ports():
 def test_no_plan_where_late_allow_has_nothing_to_write(ev):
     outcome = run(ev)
     assert outcome.late_allow is None and outcome.settled(False) is outcome
+
+
+def test_a_blocks_record_carries_each_field_of_its_event_under_its_own_name():
+    """The record is built positionally (per event, keywords cost six times as much): a
+    field added or moved in AuditEvent must not shift the values into other columns."""
+    cgroup = "/system.slice/docker-" + "c" * 64 + ".scope"
+    raw = RawEvent(4, False, 17, 1, "10.0.0.2", "93.184.216.34", 40000, 9999, T0, 321,
+                   "curl", 7, "j-000000000005", 5, cgroup)
+    record = run(EnrichedEvent.from_raw(raw, "y.com", ["y.com", "edge.y.net"])).record
+    assert msgspec.structs.asdict(record) == {
+        "timestamp": T0, "event_type": "connection_blocked", "src_ip": "10.0.0.2",
+        "dst_ip": "93.184.216.34", "dst_hostname": "y.com", "dst_port": 9999,
+        "protocol": "UDP", "process": "curl", "pid": 321, "matched_rule": "",
+        "auto_allowed_type": "", "cname_chain": ["y.com", "edge.y.net"], "mid_stream": True,
+        "would_deny": False, "blocked": True, "packets": 7, "event_id": "id-1", "host": "h1",
+        "seq": 5, "cgroup": cgroup, "container": "c" * 64}

@@ -91,6 +91,21 @@ def test_capacity_prunes_expired_then_drops_new_keys():
     assert ports == [3, 2]
 
 
+def test_a_full_set_refuses_until_its_oldest_entry_expires_even_when_a_refresh_moves_it():
+    recent = RecentBlocks(ttl_ns=5 * S, capacity=2)
+    recent.remember(block(port=1, at=9 * S), 9 * S)
+    recent.remember(block(port=2, at=3 * S), 9 * S)    # dated earlier, kept second
+    recent.remember(block(port=3, at=10 * S), 10 * S)  # full, port 1 live: refused
+    recent.remember(block(port=4, at=11 * S), 11 * S)  # still refused
+    assert recent.dropped == 2
+    recent.remember(block(port=1, at=11 * S), 11 * S)  # refreshed: port 2 is oldest now
+    recent.remember(block(port=5, at=12 * S), 12 * S)  # port 2 expired: pruned, 5 kept
+    assert recent.dropped == 2
+    assert [b.dst_port for b in recent.take("192.0.2.1", (), (), False, 12 * S)] == [1, 5]
+    recent.remember(block(port=6, at=13 * S), 13 * S)  # empty again: kept
+    assert recent.size == 1
+
+
 def test_late_allowed_record_is_dated_at_the_block():
     recent = RecentBlocks()
     recent.remember(block(at=10 * S), 10 * S)
