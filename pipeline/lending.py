@@ -5,10 +5,15 @@ dns's own thread runs real-time (pipeline/loop.py: RealtimeThread), but before i
 release an answer the policy stage must write the answer's addresses into the maps, and
 policy's thread stays ordinary because it also judges the flood's events. Under a flood that
 thread waits for a CPU behind the bulk stages, and an allow request waits with it. So dns
-lends it real-time scheduling just before each request (AnswerLender.lend), and policy gives
-it back as soon as it has answered, or after its next batch of events if no request came
-(give_back): the thread runs ahead of the bulk work for a request's sake, never for the
-flood's.
+lends it real-time scheduling just before each request (AnswerLender.lend) and takes it back
+once none of its requests waits for an answer (take_back), before it releases the DNS answer:
+the thread runs ahead of the bulk work for a request's sake, never for the flood's. The lender
+takes it back because only the lender knows whether another lend is on its way: when the
+answering thread gave it back itself, after an answer or after a batch of events with no
+request, it also gave back a lend made for a request still in transit, and that request was
+then answered as ordinary work behind the flood (about 1 request in 130 in a flood's run).
+A lend no request has used for LEND_GRACE_S (its lender died, or took it back too late) is
+given back by the thread itself (give_back).
 
 The answering stage says which thread answers an inbox in <run_dir>/<inbox>.thread: its pid
 and the start time the kernel gave that process, so that a pid the kernel has handed to
@@ -27,6 +32,7 @@ from pathlib import Path
 from .hostfiles import process_start
 
 LENT_PRIORITY = 1  # the lowest real-time priority, as the answer path's other threads
+LEND_GRACE_S = 0.01  # a request arrives within microseconds of its lend; 10 ms is generous
 
 
 def thread_file(run_dir: Path, inbox: str) -> Path:
@@ -43,6 +49,11 @@ def _same_user(pid: int) -> bool:
 def answering_thread_text() -> str:
     """What a thread file holds for this process's main thread."""
     return f"{os.getpid()} {process_start(os.getpid())}\n"
+
+
+def lent() -> bool:
+    """Whether the calling thread runs real-time (a lender's doing, for the answering thread)."""
+    return os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK != os.SCHED_OTHER
 
 
 def give_back() -> bool:
@@ -66,6 +77,7 @@ class AnswerLender:
         self.pidfd: int | None = None  # readable once that process has exited
         self.exited = select.poll()
         self.refused = False
+        self.lent = False  # lent since the last take_back
 
     def lend(self) -> None:
         if self.refused or (pid := self._answering_pid()) is None:
@@ -82,7 +94,22 @@ class AnswerLender:
                              "%s (needs CAP_SYS_NICE): a flood may delay its answers",
                              self.path.name.removesuffix(".thread"))
             return
+        self.lent = True
         self.counters.add("priority_lent")
+
+    def take_back(self) -> None:
+        """The lent thread ordinary again (its nice value kept): none of the lender's requests
+        waits for it now."""
+        if not self.lent or (pid := self._answering_pid()) is None:
+            return
+        self.lent = False
+        try:
+            os.sched_setscheduler(pid, os.SCHED_OTHER | os.SCHED_RESET_ON_FORK,
+                                  os.sched_param(0))
+        except ProcessLookupError:
+            self._drop()
+            return
+        self.counters.add("priority_taken_back")
 
     def close(self) -> None:
         self._drop()

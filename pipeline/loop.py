@@ -36,9 +36,9 @@ policy stage that answers it step forward (the bulk stages stay as started: topo
 why), and their request/reply sockets have a context of their own whose I/O thread runs
 real-time (answer_context), the DNS proxy's own thread runs real-time within a share of one
 CPU (RealtimeThread), and the thread that answers a request is lent real-time for it by the
-stage that asks (pipeline/lending.py: published in <run_dir>/<inbox>.thread, given back once
-served or after the next event batch), so a flood that fills every core does not stand
-between a client and its answer.
+stage that asks (pipeline/lending.py: published in <run_dir>/<inbox>.thread, taken back by
+the asker once none of its requests waits, or given back once unused for LEND_GRACE_S), so a
+flood that fills every core does not stand between a client and its answer.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ from .cpushare import RealtimeShare
 from .errors import MessageError, SluiceError
 from .events import FeedEnd
 from .histogram import LATENCY_BOUNDS, Histogram
-from .lending import AnswerLender, answering_thread_text, give_back, thread_file
+from .lending import (LEND_GRACE_S, AnswerLender, answering_thread_text, give_back, lent,
+                      thread_file)
 from .reactor import Clock, Reactor
 from .settings import Settings
 from .stopping import Upstream, inputs_ended, upstream_state
@@ -232,6 +233,7 @@ class StageIO:
         self.own_process = False
         self.thread_files: list[Path] = []
         self.lenders: dict[str, AnswerLender] = {}  # by request kind
+        self.lend_unused_since: float | None = None  # lent, and no request served since
         self.feed_ends: dict[str, int] = {}  # upstream stage -> the pid of its last feed end
 
     @property
@@ -881,7 +883,7 @@ def _receive(stage: Stage, sock: zmq.Socket, inbox: Inbox, io: StageIO, complain
         elif message is not None:
             stage.handle(inbox.name, *message)
         if not io.serve_requests():
-            _give_back(io)  # lent for a request that never came: not kept for the flood
+            _return_unused_lend(io)
         if not _taking(stage, io):
             break
     return received
@@ -900,13 +902,22 @@ def _serve_requests(stage: Stage, requests, io: StageIO, complain) -> int:
             # A REP socket must answer; an empty frame means "rejected".
             sock.send(b"" if message is None else stage.reply(inbox.name, *message))
     if served:
-        _give_back(io)
+        io.lend_unused_since = None  # the lender takes it back once answered
     return served
 
 
-def _give_back(io: StageIO) -> None:
-    """Ordinary again, if a requester lent this thread real-time priority (lending.py)."""
-    if io.thread_files and give_back():
+def _return_unused_lend(io: StageIO) -> None:
+    """A lend that no request has used for LEND_GRACE_S of event batches (its lender died,
+    or its request never came) is given back: the flood is not judged real-time for long
+    (lending.py)."""
+    if not io.thread_files or not lent():
+        io.lend_unused_since = None
+        return
+    now = time.monotonic()
+    if io.lend_unused_since is None:
+        io.lend_unused_since = now
+    elif now - io.lend_unused_since >= LEND_GRACE_S and give_back():
+        io.lend_unused_since = None
         io.counters.add("lent_priority_returned")
 
 

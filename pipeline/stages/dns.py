@@ -165,7 +165,8 @@ class DnsStage(BaseStage):
         self.allow = AllowClient(io.connect_requests()["allow_requests"], reactor,
                                  self.waits.allow_s, self.clock, io.counters,
                                  io.histogram("allow_round_trip_seconds"), io.log,
-                                 io.lenders["allow_requests"].lend)
+                                 io.lenders["allow_requests"].lend,
+                                 io.lenders["allow_requests"].take_back)
         self.answer_latency = io.histogram("answer_latency_seconds")
         self.query_wait = io.histogram("query_wait_seconds")
         self.upstream = Upstream(reactor, upstream, settings.dns_timeout, mark, io.counters,

@@ -6,7 +6,8 @@ reply frame is the REP inbox rejecting a request as malformed: REP answers in or
 is the oldest still waiting.
 
 Each request is preceded by lend(): the thread that answers is lent real-time priority for
-it (pipeline/lending.py), so that under a flood it does not wait for a CPU behind bulk work.
+it (pipeline/lending.py), so that under a flood it does not wait for a CPU behind bulk work;
+take_back() returns it once no request waits, before the answer is released.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ class AllowClient:
 
     def __init__(self, sock: zmq.Socket[bytes], reactor: Reactor, wait_s: float,
                  clock_ns: Callable[[], int], counters: Counters, round_trip: Histogram,
-                 log: logging.Logger, lend: Callable[[], None] = lambda: None) -> None:
+                 log: logging.Logger, lend: Callable[[], None] = lambda: None,
+                 take_back: Callable[[], None] = lambda: None) -> None:
         self.sock, self.reactor, self.wait_s, self.clock_ns = sock, reactor, wait_s, clock_ns
-        self.lend = lend
+        self.lend, self.take_back = lend, take_back
         self.counters, self.round_trip, self.log = counters, round_trip, log
         self.complained = False
         # ZeroMQ's descriptor only says "look at EVENTS": every look drains until empty.
@@ -58,6 +60,7 @@ class AllowClient:
         try:
             self.sock.send_multipart([b"", messages.encode([record])], zmq.NOBLOCK)
         except zmq.Again:
+            self._settled()
             self._failed(done, "the policy stage's queue is full")
             return
         timer = self.reactor.after(self.wait_s, lambda: self._expire(request_id))
@@ -74,6 +77,7 @@ class AllowClient:
             if self.pending:
                 done, timer = self.pending.popitem(last=False)[1]
                 timer.cancel()
+                self._settled()
                 self._failed(done, "the policy stage rejected a request as malformed")
             return
         try:
@@ -94,6 +98,7 @@ class AllowClient:
             return
         done, timer = waiting
         timer.cancel()
+        self._settled()  # before the answer goes out: its client must not wait behind policy
         # The expiry timer was set wait_s after the request left.
         self.round_trip.observe(self.reactor.clock() - (timer.when - self.wait_s))
         if reply.ok:
@@ -104,7 +109,13 @@ class AllowClient:
     def _expire(self, request_id: str) -> None:
         waiting = self.pending.pop(request_id, None)
         if waiting is not None:
+            self._settled()
             self._failed(waiting[0], f"no reply within {self.wait_s:g} s")
+
+    def _settled(self) -> None:
+        """A request left the pending ones: with none left, the lend is taken back."""
+        if not self.pending:
+            self.take_back()
 
     def _failed(self, done: Done, why: str) -> None:
         self.counters.add("allow_failures")
