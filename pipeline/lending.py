@@ -11,7 +11,7 @@ the thread runs ahead of the bulk work for a request's sake, never for the flood
 takes it back because only the lender knows whether another lend is on its way: when the
 answering thread gave it back itself, after an answer or after a batch of events with no
 request, it also gave back a lend made for a request still in transit, and that request was
-then answered as ordinary work behind the flood (about 1 request in 130 in a flood's run).
+then answered as ordinary work behind the flood (about one request in a hundred, traced).
 A lend no request has used for LEND_GRACE_S (its lender died, or took it back too late) is
 given back by the thread itself (give_back).
 
@@ -58,7 +58,7 @@ def lent() -> bool:
 
 def give_back() -> bool:
     """The calling thread ordinary again (nice value kept) if it was lent real-time; True then."""
-    if os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK == os.SCHED_OTHER:
+    if not lent():
         return False
     os.sched_setscheduler(0, os.SCHED_OTHER | os.SCHED_RESET_ON_FORK, os.sched_param(0))
     return True
@@ -109,6 +109,8 @@ class AnswerLender:
         except ProcessLookupError:
             self._drop()
             return
+        except OSError:
+            return  # the thread gives an unused lend back itself (LEND_GRACE_S)
         self.counters.add("priority_taken_back")
 
     def close(self) -> None:
