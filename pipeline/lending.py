@@ -100,11 +100,14 @@ class AnswerLender:
     def take_back(self) -> None:
         """The lent thread ordinary again (its nice value kept): none of the lender's requests
         waits for it now."""
-        if not self.lent or (pid := self._answering_pid()) is None:
+        if not self.lent or self.pid is None:
             return
         self.lent = False
-        try:
-            os.sched_setscheduler(pid, os.SCHED_OTHER | os.SCHED_RESET_ON_FORK,
+        if self.pidfd is not None and self.exited.poll(0):
+            self._drop()  # ended since the lend: its pid may be another process's by now
+            return
+        try:  # the pid lent to, not the thread file read again: no stat on the answer path
+            os.sched_setscheduler(self.pid, os.SCHED_OTHER | os.SCHED_RESET_ON_FORK,
                                   os.sched_param(0))
         except ProcessLookupError:
             self._drop()

@@ -8,6 +8,7 @@ count of an aggregated flow, the owner's process name and its cgroup id (88 byte
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 from collections.abc import Callable
 
@@ -144,16 +145,10 @@ def _decode_each(frame: Frame, journal_id: str, skip_seq: Callable[[int], bool] 
     return events
 
 
-_SLOT_LAYOUTS: dict[tuple[int, int], struct.Struct] = {}
-
-
+@functools.cache  # a ring buffer has one slot layout: made once
 def _slots(stride: int, skip: int) -> struct.Struct:
     """A ring-buffer slot: its header (skip bytes), the record, the padding to stride."""
-    layout = _SLOT_LAYOUTS.get((stride, skip))
-    if layout is None:
-        layout = _SLOT_LAYOUTS[stride, skip] = struct.Struct(
-            f"<{skip}x{RECORD.format[1:]}{stride - skip - RECORD_SIZE}x")
-    return layout
+    return struct.Struct(f"<{skip}x{RECORD.format[1:]}{stride - skip - RECORD_SIZE}x")
 
 
 def reported_record(template: Event, timestamp_ns: int, packets: int) -> bytes:
