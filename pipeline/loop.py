@@ -31,10 +31,10 @@ far less often; a quiet pipeline still sends each record in the turn it arrived.
 Priority: request/reply inboxes (policy-allow) are served before event inboxes on every turn,
 between any two event batches, and whenever a stage calls `io.serve_requests()` in the middle
 of a long batch, so a flood of events never holds back a DNS answer. Across processes, each
-stage takes the CPU priority step the topology gives it (cpu_step): the DNS proxy and the
-policy stage that answers it step forward (the bulk stages stay as started: topology.py says
-why), and their request/reply sockets have a context of their own whose I/O thread runs
-real-time (answer_context), the DNS proxy's own thread runs real-time within a share of one
+stage takes the CPU priority step the topology gives it (cpu_step): the DNS proxy steps
+forward (the others stay as started: topology.py says why). The request/reply sockets of
+dns and policy have a context of their own whose I/O thread runs real-time
+(answer_context), the DNS proxy's own thread runs real-time within a share of one
 CPU (RealtimeThread), and the thread that answers a request is lent real-time for it by the
 stage that asks (pipeline/lending.py: published in <run_dir>/<inbox>.thread, taken back by
 the asker once none of its requests waits, or given back once unused for LEND_GRACE_S), so a

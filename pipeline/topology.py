@@ -33,13 +33,13 @@ class StageWiring:
     inboxes: tuple[Inbox, ...]
     feeds: tuple[Link, ...] = ()     # inboxes this stage pushes to
     requests: tuple[Link, ...] = ()  # REP inboxes this stage sends requests to and awaits
-    # The stage's CPU priority step, a nice increment (pipeline/loop.py): the path of a DNS
-    # answer steps forward (dns about three times a normal share at -5, policy less: see
-    # JUDGE_AND_ANSWER). A flood's bulk work (capture, enrich, persist, notify, export)
-    # stays as started: ahead, it would keep the host's own programs waiting for a CPU
-    # (persist at -5 held it for up to 12 ms at a time while a DNS client whose answer had
-    # arrived waited); behind, its evidence would wait behind every busy job on the host.
-    # Its backlog waits in capture's journal meanwhile.
+    # The stage's CPU priority step, a nice increment (pipeline/loop.py): the DNS proxy steps
+    # forward (ANSWER_PATH). Every other stage stays as started: policy's answers are lent
+    # real-time by dns (pipeline/lending.py), and the rest of its work is a flood's, as
+    # capture's, enrich's, persist's, notify's and export's is. Ahead, that work would keep
+    # the host's own programs waiting for a CPU (persist at -5 held it for up to 12 ms at a
+    # time while a DNS client whose answer had arrived waited); behind, the evidence would
+    # wait behind every busy job on the host. Its backlog waits in capture's journal.
     cpu_step: int = 0
     # The share of one CPU the stage's own thread may take real-time, ahead of every ordinary
     # thread (pipeline/cpushare.py): only for a stage whose work is nothing but answering
@@ -58,15 +58,8 @@ class StageWiring:
         return bool(self.requests) or any(inbox.pattern == "rep" for inbox in self.inboxes)
 
 
+# dns: about three times an ordinary program's share of a CPU while both want it.
 ANSWER_PATH = -5
-# policy answers dns's allow requests, but its thread also judges every event of a flood, in
-# stretches of up to 23 ms at -5 while a client whose answer had arrived waited for the CPU.
-# Its answers themselves are lent real-time by dns (pipeline/lending.py); the step keeps the
-# allow round trip short between them (as started, its p99 in the flood was 10-25 ms).
-# At -3, eleven flood runs in turns against -5: the p99 added to a fresh answer shorter in
-# nine (median 5.0 ms against 6.5), for a tenth fewer events stored a second (26.0k against
-# 28.9k), whose backlog waits in capture's journal.
-JUDGE_AND_ANSWER = -3
 
 STAGES: dict[str, StageWiring] = {
     "capture": StageWiring(inboxes=(), feeds=(Link("enrich", ("raw_events",), audit_path=True),)),
@@ -80,7 +73,6 @@ STAGES: dict[str, StageWiring] = {
         # Observers never hold up the audit path: notify's batches beyond the backlog drop.
         feeds=(Link("persist", ("audit_records",), audit_path=True),
                Link("notify", ("notices",))),
-        cpu_step=JUDGE_AND_ANSWER,  # it opens the maps for each answer (policy-allow)
     ),
     "persist": StageWiring(
         inboxes=(Inbox("persist", "pull", ("audit_records", "delivered_destinations")),),
