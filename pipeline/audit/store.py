@@ -1168,6 +1168,7 @@ class AuditStore:
         # batch's rows to catch_up, for a writer that has records waiting.
         self._marked = path is not None
         self.defer_rollups = defer_rollups and self._marked
+        self.written_lag = 0  # rows the rollups lacked after this writer's last write
 
     def migrate(self, migrations: Sequence[Migration] = MIGRATIONS) -> list[str]:
         """Apply the migrations this database lacks, in order; returns their names."""
@@ -1262,6 +1263,7 @@ class AuditStore:
         catch_up: only a deferring SQLite writer does, and never a late-allow, so rows left
         behind never supersede rows counted already (the views classify them by late_keys,
         which every late-allow has updated before it is stored)."""
+        self.written_lag = 0
         if not self._marked:
             self._rollups.apply(conn, rows)
             return
@@ -1272,7 +1274,8 @@ class AuditStore:
         if self.defer_rollups and not any(row[_EVENT_TYPE] == LATE_ALLOWED for row in rows):
             behind = before + len(rows) - mark
             if behind > ROLLUP_LAG_MAX:  # keep up as fast as rows come
-                self._catch_up(conn, mark, len(rows))
+                behind -= self._catch_up(conn, mark, len(rows))
+            self.written_lag = behind
             return
         if mark < before:  # rows left behind go first, in the order they were stored
             self._catch_up(conn, mark, before - mark)

@@ -339,8 +339,8 @@ class PersistStage(BaseStage):
             return
         progress.handled += len(batch)
         progress.stored.extend(stored)
-        if self.store.defer_rollups:  # an over-count when a late-allow added them: found out
-            self.rollup_lag += len(stored)
+        if self.store.defer_rollups:  # as the write left it, past ROLLUP_LAG_MAX too
+            self.rollup_lag = self.store.written_lag
         # Stored now or before (a record sent again): either way done once JSONL has it.
         self.to_ack.extend((r.event_id, r.seq) for r in batch if r.seq)
         self.io.counters.add("rows_inserted", len(stored))

@@ -280,6 +280,25 @@ def test_a_migration_failing_half_way_leaves_the_store_as_it_was(db_url, tmp_pat
     assert result.stderr.count("\n") == 1 and "migration 0005_rollups failed" in result.stderr
 
 
+def test_the_writer_knows_how_far_the_rollups_lag_after_each_write_past_the_bound(
+        db_url, monkeypatch):
+    """Beyond ROLLUP_LAG_MAX rows waiting, each batch adds as many to the rollups as it
+    brings; what the writer reports as waiting after a write is what the store says (persist
+    shows it as rollup_lag), not the rows it stored, nor a count that only grows."""
+    monkeypatch.setattr(store_module, "ROLLUP_LAG_MAX", 4)
+    store = AuditStore(db_url, defer_rollups=True)
+    store.migrate()
+    lags = db_url.startswith("sqlite")  # PostgreSQL's writers add every row at once
+    seen = []
+    for n in range(0, 12, 3):
+        store.write([event(n + 1, "connection_blocked", n + i) for i in range(3)])
+        seen.append((store.written_lag, store.rollup_lag()))
+    assert seen == ([(3, 3), (3, 3), (3, 3), (3, 3)] if lags else [(0, 0)] * 4)
+    store.write([event(20, "connection_late_allowed", 99, matched_rule="*.example.com")])
+    assert (store.written_lag, store.rollup_lag()) == (0, 0)
+    store.close()
+
+
 def test_rows_left_out_of_the_rollups_count_in_every_view_until_caught_up(db_url):
     """persist's writer on SQLite leaves a batch's rows to catch_up; the views add them."""
     store = AuditStore(db_url, defer_rollups=True)
